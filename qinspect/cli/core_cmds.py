@@ -1,0 +1,185 @@
+"""`info`, `map` and `check`: qemu-img's JSON for scripts, readable tables for people."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+
+from qinspect.analysis.check import CheckResult, check_image
+from qinspect.analysis.info import chain_info, image_info
+from qinspect.analysis.map import MapEntry, iter_map, write_map_json
+from qinspect.cli.render import console, err_console, human_size, table
+from qinspect.qcow2.image import Image, open_image
+
+
+def open_checked(path: str) -> Image:
+    """Open like qemu-img does: fail on anything QEMU would refuse to open."""
+    img = open_image(path)
+    try:
+        img.require_openable()
+    except Exception:
+        img.close()
+        raise
+    return img
+
+
+def print_json(obj: object) -> None:
+    """JSON the way qemu-img pretty-prints it (4-space indent)."""
+    sys.stdout.write(json.dumps(obj, indent=4) + "\n")
+
+
+# -- info ---------------------------------------------------------------------------------------------
+def run_info(args: argparse.Namespace) -> int:
+    with open_checked(args.image) as img:
+        infos = chain_info(img, args.image) if args.backing_chain else [image_info(img, args.image)]
+        if args.output == "json":
+            print_json(infos if args.backing_chain else infos[0])
+            return 0
+        for i, info in enumerate(infos):
+            if i:
+                console().print()
+            _print_info(info)
+        for p in img.problems:
+            err_console().print(f"[yellow]warning:[/] {p}")
+    return 0
+
+
+def _print_info(info: dict[str, object]) -> None:
+    c = console()
+    rows: list[tuple[str, str]] = [
+        ("image", str(info["filename"])),
+        ("file format", str(info["format"])),
+        ("virtual size", f"{human_size(int(info['virtual-size']))} ({info['virtual-size']} bytes)"),  # type: ignore[call-overload]
+        ("disk size", human_size(int(info["actual-size"]))),  # type: ignore[call-overload]
+    ]
+    if "cluster-size" in info:
+        rows.append(("cluster_size", str(info["cluster-size"])))
+    if info.get("encrypted"):
+        rows.append(("encrypted", "yes"))
+    if info.get("dirty-flag"):
+        rows.append(("cleanly shut down", "no"))
+    if "backing-filename" in info:
+        bf = str(info["backing-filename"])
+        full = str(info.get("full-backing-filename", bf))
+        rows.append(("backing file", bf if full == bf else f"{bf} (actual path: {full})"))
+    if "backing-filename-format" in info:
+        rows.append(("backing file format", str(info["backing-filename-format"])))
+    t = table("field", "value")
+    for k, v in rows:
+        t.add_row(k, v)
+    c.print(t)
+    snaps = info.get("snapshots")
+    if isinstance(snaps, list) and snaps:
+        st = table("ID", "TAG", "VM SIZE#", "DATE", "VM CLOCK", "ICOUNT#", title="Snapshot list")
+        for s in snaps:
+            date = datetime.fromtimestamp(s["date-sec"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+            secs = s["vm-clock-sec"]
+            clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 1_000_000:03d}"
+            st.add_row(s["id"], s["name"], human_size(s["vm-state-size"]), date, clock,
+                       str(s["icount"]) if "icount" in s else "")
+        c.print(st)
+    fs = info.get("format-specific")
+    if isinstance(fs, dict):
+        ft = table("format specific", "value")
+        for k, v in fs["data"].items():
+            if k == "bitmaps":
+                for b in v:
+                    flags = ", ".join(b["flags"]) or "-"
+                    ft.add_row("bitmap", f"{b['name']}: granularity {human_size(b['granularity'])}, flags {flags}")
+            elif k == "encrypt":
+                ft.add_row("encrypt", _encrypt_summary(v))
+            else:
+                ft.add_row(k, json.dumps(v) if isinstance(v, bool) else str(v))
+        c.print(ft)
+
+
+def _encrypt_summary(enc: dict[str, object]) -> str:
+    if enc.get("format") != "luks":
+        return str(enc.get("format"))
+    slots = enc.get("slots", [])
+    active = sum(1 for s in slots if isinstance(s, dict) and s.get("active")) if isinstance(slots, list) else 0
+    return (f"luks {enc.get('cipher-alg')}-{enc.get('cipher-mode')}-{enc.get('ivgen-alg')}, hash {enc.get('hash-alg')}, "
+            f"uuid {enc.get('uuid')}, {active} active key slot(s), payload at {enc.get('payload-offset')}")
+
+
+# -- map ----------------------------------------------------------------------------------------------
+def run_map(args: argparse.Namespace) -> int:
+    with open_checked(args.image) as img:
+        entries = iter_map(img, start=args.start_offset, length=args.max_length)
+        if args.output == "json":
+            write_map_json(entries, sys.stdout)
+            return 0
+        _print_map(img, entries)
+    return 0
+
+
+def _state(e: MapEntry) -> str:
+    if e.compressed:
+        return "compressed"
+    if e.data and e.zero:
+        return "data (reads as zero)"
+    if e.data:
+        return "data"
+    if e.zero and e.present:
+        return "zero"
+    return "unallocated" if not e.present else "zero"
+
+
+def _print_map(img: Image, entries: object) -> None:
+    c = console()
+    t = table("guest offset#", "length#", "state", "layer#", "host offset#", "file")
+    chain = img.chain()
+    n = 0
+    for e in entries:  # type: ignore[attr-defined]
+        n += 1
+        layer = chain[e.depth]
+        t.add_row(f"{e.start:#x}", human_size(e.length), _state(e) if e.present or e.zero else "unallocated",
+                  str(e.depth), f"{e.offset:#x}" if e.offset is not None else "-",
+                  getattr(layer, "path", "") if e.offset is not None else "")
+    c.print(t)
+    c.print(f"{n} ranges over {human_size(img.virtual_size)} of guest space")
+
+
+# -- check --------------------------------------------------------------------------------------------
+def run_check(args: argparse.Namespace) -> int:
+    with open_checked(args.image) as img:
+        res = check_image(img, filename=args.image)
+    if args.output == "json":
+        print_json(res.to_json())
+    else:
+        _print_check(res)
+    return res.exit_code
+
+
+def _print_check(res: CheckResult) -> None:
+    err = err_console()
+    for m in res.messages:
+        err.print(m.text, markup=False)
+    if res.messages_dropped:
+        err.print(f"... and {res.messages_dropped} more messages")
+    c = console()
+    if not (res.corruptions or res.leaks or res.check_errors):
+        c.print("No errors were found on the image.")
+    else:
+        if res.corruptions and res.dirty:
+            c.print(f"\nThe image is [bold]dirty[/] (dirty bit set{', lazy refcounts' if res.lazy_refcounts else ''}): "
+                    f"{res.corruptions} refcount inconsistencies were found, as expected after an unclean shutdown.\n"
+                    "This is not corruption: QEMU rebuilds the refcounts on the next read-write open, "
+                    "or run 'qemu-img check -r all' now.")
+        elif res.corruptions:
+            c.print(f"\n{res.corruptions} errors were found on the image.\n"
+                    "Data may be corrupted, or further writes to the image may corrupt it.")
+        if res.leaks:
+            c.print(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                    "This means waste of disk space, but no harm to data. Fix: qemu-img check -r leaks IMAGE")
+        if res.check_errors:
+            c.print(f"\n{res.check_errors} internal errors have occurred during the check.")
+    if res.total_clusters and res.allocated_clusters:
+        a = res.allocated_clusters
+        c.print(f"{a}/{res.total_clusters} = {a * 100 / res.total_clusters:0.2f}% allocated, "
+                f"{res.fragmented_clusters * 100 / a:0.2f}% fragmented, "
+                f"{res.compressed_clusters * 100 / a:0.2f}% compressed clusters")
+    if res.image_end_offset:
+        c.print(f"Image end offset: {res.image_end_offset}")

@@ -1,0 +1,56 @@
+"""Errors and problems found while reading an image.
+
+`Qcow2Error` is raised when a structure cannot be used at all (not a qcow2 file, a header QEMU
+cannot parse, a read of guest data that cannot be served). `Problem` records something wrong that
+leaves the rest of the image inspectable; `Image.problems` collects them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Qcow2Error(Exception):
+    """A structure of the image cannot be read; `offset` is the file offset at fault, if known."""
+
+    def __init__(self, message: str, offset: int | None = None, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+        self.path = path
+
+    def __str__(self) -> str:
+        if self.offset is None:
+            return self.message
+        return f"{self.message} (offset {self.offset})"
+
+
+class EncryptedDataError(Qcow2Error):
+    """Guest data of an encrypted image was asked for; qinspect handles no keys."""
+
+
+class Severity(Enum):
+    """How bad a problem is: `error` breaks reads of some structure, `warning` is suspicious."""
+
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with the image that does not stop the rest of it being inspected.
+
+    `qemu_refuses_open` marks problems for which QEMU itself refuses to open the image; commands
+    that mimic qemu-img fail on those as qemu-img does.
+    """
+
+    severity: Severity
+    structure: str
+    message: str
+    offset: int | None = None
+    qemu_refuses_open: bool = False
+
+    def __str__(self) -> str:
+        where = f" (offset {self.offset})" if self.offset is not None else ""
+        return f"{self.structure}: {self.message}{where}"

@@ -1,0 +1,394 @@
+"""The qcow2 header (v2 and v3) and its extensions, parsed and validated like QEMU's open.
+
+`read_header` reads cluster 0's header fields, the extension area and the backing file name; it
+raises `Qcow2Error` only when the file cannot be a qcow2 image at all (wrong magic or version,
+impossible cluster size or header length) and records everything else QEMU would refuse as a
+`Problem`, so that an inspector can still show the rest.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from qinspect.qcow2 import constants as C
+from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
+from qinspect.qcow2.hostfile import HostFile
+
+HEADER_V2_SIZE = 72
+HEADER_V3_MIN_SIZE = 104
+HEADER_QEMU_SIZE = 112
+_V2 = struct.Struct(">IIQIIQIIQQIIQ")
+_V3 = struct.Struct(">QQQII")
+
+
+@dataclass(frozen=True)
+class HeaderExtension:
+    """One header extension: its file offset (of the type field), magic and raw data."""
+
+    offset: int
+    magic: int
+    length: int
+    data: bytes
+
+    @property
+    def name(self) -> str:
+        return C.EXTENSION_NAMES.get(self.magic, f"unknown extension 0x{self.magic:08x}")
+
+
+@dataclass(frozen=True)
+class FeatureName:
+    """An entry of the feature name table: (type 0/1/2, bit) → name."""
+
+    type: int
+    bit: int
+    name: str
+
+
+@dataclass(frozen=True)
+class BitmapsExtension:
+    """The bitmaps header extension: where the bitmap directory is."""
+
+    nb_bitmaps: int
+    reserved: int
+    bitmap_directory_size: int
+    bitmap_directory_offset: int
+
+
+@dataclass(frozen=True)
+class CryptoHeaderExtension:
+    """The full disk encryption header pointer (LUKS region in the image file)."""
+
+    offset: int
+    length: int
+
+
+@dataclass
+class Header:
+    """Every header field, the parsed extensions and the values QEMU derives from them."""
+
+    magic: int
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = HEADER_V2_SIZE
+    compression_type: int = C.COMPRESSION_TYPE_ZLIB
+    extensions: list[HeaderExtension] = field(default_factory=list)
+    extension_area_end: int = 0
+    backing_file: str | None = None
+    backing_format: str | None = None
+    data_file: str | None = None
+    feature_names: list[FeatureName] = field(default_factory=list)
+    bitmaps_ext: BitmapsExtension | None = None
+    crypto_ext: CryptoHeaderExtension | None = None
+    unknown_header_bytes: bytes = b""
+
+    # -- geometry -------------------------------------------------------------------------------
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & C.QCOW2_INCOMPAT_EXTL2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        return C.L2E_SIZE_EXTENDED if self.extended_l2 else C.L2E_SIZE_NORMAL
+
+    @property
+    def l2_bits(self) -> int:
+        return self.cluster_bits - (4 if self.extended_l2 else 3)
+
+    @property
+    def l2_size(self) -> int:
+        """Entries per L2 table (QEMU's `s->l2_size`)."""
+        return 1 << self.l2_bits
+
+    @property
+    def subclusters_per_cluster(self) -> int:
+        return C.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1
+
+    @property
+    def subcluster_size(self) -> int:
+        return self.cluster_size // self.subclusters_per_cluster
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def refcount_block_entries(self) -> int:
+        """Refcount entries per refcount block: cluster_size * 8 / refcount_bits."""
+        return (self.cluster_size * 8) >> self.refcount_order
+
+    @property
+    def refcount_table_entries(self) -> int:
+        return (self.refcount_table_clusters << self.cluster_bits) // C.REFTABLE_ENTRY_SIZE
+
+    @property
+    def l1_size_needed(self) -> int:
+        """L1 entries the virtual size needs (QEMU refuses a smaller l1_size)."""
+        per_l1 = 1 << (self.cluster_bits + self.l2_bits)
+        return -(-self.size // per_l1)
+
+    @property
+    def guest_clusters(self) -> int:
+        return -(-self.size // self.cluster_size)
+
+    # -- features ---------------------------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return bool(self.incompatible_features & C.QCOW2_INCOMPAT_DIRTY)
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.incompatible_features & C.QCOW2_INCOMPAT_CORRUPT)
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible_features & C.QCOW2_INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear_features & C.QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        return bool(self.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS)
+
+    @property
+    def bitmaps_consistent(self) -> bool:
+        return bool(self.autoclear_features & C.QCOW2_AUTOCLEAR_BITMAPS)
+
+    @property
+    def compression_name(self) -> str:
+        return C.COMPRESSION_TYPE_NAMES.get(self.compression_type, f"unknown ({self.compression_type})")
+
+    @property
+    def compat(self) -> str:
+        return "0.10" if self.version == 2 else "1.1"
+
+    def feature_name(self, kind: int, bit: int) -> str:
+        """The name of feature bit `bit` of kind 0 (incompatible), 1 (compatible), 2 (autoclear)."""
+        for f in self.feature_names:
+            if f.type == kind and f.bit == bit:
+                return f.name
+        return C.FEATURE_NAMES.get((kind, bit), f"unknown {('incompatible', 'compatible', 'autoclear')[kind]} bit {bit}")
+
+    def set_features(self, kind: int) -> list[str]:
+        value = (self.incompatible_features, self.compatible_features, self.autoclear_features)[kind]
+        return [self.feature_name(kind, b) for b in range(64) if value >> b & 1]
+
+
+def read_header(f: HostFile, problems: list[Problem]) -> Header:
+    """Parse and validate the header, extensions and backing file name of the image in `f`."""
+    if f.size < 8:
+        raise Qcow2Error(f"file too small to be a qcow2 image ({f.size} bytes)", 0, path=f.path)
+    start = f.pread(0, HEADER_QEMU_SIZE)
+    magic, version = struct.unpack_from(">II", start)
+    if magic != C.QCOW_MAGIC:
+        raise Qcow2Error(_not_qcow2_message(f, start), 0, path=f.path)
+    if version == C.QCOW1_VERSION:
+        raise Qcow2Error("qcow (version 1) image, not qcow2; qinspect reads qcow2 v2 and v3 only", 4, path=f.path)
+    if version not in (2, 3):
+        raise Qcow2Error(f"unsupported qcow2 version {version}", 4, path=f.path)
+    if f.size < HEADER_V2_SIZE:
+        raise Qcow2Error(f"truncated header: file is {f.size} bytes, a qcow2 header needs 72", 0, path=f.path)
+    h = Header(*_V2.unpack_from(start))
+    if not C.MIN_CLUSTER_BITS <= h.cluster_bits <= C.MAX_CLUSTER_BITS:
+        raise Qcow2Error(
+            f"unsupported cluster size 2^{h.cluster_bits} (QEMU accepts 512 B to 2 MiB)", 20, path=f.path
+        )
+    if version == 3:
+        if f.size < HEADER_V3_MIN_SIZE:
+            raise Qcow2Error(f"truncated v3 header: file is {f.size} bytes, needs 104", 0, path=f.path)
+        (h.incompatible_features, h.compatible_features, h.autoclear_features, h.refcount_order,
+         h.header_length) = _V3.unpack_from(start, HEADER_V2_SIZE)
+        if h.header_length < HEADER_V3_MIN_SIZE:
+            raise Qcow2Error(f"qcow2 header too short (header_length {h.header_length})", 100, path=f.path)
+        if h.header_length > h.cluster_size:
+            raise Qcow2Error(
+                f"qcow2 header exceeds cluster size (header_length {h.header_length})", 100, path=f.path
+            )
+        if h.header_length % 8:
+            _warn(problems, "header", f"header_length {h.header_length} is not a multiple of 8", 100)
+        if h.header_length > 104:
+            h.compression_type = start[104]
+        if h.header_length > HEADER_QEMU_SIZE:
+            h.unknown_header_bytes = f.pread(HEADER_QEMU_SIZE, h.header_length - HEADER_QEMU_SIZE)
+    _validate_fields(h, f, problems)
+    _read_extensions(h, f, problems)
+    _read_backing_name(h, f, problems)
+    return h
+
+
+def _not_qcow2_message(f: HostFile, start: bytes) -> str:
+    if start[:4] == b"KDMV":
+        return "not a qcow2 image: this is a VMDK file"
+    if start[:8] == b"conectix":
+        return "not a qcow2 image: this is a VHD file"
+    if start[:4] == b"vhdx" or start[:8] == b"vhdxfile":
+        return "not a qcow2 image: this is a VHDX file"
+    if start[:4] == b"LUKS":
+        return "not a qcow2 image: this is a raw LUKS volume"
+    if f.size == 0:
+        return "empty file, not a qcow2 image"
+    return f"not a qcow2 image (magic 0x{struct.unpack_from('>I', start)[0]:08x}, expected 0x514649fb); a raw image?"
+
+
+def _warn(problems: list[Problem], structure: str, msg: str, offset: int | None = None) -> None:
+    problems.append(Problem(Severity.WARNING, structure, msg, offset))
+
+
+def _refuse(problems: list[Problem], structure: str, msg: str, offset: int | None = None) -> None:
+    problems.append(Problem(Severity.ERROR, structure, msg, offset, qemu_refuses_open=True))
+
+
+def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
+    cs = h.cluster_size
+    if h.version == 2:
+        h.refcount_order = 4
+    if h.refcount_order > C.MAX_REFCOUNT_ORDER:
+        _refuse(problems, "header", f"refcount_order {h.refcount_order}: refcount width may not exceed 64 bits", 96)
+    unknown = h.incompatible_features & ~C.QCOW2_INCOMPAT_MASK
+    if unknown:
+        _refuse(problems, "header", f"unsupported qcow2 feature(s): unknown incompatible feature: {unknown:x}", 72)
+    if h.corrupt:
+        problems.append(Problem(Severity.ERROR, "header", "the corrupt bit is set: QEMU opens this image read-only only", 72))
+    if h.incompatible_features & C.QCOW2_INCOMPAT_COMPRESSION:
+        if h.compression_type == C.COMPRESSION_TYPE_ZLIB:
+            _refuse(problems, "header", "compression type incompatible feature bit must not be set with zlib", 104)
+    elif h.compression_type != C.COMPRESSION_TYPE_ZLIB:
+        _refuse(problems, "header", "compression type incompatible feature bit must be set for a non-zlib type", 104)
+    if h.compression_type not in C.COMPRESSION_TYPE_NAMES:
+        _refuse(problems, "header", f"unknown compression type: {h.compression_type}", 104)
+    if h.extended_l2 and h.cluster_bits < 14:
+        _refuse(problems, "header", "extended L2 entries need clusters of at least 16 KiB (subclusters of 512 B)", 20)
+    if h.crypt_method > C.QCOW_CRYPT_LUKS:
+        _refuse(problems, "header", f"unsupported encryption method {h.crypt_method}", 32)
+    if h.backing_file_offset > cs:
+        _refuse(problems, "header", f"invalid backing file offset {h.backing_file_offset}", 8)
+    if h.size % 512:
+        _warn(problems, "header", f"virtual size {h.size} is not a multiple of 512", 24)
+    # L1 table
+    l1_bytes = h.l1_size * C.L1E_SIZE
+    if l1_bytes > C.QCOW_MAX_L1_SIZE:
+        _refuse(problems, "L1 table", f"active L1 table too large ({h.l1_size} entries)", 36)
+    if h.l1_size < h.l1_size_needed:
+        _refuse(problems, "L1 table", f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", 36)
+    if h.l1_table_offset % cs:
+        _refuse(problems, "L1 table", f"invalid L1 table offset {h.l1_table_offset} (not cluster aligned)", 40)
+    elif h.l1_size and f.is_past_end(h.l1_table_offset, l1_bytes):
+        problems.append(Problem(Severity.ERROR, "L1 table", "L1 table extends past the end of the file", h.l1_table_offset))
+    # refcount table
+    rt_bytes = h.refcount_table_clusters * cs
+    if h.refcount_table_clusters == 0:
+        _refuse(problems, "refcount table", "image does not contain a reference count table", 56)
+    elif rt_bytes > C.QCOW_MAX_REFTABLE_SIZE:
+        _refuse(problems, "refcount table", f"reference count table too large ({h.refcount_table_clusters} clusters)", 56)
+    if h.refcount_table_offset % cs:
+        _refuse(problems, "refcount table", f"invalid reference count table offset {h.refcount_table_offset}", 48)
+    elif rt_bytes and f.is_past_end(h.refcount_table_offset, rt_bytes):
+        problems.append(Problem(Severity.ERROR, "refcount table", "refcount table extends past the end of the file", h.refcount_table_offset))
+    # snapshot table
+    if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:
+        _refuse(problems, "snapshot table", f"too many snapshots ({h.nb_snapshots}, the maximum is 65536)", 60)
+    if h.nb_snapshots and h.snapshots_offset % cs:
+        _refuse(problems, "snapshot table", f"invalid snapshot table offset {h.snapshots_offset}", 64)
+
+
+def _read_extensions(h: Header, f: HostFile, problems: list[Problem]) -> None:
+    end = h.backing_file_offset if h.backing_file_offset else h.cluster_size
+    end = min(end, h.cluster_size)
+    h.extension_area_end = end
+    off = h.header_length
+    seen: set[int] = set()
+    while off + 8 <= end:
+        magic, length = struct.unpack(">II", f.pread(off, 8))
+        if magic == C.QCOW2_EXT_MAGIC_END:
+            h.extensions.append(HeaderExtension(off, magic, length, b""))
+            return
+        if off + 8 + length > end:
+            _refuse(problems, "header extensions", f"header extension 0x{magic:08x} too large ({length} bytes)", off)
+            return
+        data = f.pread(off + 8, length)
+        ext = HeaderExtension(off, magic, length, data)
+        h.extensions.append(ext)
+        if magic in seen and magic in C.EXTENSION_NAMES:
+            _warn(problems, "header extensions", f"{ext.name} extension appears more than once", off)
+        seen.add(magic)
+        _apply_extension(h, ext, problems)
+        off += 8 + ((length + 7) & ~7)
+    if off < end and off + 8 > end:
+        _warn(problems, "header extensions", "extension area ends without an end marker", off)
+
+
+def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -> None:
+    data, off = ext.data, ext.offset
+    if ext.magic == C.QCOW2_EXT_MAGIC_BACKING_FORMAT:
+        if ext.length > C.BACKING_FORMAT_MAX:
+            _refuse(problems, "header extensions", f"backing format name too long ({ext.length} bytes)", off)
+        h.backing_format = data[: C.BACKING_FORMAT_MAX].decode("utf-8", "replace")
+    elif ext.magic == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
+        for i in range(ext.length // 48):
+            entry = data[i * 48 : i * 48 + 48]
+            name = entry[2:].split(b"\0", 1)[0].decode("utf-8", "replace")
+            h.feature_names.append(FeatureName(entry[0], entry[1], name))
+    elif ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS:
+        if ext.length != 24:
+            _refuse(problems, "bitmaps extension", f"bitmaps extension has length {ext.length}, expected 24", off)
+            return
+        bm = BitmapsExtension(*struct.unpack(">IIQQ", data))
+        if not h.bitmaps_consistent:
+            _warn(problems, "bitmaps extension", "autoclear bit 0 is clear: all bitmaps are inconsistent and QEMU ignores them", off)
+        if bm.reserved:
+            _refuse(problems, "bitmaps extension", "reserved field is not zero", off + 12)
+        if bm.nb_bitmaps == 0 or bm.nb_bitmaps > C.QCOW2_MAX_BITMAPS:
+            _refuse(problems, "bitmaps extension", f"invalid number of bitmaps ({bm.nb_bitmaps})", off + 8)
+        if bm.bitmap_directory_size > C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+            _refuse(problems, "bitmaps extension", f"bitmap directory too large ({bm.bitmap_directory_size} bytes)", off + 16)
+        if bm.bitmap_directory_offset % h.cluster_size:
+            _refuse(problems, "bitmaps extension", "bitmap directory offset is not cluster aligned", off + 24)
+        h.bitmaps_ext = bm
+    elif ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
+        if h.crypt_method != C.QCOW_CRYPT_LUKS:
+            _refuse(problems, "encryption header", "crypto header extension only expected with LUKS encryption", off)
+        if ext.length != 16:
+            _refuse(problems, "encryption header", f"crypto header extension has length {ext.length}, expected 16", off)
+            return
+        ch = CryptoHeaderExtension(*struct.unpack(">QQ", data))
+        if ch.offset % h.cluster_size:
+            _refuse(problems, "encryption header", "crypto header offset is not cluster aligned", off + 8)
+        h.crypto_ext = ch
+    elif ext.magic == C.QCOW2_EXT_MAGIC_DATA_FILE:
+        h.data_file = data.decode("utf-8", "replace")
+
+
+def _read_backing_name(h: Header, f: HostFile, problems: list[Problem]) -> None:
+    if h.crypt_method == C.QCOW_CRYPT_LUKS and h.crypto_ext is None:
+        _refuse(problems, "encryption header", "LUKS encryption without the crypto header extension")
+    if h.data_file_raw and not h.has_data_file:
+        _refuse(problems, "header", "data-file-raw requires a data file", 88)
+    if h.has_data_file and not h.data_file:
+        _refuse(problems, "header", "'data-file' is required for this image (no data file name stored)", 72)
+    if not h.backing_file_offset:
+        return
+    n = h.backing_file_size
+    if n > C.BACKING_FILE_NAME_MAX or n > h.cluster_size - min(h.backing_file_offset, h.cluster_size):
+        _refuse(problems, "backing file name", f"backing file name too long ({n} bytes)", 16)
+        return
+    h.backing_file = f.pread(h.backing_file_offset, n).decode("utf-8", "replace")

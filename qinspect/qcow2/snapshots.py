@@ -1,0 +1,105 @@
+"""The internal snapshot table: entries with their extra data, read like QEMU reads them."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from qinspect.qcow2 import constants as C
+from qinspect.qcow2.errors import Problem, Severity
+from qinspect.qcow2.hostfile import HostFile
+
+_SN = struct.Struct(">QIHHIIQII")  # 40 bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One internal snapshot: its own L1 table and metadata.
+
+    `entry_offset`/`entry_size` locate the table entry in the file (size without padding).
+    `icount` is None when QEMU would treat it as -1 (absent or disabled).
+    """
+
+    index: int
+    entry_offset: int
+    entry_size: int
+    l1_table_offset: int
+    l1_size: int
+    id_str: str
+    name: str
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    extra_data_size: int
+    disk_size: int | None
+    icount: int | None
+    unknown_extra_data: bytes
+
+
+@dataclass(frozen=True)
+class SnapshotTable:
+    """All snapshots and the table's byte length (QEMU's `snapshots_size`)."""
+
+    snapshots: list[Snapshot]
+    size: int
+
+
+def read_snapshot_table(
+    f: HostFile, offset: int, count: int, version: int, virtual_size: int, problems: list[Problem]
+) -> SnapshotTable:
+    """Read `count` entries from `offset`, stopping (with a problem) where QEMU would fail."""
+    snaps: list[Snapshot] = []
+    pos = offset
+    table_length = 0
+    count = min(count, C.QCOW_MAX_SNAPSHOTS)
+    for i in range(count):
+        table_length = (table_length + 7) & ~7
+        pos = (pos + 7) & ~7
+        if pos >= f.size:
+            problems.append(Problem(Severity.ERROR, "snapshot table",
+                                    f"snapshot table entry {i} lies past the end of the file", pos))
+            break
+        entry_start = pos
+        (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
+         extra_size) = _SN.unpack(f.pread(pos, _SN.size))
+        pos += _SN.size
+        if extra_size > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+            problems.append(Problem(Severity.ERROR, "snapshot table",
+                                    f"too much extra metadata in snapshot table entry {i} ({extra_size} bytes)",
+                                    entry_start + 36, qemu_refuses_open=True))
+            break
+        extra = f.pread(pos, extra_size)
+        pos += extra_size
+        vm_state_size = vm_state
+        disk_size: int | None = None
+        icount: int | None = None
+        if extra_size >= 8:
+            vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
+        if extra_size >= 16:
+            disk_size = struct.unpack_from(">Q", extra, 8)[0]
+        if extra_size >= 24:
+            ic = struct.unpack_from(">Q", extra, 16)[0]
+            icount = None if ic == 0xFFFFFFFFFFFFFFFF else ic
+        id_str = f.pread(pos, id_size).decode("utf-8", "replace")
+        pos += id_size
+        name = f.pread(pos, name_size).decode("utf-8", "replace")
+        pos += name_size
+        size = _SN.size + extra_size + id_size + name_size
+        table_length += size
+        if version >= 3 and extra_size < 16:
+            problems.append(Problem(Severity.ERROR, "snapshot table",
+                                    f"snapshot table entry {i} is incomplete ({extra_size} bytes of extra data)",
+                                    entry_start + 36))
+        if l1_off % (1 << 9) or l1_size * C.L1E_SIZE > C.QCOW_MAX_L1_SIZE:
+            problems.append(Problem(Severity.ERROR, "snapshot table",
+                                    f"snapshot {id_str} ({name}): invalid L1 table (offset {l1_off}, {l1_size} entries)",
+                                    entry_start))
+        snaps.append(Snapshot(i, entry_start, size, l1_off, l1_size, id_str, name, date_sec, date_nsec,
+                              vm_clock, vm_state_size, extra_size, disk_size if disk_size is not None else virtual_size,
+                              icount, extra[24:]))
+        if table_length > C.QCOW_MAX_SNAPSHOTS_SIZE:
+            problems.append(Problem(Severity.ERROR, "snapshot table", "snapshot table is too big",
+                                    offset, qemu_refuses_open=True))
+            break
+    return SnapshotTable(snaps, table_length)

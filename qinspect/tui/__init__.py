@@ -1,0 +1,1 @@
+"""The Textual app: views over the analyses; it never parses bytes itself."""
