@@ -170,6 +170,11 @@ def _table_extents(img: Image, i0: int, i1: int, start: int, end: int) -> Extent
     where = np.where(err == ExtentError.UNALIGNED_L2, h.l1_table_offset + l1_index * 8,
                      l2_offsets + (cidx[item_c] % n) * entry_size)
     types = np.where(err != 0, np.uint8(SubclusterType.INVALID), types).astype(np.uint8)
+    # Drop subcluster items wholly outside [start, end) (a range may begin or end mid-cluster).
+    keep = (guest + item_len > start) & (guest < end)
+    if not keep.all():
+        guest, item_len, types, host, err, where = (a[keep] for a in (guest, item_len, types, host, err, where))
+        is_off, compressed = is_off[keep], compressed[keep]
 
     # Cut into runs.
     if len(types) == 0:
