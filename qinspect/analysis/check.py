@@ -250,8 +250,8 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     over = diff[stored[diff] > counts[diff]]
     for i in diff:
         s, r = int(stored[i]), int(counts[i])
-        res.add("error" if s < r else "leak", f"{'ERROR' if s < r else 'Leaked'} cluster {int(i)} refcount={s} reference={r}",
-                int(i))
+        res.add("error" if s < r else "leak",
+                f"{'ERROR' if s < r else 'Leaked'} cluster {int(i)} refcount={s} reference={r}", int(i))
     res.corruptions += len(under)
     res.leaks += len(over)
     for cl, r in sorted(sparse.items()):
@@ -262,7 +262,8 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
                 res.corruptions += 1
             else:
                 res.leaks += 1
-            res.add("error" if s < r else "leak", f"{'ERROR' if s < r else 'Leaked'} cluster {cl} refcount={s} reference={r}", cl)
+            res.add("error" if s < r else "leak",
+                    f"{'ERROR' if s < r else 'Leaked'} cluster {cl} refcount={s} reference={r}", cl)
     res.leaked_clusters = over.astype(np.int64)
     res.corrupt_clusters = under.astype(np.int64)
 
@@ -317,7 +318,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
         refs.add_range(int(o), cs)  # the L2 table itself
     # Read each table at its exact offset (QEMU reads unaligned tables too); merge adjacent reads.
     buf = np.zeros(len(offs) * cs, dtype=np.uint8)
-    mv = memoryview(buf)
+    mv = memoryview(buf.data)
     k = 0
     while k < len(offs):
         m = k + 1
@@ -350,7 +351,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
                              "for compressed clusters")
         ce = ce & ~np.uint64(C.QCOW_OFLAG_COPIED)
         if h.has_data_file:
-            for k, e in zip(ci, ce, strict=True):
+            for k, e in zip(ci.tolist(), ce.tolist(), strict=True):
                 res.corruptions += 1
                 res.add("error", f"ERROR compressed cluster {int(k) % n} with data file, entry=0x{int(e):x}")
             ci = ci[:0]

@@ -8,6 +8,7 @@ tracebacks are shown only with QINSPECT_DEBUG=1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -46,7 +47,8 @@ def _map(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=_size, default=None, help="map at most this many bytes")
 
 
-@command("check", "recompute every refcount and compare (qemu-img check, read-only)", "qinspect.cli.core_cmds:run_check")
+@command("check", "recompute every refcount and compare (qemu-img check, read-only)",
+         "qinspect.cli.core_cmds:run_check")
 def _check(p: argparse.ArgumentParser) -> None:
     p.add_argument("image")
     _output_opt(p)
@@ -129,16 +131,14 @@ def guarded(handler: Handler, args: argparse.Namespace, image: str | None) -> in
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        try:
+        with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
-        except OSError:
-            pass
         return 1
     except MemoryError:
         report_error(image or "qinspect", "out of memory")
     except OSError as e:
         report_error(getattr(e, "filename", None) or image or "qinspect", e.strerror or str(e))
-    except Exception as e:  # noqa: BLE001 - last resort: never a traceback for users
+    except Exception as e:
         if os.environ.get("QINSPECT_DEBUG"):
             raise
         report_error(image or "qinspect", f"internal error: {type(e).__name__}: {e} (set QINSPECT_DEBUG=1 for details)")
@@ -163,4 +163,5 @@ def _run_tui(args_list: list[str]) -> int:
         return 1
     from qinspect.tui.app import run_app
 
-    return run_app(ns.image)
+    code: int = run_app(ns.image)
+    return code

@@ -100,7 +100,8 @@ def _encrypt_summary(enc: dict[str, object]) -> str:
         return str(enc.get("format"))
     slots = enc.get("slots", [])
     active = sum(1 for s in slots if isinstance(s, dict) and s.get("active")) if isinstance(slots, list) else 0
-    return (f"luks {enc.get('cipher-alg')}-{enc.get('cipher-mode')}-{enc.get('ivgen-alg')}, hash {enc.get('hash-alg')}, "
+    cipher = f"{enc.get('cipher-alg')}-{enc.get('cipher-mode')}-{enc.get('ivgen-alg')}"
+    return (f"luks {cipher}, hash {enc.get('hash-alg')}, "
             f"uuid {enc.get('uuid')}, {active} active key slot(s), payload at {enc.get('payload-offset')}")
 
 

@@ -23,7 +23,6 @@ from qinspect.qcow2.l2 import (
     SubclusterType,
     classify_clusters,
     classify_subclusters_at,
-    split_table,
     uniform_bitmaps,
 )
 

@@ -187,7 +187,8 @@ class Header:
         for f in self.feature_names:
             if f.type == kind and f.bit == bit:
                 return f.name
-        return C.FEATURE_NAMES.get((kind, bit), f"unknown {('incompatible', 'compatible', 'autoclear')[kind]} bit {bit}")
+        kind_name = ("incompatible", "compatible", "autoclear")[kind]
+        return C.FEATURE_NAMES.get((kind, bit), f"unknown {kind_name} bit {bit}")
 
     def set_features(self, kind: int) -> list[str]:
         value = (self.incompatible_features, self.compatible_features, self.autoclear_features)[kind]
@@ -268,7 +269,8 @@ def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if unknown:
         _refuse(problems, "header", f"unsupported qcow2 feature(s): unknown incompatible feature: {unknown:x}", 72)
     if h.corrupt:
-        problems.append(Problem(Severity.ERROR, "header", "the corrupt bit is set: QEMU opens this image read-only only", 72))
+        problems.append(Problem(Severity.ERROR, "header",
+                                "the corrupt bit is set: QEMU opens this image read-only only", 72))
     if h.incompatible_features & C.QCOW2_INCOMPAT_COMPRESSION:
         if h.compression_type == C.COMPRESSION_TYPE_ZLIB:
             _refuse(problems, "header", "compression type incompatible feature bit must not be set with zlib", 104)
@@ -289,21 +291,25 @@ def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if l1_bytes > C.QCOW_MAX_L1_SIZE:
         _refuse(problems, "L1 table", f"active L1 table too large ({h.l1_size} entries)", 36)
     if h.l1_size < h.l1_size_needed:
-        _refuse(problems, "L1 table", f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", 36)
+        _refuse(problems, "L1 table",
+                f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", 36)
     if h.l1_table_offset % cs:
         _refuse(problems, "L1 table", f"invalid L1 table offset {h.l1_table_offset} (not cluster aligned)", 40)
     elif h.l1_size and f.is_past_end(h.l1_table_offset, l1_bytes):
-        problems.append(Problem(Severity.ERROR, "L1 table", "L1 table extends past the end of the file", h.l1_table_offset))
+        problems.append(Problem(Severity.ERROR, "L1 table", "L1 table extends past the end of the file",
+                                h.l1_table_offset))
     # refcount table
     rt_bytes = h.refcount_table_clusters * cs
     if h.refcount_table_clusters == 0:
         _refuse(problems, "refcount table", "image does not contain a reference count table", 56)
     elif rt_bytes > C.QCOW_MAX_REFTABLE_SIZE:
-        _refuse(problems, "refcount table", f"reference count table too large ({h.refcount_table_clusters} clusters)", 56)
+        _refuse(problems, "refcount table",
+                f"reference count table too large ({h.refcount_table_clusters} clusters)", 56)
     if h.refcount_table_offset % cs:
         _refuse(problems, "refcount table", f"invalid reference count table offset {h.refcount_table_offset}", 48)
     elif rt_bytes and f.is_past_end(h.refcount_table_offset, rt_bytes):
-        problems.append(Problem(Severity.ERROR, "refcount table", "refcount table extends past the end of the file", h.refcount_table_offset))
+        problems.append(Problem(Severity.ERROR, "refcount table", "refcount table extends past the end of the file",
+                                h.refcount_table_offset))
     # snapshot table
     if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:
         _refuse(problems, "snapshot table", f"too many snapshots ({h.nb_snapshots}, the maximum is 65536)", 60)
@@ -354,13 +360,15 @@ def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -
             return
         bm = BitmapsExtension(*struct.unpack(">IIQQ", data))
         if not h.bitmaps_consistent:
-            _warn(problems, "bitmaps extension", "autoclear bit 0 is clear: all bitmaps are inconsistent and QEMU ignores them", off)
+            _warn(problems, "bitmaps extension",
+                  "autoclear bit 0 is clear: all bitmaps are inconsistent and QEMU ignores them", off)
         if bm.reserved:
             _refuse(problems, "bitmaps extension", "reserved field is not zero", off + 12)
         if bm.nb_bitmaps == 0 or bm.nb_bitmaps > C.QCOW2_MAX_BITMAPS:
             _refuse(problems, "bitmaps extension", f"invalid number of bitmaps ({bm.nb_bitmaps})", off + 8)
         if bm.bitmap_directory_size > C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
-            _refuse(problems, "bitmaps extension", f"bitmap directory too large ({bm.bitmap_directory_size} bytes)", off + 16)
+            _refuse(problems, "bitmaps extension",
+                    f"bitmap directory too large ({bm.bitmap_directory_size} bytes)", off + 16)
         if bm.bitmap_directory_offset % h.cluster_size:
             _refuse(problems, "bitmaps extension", "bitmap directory offset is not cluster aligned", off + 24)
         h.bitmaps_ext = bm

@@ -22,7 +22,7 @@ from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_directory
 from qinspect.qcow2.compressed import decompress_cluster
 from qinspect.qcow2.errors import EncryptedDataError, Problem, Qcow2Error, Severity
-from qinspect.qcow2.extents import ERROR_MESSAGES, Extents, ExtentError, iter_extents
+from qinspect.qcow2.extents import ERROR_MESSAGES, ExtentError, Extents, iter_extents
 from qinspect.qcow2.header import Header, read_header
 from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.l2 import (
@@ -98,7 +98,7 @@ class L2Lookup:
 
 def resolve_backing_path(image_path: str, name: str) -> str:
     """The backing file's path as QEMU resolves it: relative names are relative to the image's dir."""
-    if os.path.isabs(name) or ":" in name.split("/", 1)[0] and not os.path.exists(name):
+    if os.path.isabs(name) or (":" in name.split("/", 1)[0] and not os.path.exists(name)):
         return name
     return os.path.join(os.path.dirname(image_path), name)
 
@@ -261,14 +261,14 @@ class Image:
                 return RawLayer(path)
             if fmt == "qcow2":
                 child = Image(path)
-                child._parent_chain = [*chain]
+                child._parent_chain = tuple(chain)
                 return child
         except Qcow2Error as e:
             raise Qcow2Error(f"cannot open backing file {path}: {e.message}", e.offset,
                              path=self.path) from None
         raise Qcow2Error(f"backing file {path} has format '{fmt}', which qinspect cannot read", path=self.path)
 
-    _parent_chain: list[str] = []
+    _parent_chain: tuple[str, ...] = ()
 
     def _chain_paths(self) -> list[str]:
         return [*self._parent_chain, os.path.realpath(self.path)]
@@ -312,7 +312,7 @@ class Image:
         offs = (self.l1_table[i0:i1] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
         unaligned = (offs % cs) != 0
         k = 0
-        mv = memoryview(buf)
+        mv = memoryview(buf.data)
         while k < n:
             off = int(offs[k])
             if off == 0 or unaligned[k]:

@@ -135,10 +135,9 @@ def classify_clusters(entries: U64, fmt: L2Format) -> U8:
     out = np.full(entries.shape, ClusterType.NORMAL, dtype=np.uint8)
     offset = entries & np.uint64(C.L2E_OFFSET_MASK)
     no_offset = offset == 0
-    if fmt.has_data_file:
-        unalloc = no_offset & ((entries & np.uint64(C.QCOW_OFLAG_COPIED)) == 0)
-    else:
-        unalloc = no_offset
+    # With an external data file, offset 0 plus COPIED is a valid (NORMAL) cluster.
+    copied = (entries & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
+    unalloc = no_offset & ~copied if fmt.has_data_file else no_offset
     out[unalloc] = ClusterType.UNALLOCATED
     if not fmt.extended_l2:
         zero = (entries & np.uint64(C.QCOW_OFLAG_ZERO)) != 0
@@ -161,7 +160,8 @@ def invalid_bitmaps(ctypes: U8, bitmaps: U64) -> npt.NDArray[np.bool_]:
     zero = bitmaps >> np.uint64(32)
     normal = ctypes == ClusterType.NORMAL
     unalloc = ctypes == ClusterType.UNALLOCATED
-    return (normal & ((alloc & zero) != 0)) | (unalloc & (alloc != 0))
+    invalid: npt.NDArray[np.bool_] = (normal & ((alloc & zero) != 0)) | (unalloc & (alloc != 0))
+    return invalid
 
 
 def classify_subclusters_at(
@@ -189,4 +189,5 @@ def uniform_bitmaps(bitmaps: U64) -> npt.NDArray[np.bool_]:
     alloc = bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)
     zero = bitmaps >> np.uint64(32)
     full = np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)
-    return ((alloc == 0) | (alloc == full)) & ((zero == 0) | (zero == full))
+    uniform: npt.NDArray[np.bool_] = ((alloc == 0) | (alloc == full)) & ((zero == 0) | (zero == full))
+    return uniform

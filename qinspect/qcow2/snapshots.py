@@ -93,7 +93,8 @@ def read_snapshot_table(
                                     entry_start + 36))
         if l1_off % (1 << 9) or l1_size * C.L1E_SIZE > C.QCOW_MAX_L1_SIZE:
             problems.append(Problem(Severity.ERROR, "snapshot table",
-                                    f"snapshot {id_str} ({name}): invalid L1 table (offset {l1_off}, {l1_size} entries)",
+                                    f"snapshot {id_str} ({name}): invalid L1 table "
+                                    f"(offset {l1_off}, {l1_size} entries)",
                                     entry_start))
         snaps.append(Snapshot(i, entry_start, size, l1_off, l1_size, id_str, name, date_sec, date_nsec,
                               vm_clock, vm_state_size, extra_size, disk_size if disk_size is not None else virtual_size,
