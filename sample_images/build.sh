@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Rebuild every sample image of the qinspect test corpus, then capture the qemu-img goldens.
 #
-#   bash sample_images/build.sh          (from any directory; ~1 minute)
+#   bash sample_images/build.sh          (from any directory; ~30 s)
 #
 # Everything is made with qemu-img / qemu-io (QEMU 7.2).  Byte patches are used ONLY for the
-# deliberately malformed images; each one is commented where it happens.  All images are rewritten
+# deliberately malformed images (and the zero tail of holes.qcow2); each one is commented where
+# it happens.  All images are rewritten
 # non-sparse before the goldens are captured (git checkouts are not sparse, and `qemu-img map`
 # looks at host-file holes), files > 1 MiB are stored as NAME.gz (gzip -9n), and the goldens are
 # captured from a fresh directory holding exactly what is committed (decompressed).
@@ -19,6 +20,11 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/qinspect-samples.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 B=$WORK/build
 mkdir -p "$B"
+# Every file is committed gzip'd (NAME.gz; the folder stays at a few MB) except the showcase
+# images in KEEP_PLAIN, which the README and screenshots open directly. The "file" fields of
+# catalog.json are updated to match. GZIP_OVER=N keeps files of at most N bytes plain too.
+GZIP_OVER=${GZIP_OVER:-0}
+KEEP_PLAIN=" basic64k.qcow2 extl2_128k.qcow2 "
 cd "$B"
 
 # ---------------------------------------------------------------------------------------------
@@ -97,14 +103,14 @@ def num(s):
 def main():
     cmd, path, *args = sys.argv[1:]
     if cmd == "densify":
-        # Rewrite PATH so that every byte is really written (no holes): read it and write it
-        # back to a new file with plain write() calls, then rename over the original.
-        tmp = path + ".dense"
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        # densify FILE...: rewrite each file so that every byte is really written (no holes):
+        # copy it with plain write() calls to a new file, then rename over the original.
         import os
-        os.replace(tmp, path)
+        for p in [path, *args]:
+            with open(p, "rb") as src, open(p + ".dense", "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            os.replace(p + ".dense", p)
         return
     with open(path, "r+b") as f:
         h = header(f)
@@ -154,8 +160,8 @@ mk() { qemu-img create -q -f qcow2 "$@"; }
 # ---------------------------------------------------------------------------------------------
 
 # basic64k: default options. NORMAL, ZERO_PLAIN (write -z on unallocated), ZERO_ALLOC (write -z
-# over data, no unmap), ZERO_PLAIN from `write -z -u` over data (the host cluster is freed and
-# reused by the next allocation, so guest 5M lands below guest 3M's host cluster... see README).
+# over data, no unmap), ZERO_PLAIN from `write -z -u` over data (its host cluster is freed, and
+# the next allocation, guest 5M, reuses it).
 mk basic64k.qcow2 64M
 qio basic64k.qcow2 \
     "write -P 0xab 0 4k" "write -z 1M 64k" "write -P 0xcd 2M 128k" \
@@ -163,11 +169,16 @@ qio basic64k.qcow2 \
     "write -P 0x5a 4M 64k" "write -z -u 4M 64k" \
     "write -P 0x77 5M 64k"
 
-# c512: 512-byte clusters (an L2 table maps 32 KiB, a refcount block covers 128 KiB of file).
+# c512: 512-byte clusters (an L2 table maps 32 KiB, a refcount block covers 128 KiB of file,
+# so this image has several of both), plus compressed clusters at the smallest cluster size
+# (compressed descriptor: 61 offset bits, 1 sector-count bit).  One `write -c` per cluster: a
+# multi-cluster `write -c` compresses the clusters in parallel and allocates them in a random order.
 mk -o cluster_size=512 c512.qcow2 16M
 qio c512.qcow2 \
     "write -P 0x21 0 4k" "write -P 0x22 31k 2k" "write -P 0x23 1M 1k" "write -z 1040k 512" \
-    "write -P 0x24 8191k 1k" "write -P 0x25 15M 64k"
+    "write -P 0x24 8191k 1k" "write -P 0x25 15M 64k" "write -P 0x26 12M 192k" \
+    "write -c -P 0x27 $((14 << 20)) 512" "write -c -P 0x28 $(((14 << 20) + 512)) 512" \
+    "write -c -P 0x29 $(((14 << 20) + 1024)) 512" "write -c -P 0x2a $(((14 << 20) + 1536)) 512"
 
 # c4k: 4 KiB clusters (an L2 table maps 2 MiB).
 mk -o cluster_size=4k c4k.qcow2 64M
@@ -278,11 +289,13 @@ qio dup_top.qcow2 \
 mk snapshots.qcow2 16M
 qio snapshots.qcow2 "write -P 0xa1 0 256k" "write -P 0xa2 1M 64k"
 qemu-img snapshot -c first snapshots.qcow2
-qio snapshots.qcow2 "write -P 0xa3 0 64k" "write -P 0xa4 2M 64k"      # 'first' now owns old 0..64k
+qio snapshots.qcow2 "write -P 0xa3 0 64k" "write -P 0xa4 2M 64k"
 qemu-img snapshot -c second snapshots.qcow2
-qio snapshots.qcow2 "write -P 0xa5 2M 64k" "write -P 0xa6 1M 64k"     # 'second' owns old 2M
+qio snapshots.qcow2 "write -P 0xa5 2M 64k" "write -P 0xa6 1M 64k"
 qemu-img snapshot -c third snapshots.qcow2
-qio snapshots.qcow2 "write -P 0xa7 64k 192k" "write -P 0xa8 3M 64k"   # 'third'+'first' share 64k..256k
+qio snapshots.qcow2 "write -P 0xa7 64k 192k" "write -P 0xa8 2M 64k" "write -P 0xa9 3M 64k"
+# -> first alone holds old guest 0, second alone old 2M (0xa4), third alone old 2M (0xa5);
+#    the three snapshots share old 64k..256k, which the active layer no longer references.
 
 # bitmaps: both bitmaps are enabled while the first writes happen (qemu-io opens the image
 # read/write, loads the persistent bitmaps and records into the enabled ones); then
@@ -369,7 +382,7 @@ qh set-l2-bitmap invalid_subcluster.qcow2 0 0x0000000100000003   # PATCH
 # that `check` does not count (image-end-offset < file size).
 mk holes.qcow2 16M
 qio holes.qcow2 "write -P 0xb5 0 512k" "discard 128k 64k" "discard 256k 128k"
-truncate -s +192K holes.qcow2   # PATCH: trailing garbage-free tail past the image end
+truncate -s +192K holes.qcow2   # PATCH: append a zero-filled tail past the image end
 
 # ---------------------------------------------------------------------------------------------
 # preallocation
@@ -407,14 +420,13 @@ mk big_empty.qcow2 1T
 # ---------------------------------------------------------------------------------------------
 # non-sparse, compress, install
 # ---------------------------------------------------------------------------------------------
-rm -f "$B"/*.dense
-for f in "$B"/*; do qh densify "$f"; done
+qh densify "$B"/*
 
 OUT=$WORK/out
 mkdir -p "$OUT"
 for f in "$B"/*; do
     n=$(basename "$f")
-    if [ "$(stat -c %s "$f")" -gt 1048576 ]; then
+    if [ "$(stat -c %s "$f")" -gt "$GZIP_OVER" ] && [[ "$KEEP_PLAIN" != *" $n "* ]]; then
         gzip -9n -c "$f" >"$OUT/$n.gz"
     else
         cp "$f" "$OUT/$n"
@@ -438,16 +450,31 @@ for f in "$OUT"/*; do
         *.gz) gzip -dc "$f" >"$G/${n%.gz}" ;;
         *) cp "$f" "$G/$n" ;;
     esac
-    qh densify "$G/${n%.gz}"
 done
+qh densify "$G"/*
 
 python3 - "$HERE/catalog.json" "$G" "$HERE/golden" "$WORK/raw" <<'PY'
-import hashlib, json, os, subprocess, sys
+import concurrent.futures, hashlib, json, os, subprocess, sys
 
 catalog_path, src, gold, rawdir = sys.argv[1:]
 catalog = json.load(open(catalog_path))
 os.chdir(src)
 
+here = os.path.dirname(os.path.abspath(catalog_path))
+changed = False
+for e in catalog:   # keep "file" in step with what was installed (plain or .gz)
+    plain = e["file"].removesuffix(".gz")
+    actual = plain if os.path.exists(os.path.join(here, plain)) else plain + ".gz"
+    if actual != e["file"]:
+        e["file"], changed = actual, True
+if changed:
+    with open(catalog_path, "w") as f:
+        json.dump(catalog, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+for e in catalog:
+    for need in [e["file"], *e["backing"], *([e["data_file"]] if "data_file" in e else [])]:
+        if not (os.path.exists(os.path.join(here, need)) or os.path.exists(os.path.join(here, need + ".gz"))):
+            sys.exit(f"catalog.json: {e['name']} needs {need}, which was not built")
 built = {n for n in os.listdir(src) if n.endswith(".qcow2")}
 listed = {e["file"].removesuffix(".gz") for e in catalog}
 if built != listed:
@@ -457,6 +484,33 @@ if built != listed:
 MEASURE_OPTS = ["", "cluster_size=4k", "cluster_size=2M", "extended_l2=on",
                 "cluster_size=128k,extended_l2=on", "refcount_bits=64", "compat=0.10"]
 RAW_LIMIT = 16 << 30   # larger guests are not hashed (see catalog "notes")
+
+
+def sha256_sparse(path):
+    """sha256 of a (sparse) file; holes are hashed from a zero buffer instead of being read."""
+    h = hashlib.sha256()
+    zero = memoryview(bytes(1 << 22))
+    buf = bytearray(1 << 22)
+    with open(path, "rb", buffering=0) as f:
+        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:          # ENXIO: only a hole remains
+                data = size
+            while pos < data:
+                n = min(data - pos, len(zero))
+                h.update(zero[:n])
+                pos += n
+            if pos >= size:
+                break
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            os.lseek(fd, pos, os.SEEK_SET)
+            while pos < hole:
+                n = f.readinto(memoryview(buf)[: min(hole - pos, len(buf))])
+                h.update(memoryview(buf)[:n])
+                pos += n
+    return h.hexdigest()
 
 
 def run(args):
@@ -479,7 +533,7 @@ def record(stem, cmd, args, out_name):
     return rc, out
 
 
-for e in catalog:
+def goldens(e):
     fn = e["file"].removesuffix(".gz")
     stem = fn.removesuffix(".qcow2")
     record(stem, "info", ["qemu-img", "info", "--output=json", fn], "info.json")
@@ -512,21 +566,24 @@ for e in catalog:
 
     vsize = json.loads(run(["qemu-img", "info", "--output=json", fn])[1])["virtual-size"]
     if vsize > RAW_LIMIT:
-        continue
-    out_raw = os.path.join(rawdir, "out.raw")
+        return
+    out_raw = os.path.join(rawdir, stem + ".raw")
     rc, _, err = run(["qemu-img", "convert", "-O", "raw", fn, out_raw])
     if rc == 0:
-        h = hashlib.sha256()
-        with open(out_raw, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        put(f"{stem}.raw.sha256", h.hexdigest() + "\n")
+        put(f"{stem}.raw.sha256", sha256_sparse(out_raw) + "\n")
         put(f"{stem}.raw.size", f"{os.path.getsize(out_raw)}\n")
     else:
         put(f"{stem}.convert.exit", f"{rc}\n")
         put(f"{stem}.convert.stderr", err)
     if os.path.exists(out_raw):
         os.remove(out_raw)
+
+
+# the work is subprocess- and hashlib-bound (both release the GIL); biggest image first
+with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    order = sorted(catalog, key=lambda e: e["name"] != "fragmented")
+    for f in [pool.submit(goldens, e) for e in order]:
+        f.result()
 PY
 
 # LUKS extra: map with the key (the plain command cannot open the payload without it).
