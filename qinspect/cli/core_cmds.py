@@ -38,8 +38,9 @@ def run_info(args: argparse.Namespace) -> int:
             print_json(infos if args.backing_chain else infos[0])
             return 0
         for i, info in enumerate(infos):
-            if i:
-                console().print()
+            if args.backing_chain:
+                what = "the image" if i == 0 else f"backing file of layer {i - 1}"
+                console().rule(f"layer {i}: {info['filename']} ({what})", align="left")
             _print_info(info)
         for p in img.problems:
             err_console().print(f"[yellow]warning:[/] {p}")
@@ -128,6 +129,13 @@ def _state(e: MapEntry) -> str:
     return "unallocated" if not e.present else "zero"
 
 
+def _host_file(layer: object) -> str:
+    """The file a layer's host offsets point into (its external data file, if it has one)."""
+    if isinstance(layer, Image) and layer.data_file_path:
+        return layer.data_file_path
+    return str(getattr(layer, "path", ""))
+
+
 def _print_map(img: Image, entries: object) -> None:
     c = console()
     t = table("guest offset#", "length#", "state", "layer#", "host offset#", "file")
@@ -135,10 +143,9 @@ def _print_map(img: Image, entries: object) -> None:
     n = 0
     for e in entries:  # type: ignore[attr-defined]
         n += 1
-        layer = chain[e.depth]
         t.add_row(f"{e.start:#x}", human_size(e.length), _state(e) if e.present or e.zero else "unallocated",
                   str(e.depth), f"{e.offset:#x}" if e.offset is not None else "-",
-                  getattr(layer, "path", "") if e.offset is not None else "")
+                  _host_file(chain[e.depth]) if e.offset is not None else "")
     c.print(t)
     c.print(f"{n} ranges over {human_size(img.virtual_size)} of guest space")
 

@@ -213,7 +213,12 @@ class Image:
         name = self.header.data_file
         if not self.header.has_data_file or not name:
             return None
-        return resolve_backing_path(self.path, name)
+        # Relative to the image's directory, like backing files; QEMU 7.2 takes it relative to the
+        # current directory instead, so fall back to that when only it exists.
+        path = resolve_backing_path(self.path, name)
+        if not os.path.exists(path) and os.path.exists(name):
+            return name
+        return path
 
     def data_file(self) -> HostFile:
         """The file guest data lives in: the external data file, or the image itself."""
@@ -247,6 +252,9 @@ class Image:
         path = self.backing_path
         if path is None:
             return None
+        if "\0" in path:
+            raise Qcow2Error("backing file name contains a NUL byte", self.header.backing_file_offset,
+                             path=self.path)
         chain = self._chain_paths()
         fmt = self.header.backing_format
         if fmt is None:
@@ -363,8 +371,10 @@ class Image:
         cs = self.cluster_size
         nblocks = min(-(-nb_clusters // per), len(self.refcount_table))
         out = np.zeros(nb_clusters, dtype=np.uint64)
-        offs = (self.refcount_table[:nblocks] & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64)
-        bad = [int(i) for i in np.flatnonzero((offs % cs) != 0)]
+        offs_u = self.refcount_table[:nblocks] & np.uint64(C.REFT_OFFSET_MASK)
+        bad = [int(i) for i in np.flatnonzero((offs_u % np.uint64(cs)) != 0)]
+        # A block at or past the end of the file reads as zeros: skip it (and its offset may not fit int64).
+        offs = np.where(offs_u < np.uint64(self.file.size), offs_u, np.uint64(0)).astype(np.int64)
         good = np.flatnonzero((offs != 0) & ((offs % cs) == 0))
         order = good[np.argsort(offs[good], kind="stable")]
         k = 0
@@ -484,10 +494,10 @@ class Image:
 def _probe_format(path: str, parent: str) -> str:
     """QEMU's format probe for a backing file without a stored format: qcow2 magic, else raw."""
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise Qcow2Error(f"cannot open backing file {path}: {e.strerror}", path=parent) from None
+        with HostFile(path) as f:  # O_RDONLY|O_NONBLOCK, regular files and block devices only
+            magic = f.pread(0, 4)
+    except Qcow2Error as e:
+        raise Qcow2Error(f"cannot open backing file {path}: {e.message}", path=parent) from None
     return "qcow2" if magic == b"QFI\xfb" else "raw"
 
 
