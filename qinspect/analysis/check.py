@@ -8,23 +8,30 @@ messages, but each L2 table batch is one set of numpy operations.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.bitmaps import read_bitmap_table
+from qinspect.qcow2.bitmaps import BME_MAX_TABLE_SIZE, read_bitmap_table
 from qinspect.qcow2.image import Image
 from qinspect.qcow2.l2 import ClusterType, L2Format, classify_clusters
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
+U32 = npt.NDArray[np.uint32]
+# Stored refcounts, in the narrowest dtype of the image's refcount width (uint16 by default).
+Refcounts = npt.NDArray[np.unsignedinteger[Any]]
 MAX_MESSAGES = 2000
 # References past the end of the file are counted densely up to this many extra clusters and
 # sparsely beyond (QEMU grows its table; a hostile offset must not make us allocate terabytes).
 DENSE_EXTRA_CLUSTERS = 1 << 22
+# L2 entries checked per batch: 64 Ki keeps the numpy temporaries in the CPU cache.
+L2_BATCH_ENTRIES = 1 << 16
 
 
 @dataclass
@@ -55,8 +62,8 @@ class CheckResult:
     lazy_refcounts: bool = False
     leaked_clusters: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
     corrupt_clusters: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
-    reference: U64 = field(default_factory=lambda: np.zeros(0, np.uint64))
-    stored: U64 = field(default_factory=lambda: np.zeros(0, np.uint64))
+    reference: U32 = field(default_factory=lambda: np.zeros(0, np.uint32))  # references per host cluster
+    stored: Refcounts = field(default_factory=lambda: np.zeros(0, np.uint64))  # stored refcount per cluster
 
     def add(self, kind: str, text: str, cluster: int | None = None) -> None:
         if len(self.messages) < MAX_MESSAGES:
@@ -94,40 +101,199 @@ class CheckResult:
 class _Refs:
     """The in-memory reference count table (QEMU's refcount_table in check)."""
 
-    def __init__(self, nb_clusters: int, refcount_max: int, res: CheckResult, cs: int) -> None:
-        self.parts: list[I64] = []
+    def __init__(self, nb_clusters: int, refcount_max: int, res: CheckResult, cs: int, file_len: int) -> None:
+        self.file_len = file_len
         self.nb_file = nb_clusters
         self.max = refcount_max
         self.res = res
         self.cs = cs
+        # Counted as they come (no list of every reference: 16 Mi data clusters would take 128 MiB
+        # of indices and a sort): dense up to nb_file + DENSE_EXTRA_CLUSTERS, sparse past it.
+        self.counts = np.zeros(nb_clusters, dtype=np.uint32)  # (2^32 references would take 32 GiB of L2)
+        self.top = 0  # highest cluster referenced + 1
+        self.far: list[I64] = []
+        self.ranges: list[tuple[int, int]] = []  # (first, last) cluster ranges, applied in finish()
+
+    def beyond_eof(self, offset: int, size: int) -> bool:
+        """QEMU refuses to count a region ending a cluster or more past the end of the file."""
+        if offset + size - self.file_len >= self.cs:
+            self.res.corruptions += 1
+            self.res.add("error", "ERROR: counting reference for region exceeding the end of the file by one "
+                                  f"cluster or more: offset {offset:#x} size {size:#x}")
+            return True
+        return False
+
+    def add_regions(self, offsets: I64, sizes: I64 | int) -> None:
+        """qcow2_inc_refcounts_imrt over many regions: +1 for each cluster each region touches."""
+        if not len(offsets):
+            return
+        size = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offsets.shape)
+        past = offsets + size - self.file_len >= self.cs
+        if past.any():
+            for o, n in zip(offsets[past].tolist(), size[past].tolist(), strict=True):
+                self.beyond_eof(o, n)
+            offsets, size = offsets[~past], size[~past]
+        bits = self.cs.bit_length() - 1  # shifts, not divisions: 16 Mi offsets on a 1 TiB image
+        first = offsets >> bits
+        if np.ndim(sizes) == 0 and int(sizes) == self.cs and not (offsets & (self.cs - 1)).any():
+            self.add(first)  # aligned whole clusters (data clusters, L2 tables): one cluster each
+            return
+        last = (offsets + size - 1) >> bits
+        self.add(first)
+        extra = last - first
+        if extra.any():  # regions over two or more clusters (unaligned tables, compressed data)
+            cnt = extra[extra > 0]
+            start = first[extra > 0] + 1
+            self.add(np.repeat(start, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)))
 
     def add_range(self, offset: int, size: int) -> None:
-        if size <= 0:
+        if size <= 0 or self.beyond_eof(offset, size):
             return
         first, last = offset // self.cs, (offset + size - 1) // self.cs
-        self.parts.append(np.arange(first, last + 1, dtype=np.int64))
+        limit = self.nb_file + DENSE_EXTRA_CLUSTERS
+        if last >= limit:
+            # A hostile offset or size (from the file): count what is within reach, never allocate
+            # in proportion to the claimed size.
+            self.res.corruptions += 1
+            self.res.add("error", f"ERROR host range {offset:#x}+{size:#x} lies past the end of the image file "
+                                  f"(references beyond cluster {limit} not counted)")
+            if first >= limit:
+                self.add(np.array([first], dtype=np.int64))
+                return
+            last = limit - 1
+        # O(1) per range, applied in finish() as a difference array: 65536 snapshot L1 tables or
+        # 65535 bitmap tables of up to 1 GiB each must not cost an index array each.
+        self.ranges.append((first, last))
+        self.top = max(self.top, last + 1)
 
     def add(self, clusters: I64) -> None:
-        if len(clusters):
-            self.parts.append(clusters.astype(np.int64, copy=False))
+        """Count one reference to each element of `clusters` (duplicates count once each)."""
+        if not len(clusters):
+            return
+        idx = clusters.astype(np.int64, copy=False)
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        self.top = max(self.top, hi)
+        limit = self.nb_file + DENSE_EXTRA_CLUSTERS
+        if hi > limit:
+            self.far.append(idx[idx >= limit])
+            idx = idx[idx < limit]
+            if not len(idx):
+                return
+            lo, hi = int(idx.min()), int(idx.max()) + 1
+        if hi > len(self.counts):  # references past the end of the file: grow (bounded by limit)
+            grown = np.zeros(min(limit, max(hi, 2 * len(self.counts))), dtype=np.uint32)
+            grown[: len(self.counts)] = self.counts
+            self.counts = grown
+        if len(idx) == 1 or bool((idx[1:] > idx[:-1]).all()):
+            self.counts[idx] += np.uint32(1)  # strictly increasing: no duplicates (the usual case)
+        elif hi - lo <= 4 * len(idx) + 65536:
+            seg = self.counts[lo:hi]
+            np.add(seg, np.bincount(idx - lo, minlength=hi - lo), out=seg, casting="unsafe")
+        else:
+            u, c = np.unique(idx, return_counts=True)
+            self.counts[u] += c.astype(np.uint32)
 
-    def finish(self) -> tuple[U64, dict[int, int], int]:
+    def finish(self) -> tuple[U32, dict[int, int], int]:
         """Dense counts over [0, nb), sparse counts past it, and nb (QEMU's grown table size)."""
-        allrefs = np.concatenate(self.parts) if self.parts else np.zeros(0, np.int64)
-        self.parts = []
         nb = self.nb_file
+        if self.top > nb:
+            nb = min(self.top, nb + DENSE_EXTRA_CLUSTERS)
+        counts = self.counts
+        if len(counts) != nb:
+            counts = np.zeros(nb, dtype=np.uint32)
+            k = min(nb, len(self.counts))
+            counts[:k] = self.counts[:k]
+        self.counts = np.zeros(0, dtype=np.uint32)
+        if self.ranges:  # every range ends below min(top, limit) = nb
+            r = np.array(self.ranges, dtype=np.int64)
+            self.ranges = []
+            if int((r[:, 1] - r[:, 0]).sum()) <= (1 << 22):
+                for a, b in r.tolist():  # the usual few short ranges: no array the size of the file
+                    counts[a : b + 1] += np.uint32(1)
+            else:  # many or long ranges: a difference array over the span they cover
+                lo, hi = int(r[:, 0].min()), int(r[:, 1].max()) + 1
+                d = np.zeros(hi - lo + 1, dtype=np.int32)
+                np.add.at(d, r[:, 0] - lo, 1)
+                np.add.at(d, r[:, 1] + 1 - lo, -1)
+                seg = counts[lo:hi]
+                np.add(seg, np.cumsum(d[:-1], dtype=np.int32), out=seg, casting="unsafe")
         sparse: dict[int, int] = {}
-        if len(allrefs):
-            top = int(allrefs.max()) + 1
-            if top > nb:
-                nb = min(top, nb + DENSE_EXTRA_CLUSTERS)
-            far = allrefs[allrefs >= nb]
-            if len(far):
-                u, c = np.unique(far, return_counts=True)
-                sparse = {int(a): int(b) for a, b in zip(u, c, strict=True)}
-                allrefs = allrefs[allrefs < nb]
-        counts = np.bincount(allrefs, minlength=nb).astype(np.uint64) if len(allrefs) else np.zeros(nb, np.uint64)
+        if self.far:
+            u, c = np.unique(np.concatenate(self.far), return_counts=True)
+            sparse = {int(a): int(b) for a, b in zip(u, c, strict=True)}
+            self.far = []
         return counts, sparse, nb
+
+
+class _Copied:
+    """check_oflag_copied for data clusters, done during the L2 walk (no second walk, no list of
+    every allocated entry): refcounts of clusters inside the file come from the stored refcounts
+    read before the walk; the rare references past the end are kept and judged after it.
+    Messages are kept to be reported after the refcount comparison, where QEMU prints them."""
+
+    def __init__(self, img: Image, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None) -> None:
+        self.img = img
+        self.stored = stored
+        self.unreadable = unreadable
+        self.corruptions = 0
+        self.seq = 0
+        self.found: list[tuple[int, int, int, int]] = []  # (batch, position, l2 entry, refcount)
+        self.found_dropped = 0
+        self.later: list[tuple[int, I64, I64, U64]] = []  # (batch, positions, clusters, l2 entries)
+
+    def batch(self, clusters: I64, l2e: U64) -> None:
+        seq = self.seq
+        self.seq += 1
+        copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
+        if self.img.header.has_data_file:
+            bad = np.flatnonzero(~copied)  # refcount 1 by definition
+            rcs = np.ones(len(bad), dtype=np.uint64)
+        else:
+            n = len(self.stored)
+            inside = clusters < n
+            if n == 0:
+                self.later.append((seq, np.arange(len(clusters)), clusters, l2e))
+                return
+            if not inside.all():
+                pos = np.flatnonzero(~inside)
+                self.later.append((seq, pos, clusters[pos], l2e[pos]))
+                clusters = np.where(inside, clusters, 0)
+            rc = self.stored[clusters]
+            wrong = (rc == np.uint64(1)) != copied
+            wrong &= inside
+            if self.unreadable is not None:
+                wrong &= ~self.unreadable[clusters]
+            bad = np.flatnonzero(wrong)
+            rcs = rc[bad]
+        self.corruptions += len(bad)
+        room = MAX_MESSAGES - len(self.found)
+        self.found_dropped += max(0, len(bad) - room)
+        for k, e, r in zip(bad[:room].tolist(), l2e[bad[:room]].tolist(), rcs[:room].tolist(), strict=True):
+            self.found.append((seq, k, e, r))
+
+    def report(self, res: CheckResult, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int) -> None:
+        """Add the corruptions and messages, in L2 order, once the final stored refcounts are known."""
+        found = list(self.found)
+        for seq, pos, clusters, l2e in self.later:
+            rcs = np.zeros(len(clusters), dtype=np.uint64)
+            inside = clusters < len(stored)
+            rcs[inside] = stored[clusters[inside]]
+            for k in np.flatnonzero(~inside):
+                rcs[k] = self.img.refcount(int(clusters[k]))
+            ok = np.ones(len(clusters), dtype=bool)
+            if unreadable is not None:
+                inb = clusters < nb
+                ok[inb] = ~unreadable[clusters[inb]]
+            copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
+            bad = np.flatnonzero(ok & ((rcs == 1) != copied))
+            self.corruptions += len(bad)
+            found += [(seq, int(pos[k]), int(l2e[k]), int(rcs[k])) for k in bad]
+        if self.later:
+            found.sort(key=lambda t: (t[0], t[1]))
+        res.corruptions += self.corruptions
+        for _seq, _pos, e, r in found:
+            res.add("error", f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}")
+        res.messages_dropped += self.found_dropped
 
 
 def check_image(img: Image, progress: ProgressFn = no_progress,
@@ -139,7 +305,7 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     res.total_clusters = -(-h.size // cs)
     nb_file = -(-img.file.size // cs)
     rmax = (1 << h.refcount_bits) - 1
-    refs = _Refs(nb_file, rmax, res, cs)
+    refs = _Refs(nb_file, rmax, res, cs, img.file.size)
     fmt = img.l2_format
     stored_needed = nb_file
 
@@ -150,7 +316,8 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
             res.add("error", f"ERROR snapshot table entry {sn.index} is incomplete")
 
     refs.add_range(0, cs)  # header
-    l1_jobs: list[tuple[int, int, bool, str]] = [(h.l1_table_offset, h.l1_size, True, "active")]
+    # The active L1 as read (empty when QEMU would refuse its size or offset), not as claimed.
+    l1_jobs: list[tuple[int, int, bool, str]] = [(h.l1_table_offset, len(img.l1_table), True, "active")]
     if h.has_data_file and img.snapshots:
         res.corruptions += 1
         res.add("error", f"ERROR {len(img.snapshots)} snapshots in image with data file")
@@ -177,7 +344,11 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
         l1_tables.append((l1, off, active))
         total_tables += int(np.count_nonzero(l1))
     done = 0
-    copied_l2: list[tuple[I64, U64]] = []  # (data cluster indices, COPIED bits) of active NORMAL/ZERO_ALLOC
+    # The stored refcounts of the file's clusters, read first (in host order) so that the COPIED
+    # flags are checked during the one L2 walk.
+    per = h.refcount_block_entries
+    stored, bad_blocks = img.stored_refcounts_compact(nb_file)
+    copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file))
     for l1, _off, active in l1_tables:
         nz = np.flatnonzero(l1)
         reserved = nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0]
@@ -185,19 +356,19 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
             res.corruptions += 1
             res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}")
         l2_offsets = (l1[nz] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-        batch = max(1, (1 << 20) // h.l2_size)
+        batch = max(1, L2_BATCH_ENTRIES // h.l2_size)
         for b in range(0, len(l2_offsets), batch):
             if cancelled():
                 raise Cancelled()
             offs = l2_offsets[b : b + batch]
             for o in offs[(offs % cs) != 0]:
                 res.add("error", f"ERROR l2_offset={int(o):x}: Table is not cluster aligned; L1 entry corrupted")
-            _check_l2_batch(img, fmt, offs, active, refs, res, copied_l2)
+            _check_l2_batch(img, fmt, offs, active, refs, res, copied)
             done += len(offs)
             progress(done, total_tables)
 
     refs.add_range(h.snapshots_offset, img.snapshot_table.size)
-    refs.add_range(h.refcount_table_offset, h.refcount_table_entries * 8)
+    refs.add_range(h.refcount_table_offset, len(img.refcount_table) * 8)
     if h.crypto_ext is not None:
         refs.add_range(h.crypto_ext.offset, h.crypto_ext.length)
     _bitmap_refs(img, refs, res)
@@ -223,32 +394,36 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
             res.add("error", f"ERROR refcount block {int(i)} is outside image")
             continue
         if off:
-            if counts[cl] >= rmax:
+            if int(counts[cl]) >= rmax:
                 res.corruptions += 1
                 res.add("error", f"ERROR: overflow cluster offset={off:#x}")
             else:
-                counts[cl] += np.uint64(1)
+                counts[cl] += np.uint32(1)
             if int(counts[cl]) != 1:
                 res.corruptions += 1
                 res.add("error", f"ERROR refcount block {int(i)} refcount={int(counts[cl])}")
 
     # compare_refcounts
     stored_needed = max(stored_needed, nb)
-    stored, bad_blocks = img.stored_refcounts(stored_needed)
-    per = h.refcount_block_entries
-    unreadable = np.zeros(nb, dtype=bool)
+    if stored_needed > len(stored):  # references past the end of the file grew the table
+        stored, bad_blocks = img.stored_refcounts_compact(stored_needed)
     for bi in bad_blocks:
         lo, hi = bi * per, min((bi + 1) * per, nb)
         if lo < hi:
-            unreadable[lo:hi] = True
             res.check_errors += hi - lo
             res.add("check-error", f"Can't get refcount for clusters {lo}..{hi - 1}: Input/output error")
-    diff = np.flatnonzero((stored != counts) & ~unreadable)
-    used = np.flatnonzero(((stored > 0) | (counts > 0)) & ~unreadable)
-    highest = int(used[-1]) if len(used) else 0
+    unreadable = _unreadable(bad_blocks, per, nb)
+    if len(stored) > nb:
+        stored = stored[:nb]
+    diff = np.flatnonzero(stored != counts)
+    if unreadable is not None:
+        diff = diff[~unreadable[diff]]
+    highest = _highest_used(stored, counts, unreadable)
     under = diff[stored[diff] < counts[diff]]
     over = diff[stored[diff] > counts[diff]]
-    for i in diff:
+    room = max(0, MAX_MESSAGES - len(res.messages))
+    res.messages_dropped += max(0, len(diff) - room)
+    for i in diff[:room]:  # formatting millions of lines nobody sees would take minutes
         s, r = int(stored[i]), int(counts[i])
         res.add("error" if s < r else "leak",
                 f"{'ERROR' if s < r else 'Leaked'} cluster {int(i)} refcount={s} reference={r}", int(i))
@@ -275,64 +450,85 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
         if not off:
             continue
         cl = off // cs
-        if cl < nb and unreadable[cl]:
+        if cl < nb and unreadable is not None and unreadable[cl]:
             continue
         rc = int(stored[cl]) if cl < len(stored) else img.refcount(cl)
         if (rc == 1) != bool(e & C.QCOW_OFLAG_COPIED):
             res.corruptions += 1
             res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={int(i)} l1_entry={e:x} refcount={rc}")
-    for clusters, l2e in copied_l2:
-        if h.has_data_file:
-            rcs = np.ones(len(clusters), dtype=np.uint64)
-            ok = np.ones(len(clusters), dtype=bool)
-        else:
-            inside = clusters < len(stored)
-            rcs = np.zeros(len(clusters), dtype=np.uint64)
-            rcs[inside] = stored[clusters[inside]]
-            for k in np.flatnonzero(~inside):
-                rcs[k] = img.refcount(int(clusters[k]))
-            ok = np.ones(len(clusters), dtype=bool)
-            inb = clusters < nb
-            ok[inb] = ~unreadable[clusters[inb]]
-        copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-        bad = np.flatnonzero(ok & ((rcs == 1) != copied))
-        res.corruptions += len(bad)
-        for k in bad:
-            res.add("error", f"ERROR OFLAG_COPIED data cluster: l2_entry={int(l2e[k]):x} refcount={int(rcs[k])}")
+    copied.report(res, stored, unreadable, nb)
 
     res.image_end_offset = (highest + 1) * cs
     res.reference = counts
-    res.stored = stored[:nb] if len(stored) >= nb else stored
+    res.stored = stored
     return res
 
 
+def _unreadable(bad_blocks: list[int], per: int, nb: int) -> npt.NDArray[np.bool_] | None:
+    """Clusters [0, nb) whose refcount block cannot be read (None when there are none)."""
+    if not bad_blocks:
+        return None
+    out = np.zeros(nb, dtype=bool)
+    for bi in bad_blocks:
+        out[bi * per : min((bi + 1) * per, nb)] = True
+    return out
+
+
+def _highest_used(stored: Refcounts, counts: U32, unreadable: npt.NDArray[np.bool_] | None) -> int:
+    """The highest cluster with a stored refcount or a reference (0 if none), scanning from the end."""
+    step = 1 << 20
+    for hi in range(len(counts), 0, -step):
+        lo = max(0, hi - step)
+        used = (stored[lo:hi] != 0) | (counts[lo:hi] != 0)
+        if unreadable is not None:
+            used &= ~unreadable[lo:hi]
+        nz = np.flatnonzero(used)
+        if len(nz):
+            return lo + int(nz[-1])
+    return 0
+
+
 def _read_u64(img: Image, offset: int, count: int) -> U64:
+    """`count` table entries at `offset`; entries past the end of the file read as 0 and are left
+    out (no zero buffer in proportion to a size claimed by a snapshot table entry)."""
+    count = max(0, min(count, (img.file.size - offset) // 8))
     return np.frombuffer(img.file.pread(offset, count * 8), dtype=">u8").astype(np.uint64)
 
 
+def _read_tables(img: Image, offs: I64) -> U64:
+    """The tables at `offs` (exact offsets, aligned or not) as native u64 words, read in host order;
+    tables adjacent both in the file and in `offs` take one read."""
+    cs = img.cluster_size
+    buf = np.empty(len(offs) * cs, dtype=np.uint8)
+    mv = memoryview(buf.data)
+    order = np.argsort(offs, kind="stable")
+    ho = offs[order]
+    split = (np.flatnonzero((np.diff(ho) != cs) | (np.diff(order) != 1)) + 1).tolist()
+    for g0, g1 in zip([0, *split], [*split, len(order)], strict=True):
+        k = int(order[g0])
+        img.file.read_into(int(ho[g0]), mv[k * cs : (k + g1 - g0) * cs])
+    words = buf.view(np.uint64)
+    if sys.byteorder == "little":
+        words.byteswap(inplace=True)
+    return words
+
+
 def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _Refs, res: CheckResult,
-                    copied_l2: list[tuple[I64, U64]]) -> None:
+                    copied: _Copied) -> None:
     h = img.header
     cs = h.cluster_size
-    for o in offs:
-        refs.add_range(int(o), cs)  # the L2 table itself
-    # Read each table at its exact offset (QEMU reads unaligned tables too); merge adjacent reads.
-    buf = np.zeros(len(offs) * cs, dtype=np.uint8)
-    mv = memoryview(buf.data)
-    k = 0
-    while k < len(offs):
-        m = k + 1
-        while m < len(offs) and int(offs[m]) == int(offs[k]) + (m - k) * cs:
-            m += 1
-        img.file.read_into(int(offs[k]), mv[k * cs : m * cs])
-        k = m
-    words = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
+    refs.add_regions(offs, cs)  # the L2 tables themselves (an unaligned one touches two clusters)
+    # A table at or past the end of the file reads as zeros and references nothing: do not read it.
+    offs = offs[offs < img.file.size]
+    if not len(offs):
+        return
+    # Read each table at its exact offset (QEMU reads unaligned tables too).
+    words = _read_tables(img, offs)
     if h.extended_l2:
         entries, bitmaps = words[0::2], words[1::2]
     else:
         entries, bitmaps = words, np.zeros(len(words), dtype=np.uint64)
     n = h.l2_size
-    table = np.repeat(np.arange(len(offs)), n)
     ctypes = classify_clusters(entries, fmt)
     comp = ctypes == ClusterType.COMPRESSED
     reserved = ~comp & ((entries & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)
@@ -365,10 +561,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
         coff = (ce & np.uint64(fmt.cluster_offset_mask)).astype(np.int64)
         nsec = ((ce >> np.uint64(fmt.csize_shift)) & np.uint64(fmt.csize_mask)).astype(np.int64) + 1
         csize = nsec * 512 - (coff & 511)
-        first = coff // cs
-        last = (coff + csize - 1) // cs
-        cnt = last - first + 1
-        refs.add(np.repeat(first, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)))
+        refs.add_regions(coff, csize)
         if active:
             res.allocated_clusters += len(ce)
             res.compressed_clusters += len(ce)
@@ -394,15 +587,18 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
                 res.corruptions += 1
                 what = "Data cluster is not properly aligned" if d else "Preallocated cluster is not properly aligned"
                 res.add("error", f"ERROR offset={int(o):x}: {what}; L2 entry corrupted.")
+        cl = off // cs
         if active:
             res.allocated_clusters += len(ai)
-            t = table[ai]
             if len(ai) > 1:
+                t = ai // n  # which table of the batch
                 same_table = t[1:] == t[:-1]
                 res.fragmented_clusters += int(np.count_nonzero(same_table & (off[1:] != off[:-1] + cs)))
-            copied_l2.append((off // cs, ae))
+            # check_oflag_copied skips L1 entries whose table offset is 0 (only COPIED set)
+            in_table = offs[ai // n] != 0
+            copied.batch(cl if in_table.all() else cl[in_table], ae if in_table.all() else ae[in_table])
         if not h.has_data_file:
-            refs.add(off // cs)
+            refs.add_regions(off, cs)
 
     # Unallocated clusters with allocation bits.
     if h.extended_l2:
@@ -416,14 +612,15 @@ def _bitmap_refs(img: Image, refs: _Refs, res: CheckResult) -> None:
     ext = img.header.bitmaps_ext
     if ext is None or not img.header.bitmaps_consistent:
         return
-    refs.add_range(ext.bitmap_directory_offset, ext.bitmap_directory_size)
+    # sizes as far as the format allows (QEMU refuses larger ones at open)
+    refs.add_range(ext.bitmap_directory_offset, min(ext.bitmap_directory_size, C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE))
     cs = img.cluster_size
     for bm in img.bitmaps:
-        refs.add_range(bm.bitmap_table_offset, bm.bitmap_table_size * 8)
+        refs.add_range(bm.bitmap_table_offset, min(bm.bitmap_table_size, BME_MAX_TABLE_SIZE) * 8)
         table = read_bitmap_table(img.file, bm)
         offs = table & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
         bad = ((table & np.uint64(C.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
             (offs != 0) & (((table & np.uint64(1)) != 0) | ((offs % np.uint64(cs)) != 0)))
         res.corruptions += int(np.count_nonzero(bad))
         good = offs[~bad & (offs != 0)]
-        refs.add((good // np.uint64(cs)).astype(np.int64))
+        refs.add_regions(good.astype(np.int64), cs)

@@ -7,18 +7,34 @@ import json
 import sys
 from datetime import UTC, datetime
 
+from qinspect._malloc import tune_for_bulk_work
 from qinspect.analysis.check import CheckResult, check_image
 from qinspect.analysis.info import chain_info, image_info
-from qinspect.analysis.map import MapEntry, iter_map, write_map_json
-from qinspect.cli.render import console, err_console, human_size, table
+from qinspect.analysis.map import MapEntry, iter_map, iter_map_runs, write_map_json_runs
 from qinspect.qcow2.image import Image, open_image
 
+# Rich (qinspect.cli.render) is imported only for human output: it costs more start-up time than
+# a whole `qemu-img check` of a small image, and the JSON paths do not need it.
 
-def open_checked(path: str) -> Image:
-    """Open like qemu-img does: fail on anything QEMU would refuse to open."""
+# Bounds on human output: a hostile image can carry 65536 snapshots and as many problems.
+MAX_WARNINGS = 50
+MAX_SNAPSHOT_ROWS = 500
+
+
+def open_checked(path: str, need_files: bool = False) -> Image:
+    """Open like qemu-img does: fail on anything QEMU would refuse to open.
+
+    With `need_files` (map, check), also fail when a backing file or the external data file cannot
+    be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
+    """
     img = open_image(path)
     try:
         img.require_openable()
+        if need_files:
+            for layer in img.chain():
+                if isinstance(layer, Image):
+                    layer.require_openable()
+                    layer.data_file()
     except Exception:
         img.close()
         raise
@@ -37,17 +53,26 @@ def run_info(args: argparse.Namespace) -> int:
         if args.output == "json":
             print_json(infos if args.backing_chain else infos[0])
             return 0
+        from rich.markup import escape
+
+        from qinspect.cli.render import console, err_console
+
         for i, info in enumerate(infos):
             if args.backing_chain:
                 what = "the image" if i == 0 else f"backing file of layer {i - 1}"
-                console().rule(f"layer {i}: {info['filename']} ({what})", align="left")
+                console().rule(f"layer {i}: {escape(str(info['filename']))} ({what})", align="left")
             _print_info(info)
-        for p in img.problems:
-            err_console().print(f"[yellow]warning:[/] {p}")
+        err = err_console()
+        for p in img.problems[:MAX_WARNINGS]:
+            err.print(f"[yellow]warning:[/] {escape(str(p))}", soft_wrap=True)  # names come from the file
+        if len(img.problems) > MAX_WARNINGS:
+            err.print(f"[yellow]warning:[/] ... and {len(img.problems) - MAX_WARNINGS} more problems")
     return 0
 
 
 def _print_info(info: dict[str, object]) -> None:
+    from qinspect.cli.render import console, human_size, table
+
     c = console()
     rows: list[tuple[str, str]] = [
         ("image", str(info["filename"])),
@@ -74,13 +99,15 @@ def _print_info(info: dict[str, object]) -> None:
     snaps = info.get("snapshots")
     if isinstance(snaps, list) and snaps:
         st = table("ID", "TAG", "VM SIZE#", "DATE", "VM CLOCK", "ICOUNT#", title="Snapshot list")
-        for s in snaps:
+        for s in snaps[:MAX_SNAPSHOT_ROWS]:  # a table of 65536 rows takes minutes to render
             date = datetime.fromtimestamp(s["date-sec"], UTC).strftime("%Y-%m-%d %H:%M:%S")
             secs = s["vm-clock-sec"]
             clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 1_000_000:03d}"
             st.add_row(s["id"], s["name"], human_size(s["vm-state-size"]), date, clock,
                        str(s["icount"]) if "icount" in s else "")
         c.print(st)
+        if len(snaps) > MAX_SNAPSHOT_ROWS:
+            c.print(f"... and {len(snaps) - MAX_SNAPSHOT_ROWS} more snapshots (--output=json lists them all)")
     fs = info.get("format-specific")
     if isinstance(fs, dict):
         ft = table("format specific", "value")
@@ -108,12 +135,12 @@ def _encrypt_summary(enc: dict[str, object]) -> str:
 
 # -- map ----------------------------------------------------------------------------------------------
 def run_map(args: argparse.Namespace) -> int:
-    with open_checked(args.image) as img:
-        entries = iter_map(img, start=args.start_offset, length=args.max_length)
+    tune_for_bulk_work()
+    with open_checked(args.image, need_files=True) as img:
         if args.output == "json":
-            write_map_json(entries, sys.stdout)
+            write_map_json_runs(iter_map_runs(img, start=args.start_offset, length=args.max_length), sys.stdout)
             return 0
-        _print_map(img, entries)
+        _print_map(img, iter_map(img, start=args.start_offset, length=args.max_length))
     return 0
 
 
@@ -137,6 +164,8 @@ def _host_file(layer: object) -> str:
 
 
 def _print_map(img: Image, entries: object) -> None:
+    from qinspect.cli.render import console, human_size, table
+
     c = console()
     t = table("guest offset#", "length#", "state", "layer#", "host offset#", "file")
     chain = img.chain()
@@ -152,7 +181,8 @@ def _print_map(img: Image, entries: object) -> None:
 
 # -- check --------------------------------------------------------------------------------------------
 def run_check(args: argparse.Namespace) -> int:
-    with open_checked(args.image) as img:
+    tune_for_bulk_work()
+    with open_checked(args.image, need_files=True) as img:
         res = check_image(img, filename=args.image)
     if args.output == "json":
         print_json(res.to_json())
@@ -162,11 +192,12 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def _print_check(res: CheckResult) -> None:
-    err = err_console()
-    for m in res.messages:
-        err.print(m.text, markup=False)
+    from qinspect.cli.render import console, err_console
+
+    # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff.
+    sys.stderr.write("".join(m.text + "\n" for m in res.messages))
     if res.messages_dropped:
-        err.print(f"... and {res.messages_dropped} more messages")
+        err_console().print(f"... and {res.messages_dropped} more messages")
     c = console()
     if not (res.corruptions or res.leaks or res.check_errors):
         c.print("No errors were found on the image.")

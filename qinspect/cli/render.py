@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.style import StyleType
 from rich.table import Table
+from rich.text import Text
 
 _console: Console | None = None
 
@@ -15,18 +17,27 @@ def console() -> Console:
     """The stdout console (plain ASCII tables without colour when stdout is not a terminal)."""
     global _console
     if _console is None:
-        _console = Console(highlight=False, soft_wrap=False)
+        _console = Console(highlight=False, soft_wrap=True)
     return _console
 
 
 def err_console() -> Console:
-    return Console(file=sys.stderr, highlight=False)
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+class _LiteralTable(Table):
+    """A table whose string cells are shown as they are: names read from an image are never markup."""
+
+    def add_row(self, *renderables: RenderableType | None, style: StyleType | None = None,
+                end_section: bool = False) -> None:
+        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), style=style,
+                        end_section=end_section)
 
 
 def table(*columns: str, title: str | None = None) -> Table:
     """A table with the house style; right-aligns columns whose name ends in '#'."""
     plain = not console().is_terminal
-    t = Table(title=title, box=box.ASCII2 if plain else box.SIMPLE_HEAVY, title_justify="left",
+    t = _LiteralTable(title=title, box=box.ASCII2 if plain else box.SIMPLE_HEAVY, title_justify="left",
               show_edge=not plain, pad_edge=False)
     for c in columns:
         right = c.endswith("#")
