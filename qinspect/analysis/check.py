@@ -184,8 +184,12 @@ class _Refs:
             grown = np.zeros(min(limit, max(hi, 2 * len(self.counts))), dtype=np.uint32)
             grown[: len(self.counts)] = self.counts
             self.counts = grown
-        if len(idx) == 1 or bool((idx[1:] > idx[:-1]).all()):
-            self.counts[idx] += np.uint32(1)  # strictly increasing: no duplicates (the usual case)
+        if len(idx) == 1 or bool((idx[1:] > idx[:-1]).all()):  # no duplicates (the usual case)
+            if hi - lo == len(idx):
+                seg = self.counts[lo:hi]  # consecutive clusters (preallocation, sequential writes)
+                seg += np.uint32(1)
+            else:
+                self.counts[idx] += np.uint32(1)
         elif hi - lo <= 4 * len(idx) + 65536:
             seg = self.counts[lo:hi]
             np.add(seg, np.bincount(idx - lo, minlength=hi - lo), out=seg, casting="unsafe")
@@ -302,7 +306,8 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     h = img.header
     cs = h.cluster_size
     res = CheckResult(filename or img.path, dirty=h.dirty, lazy_refcounts=h.lazy_refcounts)
-    res.total_clusters = -(-h.size // cs)
+    # size_to_clusters(total_sectors * 512): the virtual size rounded up to whole sectors first
+    res.total_clusters = -(-(-(-h.size // 512) * 512) // cs)
     nb_file = -(-img.file.size // cs)
     rmax = (1 << h.refcount_bits) - 1
     refs = _Refs(nb_file, rmax, res, cs, img.file.size)
@@ -362,6 +367,7 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
                 raise Cancelled()
             offs = l2_offsets[b : b + batch]
             for o in offs[(offs % cs) != 0]:
+                res.corruptions += 1
                 res.add("error", f"ERROR l2_offset={int(o):x}: Table is not cluster aligned; L1 entry corrupted")
             _check_l2_batch(img, fmt, offs, active, refs, res, copied)
             done += len(offs)
@@ -524,11 +530,13 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
         return
     # Read each table at its exact offset (QEMU reads unaligned tables too).
     words = _read_tables(img, offs)
+    bitmaps: U64 | None = None  # (standard entries: no bitmap checks at all)
     if h.extended_l2:
         entries, bitmaps = words[0::2], words[1::2]
     else:
-        entries, bitmaps = words, np.zeros(len(words), dtype=np.uint64)
+        entries = words
     n = h.l2_size
+    bits = h.cluster_bits
     ctypes = classify_clusters(entries, fmt)
     comp = ctypes == ClusterType.COMPRESSED
     reserved = ~comp & ((entries & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)
@@ -552,7 +560,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
                 res.add("error", f"ERROR compressed cluster {int(k) % n} with data file, entry=0x{int(e):x}")
             ci = ci[:0]
             ce = ce[:0]
-        badbm = bitmaps[ci] != 0
+        badbm = bitmaps[ci] != 0 if bitmaps is not None else np.zeros(len(ci), dtype=bool)
         for k, e in zip(ci[badbm], ce[badbm], strict=True):
             res.corruptions += 1
             res.add("error", f"ERROR compressed cluster {int(k) % n} with non-zero subcluster allocation bitmap, "
@@ -571,15 +579,17 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
     ai = np.flatnonzero((ctypes == ClusterType.NORMAL) | (ctypes == ClusterType.ZERO_ALLOC))
     if len(ai):
         ae = entries[ai]
-        ab = bitmaps[ai]
         off = (ae & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
-        corrupt_bm = ((ab >> np.uint64(32)) & ab) != 0
-        for o in off[corrupt_bm]:
-            res.corruptions += 1
-            res.add("error", f"ERROR offset={int(o):x}: Allocated cluster has corrupted subcluster allocation bitmap")
-        unal = (off % cs) != 0
+        ab = bitmaps[ai] if bitmaps is not None else None
+        if ab is not None:
+            corrupt_bm = ((ab >> np.uint64(32)) & ab) != 0
+            for o in off[corrupt_bm]:
+                res.corruptions += 1
+                res.add("error", f"ERROR offset={int(o):x}: Allocated cluster has corrupted subcluster allocation "
+                                 "bitmap")
+        unal = (off & (cs - 1)) != 0
         if unal.any():
-            if h.extended_l2:
+            if ab is not None:
                 has_data = (ab & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0
             else:
                 has_data = (ae & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
@@ -587,21 +597,24 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
                 res.corruptions += 1
                 what = "Data cluster is not properly aligned" if d else "Preallocated cluster is not properly aligned"
                 res.add("error", f"ERROR offset={int(o):x}: {what}; L2 entry corrupted.")
-        cl = off // cs
+        cl = off >> bits
         if active:
             res.allocated_clusters += len(ai)
             if len(ai) > 1:
-                t = ai // n  # which table of the batch
+                t = ai >> h.l2_bits  # which table of the batch
                 same_table = t[1:] == t[:-1]
                 res.fragmented_clusters += int(np.count_nonzero(same_table & (off[1:] != off[:-1] + cs)))
             # check_oflag_copied skips L1 entries whose table offset is 0 (only COPIED set)
-            in_table = offs[ai // n] != 0
-            copied.batch(cl if in_table.all() else cl[in_table], ae if in_table.all() else ae[in_table])
+            if (offs != 0).all():
+                copied.batch(cl, ae)
+            else:
+                in_table = offs[ai // n] != 0
+                copied.batch(cl[in_table], ae[in_table])
         if not h.has_data_file:
             refs.add_regions(off, cs)
 
     # Unallocated clusters with allocation bits.
-    if h.extended_l2:
+    if bitmaps is not None:
         ui = (ctypes == ClusterType.UNALLOCATED) & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
         for _ in range(int(np.count_nonzero(ui))):
             res.corruptions += 1

@@ -83,8 +83,9 @@ def _load_extra_commands() -> None:
                 raise
 
 
-def build_parser() -> argparse.ArgumentParser:
-    _load_extra_commands()
+def build_parser(extra: bool = True) -> argparse.ArgumentParser:
+    if extra:
+        _load_extra_commands()
     parser = argparse.ArgumentParser(
         prog="qinspect",
         description="See where a qcow2 image's bytes are and why it is slow. "
@@ -108,10 +109,14 @@ def _resolve(target: str) -> Handler:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qinspect` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    _load_extra_commands()
+    # info, map and check are registered above: running one does not need the other commands'
+    # modules (the analyses and their imports cost more start-up time than qemu-img's whole check).
+    core = bool(args_list) and args_list[0] in COMMANDS
+    if not core and args_list[:1] != ["--version"]:
+        _load_extra_commands()
     if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help", "--version")):
         return _run_tui(args_list)
-    parser = build_parser()
+    parser = build_parser(extra=not core and args_list[:1] != ["--version"])
     args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help()

@@ -67,12 +67,16 @@ def read_bitmap_directory(
     pos = 0
     while pos < size:
         if pos + _DIR.size > size:
-            problems.append(Problem(Severity.ERROR, "bitmap directory", "broken bitmap directory", offset + pos))
+            problems.append(Problem(Severity.ERROR, "bitmap directory",
+                                    f"broken bitmap directory: entry {len(out)} is cut off by the end of the "
+                                    f"directory ({size} bytes)", offset + pos))
             break
         tbl_off, tbl_size, flags, typ, gran, name_size, extra = _DIR.unpack_from(raw, pos)
         esize = (_DIR.size + extra + name_size + 7) & ~7
         if pos + esize > size:
-            problems.append(Problem(Severity.ERROR, "bitmap directory", "broken bitmap directory", offset + pos))
+            problems.append(Problem(Severity.ERROR, "bitmap directory",
+                                    f"broken bitmap directory: entry {len(out)} ({esize} bytes with its name and "
+                                    f"extra data) runs past the end of the directory ({size} bytes)", offset + pos))
             break
         name = raw[pos + _DIR.size + extra : pos + _DIR.size + extra + name_size].decode("utf-8", "replace")
         bm = Bitmap(offset + pos, esize, tbl_off, tbl_size, flags, typ, gran, name, extra)

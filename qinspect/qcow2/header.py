@@ -128,12 +128,13 @@ class Header:
 
     @property
     def refcount_bits(self) -> int:
-        return 1 << self.refcount_order
+        """Refcount width; a refused refcount_order > 6 counts as 64 (the field keeps the stored value)."""
+        return 1 << min(self.refcount_order, C.MAX_REFCOUNT_ORDER)
 
     @property
     def refcount_block_entries(self) -> int:
         """Refcount entries per refcount block: cluster_size * 8 / refcount_bits."""
-        return (self.cluster_size * 8) >> self.refcount_order
+        return (self.cluster_size * 8) >> min(self.refcount_order, C.MAX_REFCOUNT_ORDER)
 
     @property
     def refcount_table_entries(self) -> int:
@@ -197,6 +198,8 @@ class Header:
 
 def read_header(f: HostFile, problems: list[Problem]) -> Header:
     """Parse and validate the header, extensions and backing file name of the image in `f`."""
+    if f.size == 0:
+        raise Qcow2Error("empty file (0 bytes), not a qcow2 image", path=f.path)
     if f.size < 8:
         raise Qcow2Error(f"file too small to be a qcow2 image ({f.size} bytes)", 0, path=f.path)
     start = f.pread(0, HEADER_QEMU_SIZE)
@@ -238,17 +241,26 @@ def read_header(f: HostFile, problems: list[Problem]) -> Header:
 
 
 def _not_qcow2_message(f: HostFile, start: bytes) -> str:
+    """What the file is instead, for the formats `qemu-img create` makes and a few more."""
+    fmt = None
     if start[:4] == b"KDMV":
-        return "not a qcow2 image: this is a VMDK file"
-    if start[:8] == b"conectix":
-        return "not a qcow2 image: this is a VHD file"
-    if start[:4] == b"vhdx" or start[:8] == b"vhdxfile":
-        return "not a qcow2 image: this is a VHDX file"
-    if start[:4] == b"LUKS":
-        return "not a qcow2 image: this is a raw LUKS volume"
-    if f.size == 0:
-        return "empty file, not a qcow2 image"
-    return f"not a qcow2 image (magic 0x{struct.unpack_from('>I', start)[0]:08x}, expected 0x514649fb); a raw image?"
+        fmt = "a VMDK file"
+    elif start[:21] == b"# Disk DescriptorFile":
+        fmt = "a VMDK descriptor file"
+    elif start[:8] == b"conectix" or (f.size >= 512 and f.pread(f.size - 512, 8) == b"conectix"):
+        fmt = "a VHD (vpc) file"
+    elif start[:8] == b"vhdxfile":
+        fmt = "a VHDX file"
+    elif f.size >= 0x44 and f.pread(0x40, 4) == b"\x7f\x10\xda\xbe":
+        fmt = "a VDI file"
+    elif start[:4] == b"QED\0":
+        fmt = "a QED file"
+    elif start[:4] == b"LUKS":
+        fmt = "a raw LUKS volume"
+    if fmt is not None:
+        return f"not a qcow2 image: this is {fmt}"
+    magic = struct.unpack_from(">I", start)[0]
+    return f"not a qcow2 image: no qcow2 magic (found 0x{magic:08x}, expected 0x514649fb); a raw disk image?"
 
 
 def _warn(problems: list[Problem], structure: str, msg: str, offset: int | None = None) -> None:
@@ -296,8 +308,9 @@ def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if h.l1_table_offset % cs:
         _refuse(problems, "L1 table", f"invalid L1 table offset {h.l1_table_offset} (not cluster aligned)", 40)
     elif h.l1_size and f.is_past_end(h.l1_table_offset, l1_bytes):
-        problems.append(Problem(Severity.ERROR, "L1 table", "L1 table extends past the end of the file",
-                                h.l1_table_offset))
+        problems.append(Problem(Severity.ERROR, "L1 table",
+                                f"L1 table ({h.l1_size} entries, {l1_bytes} bytes) extends past the end of the "
+                                f"file ({f.size} bytes); the missing entries read as 0", h.l1_table_offset))
     # refcount table
     rt_bytes = h.refcount_table_clusters * cs
     if h.refcount_table_clusters == 0:
@@ -308,7 +321,9 @@ def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if h.refcount_table_offset % cs:
         _refuse(problems, "refcount table", f"invalid reference count table offset {h.refcount_table_offset}", 48)
     elif rt_bytes and f.is_past_end(h.refcount_table_offset, rt_bytes):
-        problems.append(Problem(Severity.ERROR, "refcount table", "refcount table extends past the end of the file",
+        problems.append(Problem(Severity.ERROR, "refcount table",
+                                f"refcount table ({h.refcount_table_clusters} clusters, {rt_bytes} bytes) extends "
+                                f"past the end of the file ({f.size} bytes); the missing entries read as 0",
                                 h.refcount_table_offset))
     # snapshot table
     if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:

@@ -8,11 +8,19 @@ was past the end. `bytes_read` counts what was read, for the open-cost benchmark
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import struct
+import sys
 from types import TracebackType
 
 from qinspect.qcow2.errors import Qcow2Error
+
+# QEMU's lock bytes (block/file-posix.c RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) and struct flock.
+_LOCK_PERM_BASE = 100
+_LOCK_SHARED_BASE = 200
+_FLOCK = "hhqqi4x"
 
 # A single read larger than this is a bug or a hostile size: every caller reads in bounded pieces.
 MAX_SINGLE_READ = 256 * 1024 * 1024
@@ -23,8 +31,11 @@ class HostFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        if "\0" in path:
+            raise Qcow2Error("file name contains a NUL byte", path=path.replace("\0", "\\0"))
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: opening a FIFO named by a hostile backing file must not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise Qcow2Error("no such file", path=path) from None
         except PermissionError:
@@ -37,6 +48,13 @@ class HostFile:
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
             raise Qcow2Error("is a directory, not an image file", path=path)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            os.close(fd)
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode) \
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file"
+            raise Qcow2Error(f"is {kind}, not an image file (only regular files and block devices are read)",
+                             path=path)
+        os.set_blocking(fd, True)
         self._fd: int | None = fd
         self.size = st.st_size if stat.S_ISREG(st.st_mode) else _device_size(fd)
         self.allocated_size = st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else self.size
@@ -85,6 +103,32 @@ class HostFile:
         self.bytes_read += done
         if done < length:
             buf[done:] = bytes(length - done)
+
+    def lock_state(self) -> str | None:
+        """Whether another process holds QEMU's image locks: None, "reader" or "writer".
+
+        QEMU (file-posix) takes open-file-description locks on byte 100+bit for each permission
+        it uses and on byte 200+bit for each it refuses to share; bit 1 is WRITE and bit 3 RESIZE.
+        This only asks (F_OFD_GETLK); it never takes a lock. None where the query is unsupported.
+        """
+        getlk = getattr(fcntl, "F_OFD_GETLK", None)
+        if getlk is None or not sys.platform.startswith("linux"):
+            return None
+        try:
+            for byte in (_LOCK_PERM_BASE + 1, _LOCK_PERM_BASE + 3):
+                if self._locked(getlk, byte, 1):
+                    return "writer"
+            if self._locked(getlk, _LOCK_PERM_BASE, 64) or self._locked(getlk, _LOCK_SHARED_BASE, 64):
+                return "reader"
+        except OSError:
+            return None
+        return None
+
+    def _locked(self, cmd: int, start: int, length: int) -> bool:
+        # struct flock (Linux): short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+        req = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        l_type = struct.unpack(_FLOCK, fcntl.fcntl(self.fd, cmd, req))[0]
+        return bool(l_type != fcntl.F_UNLCK)
 
     def is_past_end(self, offset: int, length: int) -> bool:
         """True when `[offset, offset+length)` is not entirely inside the file."""

@@ -8,12 +8,13 @@ on demand and kept in a bounded cache; bulk walks read them in batches without c
 from __future__ import annotations
 
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -131,8 +132,30 @@ class Image:
         self._backing_opened = False
         self._data_file: HostFile | None = None
         self._last_compressed: tuple[int, bytes] | None = None
+        self._check_host_files()
 
     # -- opening helpers ----------------------------------------------------------------------------
+    def _check_host_files(self) -> None:
+        """Problems around the image file: a running QEMU's locks, a missing data or backing file."""
+        lock = self.file.lock_state()
+        if lock == "writer":
+            self.problems.append(Problem(Severity.WARNING, "image file",
+                                         "in use: another process (a running QEMU) holds the image's write lock; "
+                                         "contents may be changing"))
+        elif lock == "reader":
+            self.problems.append(Problem(Severity.WARNING, "image file",
+                                         "in use: another process (a running QEMU) has the image open read-only"))
+        if self.header.has_data_file and self.data_file_path is not None:
+            try:
+                self.data_file()
+            except Qcow2Error as e:  # qemu-img info still works; map, check and reads do not
+                self.problems.append(Problem(Severity.ERROR, "data file", e.message))
+        bp = self.backing_path
+        if bp is not None and "\0" not in bp and not os.path.lexists(bp):
+            self.problems.append(Problem(Severity.WARNING, "backing file",
+                                         f"backing file {bp} does not exist: guest data that is not in this "
+                                         "image cannot be read", self.header.backing_file_offset))
+
     def _read_table(self, offset: int, entries: int, max_entries: int, name: str) -> U64:
         """Read a u64 table, bounded by the format limit and by the file (the rest reads as 0)."""
         if entries > max_entries or offset % self.header.cluster_size:
@@ -286,7 +309,13 @@ class Image:
         layers: list[Layer] = [self]
         cur: Layer = self
         while isinstance(cur, Image):
-            nxt = cur.backing()
+            try:
+                nxt = cur.backing()
+            except Qcow2Error as e:
+                if cur is self:
+                    raise
+                # Report it against the image the user named, saying which layer failed.
+                raise Qcow2Error(f"in backing file {cur.path}: {e.message}", e.offset, path=self.path) from None
             if nxt is None:
                 break
             layers.append(nxt)
@@ -316,22 +345,25 @@ class Image:
         """
         cs = self.cluster_size
         n = i1 - i0
-        buf = np.zeros(n * cs, dtype=np.uint8)
         offs = (self.l1_table[i0:i1] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
         unaligned = (offs % cs) != 0
-        k = 0
+        readable = (offs != 0) & ~unaligned
+        buf = np.empty(n * cs, dtype=np.uint8)
+        if not readable.all():
+            buf.reshape(n, cs)[~readable] = 0
         mv = memoryview(buf.data)
-        while k < n:
-            off = int(offs[k])
-            if off == 0 or unaligned[k]:
-                k += 1
-                continue
-            m = k + 1
-            while m < n and int(offs[m]) == off + (m - k) * cs:
-                m += 1
-            self.file.read_into(off, mv[k * cs : m * cs])
-            k = m
-        words = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
+        # Read in host order; tables adjacent both in the file and in the batch take one read.
+        ks = np.flatnonzero(readable)
+        ks = ks[np.argsort(offs[ks], kind="stable")]
+        if len(ks):
+            hk = offs[ks]
+            split = np.flatnonzero((np.diff(hk) != cs) | (np.diff(ks) != 1)) + 1
+            for g0, g1 in zip([0, *split.tolist()], [*split.tolist(), len(ks)], strict=True):
+                k = int(ks[g0])
+                self.file.read_into(int(hk[g0]), mv[k * cs : (k + g1 - g0) * cs])
+        words = buf.view(np.uint64)
+        if sys.byteorder == "little":
+            words.byteswap(inplace=True)  # big-endian on disk: swap in place, no copy
         if self.header.extended_l2:
             return words[0::2], words[1::2], unaligned
         return words, None, unaligned
@@ -344,7 +376,9 @@ class Image:
         if off == 0:
             return None
         if off % self.cluster_size:
-            raise Qcow2Error(f"refcount block {reftable_index} offset unaligned", off, path=self.path)
+            raise Qcow2Error(f"refcount table entry {reftable_index}: refcount block offset {off:#x} is not "
+                             "cluster aligned", self.header.refcount_table_offset + 8 * reftable_index,
+                             path=self.path)
         hit = self._rb_cache.get(off)
         if hit is not None:
             self._rb_cache.move_to_end(off)
@@ -367,10 +401,23 @@ class Image:
         Refcount blocks are read in host order with adjacent blocks merged into one read; blocks
         whose offset is unaligned are reported (their clusters read as 0).
         """
+        out = np.zeros(nb_clusters, dtype=np.uint64)
+        return out, self._fill_refcounts(out)
+
+    def stored_refcounts_compact(self, nb_clusters: int) -> tuple[npt.NDArray[np.unsignedinteger[Any]], list[int]]:
+        """`stored_refcounts` in the narrowest dtype that holds the image's refcount width
+        (uint16 for the default 16-bit refcounts: a quarter of the memory for big files)."""
+        bits = self.header.refcount_bits
+        dt = np.uint8 if bits <= 8 else np.uint16 if bits == 16 else np.uint32 if bits == 32 else np.uint64
+        out: npt.NDArray[np.unsignedinteger[Any]] = np.zeros(nb_clusters, dtype=dt)
+        return out, self._fill_refcounts(out)
+
+    def _fill_refcounts(self, out: npt.NDArray[np.unsignedinteger[Any]]) -> list[int]:
+        nb_clusters = len(out)
         per = self.header.refcount_block_entries
         cs = self.cluster_size
+        bits = self.header.refcount_bits
         nblocks = min(-(-nb_clusters // per), len(self.refcount_table))
-        out = np.zeros(nb_clusters, dtype=np.uint64)
         offs_u = self.refcount_table[:nblocks] & np.uint64(C.REFT_OFFSET_MASK)
         bad = [int(i) for i in np.flatnonzero((offs_u % np.uint64(cs)) != 0)]
         # A block at or past the end of the file reads as zeros: skip it (and its offset may not fit int64).
@@ -385,14 +432,15 @@ class Image:
             while m < len(order) and m - k < group and int(offs[order[m]]) == base + (m - k) * cs:
                 m += 1
             raw = self.file.pread(base, (m - k) * cs)
-            vals = decode_refcount_block(raw, self.header.refcount_order)
+            vals = (np.frombuffer(raw, dtype=f">u{bits // 8}") if bits >= 8  # cast on assignment below
+                    else decode_refcount_block(raw, self.header.refcount_order))
             for j in range(k, m):
                 idx = int(order[j])
                 lo = idx * per
                 hi = min(lo + per, nb_clusters)
                 out[lo:hi] = vals[(j - k) * per : (j - k) * per + (hi - lo)]
             k = m
-        return out, bad
+        return bad
 
     # -- guest view -----------------------------------------------------------------------------------
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extents]:
@@ -403,7 +451,8 @@ class Image:
         """Decode the L1 and L2 entries that map `guest_offset` (reads one L2 table)."""
         h = self.header
         if not 0 <= guest_offset < h.size:
-            raise Qcow2Error(f"guest offset {guest_offset} is outside the virtual disk ({h.size} bytes)")
+            raise Qcow2Error(f"guest offset {guest_offset} is outside the virtual disk ({h.size} bytes)",
+                             path=self.path)
         cs = h.cluster_size
         l1_index = guest_offset >> (h.cluster_bits + h.l2_bits)
         l2_index = (guest_offset >> h.cluster_bits) & (h.l2_size - 1)
@@ -451,7 +500,11 @@ class Image:
                 elif t == SubclusterType.COMPRESSED:
                     if self.encrypted:
                         raise EncryptedDataError("guest data is encrypted", path=self.path)
-                    data = self._decompress(int(ex.host[k]))
+                    try:
+                        data = self._decompress(int(ex.host[k]))
+                    except Qcow2Error as e:  # say which guest offset, keep the host offset at fault
+                        raise Qcow2Error(f"cannot read guest offset {g}: {e.message}", e.offset,
+                                         path=self.path) from None
                     within = g & (self.cluster_size - 1)
                     out[pos : pos + n] = data[within : within + n]
                 elif t == SubclusterType.INVALID:

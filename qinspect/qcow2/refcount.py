@@ -14,7 +14,7 @@ U64 = npt.NDArray[np.uint64]
 
 def decode_refcount_block(raw: bytes | memoryview | npt.NDArray[np.uint8], refcount_order: int) -> U64:
     """All refcounts of one block (or of several concatenated blocks) as uint64."""
-    bits = 1 << refcount_order
+    bits = 1 << min(refcount_order, 6)  # an order > 6 is refused at open; never build a huge dtype
     if bits >= 8:
         return np.frombuffer(raw, dtype=f">u{bits // 8}").astype(np.uint64)
     b = np.frombuffer(raw, dtype=np.uint8)
@@ -26,11 +26,11 @@ def decode_refcount_block(raw: bytes | memoryview | npt.NDArray[np.uint8], refco
 
 def refcount_entry_location(index: int, refcount_order: int) -> tuple[int, int, int]:
     """(byte offset in the block, bit shift, width in bits) of refcount entry `index`."""
-    bits = 1 << refcount_order
+    bits = 1 << min(refcount_order, 6)
     if bits >= 8:
         return index * (bits // 8), 0, bits
     return (index * bits) // 8, (index * bits) % 8, bits
 
 
 def refcount_max(refcount_order: int) -> int:
-    return (1 << (1 << refcount_order)) - 1
+    return (1 << (1 << min(refcount_order, 6))) - 1

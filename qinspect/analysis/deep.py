@@ -1,0 +1,311 @@
+"""Deep scan: read the image's data clusters to find space a metadata walk cannot see.
+
+Three numbers need the data itself:
+
+* **all-zero clusters** — data clusters whose bytes are all zero (a guest that wrote zeros, a
+  preallocated file that is not sparse); `qemu-img convert` does not copy them.
+* **backing duplicates** — data clusters of an overlay whose bytes equal what the backing chain
+  returns at the same guest offset: copy-on-write of unchanged data, typically whole clusters
+  copied for a small guest write.
+* **what a convert would reclaim** — the file size minus an estimate of what
+  `qemu-img convert -O qcow2 [-B BACKING]` would write: header, refcount structures, the L1 table,
+  the L2 tables actually needed and one cluster per guest cluster holding non-zero data.
+
+The active layer's data extents (subcluster-exact, from the vectorised extent walk) are read in
+batches of a few MiB, host-contiguous where possible; each guest cluster is judged by all its data
+bytes. Bytes that are holes in the host file are not counted here (the space breakdown already
+calls them preallocated-unused). Compressed clusters are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from qinspect.analysis.measure import MeasureOptions, refcount_metadata_size
+from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
+from qinspect.analysis.space import file_holes
+from qinspect.qcow2.image import Image, Layer
+from qinspect.qcow2.l2 import SubclusterType
+
+I64 = npt.NDArray[np.int64]
+BATCH_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class DeepScan:
+    """What reading the data clusters found (bytes exclude ranges that are host-file holes)."""
+
+    data_clusters: int
+    """Guest clusters of the active layer with at least one data (sub)cluster."""
+    data_bytes: int
+    """Bytes of data read (extended-L2 data subclusters only)."""
+    zero_clusters: int
+    zero_bytes: int
+    duplicate_clusters: int
+    """Non-zero data clusters identical to the backing chain's content (0 without a backing file)."""
+    duplicate_bytes: int
+    compressed_clusters: int
+    convert_size: int
+    """Estimated file size of `qemu-img convert -O qcow2` of this image (with -B for overlays)."""
+    convert_reclaim: int
+    """File size minus `convert_size` (0 when the estimate is larger)."""
+    skipped: str | None = None
+    """Why nothing was read (encrypted data), or None."""
+
+    @property
+    def zero_disk_bytes(self) -> int:
+        return self.zero_bytes
+
+    @property
+    def duplicate_disk_bytes(self) -> int:
+        return self.duplicate_bytes
+
+
+@dataclass
+class _Extents:
+    """The active layer's extents the deep scan needs, as parallel arrays."""
+
+    guest: I64  # NORMAL (data) extents
+    host: I64
+    length: I64
+    compressed: I64  # guest clusters of compressed clusters
+    zero_guest: I64  # ZERO_PLAIN / ZERO_ALLOC extents
+    zero_length: I64
+
+
+def _active_extents(img: Image) -> _Extents:
+    """Walk the active layer's L2 tables once (vectorised) and keep the extents we need."""
+    keep: dict[str, list[I64]] = {k: [] for k in ("g", "h", "n", "c", "zg", "zn")}
+    cs = img.cluster_size
+    zero_types = np.array([SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC], dtype=np.uint8)
+    for ex in img.extents():
+        normal = ex.sctype == SubclusterType.NORMAL
+        comp = ex.sctype == SubclusterType.COMPRESSED
+        zero = np.isin(ex.sctype, zero_types)
+        keep["g"].append(ex.guest[normal])
+        keep["h"].append(ex.host[normal].astype(np.int64))
+        keep["n"].append(ex.length[normal])
+        keep["c"].append(ex.guest[comp] // cs)
+        keep["zg"].append(ex.guest[zero])
+        keep["zn"].append(ex.length[zero])
+    cat = {k: np.concatenate(v).astype(np.int64) if v else np.zeros(0, np.int64) for k, v in keep.items()}
+    return _Extents(cat["g"], cat["h"], cat["n"], cat["c"], cat["zg"], cat["zn"])
+
+
+def _split(guest: I64, host: I64, length: I64, unit: int) -> tuple[I64, I64, I64]:
+    """Cut extents at multiples of `unit` so that each piece lies in one unit of guest space."""
+    if not len(guest):
+        return guest, host, length
+    first = guest // unit
+    last = (guest + length - 1) // unit
+    cnt = last - first + 1
+    idx = np.repeat(np.arange(len(guest)), cnt)
+    k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    ustart = (first[idx] + k) * unit
+    g0 = np.maximum(guest[idx], ustart)
+    g1 = np.minimum(guest[idx] + length[idx], ustart + unit)
+    h0 = host[idx] + (g0 - guest[idx])
+    return g0, h0, g1 - g0
+
+
+def _hole_cover(holes: tuple[I64, I64], x: I64) -> I64:
+    """Bytes of holes below each offset in `x`."""
+    hs, he = holes
+    if not len(hs):
+        return np.zeros(len(x), dtype=np.int64)
+    prefix = np.concatenate(([0], np.cumsum(he - hs)))
+    k = np.searchsorted(he, x, side="right")
+    part = np.zeros(len(x), dtype=np.int64)
+    inside = k < len(hs)
+    part[inside] = np.clip(x[inside] - hs[k[inside]], 0, None)
+    return prefix[k] + part
+
+
+def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: CancelledFn = never_cancelled,
+              batch_bytes: int = BATCH_BYTES, convert_to: MeasureOptions | None = None) -> DeepScan:
+    """Read every data cluster of the active layer (and the backing chain where it overlaps).
+
+    `progress(done, total)` counts data bytes read; `cancelled()` is polled between batches.
+    `convert_to` are the target options of the conversion whose size is estimated (default: this
+    image's geometry, see `convert_options`).
+    """
+    cs = img.cluster_size
+    target = convert_to or convert_options(img)
+    ex = _active_extents(img)
+    if img.encrypted:
+        return DeepScan(0, 0, 0, 0, 0, 0, len(ex.compressed), 0, 0, skipped="guest data is encrypted")
+    # Pieces no larger than a source cluster or a target cluster, whichever is smaller: each is
+    # judged zero / equal to the backing file as a whole.
+    unit = min(cs, target.cluster_size)
+    g, h, n = _split(ex.guest, ex.host, ex.length, unit)
+    holes = file_holes(img) if not img.header.has_data_file else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    hole_n = _hole_cover(holes, h + n) - _hole_cover(holes, h)
+    nonzero = np.zeros(len(g), dtype=bool)
+    differs = np.ones(len(g), dtype=bool)  # pieces left unread never count as duplicates
+    # Pieces entirely in a hole of the file read as zeros: nothing to read (sparse preallocation).
+    todo = np.flatnonzero(hole_n < n)
+    tg, th, tn = g[todo], h[todo], n[todo]
+    back = img.backing()
+    data_file = img.data_file()
+    total = int(tn.sum())
+    done = 0
+    i = 0
+    while i < len(todo):
+        if cancelled():
+            raise Cancelled()
+        j = i
+        acc = 0
+        while j < len(todo) and (j == i or acc + int(tn[j]) <= batch_bytes):
+            acc += int(tn[j])
+            j += 1
+        buf = _gather(lambda off, ln: data_file.pread(off, ln), th[i:j], tn[i:j], acc)
+        starts = np.concatenate(([0], np.cumsum(tn[i:j])[:-1])).astype(np.int64)
+        nonzero[todo[i:j]] = np.logical_or.reduceat(buf != 0, starts)
+        if back is not None:
+            other = _gather(lambda off, ln: _read_layer(back, off, ln), tg[i:j], tn[i:j], acc)
+            differs[todo[i:j]] = np.logical_or.reduceat(buf != other, starts)
+        done += acc
+        progress(done, total)
+        i = j
+    progress(total, total)
+
+    # Judge each source guest cluster by all of its pieces.
+    cluster = g // cs
+    if len(g):
+        order = np.argsort(cluster, kind="stable")
+        cl = cluster[order]
+        first = np.flatnonzero(np.concatenate(([True], cl[1:] != cl[:-1])))
+        c_nonzero = np.logical_or.reduceat(nonzero[order], first)
+        c_differs = np.logical_or.reduceat(differs[order], first)
+        c_bytes = np.add.reduceat((n - hole_n)[order], first)
+        c_read = np.add.reduceat(n[order], first)
+    else:
+        c_nonzero = c_differs = np.zeros(0, dtype=bool)
+        c_bytes = c_read = np.zeros(0, dtype=np.int64)
+    # Clusters with no bytes outside holes are preallocated space, not zero data.
+    zero_c = ~c_nonzero & (c_bytes > 0)
+    dup_c = c_nonzero & ~c_differs
+    zero_g = np.concatenate((ex.zero_guest, g[~nonzero]))
+    zero_n = np.concatenate((ex.zero_length, n[~nonzero]))
+    convert = convert_estimate(img, g[nonzero], n[nonzero], ex.compressed, zero_g, zero_n, target)
+    return DeepScan(
+        data_clusters=len(c_bytes), data_bytes=int(c_read.sum()),
+        zero_clusters=int(np.count_nonzero(zero_c)), zero_bytes=int(c_bytes[zero_c].sum()),
+        duplicate_clusters=int(np.count_nonzero(dup_c)), duplicate_bytes=int(c_bytes[dup_c].sum()),
+        compressed_clusters=len(ex.compressed), convert_size=convert,
+        convert_reclaim=max(0, img.file.size - convert),
+    )
+
+
+def _read_layer(layer: Layer, offset: int, length: int) -> bytes:
+    """Guest bytes of a backing layer; past its end (a shorter backing file) reads zeros."""
+    avail = max(0, min(length, layer.virtual_size - offset))
+    head = layer.read(offset, avail) if avail else b""
+    return head + bytes(length - avail)
+
+
+def _gather(read: Callable[[int, int], bytes], offs: I64, lens: I64, total: int) -> npt.NDArray[np.uint8]:
+    """Read pieces (offset, length) into one buffer, merging contiguous pieces into one read."""
+    buf = np.empty(total, dtype=np.uint8)
+    pos = 0
+    k = 0
+    while k < len(offs):
+        m = k + 1
+        while m < len(offs) and int(offs[m]) == int(offs[m - 1] + lens[m - 1]):
+            m += 1
+        span = int(lens[k:m].sum())
+        buf[pos : pos + span] = np.frombuffer(read(int(offs[k]), span), dtype=np.uint8)
+        pos += span
+        k = m
+    return buf
+
+
+def convert_options(img: Image) -> MeasureOptions:
+    """The target options a conversion that keeps this image's geometry uses: its cluster size,
+    extended L2 and refcount width (compat 1.1, as qemu-img's default)."""
+    h = img.header
+    return MeasureOptions(cluster_size=h.cluster_size, extended_l2=h.extended_l2, refcount_bits=h.refcount_bits)
+
+
+def _touched(guest: I64, length: I64, tcs: int) -> I64:
+    """Target clusters (of `tcs` bytes) that guest ranges touch, unique and sorted."""
+    if not len(guest):
+        return np.zeros(0, np.int64)
+    first = guest // tcs
+    cnt = (guest + length - 1) // tcs - first + 1
+    k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    return np.unique(np.repeat(first, cnt) + k)
+
+
+def _covered(guest: I64, length: I64, tcs: int) -> I64:
+    """Target clusters that guest ranges cover entirely (ranges merged first)."""
+    if not len(guest):
+        return np.zeros(0, np.int64)
+    order = np.argsort(guest, kind="stable")
+    g, e = guest[order], guest[order] + length[order]
+    # Merge touching ranges.
+    run_end = np.maximum.accumulate(e)
+    brk = np.concatenate(([True], g[1:] > run_end[:-1]))
+    starts = g[brk]
+    ends = np.maximum.reduceat(e, np.flatnonzero(brk))
+    first = -(-starts // tcs)
+    last = ends // tcs  # exclusive
+    cnt = np.maximum(last - first, 0)
+    k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    out: I64 = (np.repeat(first, cnt) + k).astype(np.int64)
+    return out
+
+
+def convert_estimate(img: Image, data_guest: I64, data_length: I64, compressed_clusters: I64,
+                     zero_guest: I64 | None = None, zero_length: I64 | None = None,
+                     options: MeasureOptions | None = None) -> int:
+    """Estimated file size of `qemu-img convert -O qcow2 -o OPTIONS [-B BACKING] IMG OUT`.
+
+    `data_guest`/`data_length` are the active layer's guest ranges holding non-zero data,
+    `compressed_clusters` the guest cluster indices of its compressed clusters (decompressed and
+    assumed non-zero), `zero_*` its ranges that read as zeros (zero clusters and all-zero data).
+    Every target cluster touched by data is written. Without a backing file zeros are not written
+    at all; for overlays the conversion keeps the backing file (-B): ranges of zeros become zero
+    clusters (which need their L2 table) where they cover whole target clusters, and partly covered
+    clusters are written (copy-on-write). The file ends right after the L1 table when nothing else
+    is written.
+    """
+    h = img.header
+    o = options or convert_options(img)
+    tcs = o.cluster_size
+    t_l2 = tcs // (16 if o.extended_l2 else 8)
+    cs = h.cluster_size
+    data_c = np.unique(np.concatenate((_touched(data_guest, data_length, tcs),
+                                       _touched(compressed_clusters * cs, np.full(len(compressed_clusters), cs), tcs))))
+    l2_of = data_c // t_l2
+    if h.backing_file is not None and zero_guest is not None and zero_length is not None and len(zero_guest):
+        # Zeros are written: whole target clusters (whole subclusters with extended L2) become
+        # zero entries, partly covered ones are allocated and copied on write.
+        unit = tcs // 32 if o.extended_l2 else tcs
+        partial = np.setdiff1d(_touched(zero_guest, zero_length, unit), _covered(zero_guest, zero_length, unit))
+        data_c = np.union1d(data_c, partial * unit // tcs)
+        l2_of = np.concatenate((data_c // t_l2, _touched(zero_guest, zero_length, tcs) // t_l2))
+    l2_tables = len(np.unique(l2_of))
+    l1_entries = -(-img.virtual_size // (tcs * t_l2))
+    l1_clusters = -(-l1_entries * 8 // tcs)
+    clusters = 1 + l1_clusters + l2_tables + len(data_c)
+    size = clusters * tcs + refcount_metadata_size(clusters, tcs, o.refcount_bits.bit_length() - 1)
+    if not len(data_c) and not l2_tables:
+        size -= l1_clusters * tcs - l1_entries * 8  # qemu-img leaves the file ending at the L1 table
+    elif o.extended_l2 and len(data_c) and len(data_guest):
+        # The last data cluster is written only up to its last written subcluster.
+        sub = tcs // 32
+        last = int(data_c[-1])
+        ends = data_guest + data_length
+        inside = (ends > last * tcs) & (data_guest < (last + 1) * tcs)
+        if inside.any() and not np.isin(last, compressed_clusters * cs // tcs):
+            end_in = min(int(ends[inside].max()) - last * tcs, tcs)
+            size -= tcs - -(-end_in // sub) * sub
+    return size
+
+
+__all__ = ["DeepScan", "convert_estimate", "convert_options", "deep_scan"]

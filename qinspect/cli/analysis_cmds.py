@@ -1,0 +1,503 @@
+"""`layout`, `measure`, `cache` and `diagnose`: where the bytes are and why the image is slow.
+
+`measure --output=json` prints exactly what `qemu-img measure --output=json -O qcow2` prints;
+the other commands have their own JSON (documented in their help) and readable tables for people.
+`diagnose --fail-on=warning|error` turns the findings into a CI gate: one PASS/FAIL line per rule
+and exit code 1 when a finding reaches the threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from qinspect.analysis.cache import CacheModel, cache_model, cache_table
+from qinspect.analysis.diagnose import RULES, SEVERITY_RANK, Diagnosis, Finding, diagnose, size_option
+from qinspect.analysis.layout import Layout, Owner, compute_layout
+from qinspect.analysis.measure import MeasureResult, measure, parse_options
+from qinspect.analysis.progress import ProgressFn, no_progress
+from qinspect.analysis.space import PART_LABELS, Space
+from qinspect.cli import _output_opt, _size, command
+from qinspect.cli.core_cmds import open_checked, print_json
+from qinspect.cli.render import console, err_console, human_size, table
+from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.image import Image
+
+# -- registration ---------------------------------------------------------------------------------------
+
+
+@command("layout", "who owns each cluster of the image file (host layout, reverse lookup)",
+         "qinspect.cli.analysis_cmds:run_layout")
+def _layout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    _output_opt(p)
+    p.add_argument("--offset", type=_size, default=None, metavar="HOST_OFFSET",
+                   help="show the owner of this file offset and every table entry pointing there")
+    p.add_argument("--width", type=int, default=64, help="characters per row of the file map (default 64)")
+
+
+@command("measure", "file size of this image converted with other options (qemu-img measure -O qcow2)",
+         "qinspect.cli.analysis_cmds:run_measure")
+def _measure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", nargs="?", help="the image to convert (omit with --size)")
+    _output_opt(p)
+    p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
+                   help="target options: cluster_size=..,extended_l2=on|off,refcount_bits=..,compat=..,"
+                        "preallocation=..,backing_file=..")
+    p.add_argument("--size", type=_size, default=None, help="measure a new empty image of this size instead")
+
+
+@command("cache", "QEMU's L2/refcount cache for this image: what the default covers, what it needs",
+         "qinspect.cli.analysis_cmds:run_cache")
+def _cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    _output_opt(p)
+    p.add_argument("--l2-cache-size", type=_size, default=None, metavar="SIZE", help="a -drive l2-cache-size to try")
+    p.add_argument("--l2-cache-entry-size", type=_size, default=None, metavar="SIZE",
+                   help="a -drive l2-cache-entry-size to try")
+    p.add_argument("--refcount-cache-size", type=_size, default=None, metavar="SIZE")
+    p.add_argument("--cache-size", type=_size, default=None, metavar="SIZE", help="a combined -drive cache-size")
+    p.add_argument("--write-size", type=_size, default=4096, metavar="SIZE",
+                   help="guest write size for the copy-on-write figure (default 4k)")
+    p.add_argument("--non-linux", action="store_true", help="QEMU's defaults on other hosts (8 MiB L2 cache)")
+
+
+@command("diagnose", "findings: what makes this image big or slow, with the command that fixes each",
+         "qinspect.cli.analysis_cmds:run_diagnose")
+def _diagnose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    _output_opt(p)
+    p.add_argument("--deep", action="store_true",
+                   help="also read every data cluster (all-zero clusters, copies of backing data)")
+    p.add_argument("--fail-on", choices=["warning", "error"], default=None,
+                   help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
+
+
+# -- shared -------------------------------------------------------------------------------------------
+
+
+def _open(path: str) -> Image:
+    """Open for inspection: like qemu-img, refuse what QEMU refuses to open."""
+    return open_checked(path)
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[ProgressFn]:
+    """A transient progress bar on stderr when it is a terminal; silence otherwise."""
+    if not sys.stderr.isatty():
+        yield no_progress
+        return
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    with Progress(TextColumn(label), BarColumn(), TaskProgressColumn(), console=err_console(),
+                  transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        yield update
+
+
+def _bytes(n: int) -> str:
+    """`1.5 MiB (1572864)`: readable and exact."""
+    return human_size(n) if n < 1024 else f"{human_size(n)} ({n:,} bytes)"
+
+
+def _share(n: int, total: int) -> str:
+    if not total:
+        return "-"
+    x = 100 * n / total
+    return f"{x:.1f}%" if x >= 0.1 or n == 0 else "<0.1%"
+
+
+# -- layout -------------------------------------------------------------------------------------------
+
+OWNER_GLYPHS: dict[Owner, tuple[str, str]] = {
+    Owner.HEADER: ("H", "bold white"), Owner.L1: ("1", "bold cyan"), Owner.SNAPSHOT_L1: ("s", "magenta"),
+    Owner.L2: ("2", "cyan"), Owner.REFCOUNT_TABLE: ("T", "bold yellow"), Owner.REFCOUNT_BLOCK: ("R", "yellow"),
+    Owner.DATA: ("D", "green"), Owner.COMPRESSED: ("C", "bright_green"), Owner.SNAPSHOT_TABLE: ("S", "bold magenta"),
+    Owner.BITMAP_DIRECTORY: ("b", "bold blue"), Owner.BITMAP_TABLE: ("B", "blue"), Owner.BITMAP_DATA: ("m", "blue"),
+    Owner.LUKS: ("K", "bold red"), Owner.LEAKED: ("!", "bold red"), Owner.FREE: (".", "dim"),
+    Owner.PAST_END: ("_", "dim"), Owner.SHARED: ("=", "bright_magenta"), Owner.CONFLICT: ("X", "bold red reverse"),
+}
+
+
+def layout_json(lay: Layout, filename: str) -> dict[str, object]:
+    """The layout as JSON: per-owner totals and the runs of equal owners in file order."""
+    counts = lay.counts()
+    nbytes = lay.bytes_by_owner()
+    cs = lay.cluster_size
+    runs = []
+    for first, n, owner in lay.runs():
+        start = first * cs
+        runs.append({"start": start, "length": min((first + n) * cs, lay.file_size) - start,
+                     "owner": owner.name.lower().replace("_", "-")})
+    return {
+        "filename": filename, "cluster-size": cs, "file-size": lay.file_size, "clusters": lay.nb_clusters,
+        "image-end-offset": lay.image_end_offset,
+        "owners": {o.name.lower().replace("_", "-"): {"clusters": counts[o], "bytes": nbytes[o]}
+                   for o in Owner if counts[o]},
+        "anomalies": dict(lay.anomalies),
+        "runs": runs,
+    }
+
+
+def file_map(lay: Layout, width: int = 64, max_rows: int = 16) -> tuple[list[Text], int]:
+    """Rows of glyphs, one per group of clusters (the group's main owner; leaks and conflicts win)."""
+    n = lay.nb_clusters
+    if not n:
+        return [], 1
+    width = max(8, width)
+    per = max(1, -(-n // (width * max_rows)))
+    groups = -(-n // per)
+    owner = lay.owner.astype(np.int64)
+    g = np.arange(n) // per
+    nown = len(Owner)
+    counts = np.bincount(g * nown + owner, minlength=groups * nown).reshape(groups, nown)
+    main = counts.argmax(axis=1)
+    for urgent in (Owner.CONFLICT, Owner.LEAKED):
+        main[counts[:, urgent] > 0] = urgent
+    rows: list[Text] = []
+    for r in range(0, groups, width):
+        t = Text()
+        for o in main[r : r + width]:
+            ch, style = OWNER_GLYPHS[Owner(int(o))]
+            t.append(ch, style=style)
+        rows.append(t)
+    return rows, per
+
+
+def run_layout(args: argparse.Namespace) -> int:
+    with _open(args.image) as img, _progress("layout") as prog:
+        lay = compute_layout(img, prog)
+        if args.offset is not None:
+            return _print_lookup(lay, args.offset, args.output == "json")
+        if args.output == "json":
+            print_json(layout_json(lay, args.image))
+            return 0
+        _print_layout(lay, args.image, args.width)
+    return 0
+
+
+def _print_layout(lay: Layout, filename: str, width: int) -> None:
+    c = console()
+    cs = lay.cluster_size
+    c.print(f"[bold]{escape(filename)}[/]: {_bytes(lay.file_size)} file, {human_size(cs)} clusters, "
+            f"{lay.nb_clusters} host clusters; last cluster in use ends at {lay.image_end_offset:#x}",
+            soft_wrap=True)
+    counts = lay.counts()
+    nbytes = lay.bytes_by_owner()
+    t = table("", "owner", "clusters#", "bytes#", "of file#")
+    for o in Owner:
+        if counts[o]:
+            ch, style = OWNER_GLYPHS[o]
+            t.add_row(Text(ch, style=style), o.label, f"{counts[o]:,}", human_size(nbytes[o]),
+                      _share(nbytes[o], lay.file_size))
+    c.print(t)
+    rows, per = file_map(lay, width)
+    if rows:
+        scale = "1 cluster" if per == 1 else f"{per} clusters ({human_size(per * cs)})"
+        c.print(f"File map, one character = {scale}, offset 0 at top left:")
+        for i, row in enumerate(rows):
+            line = Text(f"{i * width * per * cs:>#14x} ", style="dim")
+            line.append_text(row)
+            c.print(line, soft_wrap=True)
+    if lay.anomalies or lay.refs_past_eof:
+        c.print("[yellow]Anomalies:[/] " + ", ".join(f"{v} {k}" for k, v in lay.anomalies.items() if v)
+                + (f", {lay.refs_past_eof} references past the end of the file" if lay.refs_past_eof else ""))
+    if lay.leaks or lay.refcount_errors:
+        c.print(f"Refcounts: {lay.leaks} clusters above their references (leaks), {lay.refcount_errors} below "
+                "(corruption); see 'qinspect check'.")
+
+
+def _print_lookup(lay: Layout, offset: int, as_json: bool) -> int:
+    cs = lay.cluster_size
+    owner = lay.owner_at(offset)
+    kind = lay.kind_at(offset)
+    refs = lay.references(offset)
+    cl = offset // cs
+    stored = int(lay.stored_refcount[cl]) if 0 <= cl < len(lay.stored_refcount) else 0
+    reference = int(lay.reference[cl]) if 0 <= cl < len(lay.reference) else 0
+    if as_json:
+        print_json({"offset": offset, "cluster": cl, "cluster-offset": cl * cs,
+                    "owner": owner.name.lower().replace("_", "-"), "kind": kind.name.lower().replace("_", "-"),
+                    "refcount": stored, "references-counted": reference,
+                    "references": [{"kind": r.kind, "table-offset": r.table_offset, "entry-index": r.entry_index,
+                                    "entry-offset": r.entry_file_offset, "guest-offset": r.guest_offset,
+                                    "snapshot": r.snapshot} for r in refs]})
+        return 0
+    c = console()
+    what = owner.label if kind == owner else f"{owner.label}: {kind.label}"
+    c.print(f"Offset {offset:#x} is in host cluster {cl} ({cl * cs:#x}..{(cl + 1) * cs - 1:#x}): [bold]{what}[/]")
+    c.print(f"Stored refcount {stored}, references found {reference}")
+    if not refs:
+        c.print("Nothing points here." if owner not in (Owner.HEADER,) else "The header is found at offset 0.")
+        return 0
+    t = table("pointed to by", "entry offset#", "table offset#", "index#", "guest offset#", "snapshot")
+    for r in refs:
+        t.add_row(r.kind, f"{r.entry_file_offset:#x}", f"{r.table_offset:#x}", str(r.entry_index),
+                  f"{r.guest_offset:#x}" if r.guest_offset is not None else "", r.snapshot or "")
+    c.print(t)
+    return 0
+
+
+# -- measure ------------------------------------------------------------------------------------------
+
+
+def run_measure(args: argparse.Namespace) -> int:
+    opts = parse_options(args.options)
+    if args.size is not None and args.image:
+        raise Qcow2Error("--size and an image are mutually exclusive")
+    if args.size is None and not args.image:
+        raise Qcow2Error("either --size or an image must be given")
+    if args.size is not None:
+        res = measure(None, opts, size=args.size)
+        img_name = None
+    else:
+        with _open(args.image) as img, _progress("measure") as prog:
+            res = measure(img, opts, progress=prog)
+        img_name = args.image
+    if args.output == "json":
+        print_json(res.to_json())
+    else:
+        _print_measure(res, args.options, img_name, args.size)
+    return 0
+
+
+def _print_measure(res: MeasureResult, options: str, image: str | None, size: int | None) -> None:
+    c = console()
+    opts = f" with -o {escape(options)}" if options else ""
+    if image:
+        c.print(f"Converting {escape(image)} to qcow2{opts} needs:", soft_wrap=True)
+    else:
+        c.print(f"A new {human_size(size or 0)} qcow2 image{opts} needs:", soft_wrap=True)
+    t = table("", "size#", "bytes#", "meaning")
+    t.add_row("required", human_size(res.required), f"{res.required:,}",
+              "file size of the new image (its metadata sized for a full disk)")
+    t.add_row("fully allocated", human_size(res.fully_allocated), f"{res.fully_allocated:,}",
+              "once every guest byte has been written")
+    if res.bitmaps is not None:
+        t.add_row("bitmaps", human_size(res.bitmaps), f"{res.bitmaps:,}",
+                  "more, to copy the persistent dirty bitmaps (convert --bitmaps)")
+    c.print(t)
+
+
+# -- cache --------------------------------------------------------------------------------------------
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    with _open(args.image) as img:
+        h = img.header
+        try:
+            m = cache_model(h.size, h.cluster_size, h.extended_l2, h.refcount_bits, args.l2_cache_size,
+                            args.l2_cache_entry_size, args.refcount_cache_size, not args.non_linux,
+                            cache_size=args.cache_size, write_size=args.write_size)
+            rows = cache_table(h.size, h.refcount_bits, args.l2_cache_size, args.l2_cache_entry_size,
+                               args.refcount_cache_size, not args.non_linux, cache_size=args.cache_size,
+                               write_size=args.write_size)
+        except ValueError as e:
+            raise Qcow2Error(str(e)) from None
+    if args.output == "json":
+        print_json({"filename": args.image, "model": m.to_json(), "other-cluster-sizes": [r.to_json() for r in rows]})
+        return 0
+    _print_cache(m, rows, args)
+    return 0
+
+
+def _print_cache(m: CacheModel, rows: list[CacheModel], args: argparse.Namespace) -> None:
+    c = console()
+    geometry = f"{human_size(m.cluster_size)} clusters" + (" with extended L2 (16-byte entries)" if m.extended_l2
+                                                            else "")
+    c.print(f"[bold]{escape(args.image)}[/]: {human_size(m.virtual_size)} virtual disk, {geometry}, "
+            f"{m.refcount_bits}-bit refcounts", soft_wrap=True)
+    host = "Linux" if m.linux else "non-Linux"
+    t = table("", "value")
+    t.add_row("L2 cache to cover the whole disk", f"{_bytes(m.max_l2_cache)}")
+    t.add_row(f"QEMU's default ({host}, at most {human_size(m.default_l2_cache_max)})",
+              f"{human_size(m.default_l2_cache_size)} in {human_size(m.default_l2_cache_entry_size)} slices, covers "
+              f"{human_size(m.default_coverage_bytes)} ({_pct(m.default_coverage)})")
+    given = [f"{k}={size_option(v)}" for k, v in (("l2-cache-size", args.l2_cache_size),
+                                                   ("l2-cache-entry-size", args.l2_cache_entry_size),
+                                                   ("refcount-cache-size", args.refcount_cache_size),
+                                                   ("cache-size", args.cache_size)) if v is not None]
+    if given:
+        t.add_row("with " + ",".join(given),
+                  f"{human_size(m.l2_cache_size)} = {m.l2_cache_entries} x {human_size(m.l2_cache_entry_size)}, "
+                  f"covers {human_size(m.coverage_bytes)} ({_pct(m.coverage)})")
+    t.add_row("refcount cache", f"{human_size(m.refcount_cache_size)}, covers "
+                                f"{human_size(m.refcount_cache_coverage_bytes)} of image file")
+    t.add_row(f"{human_size(m.cow_write_size)} write into a fresh cluster over a backing file",
+              f"writes {human_size(m.cow_bytes_written)} (x{m.cow_factor:g})")
+    c.print(t)
+    if m.coverage < 1:
+        c.print("To cover the whole disk:")
+        c.print(f"  [bold green]-drive file={escape(args.image)},format=qcow2,"
+                f"l2-cache-size={size_option(m.max_l2_cache)}[/]", soft_wrap=True)
+    else:
+        c.print("[green]The L2 cache covers the whole disk.[/]")
+    given_col = "given covers#" if given else ""
+    tt = table("cluster#", "ext L2", "needs#", "default#", "covers#", *([given_col] if given else []),
+               f"CoW {human_size(m.cow_write_size)}#",
+               title="The same disk with other cluster sizes: L2 cache needed, QEMU's default and what it covers")
+    for r in rows:
+        mark = r.cluster_size == m.cluster_size and r.extended_l2 == m.extended_l2
+        cells = [("* " if mark else "") + human_size(r.cluster_size), "yes" if r.extended_l2 else "",
+                 human_size(r.max_l2_cache),
+                 human_size(r.default_l2_cache_size), _pct(r.default_coverage)]
+        if given:
+            cells.append(_pct(r.coverage))
+        tt.add_row(*cells, f"x{r.cow_factor:g}", style="bold" if mark else None)
+    c.print(tt)
+    c.print("* this image's geometry")
+
+
+def _pct(x: float) -> str:
+    return "100%" if x >= 1 else (f"{x * 100:.1f}%" if x >= 0.001 else "<0.1%")
+
+
+# -- diagnose -----------------------------------------------------------------------------------------
+
+SEVERITY_STYLES = {"error": "bold red", "warning": "bold yellow", "info": "bold blue"}
+
+
+def _evidence_text(ev: dict[str, int | float | str]) -> str:
+    parts = []
+    for k, v in ev.items():
+        if isinstance(v, int) and not isinstance(v, bool) and ("bytes" in k or "size" in k or "cache" in k
+                                                               or "reclaim" in k or k == "cow-unit"
+                                                               or k.startswith("snapshot ")):
+            parts.append(f"{k} {human_size(v)}")
+        elif isinstance(v, int) and "offset" in k:
+            parts.append(f"{k} {v:#x}")
+        elif isinstance(v, float):
+            parts.append(f"{k} {v:g}")
+        else:
+            parts.append(f"{k} {v}")
+    return ", ".join(parts)
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    with _open(args.image) as img, _progress("diagnose") as prog:
+        d = diagnose(img, deep=args.deep, progress=prog)
+    failed = d.fails(args.fail_on) if args.fail_on else []
+    if args.output == "json":
+        out = d.to_json()
+        if args.fail_on:
+            out["fail-on"] = {"threshold": args.fail_on, "passed": not failed,
+                              "rules": _rule_results(d, args.fail_on)}
+        print_json(out)
+    else:
+        _print_diagnosis(d, args.image)
+        if args.fail_on:
+            _print_gate(d, args.fail_on)
+    return 1 if failed else 0
+
+
+def _rule_results(d: Diagnosis, threshold: str) -> list[dict[str, str]]:
+    by_id = {f.id: f for f in d.findings}
+    limit = SEVERITY_RANK[threshold]
+    out = []
+    for rid in RULES:
+        f = by_id.get(rid)
+        if rid not in d.rules_run:
+            out.append({"rule": rid, "result": "skip", "why": "needs --deep"})
+        elif f is None:
+            out.append({"rule": rid, "result": "pass"})
+        else:
+            res = "fail" if SEVERITY_RANK[f.severity] <= limit else "pass"
+            out.append({"rule": rid, "result": res, "severity": f.severity, "title": f.title})
+    for f in d.findings:  # findings outside the fixed rule list (none today)
+        if f.id not in RULES:
+            res = "fail" if SEVERITY_RANK[f.severity] <= limit else "pass"
+            out.append({"rule": f.id, "result": res, "severity": f.severity, "title": f.title})
+    return out
+
+
+def _print_gate(d: Diagnosis, threshold: str) -> None:
+    c = console()
+    c.print()
+    results = _rule_results(d, threshold)
+    for r in results:
+        if r["result"] == "skip":
+            c.print(f"[dim]SKIP[/]  {r['rule']} ({r['why']})")
+        elif r["result"] == "pass":
+            note = f" ({r['severity']}: {escape(r['title'])})" if "severity" in r else ""
+            c.print(f"[green]PASS[/]  {r['rule']}{note}")
+        else:
+            c.print(f"[bold red]FAIL[/]  {r['rule']} ({r['severity']}): {escape(r['title'])}")
+    failed = [r for r in results if r["result"] == "fail"]
+    verdict = (f"[bold red]FAIL[/]: {len(failed)} rule(s) at {threshold} or worse" if failed
+               else f"[bold green]PASS[/]: no finding at {threshold} or worse")
+    c.print(verdict)
+
+
+def _print_diagnosis(d: Diagnosis, filename: str) -> None:
+    c = console()
+    n = len(d.findings)
+    by_sev = {s: sum(1 for f in d.findings if f.severity == s) for s in ("error", "warning", "info")}
+    summary = ", ".join(f"{v} {k}" for k, v in by_sev.items() if v) or "nothing to report"
+    deep = "" if d.deep is not None else "  (metadata only; --deep also reads the data)"
+    c.print(f"[bold]{escape(filename)}[/]: {n} finding{'s' if n != 1 else ''} ({summary}){deep}", soft_wrap=True)
+    if d.deep is not None and d.deep.skipped:
+        c.print(f"[yellow]Deep scan skipped: {escape(d.deep.skipped)}[/]")
+    for f in d.findings:
+        _print_finding(f)
+    _print_space(d.space)
+    m = d.cache
+    c.print(f"\nL2 cache: the whole disk needs {human_size(m.max_l2_cache)}; QEMU's default "
+            f"{human_size(m.default_l2_cache_size)} covers {_pct(m.default_coverage)}.")
+    if d.deep is not None and not d.deep.skipped:
+        dd = d.deep
+        c.print(f"Deep scan: {dd.data_clusters} data clusters read ({human_size(dd.data_bytes)}); {dd.zero_clusters} "
+                f"all zero, {dd.duplicate_clusters} equal to the backing file. A conversion would write about "
+                f"{human_size(dd.convert_size)} ({human_size(dd.convert_reclaim)} less than now).")
+
+
+def _print_finding(f: Finding) -> None:
+    c = console()
+    c.print()
+    head = Text()
+    head.append(f"{f.severity.upper():<8}", style=SEVERITY_STYLES[f.severity])
+    head.append(f" {f.id}", style="bold")
+    head.append(f"  {f.title}")
+    c.print(head, soft_wrap=True)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column()
+    grid.add_row("  evidence", _evidence_text(f.evidence))
+    grid.add_row("  impact", f.impact)
+    c.print(grid)
+    c.print(Text("  fix", style="dim"))
+    # On its own line and never wrapped, so that it can be copied as it is.
+    c.print(Text(f"    {f.fix}", style="bold green"), soft_wrap=True)
+
+
+def _print_space(sp: Space) -> None:
+    c = console()
+    c.print()
+    t = table("part", "bytes#", "of file#", "on disk#", title=f"Where the {_bytes(sp.file_size)} of the file go")
+    for k, v in sp.parts.items():
+        if v:
+            t.add_row(PART_LABELS.get(k, k), human_size(v), _share(v, sp.file_size),
+                      human_size(sp.allocated_parts.get(k, 0)))
+    fs = sp.allocated_parts.get("filesystem", 0)
+    if fs:
+        t.add_row(PART_LABELS["filesystem"], "", "", ("-" if fs < 0 else "") + human_size(abs(fs)))
+    t.add_row("total", human_size(sp.file_size), "100%", human_size(sp.allocated_size), style="bold")
+    c.print(t)
+    if sp.snapshots:
+        st = table("snapshot", "name", "deleting it frees#")
+        for sid, b in sp.snapshots.items():
+            st.add_row(sid, sp.snapshot_names.get(sid, ""), human_size(b))
+        c.print(st)
+
+
+__all__ = ["file_map", "layout_json", "run_cache", "run_diagnose", "run_layout", "run_measure"]
