@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from datetime import UTC, datetime
 
@@ -212,7 +213,8 @@ def _print_check(res: CheckResult) -> None:
                     "Data may be corrupted, or further writes to the image may corrupt it.")
         if res.leaks:
             c.print(f"\n{res.leaks} leaked clusters were found on the image.\n"
-                    "This means waste of disk space, but no harm to data. Fix: qemu-img check -r leaks IMAGE")
+                    "This means waste of disk space, but no harm to data.\n"
+                    f"Fix: qemu-img check -r leaks {shlex.quote(res.filename)}")
         if res.check_errors:
             c.print(f"\n{res.check_errors} internal errors have occurred during the check.")
     if res.total_clusters and res.allocated_clusters:
