@@ -119,7 +119,8 @@ KIND_COLOURS: dict[str, str] = {
     "metadata": "#5fafd7",
     "unknown": "#3a3a3a",
     "corrupt": GUEST_COLOURS[G.INVALID],
-    "multiple": "#ff00ff",
+    "shared": "#00af87",
+    "filesystem": "#585858",
 }
 
 # Alternate names an analysis may use for a kind (Owner enum member names, space parts).
@@ -155,6 +156,16 @@ _KIND_ALIASES: dict[str, str] = {
     "past_eof": "past_end",
     "beyond_end": "past_end",
     "image_tail": "tail",
+    # analysis.layout.Owner members
+    "refcount_block": "refcount_block",
+    "bitmap_data": "bitmap_data",
+    "conflict": "corrupt",
+    # analysis.space parts
+    "l2_tables": "l2",
+    "snapshot_l1_tables": "snapshot_l1",
+    "snapshot_l2_tables": "snapshot_l2",
+    "backing_duplicates": "backing_dup",
+    "zero_data": "zero_data",
 }
 
 

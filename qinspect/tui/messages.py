@@ -1,0 +1,73 @@
+"""Messages between the views and the main screen (links between views, scan progress)."""
+
+from __future__ import annotations
+
+from textual.message import Message
+
+from qinspect.tui.structs import StructRef
+
+
+class ShowGuest(Message):
+    """Go to the guest map at this guest offset (and subcluster); `switch` shows the view."""
+
+    def __init__(self, offset: int, switch: bool = True) -> None:
+        super().__init__()
+        self.offset = offset
+        self.switch = switch
+
+
+class ShowHost(Message):
+    """Go to the host layout at this host offset."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__()
+        self.offset = offset
+
+
+class ShowStructure(Message):
+    """Go to the Structures view, select this node and row."""
+
+    def __init__(self, ref: StructRef) -> None:
+        super().__init__()
+        self.ref = ref
+
+
+class ShowView(Message):
+    """Switch to a view by id."""
+
+    def __init__(self, view: str) -> None:
+        super().__init__()
+        self.view = view
+
+
+class ScanProgress(Message):
+    """A scan step advanced (posted from a worker thread)."""
+
+    def __init__(self, step: str, label: str, done: int, total: int) -> None:
+        super().__init__()
+        self.step = step
+        self.label = label
+        self.done = done
+        self.total = total
+
+
+class ScanStepDone(Message):
+    """A scan step finished, failed (error set) or was cancelled."""
+
+    def __init__(self, step: str, error: str | None = None, cancelled: bool = False) -> None:
+        super().__init__()
+        self.step = step
+        self.error = error
+        self.cancelled = cancelled
+
+
+class ScanFinished(Message):
+    """The scan pipeline ended (all steps done, or cancelled)."""
+
+    def __init__(self, cancelled: bool) -> None:
+        super().__init__()
+        self.cancelled = cancelled
+
+
+class TablesLoaded(Message):
+    """Tables of the guest map needed on screen were computed."""

@@ -1,0 +1,437 @@
+"""2 · Guest map: the virtual disk as a zoomable grid, and the cursor's L1/L2 entry decoded."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ClassVar
+
+from rich.console import Group, RenderableType
+from rich.style import Style
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Static
+
+from qinspect.qcow2 import constants as C
+from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.image import Image, L2Lookup
+from qinspect.qcow2.l2 import ClusterType, SubclusterType
+from qinspect.tui import fmt
+from qinspect.tui.flow import Flow
+from qinspect.tui.guestmap import GLYPHS
+from qinspect.tui.messages import ShowStructure, TablesLoaded
+from qinspect.tui.palette import (
+    DIM,
+    ERROR,
+    GUEST_ALIASES,
+    GUEST_COLOURS,
+    GUEST_NAMES,
+    KIND_COLOURS,
+    G,
+    backing_state,
+    swatch,
+)
+from qinspect.tui.session import Session
+from qinspect.tui.structs import StructRef
+from qinspect.tui.views.base import View
+from qinspect.tui.widgets.grid import ClusterGrid
+
+SC_STATE = {
+    SubclusterType.UNALLOCATED_PLAIN: G.UNALLOCATED,
+    SubclusterType.UNALLOCATED_ALLOC: G.RESERVED,
+    SubclusterType.ZERO_PLAIN: G.ZERO_PLAIN,
+    SubclusterType.ZERO_ALLOC: G.ZERO_ALLOC,
+    SubclusterType.NORMAL: G.DATA,
+    SubclusterType.COMPRESSED: G.COMPRESSED,
+    SubclusterType.INVALID: G.INVALID,
+}
+SC_NAMES = {
+    SubclusterType.UNALLOCATED_PLAIN: "unallocated",
+    SubclusterType.UNALLOCATED_ALLOC: "unallocated, host space reserved",
+    SubclusterType.ZERO_PLAIN: "reads as zeros",
+    SubclusterType.ZERO_ALLOC: "reads as zeros, host space reserved",
+    SubclusterType.NORMAL: "data",
+    SubclusterType.COMPRESSED: "compressed",
+    SubclusterType.INVALID: "INVALID entry (QEMU fails the read)",
+}
+
+
+def rule(title: str) -> Text:
+    t = Text()
+    t.append(f"── {title} ", Style(bold=True))
+    t.append("─" * max(0, 35 - len(title)), Style(color=DIM))
+    return t
+
+
+def kv(key: str, value: str | Text, key_width: int = 9) -> Text:
+    t = Text(no_wrap=False)
+    t.append(f"{key:<{key_width}}", Style(color=DIM))
+    if isinstance(value, Text):
+        t.append_text(value)
+    else:
+        t.append(value)
+    return t
+
+
+def bits_line(label: str, word: int, colour: str) -> Text:
+    t = Text()
+    t.append(f"{label} ", Style(color=DIM))
+    for k in range(32):
+        if k and k % 8 == 0:
+            t.append(" ")
+        bit = (word >> k) & 1
+        t.append("1" if bit else "0", Style(color=colour if bit else DIM, bold=bool(bit)))
+    return t
+
+
+def subcluster_strip(lk: L2Lookup, cursor: int) -> Text:
+    t = Text()
+    t.append("  ")
+    for k, st in enumerate(lk.subcluster_types):
+        if k and k % 8 == 0:
+            t.append(" ")
+        g = SC_STATE[st]
+        glyph = "█" if g not in (G.UNALLOCATED,) else "·"
+        style = Style(color=GUEST_COLOURS[g])
+        if k == cursor:
+            style = Style(color="#000000", bgcolor=GUEST_COLOURS[g], bold=True)
+            glyph = "◆"
+        t.append(glyph, style)
+    return t
+
+
+def reads_from(layers: list[object], guest: int, names: list[str], lk: L2Lookup, chain_error: str | None) -> Text:
+    """Which layer serves this guest offset, following unallocated entries down the chain."""
+    st = lk.subcluster_types[lk.subcluster_index]
+    if st in (SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC):
+        return Text("zeros (this image's zero flag; no layer below is read)")
+    if st == SubclusterType.INVALID:
+        return Text("nothing: QEMU fails the read (EIO)", Style(color=ERROR))
+    if st not in (SubclusterType.UNALLOCATED_PLAIN, SubclusterType.UNALLOCATED_ALLOC):
+        return Text("this image (layer 0)" + (", decompressed" if st == SubclusterType.COMPRESSED else ""))
+    for depth in range(1, len(layers)):
+        layer = layers[depth]
+        name = names[depth] if depth < len(names) else f"layer {depth}"
+        if guest >= getattr(layer, "virtual_size", 0):
+            return Text(f"zeros (past the end of {name})")
+        if not isinstance(layer, Image):
+            return Text(f"backing layer {depth}: {name} (raw)", Style(color=GUEST_COLOURS[backing_state(depth)]))
+        try:
+            low = layer.lookup(guest)
+        except Qcow2Error as e:
+            return Text(f"layer {depth}: {e}", Style(color=ERROR))
+        s2 = low.subcluster_types[low.subcluster_index]
+        if s2 not in (SubclusterType.UNALLOCATED_PLAIN, SubclusterType.UNALLOCATED_ALLOC):
+            host = f" at host {fmt.hexoff(low.host_offset)}" if low.host_offset is not None else ""
+            return Text(f"backing layer {depth}: {name} — {SC_NAMES[s2]}{host}",
+                        Style(color=GUEST_COLOURS[backing_state(depth)]))
+    if chain_error:
+        return Text(f"? backing chain broken: {chain_error}", Style(color=ERROR))
+    return Text("zeros (no layer has it)")
+
+
+class GuestMapView(View):
+    """The guest map."""
+
+    HELP = """
+## Guest map
+
+Every cell is one guest cluster, or 2ⁿ clusters when zoomed out (`+`/`-`).
+The colour is the cluster's state (the dominant one in a cell), the glyph
+how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` less, `·` none.
+
+- arrows / `hjkl` move, `PgUp`/`PgDn`, `Home`/`End`
+- `+` / `-` zoom in / out
+- `[` / `]` previous / next subcluster (extended L2)
+- `enter` opens the cursor's L2 entry in Structures
+- `g` go to a guest offset (`0x10000`, `64k`, `1.5G`)
+- `/` find a state (`data`, `zero`, `compressed`, `partial`, `invalid`, `backing`) or an offset; `n`/`N` again
+"""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("left_square_bracket", "subcluster(-1)", "Subcluster", key_display="[ ]"),
+        Binding("right_square_bracket", "subcluster(1)", "Next subcluster", show=False),
+    ]
+
+    goto_prompt = "Go to guest offset (e.g. 0x10000, 64k, 1.5G)"
+    find_prompt = "Find a state (data, zero, compressed, partial, invalid, backing, unallocated) or an offset"
+
+    DEFAULT_CSS = """
+    GuestMapView #gm-left { width: 1fr; }
+    GuestMapView #gm-legend { height: auto; padding: 0 1; }
+    GuestMapView #gm-inspector { width: 44; border-left: vkey $foreground 20%; padding: 0 1; }
+    """
+
+    def __init__(self, session: Session, *, id: str | None = None) -> None:
+        super().__init__(session, id=id)
+        self.sc = 0
+        self._loading = False
+        self._pending: set[int] = set()
+        self._last_inspected: tuple[int, ...] | None = None
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            with Vertical(id="gm-left"):
+                yield Static(self._legend(), id="gm-legend")
+                yield ClusterGrid(self.session.guest, id="gm-grid")
+            with VerticalScroll(id="gm-inspector"):
+                yield Static("", id="gm-inspect")
+
+    @property
+    def grid(self) -> ClusterGrid:
+        return self.query_one(ClusterGrid)
+
+    def main_widget(self) -> Widget | None:
+        return self.grid
+
+    # -- legend and inspector ---------------------------------------------------------------------
+    def _legend(self) -> RenderableType:
+        gm = self.session.guest
+        depth = len(self.session.layers) - 1
+        states = [G.DATA, G.ZERO_PLAIN, G.ZERO_ALLOC, G.UNALLOCATED, G.COMPRESSED]
+        if self.session.img.header.extended_l2:
+            states += [G.PARTIAL, G.RESERVED]
+        states.append(G.INVALID)
+        states += [backing_state(d) for d in range(1, min(depth, 5) + 1)]
+        items = [swatch(GUEST_COLOURS[s], GUEST_NAMES[s], "·" if s == G.UNALLOCATED else "█") for s in states]
+        z = self.grid.zoom if self.is_mounted and self.query(ClusterGrid) else 0
+        cpc = 1 << z
+        t = Text()
+        t.append(f"1 cell = {fmt.count(cpc)} cluster{'s' if cpc > 1 else ''} ({fmt.size(cpc * gm.cluster_size)})",
+                 Style(color=DIM))
+        t.append(f" · {fmt.count(gm.n_clusters)} clusters of {fmt.size(gm.cluster_size)}", Style(color=DIM))
+        if not gm.complete:
+            t.append(f" · scanned {gm.scanned_tables}/{gm.n_tables} L2 tables", Style(color=DIM))
+        if gm.backing_error:
+            t.append(f"\n⚠ {gm.backing_error}", Style(color=ERROR))
+        return Group(Flow(items), t)
+
+    def _inspect(self) -> RenderableType:
+        s = self.session
+        gm = s.guest
+        img = s.img
+        h = img.header
+        grid = self.grid
+        cluster = grid.cursor
+        cell = grid.cursor_cell
+        cs = h.cluster_size
+        n_sc = h.subclusters_per_cluster
+        sc = min(self.sc, n_sc - 1)
+        guest = cluster * cs + sc * h.subcluster_size
+        parts: list[RenderableType] = []
+        head = Text()
+        head.append(f"guest {fmt.hexoff(cluster * cs)}", Style(bold=True))
+        head.append(f"  ({fmt.size(cluster * cs)})", Style(color=DIM))
+        parts.append(head)
+        parts.append(kv("cluster", f"{fmt.count(cluster)} of {fmt.count(gm.n_clusters)}"))
+        if grid.zoom:
+            counts = gm.cell_counts(grid.zoom, cell)
+            parts.append(kv("cell", f"{fmt.count(grid.cpc)} clusters ({fmt.size(grid.cpc * cs)})"))
+            if counts is None:
+                parts.append(Text("        not scanned yet", Style(color=DIM)))
+            else:
+                for code in sorted(range(len(counts)), key=lambda c: -counts[c]):
+                    if counts[code]:
+                        t = Text("        ")
+                        t.append("█ ", Style(color=GUEST_COLOURS[code]))
+                        t.append(f"{GUEST_NAMES[code]} ", Style())
+                        t.append(f"{fmt.count(int(counts[code]))} ({fmt.pct(int(counts[code]), int(counts.sum()))})",
+                                 Style(color=DIM))
+                        parts.append(t)
+        state = gm.state_of(cluster)
+        if state is not None:
+            st = Text()
+            st.append("█ ", Style(color=GUEST_COLOURS[state]))
+            st.append(GUEST_NAMES[state])
+            parts.append(kv("state", st))
+        try:
+            lk = img.lookup(min(guest, h.size - 1))
+        except Qcow2Error as e:
+            parts.append(Text(str(e), Style(color=ERROR)))
+            return Group(*parts)
+        parts.append(Text())
+        parts.append(rule(f"L1 entry {lk.l1_index}"))
+        parts.append(kv("at", fmt.hexoff(lk.l1_entry_offset)))
+        parts.append(kv("raw", Text(f"{lk.l1_entry:016x}", Style(color=KIND_COLOURS["l1"]))))
+        if lk.l2_offset:
+            dec = f"L2 table at {fmt.hexoff(lk.l2_offset)}"
+            if lk.l1_entry & C.QCOW_OFLAG_COPIED:
+                dec += ", COPIED"
+            if lk.l2_offset % cs:
+                dec += " — UNALIGNED"
+        else:
+            dec = "no L2 table: everything here is unallocated"
+        if lk.l1_entry & C.L1E_RESERVED_MASK:
+            dec += " — reserved bits set!"
+        parts.append(kv("→", dec))
+        parts.append(Text())
+        parts.append(rule(f"L2 entry {lk.l2_index}"))
+        if lk.l2_entry_offset is not None:
+            parts.append(kv("at", fmt.hexoff(lk.l2_entry_offset)))
+        ctype = lk.cluster_type
+        colour = GUEST_COLOURS[SC_STATE[lk.subcluster_types[sc]]] if n_sc == 1 else GUEST_COLOURS[G.DATA]
+        parts.append(kv("raw", Text(f"{lk.l2_entry:016x}", Style(color=colour if lk.l2_entry else DIM))))
+        if lk.l2_bitmap is not None:
+            parts.append(kv("bitmap", Text(f"{lk.l2_bitmap:016x}", Style(color=GUEST_COLOURS[G.PARTIAL]
+                                                                          if lk.l2_bitmap else DIM))))
+        dec = {ClusterType.UNALLOCATED: "unallocated", ClusterType.ZERO_PLAIN: "zero (plain)",
+               ClusterType.ZERO_ALLOC: "zero, host space allocated", ClusterType.NORMAL: "normal",
+               ClusterType.COMPRESSED: "compressed"}[ctype]
+        if ctype == ClusterType.COMPRESSED and lk.compressed is not None:
+            dec += f": {lk.compressed.csize} bytes at {fmt.hexoff(lk.compressed.coffset)}"
+        elif lk.l2_entry & C.L2E_OFFSET_MASK:
+            dec += f", host {fmt.hexoff(lk.l2_entry & C.L2E_OFFSET_MASK)}"
+        if lk.l2_entry & C.QCOW_OFLAG_COPIED:
+            dec += ", COPIED"
+        parts.append(kv("→", dec))
+        if n_sc > 1 and lk.l2_bitmap is not None:
+            parts.append(Text())
+            parts.append(rule(f"subclusters ({fmt.size(h.subcluster_size)} each)"))
+            parts.append(Text("  0        8        16       24", Style(color=DIM)))
+            parts.append(subcluster_strip(lk, sc))
+            parts.append(bits_line("A", lk.l2_bitmap & 0xFFFFFFFF, GUEST_COLOURS[G.DATA]))
+            parts.append(bits_line("Z", lk.l2_bitmap >> 32, GUEST_COLOURS[G.ZERO_PLAIN]))
+        st_sc = lk.subcluster_types[sc]
+        sub = Text()
+        sub.append(f"{'subcluster ' + str(sc) if n_sc > 1 else 'offset'} ", Style(color=DIM))
+        sub.append(SC_NAMES[st_sc], Style(color=GUEST_COLOURS[SC_STATE[st_sc]]))
+        parts.append(Text())
+        parts.append(sub)
+        parts.append(kv("guest", f"{fmt.hexoff(guest)} .. +{fmt.size(h.subcluster_size)}"))
+        if lk.host_offset is not None:
+            where = " in the data file" if h.has_data_file else ""
+            parts.append(kv("host", f"{fmt.hexoff(lk.host_offset)}{where}"))
+        names = [li.name for li in s.layer_infos()]
+        parts.append(kv("reads", reads_from(list(s.layers), guest, names, lk, s.chain_error)))
+        return Group(*parts)
+
+    def update_inspector(self) -> None:
+        grid = self.grid
+        key = (grid.cursor, grid.zoom, self.sc, self.session.guest.version)
+        if key == self._last_inspected:
+            return
+        self._last_inspected = key
+        self.query_one("#gm-inspect", Static).update(self._inspect())
+
+    # -- events ---------------------------------------------------------------------------------------
+    def on_cluster_grid_cursor_moved(self, event: ClusterGrid.CursorMoved) -> None:
+        self.query_one("#gm-legend", Static).update(self._legend())
+        self.update_inspector()
+
+    def on_cluster_grid_activated(self, event: ClusterGrid.Activated) -> None:
+        event.stop()
+        img = self.session.img
+        h = img.header
+        try:
+            lk = img.lookup(event.unit * h.cluster_size)
+        except Qcow2Error as e:
+            self.notify(str(e), severity="error", markup=False)
+            return
+        if lk.l2_offset:
+            self.post_message(ShowStructure(StructRef("l2", index=lk.l1_index, offset=lk.l2_offset,
+                                                      row=lk.l2_index)))
+        else:
+            self.post_message(ShowStructure(StructRef("l1", offset=h.l1_table_offset, row=lk.l1_index)))
+
+    def on_cluster_grid_need_data(self, event: ClusterGrid.NeedData) -> None:
+        event.stop()
+        self._pending.update(event.tables)
+        if not self._loading:
+            self._load_pending()
+
+    def _load_pending(self) -> None:
+        tables = sorted(self._pending)
+        self._pending.clear()
+        if not tables:
+            return
+        self._loading = True
+        session = self.session
+
+        def work() -> None:
+            from textual.worker import get_current_worker
+
+            w = get_current_worker()
+            with contextlib.suppress(Qcow2Error):
+                session.load_tables(tables, lambda: w.is_cancelled)
+            self.post_message(TablesLoaded())
+
+        self.run_worker(work, thread=True, group="load", exit_on_error=False)
+
+    def on_tables_loaded(self, event: TablesLoaded) -> None:
+        event.stop()
+        self._loading = False
+        self.data_changed("guest")
+        if self._pending:
+            self._load_pending()
+
+    def data_changed(self, step: str) -> None:
+        if step != "guest":
+            return
+        self.grid.data_changed()
+        self.query_one("#gm-legend", Static).update(self._legend())
+        self.update_inspector()
+
+    def on_show(self) -> None:
+        self.update_inspector()
+
+    # -- actions --------------------------------------------------------------------------------------------
+    def action_subcluster(self, delta: int) -> None:
+        n = self.session.img.header.subclusters_per_cluster
+        sc = self.sc + delta
+        grid = self.grid
+        if sc < 0 and grid.cursor > 0 and grid.zoom == 0:
+            grid.move_to(grid.cursor - 1)
+            sc = n - 1
+        elif sc >= n and grid.zoom == 0 and grid.cursor < self.session.guest.n_clusters - 1:
+            grid.move_to(grid.cursor + 1)
+            sc = 0
+        self.sc = max(0, min(sc, n - 1))
+        self.update_inspector()
+
+    def show_offset(self, offset: int) -> None:
+        h = self.session.img.header
+        offset = max(0, min(offset, h.size - 1))
+        self.sc = (offset % h.cluster_size) // h.subcluster_size
+        grid = self.grid
+        grid.move_to(offset // h.cluster_size)
+        self.update_inspector()
+
+    def goto(self, text: str) -> str | None:
+        try:
+            off = fmt.parse_size(text)
+        except ValueError as e:
+            return str(e)
+        if not 0 <= off < self.session.img.header.size:
+            return f"{fmt.hexoff(off)} is outside the virtual disk ({fmt.size(self.session.img.header.size)})"
+        self.show_offset(off)
+        return None
+
+    def find(self, text: str, forward: bool = True) -> str | None:
+        key = text.strip().lower()
+        states = None
+        for name, sts in GUEST_ALIASES.items():
+            if name.startswith(key) and key:
+                states = sts
+                break
+        if states is None:
+            return self.goto(text)
+        gm = self.session.guest
+        grid = self.grid
+        start = grid.cursor + (grid.cpc - 1 if forward else 0)
+
+        def load(t: int) -> None:
+            self.session.load_tables([t], lambda: False)
+
+        hit = gm.find(start, states, forward, load)
+        if hit is None:
+            more = "" if gm.complete else " (the scan has not finished)"
+            return f"no more {key} clusters {'after' if forward else 'before'} the cursor{more}"
+        self.sc = 0
+        grid.data_changed()
+        grid.move_to(hit)
+        return None
+
+
+__all__ = ["GLYPHS", "GuestMapView"]

@@ -1,0 +1,318 @@
+"""1 · Overview: what the image is, where its bytes go, and what is wrong with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Static
+
+from qinspect.qcow2 import constants as C
+from qinspect.tui import fmt
+from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, SEVERITY_COLOURS, WARN, G, kind_colour
+from qinspect.tui.session import analysis
+from qinspect.tui.structs import ExtensionsModel, HeaderModel, utc
+from qinspect.tui.views.base import View
+from qinspect.tui.views.diagnostics import SEVERITY_ORDER, items_from_core, items_from_diagnosis
+
+LAYER0_STATES = (G.DATA, G.ZERO_PLAIN, G.ZERO_ALLOC, G.COMPRESSED, G.PARTIAL, G.INVALID)
+
+
+def title(text: str) -> Text:
+    return Text(text, Style(bold=True, underline=True))
+
+
+def kv_table() -> Table:
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style=Style(color=DIM), no_wrap=True)
+    t.add_column()
+    return t
+
+
+class SpaceBar:
+    """A bar as wide as the console, one coloured run per part (at least one cell if non-zero)."""
+
+    def __init__(self, parts: list[tuple[str, str, int]], total: int) -> None:
+        self.parts = [(label, colour, n) for label, colour, n in parts if n > 0]
+        self.total = max(1, total)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = max(10, options.max_width)
+        shares = [max(1, round(n / self.total * width)) for _l, _c, n in self.parts]
+        while sum(shares) > width and max(shares) > 1:
+            shares[shares.index(max(shares))] -= 1
+        if shares and sum(shares) < width:
+            shares[shares.index(max(shares))] += width - sum(shares)
+        bar = Text(no_wrap=True)
+        for (_label, colour, _n), w in zip(self.parts, shares, strict=True):
+            bar.append("█" * w, Style(color=colour))
+        yield bar
+
+
+class OverviewView(View):
+    """Everything about the image on one scrollable page."""
+
+    HELP = """
+## Overview
+
+What the image is: every header field and feature bit, the extensions, the
+backing chain and what each layer provides, snapshots, bitmaps, encryption
+and the data file; a bar of where the file's bytes go (it adds up to the file
+size) and the top findings (details in view 6).
+
+Scroll with arrows / `jk`, `PgUp`/`PgDn`. Parts that need a full scan fill in
+as the scans finish (`esc` cancels them, `r` resumes).
+"""
+
+    DEFAULT_CSS = """
+    OverviewView VerticalScroll { padding: 0 1; }
+    OverviewView #ov-space { height: auto; margin-bottom: 1; }
+    OverviewView #ov-cols { height: auto; }
+    OverviewView #ov-left { width: 1fr; height: auto; padding-right: 2; }
+    OverviewView #ov-right { width: 1fr; height: auto; }
+    OverviewView Static { margin-bottom: 1; }
+    """
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="ov-scroll"):
+            yield Static(id="ov-space")
+            with Horizontal(id="ov-cols"):
+                with Vertical(id="ov-left"):
+                    yield Static(id="ov-image")
+                    yield Static(id="ov-chain")
+                    yield Static(id="ov-snapshots")
+                    yield Static(id="ov-extensions")
+                with Vertical(id="ov-right"):
+                    yield Static(id="ov-findings")
+                    yield Static(id="ov-features")
+                    yield Static(id="ov-header")
+
+    def main_widget(self) -> Widget | None:
+        return self.query_one("#ov-scroll", VerticalScroll)
+
+    def on_mount(self) -> None:
+        self.query_one("#ov-image", Static).update(self._image())
+        self.query_one("#ov-features", Static).update(self._features())
+        self.query_one("#ov-header", Static).update(self._header())
+        self.query_one("#ov-extensions", Static).update(self._extensions())
+        self.query_one("#ov-snapshots", Static).update(self._snapshots_bitmaps())
+        self.refresh_dynamic()
+
+    def refresh_dynamic(self) -> None:
+        self.query_one("#ov-space", Static).update(self._space())
+        self.query_one("#ov-chain", Static).update(self._chain())
+        self.query_one("#ov-findings", Static).update(self._findings())
+
+    def data_changed(self, step: str) -> None:
+        self.refresh_dynamic()
+
+    # -- sections ------------------------------------------------------------------------------------
+    def _image(self) -> RenderableType:
+        s = self.session
+        img = s.img
+        h = img.header
+        t = kv_table()
+        t.add_row("file", Text(s.name))  # names from the file are never Rich markup
+        t.add_row("format", f"qcow2 v{h.version} (compat {h.compat})")
+        t.add_row("virtual size", f"{fmt.size(h.size)} ({fmt.count(h.size)} bytes)")
+        t.add_row("file size", f"{fmt.size(img.file.size)} ({fmt.count(img.file.size)} bytes)")
+        cl = f"{fmt.size(h.cluster_size)}"
+        if h.extended_l2:
+            cl += f", extended L2: 32 subclusters of {fmt.size(h.subcluster_size)}"
+        t.add_row("cluster", cl)
+        t.add_row("L2 table", f"{fmt.count(h.l2_size)} entries of {h.l2_entry_size} bytes, "
+                              f"maps {fmt.size(h.l2_size * h.cluster_size)}")
+        t.add_row("refcounts", f"{h.refcount_bits}-bit, {fmt.count(h.refcount_block_entries)} per block")
+        t.add_row("compression", h.compression_name)
+        enc = {0: "none", 1: "AES-CBC (legacy)", 2: "LUKS"}.get(h.crypt_method, f"method {h.crypt_method}")
+        if img.luks is not None:
+            lk = img.luks
+            active = sum(1 for sl in lk.slots if sl.active)
+            enc += f": {lk.cipher_alg}-{lk.cipher_mode}, {lk.ivgen_alg}, {lk.hash_spec}, {active} key slot(s)"
+        t.add_row("encryption", Text(enc, Style(color="#ff87af") if h.crypt_method else Style()))
+        if h.has_data_file:
+            t.add_row("data file", Text(f"{h.data_file or '(not named; needs data-file=)'}"
+                                        f"{', raw' if h.data_file_raw else ''}"))
+        if h.backing_file is not None:
+            t.add_row("backing file", Text(f"{h.backing_file} ({h.backing_format or 'format probed'})"))
+        state = []
+        if h.dirty:
+            state.append(Text("DIRTY", Style(color=WARN, bold=True)))
+        if h.corrupt:
+            state.append(Text("CORRUPT", Style(color=ERROR, bold=True)))
+        if h.lazy_refcounts:
+            state.append(Text("lazy refcounts"))
+        if state:
+            t.add_row("state", Text(" ").join(state))
+        return Group(title("Image"), t)
+
+    def _features(self) -> RenderableType:
+        h = self.session.img.header
+        t = kv_table()
+        for kind, name in ((0, "incompatible"), (1, "compatible"), (2, "autoclear")):
+            value = (h.incompatible_features, h.compatible_features, h.autoclear_features)[kind]
+            names = h.set_features(kind)
+            t.add_row(name, Text.assemble((f"0x{value:x} ", Style(color=DIM)), ", ".join(names) or "none"))
+        if h.feature_names:
+            t.add_row("name table", f"{len(h.feature_names)} names")
+        return Group(title("Features"), t)
+
+    def _header(self) -> RenderableType:
+        m = HeaderModel(self.session.img)
+        t = Table(box=None, padding=(0, 1), show_header=False)
+        t.add_column(no_wrap=True)
+        t.add_column(justify="right", style=Style(color=DIM))
+        t.add_column(no_wrap=True, overflow="ellipsis")
+        for i in range(len(m)):
+            cells = m.row(i)
+            val = cells[3][0]
+            meaning = cells[4][0]
+            t.add_row(Text(cells[0][0], Style(color=cells[0][1])), cells[1][0],
+                      Text.assemble(val, (f"  {meaning}" if meaning and meaning != val else "", Style(color=DIM))))
+        return Group(title("Header fields"), t)
+
+    def _extensions(self) -> RenderableType:
+        m = ExtensionsModel(self.session.img)
+        t = Table(box=None, padding=(0, 1), show_header=False)
+        t.add_column(style=Style(color=DIM), justify="right", no_wrap=True)
+        t.add_column(overflow="fold")
+        for i in range(len(m)):
+            cells = m.row(i)
+            t.add_row(Text(f"@{cells[1][0]}"), Text.assemble((cells[4][0], Style(color=cells[4][1])),
+                                                             (f"  {cells[5][0]}", Style(color=DIM))))
+        return Group(title(f"Header extensions ({len(m)})"), t)
+
+    def _snapshots_bitmaps(self) -> RenderableType:
+        img = self.session.img
+        parts: list[RenderableType] = []
+        if img.snapshots:
+            t = Table(box=None, padding=(0, 1), header_style=Style(color=DIM))
+            for col in ("id", "name", "date (UTC)", "vm state", "L1"):
+                t.add_column(col, no_wrap=True)
+            for sn in img.snapshots[:20]:
+                t.add_row(Text(sn.id_str), Text(sn.name), utc(sn.date_sec),
+                          fmt.size(sn.vm_state_size), fmt.hexoff(sn.l1_table_offset))
+            parts += [title(f"Snapshots ({len(img.snapshots)})"), t]
+            if len(img.snapshots) > 20:
+                parts.append(Text(f"… {len(img.snapshots) - 20} more in view 7", Style(color=DIM)))
+        else:
+            parts.append(Text.assemble(title("Snapshots"), (" none", Style(color=DIM))))
+        if img.header.bitmaps_ext is not None:
+            t = Table(box=None, padding=(0, 1), header_style=Style(color=DIM))
+            for col in ("name", "granularity", "flags"):
+                t.add_column(col, no_wrap=True)
+            for b in img.bitmaps:
+                t.add_row(Text(b.name), fmt.size(b.granularity),
+                          Text(",".join(b.flag_names) or "-", Style(color=ERROR) if b.in_use else Style()))
+            head = f"Bitmaps ({len(img.bitmaps)})"
+            if not img.header.bitmaps_consistent:
+                head += " — inconsistent, QEMU ignores them"
+            parts += [Text(), title(head), t]
+        else:
+            parts.append(Text.assemble(title("Bitmaps"), (" none", Style(color=DIM))))
+        return Group(*parts)
+
+    def _chain(self) -> RenderableType:
+        s = self.session
+        gm = s.guest
+        totals = gm.totals()
+        cs = gm.cluster_size
+        infos = s.layer_infos()
+        t = Table(box=None, padding=(0, 1), header_style=Style(color=DIM))
+        t.add_column("")
+        t.add_column("layer", ratio=1, overflow="fold")
+        t.add_column("provides", justify="right", no_wrap=True)
+        for li in infos:
+            if li.depth == 0:
+                n = int(sum(int(totals[st]) for st in LAYER0_STATES))
+                colour = GUEST_COLOURS[G.DATA]
+            else:
+                code = min(li.depth, 5) - 1 + G.BACKING1
+                n = int(totals[code]) if li.depth <= 5 else 0
+                colour = GUEST_COLOURS[code]
+            provided = f"{fmt.size(n * cs)} {fmt.pct(n, gm.n_clusters):>5}"
+            name = Text(li.name)
+            name.append(f"  {li.format}, {fmt.size(li.virtual_size)}, file {fmt.size(li.file_size)}", Style(color=DIM))
+            t.add_row(Text("█", Style(color=colour)), name, provided)
+        unalloc = int(totals[G.UNALLOCATED]) + int(totals[G.RESERVED])
+        t.add_row(Text("·", Style(color=GUEST_COLOURS[G.UNALLOCATED])),
+                  Text("nothing: reads as zeros", Style(color=DIM)),
+                  f"{fmt.size(unalloc * cs)} {fmt.pct(unalloc, gm.n_clusters):>5}")
+        parts: list[RenderableType] = [title("Backing chain" if len(infos) > 1 else "Guest view"), t]
+        if not gm.complete:
+            parts.append(Text(f"(scanned {gm.scanned_tables} of {gm.n_tables} L2 tables so far)", Style(color=DIM)))
+        if s.chain_error:
+            parts.append(Text(f"⚠ {s.chain_error}", Style(color=ERROR)))
+        return Group(*parts)
+
+    def _space(self) -> RenderableType:
+        s = self.session
+        space = s.space
+        size = s.img.file.size
+        head = title(f"Where the {fmt.size(size)} of the file go")
+        if space is None:
+            if analysis("space") is None:
+                return Group(head, Text("the space analysis is not available", Style(color=DIM)))
+            why = "cancelled — press r to resume" if "layout" in s.cancelled else "waiting for the host layout scan…"
+            if "layout" in s.errors:
+                why = f"layout failed: {s.errors['layout']}"
+            return Group(head, Text(why, Style(color=DIM)))
+        mod = analysis("space")
+        labels: dict[str, str] = getattr(mod, "PART_LABELS", {}) if mod is not None else {}
+        parts = [(labels.get(k, k), kind_colour(k), int(v)) for k, v in space.parts.items() if int(v) > 0]
+        parts.sort(key=lambda p: -p[2])
+        legend = Table.grid(padding=(0, 2))
+        cols = 3
+        for _ in range(cols):
+            legend.add_column(no_wrap=True)
+        cells: list[Text] = []
+        for label, colour, n in parts:
+            cells.append(Text.assemble(("█ ", Style(color=colour)), f"{label} ",
+                                       (f"{fmt.size(n)} {fmt.pct(n, size)}", Style(color=DIM))))
+        for i in range(0, len(cells), cols):
+            row = cells[i : i + cols]
+            legend.add_row(*(row + [Text()] * (cols - len(row))))
+        total = sum(int(v) for v in space.parts.values())
+        check = Text(f"parts add up to {fmt.count(total)} of {fmt.count(size)} bytes"
+                     + ("" if total == size else " ✗"), Style(color=DIM if total == size else ERROR))
+        extra: list[RenderableType] = [check]
+        rec = getattr(space, "reclaimable", 0)
+        if rec:
+            extra.append(Text(f"reclaimable by qemu-img convert: {fmt.size(rec)}", Style(color=WARN)))
+        return Group(head, SpaceBar(parts, size), legend, *extra)
+
+    def _findings(self) -> RenderableType:
+        s = self.session
+        items = items_from_diagnosis(s.diagnosis, s) if s.diagnosis is not None else items_from_core(s)
+        items.sort(key=lambda it: SEVERITY_ORDER.get(it.severity, 5))
+        t = Table.grid(padding=(0, 1))
+        t.add_column(no_wrap=True)
+        t.add_column()
+        for it in items[:6]:
+            colour = SEVERITY_COLOURS.get(it.severity, DIM)
+            t.add_row(Text(it.severity.upper(), Style(color=colour, bold=True)), Text(it.title))
+        if not items:
+            t.add_row(Text("OK", Style(color=SEVERITY_COLOURS["ok"], bold=True)), Text("nothing to report"))
+        parts: list[RenderableType] = [title("Top findings"), t]
+        if len(items) > 6:
+            parts.append(Text(f"… {len(items) - 6} more in view 6", Style(color=DIM)))
+        if s.diagnosis is None and analysis("diagnose") is not None and "diagnose" not in s.cancelled:
+            parts.append(Text("(full diagnosis still running)", Style(color=DIM)))
+        return Group(*parts)
+
+
+def guest_totals_bytes(totals: Any, cluster_size: int) -> dict[str, int]:
+    """Bytes of the guest view per state (for tests and the chain view)."""
+    from qinspect.tui.palette import GUEST_NAMES
+
+    return {GUEST_NAMES[i]: int(v) * cluster_size for i, v in enumerate(np.asarray(totals)) if v}
+
+
+__all__ = ["C", "OverviewView", "guest_totals_bytes"]

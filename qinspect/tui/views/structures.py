@@ -1,0 +1,332 @@
+"""4 · Structures: a tree of every on-disk structure, its entries, and its bytes coloured by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from rich.style import Style
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widget import Widget
+from textual.widgets import Static, Tree
+from textual.widgets.tree import TreeNode
+
+from qinspect.qcow2 import constants as C
+from qinspect.qcow2.errors import Qcow2Error
+from qinspect.tui import fmt
+from qinspect.tui.messages import ShowGuest, ShowHost
+from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS
+from qinspect.tui.session import Session
+from qinspect.tui.structs import (
+    GuestTarget,
+    HostTarget,
+    L2Model,
+    StructRef,
+    TableModel,
+    model_for,
+    u64_table,
+)
+from qinspect.tui.views.base import View
+from qinspect.tui.widgets.hexview import HexView
+from qinspect.tui.widgets.table import EntryTable
+
+MAX_CHILDREN = 4096
+
+
+def _label(text: str, kind: str, extra: str = "") -> Text:
+    t = Text()
+    t.append("■ ", Style(color=KIND_COLOURS.get(kind, KIND_COLOURS["unknown"])))
+    t.append(text)
+    if extra:
+        t.append(f" {extra}", Style(color=DIM))
+    return t
+
+
+def _same(a: StructRef, b: StructRef) -> bool:
+    return (a.kind, a.index, a.offset, a.owner) == (b.kind, b.index, b.offset, b.owner)
+
+
+class StructureTree(Tree[StructRef]):
+    HELP = """
+## Structures
+
+The tree lists every on-disk structure. Moving the cursor shows the structure's
+entries on the right and its bytes below, coloured by field.
+
+- arrows / `jk` move, `enter` / `space` expand (L1 → L2 tables, refcount table → blocks,
+  snapshots → their L1 tables, bitmaps → their tables)
+- `tab` goes to the entry table
+"""
+
+
+class StructuresView(View):
+    """The tree, the entry table, the decoded entry and the hex view."""
+
+    HELP = """
+## Structures — entries
+
+- arrows / `jk`, `PgUp`/`PgDn`, `Home`/`End` move in the entry table
+- `enter` follows the entry: L1 → its L2 table, L2 entry → the guest map,
+  refcount table → the block, refcount → the host layout, snapshot → its L1
+- the hex view below highlights the selected entry's bytes
+- `/` finds text in the rows, `g` goes to an entry number
+"""
+
+    goto_prompt = "Go to entry number"
+    find_prompt = "Find in this table (offset, value, name…)"
+
+    DEFAULT_CSS = """
+    StructuresView StructureTree { width: 34; border-right: vkey $foreground 20%; overflow-x: hidden; }
+    StructuresView #st-right { width: 1fr; }
+    StructuresView #st-title { height: 1; padding: 0 1; text-style: bold; }
+    StructuresView #st-detail { height: 2; padding: 0 1; color: $text-muted; }
+    StructuresView HexView { height: 11; border-top: hkey $foreground 20%; }
+    """
+
+    def __init__(self, session: Session, *, id: str | None = None) -> None:
+        super().__init__(session, id=id)
+        self.model: TableModel | None = None
+        self.ref: StructRef | None = None
+        self._populated: set[int] = set()
+        self._pending_select: StructRef | None = None
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            yield StructureTree(_label(self.session.name, "header"), id="st-tree")
+            with Vertical(id="st-right"):
+                yield Static("", id="st-title")
+                yield EntryTable(id="st-table")
+                yield Static("", id="st-detail")
+                yield HexView(id="st-hex")
+
+    @property
+    def struct_tree(self) -> StructureTree:
+        return self.query_one(StructureTree)
+
+    @property
+    def table(self) -> EntryTable:
+        return self.query_one(EntryTable)
+
+    def main_widget(self) -> Widget | None:
+        return self.struct_tree
+
+    def on_mount(self) -> None:
+        self._build_tree()
+        self.struct_tree.root.expand()
+        self.show_ref(StructRef("header"))
+
+    # -- the tree ---------------------------------------------------------------------------------------
+    def _build_tree(self) -> None:
+        img = self.session.img
+        h = img.header
+        root = self.struct_tree.root
+        root.data = StructRef("header")
+        root.add_leaf(_label("Header", "header", f"{72 if h.version == 2 else h.header_length} B"),
+                      data=StructRef("header"))
+        exts = root.add(_label("Header extensions", "extension", f"{len(h.extensions)}"),
+                        data=StructRef("extensions"))
+        for i, e in enumerate(h.extensions):
+            exts.add_leaf(_label(e.name, "extension", f"@{e.offset}"), data=StructRef("extensions", row=i))
+        if h.backing_file_offset:
+            root.add_leaf(_label("Backing file name", "extension", repr(h.backing_file)),
+                          data=StructRef("backing_name"))
+        n_l2 = int(np.count_nonzero(img.l1_table & np.uint64(C.L1E_OFFSET_MASK)))
+        root.add(_label("L1 table", "l1", f"{h.l1_size} → {n_l2} L2"),
+                 data=StructRef("l1", offset=h.l1_table_offset), allow_expand=n_l2 > 0)
+        rt = img.refcount_table
+        n_rb = int(np.count_nonzero(rt & np.uint64(C.REFT_OFFSET_MASK)))
+        root.add(_label("Refcount table", "refcount_table", f"→ {n_rb} block{'s' if n_rb != 1 else ''}"),
+                 data=StructRef("refcount_table", offset=h.refcount_table_offset), allow_expand=n_rb > 0)
+        if img.snapshots:
+            snaps = root.add(_label("Snapshot table", "snapshot_table", f"{len(img.snapshots)}"),
+                             data=StructRef("snapshot_table", offset=h.snapshots_offset))
+            for i, sn in enumerate(img.snapshots):
+                snaps.add(_label(f"snapshot {sn.id_str}", "snapshot_l1", repr(sn.name)),
+                          data=StructRef("snapshot_l1", owner=i, offset=sn.l1_table_offset))
+        if h.bitmaps_ext is not None:
+            bms = root.add(_label("Bitmap directory", "bitmap_directory", f"{len(img.bitmaps)}"),
+                           data=StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset))
+            for i, b in enumerate(img.bitmaps):
+                bms.add_leaf(_label(f"bitmap '{b.name}'", "bitmap_table", f"{b.bitmap_table_size} entries"),
+                             data=StructRef("bitmap_table", index=i, offset=b.bitmap_table_offset))
+        if h.crypto_ext is not None:
+            root.add_leaf(_label("LUKS header", "luks", fmt.size(h.crypto_ext.length)),
+                          data=StructRef("luks", offset=h.crypto_ext.offset))
+
+    def _populate(self, node: TreeNode[StructRef]) -> None:
+        """Add the children of a lazy node (L2 tables, refcount blocks) on first expansion."""
+        if node.id in self._populated or node.data is None:
+            return
+        ref = node.data
+        img = self.session.img
+        if ref.kind in ("l1", "snapshot_l1"):
+            if ref.kind == "l1":
+                table = img.l1_table
+                kind = "l2"
+            else:
+                sn = img.snapshots[ref.owner]
+                table = u64_table(img, sn.l1_table_offset, sn.l1_size)
+                kind = "snapshot_l2"
+            offs = (table & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+            idx = np.flatnonzero(offs)
+            for j in idx[:MAX_CHILDREN]:
+                j = int(j)
+                node.add_leaf(_label(f"L2 table {j}", kind, f"@{fmt.hexoff(int(offs[j]))}"),
+                              data=StructRef("l2", index=j, offset=int(offs[j]), owner=ref.owner))
+            if len(idx) > MAX_CHILDREN:
+                node.add_leaf(Text(f"… {len(idx) - MAX_CHILDREN} more (ctrl+p: go to L2 table N)", Style(color=DIM)))
+        elif ref.kind == "refcount_table":
+            offs = (img.refcount_table & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64)
+            idx = np.flatnonzero(offs)
+            for i in idx[:MAX_CHILDREN]:
+                i = int(i)
+                node.add_leaf(_label(f"Refcount block {i}", "refcount_block", f"@{fmt.hexoff(int(offs[i]))}"),
+                              data=StructRef("refblock", index=i, offset=int(offs[i])))
+            if len(idx) > MAX_CHILDREN:
+                node.add_leaf(Text(f"… {len(idx) - MAX_CHILDREN} more", Style(color=DIM)))
+        self._populated.add(node.id)
+
+    def on_tree_node_expanded(self, event: Tree.NodeExpanded[StructRef]) -> None:
+        event.stop()
+        self._populate(event.node)
+
+    def on_tree_node_highlighted(self, event: Tree.NodeHighlighted[StructRef]) -> None:
+        event.stop()
+        ref = event.node.data
+        pending, self._pending_select = self._pending_select, None
+        if not self.struct_tree.has_focus:  # moved by the program (a link from another view), not the user
+            return
+        if ref is None or (pending is not None and _same(ref, pending)):
+            return
+        if self.ref is not None and _same(ref, self.ref) and ref.row == self.ref.row:
+            return
+        self.show_ref(ref, select_in_tree=False)
+
+    # -- the table and the hex view ----------------------------------------------------------------------
+    def show_ref(self, ref: StructRef, select_in_tree: bool = True) -> None:
+        """Show a structure (building its model) and select `ref.row` in its table."""
+        try:
+            model = model_for(self.session.img, ref)
+        except (Qcow2Error, KeyError, IndexError, ValueError) as e:
+            self.query_one("#st-title", Static).update(Text(f"cannot show this structure: {e}", Style(color=ERROR)))
+            return
+        self.ref = ref
+        self.model = model
+        title = Text(model.title or ref.kind, Style(bold=True, color=KIND_COLOURS.get(model.kind)))
+        if model.start or model.length:
+            title.append(f"  at {fmt.hexoff(model.start)}, {fmt.size(model.length)}", Style(color=DIM))
+        if model.error:
+            title.append(f"  ⚠ {model.error}", Style(color=ERROR))
+        self.query_one("#st-title", Static).update(title)
+        self.query_one(HexView).set_model(model)
+        self.table.set_model(model, ref.row)
+        if select_in_tree:
+            self._select_in_tree(ref)
+
+    def _select_in_tree(self, ref: StructRef) -> None:
+        tree = self.struct_tree
+        target = self._find_node(tree.root, ref)
+        if target is None and ref.kind in ("l2", "refblock"):
+            parent_kind = {"l2": "l1" if ref.owner < 0 else "snapshot_l1", "refblock": "refcount_table"}[ref.kind]
+            for node in self._walk(tree.root):
+                d = node.data
+                if d is not None and d.kind == parent_kind and (parent_kind != "snapshot_l1" or d.owner == ref.owner):
+                    self._populate(node)
+                    node.expand()
+                    target = self._find_node(node, ref)
+                    break
+        if target is not None:
+            node = target
+            parent = node.parent
+            while parent is not None:
+                parent.expand()
+                parent = parent.parent
+            self.call_after_refresh(self._move_tree_cursor, node)
+
+    def _move_tree_cursor(self, node: TreeNode[StructRef]) -> None:
+        if self.struct_tree.cursor_node is not node:
+            self._pending_select = node.data
+            self.struct_tree.move_cursor(node)
+
+    def _walk(self, node: TreeNode[StructRef]) -> list[TreeNode[StructRef]]:
+        out = [node]
+        for c in node.children:
+            out.extend(self._walk(c))
+        return out
+
+    def _find_node(self, start: TreeNode[StructRef], ref: StructRef) -> TreeNode[StructRef] | None:
+        for node in self._walk(start):
+            if node is self.struct_tree.root:
+                continue
+            d = node.data
+            if d is not None and _same(d, ref):
+                return node
+        return None
+
+    def on_entry_table_highlighted(self, event: EntryTable.Highlighted) -> None:
+        event.stop()
+        model = self.model
+        if model is None or not len(model):
+            self.query_one("#st-detail", Static).update("")
+            self.query_one(HexView).set_highlight(None)
+            return
+        i = event.row
+        self.query_one("#st-detail", Static).update(Text(model.detail(i), Style(color=DIM)))
+        self.query_one(HexView).set_highlight(model.span(i))
+        if isinstance(model, L2Model) and model.owner < 0 and self.has_focus_within:
+            self.post_message(ShowGuest(model.guest(i), switch=False))
+
+    def on_entry_table_activated(self, event: EntryTable.Activated) -> None:
+        event.stop()
+        if self.model is None:
+            return
+        target: Any = self.model.target(event.row)
+        if isinstance(target, StructRef):
+            self.show_ref(target)
+            self.table.focus()
+        elif isinstance(target, GuestTarget):
+            self.post_message(ShowGuest(target.offset))
+        elif isinstance(target, HostTarget):
+            self.post_message(ShowHost(target.offset))
+
+    @property
+    def has_focus_within(self) -> bool:
+        focused = self.screen.focused
+        return focused is not None and (focused is self or self in focused.ancestors)
+
+    # -- go to / find -------------------------------------------------------------------------------------
+    def goto(self, text: str) -> str | None:
+        if self.model is None:
+            return "no structure selected"
+        try:
+            n = int(fmt.parse_size(text))
+        except ValueError as e:
+            return str(e)
+        if not 0 <= n < len(self.model):
+            return f"this table has {len(self.model)} entries"
+        self.table.move_to(n)
+        self.table.focus()
+        return None
+
+    def find(self, text: str, forward: bool = True) -> str | None:
+        if self.model is None or not len(self.model):
+            return "no entries to search"
+        hit = self.model.find(text, self.table.cursor)
+        if hit is None:
+            return f"'{text}' not found in {self.model.title or 'this table'}"
+        self.table.move_to(hit)
+        return None
+
+    def show_l2_table(self, n: int) -> str | None:
+        """Open the active L2 table of L1 index `n` (the palette's 'go to L2 table N')."""
+        img = self.session.img
+        if not 0 <= n < len(img.l1_table):
+            return f"the L1 table has {len(img.l1_table)} entries"
+        off = int(img.l1_table[n]) & C.L1E_OFFSET_MASK
+        if not off:
+            self.show_ref(StructRef("l1", offset=img.header.l1_table_offset, row=n))
+            return f"L1 entry {n} has no L2 table"
+        self.show_ref(StructRef("l2", index=n, offset=off))
+        return None

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Render every view of the TUI on sample images to screenshots/*.svg and *.png.
+
+    python3 screenshots/make.py            (from any directory; needs rsvg-convert for the PNGs)
+
+Each picture runs the real app headless (`App.run_test`) on a sample image from sample_images/
+(decompressed into a temporary directory), waits for every scan to finish, drives it to the
+view shown, and saves the screen with `App.save_screenshot`. The PNGs are made from the SVGs by
+`rsvg-convert` (librsvg2-bin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SAMPLES = ROOT / "sample_images"
+SIZE = (120, 40)
+sys.path.insert(0, str(ROOT))
+
+from qinspect.tui.app import QInspectApp  # noqa: E402
+from qinspect.tui.screens.main import MainScreen  # noqa: E402
+from qinspect.tui.structs import StructRef  # noqa: E402
+
+Step = Callable[[Any, MainScreen], Awaitable[None]]
+
+
+async def keys(pilot: Any, *k: str) -> None:
+    await pilot.press(*k)
+    await pilot.pause()
+
+
+def press(*k: str) -> Step:
+    async def step(pilot: Any, main: MainScreen) -> None:
+        await keys(pilot, *k)
+
+    return step
+
+
+def guest_at(offset: int, zoom: int | None = None) -> Step:
+    async def step(pilot: Any, main: MainScreen) -> None:
+        view = main.view("guest")
+        if zoom is not None:
+            view.grid.set_zoom(zoom)  # type: ignore[attr-defined]
+        view.show_offset(offset)  # type: ignore[attr-defined]
+        await pilot.pause()
+
+    return step
+
+
+def l2_row(row: int) -> Step:
+    async def step(pilot: Any, main: MainScreen) -> None:
+        view = main.view("structures")
+        img = main.session.img
+        l2 = int(img.l1_table[0]) & 0x00FFFFFFFFFFFE00
+        view.show_ref(StructRef("l2", index=0, offset=l2, row=row))  # type: ignore[attr-defined]
+        view.table.focus()  # type: ignore[attr-defined]
+        await pilot.pause()
+
+    return step
+
+
+def cache_input(field: str, value: str) -> Step:
+    async def step(pilot: Any, main: MainScreen) -> None:
+        from textual.widgets import Input
+
+        main.view("cache").query_one(f"#cl-{field}", Input).value = value
+        await pilot.pause()
+
+    return step
+
+
+# (file name, sample, first view, steps, what it shows)
+SHOTS: list[tuple[str, str, str, list[Step], str]] = [
+    ("overview", "chain_top", "overview", [], "1 Overview of an extended-L2 overlay on a two-layer chain"),
+    ("guest-map", "extl2_128k", "guest", [guest_at(2 * 131072 + 4 * 4096, zoom=0)],
+     "2 Guest map: a cluster with mixed subclusters, its L2 entry and bitmap"),
+    ("guest-map-chain", "chain_top", "guest", [guest_at(0x7FF000)],
+     "2 Guest map of an overlay: clusters served by backing layers 1 and 2"),
+    ("guest-map-zoomed", "fragmented", "guest", [], "2 Guest map of an 8 GiB disk, zoomed out"),
+    ("host-layout", "fragmented", "host", [press("right", "right", "right", "right")],
+     "3 Host layout: L2 tables scattered between data clusters"),
+    ("structures", "extl2_128k", "structures", [l2_row(2)],
+     "4 Structures: an extended L2 entry, its bytes coloured by field"),
+    ("cache-lab", "big_empty", "cache", [cache_input("l2_cache_size", "64M")],
+     "5 Cache lab: a 1 TiB disk with a 64 MiB L2 cache"),
+    ("diagnostics", "lazy_dirty", "diagnostics", [], "6 Diagnostics: findings with evidence and fix"),
+    ("chain", "longchain_4", "chain", [], "7 Chain: five layers and what each provides"),
+    ("snapshots", "snapshots", "chain", [press("tab")], "7 Snapshots"),
+]
+
+
+def materialise(out: Path) -> None:
+    """Every sample image, decompressed, in `out` (relative backing names then resolve)."""
+    for f in SAMPLES.iterdir():
+        if f.is_dir() or f.suffix in (".sh", ".md", ".json", ".py"):
+            continue
+        if f.name.endswith(".gz"):
+            with gzip.open(f, "rb") as src, open(out / f.name[:-3], "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            shutil.copyfile(f, out / f.name)
+
+
+async def shoot(work: Path, name: str, sample: str, view: str, steps: list[Step]) -> Path:
+    app = QInspectApp(str(work / f"{sample}.qcow2"), name=f"{sample}.qcow2", view=view)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        main = app.screen
+        assert isinstance(main, MainScreen), f"{sample}: {main}"
+        for step in steps:
+            await step(pilot, main)
+            await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.pause(0.2)
+        svg = Path(app.save_screenshot(f"{name}.svg", str(HERE)))
+    # librsvg collapses leading spaces of text runs unless told to preserve them.
+    text = svg.read_text()
+    text = text.replace('<svg class="rich-terminal"', '<svg xml:space="preserve" class="rich-terminal"', 1)
+    svg.write_text(text)
+    return svg
+
+
+def main() -> int:
+    only = set(sys.argv[1:])
+    rsvg = shutil.which("rsvg-convert")
+    with tempfile.TemporaryDirectory(prefix="qinspect-shots-") as tmp:
+        work = Path(tmp)
+        materialise(work)
+        for name, sample, view, steps, what in SHOTS:
+            if only and name not in only:
+                continue
+            svg = asyncio.run(shoot(work, name, sample, view, steps))
+            line = f"{svg.relative_to(ROOT)}  ({what})"
+            if rsvg:
+                png = svg.with_suffix(".png")
+                subprocess.run([rsvg, "-o", str(png), str(svg)], check=True)
+                line += f"  + {png.name}"
+            print(line)
+    if not rsvg:
+        print("rsvg-convert not found: SVGs only (apt-get install librsvg2-bin)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
