@@ -115,18 +115,24 @@ class Session:
             order.append(first)
         order.append((0, gm.n_dense))  # past the dense range everything is known already
         total = gm.n_dense
+        # A running count: summing the whole `scanned` array per step is quadratic in the number of
+        # L2 tables (4 Mi of them for a hostile or huge virtual size).
+        done = int(gm.scanned[:total].sum())
         with self.pool.borrow() as img:
             for lo, hi in order:
                 t = lo
                 while t < min(hi, gm.n_dense):
                     if cancelled():
                         return
-                    todo = gm.unscanned(t, min(hi, t + step))
+                    end = min(hi, t + step)
+                    todo = gm.unscanned(t, end)
                     if todo:
+                        before = int(gm.scanned[t:end].sum())
                         a, b = todo[0], todo[-1] + 1
                         gm.compute(img, a, b)
+                        done += int(gm.scanned[t:end].sum()) - before
                     t += step
-                    progress(int(gm.scanned.sum()), total)
+                    progress(done, total)
         progress(total, total)
 
     def load_tables(self, tables: list[int], cancelled: CancelledFn) -> None:

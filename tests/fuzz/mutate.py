@@ -277,6 +277,17 @@ def _one_mutation(rng: random.Random, case: Case, buf: bytearray, t: Targets, im
         how, v = _entry_values(rng, orig, f, t)
     elif f.kind == "l2bm":
         how, v = _bitmap_values(rng, orig)
+    elif f.kind == "small":
+        how, v = ("small value", rng.randrange(0, 26)) if rng.random() < 0.6 else _int_values(rng, orig, f.size)
+    elif f.kind == "features":
+        bit = rng.choice([0, 1, 2, 3, 4, 5, 6, 20, 63])
+        how, v = (f"toggle feature bit {bit}", orig ^ (1 << bit)) if rng.random() < 0.7 \
+            else _int_values(rng, orig, f.size)
+    elif f.kind == "extmagic":
+        magics = [C.QCOW2_EXT_MAGIC_END, C.QCOW2_EXT_MAGIC_BACKING_FORMAT, C.QCOW2_EXT_MAGIC_FEATURE_TABLE,
+                  C.QCOW2_EXT_MAGIC_CRYPTO_HEADER, C.QCOW2_EXT_MAGIC_BITMAPS, C.QCOW2_EXT_MAGIC_DATA_FILE]
+        m = rng.choice(magics)
+        how, v = (f"extension type 0x{m:08x}", m) if rng.random() < 0.7 else _int_values(rng, orig, f.size)
     elif f.kind == "cdesc":
         how, v = _cdesc_values(rng, orig, t) if rng.random() < 0.7 else _int_values(rng, orig, 8)
     else:

@@ -28,7 +28,9 @@ MAX_ENTRIES_PER_TABLE = 24
 class Field:
     """One mutable field: `size` bytes at file `offset`, big-endian; `kind` picks the mutations.
 
-    Kinds: `int` (a count, size or flag word), `ptr` (a cluster-aligned file offset), `l1e`, `l2e`,
+    Kinds: `int` (a count, size or flag word), `small` (a small enumeration: cluster bits, refcount
+    order, crypt method, compression type), `features` (a feature bitmap), `extmagic` (a header
+    extension type), `ptr` (a cluster-aligned file offset), `l1e`, `l2e`,
     `rte`, `bte` (table entries: offset bits plus flag bits), `l2bm` (extended-L2 subcluster bitmap),
     `cdesc` (a compressed L2 entry), `bytes` (a string or opaque bytes), `cdata` (compressed data).
     """
@@ -58,15 +60,15 @@ class Targets:
 
 _HEADER_V2 = [
     ("magic", 0, 4, "int"), ("version", 4, 4, "int"), ("backing_file_offset", 8, 8, "int"),
-    ("backing_file_size", 16, 4, "int"), ("cluster_bits", 20, 4, "int"), ("size", 24, 8, "int"),
-    ("crypt_method", 32, 4, "int"), ("l1_size", 36, 4, "int"), ("l1_table_offset", 40, 8, "ptr"),
+    ("backing_file_size", 16, 4, "int"), ("cluster_bits", 20, 4, "small"), ("size", 24, 8, "int"),
+    ("crypt_method", 32, 4, "small"), ("l1_size", 36, 4, "int"), ("l1_table_offset", 40, 8, "ptr"),
     ("refcount_table_offset", 48, 8, "ptr"), ("refcount_table_clusters", 56, 4, "int"),
     ("nb_snapshots", 60, 4, "int"), ("snapshots_offset", 64, 8, "ptr"),
 ]
 _HEADER_V3 = [
-    ("incompatible_features", 72, 8, "int"), ("compatible_features", 80, 8, "int"),
-    ("autoclear_features", 88, 8, "int"), ("refcount_order", 96, 4, "int"), ("header_length", 100, 4, "int"),
-    ("compression_type", 104, 1, "int"),
+    ("incompatible_features", 72, 8, "features"), ("compatible_features", 80, 8, "features"),
+    ("autoclear_features", 88, 8, "features"), ("refcount_order", 96, 4, "small"), ("header_length", 100, 4, "int"),
+    ("compression_type", 104, 1, "small"),
 ]
 _SNAPSHOT_FIELDS = [
     ("l1_table_offset", 0, 8, "ptr"), ("l1_size", 8, 4, "int"), ("id_str_size", 12, 2, "int"),
@@ -107,7 +109,7 @@ def _find(img: Image) -> Targets:
 
     # Extensions and the backing file name.
     for ext in img.header.extensions:
-        t.add(Field("extensions", f"{ext.name} type", ext.offset, 4, "int"))
+        t.add(Field("extensions", f"{ext.name} type", ext.offset, 4, "extmagic"))
         t.add(Field("extensions", f"{ext.name} length", ext.offset + 4, 4, "int"))
         d = ext.offset + 8
         if ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS and ext.length == 24:
@@ -121,7 +123,7 @@ def _find(img: Image) -> Targets:
             t.add(Field("extensions", f"{ext.name} data", d, min(ext.length, 64), "bytes"))
     end = max((e.offset + 8 + ((e.length + 7) & ~7) for e in h.extensions), default=h.header_length)
     if h.backing_file_offset and h.backing_file_size:
-        t.add(Field("backing name", "backing file name", h.backing_file_offset, h.backing_file_size, "bytes"))
+        t.add(Field("backing file name", "bytes", h.backing_file_offset, h.backing_file_size, "bytes"))
         t.backing_name_room = (h.backing_file_offset, min(cs - h.backing_file_offset, 1023))
     elif end + 64 < cs:
         t.backing_name_room = (end + 8, min(cs - end - 8, 1023))

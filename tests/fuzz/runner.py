@@ -1,0 +1,409 @@
+"""Run fuzz cases in worker processes, each case under a time bound and a memory bound.
+
+The parent forks `jobs` workers after loading the pristine images and their targets (shared
+copy-on-write). It sends case indices; a worker builds the case deterministically, patches its
+private copy of the image in place, runs every operation over it, puts the bytes back, and answers
+with an `Outcome`. A worker that does not answer within the time bound is killed (by its pid) and
+replaced; the case counts as a hang. Inside the worker, the peak resident set size of each case is
+measured (the kernel's high-water mark `VmHWM`, reset before each case through
+`/proc/self/clear_refs`; with QINSPECT_FUZZ_TRACEMALLOC=1, the `tracemalloc` peak instead, slower),
+and `RLIMIT_AS` turns a runaway allocation into a `MemoryError` rather than a machine out of memory.
+
+An operation may end in a result or a `Qcow2Error` (or subclass); anything else is a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import multiprocessing as mp
+import os
+import random
+import resource
+import time
+import traceback
+import tracemalloc
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.image import Image, open_image
+
+from .mutate import Case, make_case
+from .targets import Targets, find_targets
+
+# Bounds. The time bound only catches hangs (a case normally takes milliseconds), so it is generous.
+CASE_TIMEOUT = float(os.environ.get("QINSPECT_FUZZ_TIMEOUT", "60"))
+# Peak memory growth during one case. Legitimate work is bounded by the format limits
+# (a 32 MiB L1 table, an 8 MiB refcount table, per-cluster arrays of the file) and by the file size.
+MEMORY_BOUND = int(os.environ.get("QINSPECT_FUZZ_MEMORY_MB", "512")) << 20
+ADDRESS_SPACE_HEADROOM = 6 << 30
+TRACEMALLOC = os.environ.get("QINSPECT_FUZZ_TRACEMALLOC", "") not in ("", "0")
+
+READ_BYTES = 256 * 1024
+# Every CLI_EVERY-th case also runs the CLI commands in-process (they cost ~7x a library-only case).
+CLI_EVERY = 8
+
+
+@dataclass
+class Base:
+    """A pristine sample image: its catalog name, file name, bytes and targets."""
+
+    name: str
+    file: str
+    data: bytes
+    targets: Targets
+    tops: list[str] = field(default_factory=list)  # file names of images that have this one below them
+
+
+@dataclass
+class Outcome:
+    """What one case did: status is ok, crash, hang, memory or died."""
+
+    index: int
+    description: str = ""
+    status: str = "ok"
+    detail: str = ""
+    ops: dict[str, str] = field(default_factory=dict)
+    peak: int = 0
+    seconds: float = 0.0
+
+
+def load_bases(sample_dir: Path, catalog: list[dict[str, Any]], names: Iterable[str] | None = None) -> list[Base]:
+    """Read the pristine images (and find their targets) from a directory of materialised samples."""
+    wanted = set(names) if names is not None else None
+    files = {e["name"]: (e["file"][:-3] if e["file"].endswith(".gz") else e["file"]) for e in catalog}
+    bases: list[Base] = []
+    for e in catalog:
+        if wanted is not None and e["name"] not in wanted:
+            continue
+        fname = files[e["name"]]
+        path = sample_dir / fname
+        tops = [files[o["name"]] for o in catalog if any(b == fname for b in o.get("backing", []))]
+        bases.append(Base(e["name"], fname, path.read_bytes(), find_targets(str(path)), tops))
+    return bases
+
+
+def case_for(index: int, seed: int, bases: list[Base]) -> tuple[Base, Case]:
+    """The image and the mutation of case `index` (deterministic in seed and index)."""
+    rng = random.Random(f"pick:{seed}:{index}")
+    base = bases[rng.randrange(len(bases))]
+    chain_tops = base.tops + [b.file for b in bases if b.tops and b.file != base.file][:3]
+    case = make_case(index, seed, base.name, base.data, base.targets, base.file, chain_tops)
+    if base.tops and rng.random() < 0.25:
+        case.steps.append(f"then inspect {rng.choice(base.tops)}, which has it below")
+    return base, case
+
+
+# -- the operations ---------------------------------------------------------------------------------
+def _layout_fn() -> Callable[[Image], object] | None:
+    """`qinspect.analysis.layout.compute_layout`, when that module exists."""
+    try:
+        from qinspect.analysis.layout import compute_layout
+    except ImportError:
+        return None
+    return compute_layout
+
+
+def _reads(img: Image) -> int:
+    vs = img.virtual_size
+    n = 0
+    spots = {0, vs // 2, max(0, vs - 65536)}
+    for ex in img.extents(0, min(vs, 1 << 34)):
+        for k in range(min(len(ex), 8)):
+            spots.add(int(ex.guest[k]))
+        if len(spots) > 16:
+            break
+    for g in sorted(spots):
+        if g >= vs:
+            continue
+        try:
+            img.lookup(g)
+            n += len(img.read(g, min(READ_BYTES, vs - g)))
+        except Qcow2Error:
+            n += 1
+    return n
+
+
+def _cli(args: list[str]) -> str:
+    from qinspect.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.get("QINSPECT_DEBUG")
+    os.environ["QINSPECT_DEBUG"] = "1"  # guarded() re-raises: an "internal error" is a crash here
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(args)
+    finally:
+        if saved is None:
+            del os.environ["QINSPECT_DEBUG"]
+        else:
+            os.environ["QINSPECT_DEBUG"] = saved
+    if "Traceback" in err.getvalue() or "internal error" in err.getvalue():
+        raise AssertionError(f"qinspect {' '.join(args)}: {err.getvalue()[-500:]}")
+    return f"exit {code}"
+
+
+def exercise(path: str, with_cli: bool = True) -> dict[str, str]:
+    """Run every operation over the image at `path`; Qcow2Error is a result, anything else raises."""
+    ops: dict[str, str] = {}
+
+    def op(name: str, fn: Callable[[], object]) -> None:
+        try:
+            r = fn()
+            ops[name] = "ok" if r is None else f"ok: {str(r)[:80]}"
+        except Qcow2Error as e:
+            msg = str(e)
+            if not msg.strip():
+                raise AssertionError(f"{name}: Qcow2Error with an empty message") from e
+            ops[name] = f"error: {msg[:200]}"
+
+    try:
+        img = open_image(path)
+    except Qcow2Error as e:
+        ops["open"] = f"error: {e}"
+        if with_cli:
+            op("cli info", lambda: _cli(["info", path]))
+        return ops
+    from qinspect.analysis.check import check_image
+    from qinspect.analysis.info import chain_info, image_info
+    from qinspect.analysis.map import iter_map
+
+    with img:
+        ops["open"] = "ok"
+        op("problems", lambda: (len([str(p) for p in img.problems]), len(img.bitmaps), img.luks,
+                                img.open_refusals))
+        op("info", lambda: len(json.dumps(image_info(img))))
+        op("map", lambda: sum(1 for _ in iter_map(img)))
+        op("info chain", lambda: len(json.dumps(chain_info(img))))
+        op("check", lambda: check_image(img).to_json())
+        layout = _layout_fn()
+        if layout is not None:
+            op("layout", lambda: layout(img))
+        op("read", lambda: _reads(img))
+        op("problems after", lambda: len([str(p) for p in img.problems]))
+    if with_cli:
+        for cmd in _cli_commands(path):
+            op(f"cli {cmd[0]}", lambda cmd=cmd: _cli(cmd))  # type: ignore[misc]
+    return ops
+
+
+def _cli_commands(path: str) -> list[list[str]]:
+    """The CLI commands a case runs: the core ones, and the analysis commands that exist."""
+    from qinspect.cli import COMMANDS, _load_extra_commands
+
+    _load_extra_commands()
+    cmds = [["info", path], ["check", path, "--output=json"], ["map", path, "--output=json"]]
+    for name, args in (("layout", []), ("measure", ["--output=json"]), ("cache", []), ("diagnose", ["--deep"])):
+        if name in COMMANDS:
+            cmds.append([name, path, *args])
+    return cmds
+
+
+# -- the worker -------------------------------------------------------------------------------------
+class _Worker:
+    def __init__(self, ctx: Any, workdir: Path, sample_dir: Path, bases: list[Base], seed: int) -> None:
+        self.parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, workdir, sample_dir, bases, seed), daemon=True)
+        self.proc.start()
+        child.close()
+        self.case: int | None = None
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        if self.proc.pid is not None and self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.parent.close()
+
+
+def _worker_main(conn: Connection, workdir: Path, sample_dir: Path, bases: list[Base], seed: int) -> None:
+    try:
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        vm = _status_kib("VmSize") * 1024
+        if vm:
+            limit = vm + ADDRESS_SPACE_HEADROOM
+            if hard == resource.RLIM_INFINITY or limit < hard:
+                resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (OSError, ValueError):
+        pass
+    workdir.mkdir(parents=True, exist_ok=True)
+    for f in sample_dir.iterdir():
+        link = workdir / f.name
+        if not link.exists():
+            link.symlink_to(f)
+    private: set[str] = set()
+    if TRACEMALLOC:
+        tracemalloc.start(1)
+    while True:
+        try:
+            index = conn.recv()
+        except EOFError:
+            return
+        if index is None:
+            return
+        conn.send(_run_one(index, workdir, bases, seed, private))
+
+
+def _run_one(index: int, workdir: Path, bases: list[Base], seed: int, private: set[str]) -> Outcome:
+    t0 = time.perf_counter()
+    out = Outcome(index)
+    try:
+        base, case = case_for(index, seed, bases)
+    except Exception:  # a bug of the fuzzer itself, reported like a crash
+        out.status, out.detail = "crash", "building the case failed:\n" + traceback.format_exc()
+        return out
+    out.description = case.describe()
+    path = workdir / base.file
+    if base.file not in private:
+        path.unlink(missing_ok=True)
+        path.write_bytes(base.data)
+        private.add(base.file)
+    target = path
+    if case.steps and case.steps[-1].startswith("then inspect "):
+        target = workdir / case.steps[-1].split()[2].rstrip(",")
+    _apply(path, case)
+    meter = _Meter()
+    try:
+        out.ops = exercise(str(target), with_cli=index % CLI_EVERY == 0)
+    except BaseException as e:  # every escape is the finding
+        out.status = "crash"
+        out.detail = f"{type(e).__name__}: {e}\n" + traceback.format_exc()
+    finally:
+        out.peak = meter.peak()
+        _revert(path, case, base.data)
+    if out.status == "ok" and out.peak > MEMORY_BOUND:
+        out.status = "memory"
+        out.detail = f"memory grew by {out.peak >> 20} MiB during the case, more than {MEMORY_BOUND >> 20} MiB"
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+class _Meter:
+    """Peak memory growth from now on: RSS high-water mark (reset here) or the tracemalloc peak."""
+
+    def __init__(self) -> None:
+        if TRACEMALLOC:
+            tracemalloc.reset_peak()
+            self.base = tracemalloc.get_traced_memory()[0]
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM of this (worker) process to its current RSS
+        except OSError:
+            pass
+        self.base = _status_kib("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if TRACEMALLOC:
+            return max(0, tracemalloc.get_traced_memory()[1] - self.base)
+        return max(0, _status_kib("VmHWM") * 1024 - self.base)
+
+
+def _status_kib(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _apply(path: Path, case: Case) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for off, b in case.patches:
+            os.pwrite(fd, b, off)
+        if case.truncate is not None:
+            os.ftruncate(fd, case.truncate)
+    finally:
+        os.close(fd)
+
+
+def _revert(path: Path, case: Case, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for off, b in case.patches:
+            if off < len(data):
+                os.pwrite(fd, data[off : off + len(b)], off)
+        if case.truncate is not None:
+            os.pwrite(fd, data[case.truncate :], case.truncate)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
+# -- the pool ---------------------------------------------------------------------------------------
+def run_cases(indices: Iterable[int], *, seed: int, bases: list[Base], sample_dir: Path, workdir: Path,
+              jobs: int = 2, timeout: float = CASE_TIMEOUT,
+              on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Run the cases in `jobs` workers; returns every outcome (in completion order)."""
+    ctx = mp.get_context("fork")
+    todo = list(indices)
+    todo.reverse()
+    outcomes: list[Outcome] = []
+    serial = 0
+
+    def spawn() -> _Worker:
+        nonlocal serial
+        serial += 1
+        return _Worker(ctx, workdir / f"w{serial}", sample_dir, bases, seed)
+
+    workers = [spawn() for _ in range(max(1, min(jobs, len(todo) or 1)))]
+
+    def dispatch(w: _Worker) -> None:
+        if todo:
+            w.case = todo.pop()
+            w.deadline = time.monotonic() + timeout
+            w.parent.send(w.case)
+        else:
+            w.case = None
+
+    for w in workers:
+        dispatch(w)
+    try:
+        while any(w.case is not None for w in workers):
+            busy = [w for w in workers if w.case is not None]
+            wait_for = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = wait([w.parent for w in busy], timeout=wait_for)
+            for i, w in enumerate(workers):
+                if w.case is None:
+                    continue
+                o: Outcome | None = None
+                if w.parent in ready:
+                    try:
+                        o = w.parent.recv()
+                    except (EOFError, OSError):
+                        o = Outcome(w.case, status="died", detail=f"worker exited with code {w.proc.exitcode}")
+                elif time.monotonic() >= w.deadline:
+                    o = Outcome(w.case, status="hang", detail=f"no result within {timeout:g} s")
+                if o is None:
+                    continue
+                outcomes.append(o)
+                if on_outcome is not None:
+                    on_outcome(o)
+                if o.status in ("hang", "died"):
+                    w.kill()
+                    workers[i] = w = spawn()
+                dispatch(w)
+    finally:
+        for w in workers:
+            if w.proc.is_alive():
+                with contextlib.suppress(OSError, ValueError):
+                    w.parent.send(None)
+                w.proc.join(2)
+            w.kill()
+    return outcomes
+
+
+def describe_hang(outcome: Outcome, seed: int, bases: list[Base]) -> str:
+    """A hang's outcome carries no description (the worker was killed): rebuild it."""
+    if outcome.description:
+        return outcome.description
+    return case_for(outcome.index, seed, bases)[1].describe()

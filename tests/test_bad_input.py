@@ -1,0 +1,233 @@
+"""Bad input on the command line (issue #6): one clear line on stderr, exit code 1, no traceback.
+
+Every case runs the real `qinspect` command in a subprocess and expects exactly one line on stderr,
+`qinspect: FILE: what is wrong` (with `(offset N)` where a file offset is at fault), naming what is
+wrong in words a user understands.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Samples
+
+QEMU_IMG = shutil.which("qemu-img")
+needs_qemu = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img not installed")
+
+
+QINSPECT = shutil.which("qinspect") or str(Path(sys.executable).with_name("qinspect"))
+
+
+def qinspect(*args: str | Path, cwd: Path | None = None,
+             prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run the installed `qinspect` command (never with QINSPECT_DEBUG, which shows tracebacks)."""
+    env = {k: v for k, v in os.environ.items() if k != "QINSPECT_DEBUG"}
+    return subprocess.run([*prefix, QINSPECT, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=env, check=False)
+
+
+def assert_one_line(r: subprocess.CompletedProcess[str], path: str | Path, *fragments: str) -> str:
+    """Exit 1, nothing but one `qinspect: PATH: ...` line on stderr, containing every fragment."""
+    lines = r.stderr.splitlines()
+    assert r.returncode == 1, (r.returncode, r.stdout[-500:], r.stderr)
+    assert "Traceback" not in r.stderr
+    assert "internal error" not in r.stderr
+    assert len(lines) == 1, r.stderr
+    line = lines[0]
+    assert line.startswith(f"qinspect: {path}: "), line
+    for frag in fragments:
+        assert frag in line, (frag, line)
+    return line
+
+
+def qemu_img(*args: str | Path, cwd: Path) -> None:
+    assert QEMU_IMG is not None
+    subprocess.run([QEMU_IMG, *map(str, args)], cwd=cwd, check=True, capture_output=True)
+
+
+# -- not an image at all -----------------------------------------------------------------------------
+def test_missing_file(tmp_path: Path) -> None:
+    for cmd in ("info", "map", "check"):
+        assert_one_line(qinspect(cmd, tmp_path / "nope.qcow2"), tmp_path / "nope.qcow2", "no such file")
+
+
+def test_missing_file_tui(tmp_path: Path) -> None:
+    assert_one_line(qinspect(tmp_path / "nope.qcow2"), tmp_path / "nope.qcow2", "no such file")
+
+
+def test_directory(tmp_path: Path) -> None:
+    assert_one_line(qinspect("info", tmp_path), tmp_path, "is a directory")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    f = tmp_path / "empty.qcow2"
+    f.write_bytes(b"")
+    assert_one_line(qinspect("info", f), f, "empty file")
+
+
+def test_tiny_file(tmp_path: Path) -> None:
+    f = tmp_path / "tiny.qcow2"
+    f.write_bytes(b"QFI")
+    assert_one_line(qinspect("info", f), f, "too small", "(3 bytes)")
+
+
+def test_truncated_header(tmp_path: Path, samples: Samples) -> None:
+    f = tmp_path / "trunc.qcow2"
+    f.write_bytes(samples.path("basic64k").read_bytes()[:50])
+    assert_one_line(qinspect("check", f), f, "truncated header", "50 bytes")
+
+
+def test_raw_image(tmp_path: Path) -> None:
+    f = tmp_path / "disk.raw"
+    f.write_bytes(bytes(1 << 20))
+    assert_one_line(qinspect("info", f), f, "not a qcow2 image", "raw", "(offset 0)")
+
+
+def test_fifo(tmp_path: Path) -> None:
+    f = tmp_path / "fifo"
+    os.mkfifo(f)
+    assert_one_line(qinspect("info", f), f, "is a FIFO")
+
+
+def test_character_device() -> None:
+    assert_one_line(qinspect("info", "/dev/null"), "/dev/null", "character device")
+
+
+def test_permission_denied(tmp_path: Path, samples: Samples) -> None:
+    f = tmp_path / "secret.qcow2"
+    shutil.copyfile(samples.path("basic64k"), f)
+    f.chmod(0)
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        # root reads anything; drop the capabilities that let it (for this command only)
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv")
+        prefix = (setpriv, "--bounding-set=-dac_override,-dac_read_search")
+    r = qinspect("info", f, prefix=prefix)
+    assert_one_line(r, f, "permission denied")
+
+
+@needs_qemu
+@pytest.mark.parametrize(("fmt", "opts", "what"), [
+    ("qcow", (), "qcow (version 1)"),
+    ("vmdk", (), "VMDK"),
+    ("vmdk", ("-o", "subformat=monolithicFlat"), "VMDK descriptor"),
+    ("vdi", (), "VDI"),
+    ("vpc", (), "VHD"),
+    ("vpc", ("-o", "subformat=fixed"), "VHD"),
+    ("vhdx", (), "VHDX"),
+    ("qed", (), "QED"),
+])
+def test_other_formats(tmp_path: Path, fmt: str, opts: tuple[str, ...], what: str) -> None:
+    f = tmp_path / f"disk.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, *opts, f, "1M", cwd=tmp_path)
+    for cmd in ("info", "map", "check"):
+        assert_one_line(qinspect(cmd, f), f, what)
+
+
+# -- a qcow2 image whose surroundings are broken -----------------------------------------------------
+@needs_qemu
+def test_missing_backing_file(tmp_path: Path) -> None:
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", top, "1M", cwd=tmp_path)
+    for cmd in ("map", "check"):  # like qemu-img: map and check need the backing chain
+        assert_one_line(qinspect(cmd, top), top, "cannot open backing file", "gone.qcow2", "no such file")
+    assert_one_line(qinspect("info", "--backing-chain", top), top, "cannot open backing file")
+    # info of the image alone works (as qemu-img info does) and warns on stderr
+    r = qinspect("info", top)
+    assert r.returncode == 0, r.stderr
+    assert "gone.qcow2 does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_qemu
+def test_missing_data_file(tmp_path: Path) -> None:
+    img = tmp_path / "ext.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=ext.raw", img, "1M", cwd=tmp_path)
+    (tmp_path / "ext.raw").unlink()
+    for cmd in ("map", "check"):
+        assert_one_line(qinspect(cmd, img, cwd=tmp_path), img, "cannot open external data file", "ext.raw",
+                        "no such file")
+    r = qinspect("info", img, cwd=tmp_path)
+    assert r.returncode == 0 and "cannot open external data file" in r.stderr
+
+
+@needs_qemu
+def test_data_file_is_a_directory(tmp_path: Path) -> None:
+    img = tmp_path / "ext.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=ext.raw", img, "1M", cwd=tmp_path)
+    (tmp_path / "ext.raw").unlink()
+    (tmp_path / "ext.raw").mkdir()
+    assert_one_line(qinspect("map", img, cwd=tmp_path), img, "cannot open external data file", "is a directory")
+
+
+def _set_backing(path: Path, name: bytes) -> None:
+    """Point the image's backing file name at `name` (written at byte 1024 of cluster 0)."""
+    with open(path, "r+b") as f:
+        f.seek(1024)
+        f.write(name)
+        f.seek(8)
+        f.write(struct.pack(">QI", 1024, len(name)))
+
+
+def test_backing_chain_loop(tmp_path: Path, samples: Samples) -> None:
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    shutil.copyfile(samples.path("basic64k"), a)
+    shutil.copyfile(samples.path("basic64k"), b)
+    _set_backing(a, b"b.qcow2")
+    _set_backing(b, b"a.qcow2")
+    assert_one_line(qinspect("map", a), a, "backing chain loops")
+    _set_backing(a, b"a.qcow2")
+    assert_one_line(qinspect("check", a), a, "backing chain loops")
+
+
+def test_backing_chain_1000_deep(tmp_path: Path, samples: Samples) -> None:
+    data = samples.path("basic64k").read_bytes()
+    for i in range(1000):
+        p = tmp_path / f"l{i:04d}.qcow2"
+        p.write_bytes(data)
+        if i:
+            _set_backing(p, f"l{i - 1:04d}.qcow2".encode())
+    top = tmp_path / "l0999.qcow2"
+    assert_one_line(qinspect("map", top), top, "backing chain deeper than")
+
+
+def test_backing_file_is_a_fifo(tmp_path: Path, samples: Samples) -> None:
+    a = tmp_path / "a.qcow2"
+    shutil.copyfile(samples.path("basic64k"), a)
+    os.mkfifo(tmp_path / "pipe")
+    _set_backing(a, b"pipe")  # must not block waiting for a writer
+    assert_one_line(qinspect("map", a), a, "cannot open backing file", "FIFO")
+
+
+# -- hostile headers: what QEMU refuses, qinspect's qemu-img commands refuse too -------------------------
+def _patched(tmp_path: Path, samples: Samples, offset: int, fmt: str, value: int) -> Path:
+    f = tmp_path / "hostile.qcow2"
+    shutil.copyfile(samples.path("basic64k"), f)
+    with open(f, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(struct.pack(fmt, value))
+    return f
+
+
+@pytest.mark.parametrize(("offset", "fmt", "value", "fragments"), [
+    (36, ">I", 0xFFFFFFFF, ("L1 table", "too large", "4294967295 entries", "(offset 36)")),
+    (56, ">I", 0x10000000, ("refcount table", "too large", "(offset 56)")),
+    (60, ">I", 0x10000, ("snapshot", "(offset")),
+    (60, ">I", 0xFFFFFFFF, ("too many snapshots", "(offset 60)")),
+    (20, ">I", 40, ("cluster size", "(offset 20)")),
+    (4, ">I", 7, ("version 7", "(offset 4)")),
+    (96, ">I", 0x80000000, ("refcount_order", "(offset 96)")),
+    (100, ">I", 0xFFFFFFF0, ("header", "(offset 100)")),
+])
+def test_hostile_header_fields(tmp_path: Path, samples: Samples, offset: int, fmt: str, value: int,
+                               fragments: tuple[str, ...]) -> None:
+    f = _patched(tmp_path, samples, offset, fmt, value)
+    for cmd in ("info", "map", "check"):
+        assert_one_line(qinspect(cmd, f), f, *fragments)

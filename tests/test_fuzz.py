@@ -1,0 +1,177 @@
+"""Mutation fuzzing of the sample images (issue #6): never crash, never hang, never blow up memory.
+
+Every case takes one sample image, changes one to three things in its metadata (an integer field
+set to 0, 1, max, huge, negative-as-unsigned, unaligned, past the end of the file or at another
+structure; a flag bit toggled; an extended-L2 bitmap with both bits set; a compressed descriptor
+running past the end; a structure zeroed or filled with random bytes; the file truncated; the
+backing file name pointed at the image itself, a directory, a device...), then runs open, info,
+map, check, layout (when present), lookups and reads over it, plus every CLI command (info, check,
+map, layout, measure, cache, diagnose --deep) on every eighth case. Each operation must end in a
+result or a `Qcow2Error`; each case must finish within a time bound (a hang detector, not a timing
+assertion) and grow memory by less than a bound. The CLI runs with QINSPECT_DEBUG=1, so an
+"internal error" that `guarded()` would hide from users is a crash here.
+
+    pytest tests/test_fuzz.py                               # the CI run (QINSPECT_FUZZ_CASES=3000)
+    QINSPECT_FUZZ_CASES=100000 pytest tests/test_fuzz.py    # a long run
+    QINSPECT_FUZZ_SEED=7 QINSPECT_FUZZ_START=5000 ...       # other cases
+    QINSPECT_FUZZ_ONLY=1234 pytest tests/test_fuzz.py -k replay   # one case, in-process, with traceback
+
+Other knobs: QINSPECT_FUZZ_JOBS (workers, default: CPUs up to 4), QINSPECT_FUZZ_TIMEOUT (seconds
+per case, default 60), QINSPECT_FUZZ_MEMORY_MB (default 512), QINSPECT_FUZZ_TRACEMALLOC=1.
+Cases are deterministic in (seed, index); a failure prints the replay command.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fuzz import runner
+from fuzz.runner import Outcome, _apply, case_for, describe_hang, exercise, load_bases, run_cases
+
+CASES = int(os.environ.get("QINSPECT_FUZZ_CASES", "3000"))
+SEED = int(os.environ.get("QINSPECT_FUZZ_SEED", "6"))
+START = int(os.environ.get("QINSPECT_FUZZ_START", "0"))
+JOBS = int(os.environ.get("QINSPECT_FUZZ_JOBS", str(min(4, os.cpu_count() or 2))))
+ONLY = os.environ.get("QINSPECT_FUZZ_ONLY")
+
+
+class _Summary:
+    """A pytest plugin registered by the fuzz test: one line in the terminal summary."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        for line in self.lines:
+            terminalreporter.write_line(line)
+
+
+def _summary(config: pytest.Config) -> _Summary:
+    plugin = config.pluginmanager.get_plugin("qinspect-fuzz-summary")
+    if plugin is None:
+        plugin = _Summary()
+        config.pluginmanager.register(plugin, "qinspect-fuzz-summary")
+    assert isinstance(plugin, _Summary)
+    return plugin
+
+
+@pytest.fixture(scope="module")
+def bases(samples: Any) -> list[runner.Base]:
+    if not samples.catalog:
+        pytest.skip("no sample images")
+    return load_bases(samples.dir, samples.catalog)
+
+
+def _report(failures: list[Outcome], bases: list[runner.Base]) -> str:
+    lines = [f"{len(failures)} fuzz case(s) failed (seed {SEED}):"]
+    for o in failures[:15]:
+        lines.append(f"--- {o.status}: {describe_hang(o, SEED, bases)}")
+        lines.append(f"    replay: QINSPECT_FUZZ_SEED={SEED} QINSPECT_FUZZ_ONLY={o.index} "
+                     "pytest tests/test_fuzz.py -k replay")
+        lines.extend("    " + ln for ln in o.detail.strip().splitlines()[-12:])
+    if len(failures) > 15:
+        lines.append(f"... and {len(failures) - 15} more")
+    return "\n".join(lines)
+
+
+@pytest.mark.skipif(ONLY is not None, reason="replaying one case")
+def test_fuzz_cases(samples: Any, bases: list[runner.Base], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    t0 = time.monotonic()
+    outcomes = run_cases(range(START, START + CASES), seed=SEED, bases=bases, sample_dir=samples.dir,
+                         workdir=tmp_path, jobs=JOBS)
+    elapsed = time.monotonic() - t0
+    status = Counter(o.status for o in outcomes)
+    opened = sum(1 for o in outcomes if o.ops.get("open") == "ok")
+    peak = max((o.peak for o in outcomes), default=0)
+    slowest = max((o.seconds for o in outcomes), default=0.0)
+    failures = sorted((o for o in outcomes if o.status != "ok"), key=lambda o: o.index)
+    _summary(request.config).lines.append(
+        f"qinspect fuzz: {len(outcomes)} cases (seed {SEED}, cases {START}..{START + CASES - 1}) in {elapsed:.0f} s "
+        f"on {JOBS} workers: {opened} opened, {len(outcomes) - opened} refused at open; "
+        f"{len(failures)} failed {dict(status)}; slowest case {slowest:.1f} s, largest memory growth "
+        f"{peak >> 20} MiB")
+    assert len(outcomes) == CASES
+    assert not failures, _report(failures, bases)
+
+
+@pytest.mark.skipif(ONLY is None, reason="set QINSPECT_FUZZ_ONLY=N to replay case N")
+def test_fuzz_replay(samples: Any, bases: list[runner.Base], tmp_path: Path) -> None:
+    """Run one case in this process so a failure shows its full traceback."""
+    assert ONLY is not None
+    base, case = case_for(int(ONLY), SEED, bases)
+    print(case.describe())
+    for f in samples.dir.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    path = tmp_path / base.file
+    path.unlink()
+    shutil.copyfile(samples.dir / base.file, path)
+    _apply(path, case)
+    target = path
+    if case.steps[-1].startswith("then inspect "):
+        target = tmp_path / case.steps[-1].split()[2].rstrip(",")
+    for name, result in exercise(str(target)).items():
+        print(f"  {name}: {result}")
+
+
+def test_cases_are_deterministic(bases: list[runner.Base]) -> None:
+    for i in (0, 1, 17, 999):
+        a, b = case_for(i, SEED, bases)[1], case_for(i, SEED, bases)[1]
+        assert (a.image, a.steps, a.patches, a.truncate) == (b.image, b.steps, b.patches, b.truncate)
+        assert a.steps and (a.patches or a.truncate is not None or all(s.startswith("(") for s in a.steps))
+
+
+def test_mutations_reach_every_region(bases: list[runner.Base]) -> None:
+    """The first few hundred cases touch every kind of structure the samples have."""
+    regions = {r for b in bases for r in b.targets.regions}
+    hit: set[str] = set()
+    for i in range(600):
+        for step in case_for(i, SEED, bases)[1].steps:
+            hit.add(step.split(":", 1)[0])
+    assert regions <= hit, regions - hit
+    assert {"header", "extensions", "L1", "L2", "L2 bitmap", "refcount table", "refcount block",
+            "snapshot table", "bitmap directory", "compressed data"} <= regions
+
+
+# -- the harness itself catches what it is meant to catch --------------------------------------------
+def _harness(monkeypatch: pytest.MonkeyPatch, samples: Any, bases: list[runner.Base], tmp_path: Path,
+             fake: Any, timeout: float = 20.0) -> Outcome:
+    monkeypatch.setattr(runner, "exercise", fake)  # inherited by the forked worker
+    [o] = run_cases([0], seed=SEED, bases=bases, sample_dir=samples.dir, workdir=tmp_path, jobs=1,
+                    timeout=timeout)
+    return o
+
+
+def test_harness_reports_a_crash(monkeypatch: pytest.MonkeyPatch, samples: Any, bases: list[runner.Base],
+                                 tmp_path: Path) -> None:
+    def crash(path: str, with_cli: bool = True) -> dict[str, str]:
+        raise IndexError("index -1 is out of bounds")
+
+    o = _harness(monkeypatch, samples, bases, tmp_path, crash)
+    assert o.status == "crash" and "IndexError" in o.detail
+
+
+def test_harness_reports_a_hang(monkeypatch: pytest.MonkeyPatch, samples: Any, bases: list[runner.Base],
+                                tmp_path: Path) -> None:
+    def hang(path: str, with_cli: bool = True) -> dict[str, str]:
+        time.sleep(3600)
+        return {}
+
+    o = _harness(monkeypatch, samples, bases, tmp_path, hang, timeout=1.0)
+    assert o.status == "hang"
+
+
+def test_harness_reports_memory_growth(monkeypatch: pytest.MonkeyPatch, samples: Any,
+                                       bases: list[runner.Base], tmp_path: Path) -> None:
+    def hog(path: str, with_cli: bool = True) -> dict[str, str]:
+        block = bytearray(runner.MEMORY_BOUND + (64 << 20))  # touched: counts in RSS and tracemalloc
+        block[:: 4096] = b"\1" * len(block[:: 4096])
+        return {"open": "ok"}
+
+    o = _harness(monkeypatch, samples, bases, tmp_path, hog)
+    assert o.status == "memory"
