@@ -304,8 +304,11 @@ class Image:
     def _chain_paths(self) -> list[str]:
         return [*self._parent_chain, os.path.realpath(self.path)]
 
-    def chain(self) -> list[Layer]:
-        """This image and every layer below it, top first (opening them as needed)."""
+    def open_chain(self) -> tuple[list[Layer], Qcow2Error | None]:
+        """The layers that can be opened, top first, and why the chain stops early (None if it does not).
+
+        For viewers that show what they can of a broken chain; `chain()` raises instead.
+        """
         layers: list[Layer] = [self]
         cur: Layer = self
         while isinstance(cur, Image):
@@ -313,13 +316,20 @@ class Image:
                 nxt = cur.backing()
             except Qcow2Error as e:
                 if cur is self:
-                    raise
+                    return layers, e
                 # Report it against the image the user named, saying which layer failed.
-                raise Qcow2Error(f"in backing file {cur.path}: {e.message}", e.offset, path=self.path) from None
+                return layers, Qcow2Error(f"in backing file {cur.path}: {e.message}", e.offset, path=self.path)
             if nxt is None:
                 break
             layers.append(nxt)
             cur = nxt
+        return layers, None
+
+    def chain(self) -> list[Layer]:
+        """This image and every layer below it, top first (opening them as needed)."""
+        layers, error = self.open_chain()
+        if error is not None:
+            raise error
         return layers
 
     # -- tables ---------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import numpy as np
 import numpy.typing as npt
 
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
 from qinspect.qcow2.l2 import SubclusterType
 from qinspect.tui.palette import GUEST_COLOURS, NSTATES, G, backing_state
@@ -81,18 +80,8 @@ class ImagePool:
 
 def chain_of(img: Image) -> tuple[list[Layer], str | None]:
     """The layers of `img`'s chain that can be opened, and why the chain stops early (if it does)."""
-    layers: list[Layer] = [img]
-    cur: Layer = img
-    while isinstance(cur, Image):
-        try:
-            nxt = cur.backing()
-        except Qcow2Error as e:
-            return layers, str(e)
-        if nxt is None:
-            break
-        layers.append(nxt)
-        cur = nxt
-    return layers, None
+    layers, error = img.open_chain()
+    return layers, None if error is None else str(error)
 
 
 def extents_to_clusters(guest: I64, length: I64, codes: U8, g0: int, n: int, cs: int, g_end: int) -> U8:
