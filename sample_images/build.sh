@@ -418,6 +418,31 @@ qio fragmented.qcow2 "${frag_cmds[@]}"
 mk big_empty.qcow2 1T
 
 # ---------------------------------------------------------------------------------------------
+# issue 9: fidelity at the edges
+# ---------------------------------------------------------------------------------------------
+# (images for this section go here)
+
+# ---------------------------------------------------------------------------------------------
+# issue 10: hostile images and names
+# ---------------------------------------------------------------------------------------------
+# (images for this section go here)
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: diagnosis (one image per finding)
+# ---------------------------------------------------------------------------------------------
+# (images for this section go here)
+
+# ---------------------------------------------------------------------------------------------
+# issue 16: scan
+# ---------------------------------------------------------------------------------------------
+# (images for this section go here)
+
+# ---------------------------------------------------------------------------------------------
+# spare
+# ---------------------------------------------------------------------------------------------
+# (images for this section go here)
+
+# ---------------------------------------------------------------------------------------------
 # non-sparse, compress, install
 # ---------------------------------------------------------------------------------------------
 qh densify "$B"/*
@@ -457,20 +482,27 @@ python3 - "$HERE/catalog.json" "$G" "$HERE/golden" "$WORK/raw" <<'PY'
 import concurrent.futures, hashlib, json, os, subprocess, sys
 
 catalog_path, src, gold, rawdir = sys.argv[1:]
-catalog = json.load(open(catalog_path))
+here = os.path.dirname(os.path.abspath(catalog_path))
+# catalog.json plus catalog.d/*.json (one file per topic, so parallel work does not collide)
+catalog_files = [catalog_path] + sorted(
+    os.path.join(here, "catalog.d", n) for n in os.listdir(os.path.join(here, "catalog.d")) if n.endswith(".json")
+) if os.path.isdir(os.path.join(here, "catalog.d")) else [catalog_path]
+catalog = []
 os.chdir(src)
 
-here = os.path.dirname(os.path.abspath(catalog_path))
-changed = False
-for e in catalog:   # keep "file" in step with what was installed (plain or .gz)
-    plain = e["file"].removesuffix(".gz")
-    actual = plain if os.path.exists(os.path.join(here, plain)) else plain + ".gz"
-    if actual != e["file"]:
-        e["file"], changed = actual, True
-if changed:
-    with open(catalog_path, "w") as f:
-        json.dump(catalog, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+for cpath in catalog_files:
+    part = json.load(open(cpath))
+    changed = False
+    for e in part:   # keep "file" in step with what was installed (plain or .gz)
+        plain = e["file"].removesuffix(".gz")
+        actual = plain if os.path.exists(os.path.join(here, plain)) else plain + ".gz"
+        if actual != e["file"]:
+            e["file"], changed = actual, True
+    if changed:
+        with open(cpath, "w") as f:
+            json.dump(part, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    catalog.extend(part)
 for e in catalog:
     for need in [e["file"], *e["backing"], *([e["data_file"]] if "data_file" in e else [])]:
         if not (os.path.exists(os.path.join(here, need)) or os.path.exists(os.path.join(here, need + ".gz"))):

@@ -23,10 +23,13 @@ GOLDEN = SAMPLES / "golden"
 
 
 def load_catalog() -> list[dict[str, Any]]:
-    path = SAMPLES / "catalog.json"
-    if not path.exists():
-        return []
-    return json.loads(path.read_text())
+    """`catalog.json` plus `catalog.d/*.json` (one file per topic), in that order."""
+    paths = [SAMPLES / "catalog.json", *sorted((SAMPLES / "catalog.d").glob("*.json"))]
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        if path.exists():
+            out.extend(json.loads(path.read_text()))
+    return out
 
 
 CATALOG = load_catalog()
