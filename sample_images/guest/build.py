@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Build the guest sample images (issue 13) with the real tools, in OUTDIR (sparse, ~10 s).
+
+    python3 sample_images/guest/build.py OUTDIR
+
+Each image is a raw disk assembled from partitions made by sgdisk/sfdisk and mkfs.* (populated
+with mkfs.ext4 -d, mtools, ntfscp, an XFS protofile), converted to qcow2 with qemu-img. Then files
+are deleted the way a guest would — debugfs -w rm, mdel/mdeltree, ntfstruncate, and for XFS a
+re-mkfs without discard — on the raw partition file, and only the bytes that changed are written
+into the qcow2 with `qemu-io -c 'write -s FILE OFF LEN'`, so the deleted data stays allocated in
+the image. OUTDIR/manifest.json lists every image, its partitions (offset, size, the partition file
+kept for the filesystem tools) and what was deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+MiB = 1 << 20
+CHUNK = 64 * 1024
+
+
+def run(*cmd: str | os.PathLike[str], **kw: object) -> str:
+    env = dict(os.environ, LC_ALL="C", MTOOLS_SKIP_CHECK="1")
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, **kw)  # type: ignore[call-overload]
+    if r.returncode != 0:
+        raise SystemExit(f"build.py: {' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return str(r.stdout)
+
+
+def sparse_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def place(disk: Path, part: Path, offset: int) -> None:
+    """Copy a partition file into the disk at `offset`, skipping zero chunks (stays sparse)."""
+    with open(part, "rb") as src, open(disk, "r+b") as dst:
+        pos = 0
+        while chunk := src.read(MiB):
+            if chunk.count(0) != len(chunk):
+                dst.seek(offset + pos)
+                dst.write(chunk)
+            pos += len(chunk)
+
+
+def to_qcow2(raw: Path, out: Path, *opts: str) -> None:
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts, raw, out)
+
+
+def changed_ranges(before: Path, after: Path) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    with open(before, "rb") as a, open(after, "rb") as b:
+        pos = 0
+        while True:
+            x, y = a.read(CHUNK), b.read(CHUNK)
+            if not x and not y:
+                break
+            if x != y:
+                if out and out[-1][0] + out[-1][1] == pos:
+                    out[-1] = (out[-1][0], out[-1][1] + len(y))
+                else:
+                    out.append((pos, len(y)))
+            pos += max(len(x), len(y))
+    return out
+
+
+def guest_writes(image: Path, part: Path, before: Path, offset: int, work: Path) -> int:
+    """Write the chunks of `part` that differ from `before` into `image` at `offset` (qemu-io write -s)."""
+    cmds: list[str] = []
+    n = 0
+    with open(part, "rb") as f:
+        for k, (off, ln) in enumerate(changed_ranges(before, part)):
+            f.seek(off)
+            chunk = work / f"chunk{k}"
+            chunk.write_bytes(f.read(ln))
+            cmds += ["-c", f"write -s {chunk} {offset + off} {ln}"]
+            n += ln
+    for i in range(0, len(cmds), 200):
+        run("qemu-io", "-f", "qcow2", *cmds[i : i + 200], image)
+    for c in work.glob("chunk*"):
+        c.unlink()
+    return n
+
+
+def tree(dst: Path, sources: dict[str, str]) -> None:
+    for rel, src in sources.items():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if Path(src).is_dir():
+            shutil.copytree(src, target, symlinks=True, ignore_dangling_symlinks=True)
+        else:
+            shutil.copy(src, target)
+
+
+def debugfs_rm_tree(part: Path, root: Path, rel: str) -> list[str]:
+    """debugfs -w commands removing the directory `rel` of the tree at `root` (files, then dirs bottom-up)."""
+    cmds: list[str] = []
+    base = root / rel
+    for dirpath, dirnames, filenames in os.walk(base, topdown=False):
+        d = "/" + str(Path(dirpath).relative_to(root))
+        for fn in filenames:
+            cmds.append(f'rm "{d}/{fn}"')
+        cmds.append(f'rmdir "{d}"')
+    script = part.with_suffix(".debugfs")
+    script.write_text("\n".join(cmds) + "\n")
+    run("debugfs", "-w", "-f", script, part)
+    script.unlink()
+    return cmds
+
+
+def build_cloud(out: Path, work: Path) -> dict[str, object]:
+    """GPT: EFI (FAT32) + ext4 root made with mkfs.ext4 -d from a real tree; then /usr/share/perl deleted."""
+    disk = work / "cloud.raw"
+    size = 320 * MiB
+    sparse_file(disk, size)
+    run("sgdisk", "-n", "1:2048:+64M", "-t", "1:ef00", "-c", "1:EFI", "-n", "2:0:0", "-t", "2:8300",
+        "-c", "2:root", disk)
+    p1_off, p1_len = 2048 * 512, 64 * MiB
+    p2_off = p1_off + p1_len
+    p2_len = (size // 512 - 33 - (p2_off // 512)) * 512  # GPT: last usable LBA = sectors - 34, inclusive
+    root = work / "rootfs"
+    tree(root, {"etc/zoneinfo": "/usr/share/zoneinfo", "usr/share/perl": "/usr/share/perl",
+                "usr/lib/python3.11/email": "/usr/lib/python3.11/email",
+                "usr/lib/python3.11/json": "/usr/lib/python3.11/json",
+                "usr/lib/python3.11/http": "/usr/lib/python3.11/http",
+                "usr/lib/python3.11/logging": "/usr/lib/python3.11/logging"})
+    efi = work / "cloud.p1"
+    sparse_file(efi, p1_len)
+    run("mkfs.vfat", "-F", "32", "-n", "EFI", efi)
+    (work / "grubx64.efi").write_bytes(os.urandom(300 * 1024))
+    run("mmd", "-i", efi, "::/EFI", "::/EFI/debian")
+    run("mcopy", "-i", efi, work / "grubx64.efi", "::/EFI/debian/grubx64.efi")
+    rootp = work / "cloud.p2"
+    sparse_file(rootp, p2_len)
+    run("mkfs.ext4", "-q", "-F", "-L", "cloudimg-rootfs", "-d", root, rootp)
+    place(disk, efi, p1_off)
+    place(disk, rootp, p2_off)
+    img = out / "cloud.qcow2"
+    to_qcow2(disk, img)
+    before = work / "cloud.p2.before"
+    shutil.copy(rootp, before)
+    debugfs_rm_tree(rootp, root, "usr/share/perl")
+    written = guest_writes(img, rootp, before, p2_off, work)
+    before.unlink()
+    shutil.move(str(efi), out / "cloud.p1")
+    shutil.move(str(rootp), out / "cloud.p2")
+    deleted = sum(f.stat().st_size for f in (root / "usr/share/perl").rglob("*") if f.is_file())
+    shutil.rmtree(root)
+    return {"name": "cloud", "file": "cloud.qcow2", "table": "gpt", "deleted": "/usr/share/perl",
+            "deleted-bytes": deleted, "guest-written": written,
+            "partitions": [{"index": 1, "offset": p1_off, "length": p1_len, "fs": "vfat", "file": "cloud.p1"},
+                           {"index": 2, "offset": p2_off, "length": p2_len, "fs": "ext4", "file": "cloud.p2"}]}
+
+
+def build_mbr(out: Path, work: Path) -> dict[str, object]:
+    """MBR: FAT16 primary, extended with ext2 (1 KiB blocks), swap and a LUKS-header logical partitions."""
+    disk = work / "mbr.raw"
+    size = 128 * MiB
+    sparse_file(disk, size)
+    layout = ("label: dos\n"
+              "start=2048, size=65536, type=6\n"
+              "start=67584, type=5\n"
+              "start=69632, size=65536, type=83\n"
+              "start=137216, size=16384, type=82\n"
+              "start=155648, size=8192, type=83\n")
+    run("sfdisk", "-q", disk, input=layout)
+    parts = [(1, 2048, 65536, "vfat"), (5, 69632, 65536, "ext2"), (6, 137216, 16384, "swap"),
+             (7, 155648, 8192, "crypto_LUKS")]
+    files = {}
+    for idx, s, n, fs in parts:
+        p = work / f"mbr.p{idx}"
+        sparse_file(p, n * 512)
+        files[idx] = p
+        if fs == "vfat":
+            run("mkfs.vfat", "-F", "16", "-n", "DATA", p)
+        elif fs == "ext2":
+            run("mkfs.ext2", "-q", "-F", "-b", "1024", "-L", "boot", p)
+        elif fs == "swap":
+            run("mkswap", "-L", "swap0", p)
+        else:
+            # A LUKS1 header's fixed fields (cryptsetup is not installed): magic, version, cipher, uuid.
+            hdr = bytearray(4096)
+            hdr[0:6] = b"LUKS\xba\xbe"
+            hdr[6:8] = (1).to_bytes(2, "big")
+            hdr[8:11] = b"aes"
+            hdr[40:51] = b"xts-plain64"
+            hdr[168:204] = b"6b1a1d6e-4a37-4a9e-9c0b-5d2a9f0e7c11"
+            p.write_bytes(bytes(hdr) + os.urandom(256 * 1024) + bytes(n * 512 - 4096 - 256 * 1024))
+    blob = work / "blob"
+    for k in range(6):
+        blob.write_bytes(os.urandom((k + 1) * 200 * 1024))
+        run("mcopy", "-i", files[1], blob, f"::/file{k}.bin")
+    run("mmd", "-i", files[1], "::/logs")
+    for k in range(20):
+        blob.write_bytes(os.urandom(40 * 1024))
+        run("mcopy", "-i", files[1], blob, f"::/logs/log{k}.txt")
+    ext2root = work / "ext2root"
+    tree(ext2root, {"grub": "/usr/share/zoneinfo/Europe", "old-kernels": "/usr/share/zoneinfo/America"})
+    blob.write_bytes(os.urandom(3 * MiB))
+    shutil.copy(blob, ext2root / "old-kernels" / "vmlinuz-old")
+    subprocess.run(["mkfs.ext2", "-q", "-F", "-b", "1024", "-L", "boot", "-d", ext2root, files[5]], check=True,
+                   capture_output=True)
+    for idx, s, _n, _fs in parts:
+        place(disk, files[idx], s * 512)
+    img = out / "mbr.qcow2"
+    to_qcow2(disk, img)
+    b1, b5 = work / "p1.before", work / "p5.before"
+    shutil.copy(files[1], b1)
+    shutil.copy(files[5], b5)
+    run("mdel", "-i", files[1], "::/file3.bin", "::/file5.bin")
+    run("mdeltree", "-i", files[1], "::/logs")
+    debugfs_rm_tree(files[5], ext2root, "old-kernels")
+    guest_writes(img, files[1], b1, 2048 * 512, work)
+    guest_writes(img, files[5], b5, 69632 * 512, work)
+    b1.unlink()
+    b5.unlink()
+    shutil.rmtree(ext2root)
+    for idx in files:
+        shutil.move(str(files[idx]), out / f"mbr.p{idx}")
+    return {"name": "mbr", "file": "mbr.qcow2", "table": "mbr",
+            "partitions": [{"index": i, "offset": s * 512, "length": n * 512, "fs": fs, "file": f"mbr.p{i}"}
+                           for i, s, n, fs in parts]}
+
+
+def build_xfs(out: Path, work: Path) -> dict[str, object]:
+    """GPT with one XFS partition (protofile-populated), then re-made with fewer files (mkfs.xfs -K)."""
+    disk = work / "xfs.raw"
+    size = 340 * MiB
+    sparse_file(disk, size)
+    run("sgdisk", "-n", "1:2048:0", "-t", "1:8300", "-c", "1:data", disk)
+    off = 2048 * 512
+    length = (size // 512 - 33 - 2048) * 512
+    part = work / "xfs.p1"
+    sparse_file(part, length)
+    blobs = []
+    for k in range(8):
+        b = work / f"x{k}.bin"
+        b.write_bytes(os.urandom((k + 1) * 512 * 1024))
+        blobs.append(b)
+
+    def proto(files: list[Path]) -> Path:
+        p = work / "proto"
+        lines = ["/dev/null", "0 0", "d--755 0 0"]
+        lines += [f"{b.name} ---644 0 0 {b}" for b in files]
+        p.write_text("\n".join([*lines, "$", ""]))
+        return p
+
+    run("mkfs.xfs", "-q", "-f", "-K", "-L", "xdata", "-p", proto(blobs), part)
+    place(disk, part, off)
+    img = out / "xfs.qcow2"
+    to_qcow2(disk, img)
+    before = work / "xfs.before"
+    shutil.copy(part, before)
+    # The guest reformats without discard and keeps only two of the files.
+    run("mkfs.xfs", "-q", "-f", "-K", "-L", "xdata", "-p", proto(blobs[:2]), part)
+    guest_writes(img, part, before, off, work)
+    before.unlink()
+    shutil.move(str(part), out / "xfs.p1")
+    return {"name": "xfs", "file": "xfs.qcow2", "table": "gpt",
+            "partitions": [{"index": 1, "offset": off, "length": length, "fs": "xfs", "file": "xfs.p1"}]}
+
+
+def build_ntfs(out: Path, work: Path) -> dict[str, object]:
+    """NTFS on the whole disk (no partition table), files copied with ntfscp, two truncated to 0."""
+    disk = work / "ntfs.raw"
+    size = 96 * MiB
+    sparse_file(disk, size)
+    run("mkntfs", "-q", "-F", "-f", "-L", "win", disk)
+    for k in range(5):
+        b = work / f"n{k}.bin"
+        b.write_bytes(os.urandom((k + 1) * 700 * 1024))
+        run("ntfscp", "-f", disk, b, f"file{k}.bin")
+    img = out / "ntfs.qcow2"
+    to_qcow2(disk, img)
+    before = work / "ntfs.before"
+    shutil.copy(disk, before)
+    inodes = {ln.split()[1]: ln.split()[0] for ln in run("ntfsls", "-f", "-i", disk).splitlines() if ln.strip()}
+    for name in ("file2.bin", "file4.bin"):
+        run("ntfstruncate", "-f", disk, inodes[name], "0")
+    guest_writes(img, disk, before, 0, work)
+    before.unlink()
+    shutil.move(str(disk), out / "ntfs.p0")
+    return {"name": "ntfs", "file": "ntfs.qcow2", "table": None,
+            "partitions": [{"index": 0, "offset": 0, "length": size, "fs": "ntfs", "file": "ntfs.p0"}]}
+
+
+def build_chain(out: Path, work: Path, cloud: dict[str, object]) -> dict[str, object]:
+    """An overlay on a copy of cloud.qcow2 where the guest wrote a big file, then deleted it
+    and part of the base's data: reclaimable space in both layers."""
+    parts = cloud["partitions"]
+    assert isinstance(parts, list)
+    p2 = parts[1]
+    base = out / "chain-base.qcow2"
+    shutil.copy(out / "cloud.qcow2", base)
+    over = out / "chain.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "-b",
+        "chain-base.qcow2", "-F", "qcow2", over)
+    part = work / "chain.p2"
+    shutil.copy(out / "cloud.p2", part)
+    before = work / "chain.before"
+    shutil.copy(part, before)
+    blob = work / "big.bin"
+    blob.write_bytes(os.urandom(6 * MiB))
+    run("debugfs", "-w", "-R", f"write {blob} big.bin", part)
+    guest_writes(over, part, before, p2["offset"], work)
+    shutil.copy(part, before)
+    run("debugfs", "-w", "-f", "-", part, input='rm "/big.bin"\nrm "/etc/zoneinfo/zone.tab"\n'
+        'rm "/etc/zoneinfo/iso3166.tab"\nrm "/usr/lib/python3.11/email/_header_value_parser.py"\n')
+    guest_writes(over, part, before, p2["offset"], work)
+    before.unlink()
+    shutil.move(str(part), out / "chain.p2")
+    return {"name": "chain", "file": "chain.qcow2", "table": "gpt", "backing": "chain-base.qcow2",
+            "partitions": [parts[0], {**p2, "file": "chain.p2"}]}
+
+
+def main() -> int:
+    out = Path(sys.argv[1]).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    images = []
+    cloud = build_cloud(out, work)
+    images.append(cloud)
+    images.append(build_chain(out, work, cloud))
+    images.append(build_mbr(out, work))
+    images.append(build_xfs(out, work))
+    images.append(build_ntfs(out, work))
+    shutil.rmtree(work)
+    for f in out.glob("*.p[0-9]"):
+        run("fallocate", "--dig-holes", f)  # keep the partition files sparse
+    (out / "manifest.json").write_text(json.dumps(images, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
