@@ -12,22 +12,22 @@ from qinspect.guest import ext, fat, lvm, ntfs, xfs
 from qinspect.guest.disk import DiskReader, VolumeReader
 from qinspect.guest.model import (
     CancelledFn,
-    ProgressFn,
-    never_cancelled,
-    no_progress,
     Filesystem,
     FsInfo,
     GuestError,
     GuestView,
     LayerReclaim,
     PartitionTable,
+    ProgressFn,
     Segment,
     Volume,
     VolumeKind,
+    never_cancelled,
+    no_progress,
 )
 from qinspect.guest.partitions import check_extents, read_partitions
 from qinspect.guest.ranges import Ranges
-from qinspect.guest.reclaim import data_clusters, reclaimable_in
+from qinspect.guest.reclaim import allocated_bytes, data_clusters, host_clusters, reclaimable_in
 from qinspect.guest.signatures import describe_luks, describe_swap, head_of, identify
 from qinspect.qcow2.image import Image, Layer
 
@@ -60,6 +60,7 @@ def read_volume_fs(disk: DiskReader, v: Volume) -> None:
     v.problems += v.fs.problems
     if v.fs.free is not None:
         v.free_disk = vol.to_disk(v.fs.free.clip(0, vol.size))
+        v.trim_disk = v.free_disk if v.fs.untrimmed is None else v.free_disk.subtract(vol.to_disk(v.fs.untrimmed))
 
 
 def inspect_guest(img: Layer, progress: ProgressFn = no_progress, cancelled: CancelledFn = never_cancelled
@@ -116,16 +117,16 @@ def _exclude_overlaps(volumes: list[Volume]) -> None:
     """A byte another volume also claims is not free: drop it from free space (partition tables that lie)."""
     plain = [v for v in volumes if v.kind in (VolumeKind.PARTITION, VolumeKind.LOGICAL, VolumeKind.WHOLE_DISK)]
     for v in volumes:
-        if v.free_disk is None or not len(v.free_disk):
+        if v.trim_disk is None or not len(v.trim_disk):
             continue
         others = [o for o in plain if o is not v and o.length and (v.parent is None or volumes[v.parent] is not o)
                   and o.start < v.start + v.length + (1 << 62) and v.kind != VolumeKind.LVM_LV]
         clash = Ranges.empty()
         for o in others:
-            if o.start < max(int(v.free_disk.end[-1]), 0) and int(v.free_disk.start[0]) < o.start + o.length:
+            if o.start < int(v.trim_disk.end[-1]) and int(v.trim_disk.start[0]) < o.start + o.length:
                 clash = clash.union(Ranges.of([o.start], [o.start + o.length]))
         if len(clash):
-            v.free_disk = v.free_disk.subtract(clash)
+            v.trim_disk = v.trim_disk.subtract(clash)
 
 
 def _reclaim(img: Layer, volumes: list[Volume], cancelled: CancelledFn) -> list[LayerReclaim]:
@@ -138,20 +139,23 @@ def _reclaim(img: Layer, volumes: list[Volume], cancelled: CancelledFn) -> list[
         if cancelled():
             break
         if not isinstance(layer, Image):
-            out.append(LayerReclaim(layer.path, depth, 0, None))
+            out.append(LayerReclaim(layer.path, depth, 0, None, 0))
             for v in volumes:
                 v.reclaimable_by_layer.append(0)
             continue
         clusters, extents, hosts = data_clusters(layer)
         total = 0
+        mine = Ranges.empty()
         for v in volumes:
-            if v.free_disk is None:
+            if v.trim_disk is None:
                 v.reclaimable_by_layer.append(0)
                 continue
-            r = reclaimable_in(layer, clusters, extents, hosts, v.free_disk.clip(0, layer.virtual_size))
+            r = reclaimable_in(layer, clusters, extents, hosts, v.trim_disk.clip(0, layer.virtual_size))
             if depth == 0:
                 v.reclaimable = r
             v.reclaimable_by_layer.append(r.total)
             total += r.total
-        out.append(LayerReclaim(layer.path, depth, total, layer.cluster_size))
+            mine = mine.union(r)
+        on_disk = allocated_bytes(layer, host_clusters(layer, mine, extents, hosts))
+        out.append(LayerReclaim(layer.path, depth, total, layer.cluster_size, on_disk))
     return out

@@ -7,7 +7,7 @@ are mapped; others are listed with a problem. The metadata is LVM's own text for
 from __future__ import annotations
 
 from qinspect.guest.disk import VolumeReader
-from qinspect.guest.model import GuestError, Volume
+from qinspect.guest.model import Volume
 
 
 def logical_volumes(pv: VolumeReader, pv_volume: Volume) -> list[Volume]:

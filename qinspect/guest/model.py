@@ -89,6 +89,8 @@ class FsInfo:
     free: Ranges | None = None  # volume-relative byte ranges the allocation map says are free
     label: str | None = None
     uuid: str | None = None
+    # Free blocks that `fstrim` does not discard (the XFS AG free lists): in free-bytes, not reclaimable.
+    untrimmed: Ranges | None = None
     detail: dict[str, object] = field(default_factory=dict)  # per-filesystem extras (fat-type, groups, ...)
     problems: list[str] = field(default_factory=list)
     note: str | None = None
@@ -107,6 +109,7 @@ class Volume:
     name: str | None = None  # GPT partition name or LV name (vg/lv)
     fs: FsInfo | None = None
     free_disk: Ranges | None = None  # free bytes as disk ranges (through the segments)
+    trim_disk: Ranges | None = None  # the part of free_disk a guest fstrim discards
     reclaimable: Ranges | None = None  # top-layer data clusters lying wholly in free_disk (disk bytes)
     reclaimable_by_layer: list[int] = field(default_factory=list)  # bytes, top layer first
     problems: list[str] = field(default_factory=list)
@@ -148,6 +151,7 @@ class LayerReclaim:
     depth: int
     reclaimable_bytes: int
     cluster_size: int | None
+    disk_usage_bytes: int = 0  # of those clusters, what the host file has allocated (the drop in `du`)
 
 
 @dataclass
@@ -165,6 +169,10 @@ class GuestView:
     @property
     def reclaimable_bytes(self) -> int:
         return self.layers[0].reclaimable_bytes if self.layers else 0
+
+    @property
+    def reclaimable_disk_usage(self) -> int:
+        return self.layers[0].disk_usage_bytes if self.layers else 0
 
     @property
     def free_bytes(self) -> int:

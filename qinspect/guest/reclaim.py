@@ -57,3 +57,30 @@ def reclaimable_in(img: Image, clusters: Ranges, extents: Ranges, hosts: np.ndar
                 keep_s.append(g)
                 keep_e.append(g + cs)
     return Ranges.of(keep_s, keep_e)
+
+
+def host_clusters(img: Image, reclaimable: Ranges, extents: Ranges, hosts: np.ndarray) -> Ranges:
+    """The host byte ranges (whole clusters) behind the guest clusters `reclaimable`."""
+    cs = img.cluster_size
+    hit = extents.intersect(reclaimable)
+    if not len(hit):
+        return Ranges.empty()
+    k = np.searchsorted(extents.start, hit.start, side="right") - 1
+    h0 = hosts[k] + (hit.start - extents.start[k])
+    h1 = h0 + (hit.end - hit.start)
+    return Ranges.of(h0, h1).outer_units(cs)
+
+
+def allocated_bytes(img: Image, host: Ranges) -> int:
+    """How many bytes of `host` the host file really has allocated (SEEK_DATA/SEEK_HOLE)."""
+    f = img.data_file()
+    total = 0
+    for s, e in host.pairs():
+        pos = s
+        while pos < e:
+            is_data, end = f.data_extent(pos)
+            end = min(max(end, pos + 1), e)
+            if is_data:
+                total += end - pos
+            pos = end
+    return total

@@ -57,10 +57,12 @@ def guest_json(view: GuestView) -> dict[str, Any]:
         "partition-table": view.partition_table.value if view.partition_table else None,
         "volumes": [volume_json(v) for v in view.volumes],
         "reclaimable-bytes": view.reclaimable_bytes,
+        "reclaimable-disk-usage": view.reclaimable_disk_usage,
         "virtual-size": view.virtual_size,
         "cluster-size": view.cluster_size,
         "free-bytes": view.free_bytes,
-        "layers": [{"filename": layer.path, "depth": layer.depth, "reclaimable-bytes": layer.reclaimable_bytes}
+        "layers": [{"filename": layer.path, "depth": layer.depth, "reclaimable-bytes": layer.reclaimable_bytes,
+                    "reclaimable-disk-usage": layer.disk_usage_bytes}
                    for layer in view.layers],
         "problems": list(view.problems),
     }

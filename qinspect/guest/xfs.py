@@ -54,6 +54,7 @@ def read_xfs(vol: VolumeReader) -> FsInfo:
     magic = XFS_ABTB_CRC_MAGIC if crc else XFS_ABTB_MAGIC
     starts: list[np.ndarray] = []
     lens: list[np.ndarray] = []
+    fl: list[int] = []
     for ag in range(agcount):
         ag_first = ag * agblocks
         if ag_first >= dblocks:
@@ -61,29 +62,36 @@ def read_xfs(vol: VolumeReader) -> FsInfo:
             break
         ag_len_max = min(agblocks, dblocks - ag_first)
         try:
-            s, n = _ag_free(vol, ag, ag_first * bs, bs, sectsize, hdr, magic, ag_len_max, info.problems)
+            s, n, agfl_blocks = _ag_free(vol, ag, ag_first * bs, bs, sectsize, hdr, magic, ag_len_max, crc,
+                                  info.problems)
         except GuestError as e:
             info.problems.append(f"AG {ag}: {e.message}; its free space is not counted")
             continue
         starts.append(s + ag_first)
         lens.append(n)
+        fl += [ag_first + b for b in agfl_blocks]
     if starts:
         s = np.concatenate(starts).astype(np.int64)
         n = np.concatenate(lens).astype(np.int64)
-        info.free = Ranges.of(s * bs, (s + n) * bs)
+        bno = Ranges.of(s * bs, (s + n) * bs)
     else:
-        info.free = Ranges.empty()
+        bno = Ranges.empty()
+    # The AG free lists are free blocks (xfs_db freesp and df count them) that fstrim leaves alone.
+    agfl = Ranges.of(np.array(fl, np.int64) * bs, (np.array(fl, np.int64) + 1) * bs).subtract(bno)
+    info.free = bno.union(agfl)
+    info.untrimmed = agfl
+    info.detail["free-list-blocks"] = len(fl)
     return info
 
 
 def _ag_free(vol: VolumeReader, ag: int, ag_off: int, bs: int, sectsize: int, hdr: int, magic: bytes,
-             ag_len_max: int, problems: list[str]) -> tuple[np.ndarray, np.ndarray]:
+             ag_len_max: int, crc: bool, problems: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
     agf = vol.read(ag_off + sectsize, sectsize)
     if agf[:4] != XFS_AGF_MAGIC:
         raise GuestError("AGF has a bad magic number")
     seqno, length, bno_root = struct.unpack_from(">III", agf, 8)
     bno_level = struct.unpack_from(">I", agf, 28)[0]
-    freeblks = struct.unpack_from(">I", agf, 52)[0]
+    flfirst, fllast, flcount, freeblks = struct.unpack_from(">IIII", agf, 40)
     if seqno != ag:
         problems.append(f"AG {ag}: AGF sequence number {seqno}")
     if length > ag_len_max or length == 0:
@@ -137,4 +145,26 @@ def _ag_free(vol: VolumeReader, ag: int, ag_off: int, bs: int, sectsize: int, hd
     total = int(Ranges.of(start, start + count).total)
     if total != freeblks:
         problems.append(f"AG {ag}: the bnobt holds {total} free blocks, the AGF says {freeblks}")
-    return start, count
+    return start, count, _agfl(vol, ag, ag_off, sectsize, crc, flfirst, fllast, flcount, length, problems)
+
+
+def _agfl(vol: VolumeReader, ag: int, ag_off: int, sectsize: int, crc: bool, first: int, last: int, count: int,
+          length: int, problems: list[str]) -> list[int]:
+    """The AG free list: `count` block numbers from slot `first` to `last`, wrapping around."""
+    if count == 0:
+        return []
+    raw = vol.read(ag_off + 3 * sectsize, sectsize)
+    hdr = 36 if crc else 0
+    slots = (sectsize - hdr) // 4
+    if crc and raw[:4] != b"XAFL":
+        problems.append(f"AG {ag}: AGFL has a bad magic number; its blocks are counted as used")
+        return []
+    if first >= slots or last >= slots or count > slots or (last - first) % slots + 1 != count:
+        problems.append(f"AG {ag}: free list first/last/count {first}/{last}/{count} are inconsistent")
+        return []
+    arr = struct.unpack_from(f">{slots}I", raw, hdr)
+    blocks = [arr[(first + i) % slots] for i in range(count)]
+    if any(not 0 < b < length for b in blocks):
+        problems.append(f"AG {ag}: free list holds blocks outside the AG (ignored)")
+        return [b for b in blocks if 0 < b < length]
+    return blocks

@@ -102,7 +102,7 @@ def debugfs_rm_tree(part: Path, root: Path, rel: str) -> list[str]:
     """debugfs -w commands removing the directory `rel` of the tree at `root` (files, then dirs bottom-up)."""
     cmds: list[str] = []
     base = root / rel
-    for dirpath, dirnames, filenames in os.walk(base, topdown=False):
+    for dirpath, _dirnames, filenames in os.walk(base, topdown=False):
         d = "/" + str(Path(dirpath).relative_to(root))
         for fn in filenames:
             cmds.append(f'rm "{d}/{fn}"')
@@ -173,7 +173,7 @@ def build_mbr(out: Path, work: Path) -> dict[str, object]:
     parts = [(1, 2048, 65536, "vfat"), (5, 69632, 65536, "ext2"), (6, 137216, 16384, "swap"),
              (7, 155648, 8192, "crypto_LUKS")]
     files = {}
-    for idx, s, n, fs in parts:
+    for idx, _start, n, fs in parts:
         p = work / f"mbr.p{idx}"
         sparse_file(p, n * 512)
         files[idx] = p
