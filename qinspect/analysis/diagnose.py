@@ -34,7 +34,7 @@ SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 # Every rule, in the order used to break ties; deep-only rules need `deep=True`.
 RULES = (
     "corrupt-bit", "corruption", "dirty", "leaked-clusters", "bitmap-in-use", "l2-cache-coverage",
-    "cow-amplification", "free-space", "zero-clusters", "backing-duplicates", "preallocated-unused",
+    "cow-amplification", "free-space", "guest-freed", "zero-clusters", "backing-duplicates", "preallocated-unused",
     "snapshot-space", "small-clusters", "fragmentation", "scattered-metadata", "compressed", "long-chain",
     "v2-no-zero", "narrow-refcount",
 )
@@ -63,10 +63,14 @@ class Finding:
     evidence: dict[str, int | float | str]
     impact: str
     fix: str
+    fixes: list[dict[str, object]] = field(default_factory=list)  # commands with `predicts` (guest-freed)
 
     def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "severity": self.severity, "title": self.title, "evidence": dict(self.evidence),
-                "impact": self.impact, "fix": self.fix}
+        out: dict[str, object] = {"id": self.id, "severity": self.severity, "title": self.title,
+                                  "evidence": dict(self.evidence), "impact": self.impact, "fix": self.fix}
+        if self.fixes:
+            out["fixes"] = list(self.fixes)
+        return out
 
 
 @dataclass
@@ -586,7 +590,19 @@ def _rule_narrow_refcount(c: _Context) -> Finding | None:
         f"qemu-img amend -f qcow2 -o refcount_bits=16 {_q(c.path)}")
 
 
+def _rule_guest_freed(c: _Context) -> Finding | None:
+    from qinspect.analysis import guest_freed as g  # its own module; imports qinspect.guest
+
+    found = g.guest_freed(c.img, c.space)
+    if found is None:
+        return None
+    g.split_space(c.space, found)
+    return Finding(g.RULE_ID, g.severity(found), g.title(found), g.evidence(found), g.impact(found),
+                   g.fix_text(found), fixes=[f.to_json() for f in found.fixes])
+
+
 _RULES = {
+    "guest-freed": _rule_guest_freed,
     "corrupt-bit": _rule_corrupt_bit, "corruption": _rule_corruption, "dirty": _rule_dirty,
     "leaked-clusters": _rule_leaked, "bitmap-in-use": _rule_bitmap_in_use, "l2-cache-coverage": _rule_l2_cache,
     "cow-amplification": _rule_cow, "free-space": _rule_free_space, "zero-clusters": _rule_zero_clusters,

@@ -8,6 +8,8 @@ own: a filesystem that lies gets a problem on that volume and the others are sti
 
 from __future__ import annotations
 
+import struct
+
 from qinspect.guest import ext, fat, lvm, ntfs, xfs
 from qinspect.guest.disk import DiskReader, VolumeReader
 from qinspect.guest.model import (
@@ -57,6 +59,14 @@ def read_volume_fs(disk: DiskReader, v: Volume) -> None:
     except GuestError as e:
         v.problems.append(str(e))
         return
+    except (struct.error, ValueError, IndexError, OverflowError) as e:
+        # A structure whose fields contradict each other in a way no check above caught: the
+        # volume is reported as unreadable, the rest of the disk still is.
+        v.problems.append(f"{v.filesystem.value if v.filesystem else 'filesystem'} metadata is inconsistent "
+                          f"({type(e).__name__}: {e})")
+        if v.fs is not None:
+            v.fs.free = None
+        return
     v.problems += v.fs.problems
     if v.fs.free is not None:
         v.free_disk = vol.to_disk(v.fs.free.clip(0, vol.size))
@@ -89,7 +99,7 @@ def inspect_guest(img: Layer, progress: ProgressFn = no_progress, cancelled: Can
         if v.filesystem == Filesystem.LVM2:
             try:
                 lvs = lvm.logical_volumes(VolumeReader(disk, v.segments), v)
-            except GuestError as e:
+            except (GuestError, ValueError, IndexError, struct.error) as e:
                 v.problems.append(f"LVM2: {e}")
                 continue
             pv_pos = volumes.index(v)
@@ -138,7 +148,7 @@ def _reclaim(img: Layer, volumes: list[Volume], cancelled: CancelledFn) -> list[
     for depth, layer in enumerate(chain):
         if cancelled():
             break
-        if not isinstance(layer, Image):
+        if not isinstance(layer, Image) or not any(v.trim_disk is not None and len(v.trim_disk) for v in volumes):
             out.append(LayerReclaim(layer.path, depth, 0, None, 0))
             for v in volumes:
                 v.reclaimable_by_layer.append(0)
