@@ -1,7 +1,7 @@
-"""LVM2 physical volumes: the label, the PV header, the text metadata and the logical volumes in it.
+"""LVM2 physical volumes: recognised by their label (`LABELONE` / `LVM2 001` in the first four sectors).
 
-Only the logical volumes whose segments all lie on this PV (linear or striped with one stripe)
-are mapped; others are listed with a problem. The metadata is LVM's own text format.
+Mapping the logical volumes through the text metadata's segments is not implemented yet: the PV is
+reported as `LVM2_member` with a problem saying so, and its space is not counted as free.
 """
 
 from __future__ import annotations
@@ -11,4 +11,8 @@ from qinspect.guest.model import Volume
 
 
 def logical_volumes(pv: VolumeReader, pv_volume: Volume) -> list[Volume]:
+    """The logical volumes in the PV (none yet: see the module docstring)."""
+    del pv
+    pv_volume.problems.append("LVM2 physical volume: its logical volumes are not mapped by this version of "
+                              "qinspect (free space inside them is not counted)")
     return []
