@@ -51,7 +51,10 @@ def print_human(view: GuestView, name: str) -> None:
         what = v.filesystem.value if v.filesystem else f"({v.type_name or 'unknown'})"
         if fs and fs.label:
             what += f' "{fs.label}"'
-        t.add_row(v.label if v.kind.value in ("lvm-lv", "whole-disk") else str(v.index), _sz(v.start),
+        if v.name and v.kind.value == "lvm-lv":
+            what += f" in {v.name}"
+        first = {"lvm-lv": f"lv{v.index}", "whole-disk": "disk"}.get(v.kind.value, str(v.index))
+        t.add_row(first, _sz(v.start),
                   _sz(v.length), for_terminal(what), str(fs.block_size) if fs and fs.block_size else "-",
                   _sz(v.used_bytes), _sz(v.free_bytes),
                   _sz(v.reclaimable_bytes) if v.free_bytes is not None else "-")

@@ -319,6 +319,115 @@ def build_chain(out: Path, work: Path, cloud: dict[str, object]) -> dict[str, ob
             "partitions": [parts[0], {**p2, "file": "chain.p2"}]}
 
 
+def lvm_segments(cfg: str, vg: str) -> dict[str, list[tuple[int, int, int]]]:
+    """Per LV: (LV byte offset, PV extent, extents) of each segment, from `lvs --reportformat json`."""
+    out = run("lvs", "--config", cfg, "--reportformat", "json", "--units", "b", "-o",
+              "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges,vg_extent_size", vg)
+    segs: dict[str, list[tuple[int, int, int]]] = {}
+    for row in json.loads(out)["report"][0]["lv"]:
+        ext = int(row["vg_extent_size"].rstrip("B"))
+        pe = int(row["seg_pe_ranges"].split(":")[1].split("-")[0])
+        segs.setdefault(row["lv_name"], []).append((int(row["seg_start_pe"]) * ext, pe, int(row["seg_size_pe"])))
+    return segs
+
+
+def build_lvm(out: Path, work: Path) -> dict[str, object] | None:
+    """GPT with one LVM partition: VG `guestvg` with LV `root` (ext4, two non-adjacent segments) and
+    `data` (vfat), made by pvcreate/vgcreate/lvcreate on a loop device without device-mapper
+    (activation=0); the LVs' filesystems are written through their segments as `lvs` reports them.
+    None when no loop device can be set up (not root, or no loop driver)."""
+    disk = work / "lvm.raw"
+    size = 96 * MiB
+    sparse_file(disk, size)
+    run("sgdisk", "-n", "1:2048:0", "-t", "1:8e00", "-c", "1:lvm", disk)
+    p_off = 2048 * 512
+    p_len = (size // 512 - 33 - 2048) * 512
+    pv = work / "lvm.p1"
+    sparse_file(pv, p_len)
+    r = subprocess.run(["losetup", "-f", "--show", str(pv)], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    loop = r.stdout.strip()
+    cfg = (f'devices {{ filter=["a|^{loop}$|","r|.*|"] }} activation {{ udev_sync=0 udev_rules=0 }} '
+           "global { activation=0 }")
+    try:
+        run("pvcreate", "-q", "--config", cfg, loop)
+        run("vgcreate", "-q", "--config", cfg, "-s", "4M", "guestvg", loop)
+        run("lvcreate", "-q", "--config", cfg, "-an", "-Zn", "-L", "24M", "-n", "root", "guestvg")
+        run("lvcreate", "-q", "--config", cfg, "-an", "-Zn", "-L", "16M", "-n", "data", "guestvg")
+        run("lvextend", "-q", "--config", cfg, "-L", "+8M", "guestvg/root")
+        segs = lvm_segments(cfg, "guestvg")
+        pe_start = int(run("pvs", "--config", cfg, "--noheadings", "--units", "b", "-o", "pe_start",
+                           loop).strip().rstrip("B"))
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+    ext = 4 * MiB
+    lv_files = {}
+    for name in ("root", "data"):
+        f = work / f"lv-{name}"
+        sparse_file(f, sum(n for _o, _pe, n in segs[name]) * ext)
+        lv_files[name] = f
+    root = work / "lvroot"
+    tree(root, {"etc/zoneinfo": "/usr/share/zoneinfo/Europe", "var/cache": "/usr/share/zoneinfo/America"})
+    run("mkfs.ext4", "-q", "-F", "-d", root, lv_files["root"])
+    run("mkfs.vfat", lv_files["data"])
+    blob = work / "blob"
+    blob.write_bytes(os.urandom(3 * MiB))
+    run("mcopy", "-i", lv_files["data"], blob, "::/backup.tar")
+
+    def to_pv(name: str, off: int, ln: int) -> list[tuple[int, int]]:
+        """LV byte range -> PV byte ranges."""
+        out_ = []
+        for lv_off, pe, n in segs[name]:
+            lo, hi = max(off, lv_off), min(off + ln, lv_off + n * ext)
+            if lo < hi:
+                out_.append((pe_start + pe * ext + lo - lv_off, hi - lo))
+        return out_
+
+    with open(pv, "r+b") as dst:
+        for name, f in lv_files.items():
+            data = f.read_bytes()
+            for lv_off, pe, n in segs[name]:
+                chunk = data[lv_off : lv_off + n * ext]
+                for k in range(0, len(chunk), MiB):
+                    piece = chunk[k : k + MiB]
+                    if piece.count(0) != len(piece):
+                        dst.seek(pe_start + pe * ext + k)
+                        dst.write(piece)
+    place(disk, pv, p_off)
+    img = out / "lvm.qcow2"
+    to_qcow2(disk, img)
+    # The guest deletes /var/cache in root and the backup in data; the changed LV bytes go to the image.
+    for name, f in lv_files.items():
+        before = work / f"{name}.before"
+        shutil.copy(f, before)
+        if name == "root":
+            debugfs_rm_tree(f, root, "var/cache")
+        else:
+            run("mdel", "-i", f, "::/backup.tar")
+        cmds: list[str] = []
+        with open(f, "rb") as src:
+            for k, (off, ln) in enumerate(changed_ranges(before, f)):
+                lv_at = off
+                for j, (pv_off, n) in enumerate(to_pv(name, off, ln)):
+                    src.seek(lv_at)
+                    lv_at += n
+                    chunk = work / f"chunk{name}{k}_{j}"
+                    chunk.write_bytes(src.read(n))
+                    cmds += ["-c", f"write -s {chunk} {p_off + pv_off} {n}"]
+        for i in range(0, len(cmds), 200):
+            run("qemu-io", "-f", "qcow2", *cmds[i : i + 200], img)
+        before.unlink()
+        shutil.move(str(f), out / f"lvm.lv-{name}")
+    shutil.rmtree(root)
+    shutil.move(str(pv), out / "lvm.p1")
+    return {"name": "lvm", "file": "lvm.qcow2", "table": "gpt", "pe-start": pe_start,
+            "segments": {k: [list(x) for x in v] for k, v in segs.items()},
+            "partitions": [{"index": 1, "offset": p_off, "length": p_len, "fs": "LVM2_member", "file": "lvm.p1"}],
+            "lvs": [{"name": "guestvg/root", "fs": "ext4", "file": "lvm.lv-root"},
+                    {"name": "guestvg/data", "fs": "vfat", "file": "lvm.lv-data"}]}
+
+
 def main() -> int:
     out = Path(sys.argv[1]).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -331,8 +440,11 @@ def main() -> int:
     images.append(build_mbr(out, work))
     images.append(build_xfs(out, work))
     images.append(build_ntfs(out, work))
+    lvm = build_lvm(out, work)
+    if lvm is not None:
+        images.append(lvm)
     shutil.rmtree(work)
-    for f in out.glob("*.p[0-9]"):
+    for f in [*out.glob("*.p[0-9]"), *out.glob("*.lv-*")]:
         run("fallocate", "--dig-holes", f)  # keep the partition files sparse
     (out / "manifest.json").write_text(json.dumps(images, indent=1))
     return 0

@@ -22,6 +22,9 @@ class GuestSamples:
     def entry(self, name: str) -> dict[str, Any]:
         return next(e for e in self.manifest if e["name"] == name)
 
+    def has(self, name: str) -> bool:
+        return any(e["name"] == name for e in self.manifest)
+
     def image(self, name: str) -> Path:
         return self.root / self.entry(name)["file"]
 

@@ -167,11 +167,13 @@ def discard_free_ranges(image: Path, view: GuestView) -> None:
 
 
 @pytest.mark.parametrize("sparse", ["never", "always"])
-@pytest.mark.parametrize("name", ["cloud", "mbr", "xfs", "ntfs", "chain"])
+@pytest.mark.parametrize("name", ["cloud", "mbr", "xfs", "ntfs", "chain", "lvm"])
 def test_reclaimable_bytes_match_a_discard_on_a_copy(guest_samples: GuestSamples, name: str, sparse: str,
                                                      tmp_path: Path) -> None:
     """With every host cluster allocated (a non-sparse copy) `du` drops by the reclaimable bytes; with
     holes inside clusters (a sparse copy) by `reclaimable-disk-usage`, which looks at the host file."""
+    if name == "lvm" and not guest_samples.has("lvm"):
+        pytest.skip("no loop device to build the LVM sample on")
     src = guest_samples.image(name)
     entry = guest_samples.entry(name)
     work = tmp_path / "copy"
@@ -252,3 +254,36 @@ def test_cli_on_a_non_disk_image(tmp_path: Path) -> None:
     assert doc["volumes"][0]["index"] == 0 and doc["volumes"][0]["filesystem"] is None
     assert doc["reclaimable-bytes"] == 0
     shutil.rmtree(tmp_path)
+
+
+def test_lvm_logical_volumes_through_their_segments(guest_samples: GuestSamples) -> None:
+    if not guest_samples.has("lvm"):
+        pytest.skip("no loop device to build the LVM sample on")
+    entry = guest_samples.entry("lvm")
+    view = view_of(guest_samples.image("lvm"))
+    pv = view.volumes[0]
+    assert pv.filesystem == Filesystem.LVM2 and pv.name == "guestvg" and pv.problems == []
+    lvs = {v.name: v for v in view.volumes if v.kind == VolumeKind.LVM_LV}
+    assert set(lvs) == {"guestvg/root", "guestvg/data"}
+    ext = 4 << 20
+    part = entry["partitions"][0]["offset"]
+    for name, segs in entry["segments"].items():
+        lv = lvs[f"guestvg/{name}"]
+        assert [(s.volume_offset, s.disk_offset, s.length) for s in lv.segments] == [
+            (off, part + entry["pe-start"] + pe * ext, n * ext) for off, pe, n in segs]
+        assert lv.parent == 0
+    root, data = lvs["guestvg/root"], lvs["guestvg/data"]
+    assert len(root.segments) == 2  # lvextend put the second segment after `data`
+    assert root.filesystem == Filesystem.EXT4 and root.fs is not None and root.fs.free is not None
+    lv_root = guest_samples.root / "lvm.lv-root"
+    bs = block_size(lv_root)
+    assert root.fs.free.pairs() == dumpe2fs_free(lv_root).scaled(bs).pairs()
+    out = tool("fsck.fat", "-n", "-v", guest_samples.root / "lvm.lv-data")
+    used, total = map(int, re.search(r"(\d+)/(\d+) clusters", out).groups())  # type: ignore[union-attr]
+    assert data.fs is not None and data.fs.block_size
+    assert data.free_bytes == (total - used) * data.fs.block_size
+    # Free ranges of the root LV map to the disk through both segments.
+    assert root.free_disk is not None
+    seg2 = root.segments[1]
+    assert any(seg2.disk_offset <= s < seg2.disk_offset + seg2.length for s, _ in root.free_disk.pairs())
+    assert data.reclaimable_bytes >= 3 * 2**20 - 2 * view.cluster_size

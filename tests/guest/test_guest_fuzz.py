@@ -173,6 +173,8 @@ def _regions(name: str, part: Path) -> list[tuple[int, int]]:
 
 def test_random_mutations_of_real_filesystems(guest_samples: GuestSamples, tmp_path: Path) -> None:
     targets = [("cloud", 2), ("cloud", 1), ("mbr", 5), ("mbr", 1), ("xfs", 1), ("ntfs", 0)]
+    if guest_samples.has("lvm"):
+        targets.append(("lvm", 1))
     per = max(1, CASES // len(targets))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     for k, (name, index) in enumerate(targets):
