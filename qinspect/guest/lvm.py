@@ -32,7 +32,7 @@ _TOKEN = re.compile(r'\s+|#[^\n]*|"(?:[^"\\]|\\.)*"|-?\d+|[A-Za-z0-9_.+\-]+|[=\[
 
 def parse_config(text: str) -> dict[str, Value]:
     """LVM's text format: `name = value`, `name { ... }`, values are strings, integers and [lists]."""
-    toks = [t for t in _TOKEN.findall(text) if t.strip() and not t.startswith("#")]
+    toks: list[str] = [t for t in _TOKEN.findall(text) if t.strip() and not t.startswith("#")]
     pos = 0
 
     def value() -> Value:
