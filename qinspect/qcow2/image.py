@@ -500,6 +500,8 @@ class Image:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
             raise Qcow2Error(f"read of {length} bytes at {offset} is outside the virtual disk "
                              f"({self.virtual_size} bytes)", path=self.path)
+        if self.header.has_data_file:
+            self.data_file()  # QEMU cannot open the image at all without its data file
         out = bytearray(length)
         for ex in self.extents(offset, offset + length):
             for k in range(len(ex)):
