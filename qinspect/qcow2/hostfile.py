@@ -7,7 +7,9 @@ was past the end. `bytes_read` counts what was read, for the open-cost benchmark
 This is also the one host-extent prober. `host_extents()` classifies the file's bytes as written
 data, unwritten extents (allocated, zeroed, never written: what `fallocate` and QEMU's zeroing of
 copy-on-write padding leave) and holes, with FIEMAP (`FS_IOC_FIEMAP`), which reads the file
-system's extent tree and so does not change with the page cache. Where the file system has no
+system's extent tree and so does not change with the page cache (FIEMAP_FLAG_SYNC first writes
+back pages still dirty in the cache, as `fsync` would, so that data not yet on disk is not taken for
+an unwritten extent; the file's contents are never changed). Where the file system has no
 FIEMAP it falls back to SEEK_DATA/SEEK_HOLE and says so (`HostExtents.method`): unwritten extents
 then count as data, or as holes, depending on what is cached. `data_extent()` and
 `seek_extents()` answer the SEEK_DATA/SEEK_HOLE question exactly as QEMU's file-posix block
@@ -43,6 +45,7 @@ _FLOCK = "hhqqi4x"
 FS_IOC_FIEMAP = 0xC020660B
 _FIEMAP_HEAD = "=QQIIII"
 _FIEMAP_EXTENT = "=QQQQQIIII"
+FIEMAP_FLAG_SYNC = 0x1  # write dirty pages back first: data still in the page cache is data, not unwritten
 FIEMAP_EXTENT_LAST = 0x1
 FIEMAP_EXTENT_UNKNOWN = 0x2
 FIEMAP_EXTENT_DELALLOC = 0x4
@@ -252,7 +255,8 @@ class HostFile:
 
         while pos < size:
             req = bytearray(head + esz * _FIEMAP_BATCH)
-            struct.pack_into(_FIEMAP_HEAD, req, 0, pos, size - pos, 0, 0, _FIEMAP_BATCH, 0)
+            flags = FIEMAP_FLAG_SYNC if pos == 0 else 0
+            struct.pack_into(_FIEMAP_HEAD, req, 0, pos, size - pos, flags, 0, _FIEMAP_BATCH, 0)
             fcntl.ioctl(self.fd, FS_IOC_FIEMAP, req, True)
             mapped = struct.unpack_from(_FIEMAP_HEAD, req, 0)[3]
             if not mapped:

@@ -50,22 +50,53 @@ def backing_missing(c: Context) -> Finding | None:
         Category.HEALTH)
 
 
+def _missing_bytes(c: Context) -> int:
+    """Bytes the structures need past the end of the file (0 when none).
+
+    Whole clusters referenced past the end always count. Inside the last, partial cluster only
+    what its owner needs: the L1 table, refcount table and snapshot table their own length (qemu-img
+    leaves a new image ending right after its L1 table); data clusters with extended L2 (the file
+    may end at the last written subcluster) and compressed clusters (which end anywhere) nothing.
+    """
+    lay = c.layout
+    cs = c.h.cluster_size
+    size = lay.file_size
+    if lay.refs_past_eof:
+        return max(0, lay.refs_end - size)
+    if size % cs == 0 or lay.refs_end <= size:
+        return 0
+    last = size // cs
+    kind = lay.kind[last] if last < len(lay.kind) else Owner.FREE
+    h = c.h
+    ends = {Owner.L1: h.l1_table_offset + h.l1_size * 8,
+            Owner.REFCOUNT_TABLE: h.refcount_table_offset + h.refcount_table_entries * 8}
+    if kind in ends:
+        need = ends[kind] if kind != Owner.L1 or h.l1_table_offset // cs == last else (last + 1) * cs
+    elif kind in (Owner.DATA, Owner.COMPRESSED) and (h.extended_l2 or kind == Owner.COMPRESSED):
+        need = 0
+    elif kind in (Owner.HEADER, Owner.FREE, Owner.LEAKED, Owner.PAST_END, Owner.SNAPSHOT_TABLE):
+        need = 0
+    else:
+        need = (last + 1) * cs
+    return max(0, need - size)
+
+
 @rule("truncated")
 def truncated(c: Context) -> Finding | None:
     lay = c.layout
-    missing = lay.refs_end - lay.file_size
-    if missing <= 0 or not lay.refs_past_eof:
+    missing = _missing_bytes(c)
+    if missing <= 0:
         return None
     return Finding(
         "truncated", Severity.ERROR, f"The file is truncated: {missing:,} bytes missing",
-        {"missing-bytes": missing, "file-size": lay.file_size, "referenced-end": lay.refs_end,
+        {"missing-bytes": missing, "file-size": lay.file_size, "referenced-end": lay.file_size + missing,
          "references-past-eof": lay.refs_past_eof},
-        f"Tables reference clusters up to offset {lay.refs_end:#x} but the file ends at {lay.file_size:#x}: "
+        f"Tables reference data up to offset {lay.file_size + missing:#x} but the file ends at {lay.file_size:#x}: "
         f"{size_text(missing)} are gone (a copy or download cut short, a full disk). QEMU reads them as zeros, "
         "so guest data there is lost; qemu-img check does not notice. Restoring the file from a backup is the only "
         "way to get the data back.",
-        Fix(["truncate", "-s", str(lay.refs_end), "--", c.path], True,
-            {"file-size": lay.refs_end, "disk-usage": c.disk_usage},
+        Fix(["truncate", "-s", str(lay.file_size + missing), "--", c.path], True,
+            {"file-size": lay.file_size + missing, "disk-usage": c.disk_usage},
             note="extends the file to its full length; the missing bytes stay zeros",
             loses=f"nothing more: the {missing:,} missing bytes already read as zeros and stay zeros"),
         Category.HEALTH)
