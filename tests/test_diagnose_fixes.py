@@ -208,8 +208,10 @@ def test_scattered_metadata(tmp_path: Path) -> None:
     no_repeat(p, f)
 
 
-def test_leaks_dirty_v2(samples: Samples, tmp_path: Path) -> None:
-    for name, fid in (("leaked", "leaked-clusters"), ("lazy_dirty", "dirty"), ("v2", "v2-no-zero")):
+def test_in_place_repairs(samples: Samples, tmp_path: Path) -> None:
+    for name, fid in (("leaked", "leaked-clusters"), ("lazy_dirty", "dirty"), ("v2", "v2-no-zero"),
+                      ("refcount_corrupt", "corruption"), ("corrupt_bit", "corrupt-bit"),
+                      ("bitmap_inuse", "bitmap-in-use")):
         src = samples.path(name)
         p = tmp_path / src.name
         shutil.copyfile(src, p)
