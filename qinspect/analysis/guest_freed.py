@@ -1,46 +1,25 @@
-"""Finding `guest-freed`: data the guest's filesystems have freed but the image still holds.
+"""What the guest's filesystems have freed but the image still holds (for the `guest-freed` finding).
 
 The guest deleted files; their blocks are on the filesystem's free list, but without discard the
 clusters behind them stay allocated (`qinspect.guest` finds them from each filesystem's own
 allocation map). The fix is online — let discards through (`discard=unmap`) and run `fstrim` in the
 guest — or offline, with the VM stopped, `virt-sparsify --in-place`. Both free exactly the clusters
 counted here, so the prediction is: disk usage after = now − the host bytes of those clusters.
-
-The rule also splits the space breakdown's "guest data" into what the guest uses and what it freed.
+`split_space` splits the space breakdown's "guest data" into what the guest uses and what it freed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qinspect.analysis.space import Space
 from qinspect.guest import inspect_guest
 from qinspect.guest.model import GuestError, GuestView
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image
-from qinspect.shellquote import UnsafeArgument, command_line
 from qinspect.units import format_size
 
-RULE_ID = "guest-freed"
 PART = "guest-freed"
-PART_LABEL = "freed by the guest (fstrim reclaims)"
-WARNING_SHARE = 0.25
-WARNING_MIN = 64 << 20
-
-
-@dataclass
-class GuestFix:
-    """One way to apply the fix and what the image is afterwards (`predicts`, bytes)."""
-
-    command: str
-    in_place: bool
-    online: bool
-    predicts: dict[str, int]
-    note: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"command": self.command, "in_place": self.in_place, "online": self.online,
-                "predicts": dict(self.predicts), "note": self.note}
 
 
 @dataclass
@@ -50,7 +29,6 @@ class GuestFreed:
     view: GuestView
     file_size: int
     disk_usage: int
-    fixes: list[GuestFix] = field(default_factory=list)
 
     @property
     def reclaimable(self) -> int:
@@ -59,6 +37,10 @@ class GuestFreed:
     @property
     def reclaimable_disk_usage(self) -> int:
         return self.view.reclaimable_disk_usage
+
+    @property
+    def disk_usage_after(self) -> int:
+        return max(0, self.disk_usage - self.reclaimable_disk_usage)
 
 
 def guest_freed(img: Image, space: Space, view: GuestView | None = None) -> GuestFreed | None:
@@ -70,19 +52,7 @@ def guest_freed(img: Image, space: Space, view: GuestView | None = None) -> Gues
             return None
     if view.reclaimable_bytes <= 0:
         return None
-    after = max(0, space.allocated_size - view.reclaimable_disk_usage)
-    predicts = {"file-size": space.file_size, "disk-usage": after}
-    try:
-        sparsify = command_line(["virt-sparsify", "--in-place", img.path])
-    except UnsafeArgument:
-        sparsify = "virt-sparsify --in-place IMAGE   # (the image name has control characters)"
-    fixes = [
-        GuestFix("fstrim -av   # in the guest, after enabling discard: libvirt <driver ... discard='unmap'/> "
-                 "or QEMU -drive ...,discard=unmap", True, True, predicts,
-                 "online: the VM keeps running; the guest's discards free these clusters"),
-        GuestFix(sparsify, True, False, predicts, "offline: stop the VM first (virt-sparsify from libguestfs)"),
-    ]
-    return GuestFreed(view, space.file_size, space.allocated_size, fixes)
+    return GuestFreed(view, space.file_size, space.allocated_size)
 
 
 def split_space(space: Space, g: GuestFreed) -> None:
@@ -114,24 +84,17 @@ def evidence(g: GuestFreed) -> dict[str, int | float | str]:
         "reclaimable-disk-usage": g.reclaimable_disk_usage,
         "guest-free-bytes": g.view.free_bytes,
         "disk-usage": g.disk_usage,
-        "predicted-disk-usage": g.fixes[0].predicts["disk-usage"] if g.fixes else g.disk_usage,
     }
     for v in g.view.volumes:
         if v.free_bytes is None:
             continue
-        key = "disk" if v.index == 0 and v.kind.value == "whole-disk" else (v.name or str(v.index)) \
-            if v.kind.value == "lvm-lv" else f"part{v.index}"
+        key = {"whole-disk": "disk", "lvm-lv": v.name or f"lv{v.index}"}.get(v.kind.value, f"part{v.index}")
         ev[f"{key}-filesystem"] = v.filesystem.value if v.filesystem else "unknown"
         ev[f"{key}-free-bytes"] = v.free_bytes
         ev[f"{key}-reclaimable-bytes"] = v.reclaimable_bytes
     for layer in g.view.layers[1:]:
         ev[f"backing-{layer.depth}-reclaimable-bytes"] = layer.reclaimable_bytes
     return ev
-
-
-def severity(g: GuestFreed) -> str:
-    share = g.reclaimable / max(1, g.file_size)
-    return "warning" if share >= WARNING_SHARE and g.reclaimable >= WARNING_MIN else "info"
 
 
 def title(g: GuestFreed) -> str:
@@ -143,15 +106,10 @@ def impact(g: GuestFreed) -> str:
                     for v in g.view.volumes if v.reclaimable_bytes)
     text = (f"Files deleted in the guest left {format_size(g.reclaimable)} of clusters allocated that lie wholly "
             f"in free filesystem blocks ({per}). Discarding them brings the disk usage from "
-            f"{format_size(g.disk_usage)} to {format_size(g.fixes[0].predicts['disk-usage'])}.")
+            f"{format_size(g.disk_usage)} to {format_size(g.disk_usage_after)}.")
     base = [lay for lay in g.view.layers[1:] if lay.reclaimable_bytes]
     if base:
         text += (" Backing files hold another " + ", ".join(f"{format_size(b.reclaimable_bytes)} (layer {b.depth})"
                                                             for b in base)
                  + " in guest-free blocks; only a conversion of the chain drops that.")
     return text
-
-
-def fix_text(g: GuestFreed) -> str:
-    return (f"online: enable discard (libvirt <driver discard='unmap'/>, or -drive ...,discard=unmap), then run "
-            f"`fstrim -av` in the guest; offline (VM stopped): {g.fixes[1].command}")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -32,18 +31,21 @@ def test_guest_freed_finding_and_its_fix(guest_samples: GuestSamples, tmp_path: 
     # The deleted directory, to within one cluster per deleted file (see test_guest).
     assert abs(ev["part2-reclaimable-bytes"] - guest_samples.entry("cloud")["deleted-bytes"]) < 0.05 * ev[
         "part2-reclaimable-bytes"]
-    online, offline = f["fixes"]
-    assert "fstrim -av" in online["command"] and "discard" in online["command"] and online["online"]
-    assert offline["command"] == f"virt-sparsify --in-place {copy}" and not offline["online"]
-    usage = os.stat(copy).st_blocks * 512
+    online = f["fix"]
+    assert online["command"] == "fstrim -av" and online["in-guest"] is True
+    assert "discard='unmap'" in online["note"] and "discard=unmap" in online["note"]
+    assert f"virt-sparsify --in-place {copy}" in online["note"]
+    usage = doc["space"]["allocated-size"]
     assert online["predicts"]["disk-usage"] == usage - view.reclaimable_disk_usage
     # The space breakdown splits guest data into in use / freed, still adding up to the file size.
     parts = doc["space"]["parts"]
     assert parts["guest-freed"] == view.reclaimable_bytes
     assert sum(parts.values()) == doc["space"]["file-size"]
+    assert sum(doc["space"]["allocated-parts"].values()) == doc["space"]["allocated-size"]
     # Do the fix: the guest's fstrim through discard=unmap.
     discard_free_ranges(copy, view)
-    after = os.stat(copy).st_blocks * 512
+    with open_image(copy) as img:
+        after = diagnose(img).space.allocated_size
     # st_blocks also counts the host filesystem's extent-tree blocks, which punching holes can add:
     # allow one block per 64 discarded ranges, no more.
     slack = 4096 * (1 + sum(len(v.free_disk) for v in view.volumes if v.free_disk is not None) // 64)
