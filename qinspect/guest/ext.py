@@ -10,6 +10,7 @@ a group can hold its whole flex group's metadata). With bigalloc a bit is a clus
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -109,7 +110,12 @@ def read_ext(vol: VolumeReader) -> FsInfo:
         raise GuestError(f"ext superblock: group descriptor size {desc_size} is invalid")
     gdt_blocks = -(-(ngroups * desc_size) // bs)
     meta_bg = bool(incompat & INCOMPAT_META_BG)
-    gdt = _read_descriptors(vol, first_data_block, bs, ngroups, desc_size, meta_bg, bpg)
+    first_meta_bg = struct.unpack_from("<I", sb, 0x104)[0] if meta_bg else 0
+    sparse2 = backup_bgs if compat & COMPAT_SPARSE_SUPER2 else None
+    layout = _GdtLayout(first_data_block, bpg, bs // desc_size, gdt_blocks, reserved_gdt, meta_bg, first_meta_bg,
+                        bool(ro_compat & RO_COMPAT_SPARSE_SUPER), sparse2,
+                        1 if first_data_block == 0 and bs == 1024 else 0)
+    gdt = _read_descriptors(vol, layout, bs, ngroups, desc_size)
     d = np.frombuffer(gdt, dtype=np.uint8).reshape(ngroups, desc_size)
     u32 = d[:, :32].copy().view("<u4")
     block_bitmap = u32[:, 0].astype(np.int64)
@@ -145,12 +151,8 @@ def read_ext(vol: VolumeReader) -> FsInfo:
             base = g * bits_per_group  # in allocation units (blocks, or clusters with bigalloc)
             free_units.append(Ranges(r.start + base, r.end + base))
     if uninit.any():
-        if meta_bg:
-            info.problems.append("meta_bg with uninitialised block groups: those groups are counted as full")
-        else:
-            free_units.append(_uninit_free(np.flatnonzero(uninit), first_data_block, bpg, ratio, blocks, bs,
-                                           gdt_blocks + reserved_gdt, ro_compat, compat, backup_bgs,
-                                           np.r_[block_bitmap, inode_bitmap], inode_table, itb))
+        free_units.append(_uninit_free(np.flatnonzero(uninit), layout, ratio, blocks,
+                                       np.r_[block_bitmap, inode_bitmap], inode_table, itb))
     units = Ranges.of(np.concatenate([r.start for r in free_units]) if free_units else [],
                       np.concatenate([r.end for r in free_units]) if free_units else [])
     unit_bytes = bs * ratio
@@ -165,19 +167,51 @@ def _uuid(raw: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _read_descriptors(vol: VolumeReader, first_data_block: int, bs: int, ngroups: int, desc_size: int,
-                      meta_bg: bool, bpg: int) -> bytes:
-    if not meta_bg:
-        n = ngroups * desc_size
-        return vol.read((first_data_block + 1) * bs, -(-n // bs) * bs)[:n]
-    # meta_bg: the descriptors of meta group m (one block of them) sit in the first group of m.
-    per_block = bs // desc_size
+@dataclass(frozen=True)
+class _GdtLayout:
+    """Where the superblock backups and group descriptor blocks are (e2fsprogs' ext2fs_super_and_bgd_loc2)."""
+
+    fdb: int
+    bpg: int
+    per_block: int  # descriptors per block = groups per meta group
+    gdt_blocks: int
+    reserved_gdt: int
+    meta_bg: bool
+    first_meta_bg: int
+    sparse: bool
+    sparse2: tuple[int, int] | None
+    adjust: int = 0  # 1 when the first data block is 0 with 1 KiB blocks (bigalloc): block 0 is the boot block
+
+    def has_super(self, g: int) -> bool:
+        return _is_backup_group(g, self.sparse, self.sparse2)
+
+    def first_block(self, g: int) -> int:
+        return self.fdb + g * self.bpg
+
+    def overhead(self, g: int) -> int:
+        """Blocks at the start of group g taken by a superblock backup and descriptor blocks."""
+        sup = (1 if self.has_super(g) else 0) + (self.adjust if g == 0 else 0)
+        if not self.meta_bg or g // self.per_block < self.first_meta_bg:
+            old = (self.first_meta_bg if self.meta_bg else self.gdt_blocks) + self.reserved_gdt
+            return sup + (old if sup else 0)
+        return sup + (1 if g % self.per_block in (0, 1, self.per_block - 1) else 0)
+
+    def descriptor_block(self, m: int) -> int:
+        """The block holding meta group m's descriptors (the primary copy)."""
+        if not self.meta_bg or m < self.first_meta_bg:
+            return self.fdb + 1 + self.adjust + m
+        g = m * self.per_block
+        return self.first_block(g) + (1 if self.has_super(g) else 0) + (self.adjust if g == 0 else 0)
+
+
+def _read_descriptors(vol: VolumeReader, layout: _GdtLayout, bs: int, ngroups: int, desc_size: int) -> bytes:
+    n = ngroups * desc_size
+    if not layout.meta_bg:
+        return vol.read(layout.descriptor_block(0) * bs, -(-n // bs) * bs)[:n]
     out = bytearray()
-    for m in range(-(-ngroups // per_block)):
-        g = m * per_block
-        blk = first_data_block + g * bpg + (1 if _is_backup_group(g, True, None) else 0)
-        out += vol.read(blk * bs, bs)
-    return bytes(out[: ngroups * desc_size])
+    for m in range(-(-ngroups // layout.per_block)):
+        out += vol.read(layout.descriptor_block(m) * bs, bs)
+    return bytes(out[:n])
 
 
 def _read_blocks(vol: VolumeReader, blocks: np.ndarray, bs: int) -> np.ndarray:
@@ -193,25 +227,20 @@ def _read_blocks(vol: VolumeReader, blocks: np.ndarray, bs: int) -> np.ndarray:
     return out
 
 
-def _uninit_free(groups: np.ndarray, fdb: int, bpg: int, ratio: int, blocks: int, bs: int, gdt_total: int,
-                 ro_compat: int, compat: int, backup_bgs: tuple[int, int], bitmaps: np.ndarray,
+def _uninit_free(groups: np.ndarray, layout: _GdtLayout, ratio: int, blocks: int, bitmaps: np.ndarray,
                  inode_table: np.ndarray, itb: int) -> Ranges:
     """Free units (blocks or clusters) of BLOCK_UNINIT groups, as ext4_init_block_bitmap computes them."""
-    sparse = bool(ro_compat & RO_COMPAT_SPARSE_SUPER)
-    sparse2 = backup_bgs if compat & COMPAT_SPARSE_SUPER2 else None
+    fdb = layout.fdb
     meta = Ranges.of(np.r_[bitmaps, inode_table], np.r_[bitmaps + 1, inode_table + itb])
     starts, ends = [], []
     for g in groups.tolist():
-        lo = fdb + g * bpg
-        hi = min(lo + bpg, blocks)
-        used = [meta.clip(lo, hi)]
-        if _is_backup_group(g, sparse, sparse2):
-            # The superblock (block 0 of the group, or block 1 with 1 KiB blocks in group 0) and the GDT.
-            used.append(Ranges.of([lo], [min(hi, lo + 1 + gdt_total)]))
-        u = used[0]
-        for x in used[1:]:
-            u = u.union(x)
-        free = u.complement(lo, hi)
+        lo = layout.first_block(g)
+        hi = min(lo + layout.bpg, blocks)
+        used = meta.clip(lo, hi)
+        over = layout.overhead(g)
+        if over:
+            used = used.union(Ranges.of([lo], [min(hi, lo + over)]))
+        free = used.complement(lo, hi)
         # Bits count from the first data block, in units of `ratio` blocks; a unit is free only if whole.
         s = -(-(free.start - fdb) // ratio)
         e = (free.end - fdb) // ratio

@@ -428,6 +428,76 @@ def build_lvm(out: Path, work: Path) -> dict[str, object] | None:
                     {"name": "guestvg/data", "fs": "vfat", "file": "lvm.lv-data"}]}
 
 
+def build_variants(out: Path, work: Path) -> dict[str, object]:
+    """GPT with one filesystem of each less common kind, each with files then some deleted:
+    ext3 (4 KiB blocks, no extents), ext4 bigalloc (16 KiB clusters), FAT12, ext4 meta_bg, XFS v4."""
+    specs = [  # (index, MiB, fs, mkfs argv without the target)
+        (1, 32, "ext3", ["mkfs.ext3", "-q", "-F", "-b", "4096"]),
+        (2, 48, "ext4", ["mkfs.ext4", "-q", "-F", "-O", "bigalloc", "-C", "16384"]),
+        (3, 4, "vfat", ["mkfs.vfat", "-F", "12"]),
+        (4, 40, "ext4", ["mkfs.ext4", "-q", "-F", "-b", "1024", "-O", "meta_bg,^resize_inode"]),
+        (5, 320, "xfs", ["mkfs.xfs", "-q", "-f", "-K", "-m", "crc=0,finobt=0,rmapbt=0,reflink=0"]),
+    ]
+    size = (sum(m for _i, m, _f, _c in specs) + 2) * MiB
+    disk = work / "variants.raw"
+    sparse_file(disk, size)
+    args: list[str] = []
+    lba = 2048
+    parts = []
+    for idx, mib, fs, _cmd in specs:
+        n = mib * MiB // 512
+        args += ["-n", f"{idx}:{lba}:{lba + n - 1}"]
+        parts.append({"index": idx, "offset": lba * 512, "length": n * 512, "fs": fs, "file": f"variants.p{idx}"})
+        lba += n
+    run("sgdisk", *args, disk)
+    root = work / "vroot"
+    tree(root, {"keep": "/usr/share/zoneinfo/Europe", "gone": "/usr/share/zoneinfo/America"})
+    big = root / "gone" / "big.bin"
+    big.write_bytes(os.urandom(2 * MiB))
+    files: dict[int, Path] = {}
+    blob = work / "blob"
+    for (idx, _mib, fs, cmd), p in zip(specs, parts, strict=True):
+        f = work / f"variants.p{idx}"
+        sparse_file(f, int(p["length"]))  # type: ignore[call-overload]
+        files[idx] = f
+        if fs.startswith("ext"):
+            run(*cmd, "-d", root, f)
+        elif fs == "vfat":
+            run(*cmd, f)
+            for k in range(5):
+                blob.write_bytes(os.urandom(300 * 1024))
+                run("mcopy", "-i", f, blob, f"::/f{k}.bin")
+        else:
+            bl = [work / f"v{k}.bin" for k in range(4)]
+            for k, b in enumerate(bl):
+                b.write_bytes(os.urandom((k + 1) * MiB))
+            proto = work / "vproto"
+            proto.write_text("\n".join(["/dev/null", "0 0", "d--755 0 0",
+                                        *[f"{b.name} ---644 0 0 {b}" for b in bl], "$", ""]))
+            run(*cmd, "-p", proto, f)
+        place(disk, f, int(p["offset"]))  # type: ignore[call-overload]
+    img = out / "variants.qcow2"
+    to_qcow2(disk, img)
+    for (idx, _mib, fs, cmd), p in zip(specs, parts, strict=True):
+        f = files[idx]
+        before = work / "before"
+        shutil.copy(f, before)
+        if fs.startswith("ext"):
+            debugfs_rm_tree(f, root, "gone")
+        elif fs == "vfat":
+            run("mdel", "-i", f, "::/f1.bin", "::/f3.bin")
+        else:
+            proto = work / "vproto"
+            proto.write_text("\n".join(["/dev/null", "0 0", "d--755 0 0", f"v0.bin ---644 0 0 {work / 'v0.bin'}",
+                                        "$", ""]))
+            run(*cmd, "-p", proto, f)
+        guest_writes(img, f, before, int(p["offset"]), work)  # type: ignore[call-overload]
+        before.unlink()
+        shutil.move(str(f), out / f"variants.p{idx}")
+    shutil.rmtree(root)
+    return {"name": "variants", "file": "variants.qcow2", "table": "gpt", "partitions": parts}
+
+
 def main() -> int:
     out = Path(sys.argv[1]).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -440,6 +510,7 @@ def main() -> int:
     images.append(build_mbr(out, work))
     images.append(build_xfs(out, work))
     images.append(build_ntfs(out, work))
+    images.append(build_variants(out, work))
     lvm = build_lvm(out, work)
     if lvm is not None:
         images.append(lvm)

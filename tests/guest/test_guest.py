@@ -31,7 +31,11 @@ def tool(*cmd: str | Path) -> str:
 
 
 def dumpe2fs_free(part: Path) -> Ranges:
-    """Free blocks of every group as dumpe2fs lists them (block numbers, inclusive ranges)."""
+    """Free blocks of every group as dumpe2fs lists them (block numbers, inclusive ranges; with
+    bigalloc a range's last number is the first block of its last free cluster)."""
+    head = tool("dumpe2fs", "-h", part)
+    m = re.search(r"Cluster size:\s+(\d+)", head)
+    ratio = int(m.group(1)) // block_size(part) if m else 1
     s, e = [], []
     for line in tool("dumpe2fs", part).splitlines():
         m = re.match(r"\s+Free blocks: (.*)$", line)
@@ -40,7 +44,7 @@ def dumpe2fs_free(part: Path) -> Ranges:
         for item in m.group(1).split(","):
             a, _, b = item.strip().partition("-")
             s.append(int(a))
-            e.append(int(b or a) + 1)
+            e.append(int(b or a) + ratio)
     return Ranges.of(s, e)
 
 
@@ -48,7 +52,8 @@ def block_size(part: Path) -> int:
     return int(re.search(r"Block size:\s+(\d+)", tool("dumpe2fs", "-h", part)).group(1))  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(("name", "index"), [("cloud", 2), ("mbr", 5), ("chain", 2)])
+@pytest.mark.parametrize(("name", "index"), [("cloud", 2), ("mbr", 5), ("chain", 2), ("variants", 1),
+                                             ("variants", 2), ("variants", 4)])
 def test_ext_free_blocks_match_dumpe2fs(guest_samples: GuestSamples, name: str, index: int) -> None:
     view = view_of(guest_samples.image(name))
     vol = next(v for v in view.volumes if v.index == index)
@@ -65,13 +70,24 @@ def test_ext_free_blocks_match_dumpe2fs(guest_samples: GuestSamples, name: str, 
     assert vol.free_bytes == sb_free * bs
 
 
+def test_variants_exercise_their_features(guest_samples: GuestSamples) -> None:
+    view = view_of(guest_samples.image("variants"))
+    by = {v.index: v for v in view.volumes}
+    assert [by[i].filesystem for i in range(1, 6)] == [Filesystem.EXT3, Filesystem.EXT4, Filesystem.VFAT,
+                                                     Filesystem.EXT4, Filesystem.XFS]
+    assert by[2].fs is not None and by[2].fs.detail["bigalloc-ratio"] == 16
+    assert by[3].fs is not None and by[3].fs.detail["fat-type"] == "FAT12"
+    assert all(v.problems == [] for v in view.volumes)
+    assert all(by[i].reclaimable_bytes > 0 for i in range(1, 6))
+
+
 def test_cloud_image_uses_uninit_groups_and_flex_bg(guest_samples: GuestSamples) -> None:
     vol = next(v for v in view_of(guest_samples.image("cloud")).volumes if v.index == 2)
     assert vol.fs is not None and vol.fs.detail["flex-bg"] is True
     assert int(vol.fs.detail["uninit-groups"]) > 0  # type: ignore[call-overload]
 
 
-@pytest.mark.parametrize(("name", "index"), [("mbr", 1), ("cloud", 1)])
+@pytest.mark.parametrize(("name", "index"), [("mbr", 1), ("cloud", 1), ("variants", 3)])
 def test_fat_free_clusters_match_fsck_fat(guest_samples: GuestSamples, name: str, index: int) -> None:
     vol = next(v for v in view_of(guest_samples.image(name)).volumes if v.index == index)
     out = tool("fsck.fat", "-n", "-v", guest_samples.part_file(name, index))
@@ -96,10 +112,11 @@ def test_ntfs_free_clusters_match_ntfsinfo(guest_samples: GuestSamples) -> None:
     assert vol.free_bytes == free * csize
 
 
-def test_xfs_free_extents_match_xfs_db(guest_samples: GuestSamples) -> None:
-    view = view_of(guest_samples.image("xfs"))
-    vol = view.volumes[0]
-    part = guest_samples.part_file("xfs", 1)
+@pytest.mark.parametrize(("name", "index"), [("xfs", 1), ("variants", 5)])
+def test_xfs_free_extents_match_xfs_db(guest_samples: GuestSamples, name: str, index: int) -> None:
+    view = view_of(guest_samples.image(name))
+    vol = next(v for v in view.volumes if v.index == index)
+    part = guest_samples.part_file(name, index)
     sb = tool("xfs_db", "-r", "-c", "sb 0", "-c", "print blocksize agblocks", part)
     bs = int(re.search(r"blocksize = (\d+)", sb).group(1))  # type: ignore[union-attr]
     agblocks = int(re.search(r"agblocks = (\d+)", sb).group(1))  # type: ignore[union-attr]
@@ -167,7 +184,7 @@ def discard_free_ranges(image: Path, view: GuestView) -> None:
 
 
 @pytest.mark.parametrize("sparse", ["never", "always"])
-@pytest.mark.parametrize("name", ["cloud", "mbr", "xfs", "ntfs", "chain", "lvm"])
+@pytest.mark.parametrize("name", ["cloud", "mbr", "xfs", "ntfs", "chain", "lvm", "variants"])
 def test_reclaimable_bytes_match_a_discard_on_a_copy(guest_samples: GuestSamples, name: str, sparse: str,
                                                      tmp_path: Path) -> None:
     """With every host cluster allocated (a non-sparse copy) `du` drops by the reclaimable bytes; with
@@ -287,3 +304,18 @@ def test_lvm_logical_volumes_through_their_segments(guest_samples: GuestSamples)
     seg2 = root.segments[1]
     assert any(seg2.disk_offset <= s < seg2.disk_offset + seg2.length for s, _ in root.free_disk.pairs())
     assert data.reclaimable_bytes >= 3 * 2**20 - 2 * view.cluster_size
+
+
+def test_clusters_shared_with_a_snapshot_are_not_reclaimable(guest_samples: GuestSamples, tmp_path: Path) -> None:
+    """After `qemu-img snapshot -c`, every data cluster has refcount 2: a discard frees nothing."""
+    copy = tmp_path / "snap.qcow2"
+    subprocess.run(["cp", "--sparse=never", str(guest_samples.image("cloud")), str(copy)], check=True)
+    subprocess.run(["qemu-img", "snapshot", "-c", "before-trim", str(copy)], check=True)
+    view = view_of(copy)
+    ext4 = next(v for v in view.volumes if v.index == 2)
+    assert ext4.free_bytes == next(v for v in view_of(guest_samples.image("cloud")).volumes if v.index == 2).free_bytes
+    assert view.reclaimable_bytes == 0
+    before = disk_usage(copy)
+    discard_free_ranges(copy, view_of(guest_samples.image("cloud")))
+    # Nothing freed; the discards even copy the L2 tables the snapshot shares (copy-on-write).
+    assert disk_usage(copy) >= before
