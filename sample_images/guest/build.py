@@ -114,6 +114,18 @@ def debugfs_rm_tree(part: Path, root: Path, rel: str) -> list[str]:
     return cmds
 
 
+def free_block_ranges(part: Path) -> set[int]:
+    """Every free block of an ext filesystem, from dumpe2fs's per-group lists."""
+    out: set[int] = set()
+    for line in run("dumpe2fs", part).splitlines():
+        line = line.strip()
+        if line.startswith("Free blocks: ") and line[13:].strip():
+            for item in line[13:].split(","):
+                a, _, b = item.strip().partition("-")
+                out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
 def build_cloud(out: Path, work: Path) -> dict[str, object]:
     """GPT: EFI (FAT32) + ext4 root made with mkfs.ext4 -d from a real tree; then /usr/share/perl deleted."""
     disk = work / "cloud.raw"
@@ -145,15 +157,23 @@ def build_cloud(out: Path, work: Path) -> dict[str, object]:
     to_qcow2(disk, img)
     before = work / "cloud.p2.before"
     shutil.copy(rootp, before)
+    free_before = free_block_ranges(rootp)
     debugfs_rm_tree(rootp, root, "usr/share/perl")
+    freed = sorted(free_block_ranges(rootp) - free_before)
     written = guest_writes(img, rootp, before, p2_off, work)
     before.unlink()
     shutil.move(str(efi), out / "cloud.p1")
     shutil.move(str(rootp), out / "cloud.p2")
     deleted = sum(f.stat().st_size for f in (root / "usr/share/perl").rglob("*") if f.is_file())
     shutil.rmtree(root)
+    runs: list[list[int]] = []
+    for b in freed:  # the blocks the deletion freed, as runs [first, end)
+        if runs and runs[-1][1] == b:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, b + 1])
     return {"name": "cloud", "file": "cloud.qcow2", "table": "gpt", "deleted": "/usr/share/perl",
-            "deleted-bytes": deleted, "guest-written": written,
+            "deleted-bytes": deleted, "guest-written": written, "freed-block-runs": runs,
             "partitions": [{"index": 1, "offset": p1_off, "length": p1_len, "fs": "vfat", "file": "cloud.p1"},
                            {"index": 2, "offset": p2_off, "length": p2_len, "fs": "ext4", "file": "cloud.p2"}]}
 
