@@ -43,12 +43,13 @@ def print_human(view: GuestView, name: str) -> None:
     from qinspect.cli.render import console, table
 
     c = console()
-    pt = view.partition_table.value.upper() if view.partition_table else "none (whole disk)"
+    pt = (view.partition_table.value.upper() if view.partition_table
+          else "none (whole disk)" if view.volumes else "unreadable")
     c.print(f"{for_terminal(name)}: {format_size(view.virtual_size)} guest disk, partition table {pt}")
     t = table("#", "start#", "size#", "contents", "block#", "used#", "free#", "reclaimable#")
     for v in view.volumes:
         fs = v.fs
-        what = v.filesystem.value if v.filesystem else f"({v.type_name or 'unknown'})"
+        what = v.filesystem.value if v.filesystem else f"({v.type_name or 'nothing recognised'})"
         if fs and fs.label:
             what += f' "{fs.label}"'
         if v.name and v.kind.value == "lvm-lv":
@@ -58,7 +59,8 @@ def print_human(view: GuestView, name: str) -> None:
                   _sz(v.length), for_terminal(what), str(fs.block_size) if fs and fs.block_size else "-",
                   _sz(v.used_bytes), _sz(v.free_bytes),
                   _sz(v.reclaimable_bytes) if v.free_bytes is not None else "-")
-    c.print(t)
+    if view.volumes:
+        c.print(t)
     for v in view.volumes:
         if v.fs and v.fs.note:
             c.print(f"  {v.label}: {for_terminal(v.fs.note)}")

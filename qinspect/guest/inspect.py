@@ -87,8 +87,10 @@ def inspect_guest(img: Layer, progress: ProgressFn = no_progress, cancelled: Can
             # A FAT/NTFS boot sector with a fake MBR entry at LBA 0 (mkfs.fat --mbr): a whole-disk filesystem.
             table, volumes, problems = None, [], []
     except GuestError as e:
-        table, volumes = None, []
+        # The first sectors cannot be read (encrypted image, an entry QEMU fails): nothing to inspect.
         problems.append(f"partition table: {e}")
+        return GuestView(disk.size, img.cluster_size if isinstance(img, Image) else 512, None, [],
+                         _reclaim(img, [], cancelled), problems)
     if table is None:
         volumes = [Volume(0, VolumeKind.WHOLE_DISK, 0, disk.size, [Segment(0, 0, disk.size)])]
     check_extents(volumes, disk.size)
