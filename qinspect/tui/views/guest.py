@@ -18,7 +18,7 @@ from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image, L2Lookup
 from qinspect.qcow2.l2 import ClusterType, SubclusterType
-from qinspect.tui import fmt
+from qinspect.tui import fmt, guestfs
 from qinspect.tui.flow import Flow
 from qinspect.tui.guestmap import GLYPHS
 from qinspect.tui.messages import ShowStructure, TablesLoaded
@@ -174,8 +174,10 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
     def compose(self) -> ComposeResult:
         with Horizontal():
             with Vertical(id="gm-left"):
+                yield guestfs.PartitionBands(id="gm-bands")
                 yield Static(self._legend(), id="gm-legend")
-                yield ClusterGrid(self.session.guest, id="gm-grid")
+                yield ClusterGrid(guestfs.FreedOverlay(self.session.guest, guestfs.guest_fs(self.session)),
+                                  id="gm-grid")
             with VerticalScroll(id="gm-inspector"):
                 yield Static("", id="gm-inspect")
 
@@ -196,6 +198,8 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         states.append(G.INVALID)
         states += [backing_state(d) for d in range(1, min(depth, 5) + 1)]
         items = [swatch(GUEST_COLOURS[s], GUEST_NAMES[s], "·" if s == G.UNALLOCATED else "█") for s in states]
+        if guestfs.guest_fs(self.session).has_freed:
+            items.append(swatch(*guestfs.legend_item(), "█"))
         z = self.grid.zoom if self.is_mounted and self.query(ClusterGrid) else 0
         cpc = 1 << z
         t = Text()
@@ -246,6 +250,9 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             st.append("█ ", Style(color=GUEST_COLOURS[state]))
             st.append(GUEST_NAMES[state])
             parts.append(kv("state", st))
+        fs_text = guestfs.guest_fs(s).describe(guest)
+        if fs_text is not None:
+            parts.append(kv("guest fs", fs_text))
         try:
             lk = img.lookup(min(guest, h.size - 1))
         except Qcow2Error as e:
@@ -317,6 +324,8 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
 
     # -- events ---------------------------------------------------------------------------------------
     def on_cluster_grid_cursor_moved(self, event: ClusterGrid.CursorMoved) -> None:
+        self.query_one(guestfs.PartitionBands).show_state(guestfs.guest_fs(self.session),
+                                                          self.grid.cursor * self.session.img.cluster_size)
         self.query_one("#gm-legend", Static).update(self._legend())
         self.update_inspector()
 
@@ -367,6 +376,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             self._load_pending()
 
     def data_changed(self, step: str) -> None:
+        guestfs.start(self, self.session)  # after the first scan step: the first frame reads no tables
         if step != "guest":
             return
         self.grid.data_changed()

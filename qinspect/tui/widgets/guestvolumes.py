@@ -2,8 +2,7 @@
 
 `GuestVolumes.show(view)` renders a `qinspect.guest.GuestView`; `describe_offset` names the volume,
 the filesystem block and (with an `OwnerMap` built in a worker) the file at a guest offset, or says
-the block is free and whether the image still holds it ("freed by the guest"). Not yet hooked into
-the Overview and Guest map views (see the guest branch's report).
+the block is free and whether the image still holds it ("freed by the guest").
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from qinspect.guest.owners import OwnerMap
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size
 
-BAR = 40
+BAR = 30
 USED, FREED, FREE = "█", "▓", "░"
 
 
@@ -38,13 +37,14 @@ def render_volumes(view: GuestView) -> Text:
                f"{format_size(view.reclaimable_bytes)}\n", style="bold")
     for v in view.volumes:
         fs = v.filesystem.value if v.filesystem else (v.type_name or "unknown")
-        out.append(f"{v.label:>8} {for_terminal(fs):<12} {format_size(v.length):>9} ")
+        out.append(f"{v.label:>8} {for_terminal(fs):<11} {format_size(v.length):>8} ")
         if v.free_bytes is not None and v.fs is not None and v.fs.size_bytes:
             used = v.used_bytes or 0
             freed = v.reclaimable_bytes
             out.append_text(volume_bar(used, freed, max(0, v.free_bytes - freed)))
-            out.append(f" used {format_size(used)}, free {format_size(v.free_bytes)}, reclaimable "
-                       f"{format_size(freed)}")
+            out.append(f" used {format_size(used)} · free {format_size(v.free_bytes)}")
+            if freed:
+                out.append(f" · freed, still held {format_size(freed)}", style="bold yellow")
         elif v.fs is not None and v.fs.note:
             out.append(for_terminal(v.fs.note), style="grey50")
         if v.problems:
@@ -54,10 +54,16 @@ def render_volumes(view: GuestView) -> Text:
 
 
 class GuestVolumes(Static):
-    """The Overview's volume list: one line with a used / freed / free bar per volume."""
+    """The Overview's volume list: one line with a used / freed / free bar per volume (hidden until a
+    partition table or filesystem is found)."""
+
+    DEFAULT_CSS = "GuestVolumes { height: auto; display: none; }"
 
     def show(self, view: GuestView) -> None:
-        self.update(render_volumes(view))
+        content = any(v.filesystem is not None or v.kind.value != "whole-disk" for v in view.volumes)
+        self.display = content
+        if content:
+            self.update(render_volumes(view))
 
 
 def describe_offset(view: GuestView, offset: int, owners: dict[int, OwnerMap] | None = None) -> str:
