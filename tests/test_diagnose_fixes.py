@@ -247,16 +247,76 @@ def test_backing_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_one_convert_per_image(tmp_path: Path) -> None:
-    p = tmp_path / "c4k.qcow2"
+    """An 8 KiB-cluster overlay with scattered writes: small-clusters wants 64 KiB clusters,
+    cow-amplification 16 KiB with extended L2: one conversion, the conflict resolved with a reason."""
+    p = tmp_path / "c8k.qcow2"
     base = tmp_path / "b.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M")
-    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", base.name, "-F", "qcow2",
-       str(p))
+    qio(base, "write -P 0x33 0 32M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=8k", "-b", base.name, "-F", "qcow2", str(p))
     qio(p, *[f"write -P 7 {k * 131072 + 8192} 4k" for k in range(200, 0, -1)])
     d = diag(p)
-    converts = {f.fix.command for f in d.findings if f.fix is not None and f.fix.command
-                and f.fix.command.startswith("qemu-img convert")}
-    assert len(converts) == 1, converts
+    wanting = [f for f in d.findings if f.fix is not None and f.fix.command
+               and f.fix.command.startswith("qemu-img convert")]
+    assert {f.id for f in wanting} >= {"small-clusters", "cow-amplification"}
+    assert len({f.fix.command for f in wanting if f.fix is not None}) == 1
+    fix = wanting[0].fix
+    assert fix is not None and "cluster_size=64k" in (fix.command or "") and "extended_l2=on" in (fix.command or "")
+    assert "Conflicts: cow-amplification wanted cluster_size=16k; cluster_size=64k kept for small-clusters" in fix.note
+    run_fix(wanting[0], p, 65536)
+    for f in wanting:
+        no_repeat(p, f)
+
+
+def test_zero_clusters_deep(samples: Samples, tmp_path: Path) -> None:
+    src = samples.path("diag_zeros")
+    p = tmp_path / src.name
+    shutil.copyfile(src, p)
+    f = finding(diag(p, deep=True), "zero-clusters")
+    run_fix(f, p, 65536)
+    no_repeat(p, f, deep=True)
+
+
+def test_backing_duplicates_commit(samples: Samples, tmp_path: Path) -> None:
+    for n in ("diag_dup_base", "diag_dup_top"):
+        shutil.copyfile(samples.path(n), tmp_path / samples.path(n).name)
+    p = tmp_path / "diag_dup_top.qcow2"
+    before = tmp_path / "guest.raw"
+    sh("qemu-img", "convert", "-O", "raw", str(p), str(before))
+    f = finding(diag(p, deep=True), "backing-duplicates")
+    run_fix(f, p, 65536, compare=False)
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)], capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout
+    no_repeat(p, f, deep=True)
+
+
+def test_compressed_and_small_clusters(samples: Samples, tmp_path: Path) -> None:
+    for name, fid in (("zstd", "compressed"), ("c4k", "small-clusters")):
+        src = samples.path(name)
+        p = tmp_path / src.name
+        shutil.copyfile(src, p)
+        f = finding(diag(p), fid)
+        assert f.fix is not None and (f.fix.cost or fid != "compressed")
+        run_fix(f, p, 65536)
+        no_repeat(p, f)
+
+
+def test_long_chain_rebase(samples: Samples, tmp_path: Path) -> None:
+    for k in range(5):
+        shutil.copyfile(samples.path(f"longchain_{k}"), tmp_path / f"longchain_{k}.qcow2")
+    p = tmp_path / "longchain_4.qcow2"
+    before = tmp_path / "guest.raw"
+    sh("qemu-img", "convert", "-O", "raw", str(p), str(before))
+    f = finding(diag(p), "long-chain")
+    assert f.fix is not None and f.fix.cost
+    cmd = f.fix.command
+    assert cmd is not None
+    subprocess.run(["bash", "-c", cmd], cwd=tmp_path, check=True, capture_output=True)
+    st = os.stat(p)
+    assert st.st_size <= int(f.fix.predicts["file-size-at-most"])
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)], capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout
+    no_repeat(p, f)
 
 
 # -- stable numbers: page cache ---------------------------------------------------------------------

@@ -221,7 +221,16 @@ class HostFile:
         if not self._is_regular:
             return _one_range(self.size, ExtentKind.DATA, ExtentMethod.NONE)
         try:
-            return self._fiemap()
+            ext = self._fiemap()
+            if ext.bytes_of(ExtentKind.UNWRITTEN):
+                # Data written just before may still be converting from unwritten (ext4 converts
+                # after the write-back completes): wait for it as fsync does, then ask again.
+                try:
+                    os.fsync(self.fd)
+                except OSError:
+                    return ext
+                ext = self._fiemap()
+            return ext
         except OSError:
             pass
         try:

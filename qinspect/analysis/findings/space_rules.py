@@ -81,10 +81,22 @@ def backing_duplicates(c: Context) -> Finding | None:
         "(copy-on-write of whole clusters, or data rewritten unchanged). qemu-img has no command that drops "
         "them from the overlay alone; committing the overlay into its backing file removes them (and empties "
         f"the overlay), but only do that if no other image uses '{for_terminal(bname)}'.",
-        Fix(["qemu-img", "commit", "-f", "qcow2", path_arg(c.path)], True,
-            {"file-size": c.file_size, "disk-usage": c.disk_usage - data_disk},
+        Fix(["qemu-img", "commit", "-f", "qcow2", path_arg(c.path)], True, _emptied(c, data_disk),
             note="only if nothing else uses the backing file; it grows by this overlay's data"),
         Category.SPACE)
+
+
+def _emptied(c: Context, data_disk: int) -> dict[str, int | float | str]:
+    """The overlay after `qemu-img commit` empties it (qcow2_make_empty): a v3 image without
+    snapshots, bitmaps, encryption or data file is rebuilt as header, refcount table, refcount
+    block and L1 table; otherwise every cluster is discarded (punched) and the size stays."""
+    h = c.h
+    l1_clusters = -(-h.l1_size * 8 // h.cluster_size)
+    if h.version >= 3 and not c.img.snapshots and not c.img.bitmaps and not c.img.encrypted \
+            and not h.has_data_file:
+        size = (3 + l1_clusters) * h.cluster_size
+        return {"file-size": size, "disk-usage": size}
+    return {"file-size": c.file_size, "disk-usage": c.disk_usage - data_disk}
 
 
 @rule("preallocated-unused")
