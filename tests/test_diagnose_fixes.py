@@ -285,7 +285,8 @@ def test_backing_duplicates_commit(samples: Samples, tmp_path: Path) -> None:
     sh("qemu-img", "convert", "-O", "raw", str(p), str(before))
     f = finding(diag(p, deep=True), "backing-duplicates")
     run_fix(f, p, 65536, compare=False)
-    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)], capture_output=True, text=True)
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)],
+                         capture_output=True, text=True)
     assert cmp.returncode == 0, cmp.stdout
     no_repeat(p, f, deep=True)
 
@@ -314,7 +315,8 @@ def test_long_chain_rebase(samples: Samples, tmp_path: Path) -> None:
     subprocess.run(["bash", "-c", cmd], cwd=tmp_path, check=True, capture_output=True)
     st = os.stat(p)
     assert st.st_size <= int(f.fix.predicts["file-size-at-most"])
-    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)], capture_output=True, text=True)
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)],
+                         capture_output=True, text=True)
     assert cmp.returncode == 0, cmp.stdout
     no_repeat(p, f)
 
