@@ -241,6 +241,7 @@ def test_backing_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     sh("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", str(p), "16M")
     f = finding(diag(p), "backing-missing")
     assert f.severity.value == "error" and f.fix is not None and f.fix.command is None
+    assert finding(diag(p, deep=True), "backing-missing").severity.value == "error"
     assert main(["diagnose", str(p), "--fail-on=error"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL")

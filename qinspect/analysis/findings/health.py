@@ -12,6 +12,7 @@ from qinspect.analysis.findings.common import path_arg, plural, size_text
 from qinspect.analysis.findings.model import Category, Context, ConvertWish, Finding, Fix, Severity
 from qinspect.analysis.findings.registry import rule
 from qinspect.analysis.layout import Owner
+from qinspect.qcow2.errors import Qcow2Error
 from qinspect.termtext import for_terminal
 
 INVALID_BITMAPS = "invalid subcluster bitmaps"
@@ -78,6 +79,23 @@ def _missing_bytes(c: Context) -> int:
     else:
         need = (last + 1) * cs
     return max(0, need - size)
+
+
+@rule("data-file-missing")
+def data_file_missing(c: Context) -> Finding | None:
+    if not c.h.has_data_file:
+        return None
+    try:
+        c.img.data_file()
+    except Qcow2Error as e:
+        return Finding(
+            "data-file-missing", Severity.ERROR,
+            "The external data file cannot be opened: the guest data is unreadable",
+            {"data-file": c.h.data_file or "", "error": e.message},
+            f"{for_terminal(e.message)}. This image keeps its guest data in a separate file; QEMU cannot open the "
+            "image without it. Restore the file, or name it with `qemu-img amend -o data_file=PATH IMAGE`.",
+            Fix(None, True, c.unchanged(), blocked="no command: only you know where the data file is"))
+    return None
 
 
 @rule("truncated")
