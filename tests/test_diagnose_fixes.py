@@ -381,6 +381,15 @@ def test_fix_commands_with_shell_syntax(tmp_path: Path, name: str, capsys: pytes
     assert name in capsys.readouterr().out
 
 
+def test_no_escape_from_the_image_reaches_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = make_snapshots(tmp_path, "\x1b]2;pwned\x07[/]")
+    assert main(["diagnose", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]2;pwned\\x07[/]" in out
+    f = finding(diag(p), "snapshot-space")
+    assert f.fix is not None and f.fix.command is None and "cannot be pasted" in f.fix.blocked
+
+
 def test_unpasteable_name_prints_no_command(tmp_path: Path) -> None:
     src = make_free(tmp_path)
     p = tmp_path / "evil\nrm -rf ~.qcow2"
