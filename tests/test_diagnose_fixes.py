@@ -153,6 +153,20 @@ def test_falloc_preallocation(tmp_path: Path) -> None:
     no_repeat(p, f)
 
 
+def test_zero_padding_of_small_writes(tmp_path: Path) -> None:
+    """Scattered 4 KiB writes into a 64 KiB-cluster image: QEMU zero-fills the rest of each cluster
+    (unwritten extents). A plain conversion would keep it all; the fix offered has extended L2."""
+    p = tmp_path / "s4k.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(p), "2G")
+    qio(p, *[f"write -P 5 {(k * 7919 * 4096) % (2000 << 20)} 4k" for k in range(300)])
+    f = finding(diag(p), "preallocated-unused")
+    assert int(f.evidence["unwritten-bytes"]) >= 17 << 20
+    assert f.fix is not None and "extended_l2=on" in (f.fix.command or "")
+    assert int(f.fix.predicts["disk-usage"]) < os.stat(p).st_blocks * 512 // 4
+    run_fix(f, p, 65536)
+    no_repeat(p, f)
+
+
 def test_metadata_preallocation(tmp_path: Path) -> None:
     p = make_metadata_prealloc(tmp_path)
     f = finding(diag(p), "preallocated-unused")

@@ -127,10 +127,27 @@ def preallocated_unused(c: Context) -> Finding | None:
              "on-disk-bytes": on_disk, "unwritten-bytes": gc.get("unwritten", 0), "hole-bytes": sp.hole_bytes,
              "fully-allocated": int(prealloc_look)},
             "; ".join(what) + f". Of this, {size_text(on_disk)} occupy the disk.",
-            None, Category.SPACE,
-            ConvertWish({}, "drop never-written preallocation (keep it instead if you preallocated to avoid "
-                            "allocation cost on first write)"))
+            None, Category.SPACE, _wish(c, prealloc_look))
+    if prealloc_look and c.deep is None and not c.h.has_data_file and worth(c.disk_usage, c.disk_usage):
+        return Finding(
+            "preallocated-unused", Severity.INFO,
+            "Every guest cluster is allocated (a preallocated image?); --deep tells how much is unused",
+            {"fully-allocated": 1, "on-disk-bytes": c.disk_usage},
+            "All guest clusters have host clusters holding written data. If the image was preallocated "
+            "(preallocation=full), the part the guest never wrote is zeros a conversion would drop; only reading "
+            "the data (--deep) can tell how much, and what the conversion would give back.",
+            None, Category.SPACE)
     return None
+
+
+def _wish(c: Context, preallocated: bool) -> ConvertWish:
+    """Preallocation goes away with a plain conversion; the zero padding QEMU allocates around small
+    writes into fresh clusters stays unless the target has extended L2 (subclusters)."""
+    if preallocated or c.h.extended_l2:
+        return ConvertWish({}, "drop never-written preallocation (keep it instead if you preallocated to avoid "
+                               "allocation cost on first write)")
+    return ConvertWish({"extended_l2": "on"}, "extended L2, so that the never-written parts of partly written "
+                                              "clusters are not allocated (needs QEMU 5.2 or later)")
 
 
 @rule("snapshot-space")
