@@ -69,6 +69,8 @@ def run_fix(f: Finding, image: Path, cluster: int, compare: bool = True) -> Path
         os.replace(image.parent / f.fix.output, image)
     st = os.stat(image)
     p = f.fix.predicts
+    print(f"FIX {f.id} [{image.name}] {cmd.split(' ')[1]}: predicted file-size {p['file-size']} disk-usage "
+          f"{p['disk-usage']}; actual {st.st_size} {st.st_blocks * 512}")
     assert within(st.st_size, int(p["file-size"]), cluster), (f.id, st.st_size, p)
     assert within(st.st_blocks * 512, int(p["disk-usage"]), cluster), (f.id, st.st_blocks * 512, p)
     chk = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
