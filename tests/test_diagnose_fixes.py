@@ -263,6 +263,15 @@ def test_backing_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert out.startswith("FAIL")
 
 
+def test_data_file_missing(samples: Samples) -> None:
+    if "fid_data_file_unnamed" not in SAMPLE_NAMES:
+        pytest.skip("sample not present")
+    d = diag(samples.path("fid_data_file_unnamed"), deep=True)
+    f = finding(d, "data-file-missing")
+    assert f.severity.value == "error" and f.fix is not None and f.fix.command is None
+    assert d.deep is not None and d.deep.skipped
+
+
 def test_one_convert_per_image(tmp_path: Path) -> None:
     """An 8 KiB-cluster overlay with scattered writes: small-clusters wants 64 KiB clusters,
     cow-amplification 16 KiB with extended L2: one conversion, the conflict resolved with a reason."""
