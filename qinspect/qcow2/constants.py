@@ -38,6 +38,7 @@ QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
 SNAPSHOT_HEADER_SIZE = 40  # sizeof(QCowSnapshotHeader), the entry_len qcow2_validate_table uses
 INT64_MAX = (1 << 63) - 1  # qcow2_validate_table: a table must end below it
+BDRV_MAX_LENGTH = INT64_MAX >> 30 << 30  # block layer: a read ending past this fails with EIO
 QCOW2_MAX_BITMAPS = 65535
 QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
 BME_MAX_NAME_SIZE = 1023

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_directory
+from qinspect.qcow2.bitmaps import Bitmap, check_bitmap_tables, read_bitmap_directory
 from qinspect.qcow2.compressed import decompress_cluster
 from qinspect.qcow2.errors import EncryptedDataError, Problem, Qcow2Error, Severity
 from qinspect.qcow2.extents import ERROR_MESSAGES, ExtentError, Extents, iter_extents
@@ -132,6 +132,9 @@ class Image:
         self._backing_opened = False
         self._data_file: HostFile | None = None
         self._last_compressed: tuple[int, bytes] | None = None
+        if self.header.bitmaps_ext is not None and self.header.bitmaps_consistent and not self.open_refusals:
+            # qcow2_load_dirty_bitmaps reads the directory and every bitmap table at open (and may refuse them)
+            check_bitmap_tables(self.file, self.bitmaps, self.cluster_size, self.problems)
         self._check_host_files()
 
     # -- opening helpers ----------------------------------------------------------------------------
@@ -224,7 +227,7 @@ class Image:
         if ext is None:
             return []
         return read_bitmap_directory(self.file, ext.bitmap_directory_offset, ext.bitmap_directory_size,
-                                     ext.nb_bitmaps, self.cluster_size, self.problems)
+                                     ext.nb_bitmaps, self.cluster_size, self.problems, self.header.size)
 
     @property
     def active_bitmaps(self) -> list[Bitmap]:
@@ -254,6 +257,8 @@ class Image:
     def data_file(self) -> HostFile:
         """The file guest data lives in: the external data file, or the image itself."""
         if not self.header.has_data_file:
+            if self.header.data_file_raw:  # QEMU's data-file opening refuses this (info does not open it)
+                raise Qcow2Error("data-file-raw requires a data file", 88, path=self.path)
             return self.file
         if self._data_file is None:
             path = self.data_file_path
@@ -288,7 +293,7 @@ class Image:
                              path=self.path)
         chain = self._chain_paths()
         fmt = self.header.backing_format
-        if fmt is None:
+        if not fmt:  # none stored, or an empty backing format extension: QEMU probes
             fmt = _probe_format(path, self.path)
         if os.path.realpath(path) in chain:
             raise Qcow2Error(f"backing chain loops: {path} is already in the chain", self.header.backing_file_offset,
@@ -437,7 +442,9 @@ class Image:
         bits = self.header.refcount_bits
         nblocks = min(-(-nb_clusters // per), len(self.refcount_table))
         offs_u = self.refcount_table[:nblocks] & np.uint64(C.REFT_OFFSET_MASK)
-        bad = [int(i) for i in np.flatnonzero((offs_u % np.uint64(cs)) != 0)]
+        # unaligned (qcow2_get_refcount: EIO) or unreadable (ending past BDRV_MAX_LENGTH: EIO)
+        bad = [int(i) for i in np.flatnonzero(((offs_u % np.uint64(cs)) != 0)
+                                              | (offs_u > np.uint64(C.BDRV_MAX_LENGTH - cs)))]
         # A block at or past the end of the file reads as zeros: skip it (and its offset may not fit int64).
         offs = np.where(offs_u < np.uint64(self.file.size), offs_u, np.uint64(0)).astype(np.int64)
         good = np.flatnonzero((offs != 0) & ((offs % cs) == 0))
