@@ -13,13 +13,23 @@ from dataclasses import dataclass, field
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
+from qinspect.qcow2.fields import (
+    HEADER_QEMU_SIZE,
+    HEADER_V2_LAST,
+    HEADER_V2_SIZE,
+    HEADER_V3_LAST,
+    HEADER_V3_MIN_SIZE,
+    QCOW2_BITMAP_HEADER_EXT,
+    QCOW2_CRYPTO_HEADER_EXT,
+    QCOW2_FEATURE,
+    QCOW_EXTENSION,
+    QCOW_HEADER,
+)
 from qinspect.qcow2.hostfile import HostFile
 
-HEADER_V2_SIZE = 72
-HEADER_V3_MIN_SIZE = 104
-HEADER_QEMU_SIZE = 112
-_V2 = struct.Struct(">IIQIIQIIQQIIQ")
-_V3 = struct.Struct(">QQQII")
+_V2 = QCOW_HEADER.struct(None, HEADER_V2_LAST)
+_V3 = QCOW_HEADER.struct("incompatible_features", HEADER_V3_LAST)
+_EXT = QCOW_EXTENSION.struct()
 
 
 @dataclass(frozen=True)
@@ -339,7 +349,7 @@ def _read_extensions(h: Header, f: HostFile, problems: list[Problem]) -> None:
     off = h.header_length
     seen: set[int] = set()
     while off + 8 <= end:
-        magic, length = struct.unpack(">II", f.pread(off, 8))
+        magic, length = _EXT.unpack(f.pread(off, _EXT.size))
         if magic == C.QCOW2_EXT_MAGIC_END:
             h.extensions.append(HeaderExtension(off, magic, length, b""))
             return
@@ -365,15 +375,16 @@ def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -
             _refuse(problems, "header extensions", f"backing format name too long ({ext.length} bytes)", off)
         h.backing_format = data[: C.BACKING_FORMAT_MAX].decode("utf-8", "replace")
     elif ext.magic == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
-        for i in range(ext.length // 48):
-            entry = data[i * 48 : i * 48 + 48]
-            name = entry[2:].split(b"\0", 1)[0].decode("utf-8", "replace")
-            h.feature_names.append(FeatureName(entry[0], entry[1], name))
+        fsize = QCOW2_FEATURE.size
+        for i in range(ext.length // fsize):
+            kind, bit, raw_name = QCOW2_FEATURE.unpack(data, i * fsize)
+            name = bytes(raw_name).split(b"\0", 1)[0].decode("utf-8", "replace")
+            h.feature_names.append(FeatureName(int(kind), int(bit), name))
     elif ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS:
         if ext.length != 24:
             _refuse(problems, "bitmaps extension", f"bitmaps extension has length {ext.length}, expected 24", off)
             return
-        bm = BitmapsExtension(*struct.unpack(">IIQQ", data))
+        bm = BitmapsExtension(*QCOW2_BITMAP_HEADER_EXT.struct().unpack(data))
         if not h.bitmaps_consistent:
             _warn(problems, "bitmaps extension",
                   "autoclear bit 0 is clear: all bitmaps are inconsistent and QEMU ignores them", off)
@@ -393,7 +404,7 @@ def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -
         if ext.length != 16:
             _refuse(problems, "encryption header", f"crypto header extension has length {ext.length}, expected 16", off)
             return
-        ch = CryptoHeaderExtension(*struct.unpack(">QQ", data))
+        ch = CryptoHeaderExtension(*QCOW2_CRYPTO_HEADER_EXT.struct().unpack(data))
         if ch.offset % h.cluster_size:
             _refuse(problems, "encryption header", "crypto header offset is not cluster aligned", off + 8)
         h.crypto_ext = ch
