@@ -32,7 +32,9 @@ def test_records_tile_and_match_qemu_sizes(rec: F.Record) -> None:
 
 def test_known_offsets() -> None:
     h = F.QCOW_HEADER
-    assert (h.offset("l1_table_offset"), h.offset("refcount_table_offset"), h.offset("snapshots_offset")) == (40, 48, 64)
+    assert h.offset("l1_table_offset") == 40
+    assert h.offset("refcount_table_offset") == 48
+    assert h.offset("snapshots_offset") == 64
     assert (F.HEADER_V2_SIZE, F.HEADER_V3_MIN_SIZE, F.HEADER_QEMU_SIZE) == (72, 104, 112)
     assert h.offset("compression_type") == 104
     assert F.QCRYPTO_BLOCK_LUKS_HEADER.offset("key_slots") == 208
@@ -67,8 +69,8 @@ def test_tui_hex_colouring_reads_the_table() -> None:
     from qinspect.tui import structs
 
     assert [f[:3] for f in structs.HEADER_FIELDS] == [(f.name, f.offset, f.size) for f in F.QCOW_HEADER]
-    assert structs.SNAPSHOT_FIELDS == tuple((f.offset, f.size) for f in F.QCOW_SNAPSHOT_HEADER)
-    assert structs.BITMAP_FIELDS == tuple((f.offset, f.size) for f in F.QCOW2_BITMAP_DIR_ENTRY)
+    assert tuple((f.offset, f.size) for f in F.QCOW_SNAPSHOT_HEADER) == structs.SNAPSHOT_FIELDS
+    assert tuple((f.offset, f.size) for f in F.QCOW2_BITMAP_DIR_ENTRY) == structs.BITMAP_FIELDS
 
 
 def test_no_other_module_spells_header_structs() -> None:

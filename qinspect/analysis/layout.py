@@ -442,7 +442,7 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
         ok = sn.l1_table_offset % cs == 0 and sn.l1_size <= C.QCOW_MAX_L1_SIZE // 8
         if not ok:
             w.note("invalid snapshot L1 tables")
-        tbl = _read_u64(img, sn.l1_table_offset, sn.l1_size) if ok and sn.l1_size else np.zeros(0, np.uint64)
+        tbl = img.snapshot_l1_table(k) if ok and sn.l1_size else np.zeros(0, np.uint64)
         l1s.append(tbl)
         l1_offsets.append(sn.l1_table_offset)
         sources.append(k + 1)
@@ -609,28 +609,6 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
     )
 
 
-def _read_u64(img: Image, offset: int, count: int) -> U64:
-    """`count` table entries at `offset`; entries past the end of the file read as 0 and are left
-    out (no zero buffer in proportion to a size claimed by a snapshot table entry)."""
-    count = max(0, min(count, (img.file.size - offset) // 8))
-    return np.frombuffer(img.file.pread(offset, count * 8), dtype=">u8").astype(np.uint64)
-
-
-def _read_tables(img: Image, offs: I64) -> U64:
-    """The L2 tables at `offs` (exact offsets, adjacent ones in one read) as raw u64 words."""
-    cs = img.cluster_size
-    buf = np.zeros(len(offs) * cs, dtype=np.uint8)
-    mv = memoryview(buf.data)
-    k = 0
-    while k < len(offs):
-        m = k + 1
-        while m < len(offs) and int(offs[m]) == int(offs[k]) + (m - k) * cs:
-            m += 1
-        img.file.read_into(int(offs[k]), mv[k * cs : m * cs])
-        k = m
-    return np.frombuffer(buf, dtype=">u8").astype(np.uint64)
-
-
 def _walk_l2_batch(img: Image, w: _Walker, l1_idx: I64, offs: I64, src: int
                    ) -> tuple[_DataRuns, _Compressed, tuple[I64, U64] | None]:
     """Claim the L2 tables at `offs` and everything their entries point to."""
@@ -650,7 +628,7 @@ def _walk_l2_batch(img: Image, w: _Walker, l1_idx: I64, offs: I64, src: int
     in_file = offs < img.file.size
     if not in_file.all():
         l1_idx, offs = l1_idx[in_file], offs[in_file]
-    words = _read_tables(img, offs)
+    words = img.read_l2_tables(offs)
     if h.extended_l2:
         entries, bitmaps = words[0::2], words[1::2]
     else:

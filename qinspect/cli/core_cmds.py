@@ -8,10 +8,10 @@ import shlex
 import sys
 from datetime import UTC, datetime
 
-from qinspect._malloc import tune_for_bulk_work
 from qinspect.analysis.check import CheckResult, check_image
 from qinspect.analysis.info import chain_info, image_info
 from qinspect.analysis.map import MapEntry, iter_map, iter_map_runs, write_map_json_runs
+from qinspect.malloc import tune_for_bulk_work
 from qinspect.qcow2.image import Image, open_image
 
 # Rich (qinspect.cli.render) is imported only for human output: it costs more start-up time than

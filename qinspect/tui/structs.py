@@ -107,11 +107,6 @@ def _dim_zero(colour: str | None, byte: int) -> str | None:
     return DIM if byte == 0 else colour
 
 
-def u64_table(img: Image, offset: int, count: int) -> U64:
-    """A table of u64 entries from the image file (bounded by the format limit and the file)."""
-    return img._read_table(offset, count, C.QCOW_MAX_L1_SIZE // 8, "table")
-
-
 class TableModel:
     """One structure as a table of entries plus its bytes in the file."""
 
@@ -354,7 +349,7 @@ class L1Model(TableModel):
             self.title = f"Active L1 table ({h.l1_size} entries)"
         else:
             sn = img.snapshots[owner]
-            self.entries = u64_table(img, sn.l1_table_offset, sn.l1_size)
+            self.entries = img.snapshot_l1_table(owner, pad=True)
             self.start = sn.l1_table_offset
             self.title = f"L1 table of snapshot {sn.id_str} '{sn.name}' ({sn.l1_size} entries)"
             self.kind = "snapshot_l1"

@@ -26,7 +26,6 @@ from qinspect.tui.structs import (
     StructRef,
     TableModel,
     model_for,
-    u64_table,
 )
 from qinspect.tui.views.base import View
 from qinspect.tui.widgets.hexview import HexView
@@ -166,8 +165,7 @@ class StructuresView(View):
                 table = img.l1_table
                 kind = "l2"
             else:
-                sn = img.snapshots[ref.owner]
-                table = u64_table(img, sn.l1_table_offset, sn.l1_size)
+                table = img.snapshot_l1_table(ref.owner, pad=True)
                 kind = "snapshot_l2"
             offs = (table & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
             idx = np.flatnonzero(offs)
