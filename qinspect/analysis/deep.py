@@ -56,14 +56,6 @@ class DeepScan:
     skipped: str | None = None
     """Why nothing was read (encrypted data), or None."""
 
-    @property
-    def zero_disk_bytes(self) -> int:
-        return self.zero_bytes
-
-    @property
-    def duplicate_disk_bytes(self) -> int:
-        return self.duplicate_bytes
-
 
 @dataclass
 class _Extents:

@@ -122,14 +122,6 @@ def classify_subcluster(entry: int, bitmap: int, sc_index: int, fmt: L2Format) -
     return SubclusterType.UNALLOCATED_PLAIN
 
 
-def split_table(raw: bytes | memoryview | npt.NDArray[np.uint8], extended: bool) -> tuple[U64, U64 | None]:
-    """Raw big-endian L2 bytes → (entries, bitmaps) as native uint64 arrays (bitmaps None if standard)."""
-    words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-    if extended:
-        return words[0::2], words[1::2]
-    return words, None
-
-
 def classify_clusters(entries: U64, fmt: L2Format) -> U8:
     """qcow2_get_cluster_type over an array of L2 entries."""
     out = np.full(entries.shape, ClusterType.NORMAL, dtype=np.uint8)
