@@ -2,7 +2,7 @@
 
 Bulk functions take numpy arrays of raw entries (one L2 table or many) and classify them with
 masks, never a Python loop per entry; the scalar `classify_*` functions are the same rules for a
-single entry (the UI's inspector), and a test holds the two to agreement.
+single entry (the UI's inspector), and tests/test_l2_classifier.py holds the two to agreement.
 """
 
 from __future__ import annotations
