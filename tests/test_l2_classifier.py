@@ -1,7 +1,8 @@
 """The scalar and the vectorised L2 classifiers agree (the promise in qcow2/l2.py).
 
-`classify_cluster` / `classify_subcluster` (one entry, the inspector's) and `classify_clusters` /
-`classify_subclusters_at` (arrays, the walks') are two spellings of QEMU's qcow2_get_cluster_type
+`classify_cluster` / `classify_subcluster` (one entry, the inspector's), `classify_clusters` /
+`classify_subclusters_at` (arrays, the walks') and `classify_standard_subclusters` (the extent
+walk's lookup table) are spellings of QEMU's qcow2_get_cluster_type
 and qcow2_get_subcluster_type. They are compared on every L2 entry (and every subcluster) of every
 sample image, and on random entries built to hit every flag combination, for standard and
 extended L2, with and without an external data file.
@@ -21,6 +22,7 @@ from qinspect.qcow2.l2 import (
     SubclusterType,
     classify_cluster,
     classify_clusters,
+    classify_standard_subclusters,
     classify_subcluster,
     classify_subclusters_at,
 )
@@ -38,6 +40,11 @@ def _agree(entries: np.ndarray, bitmaps: np.ndarray | None, fmt: L2Format) -> in
         e, bm = int(entries[i]), int(bms[i])
         assert ClusterType(int(vec[i])) == classify_cluster(e, fmt), (hex(e), fmt)
         done += 1
+    if not fmt.extended_l2:  # the extent walk's lookup-table classifier
+        lut = classify_standard_subclusters(entries, fmt)
+        for i in range(len(entries)):
+            assert SubclusterType(int(lut[i])) == classify_subcluster(int(entries[i]), 0, 0, fmt), hex(int(entries[i]))
+            done += 1
     for sc in range(n_sc):
         vsub = classify_subclusters_at(vec, bitmaps, np.full(len(entries), sc, dtype=np.int64), fmt)
         for i in range(len(entries)):

@@ -24,6 +24,7 @@ from qinspect.qcow2.l2 import (
     L2Format,
     SubclusterType,
     classify_clusters,
+    classify_standard_subclusters,
     classify_subclusters_at,
     invalid_bitmaps,
     uniform_bitmaps,
@@ -151,24 +152,6 @@ def _table_extents(img: L2Source, i0: int, i1: int, start: int, end: int) -> Ext
     return _extended_extents(img, i0, entries[c0:c1], bitmaps[c0:c1], bad_l2, c0, start, end)
 
 
-# Standard L2 entries: type by (has offset, zero flag, compressed flag, copied flag) as a 4-bit code.
-def _standard_lut(has_data_file: bool) -> U8:
-    lut = np.zeros(16, dtype=np.uint8)
-    for code in range(16):
-        has_off, zero, comp, copied = code & 1, code & 2, code & 4, code & 8
-        if comp:
-            t = SubclusterType.COMPRESSED
-        elif zero:
-            t = SubclusterType.ZERO_ALLOC if has_off else SubclusterType.ZERO_PLAIN
-        elif has_off or (has_data_file and copied):
-            t = SubclusterType.NORMAL
-        else:
-            t = SubclusterType.UNALLOCATED_PLAIN
-        lut[code] = t
-    return lut
-
-
-_STD_LUT = (_standard_lut(False), _standard_lut(True))
 _IS_OFF = np.zeros(8, dtype=bool)
 _IS_OFF[list(OFFSET_TYPES)] = True
 
@@ -182,10 +165,7 @@ def _standard_extents(img: L2Source, i0: int, e: U64, bad_l2: npt.NDArray[np.boo
     n = h.l2_size
     m = len(e)
     cluster_off = e & np.uint64(C.L2E_OFFSET_MASK)
-    code = (cluster_off != 0).view(np.uint8) | ((e & np.uint64(1)).astype(np.uint8) << np.uint8(1))
-    code |= (e >> np.uint64(62)).astype(np.uint8) << np.uint8(2)
-    types = _STD_LUT[1 if fmt.has_data_file else 0][code]
-    del code
+    types = classify_standard_subclusters(e, fmt, cluster_off != 0)
     is_off = _IS_OFF[types]
     compressed = types == SubclusterType.COMPRESSED
     if compressed.any():
