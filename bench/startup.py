@@ -35,6 +35,7 @@ def commands(image: str) -> dict[str, list[str]]:
     q = qinspect()
     return {
         "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import numpy' (floor of any numpy command)": [sys.executable, "-c", "import numpy"],
         "info --output=json": [*q, "info", "--output=json", image],
         "info": [*q, "info", image],
         "--help": [*q, "--help"],

@@ -121,8 +121,10 @@ def _diagnose(p: argparse.ArgumentParser) -> None:
                    help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of every command (cheap: handlers are imported only when one runs)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command (cheap: handlers are imported only when one runs). With `only`,
+    just that command's options are declared (the others keep their name and help): what running
+    one command needs."""
     parser = argparse.ArgumentParser(
         prog="qinspect",
         description="See where a qcow2 image's bytes are and why it is slow. "
@@ -131,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qinspect {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, configure, _module) in COMMANDS.items():
-        configure(sub.add_parser(name, help=help_text, description=help_text))
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
+            configure(p)
     return parser
 
 
@@ -150,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and the error paths import neither numpy nor Rich (tests/test_startup_imports.py).
     if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help", "--version")):
         return _run_tui(args_list)
-    parser = build_parser()
+    parser = build_parser(only=args_list[0] if args_list[0] in COMMANDS else "")
     args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help()
