@@ -29,7 +29,7 @@ import numpy.typing as npt
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import BME_MAX_TABLE_SIZE, Bitmap, read_bitmap_table
-from qinspect.qcow2.fields import QCOW2_BITMAP_HEADER_EXT, QCOW2_CRYPTO_HEADER_EXT, QCOW_EXTENSION, QCOW_HEADER
+from qinspect.qcow2.fields import QCOW2_BITMAP_HEADER_EXT, QCOW2_CRYPTO_HEADER_EXT, QCOW_HEADER
 from qinspect.qcow2.header import Header
 from qinspect.qcow2.image import Image
 from qinspect.qcow2.l2 import ClusterType, classify_clusters
@@ -295,12 +295,12 @@ class Layout:
         for ext in h.extensions:
             if ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None and covers(
                     h.bitmaps_ext.bitmap_directory_offset, h.bitmaps_ext.bitmap_directory_size):
-                out.append(Reference("header-extension", ext.offset, 0, ext.offset + QCOW_EXTENSION.size
-                                     + QCOW2_BITMAP_HEADER_EXT.offset("bitmap_directory_offset")))
+                out.append(Reference("header-extension", ext.offset, 0,
+                                     ext.data_offset + QCOW2_BITMAP_HEADER_EXT.offset("bitmap_directory_offset")))
             if ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER and h.crypto_ext is not None and covers(
                     h.crypto_ext.offset, h.crypto_ext.length):
-                out.append(Reference("header-extension", ext.offset, 0, ext.offset + QCOW_EXTENSION.size
-                                     + QCOW2_CRYPTO_HEADER_EXT.offset("offset")))
+                out.append(Reference("header-extension", ext.offset, 0,
+                                     ext.data_offset + QCOW2_CRYPTO_HEADER_EXT.offset("offset")))
         rt = self._refcount_table
         if len(rt):
             offs = rt & np.uint64(C.REFT_OFFSET_MASK)

@@ -45,6 +45,16 @@ class HeaderExtension:
     def name(self) -> str:
         return C.EXTENSION_NAMES.get(self.magic, f"unknown extension 0x{self.magic:08x}")
 
+    @property
+    def data_offset(self) -> int:
+        """File offset of the extension's data (after its QCowExtension type and length)."""
+        return self.offset + QCOW_EXTENSION.size
+
+    @property
+    def end(self) -> int:
+        """File offset past the extension, its data padded to a multiple of 8 (the next one's)."""
+        return self.data_offset + ((self.length + 7) & ~7)
+
 
 @dataclass(frozen=True)
 class FeatureName:

@@ -23,6 +23,8 @@ from qinspect.qcow2.fields import (
     HEADER_V2_SIZE,
     HEADER_V3_MIN_SIZE,
     QCOW2_BITMAP_DIR_ENTRY,
+    QCOW2_FEATURE,
+    QCOW_EXTENSION,
     QCOW_HEADER,
     QCOW_SNAPSHOT_HEADER,
     QCRYPTO_BLOCK_LUKS_HEADER,
@@ -253,7 +255,7 @@ class ExtensionsModel(TableModel):
         self.length = max(0, h.extension_area_end - self.start)
         if self.exts:
             last = self.exts[-1]
-            self.length = min(self.length, last.offset + 8 + ((last.length + 7) & ~7) - self.start) or 8
+            self.length = min(self.length, last.end - self.start) or QCOW_EXTENSION.size
 
     def __len__(self) -> int:
         return len(self.exts)
@@ -266,7 +268,7 @@ class ExtensionsModel(TableModel):
         if e.magic == C.QCOW2_EXT_MAGIC_DATA_FILE:
             return repr(h.data_file)
         if e.magic == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
-            return f"{e.length // 48} feature names"
+            return f"{e.length // QCOW2_FEATURE.size} feature names"
         if e.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None:
             b = h.bitmaps_ext
             return f"{b.nb_bitmaps} bitmaps, directory at {fmt.hexoff(b.bitmap_directory_offset)}"
@@ -284,7 +286,7 @@ class ExtensionsModel(TableModel):
 
     def span(self, i: int) -> tuple[int, int] | None:
         e = self.exts[i]
-        return e.offset, e.offset + 8 + ((e.length + 7) & ~7)
+        return e.offset, e.end
 
     def detail(self, i: int) -> str:
         e = self.exts[i]
@@ -296,8 +298,8 @@ class ExtensionsModel(TableModel):
             pos = off + k
             colour = None
             for i, e in enumerate(self.exts):
-                if e.offset <= pos < e.offset + 8 + e.length:
-                    colour = FLAG_BYTE if pos < e.offset + 8 else FIELD_CYCLE[i % len(FIELD_CYCLE)]
+                if e.offset <= pos < e.data_offset + e.length:
+                    colour = FLAG_BYTE if pos < e.data_offset else FIELD_CYCLE[i % len(FIELD_CYCLE)]
                     break
             out.append(_dim_zero(colour, b))
         return out
