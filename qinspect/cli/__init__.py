@@ -117,7 +117,7 @@ def _diagnose(p: argparse.ArgumentParser) -> None:
     _output_opt(p)
     p.add_argument("--deep", action="store_true",
                    help="also read every data cluster (all-zero clusters, copies of backing data)")
-    p.add_argument("--fail-on", choices=["warning", "error"], default=None,
+    p.add_argument("--fail-on", choices=["info", "warning", "error"], default=None,
                    help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
 
 

@@ -8,7 +8,6 @@ impossible cluster size or header length) and records everything else QEMU would
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
 from qinspect.qcow2 import constants as C
@@ -24,12 +23,19 @@ from qinspect.qcow2.fields import (
     QCOW2_FEATURE,
     QCOW_EXTENSION,
     QCOW_HEADER,
+    QCOW_SNAPSHOT_HEADER,
 )
 from qinspect.qcow2.hostfile import HostFile
 
 _V2 = QCOW_HEADER.struct(None, HEADER_V2_LAST)
+_MAGIC_VERSION = QCOW_HEADER.struct(None, "version")
 _V3 = QCOW_HEADER.struct("incompatible_features", HEADER_V3_LAST)
 _EXT = QCOW_EXTENSION.struct()
+
+
+def _at(name: str) -> int:
+    """The header offset of field `name` (where a problem with that field points)."""
+    return QCOW_HEADER.offset(name)
 
 
 @dataclass(frozen=True)
@@ -223,35 +229,38 @@ def read_header(f: HostFile, problems: list[Problem]) -> Header:
     if f.size < 8:
         raise Qcow2Error(f"file too small to be a qcow2 image ({f.size} bytes)", 0, path=f.path)
     start = f.pread(0, HEADER_QEMU_SIZE)
-    magic, version = struct.unpack_from(">II", start)
+    magic, version = _MAGIC_VERSION.unpack_from(start)
     if magic != C.QCOW_MAGIC:
         raise Qcow2Error(_not_qcow2_message(f, start), 0, path=f.path)
     if version == C.QCOW1_VERSION:
-        raise Qcow2Error("qcow (version 1) image, not qcow2; qinspect reads qcow2 v2 and v3 only", 4, path=f.path)
+        raise Qcow2Error("qcow (version 1) image, not qcow2; qinspect reads qcow2 v2 and v3 only", _at("version"),
+                         path=f.path)
     if version not in (2, 3):
-        raise Qcow2Error(f"unsupported qcow2 version {version}", 4, path=f.path)
+        raise Qcow2Error(f"unsupported qcow2 version {version}", _at("version"), path=f.path)
     if f.size < HEADER_V2_SIZE:
-        raise Qcow2Error(f"truncated header: file is {f.size} bytes, a qcow2 header needs 72", 0, path=f.path)
+        raise Qcow2Error(f"truncated header: file is {f.size} bytes, a qcow2 header needs {HEADER_V2_SIZE}", 0,
+                         path=f.path)
     h = Header(*_V2.unpack_from(start))
     if not C.MIN_CLUSTER_BITS <= h.cluster_bits <= C.MAX_CLUSTER_BITS:
         raise Qcow2Error(
-            f"unsupported cluster size 2^{h.cluster_bits} (QEMU accepts 512 B to 2 MiB)", 20, path=f.path
-        )
+            f"unsupported cluster size 2^{h.cluster_bits} (QEMU accepts 512 B to 2 MiB)", _at("cluster_bits"),
+            path=f.path)
     if version == 3:
         if f.size < HEADER_V3_MIN_SIZE:
-            raise Qcow2Error(f"truncated v3 header: file is {f.size} bytes, needs 104", 0, path=f.path)
+            raise Qcow2Error(f"truncated v3 header: file is {f.size} bytes, needs {HEADER_V3_MIN_SIZE}", 0, path=f.path)
         (h.incompatible_features, h.compatible_features, h.autoclear_features, h.refcount_order,
          h.header_length) = _V3.unpack_from(start, HEADER_V2_SIZE)
         if h.header_length < HEADER_V3_MIN_SIZE:
-            raise Qcow2Error(f"qcow2 header too short (header_length {h.header_length})", 100, path=f.path)
+            raise Qcow2Error(f"qcow2 header too short (header_length {h.header_length})", _at("header_length"),
+                             path=f.path)
         if h.header_length > h.cluster_size:
             raise Qcow2Error(
-                f"qcow2 header exceeds cluster size (header_length {h.header_length})", 100, path=f.path
-            )
+                f"qcow2 header exceeds cluster size (header_length {h.header_length})", _at("header_length"),
+                path=f.path)
         if h.header_length % 8:
-            _warn(problems, "header", f"header_length {h.header_length} is not a multiple of 8", 100)
-        if h.header_length > 104:
-            h.compression_type = start[104]
+            _warn(problems, "header", f"header_length {h.header_length} is not a multiple of 8", _at("header_length"))
+        if h.header_length > HEADER_V3_MIN_SIZE:
+            h.compression_type = start[_at("compression_type")]
         if h.header_length > HEADER_QEMU_SIZE:
             h.unknown_header_bytes = f.pread(HEADER_QEMU_SIZE, h.header_length - HEADER_QEMU_SIZE)
     _validate_fields(h, f, problems)
@@ -279,7 +288,7 @@ def _not_qcow2_message(f: HostFile, start: bytes) -> str:
         fmt = "a raw LUKS volume"
     if fmt is not None:
         return f"not a qcow2 image: this is {fmt}"
-    magic = struct.unpack_from(">I", start)[0]
+    magic = QCOW_HEADER["magic"].get(start)
     return f"not a qcow2 image: no qcow2 magic (found 0x{magic:08x}, expected 0x514649fb); a raw disk image?"
 
 
@@ -287,69 +296,137 @@ def _warn(problems: list[Problem], structure: str, msg: str, offset: int | None 
     problems.append(Problem(Severity.WARNING, structure, msg, offset))
 
 
-def _refuse(problems: list[Problem], structure: str, msg: str, offset: int | None = None) -> None:
-    problems.append(Problem(Severity.ERROR, structure, msg, offset, qemu_refuses_open=True))
+def _refuse(problems: list[Problem], structure: str, msg: str, offset: int | None = None,
+            check_opens: bool = False) -> None:
+    problems.append(Problem(Severity.ERROR, structure, msg, offset, qemu_refuses_open=True,
+                            check_opens=check_opens))
+
+
+def table_fits(offset: int, entries: int, entry_len: int, cluster_size: int) -> bool:
+    """The offset rule of qcow2_validate_table: cluster aligned, and the table ends at or below
+    INT64_MAX (`INT64_MAX - entries * entry_len < offset` is refused), even when it is empty."""
+    return not (C.INT64_MAX - entries * entry_len < offset or offset % cluster_size)
+
+
+def _validate_table(problems: list[Problem], structure: str, name: str, offset: int, entries: int,
+                    entry_len: int, max_bytes: int, cluster_size: int, fields: tuple[int, int],
+                    unit: str, check_opens: bool = False) -> bool:
+    """qcow2_validate_table: "<name> too large" / "<name> offset invalid" (`fields`: the header
+    offsets of the table's size and offset fields)."""
+    if entries > max_bytes // entry_len:
+        _refuse(problems, structure, f"{name} too large ({entries} {unit}, the maximum is {max_bytes // entry_len})",
+                fields[0], check_opens)
+        return False
+    if not table_fits(offset, entries, entry_len, cluster_size):
+        why = ("not cluster aligned" if offset % cluster_size
+               else f"{entries} {unit} of {entry_len} bytes from there would end past INT64_MAX")
+        _refuse(problems, structure, f"{name} offset invalid ({offset:#x}: {why})", fields[1], check_opens)
+        return False
+    return True
 
 
 def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
     cs = h.cluster_size
     if h.version == 2:
         h.refcount_order = 4
-    if h.refcount_order > C.MAX_REFCOUNT_ORDER:
-        _refuse(problems, "header", f"refcount_order {h.refcount_order}: refcount width may not exceed 64 bits", 96)
+    # qcow2_do_open's order: backing file offset, unknown incompatible features, refcount order, ...
+    if h.backing_file_offset > cs:
+        _refuse(problems, "header", f"invalid backing file offset {h.backing_file_offset}",
+                _at("backing_file_offset"))
     unknown = h.incompatible_features & ~C.QCOW2_INCOMPAT_MASK
     if unknown:
-        _refuse(problems, "header", f"unsupported qcow2 feature(s): unknown incompatible feature: {unknown:x}", 72)
+        _refuse(problems, "header", f"Unsupported qcow2 feature(s): {_unsupported_features(h, f, unknown)}",
+                _at("incompatible_features"))
+    if h.refcount_order > C.MAX_REFCOUNT_ORDER:
+        _refuse(problems, "header", f"refcount_order {h.refcount_order}: refcount width may not exceed 64 bits",
+                _at("refcount_order"))
     if h.corrupt:
         problems.append(Problem(Severity.ERROR, "header",
-                                "the corrupt bit is set: QEMU opens this image read-only only", 72))
+                                "the corrupt bit is set: QEMU opens this image read-only only",
+                                _at("incompatible_features")))
     if h.incompatible_features & C.QCOW2_INCOMPAT_COMPRESSION:
         if h.compression_type == C.COMPRESSION_TYPE_ZLIB:
-            _refuse(problems, "header", "compression type incompatible feature bit must not be set with zlib", 104)
+            _refuse(problems, "header", "compression type incompatible feature bit must not be set with zlib",
+                _at("compression_type"))
     elif h.compression_type != C.COMPRESSION_TYPE_ZLIB:
-        _refuse(problems, "header", "compression type incompatible feature bit must be set for a non-zlib type", 104)
+        _refuse(problems, "header", "compression type incompatible feature bit must be set for a non-zlib type",
+                _at("compression_type"))
     if h.compression_type not in C.COMPRESSION_TYPE_NAMES:
-        _refuse(problems, "header", f"unknown compression type: {h.compression_type}", 104)
+        _refuse(problems, "header", f"unknown compression type: {h.compression_type}", _at("compression_type"))
     if h.extended_l2 and h.cluster_bits < 14:
-        _refuse(problems, "header", "extended L2 entries need clusters of at least 16 KiB (subclusters of 512 B)", 20)
+        _refuse(problems, "header", "extended L2 entries need clusters of at least 16 KiB (subclusters of 512 B)",
+                _at("cluster_bits"))
     if h.crypt_method > C.QCOW_CRYPT_LUKS:
-        _refuse(problems, "header", f"unsupported encryption method {h.crypt_method}", 32)
-    if h.backing_file_offset > cs:
-        _refuse(problems, "header", f"invalid backing file offset {h.backing_file_offset}", 8)
+        _refuse(problems, "header", f"unsupported encryption method {h.crypt_method}", _at("crypt_method"))
     if h.size % 512:
-        _warn(problems, "header", f"virtual size {h.size} is not a multiple of 512", 24)
-    # L1 table
-    l1_bytes = h.l1_size * C.L1E_SIZE
-    if l1_bytes > C.QCOW_MAX_L1_SIZE:
-        _refuse(problems, "L1 table", f"active L1 table too large ({h.l1_size} entries)", 36)
-    if h.l1_size < h.l1_size_needed:
-        _refuse(problems, "L1 table",
-                f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", 36)
-    if h.l1_table_offset % cs:
-        _refuse(problems, "L1 table", f"invalid L1 table offset {h.l1_table_offset} (not cluster aligned)", 40)
-    elif h.l1_size and f.is_past_end(h.l1_table_offset, l1_bytes):
-        problems.append(Problem(Severity.ERROR, "L1 table",
-                                f"L1 table ({h.l1_size} entries, {l1_bytes} bytes) extends past the end of the "
-                                f"file ({f.size} bytes); the missing entries read as 0", h.l1_table_offset))
-    # refcount table
+        _warn(problems, "header", f"virtual size {h.size} is not a multiple of 512", _at("size"))
+    # The tables, in qcow2_do_open's order: refcount table, snapshot table, active L1 table.
+    # refcount table (check opens with BDRV_O_CHECK, which accepts an image without one)
     rt_bytes = h.refcount_table_clusters * cs
     if h.refcount_table_clusters == 0:
-        _refuse(problems, "refcount table", "image does not contain a reference count table", 56)
-    elif rt_bytes > C.QCOW_MAX_REFTABLE_SIZE:
-        _refuse(problems, "refcount table",
-                f"reference count table too large ({h.refcount_table_clusters} clusters)", 56)
-    if h.refcount_table_offset % cs:
-        _refuse(problems, "refcount table", f"invalid reference count table offset {h.refcount_table_offset}", 48)
-    elif rt_bytes and f.is_past_end(h.refcount_table_offset, rt_bytes):
+        _refuse(problems, "refcount table", "Image does not contain a reference count table",
+                _at("refcount_table_clusters"), check_opens=True)
+    if (_validate_table(problems, "refcount table", "Reference count table", h.refcount_table_offset,
+                        h.refcount_table_clusters, cs, C.QCOW_MAX_REFTABLE_SIZE, cs,
+                        (_at("refcount_table_clusters"), _at("refcount_table_offset")), "clusters")
+            and rt_bytes and f.is_past_end(h.refcount_table_offset, rt_bytes)):
         problems.append(Problem(Severity.ERROR, "refcount table",
                                 f"refcount table ({h.refcount_table_clusters} clusters, {rt_bytes} bytes) extends "
                                 f"past the end of the file ({f.size} bytes); the missing entries read as 0",
                                 h.refcount_table_offset))
-    # snapshot table
-    if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:
-        _refuse(problems, "snapshot table", f"too many snapshots ({h.nb_snapshots}, the maximum is 65536)", 60)
-    if h.nb_snapshots and h.snapshots_offset % cs:
-        _refuse(problems, "snapshot table", f"invalid snapshot table offset {h.snapshots_offset}", 64)
+    # snapshot table: validated even when empty; check skips this at open and validates it itself
+    _validate_table(problems, "snapshot table", "Snapshot table", h.snapshots_offset, h.nb_snapshots,
+                    QCOW_SNAPSHOT_HEADER.size, QCOW_SNAPSHOT_HEADER.size * C.QCOW_MAX_SNAPSHOTS, cs,
+                    (_at("nb_snapshots"), _at("snapshots_offset")),
+                    "snapshots", check_opens=True)
+    # L1 table
+    l1_bytes = h.l1_size * C.L1E_SIZE
+    if (_validate_table(problems, "L1 table", "Active L1 table", h.l1_table_offset, h.l1_size, C.L1E_SIZE,
+                        C.QCOW_MAX_L1_SIZE, cs, (_at("l1_size"), _at("l1_table_offset")), "entries")
+            and h.l1_size and f.is_past_end(h.l1_table_offset, l1_bytes)):
+        problems.append(Problem(Severity.ERROR, "L1 table",
+                                f"L1 table ({h.l1_size} entries, {l1_bytes} bytes) extends past the end of the "
+                                f"file ({f.size} bytes); the missing entries read as 0", h.l1_table_offset))
+    if h.l1_size < h.l1_size_needed:
+        _refuse(problems, "L1 table",
+                f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", _at("l1_size"))
+
+
+def _unsupported_features(h: Header, f: HostFile, mask: int) -> str:
+    """report_unsupported_feature: unknown incompatible bits named from the image's feature name
+    table (read by a first pass over the extensions, as qcow2_do_open does before refusing), then
+    "Unknown incompatible feature: <hex>" for the bits it does not name."""
+    names: list[str] = []
+    for entry_type, bit, name in _feature_table_entries(h, f):
+        if entry_type == 0 and mask & (1 << (bit & 63)):  # (x86 shifts by bit mod 64)
+            names.append(name[:46])
+            mask &= ~(1 << (bit & 63))
+    if mask:
+        names.append(f"Unknown incompatible feature: {mask:x}")
+    return ", ".join(names)
+
+
+def _feature_table_entries(h: Header, f: HostFile) -> list[tuple[int, int, str]]:
+    """The last feature name table extension before the extension area ends or goes wrong, up to
+    its first entry with an empty name (how QEMU walks it)."""
+    end = min(h.backing_file_offset or h.cluster_size, h.cluster_size)
+    off, table = h.header_length, b""
+    while off < end:
+        magic, length = _EXT.unpack(f.pread(off, _EXT.size))
+        if magic == C.QCOW2_EXT_MAGIC_END or off + _EXT.size + length > end:
+            break
+        if magic == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
+            table = f.pread(off + _EXT.size, length)
+        off += _EXT.size + ((length + 7) & ~7)
+    out: list[tuple[int, int, str]] = []
+    fsize = QCOW2_FEATURE.size
+    for i in range(0, len(table), fsize):
+        kind, bit, raw_name = QCOW2_FEATURE.unpack(table[i : i + fsize].ljust(fsize, b"\0"))
+        name = bytes(raw_name).split(b"\0", 1)[0]
+        if not name:
+            break
+        out.append((int(kind), int(bit), name.decode("utf-8", "replace")))
+    return out
 
 
 def _read_extensions(h: Header, f: HostFile, problems: list[Problem]) -> None:
@@ -358,24 +435,28 @@ def _read_extensions(h: Header, f: HostFile, problems: list[Problem]) -> None:
     h.extension_area_end = end
     off = h.header_length
     seen: set[int] = set()
-    while off + 8 <= end:
+    # qcow2_read_extensions reads an extension header whenever offset < end, and refuses one that
+    # does not fit (even the end marker) before looking at its type.
+    while off < end:
         magic, length = _EXT.unpack(f.pread(off, _EXT.size))
+        hdr = _EXT.size
+        if off + hdr > end or length > end - off - hdr:
+            room = max(0, end - off - hdr)
+            what = (f"only {end - off} bytes left for its {hdr}-byte header" if off + hdr > end
+                    else f"{length} bytes, {room} left before byte {end}")
+            _refuse(problems, "header extensions", f"Header extension too large (0x{magic:08x}: {what})", off)
+            return
         if magic == C.QCOW2_EXT_MAGIC_END:
             h.extensions.append(HeaderExtension(off, magic, length, b""))
             return
-        if off + 8 + length > end:
-            _refuse(problems, "header extensions", f"header extension 0x{magic:08x} too large ({length} bytes)", off)
-            return
-        data = f.pread(off + 8, length)
+        data = f.pread(off + hdr, length)
         ext = HeaderExtension(off, magic, length, data)
         h.extensions.append(ext)
         if magic in seen and magic in C.EXTENSION_NAMES:
             _warn(problems, "header extensions", f"{ext.name} extension appears more than once", off)
         seen.add(magic)
         _apply_extension(h, ext, problems)
-        off += 8 + ((length + 7) & ~7)
-    if off < end and off + 8 > end:
-        _warn(problems, "header extensions", "extension area ends without an end marker", off)
+        off = ext.end
 
 
 def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -> None:
@@ -391,32 +472,41 @@ def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -
             name = bytes(raw_name).split(b"\0", 1)[0].decode("utf-8", "replace")
             h.feature_names.append(FeatureName(int(kind), int(bit), name))
     elif ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS:
-        if ext.length != 24:
-            _refuse(problems, "bitmaps extension", f"bitmaps extension has length {ext.length}, expected 24", off)
+        bx = QCOW2_BITMAP_HEADER_EXT
+        if ext.length != bx.size:
+            _refuse(problems, "bitmaps extension", f"bitmaps extension has length {ext.length}, expected {bx.size}",
+                    off)
             return
-        bm = BitmapsExtension(*QCOW2_BITMAP_HEADER_EXT.struct().unpack(data))
+        bm = BitmapsExtension(*bx.struct().unpack(data))
+        at = ext.data_offset
         if not h.bitmaps_consistent:
             _warn(problems, "bitmaps extension",
                   "autoclear bit 0 is clear: all bitmaps are inconsistent and QEMU ignores them", off)
         if bm.reserved:
-            _refuse(problems, "bitmaps extension", "reserved field is not zero", off + 12)
+            _refuse(problems, "bitmaps extension", "reserved field is not zero", at + bx.offset("reserved32"))
         if bm.nb_bitmaps == 0 or bm.nb_bitmaps > C.QCOW2_MAX_BITMAPS:
-            _refuse(problems, "bitmaps extension", f"invalid number of bitmaps ({bm.nb_bitmaps})", off + 8)
+            _refuse(problems, "bitmaps extension", f"invalid number of bitmaps ({bm.nb_bitmaps})",
+                    at + bx.offset("nb_bitmaps"))
         if bm.bitmap_directory_size > C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
             _refuse(problems, "bitmaps extension",
-                    f"bitmap directory too large ({bm.bitmap_directory_size} bytes)", off + 16)
+                    f"bitmap directory too large ({bm.bitmap_directory_size} bytes)",
+                    at + bx.offset("bitmap_directory_size"))
         if bm.bitmap_directory_offset % h.cluster_size:
-            _refuse(problems, "bitmaps extension", "bitmap directory offset is not cluster aligned", off + 24)
+            _refuse(problems, "bitmaps extension", "bitmap directory offset is not cluster aligned",
+                    at + bx.offset("bitmap_directory_offset"))
         h.bitmaps_ext = bm
     elif ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
         if h.crypt_method != C.QCOW_CRYPT_LUKS:
             _refuse(problems, "encryption header", "crypto header extension only expected with LUKS encryption", off)
-        if ext.length != 16:
-            _refuse(problems, "encryption header", f"crypto header extension has length {ext.length}, expected 16", off)
+        cx = QCOW2_CRYPTO_HEADER_EXT
+        if ext.length != cx.size:
+            _refuse(problems, "encryption header",
+                    f"crypto header extension has length {ext.length}, expected {cx.size}", off)
             return
-        ch = CryptoHeaderExtension(*QCOW2_CRYPTO_HEADER_EXT.struct().unpack(data))
+        ch = CryptoHeaderExtension(*cx.struct().unpack(data))
         if ch.offset % h.cluster_size:
-            _refuse(problems, "encryption header", "crypto header offset is not cluster aligned", off + 8)
+            _refuse(problems, "encryption header", "crypto header offset is not cluster aligned",
+                    ext.data_offset + cx.offset("offset"))
         h.crypto_ext = ch
     elif ext.magic == C.QCOW2_EXT_MAGIC_DATA_FILE:
         h.data_file = data.decode("utf-8", "replace")
@@ -426,13 +516,20 @@ def _read_backing_name(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if h.crypt_method == C.QCOW_CRYPT_LUKS and h.crypto_ext is None:
         _refuse(problems, "encryption header", "LUKS encryption without the crypto header extension")
     if h.data_file_raw and not h.has_data_file:
-        _refuse(problems, "header", "data-file-raw requires a data file", 88)
+        _refuse(problems, "header", "data-file-raw requires a data file", _at("autoclear_features"))
     if h.has_data_file and not h.data_file:
-        _refuse(problems, "header", "'data-file' is required for this image (no data file name stored)", 72)
+        # qemu-img info opens with BDRV_O_NO_IO and, since the CVE-2024-4467 fix (in Debian's 7.2),
+        # does not open the data file at all: info works; map, check and reads need the file.
+        problems.append(Problem(Severity.ERROR, "data file",
+                                "'data-file' is required for this image, and the image names none: guest data "
+                                "cannot be read (pass the data file to QEMU with data-file=...)",
+                                _at("incompatible_features")))
     if not h.backing_file_offset:
         return
     n = h.backing_file_size
     if n > C.BACKING_FILE_NAME_MAX or n > h.cluster_size - min(h.backing_file_offset, h.cluster_size):
-        _refuse(problems, "backing file name", f"backing file name too long ({n} bytes)", 16)
+        _refuse(problems, "backing file name", f"backing file name too long ({n} bytes)", _at("backing_file_size"))
+        return
+    if n == 0:  # an empty name is no backing file (bs->backing_file[0] == '\0')
         return
     h.backing_file = f.pread(h.backing_file_offset, n).decode("utf-8", "replace")

@@ -23,6 +23,7 @@ from qinspect.qcow2 import constants as C
 from qinspect.qcow2.compressed import decompress_cluster
 from qinspect.qcow2.errors import EncryptedDataError, Problem, Qcow2Error, Severity
 from qinspect.qcow2.extents import ERROR_MESSAGES, ExtentError, Extents, iter_extents
+from qinspect.qcow2.header import table_fits
 from qinspect.qcow2.l2 import (
     ClusterType,
     CompressedDescriptor,
@@ -87,13 +88,17 @@ class Image(ImageMeta):
     # -- tables ---------------------------------------------------------------------------------------
     def read_table(self, offset: int, entries: int, max_entries: int = C.QCOW_MAX_L1_SIZE // C.L1E_SIZE) -> U64:
         """A table of `entries` u64 entries at `offset` (L1, refcount table): empty when it exceeds
-        `max_entries` or is not cluster aligned; entries past the end of the file read as 0."""
-        if entries > max_entries or offset % self.header.cluster_size:
+        `max_entries` or QEMU's table rule refuses its offset (not cluster aligned, or ending past
+        INT64_MAX); bytes past the end of the file read as 0."""
+        if entries > max_entries or not table_fits(offset, entries, 8, self.header.cluster_size):
             return np.zeros(0, dtype=np.uint64)
-        in_file = max(0, min(entries, (self.file.size - offset) // 8))
+        # As in block/io.c, bytes past the end of the file read as zeros: an entry cut off by the
+        # end keeps the bytes that are there (its first 4 bytes, say) with zeros after them.
+        in_bytes = max(0, min(entries * 8, self.file.size - offset))
         table = np.zeros(entries, dtype=np.uint64)
-        if in_file:
-            table[:in_file] = np.frombuffer(self.file.pread(offset, in_file * 8), dtype=">u8")
+        if in_bytes:
+            words = -(-in_bytes // 8)
+            table[:words] = np.frombuffer(self.file.pread(offset, words * 8), dtype=">u8")  # zero-padded
         return table
 
     def read_entries(self, offset: int, count: int) -> U64:
@@ -297,6 +302,8 @@ class Image(ImageMeta):
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
             raise Qcow2Error(f"read of {length} bytes at {offset} is outside the virtual disk "
                              f"({self.virtual_size} bytes)", path=self.path)
+        if self.header.has_data_file:
+            self.data_file()  # QEMU cannot open the image at all without its data file
         out = bytearray(length)
         for ex in self.extents(offset, offset + length):
             for k in range(len(ex)):

@@ -17,7 +17,8 @@ from typing import Protocol, Self
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_directory
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
-from qinspect.qcow2.header import Header, read_header
+from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER
+from qinspect.qcow2.header import Header, read_header, table_fits
 from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.luks import LuksHeader, read_luks_header
 from qinspect.qcow2.snapshots import Snapshot, SnapshotTable, read_snapshot_table
@@ -120,7 +121,8 @@ class ImageMeta:
 
     def _read_snapshots(self) -> SnapshotTable:
         h = self.header
-        if not h.nb_snapshots or h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS or h.snapshots_offset % h.cluster_size:
+        if not h.nb_snapshots or h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS or not table_fits(
+                h.snapshots_offset, h.nb_snapshots, QCOW_SNAPSHOT_HEADER.size, h.cluster_size):
             return SnapshotTable([], 0)
         return read_snapshot_table(self.file, h.snapshots_offset, h.nb_snapshots, h.version, h.size, self.problems)
 
@@ -150,9 +152,13 @@ class ImageMeta:
         """Problems for which QEMU refuses to open the image at all."""
         return [p for p in self.problems if p.qemu_refuses_open]
 
-    def require_openable(self) -> None:
-        """Raise the first problem QEMU would refuse the open for (what qemu-img commands do)."""
-        refusals = self.open_refusals
+    def require_openable(self, check: bool = False) -> None:
+        """Raise the first problem QEMU would refuse the open for (what qemu-img commands do).
+
+        With `check`, open as `qemu-img check` does (BDRV_O_CHECK): an image without a refcount
+        table, or with a bad snapshot table pointer, is accepted (the check reports them).
+        """
+        refusals = [p for p in self.open_refusals if not (check and p.check_opens)]
         if refusals:
             p = refusals[0]
             raise Qcow2Error(f"{p.structure}: {p.message}", p.offset, path=self.path)
