@@ -71,3 +71,13 @@ def test_human_info_imports_rich_but_not_numpy() -> None:
     assert rc == 0
     assert "rich" in tops
     assert "numpy" not in tops
+
+
+def test_startup_bench_runs() -> None:
+    """bench/startup.py runs end to end (one round; no timing is asserted)."""
+    root = SAMPLES.parent
+    r = subprocess.run([sys.executable, str(root / "bench" / "startup.py"), "--rounds", "1"], capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for row in ("`python -c pass`", "`info --output=json`", "`--help`", "`check --output=json`"):
+        assert f"| {row} |" in r.stdout, r.stdout
