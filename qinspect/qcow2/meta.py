@@ -17,7 +17,7 @@ from typing import Protocol, Self
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_directory
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
-from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER
+from qinspect.qcow2.fields import QCOW_HEADER, QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import Header, read_header, table_fits
 from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.luks import LuksHeader, read_luks_header
@@ -205,7 +205,7 @@ class ImageMeta:
             path = self.data_file_path
             if path is None:
                 raise Qcow2Error("'data-file' is required for this image (no data file name stored)",
-                                 72, path=self.path)
+                                 QCOW_HEADER.offset("incompatible_features"), path=self.path)
             try:
                 self._data_file = HostFile(path)
             except Qcow2Error as e:

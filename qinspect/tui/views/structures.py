@@ -15,6 +15,7 @@ from textual.widgets.tree import TreeNode
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.fields import HEADER_V2_SIZE
 from qinspect.tui import fmt
 from qinspect.tui.messages import ShowGuest, ShowHost
 from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS
@@ -122,7 +123,7 @@ class StructuresView(View):
         h = img.header
         root = self.struct_tree.root
         root.data = StructRef("header")
-        root.add_leaf(_label("Header", "header", f"{72 if h.version == 2 else h.header_length} B"),
+        root.add_leaf(_label("Header", "header", f"{HEADER_V2_SIZE if h.version == 2 else h.header_length} B"),
                       data=StructRef("header"))
         exts = root.add(_label("Header extensions", "extension", f"{len(h.extensions)}"),
                         data=StructRef("extensions"))
