@@ -148,7 +148,16 @@ def _load_extra_commands() -> None:
                 raise
 
 
-def build_parser(extra: bool = True) -> argparse.ArgumentParser:
+HELP_WIDTH = 100  # fixed, so that `--help` and the README's synopsis read the same on any terminal
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=HELP_WIDTH, max_help_position=32)
+
+
+def build_parsers(extra: bool = True) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's parser, by name."""
     if extra:
         _load_extra_commands()
     parser = _Parser(
@@ -158,16 +167,34 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
         "options are accepted (-f qcow2, -U, --image-opts, --output json); qinspect never writes to an "
         "image and never takes its locks.",
         epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"qinspect {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parsers: dict[str, argparse.ArgumentParser] = {}
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help_text, description=cmd.help_text,
-                           epilog=f"example:\n  {cmd.example}\n\n{EXIT_CODES}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=f"example:\n  {cmd.example}\n\n{EXIT_CODES}", formatter_class=_Formatter)
         cmd.configure(p)
-    return parser
+        parsers[name] = p
+    return parser, parsers
+
+
+def build_parser(extra: bool = True) -> argparse.ArgumentParser:
+    return build_parsers(extra)[0]
+
+
+TUI_SYNOPSIS = "qinspect [IMAGE]      the interactive view (a file picker when IMAGE is omitted)"
+
+
+def synopsis() -> str:
+    """The command-line synopsis the README shows: every command's usage line, from the parser."""
+    _, parsers = build_parsers()
+    lines = [TUI_SYNOPSIS]
+    for p in parsers.values():
+        usage = p.format_usage().removeprefix("usage: ").rstrip().split("\n")
+        lines += [usage[0], *(u.removeprefix(" " * len("usage: ")) for u in usage[1:])]
+    return "\n".join(lines) + "\n"
 
 
 def _resolve(target: str) -> Handler:
