@@ -288,8 +288,9 @@ def normalize_image_args(args: argparse.Namespace) -> None:
     fmt = getattr(args, "format", None)
     if fmt is not None and fmt != "qcow2":
         raise UsageError(f"format '{fmt}' is not supported: qinspect reads qcow2 images only")
-    if getattr(args, "image_opts", False) and getattr(args, "image", None) is not None:
-        args.image = parse_image_opts(args.image)
+    args.image_spec = getattr(args, "image", None)  # as given (qemu-img check reports it so)
+    if getattr(args, "image_opts", False) and args.image_spec is not None:
+        args.image = parse_image_opts(args.image_spec)
 
 
 def guarded(handler: Handler, args: argparse.Namespace, image: str | None) -> int:

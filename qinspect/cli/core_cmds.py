@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from qinspect._malloc import tune_for_bulk_work
 from qinspect.analysis.check import CheckResult, check_image
 from qinspect.analysis.info import chain_info, image_info
-from qinspect.analysis.map import iter_map_runs, write_map_json_runs
+from qinspect.analysis.map import MapRuns, iter_map_runs, write_map_json_runs
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image, Layer, open_image
 from qinspect.shellquote import UnsafeArgument, command_line
@@ -208,6 +209,16 @@ def map_layout(args: argparse.Namespace, stdout_is_terminal: bool) -> str:
     return "table" if stdout_is_terminal else "qemu"
 
 
+def _or_empty_entry(runs: Iterator[MapRuns], start: int) -> Iterator[MapRuns]:
+    """qemu-img map prints one entry of length 0 when the range asked for is empty (start past the end)."""
+    empty = True
+    for b in runs:
+        empty = False
+        yield b
+    if empty:
+        yield MapRuns.one(start, 0, 0, -1, 0)
+
+
 def run_map(args: argparse.Namespace) -> int:
     from qinspect.cli.map_output import write_qemu_human, write_table
 
@@ -217,7 +228,7 @@ def run_map(args: argparse.Namespace) -> int:
         runs = iter_map_runs(img, start=args.start_offset, length=args.max_length)
         layout = map_layout(args, sys.stdout.isatty())
         if layout == "json":
-            write_map_json_runs(runs, sys.stdout)
+            write_map_json_runs(_or_empty_entry(runs, args.start_offset), sys.stdout)
             return 0
         chain = img.chain()
         files = [host_file(layer) for layer in chain]
@@ -250,7 +261,8 @@ def run_check(args: argparse.Namespace) -> int:
     tune_for_bulk_work()
     with open_checked(args.image, need_files=True) as img:
         state = in_use(img)
-        res = check_image(img, filename=args.image)
+        # qemu-img check names the image as given, --image-opts string included.
+        res = check_image(img, filename=getattr(args, "image_spec", None) or args.image)
     # Another process writing while we read: what we saw may be mid-update. No verdict; qemu-img's
     # exit code for "check not completed" (qemu-img itself refuses to open the image).
     live = state == "write"
