@@ -96,10 +96,10 @@ def run_info(args: argparse.Namespace) -> int:
         for i, info in enumerate(infos):
             if args.backing_chain:
                 what = "the image" if i == 0 else f"backing file of layer {i - 1}"
-                title = literal(f"layer {i}: ")
-                title.append_text(literal(info["filename"]))
-                title.append(f" ({what})")
-                console().rule(title, align="left")
+                title = literal(f"-- layer {i}: ", "bold")
+                title.append_text(literal(info["filename"], "bold"))
+                title.append(f" ({what}) --", "bold")
+                console().print(title)
             _print_info(info, states[i])
         err = err_console()
         for p in img.problems[:MAX_WARNINGS]:
@@ -295,11 +295,10 @@ def _print_check(res: CheckResult, live: bool) -> None:
         c.print("No errors were found on the image.")
     else:
         if res.corruptions and res.dirty:
-            c.print(literal(
-                f"\nThe image is dirty (dirty bit set{', lazy refcounts' if res.lazy_refcounts else ''}): "
-                f"{res.corruptions} refcount inconsistencies were found, as expected after an unclean shutdown.\n"
-                "This is not corruption: QEMU rebuilds the refcounts on the next read-write open, "
-                "or run 'qemu-img check -r all' now."))
+            c.print(f"\nThe image is [bold]dirty[/] (dirty bit set{', lazy refcounts' if res.lazy_refcounts else ''}): "
+                    f"{res.corruptions} refcount inconsistencies were found, as expected after an unclean shutdown.\n"
+                    "This is not corruption: QEMU rebuilds the refcounts on the next read-write open, "
+                    "or run 'qemu-img check -r all' now.")
         elif res.corruptions:
             c.print(f"\n{res.corruptions} errors were found on the image.\n"
                     "Data may be corrupted, or further writes to the image may corrupt it.")
@@ -308,8 +307,8 @@ def _print_check(res: CheckResult, live: bool) -> None:
                 fix = "Fix: " + command_line(["qemu-img", "check", "-r", "leaks", res.filename])
             except UnsafeArgument:
                 fix = "Fix: qemu-img check -r leaks on this file (its name cannot be pasted into a shell safely)"
-            c.print(literal(f"\n{res.leaks} leaked clusters were found on the image.\n"
-                            "This means waste of disk space, but no harm to data.\n"), end="")
+            c.print(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                    "This means waste of disk space, but no harm to data.")
             c.print(literal(fix))
         if res.check_errors:
             c.print(f"\n{res.check_errors} internal errors have occurred during the check.")

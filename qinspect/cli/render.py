@@ -18,15 +18,15 @@ from rich.text import Text
 
 from qinspect.termtext import for_terminal
 
-_console: Console | None = None
+# Off a terminal (a pipe, a file, a pager) lines are never cut: a name from the image must come out
+# whole and exact, and scripts grep whole lines. On a terminal long cells fold instead of ellipsis.
+PIPE_WIDTH = 4096
 
 
 def console() -> Console:
     """The stdout console (plain ASCII tables without colour when stdout is not a terminal)."""
-    global _console
-    if _console is None:
-        _console = Console(highlight=False, soft_wrap=True)  # no file: writes to the sys.stdout of the day
-    return _console
+    terminal = sys.stdout.isatty()
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True, width=None if terminal else PIPE_WIDTH)
 
 
 def err_console() -> Console:
@@ -55,5 +55,5 @@ def table(*columns: str, title: str | None = None) -> Table:
                       show_edge=not plain, pad_edge=False)
     for c in columns:
         right = c.endswith("#")
-        t.add_column(c.rstrip("#"), justify="right" if right else "left", no_wrap=right)
+        t.add_column(c.rstrip("#"), justify="right" if right else "left", no_wrap=right, overflow="fold")
     return t
