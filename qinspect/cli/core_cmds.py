@@ -34,19 +34,20 @@ MAX_SNAPSHOT_ROWS = 500
 IN_USE_JSON = {"writer": "write", "reader": "read"}
 
 
-def open_checked(path: str, need_files: bool = False) -> Image:
+def open_checked(path: str, need_files: bool = False, check: bool = False) -> Image:
     """Open like qemu-img does: fail on anything QEMU would refuse to open.
 
     With `need_files` (map, check), also fail when a backing file or the external data file cannot
     be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
+    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
     """
     img = open_image(path)
     try:
-        img.require_openable()
+        img.require_openable(check=check)
         if need_files:
             for layer in img.chain():
                 if isinstance(layer, Image):
-                    layer.require_openable()
+                    layer.require_openable(check=check and layer is img)  # backing files: a normal open
                     layer.data_file()
     except Exception:
         img.close()
@@ -259,31 +260,34 @@ def run_check(args: argparse.Namespace) -> int:
         raise Qcow2Error(f"qinspect never writes to an image, so it does not repair; to repair it, {cmd}",
                          path=args.image)
     tune_for_bulk_work()
-    with open_checked(args.image, need_files=True) as img:
+    with open_checked(args.image, need_files=True, check=True) as img:
         state = in_use(img)
         # qemu-img check names the image as given, --image-opts string included.
         res = check_image(img, filename=getattr(args, "image_spec", None) or args.image)
     # Another process writing while we read: what we saw may be mid-update. No verdict; qemu-img's
     # exit code for "check not completed" (qemu-img itself refuses to open the image).
     live = state == "write"
-    code = 1 if live else res.exit_code
-    if args.output == "json":
-        out = res.to_json()
-        out["in-use"] = state
-        print_json(out)
-    elif not args.quiet:
+    if args.output != "json":
         warn_in_use(args.image, state)
-        _print_check(res, live)
-    return code
+    # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
+    # on stderr in both output formats (QEMU prints them from inside the check), every one of them.
+    lines = [for_terminal(line) for line in res.stderr_lines()]
+    tail = lines[-1:] if res.failed is not None or res.check_errors else []  # "Check failed" comes last
+    sys.stderr.writelines(line + "\n" for line in lines[: len(lines) - len(tail)])
+    sys.stderr.flush()
+    if res.failed is None:  # qemu-img prints no counts when the check itself failed
+        if args.output == "json":
+            print_json({**res.to_json(), "in-use": state})
+        elif not args.quiet:
+            _print_check(res, live)
+    sys.stdout.flush()
+    sys.stderr.writelines(line + "\n" for line in tail)
+    return 1 if live else res.exit_code
 
 
 def _print_check(res: CheckResult, live: bool) -> None:
-    from qinspect.cli.render import console, err_console, literal
+    from qinspect.cli.render import console, literal
 
-    # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff.
-    sys.stderr.write("".join(for_terminal(m.text) + "\n" for m in res.messages))
-    if res.messages_dropped:
-        err_console().print(f"... and {res.messages_dropped} more messages")
     c = console()
     if live:
         c.print(f"\nSeen while another process is writing the image: {res.corruptions} refcount "
