@@ -93,6 +93,16 @@ def test_unknown_word_lists_the_commands(tmp_path: Path, monkeypatch: pytest.Mon
     assert suggest("zzzzzz") is None
 
 
+@pytest.mark.parametrize("word", ["convert", "create", "resize", "commit"])
+def test_qemu_img_write_commands_point_to_qemu_img(word: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([word, "-O", "raw", "a.qcow2", "b.raw"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"qinspect: unknown command '{word}': qinspect only reads images (info, map, check")
+    assert err.endswith(f"run qemu-img {word} for that\n")
+
+
 def test_usage_errors_are_one_line_and_exit_1(samples: Samples, capsys: pytest.CaptureFixture[str]) -> None:
     # 2 and 3 mean corruptions and leaks to `check`: a usage error must not look like either.
     assert main(["check", str(samples.path("basic64k")), "--bogus"]) == 1

@@ -205,6 +205,11 @@ def _resolve(target: str) -> Handler:
     return handler
 
 
+# qemu-img commands with no read-only counterpart here (they write, or compare/convert data).
+QEMU_IMG_ONLY = frozenset({"amend", "bench", "bitmap", "commit", "compare", "convert", "create", "dd", "rebase",
+                           "resize", "snapshot"})
+
+
 def suggest(word: str) -> str | None:
     """The command a mistyped `word` most likely meant ('inf' -> 'info', 'diag' -> 'diagnose')."""
     names = list(COMMANDS)
@@ -329,6 +334,10 @@ def _run_tui(args_list: list[str]) -> int:
     parser.add_argument("image", nargs="?")
     ns, rest = parser.parse_known_args(args_list)
     word = ns.image
+    if word in QEMU_IMG_ONLY and not os.path.exists(word):
+        print(f"qinspect: unknown command '{word}': qinspect only reads images ({', '.join(COMMANDS)}); "
+              f"run qemu-img {word} for that", file=sys.stderr)
+        return 1
     if word is not None and not os.path.exists(word) and (rest or suggest(word)):
         # `qinspect inf img`: a mistyped command, not an image called "inf".
         hint = suggest(word)
