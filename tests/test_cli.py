@@ -367,6 +367,23 @@ def test_map_table_summary_covers_the_range_asked_for(in_samples: Samples, argv:
     assert sum(parts) == span
 
 
+@pytest.mark.parametrize(("argv", "terminal", "layout"), [
+    ([], True, "table"), ([], False, "qemu"), (["--output=human"], True, "qemu"), (["--output=human"], False, "qemu"),
+    (["--table"], False, "table"), (["--table", "--output=human"], False, "table"), (["--output=json"], True, "json"),
+])
+def test_which_map_layout(argv: list[str], terminal: bool, layout: str) -> None:
+    from qinspect.cli.core_cmds import map_layout
+
+    args = cli.build_parser(extra=False).parse_args(["map", *argv, "x.qcow2"])
+    assert map_layout(args, terminal) == layout
+
+
+def test_check_quiet_says_it_by_exit_code(samples: Samples, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "-q", str(samples.path("leaked"))]) == 3
+    assert capsys.readouterr().out == ""
+    assert main(["check", "--quiet", str(samples.path("basic64k"))]) == 0
+
+
 def test_map_table_colours_only_on_request() -> None:
     import io
 
