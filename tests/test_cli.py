@@ -103,6 +103,18 @@ def test_qemu_img_write_commands_point_to_qemu_img(word: str, tmp_path: Path, mo
     assert err.endswith(f"run qemu-img {word} for that\n")
 
 
+def test_options_before_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--output=json", "info", "x.qcow2"]) == 1
+    assert capsys.readouterr().err == "qinspect: options go after the command: qinspect info --output=json x.qcow2\n"
+
+
+def test_check_fix_names_the_file_with_image_opts(in_samples: Samples, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--image-opts", "driver=qcow2,file.filename=leaked.qcow2"]) == 3
+    assert "Fix: qemu-img check -r leaks leaked.qcow2\n" in capsys.readouterr().out
+
+
 def test_usage_errors_are_one_line_and_exit_1(samples: Samples, capsys: pytest.CaptureFixture[str]) -> None:
     # 2 and 3 mean corruptions and leaks to `check`: a usage error must not look like either.
     assert main(["check", str(samples.path("basic64k")), "--bogus"]) == 1

@@ -338,6 +338,10 @@ def _run_tui(args_list: list[str]) -> int:
         print(f"qinspect: unknown command '{word}': qinspect only reads images ({', '.join(COMMANDS)}); "
               f"run qemu-img {word} for that", file=sys.stderr)
         return 1
+    if word in COMMANDS and not os.path.exists(word):  # `qinspect --output=json info x`
+        print(f"qinspect: options go after the command: qinspect {word} {for_terminal(' '.join(rest))}",
+              file=sys.stderr)
+        return 1
     if word is not None and not os.path.exists(word) and (rest or suggest(word)):
         # `qinspect inf img`: a mistyped command, not an image called "inf".
         hint = suggest(word)

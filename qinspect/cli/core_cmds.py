@@ -279,13 +279,13 @@ def run_check(args: argparse.Namespace) -> int:
         if args.output == "json":
             print_json({**res.to_json(), "in-use": state})
         elif not args.quiet:
-            _print_check(res, live)
+            _print_check(res, live, args.image)
     sys.stdout.flush()
     sys.stderr.writelines(line + "\n" for line in tail)
     return 1 if live else res.exit_code
 
 
-def _print_check(res: CheckResult, live: bool) -> None:
+def _print_check(res: CheckResult, live: bool, path: str) -> None:
     from qinspect.cli.render import console, literal
 
     c = console()
@@ -308,7 +308,7 @@ def _print_check(res: CheckResult, live: bool) -> None:
                     "Data may be corrupted, or further writes to the image may corrupt it.")
         if res.leaks:
             try:
-                fix = "Fix: " + command_line(["qemu-img", "check", "-r", "leaks", res.filename])
+                fix = "Fix: " + command_line(["qemu-img", "check", "-r", "leaks", path])
             except UnsafeArgument:
                 fix = "Fix: qemu-img check -r leaks on this file (its name cannot be pasted into a shell safely)"
             c.print(f"\n{res.leaks} leaked clusters were found on the image.\n"

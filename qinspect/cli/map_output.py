@@ -123,7 +123,7 @@ def write_table(batches: Iterable[MapRuns], files: Sequence[str], layers: Sequen
     names = [for_terminal(f) for f in files]
     layer_names = [for_terminal(f) for f in layers]
     ow = max(len(f"{max(end, 1) - 1:#x}"), len("guest offset"))
-    lw = len(format_size_exact(max(end - start, 1024))) + 2  # rounded parts vary by a few chars
+    lw = len(f"{max(end - start, 1024):,}") + len("1023 KiB ( bytes)")  # the widest a length can be
     sw = max(len(s) for s in STATE_COLOURS)
     hw = max(ow, len("host offset"))
     out.write(f"{'guest offset':<{ow}}  {'length':<{lw}}  {'state':<{sw}}  {'host offset':<{hw}}  served by\n")
