@@ -30,7 +30,7 @@ import pytest
 from conftest import ROOT, SAMPLE_NAMES, Samples, needs_qemu
 
 from qinspect import cli
-from qinspect.cli import COMMANDS, _load_extra_commands, main, size_type, suggest, synopsis
+from qinspect.cli import COMMANDS, main, size_type, suggest, synopsis
 from qinspect.cli.synopsis import readme_block
 
 QINSPECT = [sys.executable, "-c", "import sys; from qinspect.cli import main; sys.exit(main())"]
@@ -123,7 +123,6 @@ def test_usage_errors_are_one_line_and_exit_1(samples: Samples, capsys: pytest.C
 
 
 def _all_commands() -> list[str]:
-    _load_extra_commands()
     return list(COMMANDS)
 
 
@@ -386,7 +385,7 @@ def test_map_table_summary_covers_the_range_asked_for(in_samples: Samples, argv:
 def test_which_map_layout(argv: list[str], terminal: bool, layout: str) -> None:
     from qinspect.cli.core_cmds import map_layout
 
-    args = cli.build_parser(extra=False).parse_args(["map", *argv, "x.qcow2"])
+    args = cli.build_parser().parse_args(["map", *argv, "x.qcow2"])
     assert map_layout(args, terminal) == layout
 
 

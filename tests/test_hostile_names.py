@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Samples
 
-from qinspect.cli import COMMANDS, _load_extra_commands, main
+from qinspect.cli import COMMANDS, main
 
 ESC_OSC = "\x1b]2;pwned\x1b\\"
 HOSTILE = f"{ESC_OSC}\x07\x1b[31m\x9b2J[/][link=http://evil]x[/link][bold red]raw;id$(id)`id`\nrm -rf ~"
@@ -102,7 +102,6 @@ def hostile(tmp_path_factory: pytest.TempPathFactory, samples: Samples) -> dict[
 
 
 def _commands() -> list[list[str]]:
-    _load_extra_commands()
     out: list[list[str]] = []
     for name in COMMANDS:
         out += [[name], [name, "--output=json"]]

@@ -7,8 +7,9 @@ the qemu-img command to run instead. Every failure is one line on stderr,
 `qinspect: FILE: what is wrong (offset N)`, and exit code 1 (usage errors too, as in qemu-img:
 2 and 3 mean corruptions and leaks to `check`); tracebacks only with QINSPECT_DEBUG=1.
 
-A command is registered with `@command(name, help, "module:function", example=...)` on a
-function that adds its options; `EXTRA_MODULES` lists modules whose commands register on import.
+Every command is declared here — `@command(name, help, "module:function", example=...)` on a
+function that adds its options — and its module is imported only to run it, so `--help`, `info`
+and the error paths import neither numpy nor Rich (tests/test_startup_imports.py).
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {}
-
-# Modules whose commands register themselves on import (not needed by info, map and check).
-EXTRA_MODULES: tuple[str, ...] = ("qinspect.cli.analysis_cmds",)
 
 EXIT_CODES = """\
 exit codes:
@@ -126,6 +124,59 @@ def _check(p: argparse.ArgumentParser) -> None:
                    help="refused: qinspect never writes; prints the qemu-img command that repairs")
 
 
+# The analysis commands: declared here with their options (so that --help and the other commands
+# import nothing of them); `qinspect.cli.analysis_cmds` runs them.
+@command("layout", "who owns each cluster of the image file (host layout, reverse lookup)",
+         "qinspect.cli.analysis_cmds:run_layout", example="qinspect layout --offset 0x50000 disk.qcow2")
+def _layout(p: argparse.ArgumentParser) -> None:
+    image_options(p)
+    output_option(p)
+    p.add_argument("--offset", type=size_type, default=None, metavar="HOST_OFFSET",
+                   help="show the owner of this file offset and every table entry pointing there")
+    p.add_argument("--width", type=int, default=64, help="characters per row of the file map (default 64)")
+
+
+@command("measure", "file size of this image converted with other options (qemu-img measure -O qcow2)",
+         "qinspect.cli.analysis_cmds:run_measure",
+         example="qinspect measure -O qcow2 -o cluster_size=2M,extended_l2=on --output=json disk.qcow2")
+def _measure(p: argparse.ArgumentParser) -> None:
+    image_options(p, optional=True)
+    output_option(p)
+    p.add_argument("-O", dest="target_format", default="qcow2", metavar="OUTPUT_FMT",
+                   help="the target format, as in qemu-img measure: only qcow2 is measured")
+    p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
+                   help="target options: cluster_size=..,extended_l2=on|off,refcount_bits=..,compat=..,"
+                        "preallocation=..,backing_file=..")
+    p.add_argument("--size", type=size_type, default=None, help="measure a new empty image of this size instead")
+
+
+@command("cache", "QEMU's L2/refcount cache for this image: what the default covers, what it needs",
+         "qinspect.cli.analysis_cmds:run_cache", example="qinspect cache --l2-cache-size=16M disk.qcow2")
+def _cache(p: argparse.ArgumentParser) -> None:
+    image_options(p)
+    output_option(p)
+    p.add_argument("--l2-cache-size", type=size_type, default=None, metavar="SIZE",
+                   help="a -drive l2-cache-size to try")
+    p.add_argument("--l2-cache-entry-size", type=size_type, default=None, metavar="SIZE",
+                   help="a -drive l2-cache-entry-size to try")
+    p.add_argument("--refcount-cache-size", type=size_type, default=None, metavar="SIZE")
+    p.add_argument("--cache-size", type=size_type, default=None, metavar="SIZE", help="a combined -drive cache-size")
+    p.add_argument("--write-size", type=size_type, default=4096, metavar="SIZE",
+                   help="guest write size for the copy-on-write figure (default 4k)")
+    p.add_argument("--non-linux", action="store_true", help="QEMU's defaults on other hosts (8 MiB L2 cache)")
+
+
+@command("diagnose", "findings: what makes this image big or slow, with the command that fixes each",
+         "qinspect.cli.analysis_cmds:run_diagnose", example="qinspect diagnose --deep --fail-on=warning disk.qcow2")
+def _diagnose(p: argparse.ArgumentParser) -> None:
+    image_options(p)
+    output_option(p)
+    p.add_argument("--deep", action="store_true",
+                   help="also read every data cluster (all-zero clusters, copies of backing data)")
+    p.add_argument("--fail-on", choices=["info", "warning", "error"], default=None,
+                   help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
+
+
 # -- parsing -----------------------------------------------------------------------------------------
 class UsageError(Exception):
     """A command line qinspect cannot run; printed as one line, exit code 1."""
@@ -136,18 +187,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _load_extra_commands() -> None:
-    """Commands defined in other modules register themselves on import."""
-    import importlib
-
-    for mod in EXTRA_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
 HELP_WIDTH = 100  # fixed, so that `--help` and the README's synopsis read the same on any terminal
 
 
@@ -156,10 +195,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, width=HELP_WIDTH, max_help_position=32)
 
 
-def build_parsers(extra: bool = True) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and each command's parser, by name."""
-    if extra:
-        _load_extra_commands()
+def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's parser, by name. With `only`, just that command's
+    options are declared (the others keep their name and help): what running one command needs
+    (argparse's help strings cost start-up time)."""
     parser = _Parser(
         prog="qinspect",
         description="See where a qcow2 image's bytes are and why it is slow. "
@@ -175,13 +214,14 @@ def build_parsers(extra: bool = True) -> tuple[argparse.ArgumentParser, dict[str
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help_text, description=cmd.help_text,
                            epilog=f"example:\n  {cmd.example}\n\n{EXIT_CODES}", formatter_class=_Formatter)
-        cmd.configure(p)
+        if only is None or name == only:
+            cmd.configure(p)
         parsers[name] = p
     return parser, parsers
 
 
-def build_parser(extra: bool = True) -> argparse.ArgumentParser:
-    return build_parsers(extra)[0]
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    return build_parsers(only)[0]
 
 
 TUI_SYNOPSIS = "qinspect [IMAGE]      the interactive view (a file picker when IMAGE is omitted)"
@@ -223,14 +263,11 @@ def suggest(word: str) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qinspect` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # info, map and check are registered above: running one does not need the other commands'
-    # modules (the analyses and their imports cost more start-up time than qemu-img's whole check).
-    core = bool(args_list) and args_list[0] in COMMANDS
-    if not core and args_list[:1] != ["--version"]:
-        _load_extra_commands()
+    # Every command is declared above and its module imported only to run it: `info`, `--help`
+    # and the error paths import neither numpy nor Rich (tests/test_startup_imports.py).
     if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help", "--version")):
         return _run_tui(args_list)
-    parser = build_parser(extra=not core and args_list[:1] != ["--version"])
+    parser = build_parser(only=args_list[0] if args_list[0] in COMMANDS else "")
     try:
         args = parser.parse_args(args_list)
         if args.command is None:

@@ -23,7 +23,6 @@ from qinspect.analysis.layout import Layout, Owner, compute_layout
 from qinspect.analysis.measure import MeasureResult, measure, parse_options
 from qinspect.analysis.progress import ProgressFn, no_progress
 from qinspect.analysis.space import PART_LABELS, Space
-from qinspect.cli import command, image_options, output_option, size_type
 from qinspect.cli.core_cmds import in_use, open_checked, print_json, warn_in_use
 from qinspect.cli.render import console, err_console, literal, table
 from qinspect.qcow2.errors import Qcow2Error
@@ -31,60 +30,6 @@ from qinspect.qcow2.image import Image
 from qinspect.shellquote import UnsafeArgument, command_line
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size, format_size_exact
-
-# -- registration ---------------------------------------------------------------------------------------
-
-
-@command("layout", "who owns each cluster of the image file (host layout, reverse lookup)",
-         "qinspect.cli.analysis_cmds:run_layout", example="qinspect layout --offset 0x50000 disk.qcow2")
-def _layout(p: argparse.ArgumentParser) -> None:
-    image_options(p)
-    output_option(p)
-    p.add_argument("--offset", type=size_type, default=None, metavar="HOST_OFFSET",
-                   help="show the owner of this file offset and every table entry pointing there")
-    p.add_argument("--width", type=int, default=64, help="characters per row of the file map (default 64)")
-
-
-@command("measure", "file size of this image converted with other options (qemu-img measure -O qcow2)",
-         "qinspect.cli.analysis_cmds:run_measure",
-         example="qinspect measure -O qcow2 -o cluster_size=2M,extended_l2=on --output=json disk.qcow2")
-def _measure(p: argparse.ArgumentParser) -> None:
-    image_options(p, optional=True)
-    output_option(p)
-    p.add_argument("-O", dest="target_format", default="qcow2", metavar="OUTPUT_FMT",
-                   help="the target format, as in qemu-img measure: only qcow2 is measured")
-    p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
-                   help="target options: cluster_size=..,extended_l2=on|off,refcount_bits=..,compat=..,"
-                        "preallocation=..,backing_file=..")
-    p.add_argument("--size", type=size_type, default=None, help="measure a new empty image of this size instead")
-
-
-@command("cache", "QEMU's L2/refcount cache for this image: what the default covers, what it needs",
-         "qinspect.cli.analysis_cmds:run_cache", example="qinspect cache --l2-cache-size=16M disk.qcow2")
-def _cache(p: argparse.ArgumentParser) -> None:
-    image_options(p)
-    output_option(p)
-    p.add_argument("--l2-cache-size", type=size_type, default=None, metavar="SIZE",
-                   help="a -drive l2-cache-size to try")
-    p.add_argument("--l2-cache-entry-size", type=size_type, default=None, metavar="SIZE",
-                   help="a -drive l2-cache-entry-size to try")
-    p.add_argument("--refcount-cache-size", type=size_type, default=None, metavar="SIZE")
-    p.add_argument("--cache-size", type=size_type, default=None, metavar="SIZE", help="a combined -drive cache-size")
-    p.add_argument("--write-size", type=size_type, default=4096, metavar="SIZE",
-                   help="guest write size for the copy-on-write figure (default 4k)")
-    p.add_argument("--non-linux", action="store_true", help="QEMU's defaults on other hosts (8 MiB L2 cache)")
-
-
-@command("diagnose", "findings: what makes this image big or slow, with the command that fixes each",
-         "qinspect.cli.analysis_cmds:run_diagnose", example="qinspect diagnose --deep --fail-on=warning disk.qcow2")
-def _diagnose(p: argparse.ArgumentParser) -> None:
-    image_options(p)
-    output_option(p)
-    p.add_argument("--deep", action="store_true",
-                   help="also read every data cluster (all-zero clusters, copies of backing data)")
-    p.add_argument("--fail-on", choices=["info", "warning", "error"], default=None,
-                   help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
-
 
 # -- shared -------------------------------------------------------------------------------------------
 

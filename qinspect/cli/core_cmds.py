@@ -12,20 +12,23 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from qinspect._malloc import tune_for_bulk_work
-from qinspect.analysis.check import CheckResult, check_image
 from qinspect.analysis.info import chain_info, image_info
-from qinspect.analysis.map import MapRuns, iter_map_runs, write_map_json_runs
 from qinspect.qcow2.errors import Qcow2Error
-from qinspect.qcow2.image import Image, Layer, open_image
+from qinspect.qcow2.meta import ImageMeta, MetaLayer, open_meta
 from qinspect.shellquote import UnsafeArgument, command_line
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size, format_size_exact
 
-# Rich (qinspect.cli.render) is imported only for human output: it costs more start-up time than
-# a whole `qemu-img check` of a small image, and the JSON paths do not need it.
+if TYPE_CHECKING:
+    from qinspect.analysis.check import CheckResult
+    from qinspect.analysis.map import MapRuns
+    from qinspect.qcow2.image import Image
+
+# Start-up is most of a small command's time, so this module imports only what `info` needs (the
+# metadata: no numpy). `map` and `check` import the walks (and numpy) when they run; Rich
+# (qinspect.cli.render) is imported only for human output.
 
 # Bounds on human output: a hostile image can carry 65536 snapshots and as many problems.
 MAX_WARNINGS = 50
@@ -41,13 +44,18 @@ def open_checked(path: str, need_files: bool = False, check: bool = False) -> Im
     be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
     With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
     """
+    # The metadata first: a file that is missing or not an image QEMU opens fails here, before the
+    # tables' machinery (numpy) is imported; then the image itself (its header is read again).
+    open_checked_meta(path, check=check).close()
+    from qinspect.qcow2.image import open_image
+
     img = open_image(path)
     try:
         img.require_openable(check=check)
         if need_files:
-            for layer in img.chain():
-                if isinstance(layer, Image):
-                    layer.require_openable(check=check and layer is img)  # backing files: a normal open
+            for depth, layer in enumerate(img.chain()):
+                if isinstance(layer, ImageMeta):
+                    layer.require_openable(check=check and depth == 0)  # backing files: a normal open
                     layer.data_file()
     except Exception:
         img.close()
@@ -55,7 +63,18 @@ def open_checked(path: str, need_files: bool = False, check: bool = False) -> Im
     return img
 
 
-def in_use(layer: Layer | Image) -> str | None:
+def open_checked_meta(path: str, check: bool = False) -> ImageMeta:
+    """`open_checked` for what needs only metadata (`info`): no tables read, numpy not imported."""
+    meta = open_meta(path)
+    try:
+        meta.require_openable(check=check)
+    except Exception:
+        meta.close()
+        raise
+    return meta
+
+
+def in_use(layer: MetaLayer) -> str | None:
     """"write" when another process holds the image's write lock, "read" for a reader, else None."""
     file = getattr(layer, "file", None)
     state = file.lock_state() if file is not None else None
@@ -84,7 +103,7 @@ def print_json(obj: object) -> None:
 
 # -- info ---------------------------------------------------------------------------------------------
 def run_info(args: argparse.Namespace) -> int:
-    with open_checked(args.image) as img:
+    with open_checked_meta(args.image) as img:
         infos = chain_info(img, args.image) if args.backing_chain else [image_info(img, args.image)]
         states = _chain_in_use(img, len(infos))
         if args.output == "json":
@@ -112,12 +131,12 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chain_in_use(img: Image, n: int) -> list[str | None]:
+def _chain_in_use(img: ImageMeta, n: int) -> list[str | None]:
     """The lock state of the first `n` layers of the chain (the top image alone if it cannot be walked)."""
     if n == 1:
         return [in_use(img)]
     try:
-        layers: list[Layer] = img.chain()
+        layers: list[MetaLayer] = list(img.chain())
     except Qcow2Error:
         layers = [img]
     states = [in_use(layer) for layer in layers[:n]]
@@ -125,6 +144,8 @@ def _chain_in_use(img: Image, n: int) -> list[str | None]:
 
 
 def _print_info(info: dict[str, object], state: str | None) -> None:
+    from datetime import UTC, datetime
+
     from qinspect.cli.render import console, table
 
     c = console()
@@ -192,9 +213,9 @@ def _encrypt_summary(enc: dict[str, object]) -> str:
 
 
 # -- map ----------------------------------------------------------------------------------------------
-def host_file(layer: Layer) -> str:
+def host_file(layer: MetaLayer) -> str:
     """The file a layer's host offsets point into (its external data file, if it has one), as QEMU names it."""
-    if isinstance(layer, Image) and layer.data_file_path:
+    if isinstance(layer, ImageMeta) and layer.data_file_path:
         return layer.data_file_path
     return layer.path
 
@@ -212,6 +233,8 @@ def map_layout(args: argparse.Namespace, stdout_is_terminal: bool) -> str:
 
 def _or_empty_entry(runs: Iterator[MapRuns], start: int) -> Iterator[MapRuns]:
     """qemu-img map prints one entry of length 0 when the range asked for is empty (start past the end)."""
+    from qinspect.analysis.map import MapRuns
+
     empty = True
     for b in runs:
         empty = False
@@ -221,10 +244,12 @@ def _or_empty_entry(runs: Iterator[MapRuns], start: int) -> Iterator[MapRuns]:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    from qinspect.cli.map_output import write_qemu_human, write_table
-
-    tune_for_bulk_work()
     with open_checked(args.image, need_files=True) as img:
+        from qinspect.analysis.map import iter_map_runs, write_map_json_runs
+        from qinspect.cli.map_output import write_qemu_human, write_table
+        from qinspect.malloc import tune_for_bulk_work
+
+        tune_for_bulk_work()
         warn_in_use(args.image, in_use(img))
         runs = iter_map_runs(img, start=args.start_offset, length=args.max_length)
         layout = map_layout(args, sys.stdout.isatty())
@@ -259,8 +284,11 @@ def run_check(args: argparse.Namespace) -> int:
             cmd = f"run qemu-img check -r {for_terminal(args.repair)} on it (its name cannot be pasted safely)"
         raise Qcow2Error(f"qinspect never writes to an image, so it does not repair; to repair it, {cmd}",
                          path=args.image)
-    tune_for_bulk_work()
     with open_checked(args.image, need_files=True, check=True) as img:
+        from qinspect.analysis.check import check_image
+        from qinspect.malloc import tune_for_bulk_work
+
+        tune_for_bulk_work()
         state = in_use(img)
         # qemu-img check names the image as given, --image-opts string included.
         res = check_image(img, filename=getattr(args, "image_spec", None) or args.image)
