@@ -589,7 +589,39 @@ fp fid_features_named.qcow2 "u64@72=0xE000000000000000" "feat@0=0:61:test1" "fea
 # ---------------------------------------------------------------------------------------------
 # issue 11: diagnosis (one image per finding)
 # ---------------------------------------------------------------------------------------------
-# (images for this section go here)
+# Each shows one finding above its threshold (1 MiB and 10 % for space findings). Stored
+# non-sparse like every sample; tests/test_diagnose_fixes.py builds sparse ones at test time.
+# free-space: 6 MiB of data discarded in the middle of the file (refcount 0, still on disk).
+mk diag_free.qcow2 32M
+qio diag_free.qcow2 "write -P 0x51 0 8M" "write -P 0x52 16M 64k" "discard 0 6M"
+# snapshot-space: snapshot 'old' alone holds the first version of 4 MiB of data.
+mk diag_snapshots.qcow2 32M
+qio diag_snapshots.qcow2 "write -P 0x61 0 4M"
+qemu-img snapshot -c old diag_snapshots.qcow2
+qio diag_snapshots.qcow2 "write -P 0x62 0 4M"
+# zero-clusters (deep): 4 MiB of zeros written as data.
+mk diag_zeros.qcow2 32M
+qio diag_zeros.qcow2 "write -P 0 0 4M" "write -P 0x71 8M 64k"
+# backing-duplicates (deep) and cow-amplification (info: QEMU's default 64 KiB clusters, no
+# extended L2): 2 MiB rewritten unchanged over the backing file, 60 scattered 4 KiB writes.
+mk diag_dup_base.qcow2 32M
+qio diag_dup_base.qcow2 "write -P 0xd0 0 16M"
+mk -b diag_dup_base.qcow2 -F qcow2 diag_dup_top.qcow2
+args=("write -P 0xd0 0 2M")
+for k in $(seq 0 59); do args+=("write -P $((0x40 + k)) $(( (k * 7919 * 4096) % (28 << 20) + 4 * 1048576 )) 4k"); done
+qio diag_dup_top.qcow2 "${args[@]}"
+# scattered-metadata: 71 L2 tables allocated in reverse guest order (a 4 KiB write every 512 MiB
+# from the top of a 40 GiB disk down).
+mk diag_scattered.qcow2 40G
+args=()
+for k in $(seq 70 -1 0); do args+=("write -P $((k % 200 + 1)) $((k * 512))M 4k"); done
+qio diag_scattered.qcow2 "${args[@]}"
+# truncated: the last data cluster cut short by 40000 bytes (reads as zeros; qemu-img check is clean).
+mk diag_truncated.qcow2 16M
+qio diag_truncated.qcow2 "write -P 1 0 64k" "write -P 2 1M 64k" "write -P 3 2M 64k"
+truncate -s $(( $(stat -c %s diag_truncated.qcow2) - 40000 )) diag_truncated.qcow2
+# (backing-missing is built at test time by tests/test_diagnose_fixes.py: the golden check
+# comparison has no case yet for an image qemu-img info opens but check cannot.)
 
 # ---------------------------------------------------------------------------------------------
 # issue 16: scan

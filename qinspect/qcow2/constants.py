@@ -36,7 +36,6 @@ QCOW_MAX_REFTABLE_SIZE = 0x800000  # bytes (8 MiB)
 QCOW_MAX_SNAPSHOTS = 65536
 QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
-SNAPSHOT_HEADER_SIZE = 40  # sizeof(QCowSnapshotHeader), the entry_len qcow2_validate_table uses
 INT64_MAX = (1 << 63) - 1  # qcow2_validate_table: a table must end below it
 BDRV_MAX_LENGTH = INT64_MAX >> 30 << 30  # block layer: a read ending past this fails with EIO
 QCOW2_MAX_BITMAPS = 65535

@@ -196,9 +196,8 @@ def exercise(path: str, with_cli: bool = True) -> dict[str, str]:
 
 def _cli_commands(path: str) -> list[list[str]]:
     """The CLI commands a case runs: the core ones, and the analysis commands that exist."""
-    from qinspect.cli import COMMANDS, _load_extra_commands
+    from qinspect.cli import COMMANDS
 
-    _load_extra_commands()
     cmds = [["info", path], ["check", path, "--output=json"], ["map", path, "--output=json"]]
     for name, args in (("layout", []), ("measure", ["--output=json"]), ("cache", []), ("diagnose", ["--deep"])):
         if name in COMMANDS:
