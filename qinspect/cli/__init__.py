@@ -75,7 +75,7 @@ def _load_extra_commands() -> None:
     """Commands defined in other modules register themselves on import."""
     import importlib
 
-    for mod in ("qinspect.cli.analysis_cmds",):
+    for mod in ("qinspect.cli.analysis_cmds", "qinspect.cli.scan_cmd"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -12,7 +12,8 @@ from qinspect._malloc import tune_for_bulk_work
 from qinspect.analysis.check import CheckResult, check_image
 from qinspect.analysis.info import chain_info, image_info
 from qinspect.analysis.map import MapEntry, iter_map, iter_map_runs, write_map_json_runs
-from qinspect.qcow2.image import Image, open_image
+from qinspect.analysis.opening import open_checked
+from qinspect.qcow2.image import Image
 
 # Rich (qinspect.cli.render) is imported only for human output: it costs more start-up time than
 # a whole `qemu-img check` of a small image, and the JSON paths do not need it.
@@ -20,26 +21,6 @@ from qinspect.qcow2.image import Image, open_image
 # Bounds on human output: a hostile image can carry 65536 snapshots and as many problems.
 MAX_WARNINGS = 50
 MAX_SNAPSHOT_ROWS = 500
-
-
-def open_checked(path: str, need_files: bool = False) -> Image:
-    """Open like qemu-img does: fail on anything QEMU would refuse to open.
-
-    With `need_files` (map, check), also fail when a backing file or the external data file cannot
-    be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
-    """
-    img = open_image(path)
-    try:
-        img.require_openable()
-        if need_files:
-            for layer in img.chain():
-                if isinstance(layer, Image):
-                    layer.require_openable()
-                    layer.data_file()
-    except Exception:
-        img.close()
-        raise
-    return img
 
 
 def print_json(obj: object) -> None:
