@@ -174,9 +174,10 @@ def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -
     top = max((s.reclaimable_bytes for s in rows), default=0)
     bases = chain_bases(rows)
     t = table("reclaimable#", "", "file#", "disk#", "virtual#", "leaks#", "worst", "image")
-    for col in t.columns[:-1]:
+    for col in t.columns[:-2]:
         col.no_wrap = True
     t.columns[-1].overflow = "fold"
+    t.columns[-1].min_width = 24
     for s in rows:
         state, note = _status(s)
         name = Text(for_terminal(s.path))
@@ -206,9 +207,10 @@ def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -
 
 
 # -- prometheus ---------------------------------------------------------------------------------------
-def _label(text: str) -> str:
-    """A path as a label value: valid UTF-8 (undecodable bytes shown as \\xNN)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def _label(path: str) -> str:
+    """A path as a label value: absolute (the same series whatever the scan's working directory)
+    and valid UTF-8 (undecodable bytes shown as \\xNN)."""
+    return os.path.abspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _families(summaries: list[ImageSummary], duration: float) -> list[GaugeMetricFamily]:
