@@ -474,3 +474,22 @@ def test_image_open_read_only_elsewhere_is_inspected(tree: Path, tmp_path: Path)
             proc.stdin.write(b"quit\n")
             proc.stdin.close()
         proc.wait(10)
+
+
+def test_a_worker_that_dies_costs_only_its_image(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _copy_tree(tree, tmp_path)
+    for i in range(6):
+        shutil.copyfile(tree / "plain.qcow2", d / f"more-{i}.qcow2")
+    victim = str(d / "snap.qcow2")
+    real_check = scan_mod.check_image
+
+    def check_or_die(img: Any, *a: Any, **kw: Any) -> Any:
+        if img.path == victim:
+            os._exit(9)  # what the OOM killer leaves behind: no exception, no report
+        return real_check(img, *a, **kw)
+
+    monkeypatch.setattr(scan_mod, "check_image", check_or_die)  # the forked workers inherit it
+    reps = {r.summary.path: r.summary for r in scan_images(find_images([str(d)]), jobs=2)}
+    assert len(reps) == 9
+    assert reps[victim].error == scan_mod.WORKER_DIED
+    assert all(s.error is None for p, s in reps.items() if p != victim)

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import partial
 
 from qinspect.analysis.check import check_image
 from qinspect.analysis.diagnose import SEVERITIES, Diagnosis, diagnose
@@ -354,8 +353,7 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _work(cand: Candidate, deep: bool, want_json: bool) -> ImageReport:
-    return inspect_image(cand, deep, want_json)
+WORKER_DIED = "the worker process inspecting it died (killed, or out of memory?)"
 
 
 def scan_images(cands: Sequence[Candidate], jobs: int | None = None, deep: bool = False, want_json: bool = True,
@@ -363,28 +361,89 @@ def scan_images(cands: Sequence[Candidate], jobs: int | None = None, deep: bool 
     """Inspect every candidate; reports come in completion order.
 
     With one job (or one image) everything runs in this process, lazily; otherwise in a pool of
-    `jobs` forked workers.
+    `jobs` forked workers, with at most a few images per worker queued (so finished reports do
+    not pile up in memory). A worker that dies takes only its own image down: the images that
+    were queued with it are inspected again, each alone, and the one that kills its worker again
+    gets an error.
     """
     jobs = default_jobs() if jobs is None else max(1, jobs)
     total = len(cands)
+    done = 0
     if progress:
         progress(0, total, None)
+
+    def report(rep: ImageReport) -> ImageReport:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, rep)
+        return rep
+
     if jobs == 1 or total <= 1:
-        for i, cand in enumerate(cands, 1):
-            rep = inspect_image(cand, deep, want_json)
-            if progress:
-                progress(i, total, rep)
-            yield rep
+        for cand in cands:
+            yield report(inspect_image(cand, deep, want_json))
         return
+    workers = min(jobs, total)
+    # Several images per task: fewer round trips to this process, which matters on a loaded machine
+    # (each one waits for the scheduler); small enough to keep the workers evenly busy.
+    chunk = max(1, min(16, total // (workers * 8)))
+    chunks = [list(cands[i:i + chunk]) for i in range(0, total, chunk)]
+    retry: list[Candidate] = []
+    for reps, lost in _pool_run(chunks, workers, deep, want_json, window=2 * workers):
+        retry.extend(lost)
+        for rep in reps:
+            yield report(rep)
+    for cand in retry:  # alone, so that a crash is this image's
+        [(reps, lost)] = list(_pool_run([[cand]], 1, deep, want_json, window=1))
+        if lost:
+            s = ImageSummary(cand.path, error=WORKER_DIED)
+            reps = [ImageReport(s, json.dumps({"path": cand.path, "error": WORKER_DIED}) if want_json else None)]
+        yield report(reps[0])
+
+
+def _work(chunk: list[Candidate], deep: bool, want_json: bool) -> list[ImageReport]:
+    return [inspect_image(cand, deep, want_json) for cand in chunk]
+
+
+def _pool_run(chunks: Sequence[list[Candidate]], workers: int, deep: bool, want_json: bool,
+              window: int) -> Iterator[tuple[list[ImageReport], list[Candidate]]]:
+    """(reports, candidates lost) per chunk from a pool of forked workers; when the pool breaks (a
+    worker died), the chunks it held and every chunk not yet run come back as lost."""
     import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("fork")  # start-up (imports) is paid once, in this process
-    work = partial(_work, deep=deep, want_json=want_json)
-    with ctx.Pool(min(jobs, total)) as pool:
-        for i, rep in enumerate(pool.imap_unordered(work, cands, chunksize=1), 1):
-            if progress:
-                progress(i, total, rep)
-            yield rep
+    pending: dict[Future[list[ImageReport]], list[Candidate]] = {}
+    todo = iter(chunks)
+    broken = False
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        try:
+            while True:
+                while not broken and len(pending) < window:
+                    chunk = next(todo, None)
+                    if chunk is None:
+                        break
+                    try:
+                        pending[pool.submit(_work, chunk, deep, want_json)] = chunk
+                    except BrokenProcessPool:
+                        broken = True
+                        yield [], chunk
+                if not pending:
+                    break
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    chunk = pending.pop(fut)
+                    try:
+                        yield fut.result(), []
+                    except BrokenProcessPool:
+                        broken = True
+                        yield [], chunk
+            for chunk in todo:
+                yield [], chunk
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 def chain_bases(summaries: Iterable[ImageSummary]) -> dict[str, list[str]]:

@@ -26,32 +26,14 @@ from qinspect.analysis.scan import (
     ImageSummary,
     InUse,
     chain_bases,
-    default_jobs,
     find_images,
     scan_images,
 )
-from qinspect.cli import command
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size
 
 if TYPE_CHECKING:
     from prometheus_client.core import GaugeMetricFamily
-
-
-@command("scan", "every qcow2 image under PATHs: ranked table, JSON Lines or Prometheus metrics",
-         "qinspect.cli.scan_cmd:run_scan")
-def _scan(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories to search")
-    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
-                   help=f"worker processes (default: the CPU count, here {default_jobs()})")
-    p.add_argument("--deep", action="store_true", help="also read every data cluster (slower)")
-    p.add_argument("--output", choices=["human", "json", "prometheus"], default="human",
-                   help="human table, JSON Lines (one object per image) or Prometheus text format")
-    p.add_argument("--output-file", metavar="FILE", default=None,
-                   help="write here instead of stdout, atomically (temporary file + rename)")
-    p.add_argument("--fail-on", choices=list(SEVERITIES)[::-1], default=None,
-                   help="exit 1 if an image has a finding this severe or worse, or cannot be inspected")
-    p.add_argument("--follow-symlinks", action="store_true", help="follow symlinks that lead out of the tree")
 
 
 # -- output files -------------------------------------------------------------------------------------
@@ -102,10 +84,12 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int, ImageReport | N
 
 # -- the command --------------------------------------------------------------------------------------
 def run_scan(args: argparse.Namespace) -> int:
-    if args.jobs is not None and args.jobs < 1:
-        from qinspect.qcow2.errors import Qcow2Error
+    from qinspect.qcow2.errors import Qcow2Error
 
+    if args.jobs is not None and args.jobs < 1:
         raise Qcow2Error("--jobs must be at least 1")
+    if args.fail_on is not None and args.fail_on not in SEVERITIES:
+        raise Qcow2Error(f"--fail-on: unknown severity {args.fail_on!r} (known: {', '.join(SEVERITIES)})")
     t0 = time.monotonic()
     cands = find_images(args.paths, follow_symlinks=args.follow_symlinks)
     want_json = args.output == "json"
