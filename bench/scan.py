@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = "scan-v1"
+RECIPE = "scan-v2"
 
 
 def qemu_img(*args: str) -> None:
@@ -97,9 +97,9 @@ def make_tree(directory: Path, n: int) -> list[Path]:
             qemu_io(p, f"write -P 0x{i % 250 + 1:02x} {(i % 7) * 3}M 192k", "write 64M 64k")
         elif kind == 4:
             qemu_img("create", "-q", "-f", "qcow2", str(p), "128M")
-            qemu_io(p, "write -P 0x41 0 256k")
+            qemu_io(p, "write -P 0x41 0 2M")
             qemu_img("snapshot", "-c", "s1", str(p))
-            qemu_io(p, "write -P 0x42 0 256k")
+            qemu_io(p, "write -P 0x42 0 2M")
         elif kind in (5, 6):
             base = bases[i % len(bases)]
             qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(p))

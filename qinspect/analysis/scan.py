@@ -50,9 +50,9 @@ class InUse(Enum):
     READER = "reader"
     WRITER = "writer"
 
-    def to_json(self) -> bool | str:
-        """`false`, `"reader"` or `"writer"`."""
-        return False if self is InUse.NO else self.value
+    def to_json(self) -> str | None:
+        """`null`, `"read"` or `"write"`: the `"in-use"` value every command prints."""
+        return {InUse.NO: None, InUse.READER: "read", InUse.WRITER: "write"}[self]
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,9 @@ def _inspect_open(img: Image, deep: bool, s: ImageSummary, record: dict[str, obj
             img.data_file()
         except Qcow2Error as e:
             chain_error = e
-    record.update({"chain": list(s.chain), "in-use": s.in_use.to_json(), "info": info})
+    state = s.in_use.to_json()
+    info["in-use"] = state  # as `qinspect info --output=json` adds it
+    record.update({"chain": list(s.chain), "in-use": state, "info": info})
     if s.in_use is InUse.WRITER:
         # A running VM writes this image: its refcounts, leaks and dirty bit are in flux.
         record.update({"check": None, "findings": None, "space": None,
@@ -320,11 +322,15 @@ def _inspect_open(img: Image, deep: bool, s: ImageSummary, record: dict[str, obj
     else:
         res = check_image(img, filename=path)
         s.leaks, s.corruptions, s.check_errors = res.leaks, res.corruptions, res.check_errors
-        record["check"] = res.to_json()
+        if res.failed is not None:  # qemu-img (and qinspect) check print no counts then
+            s.error = f"check failed: {res.failed}"
+            record["check"] = None
+        else:
+            record["check"] = {**res.to_json(), "in-use": state}
     d = diagnose(img, deep=deep)
     _summarise(d, s)
     record.update(d.to_json())
-    s.checked = chain_error is None
+    s.checked = chain_error is None and record["check"] is not None
     # issue 13 (`qinspect guest`): once the guest analysis exists, its fstrim-reclaimable bytes
     # belong here as another reclaimable reason ("guest-free"); not available yet.
 

@@ -12,7 +12,7 @@ from qinspect._malloc import tune_for_bulk_work
 from qinspect.analysis.check import CheckResult, check_image
 from qinspect.analysis.info import chain_info, image_info
 from qinspect.analysis.map import MapEntry, iter_map, iter_map_runs, write_map_json_runs
-from qinspect.analysis.opening import open_checked
+from qinspect.analysis.opening import open_checked as open_checked  # re-exported: analysis_cmds uses it
 from qinspect.qcow2.image import Image
 
 # Rich (qinspect.cli.render) is imported only for human output: it costs more start-up time than
@@ -164,22 +164,27 @@ def _print_map(img: Image, entries: object) -> None:
 # -- check --------------------------------------------------------------------------------------------
 def run_check(args: argparse.Namespace) -> int:
     tune_for_bulk_work()
-    with open_checked(args.image, need_files=True) as img:
+    with open_checked(args.image, need_files=True, check=True) as img:
         res = check_image(img, filename=args.image)
-    if args.output == "json":
-        print_json(res.to_json())
-    else:
-        _print_check(res)
+    # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
+    # on stderr in both output formats (QEMU prints them from inside the check), every one of them.
+    lines = res.stderr_lines()
+    tail = lines[-1:] if res.failed is not None or res.check_errors else []  # "Check failed" comes last
+    sys.stderr.writelines(line + "\n" for line in lines[: len(lines) - len(tail)])
+    sys.stderr.flush()
+    if res.failed is None:  # qemu-img prints no counts when the check itself failed
+        if args.output == "json":
+            print_json(res.to_json())
+        else:
+            _print_check(res)
+    sys.stdout.flush()
+    sys.stderr.writelines(line + "\n" for line in tail)
     return res.exit_code
 
 
 def _print_check(res: CheckResult) -> None:
-    from qinspect.cli.render import console, err_console
+    from qinspect.cli.render import console
 
-    # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff.
-    sys.stderr.write("".join(m.text + "\n" for m in res.messages))
-    if res.messages_dropped:
-        err_console().print(f"... and {res.messages_dropped} more messages")
     c = console()
     if not (res.corruptions or res.leaks or res.check_errors):
         c.print("No errors were found on the image.")

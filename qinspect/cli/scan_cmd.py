@@ -216,7 +216,8 @@ def _families(summaries: list[ImageSummary], duration: float) -> list[GaugeMetri
                 "Share of the virtual disk QEMU's default L2 cache covers (1 = all).")
     finds = fam("qinspect_image_findings", "Findings of the diagnosis, by severity.", ("path", "severity"))
     dirty = fam("qinspect_image_dirty", "1 when the image's dirty bit is set (not cleanly closed).")
-    in_use = fam("qinspect_image_in_use", "1 when another process (a running QEMU) holds the image's locks.",
+    in_use = fam("qinspect_image_in_use", "1 when another process (a running QEMU) holds the image's locks "
+                 "(lock: write or read; none with 0).",
                  ("path", "lock"))
     checked = fam("qinspect_image_checked", "1 when check and diagnosis ran (not for images in use or broken).")
     errors = fam("qinspect_image_error", "1 when the image could not be fully inspected (see the JSON output).")
@@ -230,8 +231,7 @@ def _families(summaries: list[ImageSummary], duration: float) -> list[GaugeMetri
         disk_b.add_metric([p], s.disk_usage)
         virt_b.add_metric([p], s.virtual_size)
         dirty.add_metric([p], 1.0 if s.dirty else 0.0)
-        in_use.add_metric([p, s.in_use.value if s.in_use is not InUse.NO else "none"],
-                          0.0 if s.in_use is InUse.NO else 1.0)
+        in_use.add_metric([p, s.in_use.to_json() or "none"], 0.0 if s.in_use is InUse.NO else 1.0)
         checked.add_metric([p], 1.0 if s.checked else 0.0)
         chain.add_metric([p], len(s.chain))
         if s.in_use is InUse.WRITER:
