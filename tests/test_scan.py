@@ -405,6 +405,7 @@ def test_file_changed_while_read_is_an_error(tree: Path, tmp_path: Path, monkeyp
     reps = {r.summary.path: r for r in scan_images(find_images([str(d)]), jobs=1)}
     err = reps[str(victim)].summary.error
     assert err is not None and err.startswith("changed during the scan") and "while it was read" in err
+    assert json.loads(reps[str(victim)].line or "") == {"path": str(victim), "error": err}  # no mixed answers
     assert ("replaced" in err) == (how == "replace")
     assert reps[str(d / "plain.qcow2")].summary.error is None
 

@@ -40,6 +40,10 @@ from qinspect.qcow2.image import Image, open_image
 QCOW2_MAGIC = b"QFI\xfb"
 # Names that promise an image: such a file without the magic is reported, not skipped.
 IMAGE_SUFFIXES = (".qcow2", ".qcow", ".qcow2c")
+# Space parts that the guest can give back (fstrim with discard=unmap) rather than a conversion:
+# the guest analysis (issue 13, `qinspect guest`) adds them to the space model when it runs; a scan
+# counts them as reclaimable, under their own reason, whenever they are there.
+GUEST_RECLAIMABLE_PARTS = ("guest-freed",)
 ScanProgressFn = Callable[[int, int, "ImageReport | None"], None]
 
 
@@ -273,7 +277,9 @@ def _inspect_into(cand: Candidate, deep: bool, s: ImageSummary, record: dict[str
             return
         img.require_openable()
         _inspect_open(img, deep, s, record)
-        # Answers from a file that changed under us mix two states of it: say so instead.
+        if s.in_use is InUse.WRITER:
+            return  # a running VM writes it all the time; it was only described, not checked
+        # Answers from a file that changed under us mix two states of it: say so, and only that.
         why = _changed(st_open, os.fstat(img.file.fd))
         if why is None:
             try:
@@ -282,6 +288,7 @@ def _inspect_into(cand: Candidate, deep: bool, s: ImageSummary, record: dict[str
                 why = "removed"
         if why is not None:
             s.error = f"changed during the scan: {why} while it was read"
+            record.clear()
 
 
 def _inspect_open(img: Image, deep: bool, s: ImageSummary, record: dict[str, object]) -> None:
@@ -296,15 +303,10 @@ def _inspect_open(img: Image, deep: bool, s: ImageSummary, record: dict[str, obj
     layers, chain_error = img.open_chain()
     s.chain = tuple(layer.path for layer in layers)
     s.chain_real = tuple(os.path.realpath(p) for p in s.chain)
-    if chain_error is None and len(layers) > 1:
+    if chain_error is None:
         # What `qinspect check` needs besides the image: every layer openable, data files present.
         try:
-            require_files(img)
-        except Qcow2Error as e:
-            chain_error = e
-    elif chain_error is None:
-        try:
-            img.data_file()
+            require_files(img, check=True)
         except Qcow2Error as e:
             chain_error = e
     state = s.in_use.to_json()
@@ -331,13 +333,14 @@ def _inspect_open(img: Image, deep: bool, s: ImageSummary, record: dict[str, obj
     _summarise(d, s)
     record.update(d.to_json())
     s.checked = chain_error is None and record["check"] is not None
-    # issue 13 (`qinspect guest`): once the guest analysis exists, its fstrim-reclaimable bytes
-    # belong here as another reclaimable reason ("guest-free"); not available yet.
 
 
 def _summarise(d: Diagnosis, s: ImageSummary) -> None:
     sp = d.space
     s.reclaimable = dict(sp.reclaimable_parts)
+    for part in GUEST_RECLAIMABLE_PARTS:
+        if part in sp.parts:
+            s.reclaimable[part] = sp.parts[part]
     s.reclaimable_disk = {k: max(0, sp.allocated_parts.get(k, 0)) for k in s.reclaimable}
     s.l2_cache_coverage = float(d.cache.default_coverage)
     counts = dict.fromkeys(SEVERITIES, 0)
@@ -389,6 +392,10 @@ def scan_images(cands: Sequence[Candidate], jobs: int | None = None, deep: bool 
         for cand in cands:
             yield report(inspect_image(cand, deep, want_json))
         return
+    # Imported lazily by numpy itself (np.unique imports numpy.ma, ~40 ms): here, once, rather than
+    # once in every worker.
+    import numpy.ma  # noqa: F401
+
     workers = min(jobs, total)
     # Several images per task: fewer round trips to this process, which matters on a loaded machine
     # (each one waits for the scheduler); small enough to keep the workers evenly busy.

@@ -21,7 +21,6 @@ from typing import IO, TYPE_CHECKING
 
 from qinspect.analysis.diagnose import SEVERITIES
 from qinspect.analysis.scan import (
-    Candidate,
     ImageReport,
     ImageSummary,
     InUse,
@@ -94,13 +93,13 @@ def run_scan(args: argparse.Namespace) -> int:
     cands = find_images(args.paths, follow_symlinks=args.follow_symlinks)
     want_json = args.output == "json"
     summaries: list[ImageSummary] = []
-    with _progress_bar(True) as prog, _destination(args.output_file) as out:
-        reports = scan_images(cands, jobs=args.jobs, deep=args.deep, want_json=want_json, progress=prog)
-        for rep in reports:
-            if rep.line is not None:
-                out.write(rep.line + "\n")
-            summaries.append(rep.summary)
-        duration = time.monotonic() - t0
+    with _destination(args.output_file) as out:
+        with _progress_bar(True) as prog:
+            for rep in scan_images(cands, jobs=args.jobs, deep=args.deep, want_json=want_json, progress=prog):
+                if rep.line is not None:
+                    out.write(rep.line + "\n")
+                summaries.append(rep.summary)
+        duration = time.monotonic() - t0  # the bar is gone before the table or the metrics are written
         if args.output == "prometheus":
             out.write(prometheus_text(summaries, duration))
         elif args.output == "human":
@@ -276,4 +275,4 @@ def prometheus_text(summaries: list[ImageSummary], duration: float) -> str:
     return generate_latest(registry).decode("utf-8")
 
 
-__all__ = ["Candidate", "prometheus_text", "run_scan"]
+__all__ = ["prometheus_text", "run_scan"]
