@@ -153,7 +153,11 @@ def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -
     console = stdout_console() if out is sys.stdout else Console(file=out, highlight=False, soft_wrap=True)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 200  # a file or a pipe: long lines rather than cells wrapped at 80 columns
-    rows = sorted(summaries, key=lambda s: (-s.reclaimable_bytes, s.error is not None, s.path))
+    def rank(s: ImageSummary) -> tuple[int, bool, int, str]:  # most to reclaim, then the worst finding
+        sev = SEVERITIES.index(s.worst[0]) if s.worst and s.worst[0] in SEVERITIES else len(SEVERITIES)
+        return -s.reclaimable_bytes, s.error is not None, sev, s.path
+
+    rows = sorted(summaries, key=rank)
     top = max((s.reclaimable_bytes for s in rows), default=0)
     bases = chain_bases(rows)
     t = table("reclaimable#", "", "file#", "disk#", "virtual#", "leaks#", "worst", "image")
