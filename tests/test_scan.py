@@ -3,7 +3,7 @@
 The tree has plain images, an internal snapshot, a leaked cluster, a three-layer chain, an
 overlay whose backing file is missing, a fully preallocated image, a dirty lazy-refcounts image,
 and decoys: a text file and a truncated image named .qcow2, a raw image and a random file (not
-images: skipped), a symlink inside the tree (no duplicate), a symlink out of the tree (not
+images: skipped), a FIFO named .qcow2, a symlink inside the tree (no duplicate), a symlink out of the tree (not
 followed unless asked) and a dangling symlink. Every JSON Lines record must equal what the
 per-image commands print; the Prometheus text must parse and hold the expected samples; a real
 node_exporter must serve them; images replaced or in use must be reported as such.
@@ -114,13 +114,14 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     qemu_img("create", "-q", "-f", "qcow2", str(outside), "16M")
     os.symlink(outside, root / "sub" / "external.qcow2")
     os.symlink("nowhere.qcow2", root / "dangling.qcow2")
+    os.mkfifo(root / "pipe.qcow2")  # must be reported, and must not hang the scan
     return root
 
 
 GOOD = ["plain.qcow2", "snap.qcow2", "sub/leaked.qcow2", "chain/base.qcow2", "chain/mid.qcow2", "chain/top.qcow2",
         "prealloc.qcow2", "dirty.qcow2",
         "sub/truncated.qcow2"]  # opens (tables past the end read as zeros), then check finds corruption
-ERRORS = ["notes.qcow2", "dangling.qcow2"]
+ERRORS = ["notes.qcow2", "dangling.qcow2", "pipe.qcow2"]
 BROKEN = ["chain/orphan.qcow2"]
 
 

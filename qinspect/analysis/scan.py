@@ -195,6 +195,8 @@ def find_images(paths: Iterable[str], follow_symlinks: bool = False) -> list[Can
                     walk(path)
             elif stat.S_ISREG(st.st_mode):
                 add_file(path, st, named=False)
+            elif path.endswith(IMAGE_SUFFIXES):  # a FIFO, socket or device named like an image
+                out.append(Candidate(path, st.st_dev, st.st_ino))
 
     for root in roots:
         try:
