@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from conftest import SAMPLE_NAMES, Samples
 
-from qinspect.cli import COMMANDS, _load_extra_commands, main
+from qinspect.cli import COMMANDS, main
 from qinspect.qcow2.image import open_image
 
 QINSPECT = shutil.which("qinspect") or str(Path(sys.executable).with_name("qinspect"))
@@ -99,7 +99,6 @@ def no_write_opens(d: Path) -> Iterator[list[str]]:
 
 def _commands() -> list[list[str]]:
     """Every CLI command with the options that make it read the most."""
-    _load_extra_commands()
     extra = {"diagnose": [["--deep"]], "info": [["--backing-chain"], ["--output=json"]], "map": [["--output=json"]],
              "check": [["--output=json"]]}
     out = []

@@ -529,27 +529,10 @@ def write_map_json_runs(batches: Iterable[MapRuns], out: IO[str]) -> None:
 JSON_CHUNK = 1 << 14
 
 
-def write_map_json(entries: Iterable[MapEntry], out: IO[str]) -> None:
-    """Print entries the way qemu-img map --output=json does (one object per line)."""
-    out.write("[")
-    first = True
-    for e in entries:
-        if not first:
-            out.write(",\n")
-        first = False
-        s = (f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth}, '
-             f'"present": {_b(e.present)}, "zero": {_b(e.zero)}, "data": {_b(e.data)}, '
-             f'"compressed": {_b(e.compressed)}')
-        if e.offset is not None:
-            s += f', "offset": {e.offset}'
-        out.write(s + "}")
-    out.write("]\n")
-
-
 def map_json(img: Image) -> list[dict[str, object]]:
     """The map as a list of JSON objects (for tests and small images)."""
     return [e.to_json() for e in iter_map(img)]
 
 
 __all__ = ["MapEntry", "MapRuns", "iter_map", "iter_map_runs", "json", "map_json", "metadata_preallocated",
-           "write_map_json", "write_map_json_runs"]
+           "write_map_json_runs"]

@@ -1,6 +1,7 @@
 """The `qinspect` command line: subcommands with human (Rich) or qemu-img-compatible JSON output.
 
 `qinspect IMAGE` (or no argument) starts the TUI; `qinspect COMMAND IMAGE ...` runs one command.
+Commands are declared here (name, help, options) and run by `module:function` imported on use.
 Every failure is one line on stderr, `qinspect: FILE: what is wrong (offset N)`, and exit code 1;
 tracebacks are shown only with QINSPECT_DEBUG=1.
 """
@@ -87,21 +88,59 @@ def _size(text: str) -> int:
     return int(value * units[suffix])
 
 
-def _load_extra_commands() -> None:
-    """Commands defined in other modules register themselves on import."""
-    import importlib
+# The analysis commands: declared here with their options (so that --help and the other commands
+# import nothing of them); `qinspect.cli.analysis_cmds` runs them.
+@command("layout", "who owns each cluster of the image file (host layout, reverse lookup)",
+         "qinspect.cli.analysis_cmds:run_layout")
+def _layout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    _output_opt(p)
+    p.add_argument("--offset", type=_size, default=None, metavar="HOST_OFFSET",
+                   help="show the owner of this file offset and every table entry pointing there")
+    p.add_argument("--width", type=int, default=64, help="characters per row of the file map (default 64)")
 
-    for mod in ("qinspect.cli.analysis_cmds",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+
+@command("measure", "file size of this image converted with other options (qemu-img measure -O qcow2)",
+         "qinspect.cli.analysis_cmds:run_measure")
+def _measure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", nargs="?", help="the image to convert (omit with --size)")
+    _output_opt(p)
+    p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
+                   help="target options: cluster_size=..,extended_l2=on|off,refcount_bits=..,compat=..,"
+                        "preallocation=..,backing_file=..")
+    p.add_argument("--size", type=_size, default=None, help="measure a new empty image of this size instead")
 
 
-def build_parser(extra: bool = True) -> argparse.ArgumentParser:
-    if extra:
-        _load_extra_commands()
+@command("cache", "QEMU's L2/refcount cache for this image: what the default covers, what it needs",
+         "qinspect.cli.analysis_cmds:run_cache")
+def _cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    _output_opt(p)
+    p.add_argument("--l2-cache-size", type=_size, default=None, metavar="SIZE", help="a -drive l2-cache-size to try")
+    p.add_argument("--l2-cache-entry-size", type=_size, default=None, metavar="SIZE",
+                   help="a -drive l2-cache-entry-size to try")
+    p.add_argument("--refcount-cache-size", type=_size, default=None, metavar="SIZE")
+    p.add_argument("--cache-size", type=_size, default=None, metavar="SIZE", help="a combined -drive cache-size")
+    p.add_argument("--write-size", type=_size, default=4096, metavar="SIZE",
+                   help="guest write size for the copy-on-write figure (default 4k)")
+    p.add_argument("--non-linux", action="store_true", help="QEMU's defaults on other hosts (8 MiB L2 cache)")
+
+
+@command("diagnose", "findings: what makes this image big or slow, with the command that fixes each",
+         "qinspect.cli.analysis_cmds:run_diagnose")
+def _diagnose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    _output_opt(p)
+    p.add_argument("--deep", action="store_true",
+                   help="also read every data cluster (all-zero clusters, copies of backing data)")
+    p.add_argument("--fail-on", choices=["info", "warning", "error"], default=None,
+                   help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command (cheap: handlers are imported only when one runs). With `only`,
+    just that command's options are declared (the others keep their name and help): what running
+    one command needs."""
     parser = argparse.ArgumentParser(
         prog="qinspect",
         description="See where a qcow2 image's bytes are and why it is slow. "
@@ -110,7 +149,9 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qinspect {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, configure, _module) in COMMANDS.items():
-        configure(sub.add_parser(name, help=help_text, description=help_text))
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
+            configure(p)
     return parser
 
 
@@ -125,14 +166,11 @@ def _resolve(target: str) -> Handler:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qinspect` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # info, map and check are registered above: running one does not need the other commands'
-    # modules (the analyses and their imports cost more start-up time than qemu-img's whole check).
-    core = bool(args_list) and args_list[0] in COMMANDS
-    if not core and args_list[:1] != ["--version"]:
-        _load_extra_commands()
+    # Every command is declared above and its module imported only to run it: `info`, `--help`
+    # and the error paths import neither numpy nor Rich (tests/test_startup_imports.py).
     if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help", "--version")):
         return _run_tui(args_list)
-    parser = build_parser(extra=not core and args_list[:1] != ["--version"])
+    parser = build_parser(only=args_list[0] if args_list[0] in COMMANDS else "")
     args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help()

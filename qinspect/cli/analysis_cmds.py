@@ -24,63 +24,12 @@ from qinspect.analysis.layout import Layout, Owner, compute_layout
 from qinspect.analysis.measure import MeasureResult, measure, parse_options
 from qinspect.analysis.progress import ProgressFn, no_progress
 from qinspect.analysis.space import PART_LABELS, Space
-from qinspect.cli import _output_opt, _size, command
 from qinspect.cli.core_cmds import open_checked, print_json
 from qinspect.cli.render import console, err_console, human_size, table
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size, format_size_exact
-
-# -- registration ---------------------------------------------------------------------------------------
-
-
-@command("layout", "who owns each cluster of the image file (host layout, reverse lookup)",
-         "qinspect.cli.analysis_cmds:run_layout")
-def _layout(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image")
-    _output_opt(p)
-    p.add_argument("--offset", type=_size, default=None, metavar="HOST_OFFSET",
-                   help="show the owner of this file offset and every table entry pointing there")
-    p.add_argument("--width", type=int, default=64, help="characters per row of the file map (default 64)")
-
-
-@command("measure", "file size of this image converted with other options (qemu-img measure -O qcow2)",
-         "qinspect.cli.analysis_cmds:run_measure")
-def _measure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", nargs="?", help="the image to convert (omit with --size)")
-    _output_opt(p)
-    p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
-                   help="target options: cluster_size=..,extended_l2=on|off,refcount_bits=..,compat=..,"
-                        "preallocation=..,backing_file=..")
-    p.add_argument("--size", type=_size, default=None, help="measure a new empty image of this size instead")
-
-
-@command("cache", "QEMU's L2/refcount cache for this image: what the default covers, what it needs",
-         "qinspect.cli.analysis_cmds:run_cache")
-def _cache(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image")
-    _output_opt(p)
-    p.add_argument("--l2-cache-size", type=_size, default=None, metavar="SIZE", help="a -drive l2-cache-size to try")
-    p.add_argument("--l2-cache-entry-size", type=_size, default=None, metavar="SIZE",
-                   help="a -drive l2-cache-entry-size to try")
-    p.add_argument("--refcount-cache-size", type=_size, default=None, metavar="SIZE")
-    p.add_argument("--cache-size", type=_size, default=None, metavar="SIZE", help="a combined -drive cache-size")
-    p.add_argument("--write-size", type=_size, default=4096, metavar="SIZE",
-                   help="guest write size for the copy-on-write figure (default 4k)")
-    p.add_argument("--non-linux", action="store_true", help="QEMU's defaults on other hosts (8 MiB L2 cache)")
-
-
-@command("diagnose", "findings: what makes this image big or slow, with the command that fixes each",
-         "qinspect.cli.analysis_cmds:run_diagnose")
-def _diagnose(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image")
-    _output_opt(p)
-    p.add_argument("--deep", action="store_true",
-                   help="also read every data cluster (all-zero clusters, copies of backing data)")
-    p.add_argument("--fail-on", choices=["info", "warning", "error"], default=None,
-                   help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
-
 
 # -- shared -------------------------------------------------------------------------------------------
 

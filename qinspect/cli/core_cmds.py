@@ -4,23 +4,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
-from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from qinspect._malloc import tune_for_bulk_work
-from qinspect.analysis.check import CheckResult, check_image
 from qinspect.analysis.info import chain_info, image_info
-from qinspect.analysis.map import MapEntry, iter_map, iter_map_runs, write_map_json_runs
-from qinspect.analysis.opening import open_checked as open_checked  # re-exported: analysis_cmds uses it
-from qinspect.qcow2.image import Image
+from qinspect.analysis.opening import require_files
+from qinspect.qcow2.meta import ImageMeta, open_meta
 
-# Rich (qinspect.cli.render) is imported only for human output: it costs more start-up time than
-# a whole `qemu-img check` of a small image, and the JSON paths do not need it.
+if TYPE_CHECKING:
+    from qinspect.analysis.check import CheckResult
+    from qinspect.analysis.map import MapEntry
+    from qinspect.qcow2.image import Image
+
+# Start-up is most of a small command's time, so this module imports only what `info` needs (the
+# metadata: no numpy). `map` and `check` import the walks (and numpy) when they run; Rich
+# (qinspect.cli.render) is imported only for human output.
 
 # Bounds on human output: a hostile image can carry 65536 snapshots and as many problems.
 MAX_WARNINGS = 50
 MAX_SNAPSHOT_ROWS = 500
+
+
+def open_checked(path: str, need_files: bool = False, check: bool = False) -> Image:
+    """Open like qemu-img does: fail on anything QEMU would refuse to open.
+
+    With `need_files` (map, check), also fail when a backing file or the external data file cannot
+    be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
+    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
+    """
+    # The metadata first: a file that is missing or not an image QEMU opens fails here, before the
+    # tables' machinery (numpy) is imported; then the image itself (its header is read again).
+    open_checked_meta(path, check=check).close()
+    from qinspect.qcow2.image import open_image
+
+    img = open_image(path)
+    try:
+        img.require_openable(check=check)
+        if need_files:
+            require_files(img, check=check)  # the backing chain and data files (shared with scan)
+    except Exception:
+        img.close()
+        raise
+    return img
 
 
 def print_json(obj: object) -> None:
@@ -28,9 +53,20 @@ def print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=4) + "\n")
 
 
+def open_checked_meta(path: str, check: bool = False) -> ImageMeta:
+    """`open_checked` for what needs only metadata (`info`): no tables read, numpy not imported."""
+    meta = open_meta(path)
+    try:
+        meta.require_openable(check=check)
+    except Exception:
+        meta.close()
+        raise
+    return meta
+
+
 # -- info ---------------------------------------------------------------------------------------------
 def run_info(args: argparse.Namespace) -> int:
-    with open_checked(args.image) as img:
+    with open_checked_meta(args.image) as img:
         infos = chain_info(img, args.image) if args.backing_chain else [image_info(img, args.image)]
         if args.output == "json":
             print_json(infos if args.backing_chain else infos[0])
@@ -53,6 +89,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def _print_info(info: dict[str, object]) -> None:
+    from datetime import UTC, datetime
+
     from qinspect.cli.render import console, human_size, table
 
     c = console()
@@ -117,8 +155,11 @@ def _encrypt_summary(enc: dict[str, object]) -> str:
 
 # -- map ----------------------------------------------------------------------------------------------
 def run_map(args: argparse.Namespace) -> int:
-    tune_for_bulk_work()
     with open_checked(args.image, need_files=True) as img:
+        from qinspect.analysis.map import iter_map, iter_map_runs, write_map_json_runs
+        from qinspect.malloc import tune_for_bulk_work
+
+        tune_for_bulk_work()
         if args.output == "json":
             write_map_json_runs(iter_map_runs(img, start=args.start_offset, length=args.max_length), sys.stdout)
             return 0
@@ -140,7 +181,7 @@ def _state(e: MapEntry) -> str:
 
 def _host_file(layer: object) -> str:
     """The file a layer's host offsets point into (its external data file, if it has one)."""
-    if isinstance(layer, Image) and layer.data_file_path:
+    if isinstance(layer, ImageMeta) and layer.data_file_path:
         return layer.data_file_path
     return str(getattr(layer, "path", ""))
 
@@ -163,8 +204,11 @@ def _print_map(img: Image, entries: object) -> None:
 
 # -- check --------------------------------------------------------------------------------------------
 def run_check(args: argparse.Namespace) -> int:
-    tune_for_bulk_work()
     with open_checked(args.image, need_files=True, check=True) as img:
+        from qinspect.analysis.check import check_image
+        from qinspect.malloc import tune_for_bulk_work
+
+        tune_for_bulk_work()
         res = check_image(img, filename=args.image)
     # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
     # on stderr in both output formats (QEMU prints them from inside the check), every one of them.
@@ -183,6 +227,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def _print_check(res: CheckResult) -> None:
+    import shlex
+
     from qinspect.cli.render import console
 
     c = console()
