@@ -7,7 +7,7 @@ images left dirty by a crash (`qemu-io -c abort`) and a few with a leaked cluste
 interleaved rounds (each round alternates which goes first):
 
 - `for f in DIR/*.qcow2; do qemu-img check "$f"; done` in bash (output discarded), and
-- `qinspect scan DIR --output=json` (no --deep; default --jobs), and the same with --jobs 1.
+- `qinspect scan DIR --output=json` (no --deep; default --jobs), and the same with --jobs 1 and 2.
 
 Peak memory is the sum of the proportional set size (Pss, /proc/PID/smaps_rollup) of the scan's
 whole process tree, sampled every 10 ms; it is measured for the N images with --jobs 1 and 2, and
@@ -212,7 +212,9 @@ def main() -> int:
                          env=CHILD_ENV).stdout
     assert len(out.splitlines()) == len(files), "the scan did not report every image"
     loop = f'for f in {d}/*.qcow2; do qemu-img check "$f" >/dev/null 2>&1; done'
-    cells: dict[str, list[float]] = {"qemu-img check loop": [], "qinspect scan": [], "qinspect scan --jobs 1": []}
+    cells: dict[str, list[float]] = {"qemu-img check loop": [], "qinspect scan": [], "qinspect scan --jobs 1": [],
+                                     "qinspect scan --jobs 2": []}
+    load0 = os.getloadavg()[0]
     for r in range(args.runs):
         order = list(cells)
         if r % 2:
@@ -223,11 +225,11 @@ def main() -> int:
             elif name == "qinspect scan":
                 t, _ = run([q, "scan", str(d), "--output=json"])
             else:
-                t, _ = run([q, "scan", str(d), "--output=json", "--jobs", "1"])
+                t, _ = run([q, "scan", str(d), "--output=json", "--jobs", name.rsplit(" ", 1)[1]])
             cells[name].append(t)
     base = statistics.median(cells["qemu-img check loop"])
     print(f"\n{len(files)} images in {d}, {args.runs} interleaved rounds, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end\n")
+          f"{os.cpu_count()} CPUs, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
     print("| command | median s | min s | ratio to the qemu-img loop |")
     print("|---|---:|---:|---:|")
     for name, ts in cells.items():

@@ -356,12 +356,27 @@ def _summarise(d: Diagnosis, s: ImageSummary) -> None:
 
 
 # -- many images --------------------------------------------------------------------------------------
-def default_jobs() -> int:
+def cpu_count() -> int:
     """The CPUs this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def default_jobs() -> int:
+    """The CPU count, less the CPUs the load average says are busy (at least one), like `make -l`.
+
+    A scan runs on hosts whose CPUs belong to their VMs: when they are busy, more workers than
+    idle CPUs only add fork and hand-over costs (measured: slower than one worker at load 10 on two
+    CPUs) and take time from the guests.
+    """
+    cpus = cpu_count()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return cpus
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
 
 
 WORKER_DIED = "the worker process inspecting it died (killed, or out of memory?)"
@@ -477,6 +492,6 @@ def chain_bases(summaries: Iterable[ImageSummary]) -> dict[str, list[str]]:
 
 
 __all__ = [
-    "Candidate", "ImageReport", "ImageSummary", "InUse", "chain_bases", "default_jobs", "find_images",
+    "Candidate", "ImageReport", "ImageSummary", "InUse", "chain_bases", "cpu_count", "default_jobs", "find_images",
     "inspect_image", "scan_images",
 ]
