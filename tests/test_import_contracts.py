@@ -50,3 +50,18 @@ def test_a_violation_breaks_its_contract(tmp_path: Path, module: str, line: str,
     assert "Broken contracts" in r.stdout, r.stdout + r.stderr
     broken = r.stdout.split("Broken contracts", 1)[1]
     assert contract in broken, r.stdout
+
+
+def test_no_import_cycles_below_the_tui() -> None:
+    """No module of qcow2, guest, analysis or cli imports, even indirectly, a module that imports it
+    (deep<->space and extents<->image were such cycles). The TUI's screens are left to the TUI."""
+    grimp = pytest.importorskip("grimp")
+    g = grimp.build_graph("qinspect", exclude_type_checking_imports=False)
+    cycles = set()
+    for m in g.modules:
+        if m.startswith("qinspect.tui"):
+            continue
+        for n in g.find_modules_directly_imported_by(m):
+            if g.chain_exists(importer=n, imported=m, as_packages=False):
+                cycles.add(tuple(sorted((m, n))))
+    assert not cycles, sorted(cycles)
