@@ -276,7 +276,8 @@ def prometheus_text(summaries: list[ImageSummary], duration: float) -> str:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())
-    return generate_latest(registry).decode("utf-8")
+    text: str = generate_latest(registry).decode("utf-8")
+    return text
 
 
 __all__ = ["prometheus_text", "run_scan"]
