@@ -183,6 +183,7 @@ class _HostProbe:
 # Data runs of a metadata-preallocated image are split this many at a time, sorted by host offset
 # (the more at once, the more the probe's memory helps; bounded to bound memory).
 SPLIT_RUNS = 1 << 17
+FIRST_SPLIT_RUNS = 1 << 11
 
 
 def _host_zero_split(probe: _HostProbe, runs: MapRuns) -> tuple[MapRuns, I64]:
@@ -318,11 +319,13 @@ def _qcow2_runs(img: Image, start: int, end: int, probe: _HostProbe | None, dept
     """Block status of one qcow2 layer, a batch of extents at a time (unallocated: no flags).
 
     With a probe (metadata preallocation), batches are gathered until SPLIT_RUNS data runs wait
-    for the host file, so that many are looked up in one host-ordered pass.
+    for the host file, so that many are looked up in one host-ordered pass; the first gatherings
+    are smaller (FIRST_SPLIT_RUNS, doubling), so that the first ranges of a map stream out at once.
     """
     enc = img.encrypted
     held: list[MapRuns] = []
     waiting = 0
+    limit = FIRST_SPLIT_RUNS
 
     def flush() -> MapRuns:
         nonlocal held, waiting
@@ -351,7 +354,8 @@ def _qcow2_runs(img: Image, start: int, end: int, probe: _HostProbe | None, dept
             else:
                 held.append(runs)
                 waiting += int(np.count_nonzero(((flags & DATA) != 0) & ((flags & OFFSET_VALID) != 0)))
-                if waiting >= SPLIT_RUNS:
+                if waiting >= limit:
+                    limit = min(2 * limit, SPLIT_RUNS)
                     yield flush()
         if len(bad):
             if held:
