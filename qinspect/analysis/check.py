@@ -462,7 +462,8 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     refs.add_range(h.refcount_table_offset, len(img.refcount_table) * 8)
     if h.crypto_ext is not None:
         refs.add_range(h.crypto_ext.offset, h.crypto_ext.length)
-    _bitmap_refs(img, refs, res)
+    if not _bitmap_refs(img, refs, res):
+        return res  # calculate_refcounts fails: no refcount comparison, no counts printed
 
     counts, sparse, nb = refs.finish()
     # Refcount blocks (check_refblocks): each counted once more and expected to be referenced once.
@@ -504,8 +505,8 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     for bi in bad_blocks:
         lo, hi = bi * per, min((bi + 1) * per, nb)
         if lo < hi:
-            if not signalled:
-                rb = int(rt[bi]) & C.REFT_OFFSET_MASK
+            rb = int(rt[bi]) & C.REFT_OFFSET_MASK
+            if not signalled and rb % cs:  # (a block past the block layer's limit is a plain EIO)
                 res.add("check-error", f"qcow2: Image is corrupt: Refblock offset {_c_hex(rb)} unaligned (reftable "
                                        f"index: {_c_hex(bi)}); further non-fatal corruption events will be suppressed")
                 signalled = True
@@ -712,10 +713,12 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, l1i: I64, active: bool
             res.add("error", "ERROR: Unallocated cluster has non-zero subcluster allocation map", key=key(k, 5))
 
 
-def _bitmap_refs(img: Image, refs: _Refs, res: CheckResult) -> None:
+def _bitmap_refs(img: Image, refs: _Refs, res: CheckResult) -> bool:
+    """qcow2_check_bitmaps_refcounts; False when it fails the check (a bitmap table entry that
+    bitmap_table_load refuses: one corruption, and the check stops with EINVAL)."""
     ext = img.header.bitmaps_ext
     if ext is None or not img.header.bitmaps_consistent:
-        return
+        return True
     # sizes as far as the format allows (QEMU refuses larger ones at open)
     refs.add_range(ext.bitmap_directory_offset, min(ext.bitmap_directory_size, C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE))
     cs = img.cluster_size
@@ -725,6 +728,9 @@ def _bitmap_refs(img: Image, refs: _Refs, res: CheckResult) -> None:
         offs = table & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
         bad = ((table & np.uint64(C.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
             (offs != 0) & (((table & np.uint64(1)) != 0) | ((offs % np.uint64(cs)) != 0)))
-        res.corruptions += int(np.count_nonzero(bad))
-        good = offs[~bad & (offs != 0)]
-        refs.add_regions(good.astype(np.int64), cs)
+        if bad.any():
+            res.corruptions += 1
+            res.failed = "Invalid argument"
+            return False
+        refs.add_regions(offs[offs != 0].astype(np.int64), cs)
+    return True
