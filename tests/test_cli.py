@@ -540,3 +540,20 @@ def test_human_map_of_a_million_alternating_extents(alternating: Path) -> None:
     with open(d / "table.txt") as f:
         rows = sum(1 for _ in f)
     assert rows == (1 << 20) + 2  # heading, every extent, summary
+
+
+@needs_qemu
+@pytest.mark.parametrize("layout", [["--output=human"], ["--table"], ["--output=json"]])
+def test_map_piped_into_head_ends_quietly(alternating: Path, layout: list[str]) -> None:
+    """`qinspect map IMG | head -3` on a million extents: the reader closing the pipe ends the run
+    without a traceback or a "Broken pipe" message (how soon the first rows come is the benchmark's)."""
+    p = subprocess.Popen([*QINSPECT, "map", *layout, alternating.name], cwd=alternating.parent,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    lines = [p.stdout.readline() for _ in range(3)]
+    assert all(lines)
+    p.stdout.close()
+    p.wait(timeout=60)
+    err = p.stderr.read()
+    p.stderr.close()
+    assert b"Traceback" not in err and b"Broken pipe" not in err, err
