@@ -8,7 +8,6 @@ messages, but each L2 table batch is one set of numpy operations.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
+from qinspect.analysis.refwalk import L2Batch, L2Tables, RefKind, RefWalk
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.bitmaps import BME_MAX_TABLE_SIZE, read_bitmap_table
 from qinspect.qcow2.image import Image
 from qinspect.qcow2.l2 import ClusterType, L2Format, classify_clusters
 
@@ -41,6 +40,7 @@ class CheckMessage:
     kind: str
     text: str
     cluster: int | None = None
+    repeat: int = 1  # printed this many times (a message about a table named by many L1 entries)
 
 
 @dataclass
@@ -65,11 +65,11 @@ class CheckResult:
     reference: U32 = field(default_factory=lambda: np.zeros(0, np.uint32))  # references per host cluster
     stored: Refcounts = field(default_factory=lambda: np.zeros(0, np.uint64))  # stored refcount per cluster
 
-    def add(self, kind: str, text: str, cluster: int | None = None) -> None:
+    def add(self, kind: str, text: str, cluster: int | None = None, repeat: int = 1) -> None:
         if len(self.messages) < MAX_MESSAGES:
-            self.messages.append(CheckMessage(kind, text, cluster))
+            self.messages.append(CheckMessage(kind, text, cluster, repeat))
         else:
-            self.messages_dropped += 1
+            self.messages_dropped += repeat
 
     def to_json(self) -> dict[str, object]:
         """Keys as qemu-img prints them: the optional ones only when non-zero."""
@@ -114,37 +114,43 @@ class _Refs:
         self.far: list[I64] = []
         self.ranges: list[tuple[int, int]] = []  # (first, last) cluster ranges, applied in finish()
 
-    def beyond_eof(self, offset: int, size: int) -> bool:
+    def beyond_eof(self, offset: int, size: int, times: int = 1) -> bool:
         """QEMU refuses to count a region ending a cluster or more past the end of the file."""
         if offset + size - self.file_len >= self.cs:
-            self.res.corruptions += 1
+            self.res.corruptions += times
             self.res.add("error", "ERROR: counting reference for region exceeding the end of the file by one "
-                                  f"cluster or more: offset {offset:#x} size {size:#x}")
+                                  f"cluster or more: offset {offset:#x} size {size:#x}", repeat=times)
             return True
         return False
 
-    def add_regions(self, offsets: I64, sizes: I64 | int) -> None:
-        """qcow2_inc_refcounts_imrt over many regions: +1 for each cluster each region touches."""
+    def add_regions(self, offsets: I64, sizes: I64 | int, weights: I64 | None = None) -> None:
+        """qcow2_inc_refcounts_imrt over many regions: +1 for each cluster each region touches
+        (+weights[k] for region k: a table QEMU walks once per L1 entry naming it)."""
         if not len(offsets):
             return
         size = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offsets.shape)
         past = offsets + size - self.file_len >= self.cs
         if past.any():
-            for o, n in zip(offsets[past].tolist(), size[past].tolist(), strict=True):
-                self.beyond_eof(o, n)
+            ws = weights[past].tolist() if weights is not None else [1] * int(np.count_nonzero(past))
+            for o, n, w in zip(offsets[past].tolist(), size[past].tolist(), ws, strict=True):
+                self.beyond_eof(o, n, w)
             offsets, size = offsets[~past], size[~past]
+            if weights is not None:
+                weights = weights[~past]
         bits = self.cs.bit_length() - 1  # shifts, not divisions: 16 Mi offsets on a 1 TiB image
         first = offsets >> bits
         if np.ndim(sizes) == 0 and int(sizes) == self.cs and not (offsets & (self.cs - 1)).any():
-            self.add(first)  # aligned whole clusters (data clusters, L2 tables): one cluster each
+            self.add(first, weights)  # aligned whole clusters (data clusters, L2 tables): one cluster each
             return
         last = (offsets + size - 1) >> bits
-        self.add(first)
+        self.add(first, weights)
         extra = last - first
         if extra.any():  # regions over two or more clusters (unaligned tables, compressed data)
-            cnt = extra[extra > 0]
-            start = first[extra > 0] + 1
-            self.add(np.repeat(start, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)))
+            sel = extra > 0
+            cnt = extra[sel]
+            start = first[sel] + 1
+            more = np.repeat(start, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+            self.add(more, np.repeat(weights[sel], cnt) if weights is not None else None)
 
     def add_range(self, offset: int, size: int) -> None:
         if size <= 0 or self.beyond_eof(offset, size):
@@ -166,17 +172,23 @@ class _Refs:
         self.ranges.append((first, last))
         self.top = max(self.top, last + 1)
 
-    def add(self, clusters: I64) -> None:
-        """Count one reference to each element of `clusters` (duplicates count once each)."""
+    def add(self, clusters: I64, weights: I64 | None = None) -> None:
+        """Count one reference to each element of `clusters` (duplicates count once each), or
+        `weights[k]` references to `clusters[k]`."""
         if not len(clusters):
             return
+        if weights is not None and bool((weights == 1).all()):
+            weights = None
         idx = clusters.astype(np.int64, copy=False)
         lo, hi = int(idx.min()), int(idx.max()) + 1
         self.top = max(self.top, hi)
         limit = self.nb_file + DENSE_EXTRA_CLUSTERS
         if hi > limit:
-            self.far.append(idx[idx >= limit])
-            idx = idx[idx < limit]
+            far = idx >= limit
+            self.far.append(idx[far] if weights is None else np.repeat(idx[far], weights[far]))
+            idx = idx[~far]
+            if weights is not None:
+                weights = weights[~far]
             if not len(idx):
                 return
             lo, hi = int(idx.min()), int(idx.max()) + 1
@@ -184,6 +196,9 @@ class _Refs:
             grown = np.zeros(min(limit, max(hi, 2 * len(self.counts))), dtype=np.uint32)
             grown[: len(self.counts)] = self.counts
             self.counts = grown
+        if weights is not None:
+            np.add.at(self.counts, idx, weights.astype(np.uint32))
+            return
         if len(idx) == 1 or bool((idx[1:] > idx[:-1]).all()):  # no duplicates (the usual case)
             if hi - lo == len(idx):
                 seg = self.counts[lo:hi]  # consecutive clusters (preallocation, sequential writes)
@@ -240,14 +255,13 @@ class _Copied:
         self.stored = stored
         self.unreadable = unreadable
         self.corruptions = 0
-        self.seq = 0
-        self.found: list[tuple[int, int, int, int]] = []  # (batch, position, l2 entry, refcount)
+        # (walk-order key, l2 entry, refcount, times): one per entry of a distinct table, printed
+        # once for each active L1 entry naming the table
+        self.found: list[tuple[int, int, int, int]] = []
         self.found_dropped = 0
-        self.later: list[tuple[int, I64, I64, U64]] = []  # (batch, positions, clusters, l2 entries)
+        self.later: list[tuple[I64, I64, U64, I64]] = []  # (keys, clusters, l2 entries, times)
 
-    def batch(self, clusters: I64, l2e: U64) -> None:
-        seq = self.seq
-        self.seq += 1
+    def batch(self, clusters: I64, l2e: U64, keys: I64, times: I64) -> None:
         copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
         if self.img.header.has_data_file:
             bad = np.flatnonzero(~copied)  # refcount 1 by definition
@@ -256,11 +270,11 @@ class _Copied:
             n = len(self.stored)
             inside = clusters < n
             if n == 0:
-                self.later.append((seq, np.arange(len(clusters)), clusters, l2e))
+                self.later.append((keys, clusters, l2e, times))
                 return
             if not inside.all():
                 pos = np.flatnonzero(~inside)
-                self.later.append((seq, pos, clusters[pos], l2e[pos]))
+                self.later.append((keys[pos], clusters[pos], l2e[pos], times[pos]))
                 clusters = np.where(inside, clusters, 0)
             rc = self.stored[clusters]
             wrong = (rc == np.uint64(1)) != copied
@@ -269,16 +283,17 @@ class _Copied:
                 wrong &= ~self.unreadable[clusters]
             bad = np.flatnonzero(wrong)
             rcs = rc[bad]
-        self.corruptions += len(bad)
+        self.corruptions += int(times[bad].sum())
         room = MAX_MESSAGES - len(self.found)
-        self.found_dropped += max(0, len(bad) - room)
-        for k, e, r in zip(bad[:room].tolist(), l2e[bad[:room]].tolist(), rcs[:room].tolist(), strict=True):
-            self.found.append((seq, k, e, r))
+        self.found_dropped += int(times[bad[room:]].sum()) if len(bad) > room else 0
+        for k, e, r, t in zip(keys[bad[:room]].tolist(), l2e[bad[:room]].tolist(), rcs[:room].tolist(),
+                              times[bad[:room]].tolist(), strict=True):
+            self.found.append((k, e, r, t))
 
     def report(self, res: CheckResult, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int) -> None:
         """Add the corruptions and messages, in L2 order, once the final stored refcounts are known."""
         found = list(self.found)
-        for seq, pos, clusters, l2e in self.later:
+        for keys, clusters, l2e, times in self.later:
             rcs = np.zeros(len(clusters), dtype=np.uint64)
             inside = clusters < len(stored)
             rcs[inside] = stored[clusters[inside]]
@@ -290,14 +305,36 @@ class _Copied:
                 ok[inb] = ~unreadable[clusters[inb]]
             copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
             bad = np.flatnonzero(ok & ((rcs == 1) != copied))
-            self.corruptions += len(bad)
-            found += [(seq, int(pos[k]), int(l2e[k]), int(rcs[k])) for k in bad]
-        if self.later:
-            found.sort(key=lambda t: (t[0], t[1]))
+            self.corruptions += int(times[bad].sum())
+            found += [(int(keys[k]), int(l2e[k]), int(rcs[k]), int(times[k])) for k in bad]
+        found.sort(key=lambda t: t[0])
         res.corruptions += self.corruptions
-        for _seq, _pos, e, r in found:
-            res.add("error", f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}")
+        for _key, e, r, t in found:
+            res.add("error", f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}", repeat=t)
         res.messages_dropped += self.found_dropped
+
+
+class _Pending:
+    """Messages of the L2 walk, kept with their place in QEMU's walk order and sorted at the end
+    (the distinct tables are read in host order, QEMU reads them in L1 order)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int, str, int]] = []  # (key, seq, text, times)
+        self.dropped = 0
+
+    def add(self, key: int, text: str, times: int) -> None:
+        self.items.append((key, len(self.items), text, times))
+        if len(self.items) > 4 * MAX_MESSAGES:
+            self.items.sort()
+            self.dropped += sum(t for *_, t in self.items[MAX_MESSAGES:])
+            del self.items[MAX_MESSAGES:]
+
+    def flush(self, res: CheckResult) -> None:
+        self.items.sort()
+        for _k, _s, text, times in self.items:
+            res.add("error", text, repeat=times)
+        res.messages_dropped += self.dropped
+        self.items = []
 
 
 def check_image(img: Image, progress: ProgressFn = no_progress,
@@ -320,64 +357,57 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
             res.corruptions += 1
             res.add("error", f"ERROR snapshot table entry {sn.index} is incomplete")
 
-    refs.add_range(0, cs)  # header
-    # The active L1 as read (empty when QEMU would refuse its size or offset), not as claimed.
-    l1_jobs: list[tuple[int, int, bool, str]] = [(h.l1_table_offset, len(img.l1_table), True, "active")]
+    walk = RefWalk(img)
+    for rr in walk.ranges:  # the header and every tree's L1 table, as QEMU counts them first
+        if rr.kind in (RefKind.HEADER, RefKind.L1_TABLE, RefKind.SNAPSHOT_L1_TABLE):
+            refs.add_range(rr.offset, rr.size)
     if h.has_data_file and img.snapshots:
         res.corruptions += 1
         res.add("error", f"ERROR {len(img.snapshots)} snapshots in image with data file")
-    for sn in img.snapshots:
-        if sn.l1_table_offset % cs:
-            res.corruptions += 1
+    for k, why in walk.bad_snapshots:
+        sn = img.snapshots[k]
+        res.corruptions += 1
+        if why == "unaligned":
             res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
                              "L1 table is not cluster aligned; snapshot table entry corrupted")
-            continue
-        if sn.l1_size > C.QCOW_MAX_L1_SIZE // 8:
-            res.corruptions += 1
+        else:
             res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
                              "L1 table is too large; snapshot table entry corrupted")
-            continue
-        l1_jobs.append((sn.l1_table_offset, sn.l1_size, False, f"snapshot {sn.id_str}"))
 
-    total_tables = 0
-    l1_tables: list[tuple[U64, int, bool]] = []
-    for off, size, active, _name in l1_jobs:
-        if not size:
-            continue
-        refs.add_range(off, size * 8)
-        l1 = img.l1_table if active else _read_u64(img, off, size)
-        l1_tables.append((l1, off, active))
-        total_tables += int(np.count_nonzero(l1))
-    done = 0
     # The stored refcounts of the file's clusters, read first (in host order) so that the COPIED
     # flags are checked during the one L2 walk.
     per = h.refcount_block_entries
     stored, bad_blocks = img.stored_refcounts_compact(nb_file)
     copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file))
-    for l1, _off, active in l1_tables:
+    for grp in walk.groups:  # L1 entries, once per distinct L1 table (printed once per tree using it)
+        times = len(grp.sources)
+        l1 = grp.entries
         nz = np.flatnonzero(l1)
-        reserved = nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0]
-        for i in reserved:
-            res.corruptions += 1
-            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}")
-        l2_offsets = (l1[nz] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-        batch = max(1, L2_BATCH_ENTRIES // h.l2_size)
-        for b in range(0, len(l2_offsets), batch):
-            if cancelled():
-                raise Cancelled()
-            offs = l2_offsets[b : b + batch]
-            for o in offs[(offs % cs) != 0]:
-                res.corruptions += 1
-                res.add("error", f"ERROR l2_offset={int(o):x}: Table is not cluster aligned; L1 entry corrupted")
-            _check_l2_batch(img, fmt, offs, active, refs, res, copied)
-            done += len(offs)
-            progress(done, total_tables)
+        for i in nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0]:
+            res.corruptions += times
+            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}", repeat=times)
+        for o in grp.l2_offsets()[1].tolist():
+            if o % cs:
+                res.corruptions += times
+                res.add("error", f"ERROR l2_offset={o:x}: Table is not cluster aligned; L1 entry corrupted",
+                        repeat=times)
+    tables = walk.tables
+    # The L2 tables themselves, once per L1 entry naming them (an unaligned one touches two clusters).
+    refs.add_regions(tables.offsets, cs, tables.refs)
+    pending = _Pending()
+    done = 0
+    for batch in walk.l2_batches():
+        if cancelled():
+            raise Cancelled()
+        _check_l2_batch(img, fmt, batch, tables, refs, res, copied, pending)
+        done += len(batch.ids)
+        progress(done, len(tables))
+    pending.flush(res)
 
-    refs.add_range(h.snapshots_offset, img.snapshot_table.size)
-    refs.add_range(h.refcount_table_offset, len(img.refcount_table) * 8)
-    if h.crypto_ext is not None:
-        refs.add_range(h.crypto_ext.offset, h.crypto_ext.length)
-    _bitmap_refs(img, refs, res)
+    for rr in walk.ranges:
+        if rr.kind in (RefKind.SNAPSHOT_TABLE, RefKind.REFCOUNT_TABLE, RefKind.LUKS):
+            refs.add_range(rr.offset, rr.size)
+    _bitmap_refs(img, walk, refs, res)
 
     counts, sparse, nb = refs.finish()
     # Refcount blocks (check_refblocks): each counted once more and expected to be referenced once.
@@ -494,86 +524,59 @@ def _highest_used(stored: Refcounts, counts: U32, unreadable: npt.NDArray[np.boo
     return 0
 
 
-def _read_u64(img: Image, offset: int, count: int) -> U64:
-    """`count` table entries at `offset`; entries past the end of the file read as 0 and are left
-    out (no zero buffer in proportion to a size claimed by a snapshot table entry)."""
-    count = max(0, min(count, (img.file.size - offset) // 8))
-    return np.frombuffer(img.file.pread(offset, count * 8), dtype=">u8").astype(np.uint64)
-
-
-def _read_tables(img: Image, offs: I64) -> U64:
-    """The tables at `offs` (exact offsets, aligned or not) as native u64 words, read in host order;
-    tables adjacent both in the file and in `offs` take one read."""
-    cs = img.cluster_size
-    buf = np.empty(len(offs) * cs, dtype=np.uint8)
-    mv = memoryview(buf.data)
-    order = np.argsort(offs, kind="stable")
-    ho = offs[order]
-    split = (np.flatnonzero((np.diff(ho) != cs) | (np.diff(order) != 1)) + 1).tolist()
-    for g0, g1 in zip([0, *split], [*split, len(order)], strict=True):
-        k = int(order[g0])
-        img.file.read_into(int(ho[g0]), mv[k * cs : (k + g1 - g0) * cs])
-    words = buf.view(np.uint64)
-    if sys.byteorder == "little":
-        words.byteswap(inplace=True)
-    return words
-
-
-def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _Refs, res: CheckResult,
-                    copied: _Copied) -> None:
+def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables, refs: _Refs, res: CheckResult,
+                    copied: _Copied, pending: _Pending) -> None:
+    """check_refcounts_l2 for a batch of distinct tables: what each table points at counts once per
+    L1 entry naming it; active-tree counters once per active L1 entry naming it."""
     h = img.header
     cs = h.cluster_size
-    refs.add_regions(offs, cs)  # the L2 tables themselves (an unaligned one touches two clusters)
-    # A table at or past the end of the file reads as zeros and references nothing: do not read it.
-    offs = offs[offs < img.file.size]
-    if not len(offs):
-        return
-    # Read each table at its exact offset (QEMU reads unaligned tables too).
-    words = _read_tables(img, offs)
-    bitmaps: U64 | None = None  # (standard entries: no bitmap checks at all)
-    if h.extended_l2:
-        entries, bitmaps = words[0::2], words[1::2]
-    else:
-        entries = words
     n = h.l2_size
+    entries, bitmaps = batch.entries, batch.bitmaps  # (standard entries: no bitmap checks at all)
+    ntab = len(batch.ids)
+    w_tab = tables.refs[batch.ids]
+    a_tab = tables.active_refs[batch.ids]
+    rank_tab = tables.first_rank[batch.ids]
+    pos = np.arange(len(entries), dtype=np.int64)
+    tab = pos // n  # which table of the batch
+
+    def note(k: int, text: str) -> None:
+        t = k // n
+        res.corruptions += int(w_tab[t])
+        pending.add(int(rank_tab[t]) * n + k % n, text, int(w_tab[t]))
+
     bits = h.cluster_bits
     ctypes = classify_clusters(entries, fmt)
     comp = ctypes == ClusterType.COMPRESSED
     reserved = ~comp & ((entries & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)
-    for e in entries[reserved]:
-        res.corruptions += 1
-        res.add("error", f"ERROR found l2 entry with reserved bits set: {int(e):x}")
+    for k in np.flatnonzero(reserved).tolist():
+        note(k, f"ERROR found l2 entry with reserved bits set: {int(entries[k]):x}")
 
     # Compressed clusters.
     ci = np.flatnonzero(comp)
     if len(ci):
         ce = entries[ci]
         with_copied = (ce & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-        for e in ce[with_copied]:
-            res.corruptions += 1
-            res.add("error", f"ERROR: coffset=0x{int(e) & fmt.cluster_offset_mask:x}: copied flag must never be set "
-                             "for compressed clusters")
+        for k, e in zip(ci[with_copied].tolist(), ce[with_copied].tolist(), strict=True):
+            note(k, f"ERROR: coffset=0x{e & fmt.cluster_offset_mask:x}: copied flag must never be set "
+                    "for compressed clusters")
         ce = ce & ~np.uint64(C.QCOW_OFLAG_COPIED)
         if h.has_data_file:
             for k, e in zip(ci.tolist(), ce.tolist(), strict=True):
-                res.corruptions += 1
-                res.add("error", f"ERROR compressed cluster {int(k) % n} with data file, entry=0x{int(e):x}")
+                note(k, f"ERROR compressed cluster {k % n} with data file, entry=0x{e:x}")
             ci = ci[:0]
             ce = ce[:0]
         badbm = bitmaps[ci] != 0 if bitmaps is not None else np.zeros(len(ci), dtype=bool)
-        for k, e in zip(ci[badbm], ce[badbm], strict=True):
-            res.corruptions += 1
-            res.add("error", f"ERROR compressed cluster {int(k) % n} with non-zero subcluster allocation bitmap, "
-                             f"entry=0x{int(e):x}")
-        ce = ce[~badbm]
+        for k, e in zip(ci[badbm].tolist(), ce[badbm].tolist(), strict=True):
+            note(k, f"ERROR compressed cluster {k % n} with non-zero subcluster allocation bitmap, entry=0x{e:x}")
+        ci, ce = ci[~badbm], ce[~badbm]
         coff = (ce & np.uint64(fmt.cluster_offset_mask)).astype(np.int64)
         nsec = ((ce >> np.uint64(fmt.csize_shift)) & np.uint64(fmt.csize_mask)).astype(np.int64) + 1
         csize = nsec * 512 - (coff & 511)
-        refs.add_regions(coff, csize)
-        if active:
-            res.allocated_clusters += len(ce)
-            res.compressed_clusters += len(ce)
-            res.fragmented_clusters += len(ce)
+        refs.add_regions(coff, csize, w_tab[tab[ci]])
+        act = int(a_tab[tab[ci]].sum())
+        res.allocated_clusters += act
+        res.compressed_clusters += act
+        res.fragmented_clusters += act
 
     # Standard allocated clusters (NORMAL and ZERO_ALLOC).
     ai = np.flatnonzero((ctypes == ClusterType.NORMAL) | (ctypes == ClusterType.ZERO_ALLOC))
@@ -583,57 +586,52 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
         ab = bitmaps[ai] if bitmaps is not None else None
         if ab is not None:
             corrupt_bm = ((ab >> np.uint64(32)) & ab) != 0
-            for o in off[corrupt_bm]:
-                res.corruptions += 1
-                res.add("error", f"ERROR offset={int(o):x}: Allocated cluster has corrupted subcluster allocation "
-                                 "bitmap")
+            for k, o in zip(ai[corrupt_bm].tolist(), off[corrupt_bm].tolist(), strict=True):
+                note(k, f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster allocation bitmap")
         unal = (off & (cs - 1)) != 0
         if unal.any():
             if ab is not None:
                 has_data = (ab & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0
             else:
                 has_data = (ae & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
-            for o, d in zip(off[unal], has_data[unal], strict=True):
-                res.corruptions += 1
+            for k, o, d in zip(ai[unal].tolist(), off[unal].tolist(), has_data[unal].tolist(), strict=True):
                 what = "Data cluster is not properly aligned" if d else "Preallocated cluster is not properly aligned"
-                res.add("error", f"ERROR offset={int(o):x}: {what}; L2 entry corrupted.")
+                note(k, f"ERROR offset={o:x}: {what}; L2 entry corrupted.")
         cl = off >> bits
-        if active:
-            res.allocated_clusters += len(ai)
-            if len(ai) > 1:
-                t = ai >> h.l2_bits  # which table of the batch
-                same_table = t[1:] == t[:-1]
-                res.fragmented_clusters += int(np.count_nonzero(same_table & (off[1:] != off[:-1] + cs)))
-            # check_oflag_copied skips L1 entries whose table offset is 0 (only COPIED set)
-            if (offs != 0).all():
-                copied.batch(cl, ae)
-            else:
-                in_table = offs[ai // n] != 0
-                copied.batch(cl[in_table], ae[in_table])
+        t = tab[ai]
+        act_w = a_tab[t]
+        res.allocated_clusters += int(act_w.sum())
+        if len(ai) > 1:
+            jump = (t[1:] == t[:-1]) & (off[1:] != off[:-1] + cs)
+            res.fragmented_clusters += int((a_tab[t[1:]] * jump).sum())
+        # check_oflag_copied (active tree only) skips L1 entries whose table offset is 0 (only COPIED set)
+        in_active = (act_w > 0) & (batch.offsets[t] != 0)
+        if in_active.any():
+            sel = np.flatnonzero(in_active)
+            keys = tables.first_active_rank[batch.ids[t[sel]]] * n + (ai[sel] % n)
+            copied.batch(cl[sel], ae[sel], keys, act_w[sel])
         if not h.has_data_file:
-            refs.add_regions(off, cs)
+            refs.add_regions(off, cs, w_tab[t])
 
     # Unallocated clusters with allocation bits.
     if bitmaps is not None:
         ui = (ctypes == ClusterType.UNALLOCATED) & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
-        for _ in range(int(np.count_nonzero(ui))):
-            res.corruptions += 1
-            res.add("error", "ERROR: Unallocated cluster has non-zero subcluster allocation map")
+        for k in np.flatnonzero(ui).tolist():
+            note(k, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
+    del ntab
 
 
-def _bitmap_refs(img: Image, refs: _Refs, res: CheckResult) -> None:
-    ext = img.header.bitmaps_ext
-    if ext is None or not img.header.bitmaps_consistent:
-        return
-    # sizes as far as the format allows (QEMU refuses larger ones at open)
-    refs.add_range(ext.bitmap_directory_offset, min(ext.bitmap_directory_size, C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE))
+def _bitmap_refs(img: Image, walk: RefWalk, refs: _Refs, res: CheckResult) -> None:
+    for r in walk.ranges:
+        if r.kind in (RefKind.BITMAP_DIRECTORY, RefKind.BITMAP_TABLE):
+            refs.add_range(r.offset, r.size)
     cs = img.cluster_size
-    for bm in img.bitmaps:
-        refs.add_range(bm.bitmap_table_offset, min(bm.bitmap_table_size, BME_MAX_TABLE_SIZE) * 8)
-        table = read_bitmap_table(img.file, bm)
+    for bt in walk.bitmap_tables:  # each distinct table once, counted for every bitmap using it
+        times = len(bt.bitmaps)
+        table = bt.table
         offs = table & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
         bad = ((table & np.uint64(C.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
             (offs != 0) & (((table & np.uint64(1)) != 0) | ((offs % np.uint64(cs)) != 0)))
-        res.corruptions += int(np.count_nonzero(bad))
-        good = offs[~bad & (offs != 0)]
-        refs.add_regions(good.astype(np.int64), cs)
+        res.corruptions += int(np.count_nonzero(bad)) * times
+        good = offs[~bad & (offs != 0)].astype(np.int64)
+        refs.add_regions(good, cs, np.full(len(good), times, np.int64) if times > 1 else None)

@@ -28,7 +28,7 @@ from qinspect.qcow2.l2 import (
 )
 
 if TYPE_CHECKING:
-    from qinspect.qcow2.image import Image
+    from qinspect.qcow2.image import Image, L2Stream
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
@@ -110,23 +110,26 @@ def iter_extents(img: Image, start: int, end: int, batch_entries: int = BATCH_EN
         present[: hi - first] = (l1[first:hi] & np.uint64(C.L1E_OFFSET_MASK)) != 0
     cuts = (np.flatnonzero(present[1:] != present[:-1]) + 1 + first).tolist()
     per_batch = max(1, batch_entries // h.l2_size)
-    for i, j in zip([first, *cuts], [*cuts, last + 1], strict=True):
-        if not present[i - first]:
-            # A run of L1 entries without an L2 table is one unallocated extent.
-            s, e = max(start, i * span), min(end, j * span)
-            yield Extents.single(s, e - s, SubclusterType.UNALLOCATED_PLAIN)
-            continue
-        # A run of L1 entries with tables, a batch at a time.
-        for b in range(i, j, per_batch):
-            b1 = min(j, b + per_batch)
-            yield _table_extents(img, b, b1, max(start, b * span), min(end, b1 * span))
+    # One read-ahead stream over every table of the range, in L1 order (the planner reads each
+    # window in host order with several requests in flight while the batches are classified).
+    with img.l2_stream(first, min(last + 1, len(l1))) as stream:
+        for i, j in zip([first, *cuts], [*cuts, last + 1], strict=True):
+            if not present[i - first]:
+                # A run of L1 entries without an L2 table is one unallocated extent.
+                s, e = max(start, i * span), min(end, j * span)
+                yield Extents.single(s, e - s, SubclusterType.UNALLOCATED_PLAIN)
+                continue
+            # A run of L1 entries with tables, a batch at a time.
+            for b in range(i, j, per_batch):
+                b1 = min(j, b + per_batch)
+                yield _table_extents(img, b, b1, max(start, b * span), min(end, b1 * span), stream)
 
 
-def _table_extents(img: Image, i0: int, i1: int, start: int, end: int) -> Extents:
+def _table_extents(img: Image, i0: int, i1: int, start: int, end: int, stream: L2Stream) -> Extents:
     h = img.header
     cs = h.cluster_size
     n = h.l2_size
-    entries, bitmaps, bad_l2 = img.read_l2_batch(i0, i1)
+    entries, bitmaps, bad_l2 = img.read_l2_batch(i0, i1, stream)
     first_cluster = i0 * n
     c0 = start // cs - first_cluster
     c1 = -(-end // cs) - first_cluster
