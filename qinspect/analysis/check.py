@@ -480,18 +480,27 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
 
     # check_oflag_copied (active L1 only, from the stored refcounts)
     l1 = img.l1_table
-    for i in np.flatnonzero(l1):
-        e = int(l1[i])
-        off = e & C.L1E_OFFSET_MASK
-        if not off:
-            continue
-        cl = off // cs
-        if cl < nb and unreadable is not None and unreadable[cl]:
-            continue
-        rc = int(stored[cl]) if cl < len(stored) else img.refcount(cl)
-        if (rc == 1) != bool(e & C.QCOW_OFLAG_COPIED):
-            res.corruptions += 1
-            res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={int(i)} l1_entry={e:x} refcount={rc}")
+    step = 1 << 18  # bounded temporaries for an L1 table of millions of entries
+    for c0 in range(0, len(l1), step):
+        nzi = c0 + np.flatnonzero(l1[c0 : c0 + step] & np.uint64(C.L1E_OFFSET_MASK))
+        l1e = l1[nzi]
+        cls = ((l1e & np.uint64(C.L1E_OFFSET_MASK)) // np.uint64(cs)).astype(np.int64)
+        keep = np.ones(len(nzi), dtype=bool)
+        if unreadable is not None:
+            inb = cls < nb
+            keep[inb] = ~unreadable[cls[inb]]
+        inside = cls < len(stored)
+        rcs = np.zeros(len(nzi), dtype=np.uint64)
+        rcs[inside] = stored[cls[inside]]
+        for k in np.flatnonzero(~inside & keep).tolist():
+            rcs[k] = img.refcount(int(cls[k]))
+        wrong = keep & ((rcs == 1) != ((l1e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0))
+        bad = np.flatnonzero(wrong)
+        res.corruptions += len(bad)
+        room = max(0, MAX_MESSAGES - len(res.messages))
+        res.messages_dropped += max(0, len(bad) - room)
+        for i, e, rc in zip(nzi[bad[:room]].tolist(), l1e[bad[:room]].tolist(), rcs[bad[:room]].tolist(), strict=True):
+            res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}")
     copied.report(res, stored, unreadable, nb)
 
     res.image_end_offset = (highest + 1) * cs

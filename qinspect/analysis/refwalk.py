@@ -233,21 +233,31 @@ class RefWalk:
         return self.img.bitmaps if self.bitmap_of else []
 
     def _distinct_tables(self) -> L2Tables:
-        # Every non-zero L1 entry of every distinct L1 table (bounded by the metadata read).
+        # Per distinct L1 table: its distinct L2 offsets, where each is first named and how often
+        # (one unique per group: a million entries naming one table shrink to one row at once).
         parts_off: list[I64] = []
         parts_grp: list[I64] = []
         parts_rank: list[I64] = []
+        parts_cnt: list[I64] = []
         first_tree: dict[int, int] = {}
         for t, g in enumerate(self.tree_group):
             first_tree.setdefault(g, t)
+        step = 1 << 18  # bounded temporaries for an L1 table of millions of entries
         for g, grp in enumerate(self.groups):
-            idx, offs = grp.l2_offsets()
-            parts_off.append(offs)
-            parts_grp.append(np.full(len(offs), g, np.int64))
-            parts_rank.append(first_tree[g] * RANK_TREE + idx)
+            for c0 in range(0, len(grp.entries), step):
+                chunk = grp.entries[c0 : c0 + step]
+                idx = np.flatnonzero(chunk)
+                offs = (chunk[idx] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+                u, first, cnt = np.unique(offs, return_index=True, return_counts=True)
+                del offs
+                parts_off.append(u.astype(np.int64))
+                parts_grp.append(np.full(len(u), g, np.int64))
+                parts_rank.append(first_tree[g] * RANK_TREE + c0 + idx[first])
+                parts_cnt.append(cnt.astype(np.int64))
         offs = np.concatenate(parts_off) if parts_off else np.zeros(0, np.int64)
         grp_of = np.concatenate(parts_grp) if parts_grp else np.zeros(0, np.int64)
         rank = np.concatenate(parts_rank) if parts_rank else np.zeros(0, np.int64)
+        cnt_of = np.concatenate(parts_cnt) if parts_cnt else np.zeros(0, np.int64)
         uniq, inv = np.unique(offs, return_inverse=True)
         inv = inv.astype(np.int64).reshape(-1)
         n = len(uniq)
@@ -256,12 +266,14 @@ class RefWalk:
         last = np.array([g.last_snapshot for g in self.groups], np.int64)
         active = np.array([g.active for g in self.groups], bool)
         refs = np.zeros(n, np.int64)
-        np.add.at(refs, inv, ntrees[grp_of])
+        np.add.at(refs, inv, ntrees[grp_of] * cnt_of)
         act_sel = active[grp_of] if len(grp_of) else np.zeros(0, bool)
-        active_refs = np.bincount(inv[act_sel], minlength=n).astype(np.int64)
+        active_refs = np.zeros(n, np.int64)
+        np.add.at(active_refs, inv[act_sel], cnt_of[act_sel])
         # Distinct (table, group) pairs: snapshots reaching each table, the last of them.
-        key = np.unique(inv * max(1, len(self.groups)) + grp_of) if len(inv) else np.zeros(0, np.int64)
-        pt, pg = key // max(1, len(self.groups)), key % max(1, len(self.groups))
+        ng = max(1, len(self.groups))
+        key = np.unique(inv * ng + grp_of)
+        pt, pg = key // ng, key % ng
         snapshots = np.zeros(n, np.int64)
         np.add.at(snapshots, pt, nsnap[pg])
         last_snapshot = np.full(n, -1, np.int64)
