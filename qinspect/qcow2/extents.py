@@ -108,8 +108,20 @@ def iter_extents(img: Image, start: int, end: int, batch_entries: int = BATCH_EN
     hi = min(last + 1, len(l1))
     if hi > first:
         present[: hi - first] = (l1[first:hi] & np.uint64(C.L1E_OFFSET_MASK)) != 0
-    cuts = (np.flatnonzero(present[1:] != present[:-1]) + 1 + first).tolist()
     per_batch = max(1, batch_entries // h.l2_size)
+    # Short runs of entries without a table between tables join the batches around them (their
+    # entries read as zeros: unallocated); only long runs become one unallocated extent. A
+    # scattered image alternates every few entries: thousands of tiny batches otherwise.
+    edges = np.flatnonzero(present[1:] != present[:-1]) + 1
+    bounds = np.concatenate(([0], edges, [len(present)]))
+    run_present = present[bounds[:-1]]
+    run_len = np.diff(bounds)
+    fill = ~run_present & (run_len <= per_batch)
+    fill[0] = fill[-1] = False  # leading / trailing gaps stay gaps
+    if fill.any():
+        for a, b in zip(bounds[:-1][fill].tolist(), bounds[1:][fill].tolist(), strict=True):
+            present[a:b] = True
+    cuts = (np.flatnonzero(present[1:] != present[:-1]) + 1 + first).tolist()
     # One read-ahead stream over every table of the range, in L1 order (the planner reads each
     # window in host order with several requests in flight while the batches are classified).
     with img.l2_stream(first, min(last + 1, len(l1))) as stream:

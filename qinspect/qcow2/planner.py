@@ -46,8 +46,9 @@ GAP_BYTES = 256 * 1024
 """Read through gaps up to this size (measured: see the module docstring)."""
 MAX_REQUEST = 4 * 1024 * 1024
 """No single request is larger (keeps several in flight and the read-through waste bounded)."""
-WINDOW_BYTES = 64 * 1024 * 1024
-"""Memory held by one stream: two half-windows, the one being used and the one being read."""
+WINDOW_BYTES = 16 * 1024 * 1024
+"""Memory held by one stream: two half-windows, the one being used and the one being read (in host
+order a half-window bounds the bytes its requests read, gaps included)."""
 WORKERS = int(os.environ.get("QINSPECT_IO_WORKERS", "4"))
 
 _pool: ThreadPoolExecutor | None = None
@@ -121,7 +122,15 @@ class _Window:
         lens = stream.lengths[a:b]
         order = np.argsort(offs, kind="stable")
         s, e = offs[order], offs[order] + lens[order]
-        rs, re_, preq = coalesce(s, e, stream.gap, stream.max_request)
+        gap = stream.gap
+        rs, re_, preq = coalesce(s, e, gap, stream.max_request)
+        useful = int(lens.sum())
+        # Pieces spread thin over the file (a window of L2 tables in L1 order): reading through
+        # every gap would read the file many times over. Narrow the gap until at most as many
+        # bytes are read through as are wanted.
+        while gap and int((re_ - rs).sum()) > 2 * useful:
+            gap = gap // 4 if gap >= 16384 else 0
+            rs, re_, preq = coalesce(s, e, gap, stream.max_request)
         self.req_start = rs
         self.piece_req = np.empty(b - a, np.int64)
         self.piece_req[order] = preq
@@ -196,14 +205,21 @@ class PieceStream:
         self._cut = 0  # next piece not yet in a window
         self._windows: deque[_Window] = deque()
         self._ends = np.cumsum(self.lengths) if len(self.lengths) else np.zeros(0, np.int64)
+        self._host_order = order is Order.HOST
+        self._reach = np.maximum.accumulate(self.offsets + self.lengths) if self._host_order and len(offs) \
+            else np.zeros(0, np.int64)
         self._fill()
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def _next_cut(self, a: int) -> int:
-        base = int(self._ends[a - 1]) if a else 0
-        b = int(np.searchsorted(self._ends, base + self.half, side="right"))
+        if self._host_order:
+            # Bound what the window's requests read (pieces and the gaps read through): the span.
+            b = int(np.searchsorted(self._reach, int(self.offsets[a]) + self.half, side="right"))
+        else:
+            base = int(self._ends[a - 1]) if a else 0
+            b = int(np.searchsorted(self._ends, base + self.half, side="right"))
         return max(b, a + 1)
 
     def _fill(self) -> None:

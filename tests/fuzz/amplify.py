@@ -51,38 +51,64 @@ def shared_l2(tmp: Path, scale: float = 1.0) -> Path:
     return path
 
 
-def _snapshot_entries(path: Path) -> tuple[int, bytes]:
-    """(header offset of nb_snapshots, bytes of the first snapshot table entry)."""
+def _snapshot_table(path: Path, n: int, l1_offsets: list[int] | None = None) -> bytes:
+    """`n` copies of the image's first snapshot table entry, with ids 1..n (and the L1 offsets given)."""
     with open_image(path) as img:
         sn = img.snapshots[0]
-        h = img.header
-        raw = img.file.pread(h.snapshots_offset, img.snapshot_table.size)
-    size = sn.entry_size if hasattr(sn, "entry_size") else len(raw) // h.nb_snapshots
-    return h.snapshots_offset, raw[:size]
+        raw = img.file.pread(sn.entry_offset, sn.entry_size)
+    fixed, extra = raw[:40], raw[40 : 40 + sn.extra_data_size]
+    out = bytearray()
+    for k in range(n):
+        ident = str(k + 1).encode()
+        name = b"s"
+        l1_off = struct.unpack_from(">Q", fixed, 0)[0] if l1_offsets is None else l1_offsets[k]
+        head = struct.pack(">QIHH", l1_off, struct.unpack_from(">I", fixed, 8)[0], len(ident), len(name)) + fixed[16:]
+        entry = head + extra + ident + name
+        out += entry + bytes(-len(entry) % 8)
+    return bytes(out)
+
+
+def _set_snapshots(path: Path, table: bytes, n: int, align: int) -> None:
+    end = -(-path.stat().st_size // align) * align
+    with open(path, "r+b") as f:
+        f.seek(end)
+        f.write(table)
+        f.seek(60)
+        f.write(struct.pack(">IQ", n, end))
+
+
+def _full_tables_image(path: Path) -> None:
+    """4 KiB clusters, 4 MiB of data: 4 L2 tables of 512 entries, every entry allocated; one snapshot."""
+    _run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "64M")
+    _run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4M", str(path))
+    _run("qemu-img", "snapshot", "-c", "s", str(path))
 
 
 def shared_snapshots(tmp: Path, scale: float = 1.0) -> Path:
     """65,536 snapshots (at scale 1) all naming one L1 table whose L2 tables are full."""
     n = max(2048, int(65536 * scale))
     path = tmp / "shared_snapshots.qcow2"
-    _run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "64M")
-    # 4 MiB of data: 4 L2 tables of 512 entries, every entry allocated.
-    _run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4M", str(path))
-    _run("qemu-img", "snapshot", "-c", "s", str(path))
+    _full_tables_image(path)
+    _set_snapshots(path, _snapshot_table(path, n), n, 4096)
+    return path
+
+
+def snapshot_l1_copies(tmp: Path, scale: float = 1.0) -> Path:
+    """2,048 snapshots, each with its own copy of the L1 table, all naming the same full L2 tables."""
+    n = 2048
+    path = tmp / "snapshot_l1_copies.qcow2"
+    _full_tables_image(path)
     with open_image(path) as img:
-        h = img.header
         sn = img.snapshots[0]
-        raw = img.file.pread(h.snapshots_offset, img.snapshot_table.size)
-        entry = raw[: img.snapshot_table.size]
-        del sn
-        end = -(-img.file.size // 4096) * 4096
-    # One entry repeated n times (entries are 8-byte aligned already), appended at the end.
-    table = entry * n
+        l1 = img.file.pread(sn.l1_table_offset, sn.l1_size * 8)
+    cs = 4096
+    base = -(-path.stat().st_size // cs) * cs
     with open(path, "r+b") as f:
-        f.seek(end)
-        f.write(table)
-        f.seek(60)
-        f.write(struct.pack(">IQ", n, end))
+        for k in range(n):
+            f.seek(base + k * cs)
+            f.write(l1.ljust(cs, b"\0"))
+    table = _snapshot_table(path, n, [base + k * cs for k in range(n)])
+    _set_snapshots(path, table, n, cs)
     return path
 
 
@@ -135,6 +161,7 @@ def shared_bitmap_tables(tmp: Path, scale: float = 1.0) -> Path:
 GENERATORS: dict[str, Callable[[Path, float], Path]] = {
     "shared_l2": shared_l2,
     "shared_snapshots": shared_snapshots,
+    "snapshot_l1_copies": snapshot_l1_copies,
     "alternating_extents": alternating_extents,
     "shared_bitmap_tables": shared_bitmap_tables,
 }
