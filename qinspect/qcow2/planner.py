@@ -27,6 +27,7 @@ Bytes past the end of the file read as zeros (`HostFile.read_into`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import deque
@@ -107,10 +108,13 @@ def coalesce(starts: I64, ends: I64, gap: int = GAP_BYTES, max_request: int = MA
     return req_start, req_end, req.astype(np.int64)
 
 
-def _read(file: HostFile, start: int, end: int) -> U8:
-    buf = np.empty(end - start, dtype=np.uint8)
-    file.read_into(start, memoryview(buf.data))
-    return buf
+def _read(file: HostFile, starts: list[int], ends: list[int]) -> list[U8]:
+    out = []
+    for start, end in zip(starts, ends, strict=True):
+        buf = np.empty(end - start, dtype=np.uint8)
+        file.read_into(start, memoryview(buf.data))
+        out.append(buf)
+    return out
 
 
 class _Window:
@@ -134,22 +138,28 @@ class _Window:
         self.req_start = rs
         self.piece_req = np.empty(b - a, np.int64)
         self.piece_req[order] = preq
-        self.futures: list[Future[U8]] = []
-        pool = _executor() if len(rs) > 1 and WORKERS > 1 else None
-        for r0, r1 in zip(rs.tolist(), re_.tolist(), strict=True):
-            if pool is not None:
-                self.futures.append(pool.submit(_read, stream.file, r0, r1))
-            else:
-                f: Future[U8] = Future()
-                f.set_result(_read(stream.file, r0, r1))
-                self.futures.append(f)
+        # The requests in host order, cut into a few tasks of about equal bytes: each worker reads
+        # its share in order (a future per request would cost more than a 4 KiB read).
+        self.futures: list[Future[list[U8]]] = []
+        ntask = min(len(rs), 2 * WORKERS) if WORKERS > 1 else 1
+        if ntask <= 1:
+            f: Future[list[U8]] = Future()
+            f.set_result(_read(stream.file, rs.tolist(), re_.tolist()))
+            self.futures.append(f)
+        else:
+            pool = _executor()
+            cum = np.cumsum(re_ - rs)
+            cuts = np.searchsorted(cum, cum[-1] * np.arange(1, ntask) / ntask, side="left") + 1
+            bounds = np.unique(np.concatenate(([0], np.minimum(cuts, len(rs)), [len(rs)])))
+            for t0, t1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                self.futures.append(pool.submit(_read, stream.file, rs[t0:t1].tolist(), re_[t0:t1].tolist()))
         self.out: U8 | None = None
 
     def assemble(self, stream: PieceStream) -> U8:
         """The window's pieces concatenated in stream order (waits for the reads)."""
         if self.out is not None:
             return self.out
-        bufs = [f.result() for f in self.futures]
+        bufs = [b for f in self.futures for b in f.result()]
         self.futures = []
         offs = stream.offsets[self.a : self.b]
         lens = stream.lengths[self.a : self.b]
@@ -208,7 +218,26 @@ class PieceStream:
         self._host_order = order is Order.HOST
         self._reach = np.maximum.accumulate(self.offsets + self.lengths) if self._host_order and len(offs) \
             else np.zeros(0, np.int64)
+        self._closed = False
+        self._advice: Future[None] | None = None
+        if not self._host_order and len(offs) and int(self._ends[-1]) > self.half:
+            # Pieces wanted in the walk's order but spread over the file (L2 tables in L1 order):
+            # ask the kernel to read them ahead in host order, one sweep, while the windows are read
+            # and used (the page cache holds them, not this process).
+            self._advice = _executor().submit(self._advise)
         self._fill()
+
+    def _advise(self) -> None:
+        order = np.argsort(self.offsets, kind="stable")
+        s = self.offsets[order]
+        rs, re_, _ = coalesce(s, s + self.lengths[order], self.gap, self.max_request)
+        fd = self.file.fd
+        for r0, r1 in zip(rs.tolist(), re_.tolist(), strict=True):
+            if self._closed:
+                return
+            if r0 < self.file.size:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, r0, min(r1, self.file.size) - r0, os.POSIX_FADV_WILLNEED)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -259,6 +288,12 @@ class PieceStream:
             yield self.index[p0 : self.pos], buf
 
     def close(self) -> None:
+        self._closed = True
+        if self._advice is not None:
+            self._advice.cancel()
+            if not self._advice.cancelled():
+                self._advice.exception()
+            self._advice = None
         for w in self._windows:
             for f in w.futures:
                 f.cancel()
