@@ -18,10 +18,13 @@ Behind the cursor:
 - a walk that does not care about order (check and layout aggregate, then sort their messages)
   passes `order=HOST`: the whole walk then sweeps the file once, front to back.
 
-`GAP_BYTES` and `WORKERS` come from measurements on the development machine (cold page cache,
-ext4 on a virtual disk): `bench/gap.py` times two reads separated by a gap against one read
-through it; reading through stayed cheaper up to 512 KiB and was never worse at 256 KiB. Four
-workers beat one by 2-3x cold and cost nothing warm; eight were no better than four.
+`GAP_BYTES` and `WORKERS` come from measurements on the development machine (2-core VM, ext4 on
+a virtual disk, page cache evicted with POSIX_FADV_DONTNEED, machine shared and loaded):
+`bench/gap.py` reads 256 pairs of 4 KiB pieces a gap apart, as two reads or as one read through
+the gap. Reading through won clearly up to 16 KiB (57-92 µs against 124-157 µs a pair), was even
+around 32-48 KiB and lost from 64 KiB on (111-177 µs against 76-114 µs at 64-128 KiB): hence 32 KiB.
+Workers, cold, median of 3 (`QINSPECT_IO_WORKERS`): check of the 1 TiB preallocated image 1.99 s
+with 1, 0.93 s with 4, 1.71 s with 8; map of the 4 KiB-cluster 100 GiB image 1.02 / 0.83 / 0.80 s.
 Bytes past the end of the file read as zeros (`HostFile.read_into`).
 """
 
@@ -43,7 +46,7 @@ from qinspect.qcow2.hostfile import HostFile
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 
-GAP_BYTES = 256 * 1024
+GAP_BYTES = 32 * 1024
 """Read through gaps up to this size (measured: see the module docstring)."""
 MAX_REQUEST = 4 * 1024 * 1024
 """No single request is larger (keeps several in flight and the read-through waste bounded)."""
@@ -216,8 +219,12 @@ class PieceStream:
         self._windows: deque[_Window] = deque()
         self._ends = np.cumsum(self.lengths) if len(self.lengths) else np.zeros(0, np.int64)
         self._host_order = order is Order.HOST
-        self._reach = np.maximum.accumulate(self.offsets + self.lengths) if self._host_order and len(offs) \
-            else np.zeros(0, np.int64)
+        self._cost = self._ends
+        if self._host_order and len(offs) > 1:
+            reach = np.maximum.accumulate(self.offsets + self.lengths)
+            gaps = self.offsets[1:] - reach[:-1]
+            through = np.where((gaps > 0) & (gaps <= gap), gaps, 0)
+            self._cost = self._ends + np.concatenate(([0], np.cumsum(through)))
         self._closed = False
         self._advice: Future[None] | None = None
         if not self._host_order and len(offs) and int(self._ends[-1]) > self.half:
@@ -244,8 +251,9 @@ class PieceStream:
 
     def _next_cut(self, a: int) -> int:
         if self._host_order:
-            # Bound what the window's requests read (pieces and the gaps read through): the span.
-            b = int(np.searchsorted(self._reach, int(self.offsets[a]) + self.half, side="right"))
+            # Bound what the window's requests read: pieces and the gaps read through.
+            base = int(self._cost[a - 1]) if a else 0
+            b = int(np.searchsorted(self._cost, base + self.half, side="right"))
         else:
             base = int(self._ends[a - 1]) if a else 0
             b = int(np.searchsorted(self._ends, base + self.half, side="right"))
