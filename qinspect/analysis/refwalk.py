@@ -87,6 +87,8 @@ class L1Group:
     offset: int
     entries: U64
     sources: list[int]
+    size: int = 0
+    """Entries claimed (the table as read may be shorter: past the end of the file)."""
 
     @property
     def active(self) -> bool:
@@ -183,7 +185,8 @@ class RefWalk:
             if g is None:
                 g = len(self.groups)
                 by_key[key] = g
-                self.groups.append(L1Group(offset, table if table is not None else _read_u64(img, offset, size), []))
+                self.groups.append(L1Group(offset, table if table is not None else _read_u64(img, offset, size), [],
+                                           size))
             self.groups[g].sources.append(source)
             self.trees.append((source, offset, size))
             self.tree_group.append(g)

@@ -168,7 +168,8 @@ def _print_map(img: Image, entries: object) -> None:
     from qinspect.cli.render import console, human_size, table
 
     c = console()
-    t = table("guest offset#", "length#", "state", "layer#", "host offset#", "file")
+    cols = ("guest offset#", "length#", "state", "layer#", "host offset#", "file")
+    t = table(*cols)
     chain = img.chain()
     n = 0
     for e in entries:  # type: ignore[attr-defined]
@@ -176,8 +177,16 @@ def _print_map(img: Image, entries: object) -> None:
         t.add_row(f"{e.start:#x}", human_size(e.length), _state(e) if e.present or e.zero else "unallocated",
                   str(e.depth), f"{e.offset:#x}" if e.offset is not None else "-",
                   _host_file(chain[e.depth]) if e.offset is not None else "")
-    c.print(t)
+        if n % MAP_ROWS_PER_TABLE == 0:  # millions of ranges stream out, a bounded table at a time
+            c.print(t)
+            t = table(*cols)
+            t.show_header = False
+    if t.row_count or n == 0:
+        c.print(t)
     c.print(f"{n} ranges over {human_size(img.virtual_size)} of guest space")
+
+
+MAP_ROWS_PER_TABLE = 4096
 
 
 # -- check --------------------------------------------------------------------------------------------

@@ -53,7 +53,23 @@ def read_snapshot_table(
     pos = offset
     table_length = 0
     count = min(count, C.QCOW_MAX_SNAPSHOTS)
+    # Entries parsed from memory, read in chunks of at least 40 bytes per entry still to come
+    # (no entry is shorter: never past the table's end): 65,536 entries are 262,144 small reads
+    # otherwise.
+    buf = b""
+    bstart = 0
+    left = count
+
+    def pread(at: int, n: int) -> bytes:
+        nonlocal buf, bstart
+        k = at - bstart
+        if k >= 0 and k + n <= len(buf):
+            return buf[k : k + n]
+        want = max(n, min(40 * left, 16 << 20, max(0, f.size - at)))
+        buf, bstart = f.pread(at, want), at
+        return buf[:n]
     for i in range(count):
+        left = count - i
         table_length = (table_length + 7) & ~7
         pos = (pos + 7) & ~7
         if pos >= f.size:
@@ -62,14 +78,14 @@ def read_snapshot_table(
             break
         entry_start = pos
         (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
-         extra_size) = _SN.unpack(f.pread(pos, _SN.size))
+         extra_size) = _SN.unpack(pread(pos, _SN.size))
         pos += _SN.size
         if extra_size > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             problems.append(Problem(Severity.ERROR, "snapshot table",
                                     f"too much extra metadata in snapshot table entry {i} ({extra_size} bytes)",
                                     entry_start + 36, qemu_refuses_open=True))
             break
-        extra = f.pread(pos, extra_size)
+        extra = pread(pos, extra_size)
         pos += extra_size
         vm_state_size = vm_state
         disk_size: int | None = None
@@ -81,9 +97,9 @@ def read_snapshot_table(
         if extra_size >= 24:
             ic = struct.unpack_from(">Q", extra, 16)[0]
             icount = None if ic == 0xFFFFFFFFFFFFFFFF else ic
-        id_str = f.pread(pos, id_size).decode("utf-8", "replace")
+        id_str = pread(pos, id_size).decode("utf-8", "replace")
         pos += id_size
-        name = f.pread(pos, name_size).decode("utf-8", "replace")
+        name = pread(pos, name_size).decode("utf-8", "replace")
         pos += name_size
         size = _SN.size + extra_size + id_size + name_size
         table_length += size
