@@ -8,6 +8,7 @@ messages, but each L2 table batch is one set of numpy operations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy.typing as npt
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.analysis.refwalk import L2Batch, L2Tables, RefKind, RefWalk
 from qinspect.qcow2 import constants as C
+from qinspect.qcow2.header import table_fits
 from qinspect.qcow2.image import Image
 from qinspect.qcow2.l2 import ClusterType, L2Format, classify_clusters
 
@@ -25,22 +27,30 @@ U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]
 # Stored refcounts, in the narrowest dtype of the image's refcount width (uint16 by default).
 Refcounts = npt.NDArray[np.unsignedinteger[Any]]
-MAX_MESSAGES = 2000
 # References past the end of the file are counted densely up to this many extra clusters and
 # sparsely beyond (QEMU grows its table; a hostile offset must not make us allocate terabytes).
 DENSE_EXTRA_CLUSTERS = 1 << 22
-# L2 entries checked per batch: 64 Ki keeps the numpy temporaries in the CPU cache.
-L2_BATCH_ENTRIES = 1 << 16
 
 
-@dataclass
+# qcow2_inc_refcounts_imrt: the two lines printed for each reference past the refcount maximum.
+OVERFLOW_HINT = ("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a "
+                 "clean copy if the image cannot be opened for writing")
+
+
+@dataclass(slots=True)
 class CheckMessage:
-    """One line QEMU's check would print on stderr: kind is error, leak or check-error."""
+    """Lines QEMU's check prints on stderr: kind is error, leak, check-error or report.
+
+    `report` lines come from QEMU's error_report (printed with the program name in front, as
+    "qemu-img: ..."); the others are its plain fprintf(stderr) lines. `text` may hold several
+    lines, printed `repeat` times (an overflowing cluster referenced a million times is one
+    message, not a million).
+    """
 
     kind: str
     text: str
     cluster: int | None = None
-    repeat: int = 1  # printed this many times (a message about a table named by many L1 entries)
+    repeat: int = 1
 
 
 @dataclass
@@ -57,7 +67,10 @@ class CheckResult:
     fragmented_clusters: int = 0
     compressed_clusters: int = 0
     messages: list[CheckMessage] = field(default_factory=list)
-    messages_dropped: int = 0
+    # Why the check itself stopped (QEMU's "Check failed: <strerror>"); no counts are printed then.
+    failed: str | None = None
+    _keyed: list[tuple[int, int, CheckMessage]] | None = field(default=None, repr=False)
+    _last_key: int = field(default=-1, repr=False)
     dirty: bool = False
     lazy_refcounts: bool = False
     leaked_clusters: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -65,11 +78,43 @@ class CheckResult:
     reference: U32 = field(default_factory=lambda: np.zeros(0, np.uint32))  # references per host cluster
     stored: Refcounts = field(default_factory=lambda: np.zeros(0, np.uint64))  # stored refcount per cluster
 
-    def add(self, kind: str, text: str, cluster: int | None = None, repeat: int = 1) -> None:
-        if len(self.messages) < MAX_MESSAGES:
-            self.messages.append(CheckMessage(kind, text, cluster, repeat))
-        else:
-            self.messages_dropped += repeat
+    def add(self, kind: str, text: str, cluster: int | None = None, repeat: int = 1, key: int | None = None) -> None:
+        """Record a message; there is no cap (qemu-img prints every one).
+
+        Inside `ordered()`, `key` is the message's place in QEMU's walk (L1 index, L2 index, step
+        within the entry; see `walk_key`): the vectorised walk finds messages kind by kind, and
+        they are put back in QEMU's entry-by-entry order when the block ends.
+        """
+        msg = CheckMessage(kind, text, cluster, repeat)
+        if self._keyed is None:
+            self.messages.append(msg)
+            return
+        if key is None:
+            key = self._last_key
+        self._last_key = max(self._last_key, key)
+        self._keyed.append((key, len(self._keyed), msg))
+
+    def ordered(self, on: bool) -> None:
+        """Start (True) or end (False) a block of keyed messages; ending it sorts them in."""
+        if on:
+            self._keyed, self._last_key = [], -1
+            return
+        if self._keyed:
+            self._keyed.sort(key=lambda t: (t[0], t[1]))
+            self.messages.extend(m for _k, _i, m in self._keyed)
+        self._keyed = None
+
+    def stderr_lines(self, prog: str = "qinspect") -> list[str]:
+        """What qemu-img check writes to stderr, in either output format (`prog: ` before reports)."""
+        out: list[str] = []
+        for m in self.messages:
+            text = f"{prog}: {m.text}" if m.kind == "report" else m.text
+            out.extend(text.split("\n") * m.repeat)
+        if self.failed is not None:
+            out.append(f"{prog}: Check failed: {self.failed}")
+        elif self.check_errors:
+            out.append(f"{prog}: Check failed")
+        return out
 
     def to_json(self) -> dict[str, object]:
         """Keys as qemu-img prints them: the optional ones only when non-zero."""
@@ -89,7 +134,7 @@ class CheckResult:
     @property
     def exit_code(self) -> int:
         """qemu-img check's exit code: 0 clean, 1 not completed, 2 corruptions, 3 leaks only."""
-        if self.check_errors:
+        if self.check_errors or self.failed is not None:
             return 1
         if self.corruptions:
             return 2
@@ -114,26 +159,27 @@ class _Refs:
         self.far: list[I64] = []
         self.ranges: list[tuple[int, int]] = []  # (first, last) cluster ranges, applied in finish()
 
-    def beyond_eof(self, offset: int, size: int, times: int = 1) -> bool:
+    def beyond_eof(self, offset: int, size: int, key: int | None = None) -> bool:
         """QEMU refuses to count a region ending a cluster or more past the end of the file."""
         if offset + size - self.file_len >= self.cs:
-            self.res.corruptions += times
+            self.res.corruptions += 1
             self.res.add("error", "ERROR: counting reference for region exceeding the end of the file by one "
-                                  f"cluster or more: offset {offset:#x} size {size:#x}", repeat=times)
+                                  f"cluster or more: offset {offset:#x} size {size:#x}", key=key)
             return True
         return False
 
-    def add_regions(self, offsets: I64, sizes: I64 | int, weights: I64 | None = None) -> None:
+    def add_regions(self, offsets: I64, sizes: I64 | int, keys: I64 | None = None, weights: I64 | None = None) -> None:
         """qcow2_inc_refcounts_imrt over many regions: +1 for each cluster each region touches
-        (+weights[k] for region k: a table QEMU walks once per L1 entry naming it)."""
+        (+weights[k] for region k: what a table points at counts once per L1 entry naming it).
+        `keys` (see `walk_key`) place the messages about each region in QEMU's order."""
         if not len(offsets):
             return
         size = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offsets.shape)
         past = offsets + size - self.file_len >= self.cs
         if past.any():
-            ws = weights[past].tolist() if weights is not None else [1] * int(np.count_nonzero(past))
-            for o, n, w in zip(offsets[past].tolist(), size[past].tolist(), ws, strict=True):
-                self.beyond_eof(o, n, w)
+            pk = keys[past].tolist() if keys is not None else [None] * int(np.count_nonzero(past))
+            for o, n, k in zip(offsets[past].tolist(), size[past].tolist(), pk, strict=True):
+                self.beyond_eof(o, n, k)
             offsets, size = offsets[~past], size[~past]
             if weights is not None:
                 weights = weights[~past]
@@ -197,7 +243,13 @@ class _Refs:
             grown[: len(self.counts)] = self.counts
             self.counts = grown
         if weights is not None:
-            np.add.at(self.counts, idx, weights.astype(np.uint32))
+            # Many references at once (a shared table): summed in int64, saturated into uint32
+            # (the overflow check below brings them back to refcount_max with one message each).
+            u, inv = np.unique(idx, return_inverse=True)
+            tot = np.bincount(inv.reshape(-1), weights=weights.astype(np.float64)).astype(np.int64)
+            new = np.minimum(self.counts[u].astype(np.int64) + tot, np.iinfo(np.uint32).max)
+            self.counts[u] = new.astype(np.uint32)
+            self.overflow(self.counts, u)
             return
         if len(idx) == 1 or bool((idx[1:] > idx[:-1]).all()):  # no duplicates (the usual case)
             if hi - lo == len(idx):
@@ -211,6 +263,21 @@ class _Refs:
         else:
             u, c = np.unique(idx, return_counts=True)
             self.counts[u] += c.astype(np.uint32)
+        self.overflow(self.counts, idx)
+
+    def overflow(self, counts: U32, idx: I64) -> None:
+        """qcow2_inc_refcounts_imrt never counts past refcount_max: each reference beyond it is
+        "ERROR: overflow cluster offset=..." (two lines) and a corruption, and is not counted."""
+        if self.max >= 0xFFFFFFFF or not len(idx):  # 32/64-bit refcounts: uint32 counts cannot get there
+            return
+        over = counts[idx] > self.max
+        if not over.any():
+            return
+        u = np.unique(idx[over])
+        for cl, n in zip(u.tolist(), (counts[u].astype(np.int64) - self.max).tolist(), strict=True):
+            self.res.corruptions += n
+            self.res.add("error", f"ERROR: overflow cluster offset=0x{cl * self.cs:x}\n{OVERFLOW_HINT}", cl, n)
+        counts[u] = self.max
 
     def finish(self) -> tuple[U32, dict[int, int], int]:
         """Dense counts over [0, nb), sparse counts past it, and nb (QEMU's grown table size)."""
@@ -229,6 +296,7 @@ class _Refs:
             if int((r[:, 1] - r[:, 0]).sum()) <= (1 << 22):
                 for a, b in r.tolist():  # the usual few short ranges: no array the size of the file
                     counts[a : b + 1] += np.uint32(1)
+                    self.overflow(counts, np.arange(a, b + 1, dtype=np.int64))
             else:  # many or long ranges: a difference array over the span they cover
                 lo, hi = int(r[:, 0].min()), int(r[:, 1].max()) + 1
                 d = np.zeros(hi - lo + 1, dtype=np.int32)
@@ -236,6 +304,7 @@ class _Refs:
                 np.add.at(d, r[:, 1] + 1 - lo, -1)
                 seg = counts[lo:hi]
                 np.add(seg, np.cumsum(d[:-1], dtype=np.int32), out=seg, casting="unsafe")
+                self.overflow(counts, np.arange(lo, hi, dtype=np.int64))
         sparse: dict[int, int] = {}
         if self.far:
             u, c = np.unique(np.concatenate(self.far), return_counts=True)
@@ -254,14 +323,13 @@ class _Copied:
         self.img = img
         self.stored = stored
         self.unreadable = unreadable
-        self.corruptions = 0
-        # (walk-order key, l2 entry, refcount, times): one per entry of a distinct table, printed
-        # once for each active L1 entry naming the table
-        self.found: list[tuple[int, int, int, int]] = []
-        self.found_dropped = 0
-        self.later: list[tuple[I64, I64, U64, I64]] = []  # (keys, clusters, l2 entries, times)
+        # Per distinct table: (L2 index, l2 entry, refcount) of each wrong COPIED flag, printed for
+        # every active L1 entry naming the table.
+        self.found: dict[int, list[tuple[int, int, int]]] = {}
+        self.later: list[tuple[I64, I64, I64, U64]] = []  # (table ids, L2 indices, clusters, l2 entries)
 
-    def batch(self, clusters: I64, l2e: U64, keys: I64, times: I64) -> None:
+    def batch(self, clusters: I64, l2e: U64, tids: I64, l2i: I64) -> None:
+        """Entries `l2e` (entry `l2i` of distinct table `tids`) pointing at host `clusters`."""
         copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
         if self.img.header.has_data_file:
             bad = np.flatnonzero(~copied)  # refcount 1 by definition
@@ -270,11 +338,11 @@ class _Copied:
             n = len(self.stored)
             inside = clusters < n
             if n == 0:
-                self.later.append((keys, clusters, l2e, times))
+                self.later.append((tids, l2i, clusters, l2e))
                 return
             if not inside.all():
                 pos = np.flatnonzero(~inside)
-                self.later.append((keys[pos], clusters[pos], l2e[pos], times[pos]))
+                self.later.append((tids[pos], l2i[pos], clusters[pos], l2e[pos]))
                 clusters = np.where(inside, clusters, 0)
             rc = self.stored[clusters]
             wrong = (rc == np.uint64(1)) != copied
@@ -283,17 +351,15 @@ class _Copied:
                 wrong &= ~self.unreadable[clusters]
             bad = np.flatnonzero(wrong)
             rcs = rc[bad]
-        self.corruptions += int(times[bad].sum())
-        room = MAX_MESSAGES - len(self.found)
-        self.found_dropped += int(times[bad[room:]].sum()) if len(bad) > room else 0
-        for k, e, r, t in zip(keys[bad[:room]].tolist(), l2e[bad[:room]].tolist(), rcs[:room].tolist(),
-                              times[bad[:room]].tolist(), strict=True):
-            self.found.append((k, e, r, t))
+        for t, k, e, r in zip(tids[bad].tolist(), l2i[bad].tolist(), l2e[bad].tolist(), rcs.tolist(), strict=True):
+            self.found.setdefault(t, []).append((k, e, r))
 
-    def report(self, res: CheckResult, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int) -> None:
-        """Add the corruptions and messages, in L2 order, once the final stored refcounts are known."""
-        found = list(self.found)
-        for keys, clusters, l2e, times in self.later:
+    def report(self, res: CheckResult, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int,
+               walk: RefWalk, blocked: set[int]) -> None:
+        """Add the corruptions and messages (keyed: call inside res.ordered) once the final stored
+        refcounts are known: each table's, at every active L1 entry naming it."""
+        found = {t: list(v) for t, v in self.found.items()}
+        for tids, l2i, clusters, l2e in self.later:
             rcs = np.zeros(len(clusters), dtype=np.uint64)
             inside = clusters < len(stored)
             rcs[inside] = stored[clusters[inside]]
@@ -304,37 +370,46 @@ class _Copied:
                 inb = clusters < nb
                 ok[inb] = ~unreadable[clusters[inb]]
             copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-            bad = np.flatnonzero(ok & ((rcs == 1) != copied))
-            self.corruptions += int(times[bad].sum())
-            found += [(int(keys[k]), int(l2e[k]), int(rcs[k]), int(times[k])) for k in bad]
-        found.sort(key=lambda t: t[0])
-        res.corruptions += self.corruptions
-        for _key, e, r, t in found:
-            res.add("error", f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}", repeat=t)
-        res.messages_dropped += self.found_dropped
+            for kk in np.flatnonzero(ok & ((rcs == 1) != copied)).tolist():
+                found.setdefault(int(tids[kk]), []).append((int(l2i[kk]), int(l2e[kk]), int(rcs[kk])))
+        if not found:
+            return
+        n = self.img.header.l2_size
+        texts = {t: sorted(v) for t, v in found.items()}
+        active = walk.groups[walk.tree_group[0]]
+        idx, offs = active.l2_offsets()
+        keep = offs != 0  # check_oflag_copied skips L1 entries whose table offset is 0
+        idx, offs = idx[keep], offs[keep]
+        tids = walk.tables.id_of(offs)
+        hit = np.isin(tids, np.array(list(texts), np.int64))
+        _emit_runs(res, idx[hit], tids[hit], n,
+                   {t: [(k, 0, f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}") for k, e, r in v]
+                    for t, v in texts.items()}, blocked)
 
 
-class _Pending:
-    """Messages of the L2 walk, kept with their place in QEMU's walk order and sorted at the end
-    (the distinct tables are read in host order, QEMU reads them in L1 order)."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[int, int, str, int]] = []  # (key, seq, text, times)
-        self.dropped = 0
-
-    def add(self, key: int, text: str, times: int) -> None:
-        self.items.append((key, len(self.items), text, times))
-        if len(self.items) > 4 * MAX_MESSAGES:
-            self.items.sort()
-            self.dropped += sum(t for *_, t in self.items[MAX_MESSAGES:])
-            del self.items[MAX_MESSAGES:]
-
-    def flush(self, res: CheckResult) -> None:
-        self.items.sort()
-        for _k, _s, text, times in self.items:
-            res.add("error", text, repeat=times)
-        res.messages_dropped += self.dropped
-        self.items = []
+def _emit_runs(res: CheckResult, l1_idx: I64, tids: I64, n: int,
+               texts: dict[int, list[tuple[int, int, str]]], blocked: set[int] | None = None) -> None:
+    """The messages of each table (L2 index, step, text) at every L1 entry naming it, keyed in walk
+    order. Consecutive L1 entries naming the same table (and with no message of their own,
+    `blocked`) become one message printed that many times: a table named by a million entries
+    costs its messages once, not a million CheckMessages."""
+    k = 0
+    m = len(l1_idx)
+    li, ti = l1_idx.tolist(), tids.tolist()
+    while k < m:
+        j = k + 1
+        while (j < m and ti[j] == ti[k] and li[j] == li[j - 1] + 1
+               and (blocked is None or li[j] not in blocked)):
+            j += 1
+        msgs = texts[ti[k]]
+        res.corruptions += len(msgs) * (j - k)
+        if j - k == 1:
+            for l2, step, text in msgs:
+                res.add("error", text, key=int(walk_key(li[k], l2, step, n)))
+        else:
+            res.add("error", "\n".join(t for _l2, _s, t in msgs), repeat=j - k,
+                    key=int(walk_key(li[k], msgs[0][0], msgs[0][1], n)))
+        k = j
 
 
 def check_image(img: Image, progress: ProgressFn = no_progress,
@@ -351,16 +426,34 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     fmt = img.l2_format
     stored_needed = nb_file
 
-    # Snapshot-table checks (qcow2_check_read_snapshot_table).
+    # Snapshot-table checks (qcow2_check_read_snapshot_table). Check opens with BDRV_O_CHECK, which
+    # skips the snapshot table at open; the check validates it first and stops if it is unusable.
+    if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:
+        res.check_errors += 1
+        res.add("report", "ERROR snapshot table too large")
+        res.add("check-error", f"You can force-remove all {h.nb_snapshots - C.QCOW_MAX_SNAPSHOTS} overhanging "
+                               "snapshots with qemu-img check -r all")
+        res.failed = "File too large"
+        return res
+    if not table_fits(h.snapshots_offset, h.nb_snapshots, C.SNAPSHOT_HEADER_SIZE, cs):
+        res.check_errors += 1
+        res.add("report", "ERROR snapshot table offset invalid")
+        res.failed = "Invalid argument"
+        return res
+    if img.snapshot_table.qemu_error is not None:
+        error, hint = img.snapshot_table.qemu_error
+        res.check_errors += 1
+        res.add("report", f"ERROR failed to read the snapshot table: {error}")
+        res.add("check-error", hint)
+        res.failed = "File too large"
+        return res
     for sn in img.snapshots:
         if h.version >= 3 and sn.extra_data_size < 16:
             res.corruptions += 1
             res.add("error", f"ERROR snapshot table entry {sn.index} is incomplete")
 
     walk = RefWalk(img)
-    for rr in walk.ranges:  # the header and every tree's L1 table, as QEMU counts them first
-        if rr.kind in (RefKind.HEADER, RefKind.L1_TABLE, RefKind.SNAPSHOT_L1_TABLE):
-            refs.add_range(rr.offset, rr.size)
+    refs.add_range(0, cs)  # header
     if h.has_data_file and img.snapshots:
         res.corruptions += 1
         res.add("error", f"ERROR {len(img.snapshots)} snapshots in image with data file")
@@ -373,36 +466,62 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
         else:
             res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
                              "L1 table is too large; snapshot table entry corrupted")
-
+    for _src, off, size in walk.trees:  # every tree's L1 table (the active one as read)
+        if size:
+            refs.add_range(off, size * 8)
     # The stored refcounts of the file's clusters, read first (in host order) so that the COPIED
     # flags are checked during the one L2 walk.
     per = h.refcount_block_entries
     stored, bad_blocks = img.stored_refcounts_compact(nb_file)
     copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file))
-    for grp in walk.groups:  # L1 entries, once per distinct L1 table (printed once per tree using it)
-        times = len(grp.sources)
-        l1 = grp.entries
-        nz = np.flatnonzero(l1)
-        for i in nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0]:
-            res.corruptions += times
-            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}", repeat=times)
-        for o in grp.l2_offsets()[1].tolist():
-            if o % cs:
-                res.corruptions += times
-                res.add("error", f"ERROR l2_offset={o:x}: Table is not cluster aligned; L1 entry corrupted",
-                        repeat=times)
+    n = h.l2_size
+    # 1. Every distinct L2 table once, in host order: what it points at counts once per L1 entry
+    # naming it; its messages are kept per table and printed below at every entry naming it.
     tables = walk.tables
-    # The L2 tables themselves, once per L1 entry naming them (an unaligned one touches two clusters).
-    refs.add_regions(tables.offsets, cs, tables.refs)
-    pending = _Pending()
+    table_msgs: dict[int, list[tuple[int, int, str]]] = {}
     done = 0
     for batch in walk.l2_batches():
         if cancelled():
             raise Cancelled()
-        _check_l2_batch(img, fmt, batch, tables, refs, res, copied, pending)
+        _check_l2_batch(img, fmt, batch, tables, refs, res, copied, table_msgs)
         done += len(batch.ids)
         progress(done, len(tables))
-    pending.flush(res)
+    # 2. check_refcounts_l1, tree by tree: each L1 entry's messages, its table's region, its table's
+    # messages. Trees sharing one L1 table print the same lines: computed once, repeated.
+    has_msgs = np.array(sorted(table_msgs), np.int64)
+    done_groups: dict[int, tuple[list[CheckMessage], int]] = {}
+    for g in walk.tree_group:
+        if g in done_groups:
+            msgs, corr = done_groups[g]
+            res.messages.extend(msgs)  # the same message objects again: no copies
+            res.corruptions += corr
+            continue
+        before_n, before_c = len(res.messages), res.corruptions
+        grp = walk.groups[g]
+        res.ordered(True)
+        l1 = grp.entries
+        nz = np.flatnonzero(l1)  # an entry of 0 is skipped; any other is followed, even to offset 0
+        blocked: set[int] = set()
+        for i in nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0].tolist():
+            res.corruptions += 1
+            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}", key=walk_key(i, -1, 0, n))
+            blocked.add(i)
+        l1i, l2o = grp.l2_offsets()
+        # the L2 tables themselves (an unaligned one touches two clusters), once per entry
+        past = l2o + cs - img.file.size >= cs
+        blocked.update(l1i[past].tolist())
+        refs.add_regions(l2o, cs, walk_key(l1i, -1, 1, n))
+        for k in np.flatnonzero((l2o % cs) != 0).tolist():
+            res.corruptions += 1
+            res.add("error", f"ERROR l2_offset={int(l2o[k]):x}: Table is not cluster aligned; L1 entry corrupted",
+                    key=walk_key(int(l1i[k]), -1, 2, n))
+            blocked.add(int(l1i[k]))
+        if len(has_msgs):
+            tids = tables.id_of(l2o)
+            hit = np.isin(tids, has_msgs) & (l2o < img.file.size)
+            _emit_runs(res, l1i[hit], tids[hit], n, table_msgs, blocked)
+        res.ordered(False)
+        done_groups[g] = (res.messages[before_n:], res.corruptions - before_c)
 
     for rr in walk.ranges:
         if rr.kind in (RefKind.SNAPSHOT_TABLE, RefKind.REFCOUNT_TABLE, RefKind.LUKS):
@@ -432,7 +551,7 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
         if off:
             if int(counts[cl]) >= rmax:
                 res.corruptions += 1
-                res.add("error", f"ERROR: overflow cluster offset={off:#x}")
+                res.add("error", f"ERROR: overflow cluster offset=0x{off:x}\n{OVERFLOW_HINT}", cl)
             else:
                 counts[cl] += np.uint32(1)
             if int(counts[cl]) != 1:
@@ -443,11 +562,20 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     stored_needed = max(stored_needed, nb)
     if stored_needed > len(stored):  # references past the end of the file grew the table
         stored, bad_blocks = img.stored_refcounts_compact(stored_needed)
+    # qcow2_get_refcount fails with EIO for every cluster of an unaligned refcount block; the first
+    # failure also signals the corruption once (qcow2_signal_corruption, non-fatal: read-only).
+    signalled = False
     for bi in bad_blocks:
         lo, hi = bi * per, min((bi + 1) * per, nb)
         if lo < hi:
+            if not signalled:
+                rb = int(rt[bi]) & C.REFT_OFFSET_MASK
+                res.add("check-error", f"qcow2: Image is corrupt: Refblock offset {_c_hex(rb)} unaligned (reftable "
+                                       f"index: {_c_hex(bi)}); further non-fatal corruption events will be suppressed")
+                signalled = True
             res.check_errors += hi - lo
-            res.add("check-error", f"Can't get refcount for clusters {lo}..{hi - 1}: Input/output error")
+            for c in range(lo, hi):
+                res.add("check-error", f"Can't get refcount for cluster {c}: Input/output error", c)
     unreadable = _unreadable(bad_blocks, per, nb)
     if len(stored) > nb:
         stored = stored[:nb]
@@ -457,9 +585,7 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     highest = _highest_used(stored, counts, unreadable)
     under = diff[stored[diff] < counts[diff]]
     over = diff[stored[diff] > counts[diff]]
-    room = max(0, MAX_MESSAGES - len(res.messages))
-    res.messages_dropped += max(0, len(diff) - room)
-    for i in diff[:room]:  # formatting millions of lines nobody sees would take minutes
+    for i in diff.tolist():
         s, r = int(stored[i]), int(counts[i])
         res.add("error" if s < r else "leak",
                 f"{'ERROR' if s < r else 'Leaked'} cluster {int(i)} refcount={s} reference={r}", int(i))
@@ -478,9 +604,12 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     res.leaked_clusters = over.astype(np.int64)
     res.corrupt_clusters = under.astype(np.int64)
 
-    # check_oflag_copied (active L1 only, from the stored refcounts)
+    # check_oflag_copied (active L1 only, from the stored refcounts): each L1 entry's message, then
+    # those of its L2 table's entries
+    res.ordered(True)
     l1 = img.l1_table
     step = 1 << 18  # bounded temporaries for an L1 table of millions of entries
+    l1_msgs: set[int] = set()
     for c0 in range(0, len(l1), step):
         nzi = c0 + np.flatnonzero(l1[c0 : c0 + step] & np.uint64(C.L1E_OFFSET_MASK))
         l1e = l1[nzi]
@@ -497,16 +626,28 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
         wrong = keep & ((rcs == 1) != ((l1e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0))
         bad = np.flatnonzero(wrong)
         res.corruptions += len(bad)
-        room = max(0, MAX_MESSAGES - len(res.messages))
-        res.messages_dropped += max(0, len(bad) - room)
-        for i, e, rc in zip(nzi[bad[:room]].tolist(), l1e[bad[:room]].tolist(), rcs[bad[:room]].tolist(), strict=True):
-            res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}")
-    copied.report(res, stored, unreadable, nb)
+        for i, e, rc in zip(nzi[bad].tolist(), l1e[bad].tolist(), rcs[bad].tolist(), strict=True):
+            res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}",
+                    key=walk_key(i, -1, 0, n))
+            l1_msgs.add(i)
+    copied.report(res, stored, unreadable, nb, walk, l1_msgs)
+    res.ordered(False)
 
     res.image_end_offset = (highest + 1) * cs
     res.reference = counts
     res.stored = stored
     return res
+
+
+def walk_key(l1_index: Any, l2_index: Any, step: int, l2_size: int) -> Any:
+    """Sort key of a message found at (L1 index, L2 index or -1 for the L1 entry, step within the
+    entry), for ints or arrays: check_refcounts_l1/_l2 print one entry's messages after another's."""
+    return (l1_index * (l2_size + 1) + (l2_index + 1)) * 8 + step
+
+
+def _c_hex(v: int) -> str:
+    """C's %#x: "0" for zero, 0x... otherwise."""
+    return f"{v:#x}" if v else "0"
 
 
 def _unreadable(bad_blocks: list[int], per: int, nb: int) -> npt.NDArray[np.bool_] | None:
@@ -534,31 +675,27 @@ def _highest_used(stored: Refcounts, counts: U32, unreadable: npt.NDArray[np.boo
 
 
 def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables, refs: _Refs, res: CheckResult,
-                    copied: _Copied, pending: _Pending) -> None:
+                    copied: _Copied, table_msgs: dict[int, list[tuple[int, int, str]]]) -> None:
     """check_refcounts_l2 for a batch of distinct tables: what each table points at counts once per
-    L1 entry naming it; active-tree counters once per active L1 entry naming it."""
+    L1 entry naming it, the active tree's counters once per active L1 entry naming it; messages
+    are kept per table (L2 index, step, text) and printed by the caller in walk order."""
     h = img.header
     cs = h.cluster_size
     n = h.l2_size
     entries, bitmaps = batch.entries, batch.bitmaps  # (standard entries: no bitmap checks at all)
-    ntab = len(batch.ids)
     w_tab = tables.refs[batch.ids]
     a_tab = tables.active_refs[batch.ids]
-    rank_tab = tables.first_rank[batch.ids]
-    pos = np.arange(len(entries), dtype=np.int64)
-    tab = pos // n  # which table of the batch
+    tab = np.arange(len(entries), dtype=np.int64) // n  # which table of the batch
 
-    def note(k: int, text: str) -> None:
-        t = k // n
-        res.corruptions += int(w_tab[t])
-        pending.add(int(rank_tab[t]) * n + k % n, text, int(w_tab[t]))
+    def note(k: int, step: int, text: str) -> None:
+        table_msgs.setdefault(int(batch.ids[k // n]), []).append((k % n, step, text))
 
     bits = h.cluster_bits
     ctypes = classify_clusters(entries, fmt)
     comp = ctypes == ClusterType.COMPRESSED
     reserved = ~comp & ((entries & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)
     for k in np.flatnonzero(reserved).tolist():
-        note(k, f"ERROR found l2 entry with reserved bits set: {int(entries[k]):x}")
+        note(k, 0, f"ERROR found l2 entry with reserved bits set: {int(entries[k]):x}")
 
     # Compressed clusters.
     ci = np.flatnonzero(comp)
@@ -566,22 +703,24 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         ce = entries[ci]
         with_copied = (ce & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
         for k, e in zip(ci[with_copied].tolist(), ce[with_copied].tolist(), strict=True):
-            note(k, f"ERROR: coffset=0x{e & fmt.cluster_offset_mask:x}: copied flag must never be set "
-                    "for compressed clusters")
+            note(k, 1, f"ERROR: coffset=0x{e & fmt.cluster_offset_mask:x}: copied flag must never be set "
+                       "for compressed clusters")
         ce = ce & ~np.uint64(C.QCOW_OFLAG_COPIED)
         if h.has_data_file:
             for k, e in zip(ci.tolist(), ce.tolist(), strict=True):
-                note(k, f"ERROR compressed cluster {k % n} with data file, entry=0x{e:x}")
+                note(k, 2, f"ERROR compressed cluster {k % n} with data file, entry=0x{e:x}")
             ci = ci[:0]
             ce = ce[:0]
         badbm = bitmaps[ci] != 0 if bitmaps is not None else np.zeros(len(ci), dtype=bool)
         for k, e in zip(ci[badbm].tolist(), ce[badbm].tolist(), strict=True):
-            note(k, f"ERROR compressed cluster {k % n} with non-zero subcluster allocation bitmap, entry=0x{e:x}")
-        ci, ce = ci[~badbm], ce[~badbm]
+            note(k, 3, f"ERROR compressed cluster {k % n} with non-zero subcluster allocation bitmap, entry=0x{e:x}")
+        ce = ce[~badbm]
+        ci = ci[~badbm]
         coff = (ce & np.uint64(fmt.cluster_offset_mask)).astype(np.int64)
         nsec = ((ce >> np.uint64(fmt.csize_shift)) & np.uint64(fmt.csize_mask)).astype(np.int64) + 1
         csize = nsec * 512 - (coff & 511)
-        refs.add_regions(coff, csize, w_tab[tab[ci]])
+        keep = _past_eof(refs, coff, csize, ci, note)
+        refs.add_regions(coff[keep], csize[keep], weights=w_tab[tab[ci[keep]]])
         act = int(a_tab[tab[ci]].sum())
         res.allocated_clusters += act
         res.compressed_clusters += act
@@ -596,7 +735,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         if ab is not None:
             corrupt_bm = ((ab >> np.uint64(32)) & ab) != 0
             for k, o in zip(ai[corrupt_bm].tolist(), off[corrupt_bm].tolist(), strict=True):
-                note(k, f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster allocation bitmap")
+                note(k, 1, f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster allocation bitmap")
         unal = (off & (cs - 1)) != 0
         if unal.any():
             if ab is not None:
@@ -605,7 +744,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
                 has_data = (ae & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
             for k, o, d in zip(ai[unal].tolist(), off[unal].tolist(), has_data[unal].tolist(), strict=True):
                 what = "Data cluster is not properly aligned" if d else "Preallocated cluster is not properly aligned"
-                note(k, f"ERROR offset={o:x}: {what}; L2 entry corrupted.")
+                note(k, 2, f"ERROR offset={o:x}: {what}; L2 entry corrupted.")
         cl = off >> bits
         t = tab[ai]
         act_w = a_tab[t]
@@ -617,23 +756,33 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         in_active = (act_w > 0) & (batch.offsets[t] != 0)
         if in_active.any():
             sel = np.flatnonzero(in_active)
-            keys = tables.first_active_rank[batch.ids[t[sel]]] * n + (ai[sel] % n)
-            copied.batch(cl[sel], ae[sel], keys, act_w[sel])
+            copied.batch(cl[sel], ae[sel], batch.ids[t[sel]], ai[sel] % n)
         if not h.has_data_file:
-            refs.add_regions(off, cs, w_tab[t])
+            keep = _past_eof(refs, off, np.full(len(off), cs, np.int64), ai, note)
+            refs.add_regions(off[keep], cs, weights=w_tab[t[keep]])
 
     # Unallocated clusters with allocation bits.
     if bitmaps is not None:
         ui = (ctypes == ClusterType.UNALLOCATED) & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
         for k in np.flatnonzero(ui).tolist():
-            note(k, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
-    del ntab
+            note(k, 5, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
+
+
+def _past_eof(refs: _Refs, offs: I64, sizes: I64, pos: I64,
+              note: Callable[[int, int, str], None]) -> npt.NDArray[np.bool_]:
+    """Regions a cluster or more past the end of the file become messages of their table (printed
+    at each reference, in walk order); returns the mask of the others, which are counted."""
+    past = offs + sizes - refs.file_len >= refs.cs
+    for k, o, n in zip(pos[past].tolist(), offs[past].tolist(), sizes[past].tolist(), strict=True):
+        note(k, 4, "ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
+                   f"offset {o:#x} size {n:#x}")
+    return ~past
 
 
 def _bitmap_refs(img: Image, walk: RefWalk, refs: _Refs, res: CheckResult) -> None:
-    for r in walk.ranges:
-        if r.kind in (RefKind.BITMAP_DIRECTORY, RefKind.BITMAP_TABLE):
-            refs.add_range(r.offset, r.size)
+    for rr in walk.ranges:  # the directory and each bitmap's table (as far as the format allows)
+        if rr.kind in (RefKind.BITMAP_DIRECTORY, RefKind.BITMAP_TABLE):
+            refs.add_range(rr.offset, rr.size)
     cs = img.cluster_size
     for bt in walk.bitmap_tables:  # each distinct table once, counted for every bitmap using it
         times = len(bt.bitmaps)
@@ -643,4 +792,4 @@ def _bitmap_refs(img: Image, walk: RefWalk, refs: _Refs, res: CheckResult) -> No
             (offs != 0) & (((table & np.uint64(1)) != 0) | ((offs % np.uint64(cs)) != 0)))
         res.corruptions += int(np.count_nonzero(bad)) * times
         good = offs[~bad & (offs != 0)].astype(np.int64)
-        refs.add_regions(good, cs, np.full(len(good), times, np.int64) if times > 1 else None)
+        refs.add_regions(good, cs, weights=np.full(len(good), times, np.int64) if times > 1 else None)

@@ -180,6 +180,8 @@ class Layout:
     """Clusters whose stored refcount is below the recomputed one (check's refcount corruptions)."""
     anomalies: dict[str, int] = field(default_factory=dict)
     refs_past_eof: int = 0
+    refs_end: int = 0
+    """End (bytes) of the highest host cluster any table references; past `file_size` when truncated."""
     """Clusters referenced beyond the end of the file."""
     _walk: RefWalk | None = field(default=None, repr=False)
     _runs: _DataRuns = field(default_factory=lambda: _DataRuns.empty(), repr=False)
@@ -406,6 +408,7 @@ class _Walker:
         self.flags = np.zeros(self.nb, dtype=np.uint8)
         self.counts = np.zeros(self.nb, dtype=np.int64)  # references to clusters inside the file
         self.far: list[I64] = []  # referenced clusters past the end of the file (one per reference)
+        self.top = 0  # highest referenced cluster + 1
         self.anomalies: dict[str, int] = {}
 
     def note(self, what: str, n: int = 1) -> None:
@@ -422,6 +425,7 @@ class _Walker:
         clusters = clusters.astype(np.int64, copy=False)
         inside = (clusters >= 0) & (clusters < self.nb)
         if count_ref:
+            self.top = max(self.top, int(clusters.max()) + 1)
             c_in = clusters[inside]
             w_in = weights[inside] if weights is not None else None
             if len(c_in):
@@ -720,7 +724,7 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
         snapshot_ids=snapshot_ids, snapshot_count=snap_count, snapshot_last=snap_last,
         partial_clusters=pc, partial_bitmaps=pb,
         l2_reads=walk.l1_entries(), refcount_blocks=int(np.count_nonzero(rt_ok)), leaks=leaks, refcount_errors=errors,
-        anomalies=w.anomalies, refs_past_eof=refs_past_eof,
+        anomalies=w.anomalies, refs_past_eof=refs_past_eof, refs_end=w.top * cs,
         _walk=walk, _runs=runs, _compressed=comps, _comp_per_table=comp_per_table, _header=h,
         _snapshots=list(img.snapshots), _snapshot_table_size=img.snapshot_table.size,
         _refcount_table=img.refcount_table, _bitmaps=list(img.bitmaps) if h.bitmaps_ext is not None else [],
