@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
-from qinspect.analysis.refwalk import L2Batch, L2Tables, RefKind, RefWalk
+from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled, no_progress
+from qinspect.analysis.refwalk import BatchConsumer, L2Batch, L2Tables, RefKind, RefWalk
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.header import table_fits
 from qinspect.qcow2.image import Image
@@ -415,6 +415,15 @@ def _emit_runs(res: CheckResult, l1_idx: I64, tids: I64, n: int,
 def check_image(img: Image, progress: ProgressFn = no_progress,
                 cancelled: CancelledFn = never_cancelled, filename: str | None = None) -> CheckResult:
     """Recompute every refcount of `img` and compare, as `qemu-img check` (without -r) does."""
+    walk = RefWalk(img)
+    res = walk.run([check_consumer(img, walk, filename)], progress, cancelled)[0]
+    assert isinstance(res, CheckResult)
+    return res
+
+
+def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> BatchConsumer:
+    """check as a consumer of the walk's L2 batches (see `RefWalk.run`): sent each batch, then None;
+    returns the `CheckResult`."""
     h = img.header
     cs = h.cluster_size
     res = CheckResult(filename or img.path, dirty=h.dirty, lazy_refcounts=h.lazy_refcounts)
@@ -452,7 +461,6 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
             res.corruptions += 1
             res.add("error", f"ERROR snapshot table entry {sn.index} is incomplete")
 
-    walk = RefWalk(img)
     refs.add_range(0, cs)  # header
     if h.has_data_file and img.snapshots:
         res.corruptions += 1
@@ -479,13 +487,8 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     # naming it; its messages are kept per table and printed below at every entry naming it.
     tables = walk.tables
     table_msgs: dict[int, list[tuple[int, int, str]]] = {}
-    done = 0
-    for batch in walk.l2_batches():
-        if cancelled():
-            raise Cancelled()
+    while (batch := (yield)) is not None:
         _check_l2_batch(img, fmt, batch, tables, refs, res, copied, table_msgs)
-        done += len(batch.ids)
-        progress(done, len(tables))
     # 2. check_refcounts_l1, tree by tree: each L1 entry's messages, its table's region, its table's
     # messages. Trees sharing one L1 table print the same lines: computed once, repeated.
     has_msgs = np.array(sorted(table_msgs), np.int64)

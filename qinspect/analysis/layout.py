@@ -26,8 +26,8 @@ from enum import IntEnum
 import numpy as np
 import numpy.typing as npt
 
-from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
-from qinspect.analysis.refwalk import RANK_TREE, SRC_ACTIVE, SRC_NONE, L2Batch, RefKind, RefWalk
+from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled, no_progress
+from qinspect.analysis.refwalk import RANK_TREE, SRC_ACTIVE, SRC_NONE, BatchConsumer, L2Batch, RefKind, RefWalk
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import Bitmap
 from qinspect.qcow2.header import Header
@@ -484,6 +484,10 @@ class _Walker:
         """Claim the clusters covering bytes [offset, offset+size) (check's add_range), `weight` times."""
         if size <= 0:
             return
+        if offset + size - self.img.file.size >= self.cs:  # check refuses to count it at all
+            self.note("structures past the end of the file")
+            self.top = max(self.top, -(-(offset + size) // self.cs))
+            return
         first, last = offset // self.cs, (offset + size - 1) // self.cs
         limit = self.nb + (1 << 22)  # as check: never allocate in proportion to a size read from the file
         if last >= limit:
@@ -554,16 +558,23 @@ class _SnapshotCounts:
 
 
 def compute_layout(img: Image, progress: ProgressFn = no_progress,
-                   cancelled: CancelledFn = never_cancelled, walk: RefWalk | None = None) -> Layout:
+                   cancelled: CancelledFn = never_cancelled) -> Layout:
     """Walk every structure of `img` and return the owner of each host cluster of its file.
 
-    The references come from the one refcount walk (`RefWalk`, shared with check; pass one in to
-    reuse it). `progress(done, total)` counts distinct L2 tables read; `cancelled()` is polled
-    between batches and raises `Cancelled`.
+    The references come from the one refcount walk (`RefWalk`, shared with check: see
+    `analysis.walks.check_and_layout` for both from one pass). `progress(done, total)` counts
+    distinct L2 tables read; `cancelled()` is polled between batches and raises `Cancelled`.
     """
+    walk = RefWalk(img)
+    lay = walk.run([layout_consumer(img, walk)], progress, cancelled)[0]
+    assert isinstance(lay, Layout)
+    return lay
+
+
+def layout_consumer(img: Image, walk: RefWalk) -> BatchConsumer:
+    """layout as a consumer of the walk's L2 batches (see `RefWalk.run`); returns the `Layout`."""
     h = img.header
     cs = h.cluster_size
-    walk = walk if walk is not None else RefWalk(img)
     w = _Walker(img)
     snapshot_ids = [sn.id_str for sn in img.snapshots]
     w.note("invalid snapshot L1 tables", len(walk.bad_snapshots))
@@ -599,22 +610,16 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
                 multi=multi_tab[sel], flag=flag_tab[sel])
         if snaps is not None:
             snaps.add(cl, sel)
-    done = 0
     run_parts: list[_DataRuns] = []
     comp_parts: list[_Compressed] = []
     partial: list[tuple[I64, U64]] = []
     ctx = _TableInfo(first_src, multi_tab, flag_tab, snaps)
-    for batch in walk.l2_batches():
-        if cancelled():
-            raise Cancelled()
+    while (batch := (yield)) is not None:
         r, c, p = _walk_l2_batch(img, w, walk, batch, ctx)
         run_parts.append(r)
         comp_parts.append(c)
         if p is not None:
             partial.append(p)
-        done += len(batch.ids)
-        progress(done, len(tables))
-    progress(len(tables), len(tables))
     runs = _merge_runs(run_parts)
     comps = _Compressed(*(np.concatenate([getattr(c, f) for c in comp_parts]) if comp_parts
                           else np.zeros(0, np.int64) for f in ("first", "last", "guest", "table")))
@@ -640,18 +645,12 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
     bitmap_tables = [walk.bitmap_tables[t].table for t in walk.bitmap_of]
 
     # Reference counts as check computes them (before refcount blocks).
-    far = np.concatenate(w.far) if w.far else np.zeros(0, np.int64)
+    # References to whole clusters at or past the end of the file: check refuses to count them
+    # (a region ending a cluster or more past the end); they are only noted.
+    refs_past_eof = int(sum(len(f) for f in w.far))
     w.far = []
-    top = int(far.max()) + 1 if len(far) else 0
-    nb_counted = max(w.nb, min(top, w.nb + (1 << 22)))  # check grows its table past the file, bounded
-    refs_past_eof = int(np.count_nonzero(far >= w.nb))
+    nb_counted = w.nb
     counts = w.counts
-    if nb_counted > w.nb:
-        counts = np.zeros(nb_counted, np.int64)
-        counts[: w.nb] = w.counts
-        far = far[(far >= w.nb) & (far < nb_counted)]
-        np.add.at(counts, far, 1)
-    del far
 
     # Refcount blocks (check_refblocks): counted once more, claimed as refcount blocks.
     rt = img.refcount_table
@@ -668,6 +667,9 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
     w.note("refcount blocks outside the image", int(len(rb_clusters) - len(rb_in)))
     np.add.at(counts, rb_in, 1)
     w.claim(rb_clusters, Owner.REFCOUNT_BLOCK, SRC_NONE, count_ref=False)
+    # qcow2_inc_refcounts_imrt never counts past the refcount maximum (check reports the overflow).
+    if h.refcount_bits < 63:
+        np.minimum(counts, (1 << h.refcount_bits) - 1, out=counts)
 
     # Stored refcounts and the image end (check's compare_refcounts).
     stored, bad_blocks = img.stored_refcounts(nb_counted)

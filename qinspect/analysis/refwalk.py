@@ -27,13 +27,14 @@ what is accepted at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
 import numpy.typing as npt
 
+from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import BME_MAX_TABLE_SIZE, Bitmap, read_bitmap_table
 from qinspect.qcow2.image import Image
@@ -41,6 +42,10 @@ from qinspect.qcow2.planner import Order, PieceStream
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
+
+BatchConsumer = Generator[None, "L2Batch | None", object]
+"""A consumer of the walk (check's, layout's): primed with next(), sent every L2 batch, then None;
+its return value is the result."""
 
 SRC_NONE = -1
 """Source of a reference outside any L1 tree (header, refcount table, bitmaps, ...)."""
@@ -312,6 +317,41 @@ class RefWalk:
                 else:
                     yield L2Batch(ids, self.tables.offsets[ids], words, None)
 
+    def run(self, consumers: list[BatchConsumer], progress: ProgressFn = no_progress,
+            cancelled: CancelledFn = never_cancelled) -> list[object]:
+        """Feed one pass over the distinct L2 tables to every consumer and return their results
+        (check and layout from one read of each table). `progress(done, total)` counts distinct
+        tables; `cancelled()` is polled between batches and raises `Cancelled`."""
+        results: list[object] = [None] * len(consumers)
+        live: list[int] = []
+        for k, c in enumerate(consumers):
+            try:
+                next(c)
+                live.append(k)
+            except StopIteration as e:  # finished before the walk (check that stops early)
+                results[k] = e.value
+        total = len(self.tables)
+        done = 0
+        if live:
+            for batch in self.l2_batches():
+                if cancelled():
+                    for k in live:
+                        consumers[k].close()
+                    raise Cancelled()
+                for k in live:
+                    consumers[k].send(batch)
+                done += len(batch.ids)
+                progress(done, total)
+        progress(total, total)
+        for k in live:
+            try:
+                consumers[k].send(None)
+            except StopIteration as e:
+                results[k] = e.value
+            else:  # pragma: no cover - a consumer must return after None
+                raise RuntimeError("walk consumer did not finish")
+        return results
+
     def references_to_table(self, table_id: int) -> Iterator[tuple[int, int, int]]:
         """(source, L1 table offset, L1 index) of every L1 entry naming table `table_id`."""
         pt, pg = self.tables.group_pairs
@@ -333,5 +373,17 @@ def _read_u64(img: Image, offset: int, count: int) -> U64:
     return np.frombuffer(img.file.pread(offset, count * 8), dtype=">u8").astype(np.uint64)
 
 
-__all__ = ["L2_BATCH_ENTRIES", "RANK_TREE", "SRC_ACTIVE", "SRC_NONE", "BitmapTable", "L1Group", "L2Batch",
-           "L2Tables", "RangeRef", "RefKind", "RefWalk"]
+__all__ = [
+    "L2_BATCH_ENTRIES",
+    "RANK_TREE",
+    "SRC_ACTIVE",
+    "SRC_NONE",
+    "BatchConsumer",
+    "BitmapTable",
+    "L1Group",
+    "L2Batch",
+    "L2Tables",
+    "RangeRef",
+    "RefKind",
+    "RefWalk",
+]
