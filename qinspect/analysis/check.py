@@ -8,7 +8,7 @@ messages, but each L2 table batch is one set of numpy operations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,18 @@ class CheckMessage:
     text: str
     cluster: int | None = None
     repeat: int = 1
+    indices: range | None = None
+    """When set, `text` is a template printed once per index (`text.format(i)`): a run of L1
+    entries with the same message, a million lines kept as one object."""
+
+    def lines(self, prog: str) -> Iterator[str]:
+        """The stderr lines of this message, generated one at a time."""
+        texts = [self.text] if self.indices is None else (self.text.format(i) for i in self.indices)
+        for text in texts:
+            text = f"{prog}: {text}" if self.kind == "report" else text
+            parts = text.split("\n")
+            for _ in range(self.repeat):
+                yield from parts
 
 
 @dataclass
@@ -94,6 +106,11 @@ class CheckResult:
         self._last_key = max(self._last_key, key)
         self._keyed.append((key, len(self._keyed), msg))
 
+    def messages_last_indices(self, indices: range) -> None:
+        """Make the message just added a template printed once per index (see CheckMessage)."""
+        last = self._keyed[-1][2] if self._keyed else self.messages[-1]
+        last.indices = indices
+
     def ordered(self, on: bool) -> None:
         """Start (True) or end (False) a block of keyed messages; ending it sorts them in."""
         if on:
@@ -106,15 +123,20 @@ class CheckResult:
 
     def stderr_lines(self, prog: str = "qinspect") -> list[str]:
         """What qemu-img check writes to stderr, in either output format (`prog: ` before reports)."""
-        out: list[str] = []
+        return [*self.iter_stderr_lines(prog), *self.final_lines(prog)]
+
+    def iter_stderr_lines(self, prog: str = "qinspect") -> Iterator[str]:
+        """The message lines of `stderr_lines` one at a time (millions of them stream in constant
+        memory), without the final "Check failed" line (`final_lines`)."""
         for m in self.messages:
-            text = f"{prog}: {m.text}" if m.kind == "report" else m.text
-            out.extend(text.split("\n") * m.repeat)
+            yield from m.lines(prog)
+
+    def final_lines(self, prog: str = "qinspect") -> list[str]:
         if self.failed is not None:
-            out.append(f"{prog}: Check failed: {self.failed}")
-        elif self.check_errors:
-            out.append(f"{prog}: Check failed")
-        return out
+            return [f"{prog}: Check failed: {self.failed}"]
+        if self.check_errors:
+            return [f"{prog}: Check failed"]
+        return []
 
     def to_json(self) -> dict[str, object]:
         """Keys as qemu-img prints them: the optional ones only when non-zero."""
@@ -629,10 +651,21 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
         wrong = keep & ((rcs == 1) != ((l1e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0))
         bad = np.flatnonzero(wrong)
         res.corruptions += len(bad)
-        for i, e, rc in zip(nzi[bad].tolist(), l1e[bad].tolist(), rcs[bad].tolist(), strict=True):
-            res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}",
-                    key=walk_key(i, -1, 0, n))
-            l1_msgs.add(i)
+        bi, be, br = nzi[bad].tolist(), l1e[bad].tolist(), rcs[bad].tolist()
+        k = 0
+        while k < len(bi):
+            j = k + 1  # a run of consecutive entries with the same value and refcount: one message
+            while j < len(bi) and bi[j] == bi[j - 1] + 1 and be[j] == be[k] and br[j] == br[k]:
+                j += 1
+            if j - k == 1:
+                res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={bi[k]} l1_entry={be[k]:x} "
+                                 f"refcount={br[k]}", key=walk_key(bi[k], -1, 0, n))
+            else:
+                res.add("error", "ERROR OFLAG_COPIED L2 cluster: l1_index={} " + f"l1_entry={be[k]:x} refcount={br[k]}",
+                        key=walk_key(bi[k], -1, 0, n))
+                res.messages_last_indices(range(bi[k], bi[j - 1] + 1))
+            l1_msgs.update(bi[k:j])
+            k = j
     copied.report(res, stored, unreadable, nb, walk, l1_msgs)
     res.ordered(False)
 

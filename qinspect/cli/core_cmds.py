@@ -197,9 +197,8 @@ def run_check(args: argparse.Namespace) -> int:
         res = check_image(img, filename=args.image)
     # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
     # on stderr in both output formats (QEMU prints them from inside the check), every one of them.
-    lines = res.stderr_lines()
-    tail = lines[-1:] if res.failed is not None or res.check_errors else []  # "Check failed" comes last
-    sys.stderr.writelines(line + "\n" for line in lines[: len(lines) - len(tail)])
+    tail = res.final_lines()  # "Check failed" comes last
+    sys.stderr.writelines(line + "\n" for line in res.iter_stderr_lines())  # streamed: may be millions
     sys.stderr.flush()
     if res.failed is None:  # qemu-img prints no counts when the check itself failed
         if args.output == "json":
