@@ -292,6 +292,62 @@ class Layout:
         sel = sel[g_order]
         return r.host[sel], guest[g_order], r.length[sel], r.zero[sel]
 
+    def active_allocated_clusters(self) -> int:
+        """Allocated (NORMAL / ZERO_ALLOC) entries of the active tree, counted per L1 entry naming
+        each table, without expanding a shared table once per entry."""
+        r = self._runs
+        _idx, ids = self._tree_tables(SRC_ACTIVE)
+        if not len(r.host) or not len(ids):
+            return 0
+        per_table = np.bincount(r.table, weights=r.length.astype(np.float64), minlength=int(ids.max()) + 1)
+        return int(per_table[ids].sum())
+
+    def active_seeks(self, skip_bytes: int) -> tuple[int, int, int]:
+        """(data clusters, seeks, backward seeks) of a read of the active tree's non-zero data runs
+        in guest order, where a seek is a jump backwards or more than `skip_bytes` forward.
+
+        Computed per distinct table (inside each table) plus at each boundary between consecutive
+        L1 entries: bounded by what is distinct, not by how often a table is named."""
+        r = self._runs
+        l1_idx, ids = self._tree_tables(SRC_ACTIVE)
+        if not len(r.host) or not len(ids):
+            return 0, 0, 0
+        cs = self.cluster_size
+        keep = ~r.zero
+        host, guest, length, table = r.host[keep], r.guest[keep], r.length[keep], r.table[keep]
+        if not len(host):
+            return 0, 0, 0
+        order = np.lexsort((guest, table))
+        host, length, table = host[order], length[order], table[order]
+        ntab = max(int(table.max()), int(ids.max())) + 1
+        start = np.searchsorted(table, np.arange(ntab + 1))
+        has = start[1:] > start[:-1]
+        ends = host + length
+        same = table[1:] == table[:-1]
+        gap = host[1:] - ends[:-1]
+        seek_in = same & ((gap < 0) | (gap * cs > skip_bytes))
+        back_in = same & (host[1:] < host[:-1])
+        t_seeks = np.bincount(table[1:][seek_in], minlength=ntab)
+        t_back = np.bincount(table[1:][back_in], minlength=ntab)
+        t_len = np.bincount(table, weights=length.astype(np.float64), minlength=ntab)
+        first_host = np.zeros(ntab, np.int64)
+        last_end = np.zeros(ntab, np.int64)
+        last_start = np.zeros(ntab, np.int64)
+        first_host[has] = host[start[:-1][has]]
+        last_end[has] = ends[start[1:][has] - 1]
+        last_start[has] = host[start[1:][has] - 1]
+        seq = ids[has[ids]]  # the active entries whose table has data, in guest order
+        clusters = int(t_len[seq].sum())
+        seeks = int(t_seeks[seq].sum())
+        backward = int(t_back[seq].sum())
+        if len(seq) > 1:
+            a, b = seq[:-1], seq[1:]
+            bgap = first_host[b] - last_end[a]
+            seeks += int(np.count_nonzero((bgap < 0) | (bgap * cs > skip_bytes)))
+            backward += int(np.count_nonzero(first_host[b] < last_start[a]))
+        del l1_idx
+        return clusters, seeks, backward
+
     def compressed_count(self, source: int = SRC_ACTIVE) -> int:
         """Compressed L2 entries in one L1 tree (0 = active, k+1 = snapshot k)."""
         _idx, ids = self._tree_tables(source)
