@@ -44,8 +44,15 @@ def open_checked(path: str, need_files: bool = False, check: bool = False) -> Im
 
 
 def print_json(obj: object) -> None:
-    """JSON the way qemu-img pretty-prints it (4-space indent)."""
-    sys.stdout.write(json.dumps(obj, indent=4) + "\n")
+    """JSON the way qemu-img pretty-prints it (4-space indent), written as it is encoded (65,536
+    snapshots must not cost a string of the whole answer and millions of pieces at once)."""
+    out: list[str] = []
+    for piece in json.JSONEncoder(indent=4).iterencode(obj):
+        out.append(piece)
+        if len(out) >= 1 << 14:
+            sys.stdout.write("".join(out))
+            out = []
+    sys.stdout.write("".join(out) + "\n")
 
 
 # -- info ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from qinspect.qcow2.hostfile import HostFile
 _SN = struct.Struct(">QIHHIIQII")  # 40 bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One internal snapshot: its own L1 table and metadata.
 
