@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from fuzz.amplify import GENERATORS
 
 MiB = 1 << 20
