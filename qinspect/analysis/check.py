@@ -18,6 +18,7 @@ import numpy.typing as npt
 from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.analysis.refwalk import BatchConsumer, L2Batch, L2Tables, RefKind, RefWalk
 from qinspect.qcow2 import constants as C
+from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import table_fits
 from qinspect.qcow2.image import Image
 from qinspect.qcow2.l2 import ClusterType, L2Format, classify_clusters
@@ -466,7 +467,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
                                "snapshots with qemu-img check -r all")
         res.failed = "File too large"
         return res
-    if not table_fits(h.snapshots_offset, h.nb_snapshots, C.SNAPSHOT_HEADER_SIZE, cs):
+    if not table_fits(h.snapshots_offset, h.nb_snapshots, QCOW_SNAPSHOT_HEADER.size, cs):
         res.check_errors += 1
         res.add("report", "ERROR snapshot table offset invalid")
         res.failed = "Invalid argument"

@@ -30,6 +30,7 @@ from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled,
 from qinspect.analysis.refwalk import RANK_TREE, SRC_ACTIVE, SRC_NONE, BatchConsumer, L2Batch, RefKind, RefWalk
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import Bitmap
+from qinspect.qcow2.fields import QCOW2_BITMAP_HEADER_EXT, QCOW2_CRYPTO_HEADER_EXT, QCOW_HEADER
 from qinspect.qcow2.header import Header
 from qinspect.qcow2.image import Image
 from qinspect.qcow2.l2 import ClusterType, classify_clusters
@@ -372,11 +373,11 @@ class Layout:
             return length > 0 and off < hi and off + length > lo
 
         if covers(h.l1_table_offset, h.l1_size * 8):
-            out.append(Reference("header-field", 0, 0, 40))
+            out.append(Reference("header-field", 0, 0, QCOW_HEADER.offset("l1_table_offset")))
         if covers(h.refcount_table_offset, h.refcount_table_entries * 8):
-            out.append(Reference("header-field", 0, 0, 48))
+            out.append(Reference("header-field", 0, 0, QCOW_HEADER.offset("refcount_table_offset")))
         if snapshots and covers(h.snapshots_offset, self._snapshot_table_size):
-            out.append(Reference("header-field", 0, 0, 64))
+            out.append(Reference("header-field", 0, 0, QCOW_HEADER.offset("snapshots_offset")))
         for sn in snapshots:
             if covers(sn.l1_table_offset, sn.l1_size * 8):
                 out.append(Reference("snapshot-table-entry", h.snapshots_offset, sn.index, sn.entry_offset,
@@ -384,10 +385,12 @@ class Layout:
         for ext in h.extensions:
             if ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None and covers(
                     h.bitmaps_ext.bitmap_directory_offset, h.bitmaps_ext.bitmap_directory_size):
-                out.append(Reference("header-extension", ext.offset, 0, ext.offset + 8 + 16))
+                out.append(Reference("header-extension", ext.offset, 0,
+                                     ext.data_offset + QCOW2_BITMAP_HEADER_EXT.offset("bitmap_directory_offset")))
             if ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER and h.crypto_ext is not None and covers(
                     h.crypto_ext.offset, h.crypto_ext.length):
-                out.append(Reference("header-extension", ext.offset, 0, ext.offset + 8))
+                out.append(Reference("header-extension", ext.offset, 0,
+                                     ext.data_offset + QCOW2_CRYPTO_HEADER_EXT.offset("offset")))
         rt = self._refcount_table
         if len(rt):
             offs = rt & np.uint64(C.REFT_OFFSET_MASK)

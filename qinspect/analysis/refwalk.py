@@ -190,7 +190,7 @@ class RefWalk:
             if g is None:
                 g = len(self.groups)
                 by_key[key] = g
-                self.groups.append(L1Group(offset, table if table is not None else _read_u64(img, offset, size), [],
+                self.groups.append(L1Group(offset, table if table is not None else img.read_entries(offset, size), [],
                                            size))
             self.groups[g].sources.append(source)
             self.trees.append((source, offset, size))
@@ -364,13 +364,6 @@ class RefWalk:
             for src in grp.sources:
                 for i in hit.tolist():
                     yield src, grp.offset, int(i)
-
-
-def _read_u64(img: Image, offset: int, count: int) -> U64:
-    """`count` table entries at `offset`; entries past the end of the file read as 0 and are left
-    out (no zero buffer in proportion to a size claimed by a snapshot table entry)."""
-    count = max(0, min(count, (img.file.size - offset) // 8))
-    return np.frombuffer(img.file.pread(offset, count * 8), dtype=">u8").astype(np.uint64)
 
 
 __all__ = [

@@ -24,7 +24,7 @@ all zeros and data identical to what the backing chain already holds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -35,10 +35,19 @@ from qinspect.qcow2 import constants as C
 from qinspect.qcow2.hostfile import ExtentKind, HostExtents
 from qinspect.qcow2.image import Image
 
-if TYPE_CHECKING:
-    from qinspect.analysis.deep import DeepScan
-
 I64 = npt.NDArray[np.int64]
+
+
+class DeepParts(Protocol):
+    """What the breakdown takes from a deep scan (`qinspect.analysis.deep.DeepScan`), which itself
+    uses this module (`not_written`): space does not import deep."""
+
+    @property
+    def zero_bytes(self) -> int: ...
+
+    @property
+    def duplicate_bytes(self) -> int: ...
+
 
 # Part names, in display order. The deep parts appear only after a deep scan.
 PARTS = (
@@ -277,7 +286,7 @@ def _split_partial(lay: Layout, p: npt.NDArray[np.uint8], data_part: int, holes:
         alloc_moves[name] += int((d + u)[mask].sum())
 
 
-def compute_space(img: Image, layout: Layout | None = None, deep: DeepScan | None = None,
+def compute_space(img: Image, layout: Layout | None = None, deep: DeepParts | None = None,
                   progress: ProgressFn = no_progress, cancelled: CancelledFn = never_cancelled) -> Space:
     """Break the file (and its disk usage) down by part; computes the layout when not given."""
     lay = layout if layout is not None else compute_layout(img, progress, cancelled)
@@ -377,5 +386,5 @@ def compute_space(img: Image, layout: Layout | None = None, deep: DeepScan | Non
                  extents=ext.to_json(), guest_clusters=data_clusters)
 
 
-__all__ = ["PARTS", "PART_LABELS", "HoleMap", "Space", "compute_space", "file_holes", "hole_bytes_per_cluster",
-           "hole_map", "not_written"]
+__all__ = ["PARTS", "PART_LABELS", "DeepParts", "HoleMap", "Space", "compute_space", "file_holes",
+           "hole_bytes_per_cluster", "hole_map", "not_written"]

@@ -1,18 +1,24 @@
-"""Persistent dirty bitmaps: the bitmap directory and each bitmap's table."""
+"""Persistent dirty bitmaps: the bitmap directory and each bitmap's table.
+
+The directory is parsed without numpy (`qemu-img info` lists bitmaps); only reading a bitmap's
+table imports it.
+"""
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Severity
+from qinspect.qcow2.fields import QCOW2_BITMAP_DIR_ENTRY
 from qinspect.qcow2.hostfile import HostFile
 
-_DIR = struct.Struct(">QIIBBHI")  # 24 bytes
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+_DIR = QCOW2_BITMAP_DIR_ENTRY.struct()  # 24 bytes
 BME_MAX_TABLE_SIZE = 0x8000000
 BME_MAX_PHYS_SIZE = 0x20000000
 
@@ -108,5 +114,6 @@ def read_bitmap_directory(
 
 def read_bitmap_table(f: HostFile, bm: Bitmap) -> npt.NDArray[np.uint64]:
     """The bitmap table entries (bounded by the file's size, not by the claimed size)."""
+    import numpy as np
     n = min(bm.bitmap_table_size, BME_MAX_TABLE_SIZE, max(0, f.size - bm.bitmap_table_offset) // 8)
     return np.frombuffer(f.pread(bm.bitmap_table_offset, n * 8), dtype=">u8").astype(np.uint64)

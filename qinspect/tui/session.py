@@ -20,7 +20,7 @@ from qinspect.analysis.progress import CancelledFn, ProgressFn
 from qinspect.qcow2.errors import Problem, Qcow2Error
 from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
 from qinspect.tui.fmt import display_name
-from qinspect.tui.guestmap import GuestMap, ImagePool, chain_of
+from qinspect.tui.guestmap import GuestMap, ImagePool
 
 # Clusters classified per worker step of the guest-map scan (a few L2 tables at a time).
 SCAN_STEP_CLUSTERS = 1 << 18
@@ -54,7 +54,8 @@ class Session:
         self.name = name or display_name(path)
         self.img: Image = open_image(path)
         self.pool = ImagePool(path)
-        self.layers, chain_error = chain_of(self.img)
+        self.layers, error = self.img.open_chain()
+        chain_error = None if error is None else str(error)
         backing_size = max((layer.virtual_size for layer in self.layers[1:]), default=0)
         self.guest = GuestMap(self.img, backing_size)
         self.chain_error = self.clean(chain_error) if chain_error else None
