@@ -57,6 +57,8 @@ PARTS = (
     "bitmaps", "luks", "leaked", "free", "tail", "conflict",
 )
 DEEP_PARTS = ("zero-data", "backing-duplicates")
+# The parts a `qemu-img convert` would not copy (what `Space.reclaimable` adds up).
+RECLAIMABLE_PARTS = ("zero-data", "zero-allocated", "preallocated-unused", "leaked", "free", "tail")
 
 PART_LABELS = {
     "guest-data": "guest data", "zero-data": "all-zero data clusters", "backing-duplicates": "copies of backing data",
@@ -101,8 +103,12 @@ class Space:
         """Bytes a `qemu-img convert` would not copy: unused and unreferenced space (deep parts
         included when scanned; snapshots and bitmaps excluded, convert drops them too but that
         loses them)."""
-        keys = ("zero-data", "zero-allocated", "preallocated-unused", "leaked", "free", "tail")
-        return sum(self.parts.get(k, 0) for k in keys)
+        return sum(self.reclaimable_parts.values())
+
+    @property
+    def reclaimable_parts(self) -> dict[str, int]:
+        """`reclaimable` by part (every part of `RECLAIMABLE_PARTS`, zeros included)."""
+        return {k: self.parts.get(k, 0) for k in RECLAIMABLE_PARTS}
 
     def to_json(self) -> dict[str, object]:
         """`{"file-size": N, "parts": {...}, ...}` with parts adding up to file-size."""

@@ -46,7 +46,8 @@ exit codes:
        (check: "check not completed", also for an image another process is writing)
   2    check: corruptions found          3    check: leaked clusters only
   130  interrupted
-  diagnose --fail-on: 1 when a finding reaches the threshold"""
+  diagnose --fail-on: 1 when a finding reaches the threshold
+  scan --fail-on: 1 when an image reaches it (an image that cannot be inspected counts as error)"""
 
 
 def command(name: str, help_text: str, target: str, example: str | None = None) -> Callable[[Configure], None]:
@@ -175,6 +176,24 @@ def _diagnose(p: argparse.ArgumentParser) -> None:
                    help="also read every data cluster (all-zero clusters, copies of backing data)")
     p.add_argument("--fail-on", choices=["info", "warning", "error"], default=None,
                    help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
+
+
+@command("scan", "every qcow2 image under PATHs: ranked table, JSON Lines or Prometheus metrics",
+         "qinspect.cli.scan_cmd:run_scan",
+         example="qinspect scan /var/lib/libvirt/images --output=prometheus --output-file=/var/lib/prometheus/"
+                 "node-exporter/qinspect.prom")
+def _scan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories to search")
+    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="worker processes (default: the CPU count, fewer when the load average says CPUs are busy)")
+    p.add_argument("--deep", action="store_true", help="also read every data cluster (slower)")
+    p.add_argument("--output", choices=["human", "json", "prometheus"], default="human",
+                   help="human table, JSON Lines (one object per image) or Prometheus text format")
+    p.add_argument("--output-file", metavar="FILE", default=None,
+                   help="write here instead of stdout, atomically (temporary file + rename)")
+    p.add_argument("--fail-on", choices=["info", "warning", "error"], default=None,
+                   help="exit 1 if an image has a finding this severe or worse, or cannot be inspected")
+    p.add_argument("--follow-symlinks", action="store_true", help="follow symlinks that lead out of the tree")
 
 
 # -- parsing -----------------------------------------------------------------------------------------

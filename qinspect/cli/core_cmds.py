@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from qinspect.analysis.info import chain_info, image_info
+from qinspect.analysis.opening import require_files
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.meta import ImageMeta, MetaLayer, open_meta
 from qinspect.shellquote import UnsafeArgument, command_line
@@ -53,10 +54,7 @@ def open_checked(path: str, need_files: bool = False, check: bool = False) -> Im
     try:
         img.require_openable(check=check)
         if need_files:
-            for depth, layer in enumerate(img.chain()):
-                if isinstance(layer, ImageMeta):
-                    layer.require_openable(check=check and depth == 0)  # backing files: a normal open
-                    layer.data_file()
+            require_files(img, check=check)  # the backing chain and data files (shared with scan)
     except Exception:
         img.close()
         raise

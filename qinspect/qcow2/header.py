@@ -390,6 +390,18 @@ def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if h.l1_size < h.l1_size_needed:
         _refuse(problems, "L1 table",
                 f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", _at("l1_size"))
+    # The tables QEMU reads at open: a read ending past BDRV_MAX_LENGTH fails (block layer, EIO).
+    if h.l1_size and h.l1_table_offset + l1_bytes > C.BDRV_MAX_LENGTH:
+        _refuse(problems, "L1 table", "Could not read L1 table: Input/output error (it ends past "
+                                      f"{C.BDRV_MAX_LENGTH:#x}, the block layer's limit)", _at("l1_table_offset"))
+    if rt_bytes and h.refcount_table_offset + rt_bytes > C.BDRV_MAX_LENGTH:
+        _refuse(problems, "refcount table", "Could not initialize refcount handling: Input/output error (the "
+                                            f"table ends past {C.BDRV_MAX_LENGTH:#x}, the block layer's limit)",
+                _at("refcount_table_offset"))
+    if h.nb_snapshots and h.snapshots_offset + QCOW_SNAPSHOT_HEADER.size > C.BDRV_MAX_LENGTH:
+        _refuse(problems, "snapshot table", "Failed to read the snapshot table: Input/output error (it lies past "
+                                            f"{C.BDRV_MAX_LENGTH:#x}, the block layer's limit)",
+                _at("snapshots_offset"))
 
 
 def _unsupported_features(h: Header, f: HostFile, mask: int) -> str:
@@ -515,8 +527,9 @@ def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -
 def _read_backing_name(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if h.crypt_method == C.QCOW_CRYPT_LUKS and h.crypto_ext is None:
         _refuse(problems, "encryption header", "LUKS encryption without the crypto header extension")
-    if h.data_file_raw and not h.has_data_file:
-        _refuse(problems, "header", "data-file-raw requires a data file", _at("autoclear_features"))
+    if h.data_file_raw and not h.has_data_file:  # refused where QEMU opens the data file (not for info)
+        problems.append(Problem(Severity.ERROR, "header", "data-file-raw requires a data file",
+                                _at("autoclear_features")))
     if h.has_data_file and not h.data_file:
         # qemu-img info opens with BDRV_O_NO_IO and, since the CVE-2024-4467 fix (in Debian's 7.2),
         # does not open the data file at all: info works; map, check and reads need the file.
@@ -530,6 +543,8 @@ def _read_backing_name(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if n > C.BACKING_FILE_NAME_MAX or n > h.cluster_size - min(h.backing_file_offset, h.cluster_size):
         _refuse(problems, "backing file name", f"backing file name too long ({n} bytes)", _at("backing_file_size"))
         return
-    if n == 0:  # an empty name is no backing file (bs->backing_file[0] == '\0')
-        return
-    h.backing_file = f.pread(h.backing_file_offset, n).decode("utf-8", "replace")
+    # QEMU keeps the name as a C string: it ends at the first NUL, and an empty name is no backing
+    # file (bs->backing_file[0] == '\0')
+    raw = f.pread(h.backing_file_offset, n).split(b"\0", 1)[0]
+    if raw:
+        h.backing_file = raw.decode("utf-8", "replace")

@@ -238,7 +238,9 @@ class Image(ImageMeta):
         bits = self.header.refcount_bits
         nblocks = min(-(-nb_clusters // per), len(self.refcount_table))
         offs_u = self.refcount_table[:nblocks] & np.uint64(C.REFT_OFFSET_MASK)
-        bad = [int(i) for i in np.flatnonzero((offs_u % np.uint64(cs)) != 0)]
+        # unaligned (qcow2_get_refcount: EIO) or unreadable (ending past BDRV_MAX_LENGTH: EIO)
+        bad = [int(i) for i in np.flatnonzero(((offs_u % np.uint64(cs)) != 0)
+                                              | (offs_u > np.uint64(C.BDRV_MAX_LENGTH - cs)))]
         # A block at or past the end of the file reads as zeros: skip it (and its offset may not fit int64).
         offs = np.where(offs_u < np.uint64(self.file.size), offs_u, np.uint64(0)).astype(np.int64)
         good = np.flatnonzero((offs != 0) & ((offs % cs) == 0))

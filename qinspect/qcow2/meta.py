@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_directory
+from qinspect.qcow2.bitmaps import Bitmap, check_bitmap_tables, read_bitmap_directory
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
 from qinspect.qcow2.fields import QCOW_HEADER, QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import Header, read_header, table_fits
@@ -92,6 +92,9 @@ class ImageMeta:
         self._backing: MetaLayer | None = None
         self._backing_opened = False
         self._data_file: HostFile | None = None
+        if self.header.bitmaps_ext is not None and self.header.bitmaps_consistent and not self.open_refusals:
+            # qcow2_load_dirty_bitmaps reads the directory and every bitmap table at open (and may refuse them)
+            check_bitmap_tables(self.file, self.bitmaps, self.cluster_size, self.problems)
         self._check_host_files()
 
     def _open_tables(self) -> None:
@@ -170,7 +173,7 @@ class ImageMeta:
         if ext is None:
             return []
         return read_bitmap_directory(self.file, ext.bitmap_directory_offset, ext.bitmap_directory_size,
-                                     ext.nb_bitmaps, self.cluster_size, self.problems)
+                                     ext.nb_bitmaps, self.cluster_size, self.problems, self.header.size)
 
     @property
     def active_bitmaps(self) -> list[Bitmap]:
@@ -200,6 +203,9 @@ class ImageMeta:
     def data_file(self) -> HostFile:
         """The file guest data lives in: the external data file, or the image itself."""
         if not self.header.has_data_file:
+            if self.header.data_file_raw:  # QEMU's data-file opening refuses this (info does not open it)
+                raise Qcow2Error("data-file-raw requires a data file", QCOW_HEADER.offset("autoclear_features"),
+                                 path=self.path)
             return self.file
         if self._data_file is None:
             path = self.data_file_path
@@ -234,7 +240,7 @@ class ImageMeta:
                              path=self.path)
         chain = [*self.parents, os.path.realpath(self.path)]
         fmt = self.header.backing_format
-        if fmt is None:
+        if not fmt:  # none stored, or an empty backing format extension: QEMU probes
             fmt = probe_format(path, self.path)
         if os.path.realpath(path) in chain:
             raise Qcow2Error(f"backing chain loops: {path} is already in the chain", self.header.backing_file_offset,
