@@ -33,6 +33,7 @@ from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.hostfile import ExtentKind, ExtentMethod, HostExtents
 from qinspect.qcow2.image import Image, Layer
 from qinspect.qcow2.l2 import SubclusterType
+from qinspect.qcow2.planner import Order, PieceStream
 
 I64 = npt.NDArray[np.int64]
 BATCH_BYTES = 8 << 20
@@ -161,15 +162,18 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
     total = int(tn.sum())
     done = 0
     i = 0
+    # Data pieces through the planner, in guest order (the backing comparison needs that order);
+    # each window is read in host order with several requests in flight.
+    stream = PieceStream(data_file, th, tn, Order.GIVEN, window_bytes=2 * batch_bytes)
+    ends = np.cumsum(tn)
     while i < len(todo):
         if cancelled():
+            stream.close()
             raise Cancelled()
-        j = i
-        acc = 0
-        while j < len(todo) and (j == i or acc + int(tn[j]) <= batch_bytes):
-            acc += int(tn[j])
-            j += 1
-        buf = _gather(lambda off, ln: data_file.pread(off, ln), th[i:j], tn[i:j], acc)
+        base = int(ends[i - 1]) if i else 0
+        j = max(i + 1, int(np.searchsorted(ends, base + batch_bytes, side="right")))
+        acc = int(ends[j - 1]) - base
+        buf = stream.take(j - i)
         starts = np.concatenate(([0], np.cumsum(tn[i:j])[:-1])).astype(np.int64)
         nonzero[todo[i:j]] = np.logical_or.reduceat(buf != 0, starts)
         if back is not None:
@@ -178,6 +182,7 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
         done += acc
         progress(done, total)
         i = j
+    stream.close()
     progress(total, total)
 
     # Judge each source guest cluster by all of its pieces.
@@ -227,7 +232,8 @@ def _read_layer(layer: Layer, offset: int, length: int) -> bytes:
 
 
 def _gather(read: Callable[[int, int], bytes], offs: I64, lens: I64, total: int) -> npt.NDArray[np.uint8]:
-    """Read pieces (offset, length) into one buffer, merging contiguous pieces into one read."""
+    """Guest pieces (offset, length) of a backing layer into one buffer, contiguous pieces in one
+    `read` (these go through the layer's own guest view, whose file reads use the planner)."""
     buf = np.empty(total, dtype=np.uint8)
     pos = 0
     k = 0

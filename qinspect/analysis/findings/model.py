@@ -182,6 +182,5 @@ class Context:
 
     def fully_allocated(self) -> bool:
         """Every guest cluster of the virtual disk has a host cluster (the mark of preallocation)."""
-        _, _, length, _ = self.layout.active_data_runs()
         guest_clusters = self.h.guest_clusters
-        return guest_clusters > 0 and int(length.sum()) >= guest_clusters
+        return guest_clusters > 0 and self.layout.active_allocated_clusters() >= guest_clusters
