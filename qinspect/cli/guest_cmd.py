@@ -2,27 +2,20 @@
 the image still holds (what `fstrim` with discard=unmap would give back).
 
 Human output is a table per volume plus one line per backing layer; `--output=json` prints
-`qinspect.guest.report.guest_json` (keys documented there and in the README).
+`qinspect.guest.report.guest_json` (keys documented there and in the README). The command and its
+options are declared in `qinspect.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from qinspect.cli import _output_opt, command
 from qinspect.cli.core_cmds import open_checked, print_json
 from qinspect.guest import inspect_guest
 from qinspect.guest.model import GuestView
 from qinspect.guest.report import guest_json
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size
-
-
-@command("guest", "the guest's partitions and filesystems: free space, and what the image still holds of it",
-         "qinspect.cli.guest_cmd:run_guest")
-def _guest(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image")
-    _output_opt(p)
 
 
 def run_guest(args: argparse.Namespace) -> int:

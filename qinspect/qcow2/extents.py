@@ -12,27 +12,48 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from qinspect.qcow2 import constants as C
+from qinspect.qcow2.header import Header
+from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.l2 import (
     ClusterType,
+    L2Format,
     SubclusterType,
     classify_clusters,
+    classify_standard_subclusters,
     classify_subclusters_at,
     invalid_bitmaps,
     uniform_bitmaps,
 )
-
-if TYPE_CHECKING:
-    from qinspect.qcow2.image import Image
+from qinspect.qcow2.planner import Order, PieceStream
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 U8 = npt.NDArray[np.uint8]
+
+
+class L2Source(Protocol):
+    """What the extent walk reads: the header, the L1 table and batches of L2 tables (an `Image`)."""
+
+    @property
+    def header(self) -> Header: ...
+
+    @property
+    def l1_table(self) -> U64: ...
+
+    @property
+    def l2_format(self) -> L2Format: ...
+
+    @property
+    def file(self) -> HostFile: ...
+
+    def read_l2_batch(self, i0: int, i1: int, stream: PieceStream | None = None
+                      ) -> tuple[U64, U64 | None, npt.NDArray[np.bool_]]: ...
 
 MAX_L1_ENTRIES = C.QCOW_MAX_L1_SIZE // C.L1E_SIZE
 
@@ -90,7 +111,7 @@ class Extents:
                        np.zeros(1, np.uint64), np.array([error], np.uint8), np.array([where], np.int64))
 
 
-def iter_extents(img: Image, start: int, end: int, batch_entries: int = BATCH_ENTRIES) -> Iterator[Extents]:
+def iter_extents(img: L2Source, start: int, end: int, batch_entries: int = BATCH_ENTRIES) -> Iterator[Extents]:
     """Yield the extents covering guest `[start, end)` in order, a batch of L2 tables at a time."""
     h = img.header
     cs = h.cluster_size
@@ -108,25 +129,99 @@ def iter_extents(img: Image, start: int, end: int, batch_entries: int = BATCH_EN
     hi = min(last + 1, len(l1))
     if hi > first:
         present[: hi - first] = (l1[first:hi] & np.uint64(C.L1E_OFFSET_MASK)) != 0
-    cuts = (np.flatnonzero(present[1:] != present[:-1]) + 1 + first).tolist()
     per_batch = max(1, batch_entries // h.l2_size)
-    for i, j in zip([first, *cuts], [*cuts, last + 1], strict=True):
-        if not present[i - first]:
-            # A run of L1 entries without an L2 table is one unallocated extent.
-            s, e = max(start, i * span), min(end, j * span)
-            yield Extents.single(s, e - s, SubclusterType.UNALLOCATED_PLAIN)
-            continue
-        # A run of L1 entries with tables, a batch at a time.
-        for b in range(i, j, per_batch):
-            b1 = min(j, b + per_batch)
-            yield _table_extents(img, b, b1, max(start, b * span), min(end, b1 * span))
+    # Short runs of entries without a table between tables join the batches around them (their
+    # entries read as zeros: unallocated); only long runs become one unallocated extent. A
+    # scattered image alternates every few entries: thousands of tiny batches otherwise.
+    edges = np.flatnonzero(present[1:] != present[:-1]) + 1
+    bounds = np.concatenate(([0], edges, [len(present)]))
+    run_present = present[bounds[:-1]]
+    run_len = np.diff(bounds)
+    fill = ~run_present & (run_len <= per_batch)
+    fill[0] = fill[-1] = False  # leading / trailing gaps stay gaps
+    if fill.any():
+        for a, b in zip(bounds[:-1][fill].tolist(), bounds[1:][fill].tolist(), strict=True):
+            present[a:b] = True
+    # Tables named by more than one L1 entry (hostile sharing: one table behind a million entries)
+    # are classified once and their extents repeated, never re-read and re-decoded per entry.
+    offs_all = np.zeros(len(present), np.int64)
+    if hi > first:
+        offs_all[: hi - first] = (l1[first:hi] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+    readable = (offs_all != 0) & ((offs_all % cs) == 0)
+    shared = np.zeros(len(present), dtype=bool)
+    if not h.has_data_file and readable.any():
+        srt = np.sort(offs_all[readable])
+        dup = np.unique(srt[1:][srt[1:] == srt[:-1]])
+        del srt
+        if len(dup):
+            shared = readable & np.isin(offs_all, dup)
+        # entries only partly inside [start, end) stay on the ordinary path
+        if first * span < start:
+            shared[0] = False
+        if (last + 1) * span > end:
+            shared[-1] = False
+    cat = np.where(shared, 2, np.where(present, 1, 0)).astype(np.int8)
+    cuts = (np.flatnonzero(cat[1:] != cat[:-1]) + 1 + first).tolist()
+    cache: dict[int, Extents] = {}
+    # One read-ahead stream over the tables of the ordinary batches, in L1 order (the planner reads
+    # each window in host order with several requests in flight while the batches are classified).
+    with PieceStream(img.file, offs_all[readable & (cat == 1)], cs, Order.GIVEN) as stream:
+        for i, j in zip([first, *cuts], [*cuts, last + 1], strict=True):
+            kind = int(cat[i - first])
+            if kind == 0:
+                # A run of L1 entries without an L2 table is one unallocated extent.
+                s, e = max(start, i * span), min(end, j * span)
+                yield Extents.single(s, e - s, SubclusterType.UNALLOCATED_PLAIN)
+                continue
+            if kind == 2:
+                yield from _shared_extents(img, i, offs_all[i - first : j - first], span, cache)
+                continue
+            # A run of L1 entries with tables, a batch at a time.
+            for b in range(i, j, per_batch):
+                b1 = min(j, b + per_batch)
+                yield _table_extents(img, b, b1, max(start, b * span), min(end, b1 * span), stream)
 
 
-def _table_extents(img: Image, i0: int, i1: int, start: int, end: int) -> Extents:
+SHARED_CHUNK = 1 << 16
+"""Extents per yield when repeating shared tables."""
+
+
+def _shared_extents(img: L2Source, i0: int, offs: I64, span: int, cache: dict[int, Extents]) -> Iterator[Extents]:
+    """Extents of L1 entries i0.. naming tables at `offs` (all whole inside the range, all shared):
+    each distinct table decoded once (relative to its first guest byte), then repeated per entry."""
+    uniq, local = np.unique(offs, return_inverse=True)
+    local = local.reshape(-1)
+    for k, o in enumerate(uniq.tolist()):
+        if o not in cache:
+            e = i0 + int(np.flatnonzero(local == k)[0])
+            ex = _table_extents(img, e, e + 1, e * span, (e + 1) * span, None)
+            ex.guest = ex.guest - e * span
+            cache[o] = ex
+    parts = [cache[o] for o in uniq.tolist()]
+    counts = np.array([len(p) for p in parts], np.int64)
+    csr = np.concatenate(([0], np.cumsum(counts)))
+    cat = Extents(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                    ("guest", "length", "sctype", "host", "error", "where")))
+    per_entry = counts[local]
+    ends = np.cumsum(per_entry)
+    a = 0
+    while a < len(offs):
+        base = int(ends[a - 1]) if a else 0
+        b = max(a + 1, int(np.searchsorted(ends, base + SHARED_CHUNK, side="right")))
+        cnt = per_entry[a:b]
+        starts = csr[local[a:b]]
+        idx = np.repeat(starts - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
+        shift = np.repeat((np.arange(a, b, dtype=np.int64) + i0) * span, cnt)
+        yield Extents(cat.guest[idx] + shift, cat.length[idx], cat.sctype[idx], cat.host[idx], cat.error[idx],
+                      cat.where[idx])
+        a = b
+
+
+def _table_extents(img: L2Source, i0: int, i1: int, start: int, end: int, stream: PieceStream | None) -> Extents:
     h = img.header
     cs = h.cluster_size
     n = h.l2_size
-    entries, bitmaps, bad_l2 = img.read_l2_batch(i0, i1)
+    entries, bitmaps, bad_l2 = img.read_l2_batch(i0, i1, stream)
     first_cluster = i0 * n
     c0 = start // cs - first_cluster
     c1 = -(-end // cs) - first_cluster
@@ -137,29 +232,11 @@ def _table_extents(img: Image, i0: int, i1: int, start: int, end: int) -> Extent
     return _extended_extents(img, i0, entries[c0:c1], bitmaps[c0:c1], bad_l2, c0, start, end)
 
 
-# Standard L2 entries: type by (has offset, zero flag, compressed flag, copied flag) as a 4-bit code.
-def _standard_lut(has_data_file: bool) -> U8:
-    lut = np.zeros(16, dtype=np.uint8)
-    for code in range(16):
-        has_off, zero, comp, copied = code & 1, code & 2, code & 4, code & 8
-        if comp:
-            t = SubclusterType.COMPRESSED
-        elif zero:
-            t = SubclusterType.ZERO_ALLOC if has_off else SubclusterType.ZERO_PLAIN
-        elif has_off or (has_data_file and copied):
-            t = SubclusterType.NORMAL
-        else:
-            t = SubclusterType.UNALLOCATED_PLAIN
-        lut[code] = t
-    return lut
-
-
-_STD_LUT = (_standard_lut(False), _standard_lut(True))
 _IS_OFF = np.zeros(8, dtype=bool)
 _IS_OFF[list(OFFSET_TYPES)] = True
 
 
-def _standard_extents(img: Image, i0: int, e: U64, bad_l2: npt.NDArray[np.bool_], c0: int,
+def _standard_extents(img: L2Source, i0: int, e: U64, bad_l2: npt.NDArray[np.bool_], c0: int,
                       start: int, end: int) -> Extents:
     """One item per cluster: classify with a lookup table, cut where type or contiguity changes."""
     h = img.header
@@ -168,10 +245,7 @@ def _standard_extents(img: Image, i0: int, e: U64, bad_l2: npt.NDArray[np.bool_]
     n = h.l2_size
     m = len(e)
     cluster_off = e & np.uint64(C.L2E_OFFSET_MASK)
-    code = (cluster_off != 0).view(np.uint8) | ((e & np.uint64(1)).astype(np.uint8) << np.uint8(1))
-    code |= (e >> np.uint64(62)).astype(np.uint8) << np.uint8(2)
-    types = _STD_LUT[1 if fmt.has_data_file else 0][code]
-    del code
+    types = classify_standard_subclusters(e, fmt, cluster_off != 0)
     is_off = _IS_OFF[types]
     compressed = types == SubclusterType.COMPRESSED
     if compressed.any():
@@ -241,7 +315,7 @@ def _standard_extents(img: Image, i0: int, e: U64, bad_l2: npt.NDArray[np.bool_]
     return ex
 
 
-def _where(img: Image, i0: int, cidx: I64, err: U8) -> I64:
+def _where(img: L2Source, i0: int, cidx: I64, err: U8) -> I64:
     """File offset of the L2 entry of batch cluster `cidx` (of the L1 entry for unaligned tables)."""
     h = img.header
     n = h.l2_size
@@ -264,7 +338,7 @@ def _clip(ex: Extents, start: int, end: int) -> None:
         ex.length[-1] -= last_end - end
 
 
-def _extended_extents(img: Image, i0: int, entries: U64, bitmaps: U64, bad_l2: npt.NDArray[np.bool_],
+def _extended_extents(img: L2Source, i0: int, entries: U64, bitmaps: U64, bad_l2: npt.NDArray[np.bool_],
                       c0: int, start: int, end: int) -> Extents:
     h = img.header
     cs = h.cluster_size

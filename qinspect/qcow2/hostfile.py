@@ -18,6 +18,7 @@ status does, for `map`, whose zero flag follows QEMU's semantics.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -27,13 +28,15 @@ import sys
 from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from qinspect.qcow2.errors import Qcow2Error
 
-I64 = npt.NDArray[np.int64]
+if TYPE_CHECKING:  # numpy is imported by the prober's functions only: opening a file (`info`) needs none
+    import numpy as np
+    import numpy.typing as npt
+
+    I64 = npt.NDArray[np.int64]
 
 # QEMU's lock bytes (block/file-posix.c RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) and struct flock.
 _LOCK_PERM_BASE = 100
@@ -91,6 +94,8 @@ class HostExtents:
 
     def ranges(self, *kinds: ExtentKind) -> tuple[I64, I64]:
         """(start, end) arrays of the ranges of the given kinds, ascending."""
+        import numpy as np
+
         sel = np.isin(self.kind, np.array([int(k) for k in kinds], dtype=np.uint8))
         return self.start[sel], self.end[sel]
 
@@ -218,10 +223,23 @@ class HostFile:
 
     def host_extents(self) -> HostExtents:
         """Classify the whole file: FIEMAP where supported, else SEEK_DATA/SEEK_HOLE (say which)."""
+        import numpy as np
+
         if not self._is_regular:
             return _one_range(self.size, ExtentKind.DATA, ExtentMethod.NONE)
         try:
-            return self._fiemap()
+            ext = self._fiemap()
+            self._restat()
+            if ext.bytes_of(ExtentKind.UNWRITTEN):
+                # Data written just before may still be converting from unwritten (ext4 converts
+                # after the write-back completes): wait for it as fsync does, then ask again.
+                try:
+                    os.fsync(self.fd)
+                except OSError:
+                    return ext
+                ext = self._fiemap()
+                self._restat()
+            return ext
         except OSError:
             pass
         try:
@@ -233,8 +251,16 @@ class HostFile:
         return HostExtents(np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), kind,
                            ExtentMethod.SEEK, self.size)
 
+    def _restat(self) -> None:
+        """Disk usage again after FIEMAP's write-back: blocks the file system allocates only at
+        write-back (delayed allocation, extent-tree blocks) are counted now, whatever was cached."""
+        with contextlib.suppress(OSError):
+            self.allocated_size = os.fstat(self.fd).st_blocks * 512
+
     def _fiemap(self) -> HostExtents:
         """FS_IOC_FIEMAP in batches of `_FIEMAP_BATCH` extents (raises OSError where unsupported)."""
+        import numpy as np
+
         size = self.size
         head = struct.calcsize(_FIEMAP_HEAD)
         esz = struct.calcsize(_FIEMAP_EXTENT)
@@ -296,6 +322,22 @@ class HostFile:
             pos = nxt
         return starts, ends, data
 
+    def next_data(self, offset: int) -> tuple[int, int] | None:
+        """The data extent `[start, end)` at or after `offset` by SEEK_DATA then SEEK_HOLE, as QEMU's
+        file-posix block status asks; None when only a hole follows. Without SEEK_DATA support
+        everything from `offset` to the end is data; without SEEK_HOLE the extent runs to the end."""
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return None
+            return offset, self.size
+        try:
+            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+        except OSError:
+            hole = self.size
+        return data, hole
+
     def data_extent(self, offset: int) -> tuple[bool, int]:
         """(is_data, end) of the data extent or hole containing `offset`, via SEEK_DATA/SEEK_HOLE.
 
@@ -304,18 +346,12 @@ class HostFile:
         """
         if offset >= self.size:
             return False, offset
-        try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return False, self.size
-            return True, self.size
+        nxt = self.next_data(offset)
+        if nxt is None:
+            return False, self.size
+        data, hole = nxt
         if data > offset:
             return False, data
-        try:
-            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
-        except OSError:
-            return True, self.size
         return True, hole
 
     def close(self) -> None:
@@ -333,6 +369,8 @@ class HostFile:
 
 
 def _one_range(size: int, kind: ExtentKind, method: ExtentMethod) -> HostExtents:
+    import numpy as np
+
     n = 1 if size > 0 else 0
     return HostExtents(np.zeros(n, dtype=np.int64), np.full(n, size, dtype=np.int64),
                        np.full(n, int(kind), dtype=np.uint8), method, size)

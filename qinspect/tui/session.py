@@ -20,7 +20,7 @@ from qinspect.analysis.progress import CancelledFn, ProgressFn
 from qinspect.qcow2.errors import Problem, Qcow2Error
 from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
 from qinspect.tui.fmt import display_name
-from qinspect.tui.guestmap import GuestMap, ImagePool, chain_of
+from qinspect.tui.guestmap import GuestMap, ImagePool
 
 # Clusters classified per worker step of the guest-map scan (a few L2 tables at a time).
 SCAN_STEP_CLUSTERS = 1 << 18
@@ -54,7 +54,8 @@ class Session:
         self.name = name or display_name(path)
         self.img: Image = open_image(path)
         self.pool = ImagePool(path)
-        self.layers, chain_error = chain_of(self.img)
+        self.layers, error = self.img.open_chain()
+        chain_error = None if error is None else str(error)
         backing_size = max((layer.virtual_size for layer in self.layers[1:]), default=0)
         self.guest = GuestMap(self.img, backing_size)
         self.chain_error = self.clean(chain_error) if chain_error else None
@@ -152,14 +153,20 @@ class Session:
                 k = m
 
     def run_layout(self, progress: ProgressFn, cancelled: CancelledFn) -> Any:
-        mod = analysis("layout")
-        if mod is None:
-            return None
+        """The host layout and check's result from one refcount walk (each L2 table read once);
+        the check is kept for `run_check`, which follows."""
+        from qinspect.analysis.walks import check_and_layout
+
         with self.pool.borrow() as img:
-            self.layout = mod.compute_layout(img, progress, cancelled)
+            self.check, self.layout = check_and_layout(img, progress, cancelled)
+        self._check_pending = True
         return self.layout
 
     def run_check(self, progress: ProgressFn, cancelled: CancelledFn) -> Any:
+        if getattr(self, "_check_pending", False) and self.check is not None:
+            self._check_pending = False  # computed by the walk run_layout just did
+            progress(1, 1)
+            return self.check
         from qinspect.analysis.check import check_image
 
         with self.pool.borrow() as img:

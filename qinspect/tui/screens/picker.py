@@ -14,6 +14,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
+from qinspect.qcow2.fields import HEADER_V2_SIZE
 from qinspect.tui import fmt
 from qinspect.tui.palette import DIM
 from qinspect.tui.widgets.inputs import SteadyInput
@@ -40,7 +41,7 @@ def find_qcow2(root: str) -> list[tuple[str, int]]:
                 return sorted(found)
             path = os.path.join(dirpath, name)
             try:
-                if not os.path.isfile(path) or os.path.getsize(path) < 72:
+                if not os.path.isfile(path) or os.path.getsize(path) < HEADER_V2_SIZE:
                     continue
                 with open(path, "rb") as f:
                     if f.read(4) != MAGIC:

@@ -15,6 +15,7 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from qinspect.qcow2 import constants as C
+from qinspect.qcow2.fields import QCOW_HEADER
 from qinspect.tui import fmt
 from qinspect.tui.flow import Flow
 from qinspect.tui.guestmap import GL_DARK, GL_EMPTY, GL_FULL, GL_LIGHT, GL_MEDIUM, GL_UNKNOWN
@@ -308,9 +309,11 @@ fragmentation are visible at a glance.
                 ref = StructRef("luks", offset=h.crypto_ext.offset)
             elif r.kind == "header-field":
                 field_off = r.entry_file_offset
-                ref = {40: StructRef("l1", offset=h.l1_table_offset),
-                       48: StructRef("refcount_table", offset=h.refcount_table_offset),
-                       64: StructRef("snapshot_table", offset=h.snapshots_offset)}.get(field_off)
+                ref = {QCOW_HEADER.offset("l1_table_offset"): StructRef("l1", offset=h.l1_table_offset),
+                       QCOW_HEADER.offset("refcount_table_offset"): StructRef("refcount_table",
+                                                                              offset=h.refcount_table_offset),
+                       QCOW_HEADER.offset("snapshots_offset"): StructRef("snapshot_table",
+                                                                         offset=h.snapshots_offset)}.get(field_off)
             if ref is not None:
                 self.post_message(ShowStructure(ref))
                 return
