@@ -29,7 +29,8 @@ import numpy.typing as npt
 from qinspect.analysis.measure import MeasureOptions, refcount_metadata_size
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.analysis.space import not_written
-from qinspect.qcow2.hostfile import ExtentKind, HostExtents
+from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.hostfile import ExtentKind, ExtentMethod, HostExtents
 from qinspect.qcow2.image import Image, Layer
 from qinspect.qcow2.l2 import SubclusterType
 from qinspect.qcow2.planner import Order, PieceStream
@@ -139,6 +140,11 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
     ex = _active_extents(img)
     if img.encrypted:
         return DeepScan(0, 0, 0, 0, 0, 0, len(ex.compressed), 0, 0, skipped="guest data is encrypted")
+    try:
+        img.data_file()
+        back = img.backing()
+    except Qcow2Error as e:
+        return DeepScan(0, 0, 0, 0, 0, 0, len(ex.compressed), 0, 0, skipped=e.message)
     # Pieces no larger than a source cluster or a target cluster, whichever is smaller: each is
     # judged zero / equal to the backing file as a whole.
     unit = min(cs, target.cluster_size)
@@ -152,7 +158,6 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
     # Pieces entirely in a hole of the file read as zeros: nothing to read (sparse preallocation).
     todo = np.flatnonzero(hole_n < n)
     tg, th, tn = g[todo], h[todo], n[todo]
-    back = img.backing()
     data_file = img.data_file()
     total = int(tn.sum())
     done = 0
@@ -210,8 +215,13 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
 
 
 def data_extents(img: Image) -> HostExtents:
-    """The host extents of the file holding the guest data (the image, or its external data file)."""
-    return img.data_file().host_extents()
+    """The host extents of the file holding the guest data (the image, or its external data file);
+    none when the external data file cannot be opened (its data cannot be read either)."""
+    try:
+        return img.data_file().host_extents()
+    except Qcow2Error:
+        z = np.zeros(0, np.int64)
+        return HostExtents(z, z, np.zeros(0, np.uint8), ExtentMethod.NONE, 0)
 
 
 def _read_layer(layer: Layer, offset: int, length: int) -> bytes:

@@ -334,8 +334,18 @@ class Image(ImageMeta):
         if self._last_compressed is not None and self._last_compressed[0] == entry:
             return self._last_compressed[1]
         d = parse_compressed(entry, self.l2_format)
+        size = self.file.size
+        if d.coffset >= size:  # (it would read as zeros, which no compressed cluster is)
+            raise Qcow2Error(f"compressed cluster at host offset {d.coffset:#x} lies past the end of the file "
+                             f"({size} bytes)", d.coffset, path=self.path)
         raw = self.file.pread(d.coffset, d.csize)
-        data = decompress_cluster(raw, self.header.compression_type, self.cluster_size, d.coffset)
+        try:
+            data = decompress_cluster(raw, self.header.compression_type, self.cluster_size, d.coffset)
+        except Qcow2Error as e:
+            if d.coffset + d.csize <= size:
+                raise
+            raise Qcow2Error(f"compressed cluster at host offset {d.coffset:#x} ({d.csize} bytes) runs past the end "
+                             f"of the file ({size} bytes): {e.message}", d.coffset, path=self.path) from None
         self._last_compressed = (entry, data)
         return data
 

@@ -84,6 +84,15 @@ def read_snapshot_table(
             problems.append(Problem(Severity.ERROR, "snapshot table",
                                     f"snapshot table entries {i}..{count - 1} lie past the end of the file and "
                                     "read as zeros", pos))
+            # From here on every entry is 40 zero bytes: an empty snapshot (made without 65,536 reads).
+            n = count - i
+            snaps.extend(Snapshot(k, pos + (k - i) * _SN.size, _SN.size, 0, 0, "", "", 0, 0, 0, 0, 0, virtual_size,
+                                  None, b"") for k in range(i, count))
+            table_length += n * _SN.size
+            if version >= 3:
+                problems.append(Problem(Severity.ERROR, "snapshot table", f"snapshot table entries {i}..{count - 1} "
+                                        "are incomplete (0 bytes of extra data)", pos + _EXTRA_DATA_SIZE_AT))
+            break
         entry_start = pos
         (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
          extra_size) = _SN.unpack(pread(pos, _SN.size))

@@ -96,8 +96,8 @@ def cow(c: Context) -> Finding | None:
         opts["cluster_size"] = size_option(target)
     return Finding(
         "cow-amplification", sev,
-        f"A 4 KiB write into a fresh cluster allocates {size_text(amp.bytes_written)} (x{amp.factor:.0f}); "
-        f"so far {size_text(padding)} of padding",
+        f"A 4 KiB write into a fresh cluster allocates {size_text(amp.bytes_written)} (x{amp.factor:.0f})"
+        + (f"; so far {size_text(padding)} of zero padding" if padding else ""),
         {"cluster-size": cs, "extended-l2": int(c.h.extended_l2), "cow-unit": amp.unit,
          "bytes-per-4k-write": amp.bytes_written, "amplification": amp.factor,
          "allocated-data-bytes": allocated, "written-data-bytes": gc.get("written", 0),
