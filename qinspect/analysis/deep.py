@@ -29,6 +29,7 @@ import numpy.typing as npt
 from qinspect.analysis.measure import MeasureOptions, refcount_metadata_size
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.analysis.space import not_written
+from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.hostfile import ExtentKind, HostExtents
 from qinspect.qcow2.image import Image, Layer
 from qinspect.qcow2.l2 import SubclusterType
@@ -138,6 +139,10 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
     ex = _active_extents(img)
     if img.encrypted:
         return DeepScan(0, 0, 0, 0, 0, 0, len(ex.compressed), 0, 0, skipped="guest data is encrypted")
+    try:
+        img.data_file()
+    except Qcow2Error as e:  # a data file that is required but not named, or cannot be opened
+        return DeepScan(0, 0, 0, 0, 0, 0, len(ex.compressed), 0, 0, skipped=f"guest data cannot be read: {e.message}")
     # Pieces no larger than a source cluster or a target cluster, whichever is smaller: each is
     # judged zero / equal to the backing file as a whole.
     unit = min(cs, target.cluster_size)
