@@ -153,14 +153,20 @@ class Session:
                 k = m
 
     def run_layout(self, progress: ProgressFn, cancelled: CancelledFn) -> Any:
-        mod = analysis("layout")
-        if mod is None:
-            return None
+        """The host layout and check's result from one refcount walk (each L2 table read once);
+        the check is kept for `run_check`, which follows."""
+        from qinspect.analysis.walks import check_and_layout
+
         with self.pool.borrow() as img:
-            self.layout = mod.compute_layout(img, progress, cancelled)
+            self.check, self.layout = check_and_layout(img, progress, cancelled)
+        self._check_pending = True
         return self.layout
 
     def run_check(self, progress: ProgressFn, cancelled: CancelledFn) -> Any:
+        if getattr(self, "_check_pending", False) and self.check is not None:
+            self._check_pending = False  # computed by the walk run_layout just did
+            progress(1, 1)
+            return self.check
         from qinspect.analysis.check import check_image
 
         with self.pool.borrow() as img:
