@@ -11,13 +11,27 @@ from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, WARN, G
 from qinspect.tui.session import Session
 
 
-def header_text(s: Session, compressed_seen: bool = False) -> Text:
+def header_text(s: Session, compressed_seen: bool = False, changed: str | None = None,
+                following: bool = False) -> Text:
+    """The header line. The badges that change how every number on screen must be read (in use,
+    changed on disk, followed) come first, so that a narrow terminal never cuts them off."""
     h = s.img.header
     t = Text(no_wrap=True, overflow="ellipsis")
     t.append(" qinspect ", Style(bold=True, reverse=True))
     t.append(" ")
-    t.append(s.name, Style(bold=True))
+    t.append(s.name, Style(bold=True))  # escaped by the session (for_terminal), a Text: never markup
     sep = Text(" │ ", Style(color=DIM))
+    in_use = s.in_use
+    if in_use is not None:
+        t.append(" ")
+        t.append(f" in use ({in_use.value}): contents may be changing ", Style(bold=True, color="#000000",
+                                                                               bgcolor=WARN))
+    if changed:
+        t.append(" ")
+        t.append(f" {changed} ", Style(bold=True, color="#ffffff", bgcolor=ERROR))
+    if following:
+        t.append(" ")
+        t.append(" following ", Style(bold=True, reverse=True))
     t.append_text(sep)
     t.append(f"{fmt.size(h.size)} virtual")
     t.append_text(sep)
@@ -72,8 +86,21 @@ class HeaderBar(Static):
         super().__init__(header_text(session), id=id)
         self.session = session
         self.compressed_seen = False
+        self.changed: str | None = None
+        self.following = False
+
+    def refresh_text(self) -> None:
+        self.update(header_text(self.session, self.compressed_seen, self.changed, self.following))
 
     def set_compressed_seen(self) -> None:
         if not self.compressed_seen:
             self.compressed_seen = True
-            self.update(header_text(self.session, True))
+            self.refresh_text()
+
+    def set_changed(self, why: str | None) -> None:
+        self.changed = why
+        self.refresh_text()
+
+    def set_following(self, on: bool) -> None:
+        self.following = on
+        self.refresh_text()
