@@ -166,9 +166,9 @@ def _run_tui(args_list: list[str]) -> int:
     if ns.image is not None and not os.path.exists(ns.image):
         report_error(ns.image, "no such file")
         return 1
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        # Textual would wait forever for a terminal that is not there.
-        print("qinspect: the interactive view needs a terminal (stdin and stdout are not one); "
+    if not (sys.stdin.isatty() and sys.stdout.isatty() and sys.stderr.isatty()):
+        # Textual (which draws on stderr and reads stdin) would wait forever for a terminal that is not there.
+        print("qinspect: the interactive view needs a terminal (stdin, stdout and stderr must be one); "
               "for text output use a command: qinspect info|map|check|layout|diagnose IMAGE", file=sys.stderr)
         return 2
     from qinspect.tui.app import run_app

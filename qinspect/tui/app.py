@@ -87,8 +87,8 @@ class QInspectApp(App[int]):
             session = open_session(path, name)
         except Qcow2Error as e:
             where = f" (offset {e.offset})" if e.offset is not None else ""
-            screen: Screen[None] = ErrorScreen(for_terminal(name), for_terminal(e.message + where))
-            self.push_screen(screen, self._error_done)
+            error_screen = ErrorScreen(for_terminal(name), for_terminal(e.message + where))
+            self.push_screen(error_screen, self._error_done)
             return
         else:
             if self.session is not None:

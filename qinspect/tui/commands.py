@@ -31,7 +31,7 @@ class QinspectCommands(Provider):
         if not isinstance(main, MainScreen):
             return []
         cmds: list[tuple[str, str, Callable[[], object]]] = []
-        for vid, label, _cls in VIEWS:
+        for vid, label in VIEWS:
             cmds.append((f"View: {label[2:]}", f"switch to view {label[0]}", partial(main.action_view, vid)))
         cmds += [
             ("Go to guest offset…", "move the guest map cursor (g in the guest map)",

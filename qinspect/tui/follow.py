@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from qinspect.qcow2 import constants as C
 from qinspect.tui.guestmap import GuestMap
@@ -35,8 +36,9 @@ class Changes:
     new_clusters: int = 0  # clusters that were unallocated and now hold something
 
 
-def _allocated(states: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
-    return (states != G.UNALLOCATED) & (states != G.UNKNOWN)
+def _allocated(states: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    out: npt.NDArray[np.bool_] = (states != G.UNALLOCATED) & (states != G.UNKNOWN)
+    return out
 
 
 def refresh_changed(s: Session) -> Changes | None:

@@ -21,7 +21,7 @@ import numpy.typing as npt
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
 from qinspect.qcow2.l2 import SubclusterType
-from qinspect.tui.palette import GUEST_COLOURS, NSTATES, G, backing_state
+from qinspect.tui.palette import GUEST_COLOURS, GUEST_LETTERS, NSTATES, G, backing_state
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
@@ -238,6 +238,10 @@ class GuestMap:
     @staticmethod
     def colour(code: int) -> str:
         return GUEST_COLOURS.get(code, GUEST_COLOURS[G.UNKNOWN])
+
+    @staticmethod
+    def letter(code: int) -> str:
+        return GUEST_LETTERS.get(code, "?")
 
     # -- geometry -------------------------------------------------------------------------------
     def _table_sizes(self, tables: I64) -> I64:

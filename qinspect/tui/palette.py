@@ -8,9 +8,13 @@ hex view and the space bar; an L2 table is the same cyan in the host layout and 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from rich.style import Style
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from textual.theme import Theme
 
 
 class G(IntEnum):
@@ -39,7 +43,7 @@ MAX_DEPTH_COLOURS = 5
 # by CIEDE2000 ΔE ≥ 20 on their background (tests/tui/test_palette.py measures it); the
 # colour-blind palette maximises the distance under simulated protanopia and deuteranopia instead
 # and every grid draws letters there, so that no kind depends on colour alone.
-_GUEST = {
+_GUEST: dict[str, dict[int, str]] = {
     "dark": {G.UNKNOWN: "#3a3a3a", G.UNALLOCATED: "#666666", G.DATA: "#66ee66", G.ZERO_PLAIN: "#66aaff",
              G.ZERO_ALLOC: "#22eeee", G.RESERVED: "#aa8844", G.COMPRESSED: "#cc66ff", G.PARTIAL: "#ffee22",
              G.INVALID: "#ff2222", G.BACKING1: "#eeaaaa", G.BACKING2: "#aa4466", G.BACKING3: "#884400",
@@ -277,7 +281,7 @@ def use_palette_for_theme(theme: str) -> bool:
     return use_palette(palette_for_theme(theme, dark))
 
 
-def textual_themes() -> list[object]:
+def textual_themes() -> list[Theme]:
     """The two themes qinspect adds to Textual's theme picker (ctrl+p → theme)."""
     from textual.theme import Theme
 

@@ -41,7 +41,7 @@ from qinspect.tui.messages import (
     ShowView,
 )
 from qinspect.tui.nav import History, Place, breadcrumb
-from qinspect.tui.palette import DIM, G, WARN
+from qinspect.tui.palette import DIM, WARN, G
 from qinspect.tui.screens.prompt import PromptScreen
 from qinspect.tui.session import Session, Step
 from qinspect.tui.views.base import View
@@ -104,6 +104,18 @@ def export_path(session: Session, vid: str) -> str:
     return path
 
 
+class ViewTabs(TabbedContent):
+    """The views' tabs. A pane is activated by focus only while the focused widget is still in it:
+    a focus that arrives after a link switched views must not switch back."""
+
+    def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
+        focused = self.screen.focused
+        if focused is None or event.tab_pane not in focused.ancestors_with_self:
+            event.stop()
+            return
+        super()._on_tab_pane_focused(event)
+
+
 class MainScreen(Screen[None]):
     """All views of one image."""
 
@@ -151,7 +163,7 @@ class MainScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield HeaderBar(self.session, id="header")
         yield Static("", id="crumbs")
-        with TabbedContent(initial=self.initial_view, id="tabs"):
+        with ViewTabs(initial=self.initial_view, id="tabs"):
             for vid, label in VIEWS:
                 with TabPane(label, id=vid):
                     if vid == self.initial_view:  # the other views are built when first shown
@@ -162,7 +174,7 @@ class MainScreen(Screen[None]):
     def on_mount(self) -> None:
         # The tab strip is driven by the number keys; tab moves between the widgets of a view.
         self.query_one(TabbedContent).query_one(Tabs).can_focus = False
-        self.call_after_refresh(self._focus_current)
+        self.call_after_refresh(self._focus_current, self.initial_view)
         self.call_after_refresh(self.update_crumbs)
         if self.autoscan:
             self.call_after_refresh(self.start_scans)
@@ -193,7 +205,11 @@ class MainScreen(Screen[None]):
     def active_view(self) -> str:
         return self.query_one(TabbedContent).active
 
-    def _focus_current(self) -> None:
+    def _focus_current(self, vid: str | None = None) -> None:
+        """Focus the view `vid` once it is shown (a focus scheduled for a view that is no longer the
+        active one is dropped: focusing inside a hidden pane would switch back to it)."""
+        if vid is not None and vid != self.active_view:
+            return
         target, self._focus_target = self._focus_target, None
         if target is not None and target.is_mounted:
             target.focus()
@@ -235,9 +251,10 @@ class MainScreen(Screen[None]):
             self.remember()
         await self.ensure_view(vid)
         if tabs.active != vid:
+            self.set_focus(None)  # nothing in the pane left behind may pull the tabs back to it
             tabs.active = vid  # TabActivated focuses the view
         else:
-            self.call_after_refresh(self._focus_current)
+            self.call_after_refresh(self._focus_current, vid)
         self.call_after_refresh(self.update_crumbs)
 
     async def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
@@ -245,7 +262,7 @@ class MainScreen(Screen[None]):
         if vid:
             await self.ensure_view(vid)
         self.refresh_bindings()
-        self.call_after_refresh(self._focus_current)
+        self.call_after_refresh(self._focus_current, vid)
         self.call_after_refresh(self.update_crumbs)
 
     async def on_show_view(self, message: ShowView) -> None:
@@ -346,7 +363,7 @@ class MainScreen(Screen[None]):
             return
         what, text = got
         self.app.copy_to_clipboard(text)
-        self.notify(Text(f"copied {what}: {text}"), timeout=4)
+        self.notify(f"copied {what}: {text}", markup=False, timeout=4)
 
     def action_export(self) -> None:
         view = self.view()
@@ -358,9 +375,9 @@ class MainScreen(Screen[None]):
                 json.dump(data, f, indent=2, default=str)
                 f.write("\n")
         except OSError as e:
-            self.notify(Text(f"export failed: {e.strerror or e}"), severity="error")
+            self.notify(f"export failed: {e.strerror or e}", markup=False, severity="error")
             return
-        self.notify(Text(f"wrote {path}"), timeout=6)
+        self.notify(f"wrote {path}", markup=False, timeout=6)
 
     # -- go to and find -----------------------------------------------------------------------------------
     def action_goto(self) -> None:
@@ -506,8 +523,8 @@ class MainScreen(Screen[None]):
         changed = self.session.changed()
         if changed and self.follow_timer is None:
             self.query_one(HeaderBar).set_changed(changed)
-            self.notify(Text(f"{changed}: results would mix two versions of the file; "
-                             "R reopens it, f follows it"), severity="warning", timeout=10)
+            self.notify(f"{changed}: results would mix two versions of the file; "
+                             "R reopens it, f follows it", markup=False, severity="warning", timeout=10)
             return
         if self.scanning:
             self.notify("a scan is already running (esc cancels it)")
@@ -545,13 +562,13 @@ class MainScreen(Screen[None]):
         try:
             changes = refresh_changed(s)
         except Qcow2Error as e:
-            self.notify(Text(f"follow: {e}"), severity="error", timeout=6)
+            self.notify(f"follow: {e}", markup=False, severity="error", timeout=6)
             return
         if changes is None:
             return
         self.query_one(HeaderBar).refresh_text()
         if changes.replaced:
-            self.notify(Text("follow: the file was replaced; R reopens it"), severity="warning", timeout=8)
+            self.notify("follow: the file was replaced; R reopens it", markup=False, severity="warning", timeout=8)
             self.action_follow()
             return
         if changes.tables or changes.resized:

@@ -10,6 +10,7 @@ opens it), so it imports nothing of the app.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -167,7 +168,7 @@ def sort_entries(entries: list[Entry], key: SortKey, reverse: bool) -> list[Entr
         SortKey.DISK: lambda e: -e.disk_usage,
         SortKey.FINDING: lambda e: (_SEVERITY_RANK.get(e.worst or "", 4), e.path),
     }
-    return sorted(entries, key=keys[key], reverse=reverse)  # type: ignore[arg-type]
+    return sorted(entries, key=keys[key], reverse=reverse)
 
 
 COLUMNS = (("image", SortKey.NAME), ("virtual", SortKey.VIRTUAL), ("file", SortKey.FILE),
@@ -303,10 +304,8 @@ class PickerScreen(Screen[str | None]):
     def _diagnosed(self, e: Entry, worst: str, title: str) -> None:
         e.worst, e.worst_title = worst, title
         self.diagnosed += 1
-        try:
+        with contextlib.suppress(Exception):  # the row may be filtered out
             self.table.update_cell(e.path, "worst finding", self._worst_cell(e))
-        except Exception:  # the row is filtered out
-            pass
         self._status()
 
     # -- the table ---------------------------------------------------------------------------------

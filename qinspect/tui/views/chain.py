@@ -13,7 +13,7 @@ from qinspect.qcow2.image import Image
 from qinspect.tui import fmt
 from qinspect.tui.messages import ShowStructure
 from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, G
-from qinspect.tui.session import Session
+from qinspect.tui.session import Session, Step
 from qinspect.tui.structs import (
     BitmapDirectoryModel,
     Cell,
@@ -86,6 +86,9 @@ class LayersModel(TableModel):
 
 class ChainView(View):
     """Three tables: layers, snapshots, bitmaps."""
+
+    VIEW_ID = "chain"
+    TITLE = "Chain & snapshots"
 
     HELP = """
 ## Chain & snapshots
@@ -161,7 +164,7 @@ class ChainView(View):
         if isinstance(target, StructRef):
             self.post_message(ShowStructure(target))
 
-    def data_changed(self, step: str) -> None:
-        if step == "guest":
+    def data_changed(self, step: Step | None) -> None:
+        if step in (Step.GUEST, None):
             t = self.query_one("#ch-layers", EntryTable)
             t.set_model(self.layers_model, t.cursor)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+import numpy.typing as npt
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.style import Style
 from rich.table import Table
@@ -17,7 +16,7 @@ from textual.widgets import Static
 from qinspect.qcow2 import constants as C
 from qinspect.tui import fmt
 from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, SEVERITY_COLOURS, WARN, G, kind_colour
-from qinspect.tui.session import analysis
+from qinspect.tui.session import Step
 from qinspect.tui.structs import ExtensionsModel, HeaderModel, utc
 from qinspect.tui.views.base import View
 from qinspect.tui.views.diagnostics import SEVERITY_ORDER, items_from_core, items_from_diagnosis
@@ -58,6 +57,9 @@ class SpaceBar:
 
 class OverviewView(View):
     """Everything about the image on one scrollable page."""
+
+    VIEW_ID = "overview"
+    TITLE = "Overview"
 
     HELP = """
 ## Overview
@@ -110,8 +112,20 @@ as the scans finish (`esc` cancels them, `r` resumes).
         self.query_one("#ov-chain", Static).update(self._chain())
         self.query_one("#ov-findings", Static).update(self._findings())
 
-    def data_changed(self, step: str) -> None:
+    def data_changed(self, step: Step | None) -> None:
         self.refresh_dynamic()
+
+    def export(self) -> dict[str, object]:
+        s = self.session
+        h = s.img.header
+        out: dict[str, object] = {"view": self.VIEW_ID, "virtual-size": h.size, "file-size": s.img.file.size,
+                                  "disk-usage": s.img.file.allocated_size, "cluster-size": h.cluster_size,
+                                  "layers": [li.__dict__ for li in s.layer_infos()]}
+        if s.space is not None:
+            out["space"] = s.space.to_json()
+        if s.diagnosis is not None:
+            out["findings"] = [f.to_json() for f in s.diagnosis.findings]
+        return out
 
     # -- sections ------------------------------------------------------------------------------------
     def _image(self) -> RenderableType:
@@ -258,15 +272,21 @@ as the scans finish (`esc` cancels them, `r` resumes).
         size = s.img.file.size
         head = title(f"Where the {fmt.size(size)} of the file go")
         if space is None:
-            if analysis("space") is None:
-                return Group(head, Text("the space analysis is not available", Style(color=DIM)))
-            why = "cancelled — press r to resume" if "layout" in s.cancelled else "waiting for the host layout scan…"
-            if "layout" in s.errors:
-                why = f"layout failed: {s.errors['layout']}"
+            why = "cancelled — press r to resume" if Step.LAYOUT in s.cancelled else \
+                "waiting for the host layout scan…" if s.scanning else "not computed (r runs the scans)"
+            if Step.LAYOUT in s.errors:
+                why = f"layout failed: {s.clean(s.errors[Step.LAYOUT])}"
             return Group(head, Text(why, Style(color=DIM)))
-        mod = analysis("space")
-        labels: dict[str, str] = getattr(mod, "PART_LABELS", {}) if mod is not None else {}
-        parts = [(labels.get(k, k), kind_colour(k), int(v)) for k, v in space.parts.items() if int(v) > 0]
+        from qinspect.analysis.space import PART_LABELS
+
+        # Parts that share a colour are one legend entry (its labels joined), so every two
+        # entries of the legend have colours that can be told apart.
+        merged: dict[str, tuple[list[str], int]] = {}
+        for k, v in space.parts.items():
+            if int(v) > 0:
+                labels, n = merged.get(kind_colour(k), ([], 0))
+                merged[kind_colour(k)] = ([*labels, PART_LABELS.get(k, k)], n + int(v))
+        parts = [(" + ".join(labels), colour, n) for colour, (labels, n) in merged.items()]
         parts.sort(key=lambda p: -p[2])
         legend = Table.grid(padding=(0, 2))
         cols = 3
@@ -303,12 +323,18 @@ as the scans finish (`esc` cancels them, `r` resumes).
         parts: list[RenderableType] = [title("Top findings"), t]
         if len(items) > 6:
             parts.append(Text(f"… {len(items) - 6} more in view 6", Style(color=DIM)))
-        if s.diagnosis is None and analysis("diagnose") is not None and "diagnose" not in s.cancelled:
-            parts.append(Text("(full diagnosis still running)", Style(color=DIM)))
+        if s.diagnosis is None:
+            if s.scanning:
+                parts.append(Text("(full diagnosis still running)", Style(color=DIM)))
+            elif Step.DIAGNOSE in s.cancelled or Step.LAYOUT in s.cancelled:
+                parts.append(Text("(diagnosis cancelled: findings from the open checks only; r resumes)",
+                                  Style(color=WARN)))
+            else:
+                parts.append(Text("(findings from the open checks only; r runs the diagnosis)", Style(color=DIM)))
         return Group(*parts)
 
 
-def guest_totals_bytes(totals: Any, cluster_size: int) -> dict[str, int]:
+def guest_totals_bytes(totals: npt.ArrayLike, cluster_size: int) -> dict[str, int]:
     """Bytes of the guest view per state (for tests and the chain view)."""
     from qinspect.tui.palette import GUEST_NAMES
 
