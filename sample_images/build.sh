@@ -420,7 +420,166 @@ mk big_empty.qcow2 1T
 # ---------------------------------------------------------------------------------------------
 # issue 9: fidelity at the edges
 # ---------------------------------------------------------------------------------------------
-# (images for this section go here)
+# Byte patches below go through fidpatch (a few lines of Python, defined here): qemu-img and
+# qemu-io cannot make any of this damage. Each image says what it shows and what QEMU does.
+cat >"$WORK/fidpatch.py" <<'PY'
+"""fidpatch FILE OP...: byte patches for the issue-9 images. OPs: u32@OFF=V, u64@OFF=V (V may be
+an expression of l1 / rt / size / L1[i] / RT[i] / L2E(guest)), append@HEX, truncate@N, copy-l2e@A:B
+(guest cluster A's L2 entry := B's), feat@I=TYPE:BIT:NAME (feature table entry I), ext-magic@OLD=NEW."""
+import os
+import struct
+import sys
+
+path, *ops = sys.argv[1:]
+f = open(path, "r+b")
+
+
+def rd(off, fmt):
+    f.seek(off)
+    return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+
+def env():
+    cs = 1 << rd(20, ">I")
+    l1, rt = rd(40, ">Q"), rd(48, ">Q")
+    return dict(cs=cs, l1=l1, rt=rt, size=os.path.getsize(path),
+                L1=lambda i: rd(l1 + 8 * i, ">Q"), RT=lambda i: rd(rt + 8 * i, ">Q"),
+                L2E=lambda g: (rd(l1 + 8 * (g // cs // (cs // 8)), ">Q") & 0xFFFFFFFFFFFE00)
+                + 8 * (g // cs % (cs // 8)))
+
+
+def exts():
+    """(offset, magic, length) of the header extensions."""
+    off = rd(100, ">I")
+    while True:
+        magic, length = rd(off, ">I"), rd(off + 4, ">I")
+        yield off, magic, length
+        if magic == 0:
+            return
+        off += 8 + (length + 7) // 8 * 8
+
+
+for op in ops:
+    kind, arg = op.split("@", 1)
+    if kind in ("u32", "u64"):
+        where, val = arg.split("=", 1)
+        pos, data = eval(where, env()), struct.pack(">I" if kind == "u32" else ">Q", eval(val, env()))
+        f.seek(pos)
+        f.write(data)
+    elif kind == "append":
+        f.seek(0, 2)
+        f.write(bytes.fromhex(arg))
+    elif kind == "truncate":
+        f.truncate(eval(arg, env()))
+    elif kind == "copy-l2e":
+        a, b = (eval(x, env()) for x in arg.split(":"))
+        e = env()
+        pos, data = e["L2E"](a), struct.pack(">Q", rd(e["L2E"](b), ">Q"))
+        f.seek(pos)
+        f.write(data)
+    elif kind == "feat":
+        i, spec = arg.split("=", 1)
+        typ, bit, name = spec.split(":", 2)
+        [(off, _m, length)] = [x for x in exts() if x[1] == 0x6803F857]
+        assert (int(i) + 1) * 48 <= length
+        f.seek(off + 8 + 48 * int(i))
+        f.write(bytes([int(typ), int(bit)]) + name.encode().ljust(46, b"\0"))
+    elif kind == "ext-magic":
+        old, new = (int(x, 0) for x in arg.split("="))
+        [off] = [x[0] for x in exts() if x[1] == old]
+        f.seek(off)
+        f.write(struct.pack(">I", new))
+    else:
+        raise SystemExit(f"fidpatch: unknown op {op}")
+f.close()
+PY
+fp() { python3 "$WORK/fidpatch.py" "$@"; }
+
+# fid_overflow: refcount_bits=1 (refcount_max 1); PATCH guest cluster 1's L2 entry to point at
+# guest cluster 0's host cluster. The second reference overflows: qcow2_inc_refcounts_imrt prints
+# "ERROR: overflow cluster offset=..." and the amend/convert hint, counts a corruption and does
+# not count it; the orphaned host cluster is leaked.
+mk -o refcount_bits=1 fid_overflow.qcow2 1M
+qio fid_overflow.qcow2 "write -P 0x91 0 64k" "write -P 0x92 64k 64k"
+fp fid_overflow.qcow2 copy-l2e@65536:0
+
+# fid_refblock_unaligned: PATCH refcount table entry 0 to point 512 bytes into its block: check
+# prints "refcount block 0 is not cluster aligned", then qcow2_get_refcount fails (EIO) for every
+# cluster: one "Can't get refcount for cluster N" line each, after one "Image is corrupt" line.
+mk fid_refblock_unaligned.qcow2 16M
+qio fid_refblock_unaligned.qcow2 "write -P 0x93 0 192k" "write -P 0x94 8M 64k"
+fp fid_refblock_unaligned.qcow2 "u64@rt=RT(0)+512"
+
+# fid_many_messages: 512-byte clusters, 1.5 MiB written (3072 data clusters); PATCH refcount table
+# entries 1.. to 0: every cluster they covered has refcount 0 -> more than 2,000 check messages
+# (qemu-img prints all of them; so must qinspect).
+mk -o cluster_size=512 fid_many_messages.qcow2 4M
+qio fid_many_messages.qcow2 "write -P 0x95 0 1536k"
+fp fid_many_messages.qcow2 $(for i in $(seq 1 40); do echo "u64@rt+8*$i=0"; done)
+
+# fid_l1_int64: PATCH the active L1 offset to 2^63 - 64 KiB (cluster aligned) with 16384
+# entries: the table would end past INT64_MAX -> "Active L1 table offset invalid".
+mk fid_l1_int64.qcow2 64M
+fp fid_l1_int64.qcow2 "u32@36=16384" "u64@40=(1<<63)-65536"
+
+# fid_l1_misaligned_empty: virtual size 0 (no L1 entries); PATCH the L1 offset to 0x30008:
+# qcow2_validate_table refuses a misaligned table even when it is empty.
+mk fid_l1_misaligned_empty.qcow2 0
+fp fid_l1_misaligned_empty.qcow2 "u64@40=l1+8"
+
+# fid_snap_misaligned_empty: no snapshots; PATCH snapshots_offset to 0x10200: refused at open
+# ("Snapshot table offset invalid"); check, which skips the table at open, fails in its own
+# snapshot check ("ERROR snapshot table offset invalid", "Check failed: Invalid argument").
+mk fid_snap_misaligned_empty.qcow2 16M
+qio fid_snap_misaligned_empty.qcow2 "write -P 0x96 0 64k"
+fp fid_snap_misaligned_empty.qcow2 "u64@64=0x10200"
+
+# fid_ext_short: PATCH backing_file_offset to header_length + 4, backing_file_size 0: the
+# extension area is 4 bytes, too short for an extension header -> "Header extension too large".
+mk fid_ext_short.qcow2 16M
+fp fid_ext_short.qcow2 "u64@8=112+4" "u32@16=0"
+
+# fid_backing_empty: PATCH backing_file_offset to 0x800 (past the extensions), size 0: an empty
+# backing file name, which QEMU reads as no backing file.
+mk fid_backing_empty.qcow2 16M
+qio fid_backing_empty.qcow2 "write -P 0x97 1M 64k"
+fp fid_backing_empty.qcow2 "u64@8=0x800" "u32@16=0"
+
+# fid_norefcount_table: PATCH refcount_table_clusters to 0: info refuses ("Image does not contain
+# a reference count table"); check opens with BDRV_O_CHECK and reports every cluster (exit 2).
+mk fid_norefcount_table.qcow2 16M
+qio fid_norefcount_table.qcow2 "write -P 0x98 0 128k"
+fp fid_norefcount_table.qcow2 "u32@56=0"
+
+# fid_snap_past_eof: PATCH nb_snapshots to 3 and snapshots_offset to 1 GiB, past the end of the
+# file: reads past EOF return zeros (block/io.c), so info lists 3 empty snapshots and check calls
+# each entry incomplete and the table's region past the end of the file.
+mk fid_snap_past_eof.qcow2 16M
+qio fid_snap_past_eof.qcow2 "write -P 0x99 0 64k"
+fp fid_snap_past_eof.qcow2 "u32@60=3" "u64@64=1<<30"
+
+# fid_l1_cut: PATCH a copy of the L1 table's first 4 bytes (0x80000000) onto the end of the
+# file and point l1_table_offset at them: the entry is cut after 4 bytes and reads as
+# 0x8000000000000000 (not 0). Its L2 offset is 0, so check reads the header cluster as an L2
+# table and counts the damage; map calls the guest unallocated.
+mk fid_l1_cut.qcow2 64M
+qio fid_l1_cut.qcow2 "write -P 0x9a 0 128k"
+fp fid_l1_cut.qcow2 append@80000000 "u64@40=size-4"
+
+# fid_data_file_unnamed: an external-data-file image whose data-file-name extension is PATCHED
+# into an unknown extension: the incompatible bit says a data file is required, none is named.
+# Debian's qemu-img 7.2 (CVE-2024-4467 fix) opens it for info without the data file (exit 0);
+# map and check need the data file and fail.
+mk -o data_file=fid_data_file_unnamed.data fid_data_file_unnamed.qcow2 1M
+fp fid_data_file_unnamed.qcow2 ext-magic@0x44415441=0x44415440
+rm fid_data_file_unnamed.data
+
+# fid_features_named: PATCH incompatible feature bits 61, 62, 63 on, and two entries of the
+# feature name table into (incompatible, 61, "test1") and (incompatible, 62, "test2"): QEMU
+# refuses with "Unsupported qcow2 feature(s): test1, test2, Unknown incompatible feature:
+# 8000000000000000".
+mk fid_features_named.qcow2 16M
+fp fid_features_named.qcow2 "u64@72=0xE000000000000000" "feat@0=0:61:test1" "feat@1=0:62:test2"
 
 # ---------------------------------------------------------------------------------------------
 # issue 10: hostile images and names
@@ -430,7 +589,39 @@ mk big_empty.qcow2 1T
 # ---------------------------------------------------------------------------------------------
 # issue 11: diagnosis (one image per finding)
 # ---------------------------------------------------------------------------------------------
-# (images for this section go here)
+# Each shows one finding above its threshold (1 MiB and 10 % for space findings). Stored
+# non-sparse like every sample; tests/test_diagnose_fixes.py builds sparse ones at test time.
+# free-space: 6 MiB of data discarded in the middle of the file (refcount 0, still on disk).
+mk diag_free.qcow2 32M
+qio diag_free.qcow2 "write -P 0x51 0 8M" "write -P 0x52 16M 64k" "discard 0 6M"
+# snapshot-space: snapshot 'old' alone holds the first version of 4 MiB of data.
+mk diag_snapshots.qcow2 32M
+qio diag_snapshots.qcow2 "write -P 0x61 0 4M"
+qemu-img snapshot -c old diag_snapshots.qcow2
+qio diag_snapshots.qcow2 "write -P 0x62 0 4M"
+# zero-clusters (deep): 4 MiB of zeros written as data.
+mk diag_zeros.qcow2 32M
+qio diag_zeros.qcow2 "write -P 0 0 4M" "write -P 0x71 8M 64k"
+# backing-duplicates (deep) and cow-amplification (info: QEMU's default 64 KiB clusters, no
+# extended L2): 2 MiB rewritten unchanged over the backing file, 60 scattered 4 KiB writes.
+mk diag_dup_base.qcow2 32M
+qio diag_dup_base.qcow2 "write -P 0xd0 0 16M"
+mk -b diag_dup_base.qcow2 -F qcow2 diag_dup_top.qcow2
+args=("write -P 0xd0 0 2M")
+for k in $(seq 0 59); do args+=("write -P $((0x40 + k)) $(( (k * 7919 * 4096) % (28 << 20) + 4 * 1048576 )) 4k"); done
+qio diag_dup_top.qcow2 "${args[@]}"
+# scattered-metadata: 71 L2 tables allocated in reverse guest order (a 4 KiB write every 512 MiB
+# from the top of a 40 GiB disk down).
+mk diag_scattered.qcow2 40G
+args=()
+for k in $(seq 70 -1 0); do args+=("write -P $((k % 200 + 1)) $((k * 512))M 4k"); done
+qio diag_scattered.qcow2 "${args[@]}"
+# truncated: the last data cluster cut short by 40000 bytes (reads as zeros; qemu-img check is clean).
+mk diag_truncated.qcow2 16M
+qio diag_truncated.qcow2 "write -P 1 0 64k" "write -P 2 1M 64k" "write -P 3 2M 64k"
+truncate -s $(( $(stat -c %s diag_truncated.qcow2) - 40000 )) diag_truncated.qcow2
+# (backing-missing is built at test time by tests/test_diagnose_fixes.py: the golden check
+# comparison has no case yet for an image qemu-img info opens but check cannot.)
 
 # ---------------------------------------------------------------------------------------------
 # issue 16: scan
@@ -596,7 +787,10 @@ def goldens(e):
         put(f"{stem}.measure.exit", f"{first_failure[0]}\n")
         put(f"{stem}.measure.stderr", first_failure[1])
 
-    vsize = json.loads(run(["qemu-img", "info", "--output=json", fn])[1])["virtual-size"]
+    rc, out, _ = run(["qemu-img", "info", "--output=json", fn])
+    if rc != 0:  # refused at open (issue 9 samples): nothing to convert
+        return
+    vsize = json.loads(out)["virtual-size"]
     if vsize > RAW_LIMIT:
         return
     out_raw = os.path.join(rawdir, stem + ".raw")

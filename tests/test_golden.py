@@ -20,7 +20,7 @@ from qinspect.analysis.check import check_image
 from qinspect.analysis.info import chain_info, image_info
 from qinspect.analysis.map import map_json
 from qinspect.qcow2.errors import Qcow2Error
-from qinspect.qcow2.image import open_image
+from qinspect.qcow2.image import Image, open_image
 
 # Reading the whole guest disk is only done for disks up to this size.
 FULL_READ_LIMIT = 1 << 30
@@ -45,6 +45,13 @@ def _norm_info(info: Any) -> Any:
 
 def _rel(samples: Samples, name: str) -> str:
     return samples.path(name).name
+
+
+def _openable(img: Image, check: bool = False) -> None:
+    """What qemu-img map / check need before they start: an open QEMU accepts (check's with
+    BDRV_O_CHECK) and the external data file."""
+    img.require_openable(check=check)
+    img.data_file()
 
 
 @pytest.fixture
@@ -78,10 +85,10 @@ def test_map_matches_golden(in_samples: Samples, name: str) -> None:
             if _golden(in_samples, name, "map.exit") is None:
                 pytest.skip("no map golden")
             with pytest.raises(Qcow2Error):
-                img.require_openable()
+                _openable(img)
                 map_json(img)
             return
-        img.require_openable()
+        _openable(img)
         got = map_json(img)
     for g in got:
         g.pop("compressed")
@@ -100,9 +107,11 @@ def test_check_matches_golden(in_samples: Samples, name: str) -> None:
             if code is None:
                 pytest.skip("no check golden")
             with pytest.raises(Qcow2Error):
-                img.require_openable()
+                _openable(img, check=True)
+                if check_image(img, filename=rel).failed is not None:  # the check itself failed
+                    raise Qcow2Error("check failed")
             return
-        img.require_openable()
+        _openable(img, check=True)
         res = check_image(img, filename=rel)
     assert res.to_json() == exp
     if code is not None:
@@ -176,6 +185,11 @@ def test_live_qemu_img(in_samples: Samples, name: str) -> None:
             return
         img.require_openable()
         assert image_info(img, rel) == json.loads(out)
+        try:
+            _openable(img, check=True)
+        except Qcow2Error:
+            assert _qemu(["check", "--output=json", rel], in_samples.dir)[0] == 1
+            return
         res = check_image(img, filename=rel)
         if img.encrypted:
             exp, code = _check_with_key(in_samples, rel)

@@ -18,6 +18,7 @@ import numpy.typing as npt
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import BME_MAX_TABLE_SIZE, read_bitmap_table
+from qinspect.qcow2.header import table_fits
 from qinspect.qcow2.image import Image
 from qinspect.qcow2.l2 import ClusterType, L2Format, classify_clusters
 
@@ -26,7 +27,6 @@ U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]
 # Stored refcounts, in the narrowest dtype of the image's refcount width (uint16 by default).
 Refcounts = npt.NDArray[np.unsignedinteger[Any]]
-MAX_MESSAGES = 2000
 # References past the end of the file are counted densely up to this many extra clusters and
 # sparsely beyond (QEMU grows its table; a hostile offset must not make us allocate terabytes).
 DENSE_EXTRA_CLUSTERS = 1 << 22
@@ -34,13 +34,25 @@ DENSE_EXTRA_CLUSTERS = 1 << 22
 L2_BATCH_ENTRIES = 1 << 16
 
 
-@dataclass
+# qcow2_inc_refcounts_imrt: the two lines printed for each reference past the refcount maximum.
+OVERFLOW_HINT = ("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a "
+                 "clean copy if the image cannot be opened for writing")
+
+
+@dataclass(slots=True)
 class CheckMessage:
-    """One line QEMU's check would print on stderr: kind is error, leak or check-error."""
+    """Lines QEMU's check prints on stderr: kind is error, leak, check-error or report.
+
+    `report` lines come from QEMU's error_report (printed with the program name in front, as
+    "qemu-img: ..."); the others are its plain fprintf(stderr) lines. `text` may hold several
+    lines, printed `repeat` times (an overflowing cluster referenced a million times is one
+    message, not a million).
+    """
 
     kind: str
     text: str
     cluster: int | None = None
+    repeat: int = 1
 
 
 @dataclass
@@ -57,7 +69,10 @@ class CheckResult:
     fragmented_clusters: int = 0
     compressed_clusters: int = 0
     messages: list[CheckMessage] = field(default_factory=list)
-    messages_dropped: int = 0
+    # Why the check itself stopped (QEMU's "Check failed: <strerror>"); no counts are printed then.
+    failed: str | None = None
+    _keyed: list[tuple[int, int, CheckMessage]] | None = field(default=None, repr=False)
+    _last_key: int = field(default=-1, repr=False)
     dirty: bool = False
     lazy_refcounts: bool = False
     leaked_clusters: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -65,11 +80,43 @@ class CheckResult:
     reference: U32 = field(default_factory=lambda: np.zeros(0, np.uint32))  # references per host cluster
     stored: Refcounts = field(default_factory=lambda: np.zeros(0, np.uint64))  # stored refcount per cluster
 
-    def add(self, kind: str, text: str, cluster: int | None = None) -> None:
-        if len(self.messages) < MAX_MESSAGES:
-            self.messages.append(CheckMessage(kind, text, cluster))
-        else:
-            self.messages_dropped += 1
+    def add(self, kind: str, text: str, cluster: int | None = None, repeat: int = 1, key: int | None = None) -> None:
+        """Record a message; there is no cap (qemu-img prints every one).
+
+        Inside `ordered()`, `key` is the message's place in QEMU's walk (L1 index, L2 index, step
+        within the entry; see `walk_key`): the vectorised walk finds messages kind by kind, and
+        they are put back in QEMU's entry-by-entry order when the block ends.
+        """
+        msg = CheckMessage(kind, text, cluster, repeat)
+        if self._keyed is None:
+            self.messages.append(msg)
+            return
+        if key is None:
+            key = self._last_key
+        self._last_key = max(self._last_key, key)
+        self._keyed.append((key, len(self._keyed), msg))
+
+    def ordered(self, on: bool) -> None:
+        """Start (True) or end (False) a block of keyed messages; ending it sorts them in."""
+        if on:
+            self._keyed, self._last_key = [], -1
+            return
+        if self._keyed:
+            self._keyed.sort(key=lambda t: (t[0], t[1]))
+            self.messages.extend(m for _k, _i, m in self._keyed)
+        self._keyed = None
+
+    def stderr_lines(self, prog: str = "qinspect") -> list[str]:
+        """What qemu-img check writes to stderr, in either output format (`prog: ` before reports)."""
+        out: list[str] = []
+        for m in self.messages:
+            text = f"{prog}: {m.text}" if m.kind == "report" else m.text
+            out.extend(text.split("\n") * m.repeat)
+        if self.failed is not None:
+            out.append(f"{prog}: Check failed: {self.failed}")
+        elif self.check_errors:
+            out.append(f"{prog}: Check failed")
+        return out
 
     def to_json(self) -> dict[str, object]:
         """Keys as qemu-img prints them: the optional ones only when non-zero."""
@@ -89,7 +136,7 @@ class CheckResult:
     @property
     def exit_code(self) -> int:
         """qemu-img check's exit code: 0 clean, 1 not completed, 2 corruptions, 3 leaks only."""
-        if self.check_errors:
+        if self.check_errors or self.failed is not None:
             return 1
         if self.corruptions:
             return 2
@@ -114,24 +161,26 @@ class _Refs:
         self.far: list[I64] = []
         self.ranges: list[tuple[int, int]] = []  # (first, last) cluster ranges, applied in finish()
 
-    def beyond_eof(self, offset: int, size: int) -> bool:
+    def beyond_eof(self, offset: int, size: int, key: int | None = None) -> bool:
         """QEMU refuses to count a region ending a cluster or more past the end of the file."""
         if offset + size - self.file_len >= self.cs:
             self.res.corruptions += 1
             self.res.add("error", "ERROR: counting reference for region exceeding the end of the file by one "
-                                  f"cluster or more: offset {offset:#x} size {size:#x}")
+                                  f"cluster or more: offset {offset:#x} size {size:#x}", key=key)
             return True
         return False
 
-    def add_regions(self, offsets: I64, sizes: I64 | int) -> None:
-        """qcow2_inc_refcounts_imrt over many regions: +1 for each cluster each region touches."""
+    def add_regions(self, offsets: I64, sizes: I64 | int, keys: I64 | None = None) -> None:
+        """qcow2_inc_refcounts_imrt over many regions: +1 for each cluster each region touches.
+        `keys` (see `walk_key`) place the messages about each region in QEMU's order."""
         if not len(offsets):
             return
         size = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offsets.shape)
         past = offsets + size - self.file_len >= self.cs
         if past.any():
-            for o, n in zip(offsets[past].tolist(), size[past].tolist(), strict=True):
-                self.beyond_eof(o, n)
+            pk = keys[past].tolist() if keys is not None else [None] * int(np.count_nonzero(past))
+            for o, n, k in zip(offsets[past].tolist(), size[past].tolist(), pk, strict=True):
+                self.beyond_eof(o, n, k)
             offsets, size = offsets[~past], size[~past]
         bits = self.cs.bit_length() - 1  # shifts, not divisions: 16 Mi offsets on a 1 TiB image
         first = offsets >> bits
@@ -196,6 +245,21 @@ class _Refs:
         else:
             u, c = np.unique(idx, return_counts=True)
             self.counts[u] += c.astype(np.uint32)
+        self.overflow(self.counts, idx)
+
+    def overflow(self, counts: U32, idx: I64) -> None:
+        """qcow2_inc_refcounts_imrt never counts past refcount_max: each reference beyond it is
+        "ERROR: overflow cluster offset=..." (two lines) and a corruption, and is not counted."""
+        if self.max >= 0xFFFFFFFF or not len(idx):  # 32/64-bit refcounts: uint32 counts cannot get there
+            return
+        over = counts[idx] > self.max
+        if not over.any():
+            return
+        u = np.unique(idx[over])
+        for cl, n in zip(u.tolist(), (counts[u].astype(np.int64) - self.max).tolist(), strict=True):
+            self.res.corruptions += n
+            self.res.add("error", f"ERROR: overflow cluster offset=0x{cl * self.cs:x}\n{OVERFLOW_HINT}", cl, n)
+        counts[u] = self.max
 
     def finish(self) -> tuple[U32, dict[int, int], int]:
         """Dense counts over [0, nb), sparse counts past it, and nb (QEMU's grown table size)."""
@@ -214,6 +278,7 @@ class _Refs:
             if int((r[:, 1] - r[:, 0]).sum()) <= (1 << 22):
                 for a, b in r.tolist():  # the usual few short ranges: no array the size of the file
                     counts[a : b + 1] += np.uint32(1)
+                    self.overflow(counts, np.arange(a, b + 1, dtype=np.int64))
             else:  # many or long ranges: a difference array over the span they cover
                 lo, hi = int(r[:, 0].min()), int(r[:, 1].max()) + 1
                 d = np.zeros(hi - lo + 1, dtype=np.int32)
@@ -221,6 +286,7 @@ class _Refs:
                 np.add.at(d, r[:, 1] + 1 - lo, -1)
                 seg = counts[lo:hi]
                 np.add(seg, np.cumsum(d[:-1], dtype=np.int32), out=seg, casting="unsafe")
+                self.overflow(counts, np.arange(lo, hi, dtype=np.int64))
         sparse: dict[int, int] = {}
         if self.far:
             u, c = np.unique(np.concatenate(self.far), return_counts=True)
@@ -240,14 +306,11 @@ class _Copied:
         self.stored = stored
         self.unreadable = unreadable
         self.corruptions = 0
-        self.seq = 0
-        self.found: list[tuple[int, int, int, int]] = []  # (batch, position, l2 entry, refcount)
-        self.found_dropped = 0
-        self.later: list[tuple[int, I64, I64, U64]] = []  # (batch, positions, clusters, l2 entries)
+        self.found: list[tuple[int, int, int]] = []  # (walk_key, l2 entry, refcount)
+        self.later: list[tuple[I64, I64, U64]] = []  # (walk keys, clusters, l2 entries)
 
-    def batch(self, clusters: I64, l2e: U64) -> None:
-        seq = self.seq
-        self.seq += 1
+    def batch(self, clusters: I64, l2e: U64, keys: I64) -> None:
+        """Entries `l2e` pointing at host `clusters`; `keys` (walk_key) order their messages."""
         copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
         if self.img.header.has_data_file:
             bad = np.flatnonzero(~copied)  # refcount 1 by definition
@@ -256,11 +319,11 @@ class _Copied:
             n = len(self.stored)
             inside = clusters < n
             if n == 0:
-                self.later.append((seq, np.arange(len(clusters)), clusters, l2e))
+                self.later.append((keys, clusters, l2e))
                 return
             if not inside.all():
                 pos = np.flatnonzero(~inside)
-                self.later.append((seq, pos, clusters[pos], l2e[pos]))
+                self.later.append((keys[pos], clusters[pos], l2e[pos]))
                 clusters = np.where(inside, clusters, 0)
             rc = self.stored[clusters]
             wrong = (rc == np.uint64(1)) != copied
@@ -270,15 +333,14 @@ class _Copied:
             bad = np.flatnonzero(wrong)
             rcs = rc[bad]
         self.corruptions += len(bad)
-        room = MAX_MESSAGES - len(self.found)
-        self.found_dropped += max(0, len(bad) - room)
-        for k, e, r in zip(bad[:room].tolist(), l2e[bad[:room]].tolist(), rcs[:room].tolist(), strict=True):
-            self.found.append((seq, k, e, r))
+        for k, e, r in zip(keys[bad].tolist(), l2e[bad].tolist(), rcs.tolist(), strict=True):
+            self.found.append((k, e, r))
 
     def report(self, res: CheckResult, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int) -> None:
-        """Add the corruptions and messages, in L2 order, once the final stored refcounts are known."""
+        """Add the corruptions and messages (keyed: call inside res.ordered) once the final stored
+        refcounts are known."""
         found = list(self.found)
-        for seq, pos, clusters, l2e in self.later:
+        for keys, clusters, l2e in self.later:
             rcs = np.zeros(len(clusters), dtype=np.uint64)
             inside = clusters < len(stored)
             rcs[inside] = stored[clusters[inside]]
@@ -291,13 +353,10 @@ class _Copied:
             copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
             bad = np.flatnonzero(ok & ((rcs == 1) != copied))
             self.corruptions += len(bad)
-            found += [(seq, int(pos[k]), int(l2e[k]), int(rcs[k])) for k in bad]
-        if self.later:
-            found.sort(key=lambda t: (t[0], t[1]))
+            found += [(int(keys[k]), int(l2e[k]), int(rcs[k])) for k in bad]
         res.corruptions += self.corruptions
-        for _seq, _pos, e, r in found:
-            res.add("error", f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}")
-        res.messages_dropped += self.found_dropped
+        for where, e, r in found:
+            res.add("error", f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}", key=where)
 
 
 def check_image(img: Image, progress: ProgressFn = no_progress,
@@ -314,7 +373,27 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     fmt = img.l2_format
     stored_needed = nb_file
 
-    # Snapshot-table checks (qcow2_check_read_snapshot_table).
+    # Snapshot-table checks (qcow2_check_read_snapshot_table). Check opens with BDRV_O_CHECK, which
+    # skips the snapshot table at open; the check validates it first and stops if it is unusable.
+    if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:
+        res.check_errors += 1
+        res.add("report", "ERROR snapshot table too large")
+        res.add("check-error", f"You can force-remove all {h.nb_snapshots - C.QCOW_MAX_SNAPSHOTS} overhanging "
+                               "snapshots with qemu-img check -r all")
+        res.failed = "File too large"
+        return res
+    if not table_fits(h.snapshots_offset, h.nb_snapshots, C.SNAPSHOT_HEADER_SIZE, cs):
+        res.check_errors += 1
+        res.add("report", "ERROR snapshot table offset invalid")
+        res.failed = "Invalid argument"
+        return res
+    if img.snapshot_table.qemu_error is not None:
+        error, hint = img.snapshot_table.qemu_error
+        res.check_errors += 1
+        res.add("report", f"ERROR failed to read the snapshot table: {error}")
+        res.add("check-error", hint)
+        res.failed = "File too large"
+        return res
     for sn in img.snapshots:
         if h.version >= 3 and sn.extra_data_size < 16:
             res.corruptions += 1
@@ -354,24 +433,30 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     per = h.refcount_block_entries
     stored, bad_blocks = img.stored_refcounts_compact(nb_file)
     copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file))
+    n = h.l2_size
     for l1, _off, active in l1_tables:
-        nz = np.flatnonzero(l1)
+        res.ordered(True)  # check_refcounts_l1: one L1 entry (and its L2 table) after another
+        nz = np.flatnonzero(l1)  # an entry of 0 is skipped; any other is followed, even to offset 0
         reserved = nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0]
         for i in reserved:
             res.corruptions += 1
-            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}")
+            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}",
+                    key=walk_key(int(i), -1, 0, n))
         l2_offsets = (l1[nz] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
         batch = max(1, L2_BATCH_ENTRIES // h.l2_size)
         for b in range(0, len(l2_offsets), batch):
             if cancelled():
                 raise Cancelled()
             offs = l2_offsets[b : b + batch]
-            for o in offs[(offs % cs) != 0]:
+            l1i = nz[b : b + batch].astype(np.int64)
+            for k in np.flatnonzero((offs % cs) != 0).tolist():
                 res.corruptions += 1
-                res.add("error", f"ERROR l2_offset={int(o):x}: Table is not cluster aligned; L1 entry corrupted")
-            _check_l2_batch(img, fmt, offs, active, refs, res, copied)
+                res.add("error", f"ERROR l2_offset={int(offs[k]):x}: Table is not cluster aligned; L1 entry corrupted",
+                        key=walk_key(int(l1i[k]), -1, 2, n))
+            _check_l2_batch(img, fmt, offs, l1i, active, refs, res, copied)
             done += len(offs)
             progress(done, total_tables)
+        res.ordered(False)
 
     refs.add_range(h.snapshots_offset, img.snapshot_table.size)
     refs.add_range(h.refcount_table_offset, len(img.refcount_table) * 8)
@@ -402,7 +487,7 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
         if off:
             if int(counts[cl]) >= rmax:
                 res.corruptions += 1
-                res.add("error", f"ERROR: overflow cluster offset={off:#x}")
+                res.add("error", f"ERROR: overflow cluster offset=0x{off:x}\n{OVERFLOW_HINT}", cl)
             else:
                 counts[cl] += np.uint32(1)
             if int(counts[cl]) != 1:
@@ -413,11 +498,20 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     stored_needed = max(stored_needed, nb)
     if stored_needed > len(stored):  # references past the end of the file grew the table
         stored, bad_blocks = img.stored_refcounts_compact(stored_needed)
+    # qcow2_get_refcount fails with EIO for every cluster of an unaligned refcount block; the first
+    # failure also signals the corruption once (qcow2_signal_corruption, non-fatal: read-only).
+    signalled = False
     for bi in bad_blocks:
         lo, hi = bi * per, min((bi + 1) * per, nb)
         if lo < hi:
+            if not signalled:
+                rb = int(rt[bi]) & C.REFT_OFFSET_MASK
+                res.add("check-error", f"qcow2: Image is corrupt: Refblock offset {_c_hex(rb)} unaligned (reftable "
+                                       f"index: {_c_hex(bi)}); further non-fatal corruption events will be suppressed")
+                signalled = True
             res.check_errors += hi - lo
-            res.add("check-error", f"Can't get refcount for clusters {lo}..{hi - 1}: Input/output error")
+            for c in range(lo, hi):
+                res.add("check-error", f"Can't get refcount for cluster {c}: Input/output error", c)
     unreadable = _unreadable(bad_blocks, per, nb)
     if len(stored) > nb:
         stored = stored[:nb]
@@ -427,9 +521,7 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     highest = _highest_used(stored, counts, unreadable)
     under = diff[stored[diff] < counts[diff]]
     over = diff[stored[diff] > counts[diff]]
-    room = max(0, MAX_MESSAGES - len(res.messages))
-    res.messages_dropped += max(0, len(diff) - room)
-    for i in diff[:room]:  # formatting millions of lines nobody sees would take minutes
+    for i in diff.tolist():
         s, r = int(stored[i]), int(counts[i])
         res.add("error" if s < r else "leak",
                 f"{'ERROR' if s < r else 'Leaked'} cluster {int(i)} refcount={s} reference={r}", int(i))
@@ -448,7 +540,9 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     res.leaked_clusters = over.astype(np.int64)
     res.corrupt_clusters = under.astype(np.int64)
 
-    # check_oflag_copied (active L1 only, from the stored refcounts)
+    # check_oflag_copied (active L1 only, from the stored refcounts): each L1 entry's message, then
+    # those of its L2 table's entries
+    res.ordered(True)
     l1 = img.l1_table
     for i in np.flatnonzero(l1):
         e = int(l1[i])
@@ -461,13 +555,26 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
         rc = int(stored[cl]) if cl < len(stored) else img.refcount(cl)
         if (rc == 1) != bool(e & C.QCOW_OFLAG_COPIED):
             res.corruptions += 1
-            res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={int(i)} l1_entry={e:x} refcount={rc}")
+            res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={int(i)} l1_entry={e:x} refcount={rc}",
+                    key=walk_key(int(i), -1, 0, n))
     copied.report(res, stored, unreadable, nb)
+    res.ordered(False)
 
     res.image_end_offset = (highest + 1) * cs
     res.reference = counts
     res.stored = stored
     return res
+
+
+def walk_key(l1_index: Any, l2_index: Any, step: int, l2_size: int) -> Any:
+    """Sort key of a message found at (L1 index, L2 index or -1 for the L1 entry, step within the
+    entry), for ints or arrays: check_refcounts_l1/_l2 print one entry's messages after another's."""
+    return (l1_index * (l2_size + 1) + (l2_index + 1)) * 8 + step
+
+
+def _c_hex(v: int) -> str:
+    """C's %#x: "0" for zero, 0x... otherwise."""
+    return f"{v:#x}" if v else "0"
 
 
 def _unreadable(bad_blocks: list[int], per: int, nb: int) -> npt.NDArray[np.bool_] | None:
@@ -519,15 +626,22 @@ def _read_tables(img: Image, offs: I64) -> U64:
     return words
 
 
-def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _Refs, res: CheckResult,
+def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, l1i: I64, active: bool, refs: _Refs, res: CheckResult,
                     copied: _Copied) -> None:
     h = img.header
     cs = h.cluster_size
-    refs.add_regions(offs, cs)  # the L2 tables themselves (an unaligned one touches two clusters)
+    n = h.l2_size
+    # the L2 tables themselves (an unaligned one touches two clusters)
+    refs.add_regions(offs, cs, walk_key(l1i, -1, 1, n))
     # A table at or past the end of the file reads as zeros and references nothing: do not read it.
-    offs = offs[offs < img.file.size]
+    inside = offs < img.file.size
+    offs, l1i = offs[inside], l1i[inside]
     if not len(offs):
         return
+
+    def key(k: int, step: int) -> int:  # message order: entry k of this batch, step within the entry
+        return int(walk_key(int(l1i[k // n]), k % n, step, n))
+
     # Read each table at its exact offset (QEMU reads unaligned tables too).
     words = _read_tables(img, offs)
     bitmaps: U64 | None = None  # (standard entries: no bitmap checks at all)
@@ -535,41 +649,42 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
         entries, bitmaps = words[0::2], words[1::2]
     else:
         entries = words
-    n = h.l2_size
     bits = h.cluster_bits
     ctypes = classify_clusters(entries, fmt)
     comp = ctypes == ClusterType.COMPRESSED
     reserved = ~comp & ((entries & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)
-    for e in entries[reserved]:
+    for k in np.flatnonzero(reserved).tolist():
         res.corruptions += 1
-        res.add("error", f"ERROR found l2 entry with reserved bits set: {int(e):x}")
+        res.add("error", f"ERROR found l2 entry with reserved bits set: {int(entries[k]):x}", key=key(k, 0))
 
     # Compressed clusters.
     ci = np.flatnonzero(comp)
     if len(ci):
         ce = entries[ci]
         with_copied = (ce & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-        for e in ce[with_copied]:
+        for k, e in zip(ci[with_copied].tolist(), ce[with_copied].tolist(), strict=True):
             res.corruptions += 1
             res.add("error", f"ERROR: coffset=0x{int(e) & fmt.cluster_offset_mask:x}: copied flag must never be set "
-                             "for compressed clusters")
+                             "for compressed clusters", key=key(k, 1))
         ce = ce & ~np.uint64(C.QCOW_OFLAG_COPIED)
         if h.has_data_file:
             for k, e in zip(ci.tolist(), ce.tolist(), strict=True):
                 res.corruptions += 1
-                res.add("error", f"ERROR compressed cluster {int(k) % n} with data file, entry=0x{int(e):x}")
+                res.add("error", f"ERROR compressed cluster {int(k) % n} with data file, entry=0x{int(e):x}",
+                        key=key(k, 2))
             ci = ci[:0]
             ce = ce[:0]
         badbm = bitmaps[ci] != 0 if bitmaps is not None else np.zeros(len(ci), dtype=bool)
-        for k, e in zip(ci[badbm], ce[badbm], strict=True):
+        for k, e in zip(ci[badbm].tolist(), ce[badbm].tolist(), strict=True):
             res.corruptions += 1
             res.add("error", f"ERROR compressed cluster {int(k) % n} with non-zero subcluster allocation bitmap, "
-                             f"entry=0x{int(e):x}")
+                             f"entry=0x{int(e):x}", key=key(k, 3))
         ce = ce[~badbm]
+        ci = ci[~badbm]
         coff = (ce & np.uint64(fmt.cluster_offset_mask)).astype(np.int64)
         nsec = ((ce >> np.uint64(fmt.csize_shift)) & np.uint64(fmt.csize_mask)).astype(np.int64) + 1
         csize = nsec * 512 - (coff & 511)
-        refs.add_regions(coff, csize)
+        refs.add_regions(coff, csize, walk_key(l1i[ci // n], ci % n, 4, n))
         if active:
             res.allocated_clusters += len(ce)
             res.compressed_clusters += len(ce)
@@ -583,20 +698,20 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
         ab = bitmaps[ai] if bitmaps is not None else None
         if ab is not None:
             corrupt_bm = ((ab >> np.uint64(32)) & ab) != 0
-            for o in off[corrupt_bm]:
+            for k, o in zip(ai[corrupt_bm].tolist(), off[corrupt_bm].tolist(), strict=True):
                 res.corruptions += 1
                 res.add("error", f"ERROR offset={int(o):x}: Allocated cluster has corrupted subcluster allocation "
-                                 "bitmap")
+                                 "bitmap", key=key(k, 1))
         unal = (off & (cs - 1)) != 0
         if unal.any():
             if ab is not None:
                 has_data = (ab & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0
             else:
                 has_data = (ae & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
-            for o, d in zip(off[unal], has_data[unal], strict=True):
+            for k, o, d in zip(ai[unal].tolist(), off[unal].tolist(), has_data[unal].tolist(), strict=True):
                 res.corruptions += 1
                 what = "Data cluster is not properly aligned" if d else "Preallocated cluster is not properly aligned"
-                res.add("error", f"ERROR offset={int(o):x}: {what}; L2 entry corrupted.")
+                res.add("error", f"ERROR offset={int(o):x}: {what}; L2 entry corrupted.", key=key(k, 2))
         cl = off >> bits
         if active:
             res.allocated_clusters += len(ai)
@@ -605,20 +720,21 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, active: bool, refs: _R
                 same_table = t[1:] == t[:-1]
                 res.fragmented_clusters += int(np.count_nonzero(same_table & (off[1:] != off[:-1] + cs)))
             # check_oflag_copied skips L1 entries whose table offset is 0 (only COPIED set)
+            keys = walk_key(l1i[ai // n], ai % n, 0, n)
             if (offs != 0).all():
-                copied.batch(cl, ae)
+                copied.batch(cl, ae, keys)
             else:
                 in_table = offs[ai // n] != 0
-                copied.batch(cl[in_table], ae[in_table])
+                copied.batch(cl[in_table], ae[in_table], keys[in_table])
         if not h.has_data_file:
-            refs.add_regions(off, cs)
+            refs.add_regions(off, cs, walk_key(l1i[ai // n], ai % n, 4, n))
 
     # Unallocated clusters with allocation bits.
     if bitmaps is not None:
         ui = (ctypes == ClusterType.UNALLOCATED) & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
-        for _ in range(int(np.count_nonzero(ui))):
+        for k in np.flatnonzero(ui).tolist():
             res.corruptions += 1
-            res.add("error", "ERROR: Unallocated cluster has non-zero subcluster allocation map")
+            res.add("error", "ERROR: Unallocated cluster has non-zero subcluster allocation map", key=key(k, 5))
 
 
 def _bitmap_refs(img: Image, refs: _Refs, res: CheckResult) -> None:

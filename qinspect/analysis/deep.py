@@ -13,21 +13,23 @@ Three numbers need the data itself:
 
 The active layer's data extents (subcluster-exact, from the vectorised extent walk) are read in
 batches of a few MiB, host-contiguous where possible; each guest cluster is judged by all its data
-bytes. Bytes that are holes in the host file are not counted here (the space breakdown already
-calls them preallocated-unused). Compressed clusters are left alone.
+bytes. Bytes that hold no written data in the host file (holes and unwritten extents, per the
+host-extent prober) are not read nor counted here (the space breakdown already calls them
+preallocated-unused), so the result does not depend on the page cache. Compressed clusters are left alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from qinspect.analysis.measure import MeasureOptions, refcount_metadata_size
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
-from qinspect.analysis.space import file_holes
+from qinspect.analysis.space import not_written
+from qinspect.qcow2.hostfile import ExtentKind, HostExtents
 from qinspect.qcow2.image import Image, Layer
 from qinspect.qcow2.l2 import SubclusterType
 
@@ -55,6 +57,12 @@ class DeepScan:
     """File size minus `convert_size` (0 when the estimate is larger)."""
     skipped: str | None = None
     """Why nothing was read (encrypted data), or None."""
+    nonzero_guest: I64 | None = field(default=None, repr=False, compare=False)
+    """Guest ranges holding non-zero data (start, length): what a conversion must copy."""
+    nonzero_length: I64 | None = field(default=None, repr=False, compare=False)
+    zero_guest: I64 | None = field(default=None, repr=False, compare=False)
+    """Guest ranges of the active layer that read as zeros (zero clusters, all-zero data)."""
+    zero_length: I64 | None = field(default=None, repr=False, compare=False)
 
     @property
     def zero_disk_bytes(self) -> int:
@@ -142,7 +150,9 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
     # judged zero / equal to the backing file as a whole.
     unit = min(cs, target.cluster_size)
     g, h, n = _split(ex.guest, ex.host, ex.length, unit)
-    holes = file_holes(img) if not img.header.has_data_file else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    # Bytes never written (holes and unwritten extents of the file holding the data, per FIEMAP)
+    # read as zeros and are preallocated space, not data: not read, not counted.
+    holes = not_written(data_extents(img))
     hole_n = _hole_cover(holes, h + n) - _hole_cover(holes, h)
     nonzero = np.zeros(len(g), dtype=bool)
     differs = np.ones(len(g), dtype=bool)  # pieces left unread never count as duplicates
@@ -198,7 +208,13 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
         duplicate_clusters=int(np.count_nonzero(dup_c)), duplicate_bytes=int(c_bytes[dup_c].sum()),
         compressed_clusters=len(ex.compressed), convert_size=convert,
         convert_reclaim=max(0, img.file.size - convert),
+        nonzero_guest=g[nonzero], nonzero_length=n[nonzero], zero_guest=zero_g, zero_length=zero_n,
     )
+
+
+def data_extents(img: Image) -> HostExtents:
+    """The host extents of the file holding the guest data (the image, or its external data file)."""
+    return img.data_file().host_extents()
 
 
 def _read_layer(layer: Layer, offset: int, length: int) -> bytes:
@@ -308,4 +324,87 @@ def convert_estimate(img: Image, data_guest: I64, data_length: I64, compressed_c
     return size
 
 
-__all__ = ["DeepScan", "convert_estimate", "convert_options", "deep_scan"]
+@dataclass(frozen=True)
+class ConvertPrediction:
+    """What `qemu-img convert -O qcow2 -o OPTIONS` of this image is predicted to produce."""
+
+    file_size: int
+    disk_usage: int
+    data_clusters: int
+    l2_tables: int
+
+
+def _cut(guest: I64, host: I64, length: I64, rs: I64, re: I64) -> tuple[I64, I64]:
+    """Guest pieces of the extents (guest, host, length) whose host bytes lie in ranges [rs, re)."""
+    if not len(guest) or not len(rs):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    h1 = host + length
+    k0 = np.searchsorted(re, host, side="right")
+    k1 = np.searchsorted(rs, h1, side="left")
+    cnt = np.maximum(k1 - k0, 0)
+    idx = np.repeat(np.arange(len(guest)), cnt)
+    k = k0[idx] + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+    a = np.maximum(host[idx], rs[k])
+    b = np.minimum(h1[idx], re[k])
+    keep = b > a
+    idx, a, b = idx[keep], a[keep], b[keep]
+    return guest[idx] + (a - host[idx]), b - a
+
+
+def written_ranges(img: Image) -> tuple[I64, I64, I64, I64, I64]:
+    """Without reading data: (data guest, data length, compressed clusters, zero guest, zero length).
+
+    Data is what the active layer's data extents hold in written host extents (FIEMAP); what they
+    hold in holes or unwritten extents reads as zeros and joins the zero ranges.
+    """
+    ex = _active_extents(img)
+    ext = data_extents(img)
+    ws, we = ext.ranges(ExtentKind.DATA)
+    order = np.argsort(ex.host, kind="stable")
+    g, h, n = ex.guest[order], ex.host[order], ex.length[order]
+    dg, dn = _cut(g, h, n, ws, we)
+    ns, ne = not_written(ext)
+    zg, zn = _cut(g, h, n, ns, ne)
+    return dg, dn, ex.compressed, np.concatenate((ex.zero_guest, zg)), np.concatenate((ex.zero_length, zn))
+
+
+def predict_convert(img: Image, options: MeasureOptions, deep: DeepScan | None = None) -> ConvertPrediction:
+    """File size and disk usage of `qemu-img convert -O qcow2 -o OPTIONS [-B BACKING]` of `img`.
+
+    The data that must be copied is the deep scan's non-zero data when there is one, else the
+    data extents that hold written host data. The file size is `convert_estimate`'s. On disk,
+    qemu-img writes every metadata cluster whole except the L1 table (written up to its last
+    entry, rounded to 4 KiB); without extended L2 each data cluster is written whole (QEMU
+    zero-fills the rest of a partly written cluster), with extended L2 only the subclusters that
+    hold data are written (4 KiB file-system blocks), the others stay holes.
+    """
+    if deep is not None and deep.nonzero_guest is not None and deep.nonzero_length is not None:
+        dg, dn = deep.nonzero_guest, deep.nonzero_length
+        ex = _active_extents(img)
+        comp = ex.compressed
+        zg = deep.zero_guest if deep.zero_guest is not None else np.zeros(0, np.int64)
+        zn = deep.zero_length if deep.zero_length is not None else np.zeros(0, np.int64)
+    else:
+        dg, dn, comp, zg, zn = written_ranges(img)
+    size = convert_estimate(img, dg, dn, comp, zg, zn, options)
+    tcs = options.cluster_size
+    cs = img.cluster_size
+    data_c = np.unique(np.concatenate((_touched(dg, dn, tcs), _touched(comp * cs, np.full(len(comp), cs), tcs))))
+    t_l2 = tcs // (16 if options.extended_l2 else 8)
+    l1_entries = -(-img.virtual_size // (tcs * t_l2))
+    l1_clusters = -(-l1_entries * 8 // tcs)
+    l1_written = -(-l1_entries * 8 // 4096) * 4096
+    disk = size
+    if len(data_c):
+        disk -= max(0, l1_clusters * tcs - l1_written)
+        if options.extended_l2:
+            unit = max(tcs // 32, 4096)
+            blocks = np.unique(np.concatenate((_touched(dg, dn, unit),
+                                               _touched(comp * cs, np.full(len(comp), cs), unit))))
+            disk -= len(data_c) * tcs - len(blocks) * unit
+    l2 = len(np.unique(data_c // t_l2)) if len(data_c) else 0
+    return ConvertPrediction(size, max(0, min(disk, size)), len(data_c), l2)
+
+
+__all__ = ["ConvertPrediction", "DeepScan", "convert_estimate", "convert_options", "deep_scan", "predict_convert",
+           "written_ranges"]

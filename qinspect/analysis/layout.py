@@ -179,6 +179,8 @@ class Layout:
     """Clusters whose stored refcount is below the recomputed one (check's refcount corruptions)."""
     anomalies: dict[str, int] = field(default_factory=dict)
     refs_past_eof: int = 0
+    refs_end: int = 0
+    """End (bytes) of the highest host cluster any table references; past `file_size` when truncated."""
     """Clusters referenced beyond the end of the file."""
     _l1: list[U64] = field(default_factory=list, repr=False)
     _l1_offsets: list[int] = field(default_factory=list, repr=False)
@@ -598,7 +600,7 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
         snapshot_ids=snapshot_ids, snapshot_count=snap_count, snapshot_last=snap_last,
         partial_clusters=pc, partial_bitmaps=pb,
         l2_reads=total_tables, refcount_blocks=int(np.count_nonzero(rt_ok)), leaks=leaks, refcount_errors=errors,
-        anomalies=w.anomalies, refs_past_eof=refs_past_eof,
+        anomalies=w.anomalies, refs_past_eof=refs_past_eof, refs_end=top * cs,
         _l1=l1s, _l1_offsets=l1_offsets, _runs=runs, _compressed=comps, _header=h,
         _snapshots=list(img.snapshots), _snapshot_table_size=img.snapshot_table.size,
         _refcount_table=img.refcount_table, _bitmaps=list(img.bitmaps) if h.bitmaps_ext is not None else [],

@@ -109,14 +109,16 @@ class MapRuns:
 
 
 def metadata_preallocated(img: Image) -> bool:
-    """qcow2_detect_metadata_preallocation: more referenced clusters than the file really holds."""
+    """qcow2_detect_metadata_preallocation: at least `threshold` referenced clusters (QEMU returns
+    `cluster_count >= threshold` and stops counting there), where the threshold is a little more
+    than the clusters the file really holds."""
     f = img.file
     cs = img.cluster_size
     real_clusters = f.allocated_size // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = -(-f.size // cs)
-    if end_cluster <= threshold:
-        return False  # cannot exceed the threshold: no need to read refcount blocks
+    if end_cluster < threshold:
+        return False  # cannot reach the threshold: no need to read refcount blocks
     per = img.header.refcount_block_entries
     count = 0
     for b in range(-(-end_cluster // per)):
@@ -128,7 +130,7 @@ def metadata_preallocated(img: Image) -> bool:
             continue
         hi = min(per, end_cluster - b * per)
         count += int(np.count_nonzero(block[:hi]))
-        if count > threshold:
+        if count >= threshold:
             return True
     return False
 

@@ -8,9 +8,14 @@ compressed. Data and L2 tables that only snapshots reference are counted apart, 
 snapshot the bytes that deleting it would free (clusters referenced only through its L1 table).
 
 A second breakdown splits the space the file really occupies on disk (`st_blocks * 512`) the same
-way, using SEEK_DATA/SEEK_HOLE: holes take no room, and whatever the file system adds or saves
-(block rounding, unwritten preallocation, compression) is the `filesystem` part, which may be
-negative.
+way. Both come from the one host-extent prober (`HostFile.host_extents`, FIEMAP): written data,
+unwritten extents (disk space reserved and reading as zeros: `preallocation=falloc`, the zero
+padding QEMU allocates around a small write) and holes (no disk space). Because FIEMAP reads the
+file system's extent map, the answer does not change with the page cache; without FIEMAP the
+SEEK_DATA/SEEK_HOLE fallback is used and `host-extents.method` says so. Guest data clusters are
+split into what holds written data, what only reserves zeroed space and what is a hole.
+Whatever the file system adds or saves (block rounding, extent-tree blocks, compression) is the
+`filesystem` part of the disk breakdown, which may be negative.
 
 With a deep scan (`qinspect.analysis.deep`), guest data is split once more into data that is
 all zeros and data identical to what the backing chain already holds.
@@ -27,6 +32,7 @@ import numpy.typing as npt
 from qinspect.analysis.layout import F_DATA, F_LIVE, F_ZERO, Layout, Owner, compute_layout
 from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.qcow2 import constants as C
+from qinspect.qcow2.hostfile import ExtentKind, HostExtents
 from qinspect.qcow2.image import Image
 
 if TYPE_CHECKING:
@@ -70,9 +76,16 @@ class Space:
     snapshots: dict[str, int] = field(default_factory=dict)
     """Per snapshot id: bytes `qemu-img snapshot -d` would free."""
     snapshot_names: dict[str, str] = field(default_factory=dict)
+    snapshot_disk: dict[str, int] = field(default_factory=dict)
+    """Per snapshot id: the disk space (bytes) of what `qemu-img snapshot -d` would free."""
     hole_bytes: int = 0
-    """Bytes of the file that are holes (no disk space) according to SEEK_HOLE."""
+    """Bytes of the file that are holes (no disk space)."""
     deep: bool = False
+    extents: dict[str, object] = field(default_factory=dict)
+    """The host-extent prober's summary: method, data-bytes, unwritten-bytes, hole-bytes."""
+    guest_clusters: dict[str, int] = field(default_factory=dict)
+    """File bytes of the active data clusters: `written` (data extents), `unwritten` (zeroed,
+    reserved space), `hole` (no disk space)."""
 
     @property
     def reclaimable(self) -> int:
@@ -92,24 +105,27 @@ class Space:
             "snapshots": [{"id": sid, "name": self.snapshot_names.get(sid, ""), "exclusive-bytes": b}
                           for sid, b in self.snapshots.items()],
             "hole-bytes": self.hole_bytes,
+            "host-extents": dict(self.extents),
+            "data-clusters": dict(self.guest_clusters),
             "deep": self.deep,
         }
 
 
 def file_holes(img: Image) -> tuple[I64, I64]:
-    """(start, end) byte ranges of the image file that are holes (SEEK_DATA/SEEK_HOLE)."""
-    f = img.file
-    starts: list[int] = []
-    ends: list[int] = []
-    pos = 0
-    while pos < f.size:
-        is_data, end = f.data_extent(pos)
-        end = min(max(end, pos + 1), f.size)
-        if not is_data:
-            starts.append(pos)
-            ends.append(end)
-        pos = end
-    return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+    """(start, end) byte ranges of the image file that are holes (no disk space)."""
+    return img.file.host_extents().ranges(ExtentKind.HOLE)
+
+
+def not_written(ext: HostExtents) -> tuple[I64, I64]:
+    """(start, end) ranges that hold no written data (holes and unwritten extents), merged."""
+    sel = ext.kind != int(ExtentKind.DATA)
+    s, e = ext.start[sel], ext.end[sel]
+    if not len(s):
+        return s, e
+    brk = np.concatenate(([True], s[1:] != e[:-1]))
+    idx = np.flatnonzero(brk)
+    ends = np.concatenate((e[idx[1:] - 1], e[-1:]))
+    return s[brk], ends
 
 
 @dataclass(frozen=True)
@@ -210,13 +226,15 @@ def _popcount32(x: npt.NDArray[np.uint64]) -> I64:
     return res
 
 
-def _split_partial(lay: Layout, p: npt.NDArray[np.uint8], data_part: int, holes: HoleMap,
+def _split_partial(lay: Layout, p: npt.NDArray[np.uint8], data_part: int, holes: HoleMap, unwritten: HoleMap,
                    moves: dict[str, int], alloc_moves: dict[str, int]) -> None:
     """Extended L2 clusters with mixed subclusters: only data subclusters are guest data.
 
     Zero subclusters count as zero-allocated, unallocated ones as preallocated-unused. Clusters
-    that are whole and without holes are split by counting bits; the few others (the file's last,
-    short cluster, clusters with holes) subcluster by subcluster.
+    that are whole and all written are split by counting bits; the few others (the file's last,
+    short cluster, clusters with holes or unwritten extents) subcluster by subcluster.
+    `compute_space` has already put every cluster here into guest data, its holes and unwritten
+    bytes into preallocated-unused; this moves the rest.
     """
     cs = lay.cluster_size
     sc = cs // C.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER
@@ -228,9 +246,8 @@ def _split_partial(lay: Layout, p: npt.NDArray[np.uint8], data_part: int, holes:
         return
     alloc = bm & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)
     zero = bm >> np.uint64(32)
-    hole_b = holes.at(pcs, cs)
-    special = (hole_b > 0) | (pcs == nb - 1)
-    # Simple clusters: whole, no holes.
+    special = (holes.at(pcs, cs) > 0) | (unwritten.at(pcs, cs) > 0) | (pcs == nb - 1)
+    # Simple clusters: whole, all written.
     n_zero = _popcount32(zero[~special])
     n_unused = 32 - _popcount32((alloc | zero)[~special])
     zero_b = int(n_zero.sum()) * sc
@@ -241,27 +258,23 @@ def _split_partial(lay: Layout, p: npt.NDArray[np.uint8], data_part: int, holes:
         m["preallocated-unused"] += unused_b
     if not special.any():
         return
-    # Special clusters: per subcluster, the bytes inside the file and the hole bytes among them.
+    # Special clusters: per subcluster, the bytes inside the file, its hole and unwritten bytes.
     spc = pcs[special]
     j = np.arange(C.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER, dtype=np.uint64)
     a_bits = ((alloc[special][:, None] >> j[None, :]) & np.uint64(1)).astype(bool)
     z_bits = ((zero[special][:, None] >> j[None, :]) & np.uint64(1)).astype(bool)
     start = spc[:, None] * cs + j.astype(np.int64)[None, :] * sc
     inside = np.clip(lay.file_size - start, 0, sc)
-    holed = holes.cover(start + inside) - holes.cover(start)
-    is_zero = z_bits
-    is_data = a_bits & ~z_bits
-    is_unused = ~a_bits & ~z_bits
-    # File bytes: data subclusters are guest data except their holes (never written).
-    d_file = int(inside[is_zero].sum()), int(inside[is_unused].sum() + holed[is_data].sum())
-    d_disk = int((inside - holed)[is_zero].sum()), int((inside - holed)[is_unused].sum())
-    # What compute_space already did for these clusters: all in guest data, holes moved to unused.
-    moves["guest-data"] -= d_file[0] + d_file[1] - int(holed.sum())
-    moves["zero-allocated"] += d_file[0]
-    moves["preallocated-unused"] += d_file[1] - int(holed.sum())
-    alloc_moves["guest-data"] -= d_disk[0] + d_disk[1]
-    alloc_moves["zero-allocated"] += d_disk[0]
-    alloc_moves["preallocated-unused"] += d_disk[1]
+    h = holes.cover(start + inside) - holes.cover(start)
+    u = unwritten.cover(start + inside) - unwritten.cover(start)
+    d = inside - h - u
+    for name, mask in (("zero-allocated", z_bits), ("preallocated-unused", ~a_bits & ~z_bits)):
+        moves["guest-data"] -= int(d[mask].sum())
+        moves["preallocated-unused"] -= int((h + u)[mask].sum())
+        moves[name] += int(inside[mask].sum())
+        alloc_moves["guest-data"] -= int(d[mask].sum())
+        alloc_moves["preallocated-unused"] -= int(u[mask].sum())
+        alloc_moves[name] += int((d + u)[mask].sum())
 
 
 def compute_space(img: Image, layout: Layout | None = None, deep: DeepScan | None = None,
@@ -272,7 +285,9 @@ def compute_space(img: Image, layout: Layout | None = None, deep: DeepScan | Non
     nb = lay.nb_clusters
     kind = lay.kind
     flags = lay.flags
-    holes = hole_map(file_holes(img), cs, lay.file_size)
+    ext = img.file.host_extents()
+    holes = hole_map(ext.ranges(ExtentKind.HOLE), cs, lay.file_size)
+    unwritten = hole_map(ext.ranges(ExtentKind.UNWRITTEN), cs, lay.file_size)
     live = (flags & F_LIVE) != 0
 
     # Part index of each cluster (one byte each); data clusters are split below.
@@ -313,16 +328,22 @@ def compute_space(img: Image, layout: Layout | None = None, deep: DeepScan | Non
     if nb:
         file_parts[int(p[-1])] -= nb * cs - lay.file_size
     hole_parts = holes.per_part(p, nparts, cs)
+    unwritten_parts = unwritten.per_part(p, nparts, cs)
     disk_parts = file_parts - hole_parts
 
-    # Guest data the file holds as holes was never written: preallocated, unused.
+    # Guest data the file holds as holes or unwritten extents was never written: preallocated,
+    # unused (holes take no disk space, unwritten extents do).
     moves: dict[str, int] = {k: 0 for k in PARTS}
     alloc_moves: dict[str, int] = {k: 0 for k in PARTS}
-    holed = int(hole_parts[part_idx["guest-data"]])
-    moves["guest-data"] -= holed
-    moves["preallocated-unused"] += holed
+    gd = part_idx["guest-data"]
+    holed, unw = int(hole_parts[gd]), int(unwritten_parts[gd])
+    data_clusters = {"written": int(file_parts[gd]) - holed - unw, "unwritten": unw, "hole": holed}
+    moves["guest-data"] -= holed + unw
+    moves["preallocated-unused"] += holed + unw
+    alloc_moves["guest-data"] -= unw
+    alloc_moves["preallocated-unused"] += unw
     if len(lay.partial_clusters):
-        _split_partial(lay, p, part_idx["guest-data"], holes, moves, alloc_moves)
+        _split_partial(lay, p, gd, holes, unwritten, moves, alloc_moves)
     parts = {name: int(file_parts[i]) + moves[name] for i, name in enumerate(PARTS)}
     aparts = {name: int(disk_parts[i]) + alloc_moves[name] for i, name in enumerate(PARTS)}
 
@@ -344,14 +365,17 @@ def compute_space(img: Image, layout: Layout | None = None, deep: DeepScan | Non
     aparts["filesystem"] = allocated - sum(aparts.values())
 
     snaps: dict[str, int] = {}
+    snap_disk: dict[str, int] = {}
     for sid, clusters in lay.snapshot_exclusive().items():
         short = nb * cs - lay.file_size if len(clusters) and int(clusters[-1]) == nb - 1 else 0
         snaps[sid] = len(clusters) * cs - short
+        snap_disk[sid] = snaps[sid] - int(holes.at(clusters.astype(np.int64), cs).sum())
     names = {sn.id_str: sn.name for sn in img.snapshots}
     return Space(path=img.path, file_size=lay.file_size, allocated_size=allocated, cluster_size=cs,
                  virtual_size=img.virtual_size, parts=parts, allocated_parts=aparts, snapshots=snaps,
-                 snapshot_names=names, hole_bytes=holes.total, deep=deep is not None)
+                 snapshot_names=names, snapshot_disk=snap_disk, hole_bytes=holes.total, deep=deep is not None,
+                 extents=ext.to_json(), guest_clusters=data_clusters)
 
 
 __all__ = ["PARTS", "PART_LABELS", "HoleMap", "Space", "compute_space", "file_holes", "hole_bytes_per_cluster",
-           "hole_map"]
+           "hole_map", "not_written"]

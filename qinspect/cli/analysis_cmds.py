@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qinspect.analysis.cache import CacheModel, cache_model, cache_table
-from qinspect.analysis.diagnose import RULES, SEVERITY_RANK, Diagnosis, Finding, diagnose, size_option
+from qinspect.analysis.diagnose import RULES, SEVERITY_RANK, Diagnosis, Finding, Fix, diagnose, size_option
 from qinspect.analysis.layout import Layout, Owner, compute_layout
 from qinspect.analysis.measure import MeasureResult, measure, parse_options
 from qinspect.analysis.progress import ProgressFn, no_progress
@@ -29,6 +29,8 @@ from qinspect.cli.core_cmds import open_checked, print_json
 from qinspect.cli.render import console, err_console, human_size, table
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image
+from qinspect.termtext import for_terminal
+from qinspect.units import format_size, format_size_exact
 
 # -- registration ---------------------------------------------------------------------------------------
 
@@ -76,7 +78,7 @@ def _diagnose(p: argparse.ArgumentParser) -> None:
     _output_opt(p)
     p.add_argument("--deep", action="store_true",
                    help="also read every data cluster (all-zero clusters, copies of backing data)")
-    p.add_argument("--fail-on", choices=["warning", "error"], default=None,
+    p.add_argument("--fail-on", choices=["info", "warning", "error"], default=None,
                    help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
 
 
@@ -369,19 +371,32 @@ SEVERITY_STYLES = {"error": "bold red", "warning": "bold yellow", "info": "bold 
 
 
 def _evidence_text(ev: dict[str, int | float | str]) -> str:
+    """Evidence as `key value` pairs; byte counts in the one size format (units.format_size_exact)."""
     parts = []
     for k, v in ev.items():
         if isinstance(v, int) and not isinstance(v, bool) and ("bytes" in k or "size" in k or "cache" in k
-                                                               or "reclaim" in k or k == "cow-unit"
-                                                               or k.startswith("snapshot ")):
-            parts.append(f"{k} {human_size(v)}")
+                                                               or "reclaim" in k or k.startswith("cow-unit")
+                                                               or k.endswith("-end")):
+            parts.append(f"{k} {format_size_exact(v)}")
         elif isinstance(v, int) and "offset" in k:
             parts.append(f"{k} {v:#x}")
         elif isinstance(v, float):
             parts.append(f"{k} {v:g}")
         else:
-            parts.append(f"{k} {v}")
+            parts.append(f"{k} {for_terminal(str(v))}")
     return ", ".join(parts)
+
+
+def _prediction_text(fix: Fix, sp: Space) -> str:
+    """`3.05 GiB → 1.21 GiB on disk, 4 GiB → 4 GiB apparent` (today's numbers, then the prediction)."""
+    p = fix.predicts
+    out = []
+    if "disk-usage" in p:
+        out.append(f"{format_size(sp.allocated_size)} → {format_size(int(p['disk-usage']))} on disk")
+    if "file-size" in p:
+        out.append(f"{format_size(sp.file_size)} → {format_size(int(p['file-size']))} apparent")
+    where = "in place" if fix.in_place else (f"writes {for_terminal(fix.output)}" if fix.output else "not in place")
+    return f"{where}; " + ", ".join(out)
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
@@ -395,9 +410,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
                               "rules": _rule_results(d, args.fail_on)}
         print_json(out)
     else:
-        _print_diagnosis(d, args.image)
         if args.fail_on:
             _print_gate(d, args.fail_on)
+        _print_diagnosis(d, args.image)
     return 1 if failed else 0
 
 
@@ -412,91 +427,130 @@ def _rule_results(d: Diagnosis, threshold: str) -> list[dict[str, str]]:
         elif f is None:
             out.append({"rule": rid, "result": "pass"})
         else:
-            res = "fail" if SEVERITY_RANK[f.severity] <= limit else "pass"
-            out.append({"rule": rid, "result": res, "severity": f.severity, "title": f.title})
+            res = "fail" if f.severity.rank <= limit else "pass"
+            out.append({"rule": rid, "result": res, "severity": f.severity.value, "title": f.title})
     for f in d.findings:  # findings outside the fixed rule list (none today)
         if f.id not in RULES:
-            res = "fail" if SEVERITY_RANK[f.severity] <= limit else "pass"
-            out.append({"rule": f.id, "result": res, "severity": f.severity, "title": f.title})
+            res = "fail" if f.severity.rank <= limit else "pass"
+            out.append({"rule": f.id, "result": res, "severity": f.severity.value, "title": f.title})
     return out
 
 
 def _print_gate(d: Diagnosis, threshold: str) -> None:
+    """The PASS/FAIL summary line, then one line per rule (text from the image never as markup)."""
     c = console()
-    c.print()
     results = _rule_results(d, threshold)
-    for r in results:
-        if r["result"] == "skip":
-            c.print(f"[dim]SKIP[/]  {r['rule']} ({r['why']})")
-        elif r["result"] == "pass":
-            note = f" ({r['severity']}: {escape(r['title'])})" if "severity" in r else ""
-            c.print(f"[green]PASS[/]  {r['rule']}{note}")
-        else:
-            c.print(f"[bold red]FAIL[/]  {r['rule']} ({r['severity']}): {escape(r['title'])}")
     failed = [r for r in results if r["result"] == "fail"]
-    verdict = (f"[bold red]FAIL[/]: {len(failed)} rule(s) at {threshold} or worse" if failed
-               else f"[bold green]PASS[/]: no finding at {threshold} or worse")
+    verdict = Text()
+    if failed:
+        verdict.append("FAIL", style="bold red")
+        verdict.append(f": {len(failed)} rule(s) at {threshold} or worse")
+    else:
+        verdict.append("PASS", style="bold green")
+        verdict.append(f": no finding at {threshold} or worse")
     c.print(verdict)
+    for r in results:
+        line = Text()
+        if r["result"] == "skip":
+            line.append("SKIP", style="dim")
+            line.append(f"  {r['rule']} ({r['why']})")
+        elif r["result"] == "pass":
+            line.append("PASS", style="green")
+            note = f" ({r['severity']}: {for_terminal(r['title'])})" if "severity" in r else ""
+            line.append(f"  {r['rule']}{note}")
+        else:
+            line.append("FAIL", style="bold red")
+            line.append(f"  {r['rule']} ({r['severity']}): {for_terminal(r['title'])}")
+        c.print(line)
+    c.print()
 
 
 def _print_diagnosis(d: Diagnosis, filename: str) -> None:
     c = console()
     n = len(d.findings)
-    by_sev = {s: sum(1 for f in d.findings if f.severity == s) for s in ("error", "warning", "info")}
+    by_sev = {s: sum(1 for f in d.findings if f.severity.value == s) for s in ("error", "warning", "info")}
     summary = ", ".join(f"{v} {k}" for k, v in by_sev.items() if v) or "nothing to report"
     deep = "" if d.deep is not None else "  (metadata only; --deep also reads the data)"
-    c.print(f"[bold]{escape(filename)}[/]: {n} finding{'s' if n != 1 else ''} ({summary}){deep}", soft_wrap=True)
+    head = Text(for_terminal(filename), style="bold")
+    head.append(f": {n} finding{'s' if n != 1 else ''} ({summary}){deep}", style="")
+    c.print(head, soft_wrap=True)
+    if d.in_use:
+        c.print(Text("in use: contents may be changing" if d.in_use == "write" else
+                     "in use: a running QEMU has the image open read-only", style="yellow"))
     if d.deep is not None and d.deep.skipped:
-        c.print(f"[yellow]Deep scan skipped: {escape(d.deep.skipped)}[/]")
+        c.print(Text(f"Deep scan skipped: {for_terminal(d.deep.skipped)}", style="yellow"))
     for f in d.findings:
-        _print_finding(f)
+        _print_finding(f, d.space)
     _print_space(d.space)
     m = d.cache
-    c.print(f"\nL2 cache: the whole disk needs {human_size(m.max_l2_cache)}; QEMU's default "
-            f"{human_size(m.default_l2_cache_size)} covers {_pct(m.default_coverage)}.")
+    c.print(f"\nL2 cache: the whole disk needs {format_size(m.max_l2_cache)}; QEMU's default "
+            f"{format_size(m.default_l2_cache_size)} covers {_pct(m.default_coverage)}.")
     if d.deep is not None and not d.deep.skipped:
         dd = d.deep
-        c.print(f"Deep scan: {dd.data_clusters} data clusters read ({human_size(dd.data_bytes)}); {dd.zero_clusters} "
+        c.print(f"Deep scan: {dd.data_clusters} data clusters read ({format_size(dd.data_bytes)}); {dd.zero_clusters} "
                 f"all zero, {dd.duplicate_clusters} equal to the backing file. A conversion would write about "
-                f"{human_size(dd.convert_size)} ({human_size(dd.convert_reclaim)} less than now).")
+                f"{format_size(dd.convert_size)} ({format_size(dd.convert_reclaim)} less than now).")
 
 
-def _print_finding(f: Finding) -> None:
+def _print_finding(f: Finding, sp: Space) -> None:
     c = console()
     c.print()
     head = Text()
-    head.append(f"{f.severity.upper():<8}", style=SEVERITY_STYLES[f.severity])
+    head.append(f"{f.severity.value.upper():<8}", style=SEVERITY_STYLES[f.severity.value])
     head.append(f" {f.id}", style="bold")
-    head.append(f"  {f.title}")
+    head.append(f"  {for_terminal(f.title)}")
     c.print(head, soft_wrap=True)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim", no_wrap=True)
     grid.add_column()
-    grid.add_row("  evidence", _evidence_text(f.evidence))
-    grid.add_row("  impact", f.impact)
+    grid.add_row("  evidence", Text(_evidence_text(f.evidence)))
+    grid.add_row("  impact", Text(for_terminal(f.impact)))
+    fix = f.fix
+    if fix is not None:
+        grid.add_row("  predicts", Text(_prediction_text(fix, sp)))
+        for label, value in (("  cost", fix.cost), ("  loses", fix.loses), ("  note", fix.note)):
+            if value:
+                grid.add_row(label, Text(for_terminal(value)))
     c.print(grid)
+    if fix is None:
+        return
     c.print(Text("  fix", style="dim"))
+    cmd = fix.command
     # On its own line and never wrapped, so that it can be copied as it is.
-    c.print(Text(f"    {f.fix}", style="bold green"), soft_wrap=True)
+    if cmd is not None:
+        c.print(Text(f"    {cmd}", style="bold green"), soft_wrap=True)
+    else:
+        c.print(Text(f"    {for_terminal(fix.blocked)}", style="yellow"), soft_wrap=True)
 
 
 def _print_space(sp: Space) -> None:
     c = console()
     c.print()
-    t = table("part", "bytes#", "of file#", "on disk#", title=f"Where the {_bytes(sp.file_size)} of the file go")
+    t = table("part", "bytes#", "of file#", "on disk#",
+              title=f"Where the {format_size_exact(sp.file_size)} of the file go")
     for k, v in sp.parts.items():
         if v:
-            t.add_row(PART_LABELS.get(k, k), human_size(v), _share(v, sp.file_size),
-                      human_size(sp.allocated_parts.get(k, 0)))
+            t.add_row(PART_LABELS.get(k, k), format_size(v), _share(v, sp.file_size),
+                      format_size(sp.allocated_parts.get(k, 0)))
     fs = sp.allocated_parts.get("filesystem", 0)
     if fs:
-        t.add_row(PART_LABELS["filesystem"], "", "", ("-" if fs < 0 else "") + human_size(abs(fs)))
-    t.add_row("total", human_size(sp.file_size), "100%", human_size(sp.allocated_size), style="bold")
+        t.add_row(PART_LABELS["filesystem"], "", "", format_size(fs))
+    t.add_row("total", format_size(sp.file_size), "100%", format_size(sp.allocated_size), style="bold")
     c.print(t)
+    gc = sp.guest_clusters
+    method = str(sp.extents.get("method", ""))
+    how = "FIEMAP" if method == "fiemap" else ("SEEK_DATA/SEEK_HOLE: this file system has no FIEMAP, so unwritten "
+                                               "extents count as data and may change with the page cache"
+                                               if method == "seek-hole" else "no extent information")
+    if gc:
+        c.print(Text(f"Data clusters: {format_size(gc.get('written', 0))} written, "
+                     f"{format_size(gc.get('unwritten', 0))} "
+                     f"reserved as zeroed space (unwritten extents), {format_size(gc.get('hole', 0))} holes "
+                     f"(host extents by {how})."))
     if sp.snapshots:
         st = table("snapshot", "name", "deleting it frees#")
         for sid, b in sp.snapshots.items():
-            st.add_row(sid, sp.snapshot_names.get(sid, ""), human_size(b))
+            st.add_row(sid, for_terminal(sp.snapshot_names.get(sid, "")), format_size(b))
         c.print(st)
 
 

@@ -22,19 +22,20 @@ MAX_WARNINGS = 50
 MAX_SNAPSHOT_ROWS = 500
 
 
-def open_checked(path: str, need_files: bool = False) -> Image:
+def open_checked(path: str, need_files: bool = False, check: bool = False) -> Image:
     """Open like qemu-img does: fail on anything QEMU would refuse to open.
 
     With `need_files` (map, check), also fail when a backing file or the external data file cannot
     be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
+    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
     """
     img = open_image(path)
     try:
-        img.require_openable()
+        img.require_openable(check=check)
         if need_files:
             for layer in img.chain():
                 if isinstance(layer, Image):
-                    layer.require_openable()
+                    layer.require_openable(check=check and layer is img)  # backing files: a normal open
                     layer.data_file()
     except Exception:
         img.close()
@@ -183,22 +184,27 @@ def _print_map(img: Image, entries: object) -> None:
 # -- check --------------------------------------------------------------------------------------------
 def run_check(args: argparse.Namespace) -> int:
     tune_for_bulk_work()
-    with open_checked(args.image, need_files=True) as img:
+    with open_checked(args.image, need_files=True, check=True) as img:
         res = check_image(img, filename=args.image)
-    if args.output == "json":
-        print_json(res.to_json())
-    else:
-        _print_check(res)
+    # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
+    # on stderr in both output formats (QEMU prints them from inside the check), every one of them.
+    lines = res.stderr_lines()
+    tail = lines[-1:] if res.failed is not None or res.check_errors else []  # "Check failed" comes last
+    sys.stderr.writelines(line + "\n" for line in lines[: len(lines) - len(tail)])
+    sys.stderr.flush()
+    if res.failed is None:  # qemu-img prints no counts when the check itself failed
+        if args.output == "json":
+            print_json(res.to_json())
+        else:
+            _print_check(res)
+    sys.stdout.flush()
+    sys.stderr.writelines(line + "\n" for line in tail)
     return res.exit_code
 
 
 def _print_check(res: CheckResult) -> None:
-    from qinspect.cli.render import console, err_console
+    from qinspect.cli.render import console
 
-    # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff.
-    sys.stderr.write("".join(m.text + "\n" for m in res.messages))
-    if res.messages_dropped:
-        err_console().print(f"... and {res.messages_dropped} more messages")
     c = console()
     if not (res.corruptions or res.leaks or res.check_errors):
         c.print("No errors were found on the image.")

@@ -42,7 +42,9 @@ class Problem:
     """Something wrong with the image that does not stop the rest of it being inspected.
 
     `qemu_refuses_open` marks problems for which QEMU itself refuses to open the image; commands
-    that mimic qemu-img fail on those as qemu-img does.
+    that mimic qemu-img fail on those as qemu-img does. `check_opens` marks the ones QEMU lets
+    pass when it opens for `qemu-img check` (BDRV_O_CHECK): no refcount table, a bad snapshot
+    table pointer (which the check itself then reports).
     """
 
     severity: Severity
@@ -50,6 +52,7 @@ class Problem:
     message: str
     offset: int | None = None
     qemu_refuses_open: bool = False
+    check_opens: bool = False
 
     def __str__(self) -> str:
         where = f" (offset {self.offset})" if self.offset is not None else ""

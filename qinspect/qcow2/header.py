@@ -267,19 +267,47 @@ def _warn(problems: list[Problem], structure: str, msg: str, offset: int | None 
     problems.append(Problem(Severity.WARNING, structure, msg, offset))
 
 
-def _refuse(problems: list[Problem], structure: str, msg: str, offset: int | None = None) -> None:
-    problems.append(Problem(Severity.ERROR, structure, msg, offset, qemu_refuses_open=True))
+def _refuse(problems: list[Problem], structure: str, msg: str, offset: int | None = None,
+            check_opens: bool = False) -> None:
+    problems.append(Problem(Severity.ERROR, structure, msg, offset, qemu_refuses_open=True,
+                            check_opens=check_opens))
+
+
+def table_fits(offset: int, entries: int, entry_len: int, cluster_size: int) -> bool:
+    """The offset rule of qcow2_validate_table: cluster aligned, and the table ends at or below
+    INT64_MAX (`INT64_MAX - entries * entry_len < offset` is refused), even when it is empty."""
+    return not (C.INT64_MAX - entries * entry_len < offset or offset % cluster_size)
+
+
+def _validate_table(problems: list[Problem], structure: str, name: str, offset: int, entries: int,
+                    entry_len: int, max_bytes: int, cluster_size: int, fields: tuple[int, int],
+                    unit: str, check_opens: bool = False) -> bool:
+    """qcow2_validate_table: "<name> too large" / "<name> offset invalid" (`fields`: the header
+    offsets of the table's size and offset fields)."""
+    if entries > max_bytes // entry_len:
+        _refuse(problems, structure, f"{name} too large ({entries} {unit}, the maximum is {max_bytes // entry_len})",
+                fields[0], check_opens)
+        return False
+    if not table_fits(offset, entries, entry_len, cluster_size):
+        why = ("not cluster aligned" if offset % cluster_size
+               else f"{entries} {unit} of {entry_len} bytes from there would end past INT64_MAX")
+        _refuse(problems, structure, f"{name} offset invalid ({offset:#x}: {why})", fields[1], check_opens)
+        return False
+    return True
 
 
 def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
     cs = h.cluster_size
     if h.version == 2:
         h.refcount_order = 4
-    if h.refcount_order > C.MAX_REFCOUNT_ORDER:
-        _refuse(problems, "header", f"refcount_order {h.refcount_order}: refcount width may not exceed 64 bits", 96)
+    # qcow2_do_open's order: backing file offset, unknown incompatible features, refcount order, ...
+    if h.backing_file_offset > cs:
+        _refuse(problems, "header", f"invalid backing file offset {h.backing_file_offset}", 8)
     unknown = h.incompatible_features & ~C.QCOW2_INCOMPAT_MASK
     if unknown:
-        _refuse(problems, "header", f"unsupported qcow2 feature(s): unknown incompatible feature: {unknown:x}", 72)
+        _refuse(problems, "header", f"Unsupported qcow2 feature(s): {_unsupported_features(h, f, unknown)}", 72)
+    if h.refcount_order > C.MAX_REFCOUNT_ORDER:
+        _refuse(problems, "header", f"refcount_order {h.refcount_order}: refcount width may not exceed 64 bits", 96)
     if h.corrupt:
         problems.append(Problem(Severity.ERROR, "header",
                                 "the corrupt bit is set: QEMU opens this image read-only only", 72))
@@ -294,42 +322,71 @@ def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
         _refuse(problems, "header", "extended L2 entries need clusters of at least 16 KiB (subclusters of 512 B)", 20)
     if h.crypt_method > C.QCOW_CRYPT_LUKS:
         _refuse(problems, "header", f"unsupported encryption method {h.crypt_method}", 32)
-    if h.backing_file_offset > cs:
-        _refuse(problems, "header", f"invalid backing file offset {h.backing_file_offset}", 8)
     if h.size % 512:
         _warn(problems, "header", f"virtual size {h.size} is not a multiple of 512", 24)
-    # L1 table
-    l1_bytes = h.l1_size * C.L1E_SIZE
-    if l1_bytes > C.QCOW_MAX_L1_SIZE:
-        _refuse(problems, "L1 table", f"active L1 table too large ({h.l1_size} entries)", 36)
-    if h.l1_size < h.l1_size_needed:
-        _refuse(problems, "L1 table",
-                f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", 36)
-    if h.l1_table_offset % cs:
-        _refuse(problems, "L1 table", f"invalid L1 table offset {h.l1_table_offset} (not cluster aligned)", 40)
-    elif h.l1_size and f.is_past_end(h.l1_table_offset, l1_bytes):
-        problems.append(Problem(Severity.ERROR, "L1 table",
-                                f"L1 table ({h.l1_size} entries, {l1_bytes} bytes) extends past the end of the "
-                                f"file ({f.size} bytes); the missing entries read as 0", h.l1_table_offset))
-    # refcount table
+    # The tables, in qcow2_do_open's order: refcount table, snapshot table, active L1 table.
+    # refcount table (check opens with BDRV_O_CHECK, which accepts an image without one)
     rt_bytes = h.refcount_table_clusters * cs
     if h.refcount_table_clusters == 0:
-        _refuse(problems, "refcount table", "image does not contain a reference count table", 56)
-    elif rt_bytes > C.QCOW_MAX_REFTABLE_SIZE:
-        _refuse(problems, "refcount table",
-                f"reference count table too large ({h.refcount_table_clusters} clusters)", 56)
-    if h.refcount_table_offset % cs:
-        _refuse(problems, "refcount table", f"invalid reference count table offset {h.refcount_table_offset}", 48)
-    elif rt_bytes and f.is_past_end(h.refcount_table_offset, rt_bytes):
+        _refuse(problems, "refcount table", "Image does not contain a reference count table", 56, check_opens=True)
+    if (_validate_table(problems, "refcount table", "Reference count table", h.refcount_table_offset,
+                        h.refcount_table_clusters, cs, C.QCOW_MAX_REFTABLE_SIZE, cs, (56, 48), "clusters")
+            and rt_bytes and f.is_past_end(h.refcount_table_offset, rt_bytes)):
         problems.append(Problem(Severity.ERROR, "refcount table",
                                 f"refcount table ({h.refcount_table_clusters} clusters, {rt_bytes} bytes) extends "
                                 f"past the end of the file ({f.size} bytes); the missing entries read as 0",
                                 h.refcount_table_offset))
-    # snapshot table
-    if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:
-        _refuse(problems, "snapshot table", f"too many snapshots ({h.nb_snapshots}, the maximum is 65536)", 60)
-    if h.nb_snapshots and h.snapshots_offset % cs:
-        _refuse(problems, "snapshot table", f"invalid snapshot table offset {h.snapshots_offset}", 64)
+    # snapshot table: validated even when empty; check skips this at open and validates it itself
+    _validate_table(problems, "snapshot table", "Snapshot table", h.snapshots_offset, h.nb_snapshots,
+                    C.SNAPSHOT_HEADER_SIZE, C.SNAPSHOT_HEADER_SIZE * C.QCOW_MAX_SNAPSHOTS, cs, (60, 64),
+                    "snapshots", check_opens=True)
+    # L1 table
+    l1_bytes = h.l1_size * C.L1E_SIZE
+    if (_validate_table(problems, "L1 table", "Active L1 table", h.l1_table_offset, h.l1_size, C.L1E_SIZE,
+                        C.QCOW_MAX_L1_SIZE, cs, (36, 40), "entries")
+            and h.l1_size and f.is_past_end(h.l1_table_offset, l1_bytes)):
+        problems.append(Problem(Severity.ERROR, "L1 table",
+                                f"L1 table ({h.l1_size} entries, {l1_bytes} bytes) extends past the end of the "
+                                f"file ({f.size} bytes); the missing entries read as 0", h.l1_table_offset))
+    if h.l1_size < h.l1_size_needed:
+        _refuse(problems, "L1 table",
+                f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", 36)
+
+
+def _unsupported_features(h: Header, f: HostFile, mask: int) -> str:
+    """report_unsupported_feature: unknown incompatible bits named from the image's feature name
+    table (read by a first pass over the extensions, as qcow2_do_open does before refusing), then
+    "Unknown incompatible feature: <hex>" for the bits it does not name."""
+    names: list[str] = []
+    for entry_type, bit, name in _feature_table_entries(h, f):
+        if entry_type == 0 and mask & (1 << (bit & 63)):  # (x86 shifts by bit mod 64)
+            names.append(name[:46])
+            mask &= ~(1 << (bit & 63))
+    if mask:
+        names.append(f"Unknown incompatible feature: {mask:x}")
+    return ", ".join(names)
+
+
+def _feature_table_entries(h: Header, f: HostFile) -> list[tuple[int, int, str]]:
+    """The last feature name table extension before the extension area ends or goes wrong, up to
+    its first entry with an empty name (how QEMU walks it)."""
+    end = min(h.backing_file_offset or h.cluster_size, h.cluster_size)
+    off, table = h.header_length, b""
+    while off < end:
+        magic, length = struct.unpack(">II", f.pread(off, 8))
+        if magic == C.QCOW2_EXT_MAGIC_END or off + 8 + length > end:
+            break
+        if magic == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
+            table = f.pread(off + 8, length)
+        off += 8 + ((length + 7) & ~7)
+    out: list[tuple[int, int, str]] = []
+    for i in range(0, len(table), 48):
+        entry = table[i : i + 48].ljust(48, b"\0")
+        name = entry[2:].split(b"\0", 1)[0]
+        if not name:
+            break
+        out.append((entry[0], entry[1], name.decode("utf-8", "replace")))
+    return out
 
 
 def _read_extensions(h: Header, f: HostFile, problems: list[Problem]) -> None:
@@ -338,13 +395,18 @@ def _read_extensions(h: Header, f: HostFile, problems: list[Problem]) -> None:
     h.extension_area_end = end
     off = h.header_length
     seen: set[int] = set()
-    while off + 8 <= end:
+    # qcow2_read_extensions reads an extension header whenever offset < end, and refuses one that
+    # does not fit (even the end marker) before looking at its type.
+    while off < end:
         magic, length = struct.unpack(">II", f.pread(off, 8))
+        if off + 8 > end or length > end - off - 8:
+            room = max(0, end - off - 8)
+            what = (f"only {end - off} bytes left for its 8-byte header" if off + 8 > end
+                    else f"{length} bytes, {room} left before byte {end}")
+            _refuse(problems, "header extensions", f"Header extension too large (0x{magic:08x}: {what})", off)
+            return
         if magic == C.QCOW2_EXT_MAGIC_END:
             h.extensions.append(HeaderExtension(off, magic, length, b""))
-            return
-        if off + 8 + length > end:
-            _refuse(problems, "header extensions", f"header extension 0x{magic:08x} too large ({length} bytes)", off)
             return
         data = f.pread(off + 8, length)
         ext = HeaderExtension(off, magic, length, data)
@@ -354,8 +416,6 @@ def _read_extensions(h: Header, f: HostFile, problems: list[Problem]) -> None:
         seen.add(magic)
         _apply_extension(h, ext, problems)
         off += 8 + ((length + 7) & ~7)
-    if off < end and off + 8 > end:
-        _warn(problems, "header extensions", "extension area ends without an end marker", off)
 
 
 def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -> None:
@@ -407,11 +467,17 @@ def _read_backing_name(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if h.data_file_raw and not h.has_data_file:
         _refuse(problems, "header", "data-file-raw requires a data file", 88)
     if h.has_data_file and not h.data_file:
-        _refuse(problems, "header", "'data-file' is required for this image (no data file name stored)", 72)
+        # qemu-img info opens with BDRV_O_NO_IO and, since the CVE-2024-4467 fix (in Debian's 7.2),
+        # does not open the data file at all: info works; map, check and reads need the file.
+        problems.append(Problem(Severity.ERROR, "data file",
+                                "'data-file' is required for this image, and the image names none: guest data "
+                                "cannot be read (pass the data file to QEMU with data-file=...)", 72))
     if not h.backing_file_offset:
         return
     n = h.backing_file_size
     if n > C.BACKING_FILE_NAME_MAX or n > h.cluster_size - min(h.backing_file_offset, h.cluster_size):
         _refuse(problems, "backing file name", f"backing file name too long ({n} bytes)", 16)
+        return
+    if n == 0:  # an empty name is no backing file (bs->backing_file[0] == '\0')
         return
     h.backing_file = f.pread(h.backing_file_offset, n).decode("utf-8", "replace")

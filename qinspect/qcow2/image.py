@@ -24,7 +24,7 @@ from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_directory
 from qinspect.qcow2.compressed import decompress_cluster
 from qinspect.qcow2.errors import EncryptedDataError, Problem, Qcow2Error, Severity
 from qinspect.qcow2.extents import ERROR_MESSAGES, ExtentError, Extents, iter_extents
-from qinspect.qcow2.header import Header, read_header
+from qinspect.qcow2.header import Header, read_header, table_fits
 from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.l2 import (
     ClusterType,
@@ -157,18 +157,22 @@ class Image:
                                          "image cannot be read", self.header.backing_file_offset))
 
     def _read_table(self, offset: int, entries: int, max_entries: int, name: str) -> U64:
-        """Read a u64 table, bounded by the format limit and by the file (the rest reads as 0)."""
-        if entries > max_entries or offset % self.header.cluster_size:
+        """Read a u64 table, bounded by the format limit and by the file. As in block/io.c, bytes
+        past the end of the file read as zeros: an entry cut off by the end keeps the bytes that
+        are there (its first 4 bytes, say) with zeros after them."""
+        if entries > max_entries or not table_fits(offset, entries, 8, self.header.cluster_size):
             return np.zeros(0, dtype=np.uint64)
-        in_file = max(0, min(entries, (self.file.size - offset) // 8))
+        in_bytes = max(0, min(entries * 8, self.file.size - offset))
         table = np.zeros(entries, dtype=np.uint64)
-        if in_file:
-            table[:in_file] = np.frombuffer(self.file.pread(offset, in_file * 8), dtype=">u8")
+        if in_bytes:
+            words = -(-in_bytes // 8)
+            table[:words] = np.frombuffer(self.file.pread(offset, words * 8), dtype=">u8")  # zero-padded
         return table
 
     def _read_snapshots(self) -> SnapshotTable:
         h = self.header
-        if not h.nb_snapshots or h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS or h.snapshots_offset % h.cluster_size:
+        if not h.nb_snapshots or h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS or not table_fits(
+                h.snapshots_offset, h.nb_snapshots, C.SNAPSHOT_HEADER_SIZE, h.cluster_size):
             return SnapshotTable([], 0)
         return read_snapshot_table(self.file, h.snapshots_offset, h.nb_snapshots, h.version, h.size, self.problems)
 
@@ -202,9 +206,13 @@ class Image:
         """Problems for which QEMU refuses to open the image at all."""
         return [p for p in self.problems if p.qemu_refuses_open]
 
-    def require_openable(self) -> None:
-        """Raise the first problem QEMU would refuse the open for (what qemu-img commands do)."""
-        refusals = self.open_refusals
+    def require_openable(self, check: bool = False) -> None:
+        """Raise the first problem QEMU would refuse the open for (what qemu-img commands do).
+
+        With `check`, open as `qemu-img check` does (BDRV_O_CHECK): an image without a refcount
+        table, or with a bad snapshot table pointer, is accepted (the check reports them).
+        """
+        refusals = [p for p in self.open_refusals if not (check and p.check_opens)]
         if refusals:
             p = refusals[0]
             raise Qcow2Error(f"{p.structure}: {p.message}", p.offset, path=self.path)
@@ -492,6 +500,8 @@ class Image:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
             raise Qcow2Error(f"read of {length} bytes at {offset} is outside the virtual disk "
                              f"({self.virtual_size} bytes)", path=self.path)
+        if self.header.has_data_file:
+            self.data_file()  # QEMU cannot open the image at all without its data file
         out = bytearray(length)
         for ex in self.extents(offset, offset + length):
             for k in range(len(ex)):

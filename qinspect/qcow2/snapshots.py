@@ -43,6 +43,8 @@ class SnapshotTable:
 
     snapshots: list[Snapshot]
     size: int
+    # Why qcow2_read_snapshots fails, in QEMU's words: (error, hint); qemu-img check prints them.
+    qemu_error: tuple[str, str] | None = None
 
 
 def read_snapshot_table(
@@ -53,13 +55,16 @@ def read_snapshot_table(
     pos = offset
     table_length = 0
     count = min(count, C.QCOW_MAX_SNAPSHOTS)
+    entry_end = offset
     for i in range(count):
         table_length = (table_length + 7) & ~7
         pos = (pos + 7) & ~7
-        if pos >= f.size:
+        if pos >= f.size and (i == 0 or entry_end < f.size):
+            # block/io.c: reads past the end of the file return zeros, so the entries there are
+            # empty snapshots (QEMU lists them; check calls each one incomplete in v3)
             problems.append(Problem(Severity.ERROR, "snapshot table",
-                                    f"snapshot table entry {i} lies past the end of the file", pos))
-            break
+                                    f"snapshot table entries {i}..{count - 1} lie past the end of the file and "
+                                    "read as zeros", pos))
         entry_start = pos
         (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
          extra_size) = _SN.unpack(f.pread(pos, _SN.size))
@@ -67,8 +72,10 @@ def read_snapshot_table(
         if extra_size > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             problems.append(Problem(Severity.ERROR, "snapshot table",
                                     f"too much extra metadata in snapshot table entry {i} ({extra_size} bytes)",
-                                    entry_start + 36, qemu_refuses_open=True))
-            break
+                                    entry_start + 36, qemu_refuses_open=True, check_opens=True))
+            return SnapshotTable(snaps, table_length, (
+                f"Too much extra metadata in snapshot table entry {i}",
+                "You can force-remove this extra metadata with qemu-img check -r all"))
         extra = f.pread(pos, extra_size)
         pos += extra_size
         vm_state_size = vm_state
@@ -85,6 +92,7 @@ def read_snapshot_table(
         pos += id_size
         name = f.pread(pos, name_size).decode("utf-8", "replace")
         pos += name_size
+        entry_end = pos
         size = _SN.size + extra_size + id_size + name_size
         table_length += size
         if version >= 3 and extra_size < 16:
@@ -101,6 +109,8 @@ def read_snapshot_table(
                               icount, extra[24:]))
         if table_length > C.QCOW_MAX_SNAPSHOTS_SIZE:
             problems.append(Problem(Severity.ERROR, "snapshot table", "snapshot table is too big",
-                                    offset, qemu_refuses_open=True))
-            break
+                                    offset, qemu_refuses_open=True, check_opens=True))
+            return SnapshotTable(snaps, table_length, (
+                "Snapshot table is too big",
+                f"You can force-remove all {count - i} overhanging snapshots with qemu-img check -r all"))
     return SnapshotTable(snaps, table_length)
