@@ -9,11 +9,24 @@ labels of a map, offsets in a panel), the views print `hexoff`, which is exact.
 from __future__ import annotations
 
 import os
+import re
 
-from qinspect.units import SizeError, format_size, parse_size, size_option
+from qinspect.units import SizeError, format_size, size_option
+from qinspect.units import parse_size as _units_parse_size
+
+_SPELLED_UNIT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgtpe])(?:i?b)\s*$", re.I)
 
 __all__ = ["SizeError", "count", "display_name", "hex_width", "hexoff", "option_size", "parse_size", "pct", "size",
            "size_exact"]
+
+
+def parse_size(text: str) -> int:
+    """What users type in the TUI: everything `qinspect.units.parse_size` reads, and units spelled
+    out as they are printed ('2 GiB', '64 KB'). Raises SizeError (a ValueError)."""
+    m = _SPELLED_UNIT.match(text)
+    if m and not text.strip().lower().startswith("0x"):
+        text = m.group(1) + m.group(2)
+    return _units_parse_size(text)
 
 
 def size(n: int | float) -> str:

@@ -14,6 +14,7 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from qinspect.qcow2 import constants as C
+from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, SEVERITY_COLOURS, WARN, G, kind_colour
 from qinspect.tui.session import Step
@@ -152,10 +153,10 @@ as the scans finish (`esc` cancels them, `r` resumes).
             enc += f": {lk.cipher_alg}-{lk.cipher_mode}, {lk.ivgen_alg}, {lk.hash_spec}, {active} key slot(s)"
         t.add_row("encryption", Text(enc, Style(color="#ff87af") if h.crypt_method else Style()))
         if h.has_data_file:
-            t.add_row("data file", Text(f"{h.data_file or '(not named; needs data-file=)'}"
-                                        f"{', raw' if h.data_file_raw else ''}"))
+            t.add_row("data file", Text(for_terminal(f"{h.data_file or '(not named; needs data-file=)'}"
+                                                     f"{', raw' if h.data_file_raw else ''}")))
         if h.backing_file is not None:
-            t.add_row("backing file", Text(f"{h.backing_file} ({h.backing_format or 'format probed'})"))
+            t.add_row("backing file", Text(for_terminal(f"{h.backing_file} ({h.backing_format or 'format probed'})")))
         state = []
         if h.dirty:
             state.append(Text("DIRTY", Style(color=WARN, bold=True)))
@@ -211,7 +212,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
             for col in ("id", "name", "date (UTC)", "vm state", "L1"):
                 t.add_column(col, no_wrap=True)
             for sn in img.snapshots[:20]:
-                t.add_row(Text(sn.id_str), Text(sn.name), utc(sn.date_sec),
+                t.add_row(Text(for_terminal(sn.id_str)), Text(for_terminal(sn.name)), utc(sn.date_sec),
                           fmt.size(sn.vm_state_size), fmt.hexoff(sn.l1_table_offset))
             parts += [title(f"Snapshots ({len(img.snapshots)})"), t]
             if len(img.snapshots) > 20:
@@ -223,7 +224,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
             for col in ("name", "granularity", "flags"):
                 t.add_column(col, no_wrap=True)
             for b in img.bitmaps:
-                t.add_row(Text(b.name), fmt.size(b.granularity),
+                t.add_row(Text(for_terminal(b.name)), fmt.size(b.granularity),
                           Text(",".join(b.flag_names) or "-", Style(color=ERROR) if b.in_use else Style()))
             head = f"Bitmaps ({len(img.bitmaps)})"
             if not img.header.bitmaps_consistent:
@@ -252,7 +253,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
                 n = int(totals[code]) if li.depth <= 5 else 0
                 colour = GUEST_COLOURS[code]
             provided = f"{fmt.size(n * cs)} {fmt.pct(n, gm.n_clusters):>5}"
-            name = Text(li.name)
+            name = Text(for_terminal(li.name))
             name.append(f"  {li.format}, {fmt.size(li.virtual_size)}, file {fmt.size(li.file_size)}", Style(color=DIM))
             t.add_row(Text("█", Style(color=colour)), name, provided)
         unalloc = int(totals[G.UNALLOCATED]) + int(totals[G.RESERVED])

@@ -17,6 +17,7 @@ from textual.widgets.tree import TreeNode
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.l2 import ClusterType, classify_cluster, parse_compressed
+from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.messages import ShowGuest, ShowHost, ShowStructure
 from qinspect.tui.nav import Place
@@ -41,9 +42,9 @@ MAX_CHILDREN = 4096
 def _label(text: str, kind: str, extra: str = "") -> Text:
     t = Text()
     t.append("■ ", Style(color=KIND_COLOURS.get(kind, KIND_COLOURS["unknown"])))
-    t.append(text)
+    t.append(for_terminal(text))  # names come from the file: escaped, and a Text (never markup)
     if extra:
-        t.append(f" {extra}", Style(color=DIM))
+        t.append(f" {for_terminal(extra)}", Style(color=DIM))
     return t
 
 
@@ -286,7 +287,7 @@ class StructuresView(View):
             self.query_one(HexView).set_highlight(None)
             return
         i = event.row
-        self.query_one("#st-detail", Static).update(Text(model.detail(i), Style(color=DIM)))
+        self.query_one("#st-detail", Static).update(Text(for_terminal(model.detail(i)), Style(color=DIM)))
         self.query_one(HexView).set_highlight(model.span(i))
         if isinstance(model, L2Model) and model.owner < 0 and self.has_focus_within:
             self.post_message(ShowGuest(model.guest(i), switch=False))
