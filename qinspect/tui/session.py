@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import TYPE_CHECKING
@@ -35,8 +36,9 @@ if TYPE_CHECKING:
     from qinspect.analysis.layout import Layout
     from qinspect.analysis.space import Space
 
-# Clusters classified per worker step of the guest-map scan (a few L2 tables at a time).
-SCAN_STEP_CLUSTERS = 1 << 18
+# Clusters classified per worker step of the guest-map scan (a few L2 tables at a time): small
+# enough that one step holds the interpreter for a few milliseconds, so keys stay responsive.
+SCAN_STEP_CLUSTERS = 1 << 16
 
 
 class Step(StrEnum):
@@ -252,6 +254,7 @@ class Session:
                         done += int(gm.scanned[t:end].sum()) - before
                     t += step
                     progress(done, total)
+                    time.sleep(0)  # let the main thread take the interpreter between two steps
         progress(total, total)
 
     def load_tables(self, tables: list[int], cancelled: CancelledFn) -> None:

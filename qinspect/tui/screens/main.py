@@ -60,6 +60,8 @@ VIEWS: tuple[tuple[str, str], ...] = (
 )
 VIEW_IDS = tuple(v for v, _label in VIEWS)
 
+# Seconds between two redraws of the maps while a scan fills them (keys stay responsive).
+REDRAW_INTERVAL = 0.5
 # Seconds between two looks at a followed image (size and mtime).
 FOLLOW_INTERVAL = 1.0
 
@@ -159,6 +161,7 @@ class MainScreen(Screen[None]):
         self.history = History()
         self._restoring = False
         self.follow_timer: Timer | None = None
+        self._last_redraw = 0.0
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(self.session, id="header")
@@ -260,7 +263,10 @@ class MainScreen(Screen[None]):
     async def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         vid = event.pane.id
         if vid:
-            await self.ensure_view(vid)
+            view = await self.ensure_view(vid)
+            if view.stale:
+                view.stale = False
+                view.data_changed(None)
         self.refresh_bindings()
         self.call_after_refresh(self._focus_current, vid)
         self.call_after_refresh(self.update_crumbs)
@@ -478,7 +484,9 @@ class MainScreen(Screen[None]):
         label = message.step.label
         text = f"{label}: {message.done:,}/{message.total:,} {unit}".rstrip() if message.total > 1 else f"{label}…"
         status.advance(text, message.done, message.total)
-        if message.step is Step.GUEST and message.done:
+        now = time.monotonic()
+        if message.step is Step.GUEST and message.done and now - self._last_redraw >= REDRAW_INTERVAL:
+            self._last_redraw = now  # the maps redraw at most twice a second while a scan fills them
             self._data_changed(Step.GUEST)
 
     def on_scan_step_done(self, message: ScanStepDone) -> None:
@@ -509,8 +517,13 @@ class MainScreen(Screen[None]):
         self._data_changed(None)
 
     def _data_changed(self, step: Step | None) -> None:
+        """Tell the shown view at once; the hidden ones catch up when they are shown."""
+        active = f"view-{self.active_view}"
         for view in self.built_views():
-            view.data_changed(step)
+            if view.id == active:
+                view.data_changed(step)
+            else:
+                view.stale = True
 
     def action_cancel(self) -> None:
         if self.scanning and self.scan_worker is not None:

@@ -23,6 +23,7 @@ class View(Container):
     def __init__(self, session: Session, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.session = session
+        self.stale = False  # data changed while the view was hidden: refreshed when shown
 
     def main_widget(self) -> Widget | None:
         """The widget that gets the focus when the view is shown."""

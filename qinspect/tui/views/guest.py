@@ -41,6 +41,9 @@ from qinspect.tui.structs import StructRef
 from qinspect.tui.views.base import View
 from qinspect.tui.widgets.grid import ClusterGrid
 
+# Tables on screen read at once, ahead of the scan (more than this: the scan gets to them).
+MAX_EAGER_TABLES = 64
+
 SC_STATE = {
     SubclusterType.UNALLOCATED_PLAIN: G.UNALLOCATED,
     SubclusterType.UNALLOCATED_ALLOC: G.RESERVED,
@@ -364,6 +367,8 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
 
     def on_cluster_grid_need_data(self, event: ClusterGrid.NeedData) -> None:
         event.stop()
+        if len(event.tables) > MAX_EAGER_TABLES and self.session.scanning:
+            return  # most of the disk on screen: the running scan fills it in, reading it twice helps nobody
         self._pending.update(event.tables)
         if not self._loading:
             self._load_pending()
