@@ -8,16 +8,22 @@ from typing import ClassVar
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
+from textual.command import Provider
 from textual.screen import Screen
 
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.termtext import for_terminal
-from qinspect.tui.commands import QinspectCommands
 from qinspect.tui.fmt import display_name
 from qinspect.tui.screens.error import ErrorScreen
 from qinspect.tui.screens.main import MainScreen
-from qinspect.tui.screens.picker import PickerScreen
 from qinspect.tui.session import Session, open_session
+
+
+def _commands() -> type[Provider]:
+    """The command palette's provider, imported when the palette first opens."""
+    from qinspect.tui.commands import QinspectCommands
+
+    return QinspectCommands
 
 
 class QInspectApp(App[int]):
@@ -30,7 +36,7 @@ class QInspectApp(App[int]):
 
     TITLE = "qinspect"
     CSS_PATH = "qinspect.tcss"
-    COMMANDS: ClassVar = App.COMMANDS | {QinspectCommands}
+    COMMANDS: ClassVar = App.COMMANDS | {_commands}
     BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+c", "quit", "Quit", show=False, priority=True)]
 
     def __init__(self, path: str | None = None, *, scan: bool = True, name: str | None = None,
@@ -71,6 +77,7 @@ class QInspectApp(App[int]):
 
     def show_picker(self, root: str, first: bool = False) -> None:
         """The picker (a dashboard of the images below `root`); it dismisses with the path chosen."""
+        from qinspect.tui.screens.picker import PickerScreen
 
         def chosen(path: str | None) -> None:
             if path:

@@ -180,7 +180,8 @@ class MainScreen(Screen[None]):
         self.call_after_refresh(self._focus_current, self.initial_view)
         self.call_after_refresh(self.update_crumbs)
         if self.autoscan:
-            self.call_after_refresh(self.start_scans)
+            # after the first frame is on screen: the scan threads would slow the first frame down
+            self.call_after_refresh(self.call_after_refresh, self.start_scans)
         else:
             self.query_one(ScanStatus).idle("scans not started (r runs them)")
 

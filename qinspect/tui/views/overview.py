@@ -101,7 +101,11 @@ as the scans finish (`esc` cancels them, `r` resumes).
         return self.query_one("#ov-scroll", VerticalScroll)
 
     def on_mount(self) -> None:
+        # The image's essentials make the first frame; the other sections come with the next one.
         self.query_one("#ov-image", Static).update(self._image())
+        self.call_after_refresh(self._fill_sections)
+
+    def _fill_sections(self) -> None:
         self.query_one("#ov-features", Static).update(self._features())
         self.query_one("#ov-header", Static).update(self._header())
         self.query_one("#ov-extensions", Static).update(self._extensions())
