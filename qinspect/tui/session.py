@@ -153,11 +153,13 @@ class Session:
         self.fresh_clusters: set[int] = set()
         self._retired: list[Image] = []
 
-    def clean(self, text: str) -> str:
+    def clean(self, text: str, multiline: bool = False) -> str:
         """`text` with this image's path shown as on screen (no absolute, machine-specific paths),
-        escaped for the terminal."""
+        escaped for the terminal; with `multiline` its line breaks stay (each line is escaped)."""
         if not text:
             return text
+        if multiline:
+            return "\n".join(self.clean(line) for line in text.split("\n"))
         path = self.path
         for p in {shlex.quote(path), path, os.path.abspath(path)}:
             text = text.replace(p, self.name)

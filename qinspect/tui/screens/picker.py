@@ -31,6 +31,7 @@ from qinspect.qcow2.header import read_header
 from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.image import resolve_backing_path
 from qinspect.termtext import for_terminal
+from qinspect.tui.fmt import display_name
 from qinspect.tui.palette import DIM, SEVERITY_COLOURS
 from qinspect.tui.widgets.inputs import SteadyInput
 from qinspect.units import format_size
@@ -213,7 +214,7 @@ class PickerScreen(Screen[str | None]):
         t = Text()
         t.append(" qinspect ", Style(bold=True, reverse=True))
         t.append("  images below ")
-        t.append(for_terminal(self.root), Style(bold=True))
+        t.append(for_terminal(display_name(self.root) or "."), Style(bold=True))
         yield Static(t, id="pk-title")
         yield SteadyInput(placeholder="filter (part of a path); enter opens, esc back to the list")
         table: DataTable[Text | str] = DataTable(id="pk-list", cursor_type="row", zebra_stripes=False)

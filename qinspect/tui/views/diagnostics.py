@@ -93,8 +93,8 @@ def items_from_diagnosis(diag: Diagnosis, s: Session) -> list[Item]:
     """The findings of `diagnose`, every string escaped for the terminal (names come from the file)."""
     out = []
     for f in diag.findings:
-        out.append(Item(f.id, severity_name(f.severity), s.clean(f.title), s.clean(_text(f.evidence)),
-                        s.clean(_text(f.impact)), s.clean(fix_command(f.fix))))
+        out.append(Item(f.id, severity_name(f.severity), s.clean(f.title), s.clean(_text(f.evidence), True),
+                        s.clean(_text(f.impact), True), s.clean(fix_command(f.fix), True)))
     return out
 
 

@@ -188,6 +188,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         self._loading = False
         self._pending: set[int] = set()
         self._last_inspected: tuple[int, ...] | None = None
+        self._fresh_seen = 0
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -404,6 +405,9 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         grid = self.grid
         if grid.source is not self.session.guest:  # a followed image was re-read
             grid.replace_source(self.session.guest)
+        if len(self.session.fresh_clusters) != self._fresh_seen:
+            self._fresh_seen = len(self.session.fresh_clusters)
+            grid.set_highlight(self.session.fresh_clusters)
         grid.data_changed()
         self.query_one("#gm-legend", Static).update(self._legend())
         self.update_inspector()

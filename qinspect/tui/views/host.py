@@ -55,7 +55,7 @@ class HostSource:
         self.n_units = max(1, -(-file_size // cluster_size))
         self.layout = layout
         self.version = 0 if layout is None else 1
-        self._cache: dict[int, tuple[U8, U8]] = {}
+        self._cache: dict[tuple[int, int, int], tuple[U8, U8]] = {}
         self._n_owner = len(Owner)
         self._empty = [int(o) for o in _EMPTY]
         self._priority = [int(Owner.CONFLICT), int(Owner.LEAKED)]
@@ -82,18 +82,21 @@ class HostSource:
             return "not scanned"
         return Owner(code).label
 
-    def _level(self, zoom: int) -> tuple[U8, U8]:
-        hit = self._cache.get(zoom)
-        if hit is not None:
-            return hit
+    def _range(self, zoom: int, c0: int, c1: int) -> tuple[U8, U8]:
+        """(owner code, fill glyph) of cells [c0, c1): counted over those cells' clusters only, so
+        memory follows what is on screen (a whole-file table of counts at zoom 0 of a 1 TiB
+        image would be gigabytes)."""
         assert self.layout is not None
         owner = self.layout.owner
-        n = len(owner)
         cpc = 1 << zoom
-        n_cells = -(-n // cpc)
+        lo, hi = c0 * cpc, min(len(owner), c1 * cpc)
+        n = c1 - c0
+        if n <= 0 or lo >= hi:
+            return np.zeros(max(0, n), np.uint8), np.full(max(0, n), GL_EMPTY, np.uint8)
+        part = owner[lo:hi].astype(np.int64)
         k = self._n_owner
-        rows = np.arange(n, dtype=np.int64) >> zoom
-        counts = np.bincount(rows * k + owner.astype(np.int64), minlength=n_cells * k).reshape(n_cells, k)
+        rows = (np.arange(lo, hi, dtype=np.int64) - lo) >> zoom
+        counts = np.bincount(rows * k + part, minlength=n * k)[: n * k].reshape(n, k)
         used = counts.copy()
         used[:, self._empty] = 0
         filled = used.sum(axis=1)
@@ -107,17 +110,21 @@ class HostSource:
         glyph = np.where(filled == 0, GL_EMPTY,
                          np.where(filled == total, GL_FULL,
                                   np.where(frac >= 0.5, GL_DARK, np.where(frac >= 0.125, GL_MEDIUM, GL_LIGHT))))
-        out = (code.astype(np.uint8), glyph.astype(np.uint8))
-        self._cache[zoom] = out
-        return out
+        return code.astype(np.uint8), glyph.astype(np.uint8)
 
     def cells(self, zoom: int, c0: int, c1: int) -> tuple[U8, U8, list[int]]:
         c1 = min(c1, self.n_cells(zoom))
         n = max(0, c1 - c0)
         if self.layout is None:
             return (np.full(n, UNKNOWN_CODE, dtype=np.uint8), np.full(n, GL_UNKNOWN, dtype=np.uint8), [])
-        code, glyph = self._level(zoom)
-        return code[c0:c1], glyph[c0:c1], []
+        key = (zoom, c0, c1)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._range(zoom, c0, c1)
+            self._cache[key] = hit
+            while len(self._cache) > 512:
+                self._cache.pop(next(iter(self._cache)))
+        return hit[0], hit[1], []
 
     def cell_counts(self, zoom: int, cell: int) -> dict[int, int]:
         if self.layout is None:

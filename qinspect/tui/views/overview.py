@@ -16,6 +16,7 @@ from textual.widgets import Static
 from qinspect.qcow2 import constants as C
 from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
+from qinspect.tui.flow import Flow
 from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, SEVERITY_COLOURS, WARN, G, kind_colour
 from qinspect.tui.session import Step
 from qinspect.tui.structs import ExtensionsModel, HeaderModel, utc
@@ -293,17 +294,11 @@ as the scans finish (`esc` cancels them, `r` resumes).
                 merged[kind_colour(k)] = ([*labels, PART_LABELS.get(k, k)], n + int(v))
         parts = [(" + ".join(labels), colour, n) for colour, (labels, n) in merged.items()]
         parts.sort(key=lambda p: -p[2])
-        legend = Table.grid(padding=(0, 2))
-        cols = 3
-        for _ in range(cols):
-            legend.add_column(no_wrap=True)
         cells: list[Text] = []
         for label, colour, n in parts:
             cells.append(Text.assemble(("█ ", Style(color=colour)), f"{label} ",
                                        (f"{fmt.size(n)} {fmt.pct(n, size)}", Style(color=DIM))))
-        for i in range(0, len(cells), cols):
-            row = cells[i : i + cols]
-            legend.add_row(*(row + [Text()] * (cols - len(row))))
+        legend = Flow(cells)  # wraps between entries, never inside one: no number is cut
         total = sum(int(v) for v in space.parts.values())
         check = Text(f"parts add up to {fmt.count(total)} of {fmt.count(size)} bytes"
                      + ("" if total == size else " ✗"), Style(color=DIM if total == size else ERROR))

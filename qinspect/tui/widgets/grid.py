@@ -28,6 +28,7 @@ from qinspect.tui.guestmap import GLYPHS
 from qinspect.tui.palette import DIM, PaletteState
 
 U8 = npt.NDArray[np.uint8]
+MARK_STYLE = Style(underline=True, bold=True)
 
 
 class GridSource(Protocol):
@@ -108,6 +109,8 @@ class ClusterGrid(ScrollView, can_focus=True):
         self._need_posted = False
         self._fitted = False
         self.letters = False  # draw each cell's letter (the source's `letter(code)`) instead of its glyph
+        self._highlight = np.zeros(0, dtype=np.int64)  # units drawn underlined (new in a followed image)
+        self._highlight_version = 0
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -183,6 +186,13 @@ class ClusterGrid(ScrollView, can_focus=True):
             self._fitted = True
             self.fit_zoom()
 
+    def set_highlight(self, units: set[int]) -> None:
+        """Units to mark (underlined, bold): what a followed image newly allocated."""
+        self._highlight = np.array(sorted(units), dtype=np.int64)
+        self._highlight_version += 1
+        self._cache.clear()
+        self.refresh()
+
     def replace_source(self, source: GridSource) -> None:
         """The same data, newer (a followed image): keep the cursor and the zoom."""
         self.source = source
@@ -210,7 +220,7 @@ class ClusterGrid(ScrollView, can_focus=True):
         cur = self.cursor_cell
         cur_in_row = cur - row * self.cols if row * self.cols <= cur < (row + 1) * self.cols else -1
         key = (row, self.zoom, self.cols, self.cell_w, self.source.version, cur_in_row, width, int(self.has_focus),
-               self.draws_letters)
+               self.draws_letters, self._highlight_version)
         strip = self._cache.get(key)
         if strip is not None:
             return strip
@@ -233,14 +243,19 @@ class ClusterGrid(ScrollView, can_focus=True):
         segs = [Segment(f"{label:>{lw - 1}} ", Style(color=DIM))]
         letter = getattr(self.source, "letter", None) if self.draws_letters else None
         n = len(codes)
+        marked = np.zeros(n, dtype=np.int32)
+        if len(self._highlight) and n:
+            cells = (self._highlight >> self.zoom) - c0
+            cells = cells[(cells >= 0) & (cells < n)]
+            marked[cells] = 1
         if n:
-            keys = codes.astype(np.int32) * 8 + glyphs
+            keys = codes.astype(np.int32) * 8 + glyphs + (marked << 12)
             brk = np.flatnonzero(keys[1:] != keys[:-1]) + 1
             starts = [0, *brk.tolist()]
             ends = [*brk.tolist(), n]
             for s, e in zip(starts, ends, strict=True):
                 code, glyph = int(codes[s]), int(glyphs[s])
-                style = self._style(code)
+                style = self._style(code) + (MARK_STYLE if marked[s] else Style())
                 cell = self._cell_text(glyph) if letter is None or glyph == 0 else self._letter_text(letter(code))
                 if s <= cur_in_row < e:
                     if cur_in_row > s:
