@@ -101,6 +101,7 @@ async def test_finding_evidence_guest_entry_host_references_and_back(images: dic
         guest = screen.view("guest")
         assert isinstance(guest, GuestMapView)
         cluster = guest.grid.cursor
+        assert cluster == 0  # the first compressed cluster, not the first one after the cursor
         lk = app.session.img.lookup(cluster * app.session.img.cluster_size)  # type: ignore[union-attr]
         assert lk.compressed is not None
         # guest cell → its L2 entry

@@ -309,7 +309,7 @@ class MainScreen(Screen[None]):
         self.remember()
         view = await self.ensure_view(message.view)
         await self._switch_quietly(message.view)
-        err = view.find(message.text, True)
+        err = view.find_first(message.text)
         if err:
             self.notify(err, severity="warning", markup=False)
         self.call_after_refresh(self.update_crumbs)

@@ -306,7 +306,7 @@ class PickerScreen(Screen[str | None]):
         e.worst, e.worst_title = worst, title
         self.diagnosed += 1
         with contextlib.suppress(Exception):  # the row may be filtered out
-            self.table.update_cell(e.path, "worst finding", self._worst_cell(e))
+            self.table.update_cell(e.path, "worst finding", self._worst_cell(e), update_width=True)
         self._status()
 
     # -- the table ---------------------------------------------------------------------------------

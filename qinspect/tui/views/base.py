@@ -46,6 +46,10 @@ class View(Container):
         given through `self.notify`)."""
         return "nothing to find in this view"
 
+    def find_first(self, text: str) -> str | None:
+        """Find the first match from the start (a link to a finding's evidence)."""
+        return self.find(text, True)
+
     # -- navigation ----------------------------------------------------------------------------------
     def place(self) -> Place:
         """Where the user is in this view (the breadcrumb label and the state `restore` takes)."""

@@ -447,13 +447,16 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         self.show_offset(off)
         return None
 
-    def find(self, text: str, forward: bool = True) -> str | None:
+    def find_first(self, text: str) -> str | None:
+        return self.find(text, True, from_start=True)
+
+    def find(self, text: str, forward: bool = True, from_start: bool = False) -> str | None:
         q = parse_query(text)
         if q is None:
             return self.goto(text)
         s = self.session
         grid = self.grid
-        start = grid.cursor + (grid.cpc - 1 if forward else 0)
+        start = -1 if from_start else grid.cursor + (grid.cpc - 1 if forward else 0)
 
         def load(t: int) -> None:
             s.load_tables([t], lambda: False)
@@ -462,7 +465,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         if hit is None:
             more = "" if s.guest.complete else " (the scan has not finished)"
             return f"no {q.name} clusters{more}"
-        if hit.wrapped:
+        if hit.wrapped and not from_start:
             self.notify(f"search wrapped around to the {'start' if forward else 'end'} of the disk", timeout=3)
         self.sc = 0
         grid.data_changed()

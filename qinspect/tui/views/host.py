@@ -478,7 +478,10 @@ fragmentation are visible at a glance.
         self.show_offset(off)
         return None
 
-    def find(self, text: str, forward: bool = True) -> str | None:
+    def find_first(self, text: str) -> str | None:
+        return self.find(text, True, from_start=True)
+
+    def find(self, text: str, forward: bool = True, from_start: bool = False) -> str | None:
         lay = self.session.layout
         if lay is None:
             return "the host layout is not known yet"
@@ -493,7 +496,7 @@ fragmentation are visible at a glance.
         hits = np.flatnonzero(np.isin(owner, np.array(wanted, dtype=owner.dtype)))
         if not len(hits):
             return f"no '{for_terminal(text)}' clusters"
-        ahead = hits[hits >= cur + cpc] if forward else hits[hits < cur]
+        ahead = hits if from_start else hits[hits >= cur + cpc] if forward else hits[hits < cur]
         if not len(ahead):
             ahead = hits
             self.notify(f"search wrapped around to the {'start' if forward else 'end'} of the file", timeout=3)
