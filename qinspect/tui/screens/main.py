@@ -519,6 +519,8 @@ class MainScreen(Screen[None]):
 
     def _data_changed(self, step: Step | None) -> None:
         """Tell the shown view at once; the hidden ones catch up when they are shown."""
+        if step is not Step.GUEST:
+            self.call_after_refresh(self.update_crumbs)
         active = f"view-{self.active_view}"
         for view in self.built_views():
             if view.id == active:

@@ -167,14 +167,17 @@ def items_from_core(s: Session) -> list[Item]:
     return out
 
 
+class FindingList(OptionList):
+    """The findings; `enter` (shown in the footer) follows the selected one's evidence."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select", "Evidence", key_display="⏎")]
+
+
 class DiagnosticsView(View):
     """The findings list and the selected finding's details."""
 
     VIEW_ID = "diagnostics"
     TITLE = "Diagnostics"
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("enter", "evidence", "Evidence"),
-    ]
 
     HELP = """
 ## Diagnostics
@@ -209,7 +212,7 @@ evidence (numbers), its impact and the command that fixes it.
     def compose(self) -> ComposeResult:
         yield Static("", id="dg-status")
         with Horizontal():
-            yield OptionList(id="dg-list")
+            yield FindingList(id="dg-list")
             with VerticalScroll(id="dg-detail"):
                 yield Static("", id="dg-text")
 
