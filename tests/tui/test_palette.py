@@ -150,3 +150,32 @@ def test_backing_layers_are_named_by_file() -> None:
     names = ["top.qcow2", "mid.qcow2", "base.qcow2"]
     assert P.guest_name(G.BACKING1, names) == "from mid.qcow2"
     assert P.guest_name(G.BACKING2, names) == "from base.qcow2"
+
+
+async def test_themes_in_textual_theme_picker_switch_the_palette(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+    import subprocess
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not installed")
+    from qinspect.tui.app import QInspectApp
+
+    img = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
+    app = QInspectApp(str(img), scan=False)
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause()
+            assert {P.THEME_LIGHT, P.THEME_COLOUR_BLIND} <= set(app.available_themes)
+            app.theme = P.THEME_COLOUR_BLIND
+            await pilot.pause()
+            assert P.PaletteState.name == "colour-blind" and P.PaletteState.letters
+            app.theme = P.THEME_LIGHT
+            await pilot.pause()
+            assert P.PaletteState.name == "light" and not P.PaletteState.letters
+            assert P.GUEST_COLOURS[G.DATA] == "#44cc44"
+            app.theme = "textual-dark"
+            await pilot.pause()
+            assert P.PaletteState.name == "dark"
+    finally:
+        P.use_palette("dark")

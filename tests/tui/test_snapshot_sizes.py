@@ -44,7 +44,12 @@ def test_guest_map_after_a_link_shows_the_breadcrumb(snap_compare: Any, samples:
         view.grid.set_zoom(0)
         view.show_offset(0x100000)
         await pilot.press("enter")
-        await pilot.pause()
+        for _ in range(3):
+            await pilot.pause()
+            await pilot.app.workers.wait_for_complete()
         await pilot.press("H")
+        for _ in range(3):
+            await pilot.pause()
+            await pilot.app.workers.wait_for_complete()
 
     assert snap_compare(app_for(samples, "chain_top", "guest"), terminal_size=SMALL, run_before=settled(then))
