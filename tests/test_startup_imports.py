@@ -24,3 +24,60 @@ def test_json_commands_import_no_ui(command: str) -> None:
     )
     r = subprocess.run([sys.executable, "-c", code, str(IMAGE)], capture_output=True, text=True, check=True)
     assert r.stdout.split("\n")[-2] == "0 [] []", r.stdout + r.stderr
+
+
+def _modules_after(args: list[str]) -> tuple[int, set[str], str]:
+    """Run `qinspect ARGS` in a fresh interpreter; its exit code and the top-level packages it loaded."""
+    code = (
+        "import io, sys, contextlib\n"
+        "from qinspect.cli import main\n"
+        "out, err = io.StringIO(), io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "    try:\n"
+        "        rc = main(sys.argv[1:])\n"
+        "    except SystemExit as e:\n"
+        "        rc = e.code\n"
+        "print(rc)\n"
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+        "print(','.join(sorted(m for m in sys.modules if m.startswith('qinspect'))))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    rc, tops, ours = r.stdout.strip().split("\n")[-3:]
+    return int(rc), set(tops.split(",")), ours
+
+
+@pytest.mark.parametrize("args", [
+    ["info", "--output=json", str(IMAGE)],
+    ["info", "--output=json", "--backing-chain", str(IMAGE)],
+    ["--help"],
+    ["info", "--help"],
+    ["diagnose", "--help"],
+    ["info", "/nonexistent/image.qcow2"],
+    ["check", "/nonexistent/image.qcow2"],
+    ["map", "--output=json", str(IMAGE) + ".missing"],
+    ["check", str(SAMPLES / "README.md")],
+    ["/nonexistent/image.qcow2"],
+], ids=lambda a: " ".join(a).replace(str(IMAGE), "IMAGE"))
+def test_info_help_and_errors_import_no_numpy_nor_rich(args: list[str]) -> None:
+    rc, tops, ours = _modules_after(args)
+    assert rc in (0, 1), rc
+    assert not tops & {"numpy", "rich", "textual"}, sorted(tops & {"numpy", "rich", "textual"})
+    assert "qinspect.qcow2.image" not in ours.split(","), ours  # only the metadata was opened
+
+
+def test_human_info_imports_rich_but_not_numpy() -> None:
+    """Human `info` prints Rich tables (so imports Rich), and still reads no table needing numpy."""
+    rc, tops, _ours = _modules_after(["info", str(IMAGE)])
+    assert rc == 0
+    assert "rich" in tops
+    assert "numpy" not in tops
+
+
+def test_startup_bench_runs() -> None:
+    """bench/startup.py runs end to end (one round; no timing is asserted)."""
+    root = SAMPLES.parent
+    r = subprocess.run([sys.executable, str(root / "bench" / "startup.py"), "--rounds", "1"], capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for row in ("`python -c pass`", "`info --output=json`", "`--help`", "`check --output=json`"):
+        assert f"| {row} |" in r.stdout, r.stdout

@@ -64,14 +64,6 @@ class DeepScan:
     """Guest ranges of the active layer that read as zeros (zero clusters, all-zero data)."""
     zero_length: I64 | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def zero_disk_bytes(self) -> int:
-        return self.zero_bytes
-
-    @property
-    def duplicate_disk_bytes(self) -> int:
-        return self.duplicate_bytes
-
 
 @dataclass
 class _Extents:

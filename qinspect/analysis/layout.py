@@ -29,6 +29,7 @@ import numpy.typing as npt
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import BME_MAX_TABLE_SIZE, Bitmap, read_bitmap_table
+from qinspect.qcow2.fields import QCOW2_BITMAP_HEADER_EXT, QCOW2_CRYPTO_HEADER_EXT, QCOW_HEADER
 from qinspect.qcow2.header import Header
 from qinspect.qcow2.image import Image
 from qinspect.qcow2.l2 import ClusterType, classify_clusters
@@ -284,11 +285,11 @@ class Layout:
             return length > 0 and off < hi and off + length > lo
 
         if covers(h.l1_table_offset, h.l1_size * 8):
-            out.append(Reference("header-field", 0, 0, 40))
+            out.append(Reference("header-field", 0, 0, QCOW_HEADER.offset("l1_table_offset")))
         if covers(h.refcount_table_offset, h.refcount_table_entries * 8):
-            out.append(Reference("header-field", 0, 0, 48))
+            out.append(Reference("header-field", 0, 0, QCOW_HEADER.offset("refcount_table_offset")))
         if snapshots and covers(h.snapshots_offset, self._snapshot_table_size):
-            out.append(Reference("header-field", 0, 0, 64))
+            out.append(Reference("header-field", 0, 0, QCOW_HEADER.offset("snapshots_offset")))
         for sn in snapshots:
             if covers(sn.l1_table_offset, sn.l1_size * 8):
                 out.append(Reference("snapshot-table-entry", h.snapshots_offset, sn.index, sn.entry_offset,
@@ -296,10 +297,12 @@ class Layout:
         for ext in h.extensions:
             if ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None and covers(
                     h.bitmaps_ext.bitmap_directory_offset, h.bitmaps_ext.bitmap_directory_size):
-                out.append(Reference("header-extension", ext.offset, 0, ext.offset + 8 + 16))
+                out.append(Reference("header-extension", ext.offset, 0,
+                                     ext.data_offset + QCOW2_BITMAP_HEADER_EXT.offset("bitmap_directory_offset")))
             if ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER and h.crypto_ext is not None and covers(
                     h.crypto_ext.offset, h.crypto_ext.length):
-                out.append(Reference("header-extension", ext.offset, 0, ext.offset + 8))
+                out.append(Reference("header-extension", ext.offset, 0,
+                                     ext.data_offset + QCOW2_CRYPTO_HEADER_EXT.offset("offset")))
         rt = self._refcount_table
         if len(rt):
             offs = rt & np.uint64(C.REFT_OFFSET_MASK)
@@ -441,7 +444,7 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
         ok = sn.l1_table_offset % cs == 0 and sn.l1_size <= C.QCOW_MAX_L1_SIZE // 8
         if not ok:
             w.note("invalid snapshot L1 tables")
-        tbl = _read_u64(img, sn.l1_table_offset, sn.l1_size) if ok and sn.l1_size else np.zeros(0, np.uint64)
+        tbl = img.snapshot_l1_table(k) if ok and sn.l1_size else np.zeros(0, np.uint64)
         l1s.append(tbl)
         l1_offsets.append(sn.l1_table_offset)
         sources.append(k + 1)
@@ -608,28 +611,6 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
     )
 
 
-def _read_u64(img: Image, offset: int, count: int) -> U64:
-    """`count` table entries at `offset`; entries past the end of the file read as 0 and are left
-    out (no zero buffer in proportion to a size claimed by a snapshot table entry)."""
-    count = max(0, min(count, (img.file.size - offset) // 8))
-    return np.frombuffer(img.file.pread(offset, count * 8), dtype=">u8").astype(np.uint64)
-
-
-def _read_tables(img: Image, offs: I64) -> U64:
-    """The L2 tables at `offs` (exact offsets, adjacent ones in one read) as raw u64 words."""
-    cs = img.cluster_size
-    buf = np.zeros(len(offs) * cs, dtype=np.uint8)
-    mv = memoryview(buf.data)
-    k = 0
-    while k < len(offs):
-        m = k + 1
-        while m < len(offs) and int(offs[m]) == int(offs[k]) + (m - k) * cs:
-            m += 1
-        img.file.read_into(int(offs[k]), mv[k * cs : m * cs])
-        k = m
-    return np.frombuffer(buf, dtype=">u8").astype(np.uint64)
-
-
 def _walk_l2_batch(img: Image, w: _Walker, l1_idx: I64, offs: I64, src: int
                    ) -> tuple[_DataRuns, _Compressed, tuple[I64, U64] | None]:
     """Claim the L2 tables at `offs` and everything their entries point to."""
@@ -649,7 +630,7 @@ def _walk_l2_batch(img: Image, w: _Walker, l1_idx: I64, offs: I64, src: int
     in_file = offs < img.file.size
     if not in_file.all():
         l1_idx, offs = l1_idx[in_file], offs[in_file]
-    words = _read_tables(img, offs)
+    words = img.read_l2_tables(offs)
     if h.extended_l2:
         entries, bitmaps = words[0::2], words[1::2]
     else:

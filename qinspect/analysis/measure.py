@@ -23,6 +23,7 @@ from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled,
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image
+from qinspect.units import SizeError, parse_size
 
 DEFAULT_CLUSTER_SIZE = 65536
 BME_TABLE_ENTRY_SIZE = 8
@@ -78,19 +79,11 @@ def _parse_bool(key: str, value: str) -> bool:
 
 
 def _parse_size(key: str, value: str) -> int:
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-    t = value.strip().lower()
-    suffix = t[-1] if t and t[-1].isalpha() else ""
-    num = t[: len(t) - 1] if suffix else t
-    if suffix not in units:
-        raise Qcow2Error(f"Parameter '{key}' expects a non-negative number below 2^64")
+    """A size option (`cluster_size=64k`) as qemu-img accepts it (qinspect.units.parse_size)."""
     try:
-        n = float(num) if "." in num else int(num, 10)
-    except ValueError:
+        return parse_size(value, maximum=(1 << 64) - 1)
+    except SizeError:
         raise Qcow2Error(f"Parameter '{key}' expects a non-negative number below 2^64") from None
-    if n < 0:
-        raise Qcow2Error(f"Parameter '{key}' expects a non-negative number below 2^64")
-    return int(n * units[suffix])
 
 
 def parse_options(text: str | None) -> MeasureOptions:

@@ -24,7 +24,7 @@ all zeros and data identical to what the backing chain already holds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -35,10 +35,19 @@ from qinspect.qcow2 import constants as C
 from qinspect.qcow2.hostfile import ExtentKind, HostExtents
 from qinspect.qcow2.image import Image
 
-if TYPE_CHECKING:
-    from qinspect.analysis.deep import DeepScan
-
 I64 = npt.NDArray[np.int64]
+
+
+class DeepParts(Protocol):
+    """What the breakdown takes from a deep scan (`qinspect.analysis.deep.DeepScan`), which itself
+    uses this module (`not_written`): space does not import deep."""
+
+    @property
+    def zero_bytes(self) -> int: ...
+
+    @property
+    def duplicate_bytes(self) -> int: ...
+
 
 # Part names, in display order. The deep parts appear only after a deep scan.
 PARTS = (
@@ -48,6 +57,8 @@ PARTS = (
     "bitmaps", "luks", "leaked", "free", "tail", "conflict",
 )
 DEEP_PARTS = ("zero-data", "backing-duplicates")
+# The parts a `qemu-img convert` would not copy (what `Space.reclaimable` adds up).
+RECLAIMABLE_PARTS = ("zero-data", "zero-allocated", "preallocated-unused", "leaked", "free", "tail")
 
 PART_LABELS = {
     "guest-data": "guest data", "zero-data": "all-zero data clusters", "backing-duplicates": "copies of backing data",
@@ -92,8 +103,12 @@ class Space:
         """Bytes a `qemu-img convert` would not copy: unused and unreferenced space (deep parts
         included when scanned; snapshots and bitmaps excluded, convert drops them too but that
         loses them)."""
-        keys = ("zero-data", "zero-allocated", "preallocated-unused", "leaked", "free", "tail")
-        return sum(self.parts.get(k, 0) for k in keys)
+        return sum(self.reclaimable_parts.values())
+
+    @property
+    def reclaimable_parts(self) -> dict[str, int]:
+        """`reclaimable` by part (every part of `RECLAIMABLE_PARTS`, zeros included)."""
+        return {k: self.parts.get(k, 0) for k in RECLAIMABLE_PARTS}
 
     def to_json(self) -> dict[str, object]:
         """`{"file-size": N, "parts": {...}, ...}` with parts adding up to file-size."""
@@ -277,7 +292,7 @@ def _split_partial(lay: Layout, p: npt.NDArray[np.uint8], data_part: int, holes:
         alloc_moves[name] += int((d + u)[mask].sum())
 
 
-def compute_space(img: Image, layout: Layout | None = None, deep: DeepScan | None = None,
+def compute_space(img: Image, layout: Layout | None = None, deep: DeepParts | None = None,
                   progress: ProgressFn = no_progress, cancelled: CancelledFn = never_cancelled) -> Space:
     """Break the file (and its disk usage) down by part; computes the layout when not given."""
     lay = layout if layout is not None else compute_layout(img, progress, cancelled)
@@ -377,5 +392,5 @@ def compute_space(img: Image, layout: Layout | None = None, deep: DeepScan | Non
                  extents=ext.to_json(), guest_clusters=data_clusters)
 
 
-__all__ = ["PARTS", "PART_LABELS", "HoleMap", "Space", "compute_space", "file_holes", "hole_bytes_per_cluster",
-           "hole_map", "not_written"]
+__all__ = ["PARTS", "PART_LABELS", "DeepParts", "HoleMap", "Space", "compute_space", "file_holes",
+           "hole_bytes_per_cluster", "hole_map", "not_written"]

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -24,63 +23,13 @@ from qinspect.analysis.layout import Layout, Owner, compute_layout
 from qinspect.analysis.measure import MeasureResult, measure, parse_options
 from qinspect.analysis.progress import ProgressFn, no_progress
 from qinspect.analysis.space import PART_LABELS, Space
-from qinspect.cli import _output_opt, _size, command
-from qinspect.cli.core_cmds import open_checked, print_json
-from qinspect.cli.render import console, err_console, human_size, table
+from qinspect.cli.core_cmds import in_use, open_checked, print_json, warn_in_use
+from qinspect.cli.render import console, err_console, literal, table
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image
+from qinspect.shellquote import UnsafeArgument, command_line
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size, format_size_exact
-
-# -- registration ---------------------------------------------------------------------------------------
-
-
-@command("layout", "who owns each cluster of the image file (host layout, reverse lookup)",
-         "qinspect.cli.analysis_cmds:run_layout")
-def _layout(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image")
-    _output_opt(p)
-    p.add_argument("--offset", type=_size, default=None, metavar="HOST_OFFSET",
-                   help="show the owner of this file offset and every table entry pointing there")
-    p.add_argument("--width", type=int, default=64, help="characters per row of the file map (default 64)")
-
-
-@command("measure", "file size of this image converted with other options (qemu-img measure -O qcow2)",
-         "qinspect.cli.analysis_cmds:run_measure")
-def _measure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", nargs="?", help="the image to convert (omit with --size)")
-    _output_opt(p)
-    p.add_argument("-o", dest="options", default="", metavar="OPTIONS",
-                   help="target options: cluster_size=..,extended_l2=on|off,refcount_bits=..,compat=..,"
-                        "preallocation=..,backing_file=..")
-    p.add_argument("--size", type=_size, default=None, help="measure a new empty image of this size instead")
-
-
-@command("cache", "QEMU's L2/refcount cache for this image: what the default covers, what it needs",
-         "qinspect.cli.analysis_cmds:run_cache")
-def _cache(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image")
-    _output_opt(p)
-    p.add_argument("--l2-cache-size", type=_size, default=None, metavar="SIZE", help="a -drive l2-cache-size to try")
-    p.add_argument("--l2-cache-entry-size", type=_size, default=None, metavar="SIZE",
-                   help="a -drive l2-cache-entry-size to try")
-    p.add_argument("--refcount-cache-size", type=_size, default=None, metavar="SIZE")
-    p.add_argument("--cache-size", type=_size, default=None, metavar="SIZE", help="a combined -drive cache-size")
-    p.add_argument("--write-size", type=_size, default=4096, metavar="SIZE",
-                   help="guest write size for the copy-on-write figure (default 4k)")
-    p.add_argument("--non-linux", action="store_true", help="QEMU's defaults on other hosts (8 MiB L2 cache)")
-
-
-@command("diagnose", "findings: what makes this image big or slow, with the command that fixes each",
-         "qinspect.cli.analysis_cmds:run_diagnose")
-def _diagnose(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image")
-    _output_opt(p)
-    p.add_argument("--deep", action="store_true",
-                   help="also read every data cluster (all-zero clusters, copies of backing data)")
-    p.add_argument("--fail-on", choices=["info", "warning", "error"], default=None,
-                   help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
-
 
 # -- shared -------------------------------------------------------------------------------------------
 
@@ -106,11 +55,6 @@ def _progress(label: str) -> Iterator[ProgressFn]:
             bar.update(task, completed=done, total=total or None)
 
         yield update
-
-
-def _bytes(n: int) -> str:
-    """`1.5 MiB (1572864)`: readable and exact."""
-    return human_size(n) if n < 1024 else f"{human_size(n)} ({n:,} bytes)"
 
 
 def _share(n: int, total: int) -> str:
@@ -179,11 +123,14 @@ def file_map(lay: Layout, width: int = 64, max_rows: int = 16) -> tuple[list[Tex
 
 def run_layout(args: argparse.Namespace) -> int:
     with _open(args.image) as img, _progress("layout") as prog:
+        state = in_use(img)
+        if args.output != "json":
+            warn_in_use(args.image, state)
         lay = compute_layout(img, prog)
         if args.offset is not None:
-            return _print_lookup(lay, args.offset, args.output == "json")
+            return _print_lookup(lay, args.offset, args.output == "json", state)
         if args.output == "json":
-            print_json(layout_json(lay, args.image))
+            print_json({**layout_json(lay, args.image), "in-use": state})
             return 0
         _print_layout(lay, args.image, args.width)
     return 0
@@ -192,21 +139,22 @@ def run_layout(args: argparse.Namespace) -> int:
 def _print_layout(lay: Layout, filename: str, width: int) -> None:
     c = console()
     cs = lay.cluster_size
-    c.print(f"[bold]{escape(filename)}[/]: {_bytes(lay.file_size)} file, {human_size(cs)} clusters, "
-            f"{lay.nb_clusters} host clusters; last cluster in use ends at {lay.image_end_offset:#x}",
-            soft_wrap=True)
+    head = literal(filename, "bold")
+    head.append(f": {format_size_exact(lay.file_size)} file, {format_size(cs)} clusters, "
+                f"{lay.nb_clusters} host clusters; last cluster in use ends at {lay.image_end_offset:#x}")
+    c.print(head, soft_wrap=True)
     counts = lay.counts()
     nbytes = lay.bytes_by_owner()
     t = table("", "owner", "clusters#", "bytes#", "of file#")
     for o in Owner:
         if counts[o]:
             ch, style = OWNER_GLYPHS[o]
-            t.add_row(Text(ch, style=style), o.label, f"{counts[o]:,}", human_size(nbytes[o]),
+            t.add_row(Text(ch, style=style), o.label, f"{counts[o]:,}", format_size(nbytes[o]),
                       _share(nbytes[o], lay.file_size))
     c.print(t)
     rows, per = file_map(lay, width)
     if rows:
-        scale = "1 cluster" if per == 1 else f"{per} clusters ({human_size(per * cs)})"
+        scale = "1 cluster" if per == 1 else f"{per} clusters ({format_size(per * cs)})"
         c.print(f"File map, one character = {scale}, offset 0 at top left:")
         for i, row in enumerate(rows):
             line = Text(f"{i * width * per * cs:>#14x} ", style="dim")
@@ -220,7 +168,7 @@ def _print_layout(lay: Layout, filename: str, width: int) -> None:
                 "(corruption); see 'qinspect check'.")
 
 
-def _print_lookup(lay: Layout, offset: int, as_json: bool) -> int:
+def _print_lookup(lay: Layout, offset: int, as_json: bool, state: str | None = None) -> int:
     cs = lay.cluster_size
     owner = lay.owner_at(offset)
     kind = lay.kind_at(offset)
@@ -234,7 +182,7 @@ def _print_lookup(lay: Layout, offset: int, as_json: bool) -> int:
                     "refcount": stored, "references-counted": reference,
                     "references": [{"kind": r.kind, "table-offset": r.table_offset, "entry-index": r.entry_index,
                                     "entry-offset": r.entry_file_offset, "guest-offset": r.guest_offset,
-                                    "snapshot": r.snapshot} for r in refs]})
+                                    "snapshot": r.snapshot} for r in refs], "in-use": state})
         return 0
     c = console()
     what = owner.label if kind == owner else f"{owner.label}: {kind.label}"
@@ -255,39 +203,51 @@ def _print_lookup(lay: Layout, offset: int, as_json: bool) -> int:
 
 
 def run_measure(args: argparse.Namespace) -> int:
+    if args.target_format != "qcow2":
+        raise Qcow2Error(f"-O {args.target_format}: qinspect measures qcow2 targets only (-O qcow2); "
+                         f"for other formats run qemu-img measure -O {args.target_format}")
     opts = parse_options(args.options)
     if args.size is not None and args.image:
         raise Qcow2Error("--size and an image are mutually exclusive")
     if args.size is None and not args.image:
         raise Qcow2Error("either --size or an image must be given")
+    state = None
     if args.size is not None:
         res = measure(None, opts, size=args.size)
         img_name = None
     else:
         with _open(args.image) as img, _progress("measure") as prog:
+            state = in_use(img)
             res = measure(img, opts, progress=prog)
         img_name = args.image
     if args.output == "json":
-        print_json(res.to_json())
+        # The extra "in-use" key describes the image measured (none with --size).
+        print_json(res.to_json() if img_name is None else {**res.to_json(), "in-use": state})
     else:
+        warn_in_use(args.image or "", state)
         _print_measure(res, args.options, img_name, args.size)
     return 0
 
 
 def _print_measure(res: MeasureResult, options: str, image: str | None, size: int | None) -> None:
     c = console()
-    opts = f" with -o {escape(options)}" if options else ""
+    opts = literal(f" with -o {options}" if options else "")
     if image:
-        c.print(f"Converting {escape(image)} to qcow2{opts} needs:", soft_wrap=True)
+        head = literal("Converting ")
+        head.append_text(literal(image))
+        head.append(" to qcow2")
     else:
-        c.print(f"A new {human_size(size or 0)} qcow2 image{opts} needs:", soft_wrap=True)
+        head = literal(f"A new {format_size_exact(size or 0)} qcow2 image")
+    head.append_text(opts)
+    head.append(" needs:")
+    c.print(head, soft_wrap=True)
     t = table("", "size#", "bytes#", "meaning")
-    t.add_row("required", human_size(res.required), f"{res.required:,}",
+    t.add_row("required", format_size(res.required), f"{res.required:,}",
               "file size of the new image (its metadata sized for a full disk)")
-    t.add_row("fully allocated", human_size(res.fully_allocated), f"{res.fully_allocated:,}",
+    t.add_row("fully allocated", format_size(res.fully_allocated), f"{res.fully_allocated:,}",
               "once every guest byte has been written")
     if res.bitmaps is not None:
-        t.add_row("bitmaps", human_size(res.bitmaps), f"{res.bitmaps:,}",
+        t.add_row("bitmaps", format_size(res.bitmaps), f"{res.bitmaps:,}",
                   "more, to copy the persistent dirty bitmaps (convert --bitmaps)")
     c.print(t)
 
@@ -297,6 +257,7 @@ def _print_measure(res: MeasureResult, options: str, image: str | None, size: in
 
 def run_cache(args: argparse.Namespace) -> int:
     with _open(args.image) as img:
+        state = in_use(img)
         h = img.header
         try:
             m = cache_model(h.size, h.cluster_size, h.extended_l2, h.refcount_bits, args.l2_cache_size,
@@ -308,52 +269,60 @@ def run_cache(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise Qcow2Error(str(e)) from None
     if args.output == "json":
-        print_json({"filename": args.image, "model": m.to_json(), "other-cluster-sizes": [r.to_json() for r in rows]})
+        print_json({"filename": args.image, "model": m.to_json(), "other-cluster-sizes": [r.to_json() for r in rows],
+                    "in-use": state})
         return 0
+    warn_in_use(args.image, state)
     _print_cache(m, rows, args)
     return 0
 
 
 def _print_cache(m: CacheModel, rows: list[CacheModel], args: argparse.Namespace) -> None:
     c = console()
-    geometry = f"{human_size(m.cluster_size)} clusters" + (" with extended L2 (16-byte entries)" if m.extended_l2
+    geometry = f"{format_size(m.cluster_size)} clusters" + (" with extended L2 (16-byte entries)" if m.extended_l2
                                                             else "")
-    c.print(f"[bold]{escape(args.image)}[/]: {human_size(m.virtual_size)} virtual disk, {geometry}, "
-            f"{m.refcount_bits}-bit refcounts", soft_wrap=True)
+    head = literal(args.image, "bold")
+    head.append(f": {format_size_exact(m.virtual_size)} virtual disk, {geometry}, {m.refcount_bits}-bit refcounts")
+    c.print(head, soft_wrap=True)
     host = "Linux" if m.linux else "non-Linux"
     t = table("", "value")
-    t.add_row("L2 cache to cover the whole disk", f"{_bytes(m.max_l2_cache)}")
-    t.add_row(f"QEMU's default ({host}, at most {human_size(m.default_l2_cache_max)})",
-              f"{human_size(m.default_l2_cache_size)} in {human_size(m.default_l2_cache_entry_size)} slices, covers "
-              f"{human_size(m.default_coverage_bytes)} ({_pct(m.default_coverage)})")
+    t.add_row("L2 cache to cover the whole disk", f"{format_size_exact(m.max_l2_cache)}")
+    t.add_row(f"QEMU's default ({host}, at most {format_size(m.default_l2_cache_max)})",
+              f"{format_size(m.default_l2_cache_size)} in {format_size(m.default_l2_cache_entry_size)} slices, covers "
+              f"{format_size(m.default_coverage_bytes)} ({_pct(m.default_coverage)})")
     given = [f"{k}={size_option(v)}" for k, v in (("l2-cache-size", args.l2_cache_size),
                                                    ("l2-cache-entry-size", args.l2_cache_entry_size),
                                                    ("refcount-cache-size", args.refcount_cache_size),
                                                    ("cache-size", args.cache_size)) if v is not None]
     if given:
         t.add_row("with " + ",".join(given),
-                  f"{human_size(m.l2_cache_size)} = {m.l2_cache_entries} x {human_size(m.l2_cache_entry_size)}, "
-                  f"covers {human_size(m.coverage_bytes)} ({_pct(m.coverage)})")
-    t.add_row("refcount cache", f"{human_size(m.refcount_cache_size)}, covers "
-                                f"{human_size(m.refcount_cache_coverage_bytes)} of image file")
-    t.add_row(f"{human_size(m.cow_write_size)} write into a fresh cluster over a backing file",
-              f"writes {human_size(m.cow_bytes_written)} (x{m.cow_factor:g})")
+                  f"{format_size(m.l2_cache_size)} = {m.l2_cache_entries} x {format_size(m.l2_cache_entry_size)}, "
+                  f"covers {format_size(m.coverage_bytes)} ({_pct(m.coverage)})")
+    t.add_row("refcount cache", f"{format_size(m.refcount_cache_size)}, covers "
+                                f"{format_size(m.refcount_cache_coverage_bytes)} of image file")
+    t.add_row(f"{format_size(m.cow_write_size)} write into a fresh cluster over a backing file",
+              f"writes {format_size(m.cow_bytes_written)} (x{m.cow_factor:g})")
     c.print(t)
     if m.coverage < 1:
         c.print("To cover the whole disk:")
-        c.print(f"  [bold green]-drive file={escape(args.image)},format=qcow2,"
-                f"l2-cache-size={size_option(m.max_l2_cache)}[/]", soft_wrap=True)
+        # QEMU's option syntax doubles commas in values; the argument is quoted for the shell.
+        drive = f"file={args.image.replace(',', ',,')},format=qcow2,l2-cache-size={size_option(m.max_l2_cache)}"
+        try:
+            c.print(literal(f"  {command_line(['-drive', drive])}", "bold green"), soft_wrap=True)
+        except UnsafeArgument:
+            c.print(f"  (no -drive line: the file name holds control characters; l2-cache-size="
+                    f"{size_option(m.max_l2_cache)})")
     else:
         c.print("[green]The L2 cache covers the whole disk.[/]")
     given_col = "given covers#" if given else ""
     tt = table("cluster#", "ext L2", "needs#", "default#", "covers#", *([given_col] if given else []),
-               f"CoW {human_size(m.cow_write_size)}#",
+               f"CoW {format_size(m.cow_write_size)}#",
                title="The same disk with other cluster sizes: L2 cache needed, QEMU's default and what it covers")
     for r in rows:
         mark = r.cluster_size == m.cluster_size and r.extended_l2 == m.extended_l2
-        cells = [("* " if mark else "") + human_size(r.cluster_size), "yes" if r.extended_l2 else "",
-                 human_size(r.max_l2_cache),
-                 human_size(r.default_l2_cache_size), _pct(r.default_coverage)]
+        cells = [("* " if mark else "") + format_size(r.cluster_size), "yes" if r.extended_l2 else "",
+                 format_size(r.max_l2_cache),
+                 format_size(r.default_l2_cache_size), _pct(r.default_coverage)]
         if given:
             cells.append(_pct(r.coverage))
         tt.add_row(*cells, f"x{r.cow_factor:g}", style="bold" if mark else None)
@@ -550,7 +519,7 @@ def _print_space(sp: Space) -> None:
     if sp.snapshots:
         st = table("snapshot", "name", "deleting it frees#")
         for sid, b in sp.snapshots.items():
-            st.add_row(sid, for_terminal(sp.snapshot_names.get(sid, "")), format_size(b))
+            st.add_row(sid, sp.snapshot_names.get(sid, ""), format_size(b))  # table() escapes the name
         c.print(st)
 
 

@@ -1,25 +1,41 @@
-"""`info`, `map` and `check`: qemu-img's JSON for scripts, readable tables for people."""
+"""`info`, `map` and `check`: qemu-img's JSON and human layouts for scripts, readable tables for people.
+
+Every command says when another process holds the image's locks ("in use: contents may be
+changing"): a line on stderr for human output, an extra `"in-use": "write"|"read"|null` key in JSON
+objects. `check` of an image that another process is writing gives no verdict and exits 1, as
+qemu-img's "check not completed" (qemu-img itself refuses to open it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from qinspect._malloc import tune_for_bulk_work
-from qinspect.analysis.check import CheckResult, check_image
 from qinspect.analysis.info import chain_info, image_info
-from qinspect.analysis.map import MapEntry, iter_map, iter_map_runs, write_map_json_runs
-from qinspect.qcow2.image import Image, open_image
+from qinspect.analysis.opening import require_files
+from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.meta import ImageMeta, MetaLayer, open_meta
+from qinspect.shellquote import UnsafeArgument, command_line
+from qinspect.termtext import for_terminal
+from qinspect.units import format_size, format_size_exact
 
-# Rich (qinspect.cli.render) is imported only for human output: it costs more start-up time than
-# a whole `qemu-img check` of a small image, and the JSON paths do not need it.
+if TYPE_CHECKING:
+    from qinspect.analysis.check import CheckResult
+    from qinspect.analysis.map import MapRuns
+    from qinspect.qcow2.image import Image
+
+# Start-up is most of a small command's time, so this module imports only what `info` needs (the
+# metadata: no numpy). `map` and `check` import the walks (and numpy) when they run; Rich
+# (qinspect.cli.render) is imported only for human output.
 
 # Bounds on human output: a hostile image can carry 65536 snapshots and as many problems.
 MAX_WARNINGS = 50
 MAX_SNAPSHOT_ROWS = 500
+
+IN_USE_JSON = {"writer": "write", "reader": "read"}
 
 
 def open_checked(path: str, need_files: bool = False, check: bool = False) -> Image:
@@ -29,58 +45,114 @@ def open_checked(path: str, need_files: bool = False, check: bool = False) -> Im
     be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
     With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
     """
+    # The metadata first: a file that is missing or not an image QEMU opens fails here, before the
+    # tables' machinery (numpy) is imported; then the image itself (its header is read again).
+    open_checked_meta(path, check=check).close()
+    from qinspect.qcow2.image import open_image
+
     img = open_image(path)
     try:
         img.require_openable(check=check)
         if need_files:
-            for layer in img.chain():
-                if isinstance(layer, Image):
-                    layer.require_openable(check=check and layer is img)  # backing files: a normal open
-                    layer.data_file()
+            require_files(img, check=check)  # the backing chain and data files (shared with scan)
     except Exception:
         img.close()
         raise
     return img
 
 
+def open_checked_meta(path: str, check: bool = False) -> ImageMeta:
+    """`open_checked` for what needs only metadata (`info`): no tables read, numpy not imported."""
+    meta = open_meta(path)
+    try:
+        meta.require_openable(check=check)
+    except Exception:
+        meta.close()
+        raise
+    return meta
+
+
+def in_use(layer: MetaLayer) -> str | None:
+    """"write" when another process holds the image's write lock, "read" for a reader, else None."""
+    file = getattr(layer, "file", None)
+    state = file.lock_state() if file is not None else None
+    return IN_USE_JSON.get(state) if state else None
+
+
+def in_use_message(state: str | None) -> str | None:
+    if state == "write":
+        return "in use: contents may be changing (another process, a running QEMU, holds the image's write lock)"
+    if state == "read":
+        return "in use: another process has the image open read-only"
+    return None
+
+
+def warn_in_use(path: str, state: str | None) -> None:
+    """One line on stderr when the image is in use (human output)."""
+    msg = in_use_message(state)
+    if msg:
+        sys.stderr.write(f"qinspect: {for_terminal(path)}: warning: {msg}\n")
+
+
 def print_json(obj: object) -> None:
-    """JSON the way qemu-img pretty-prints it (4-space indent)."""
+    """JSON the way qemu-img pretty-prints it (4-space indent); strings stay exact (escaped by JSON)."""
     sys.stdout.write(json.dumps(obj, indent=4) + "\n")
 
 
 # -- info ---------------------------------------------------------------------------------------------
 def run_info(args: argparse.Namespace) -> int:
-    with open_checked(args.image) as img:
+    with open_checked_meta(args.image) as img:
         infos = chain_info(img, args.image) if args.backing_chain else [image_info(img, args.image)]
+        states = _chain_in_use(img, len(infos))
         if args.output == "json":
+            for info, state in zip(infos, states, strict=True):
+                info["in-use"] = state
             print_json(infos if args.backing_chain else infos[0])
             return 0
-        from rich.markup import escape
-
-        from qinspect.cli.render import console, err_console
+        from qinspect.cli.render import console, err_console, literal
 
         for i, info in enumerate(infos):
             if args.backing_chain:
                 what = "the image" if i == 0 else f"backing file of layer {i - 1}"
-                console().rule(f"layer {i}: {escape(str(info['filename']))} ({what})", align="left")
-            _print_info(info)
+                title = literal(f"-- layer {i}: ", "bold")
+                title.append_text(literal(info["filename"], "bold"))
+                title.append(f" ({what}) --", "bold")
+                console().print(title)
+            _print_info(info, states[i])
         err = err_console()
         for p in img.problems[:MAX_WARNINGS]:
-            err.print(f"[yellow]warning:[/] {escape(str(p))}", soft_wrap=True)  # names come from the file
+            line = literal("warning: ", "yellow")
+            line.append_text(literal(p))  # names come from the file
+            err.print(line, soft_wrap=True)
         if len(img.problems) > MAX_WARNINGS:
-            err.print(f"[yellow]warning:[/] ... and {len(img.problems) - MAX_WARNINGS} more problems")
+            err.print(literal(f"warning: ... and {len(img.problems) - MAX_WARNINGS} more problems", "yellow"))
     return 0
 
 
-def _print_info(info: dict[str, object]) -> None:
-    from qinspect.cli.render import console, human_size, table
+def _chain_in_use(img: ImageMeta, n: int) -> list[str | None]:
+    """The lock state of the first `n` layers of the chain (the top image alone if it cannot be walked)."""
+    if n == 1:
+        return [in_use(img)]
+    try:
+        layers: list[MetaLayer] = list(img.chain())
+    except Qcow2Error:
+        layers = [img]
+    states = [in_use(layer) for layer in layers[:n]]
+    return states + [None] * (n - len(states))
+
+
+def _print_info(info: dict[str, object], state: str | None) -> None:
+    from datetime import UTC, datetime
+
+    from qinspect.cli.render import console, table
 
     c = console()
+    vs = int(info["virtual-size"])  # type: ignore[call-overload]
     rows: list[tuple[str, str]] = [
         ("image", str(info["filename"])),
         ("file format", str(info["format"])),
-        ("virtual size", f"{human_size(int(info['virtual-size']))} ({info['virtual-size']} bytes)"),  # type: ignore[call-overload]
-        ("disk size", human_size(int(info["actual-size"]))),  # type: ignore[call-overload]
+        ("virtual size", f"{format_size(vs)} ({vs} bytes)"),
+        ("disk size", format_size_exact(int(info["actual-size"]))),  # type: ignore[call-overload]
     ]
     if "cluster-size" in info:
         rows.append(("cluster_size", str(info["cluster-size"])))
@@ -94,6 +166,9 @@ def _print_info(info: dict[str, object]) -> None:
         rows.append(("backing file", bf if full == bf else f"{bf} (actual path: {full})"))
     if "backing-filename-format" in info:
         rows.append(("backing file format", str(info["backing-filename-format"])))
+    msg = in_use_message(state)
+    if msg:
+        rows.append(("in use", msg.removeprefix("in use: ")))
     t = table("field", "value")
     for k, v in rows:
         t.add_row(k, v)
@@ -105,7 +180,7 @@ def _print_info(info: dict[str, object]) -> None:
             date = datetime.fromtimestamp(s["date-sec"], UTC).strftime("%Y-%m-%d %H:%M:%S")
             secs = s["vm-clock-sec"]
             clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 1_000_000:03d}"
-            st.add_row(s["id"], s["name"], human_size(s["vm-state-size"]), date, clock,
+            st.add_row(s["id"], s["name"], format_size(s["vm-state-size"]), date, clock,
                        str(s["icount"]) if "icount" in s else "")
         c.print(st)
         if len(snaps) > MAX_SNAPSHOT_ROWS:
@@ -117,7 +192,7 @@ def _print_info(info: dict[str, object]) -> None:
             if k == "bitmaps":
                 for b in v:
                     flags = ", ".join(b["flags"]) or "-"
-                    ft.add_row("bitmap", f"{b['name']}: granularity {human_size(b['granularity'])}, flags {flags}")
+                    ft.add_row("bitmap", f"{b['name']}: granularity {format_size(b['granularity'])}, flags {flags}")
             elif k == "encrypt":
                 ft.add_row("encrypt", _encrypt_summary(v))
             else:
@@ -136,77 +211,117 @@ def _encrypt_summary(enc: dict[str, object]) -> str:
 
 
 # -- map ----------------------------------------------------------------------------------------------
+def host_file(layer: MetaLayer) -> str:
+    """The file a layer's host offsets point into (its external data file, if it has one), as QEMU names it."""
+    if isinstance(layer, ImageMeta) and layer.data_file_path:
+        return layer.data_file_path
+    return layer.path
+
+
+def map_layout(args: argparse.Namespace, stdout_is_terminal: bool) -> str:
+    """"json", "qemu" (qemu-img's human layout) or "table" (qinspect's)."""
+    if args.output == "json":
+        return "json"
+    if getattr(args, "table", False):
+        return "table"
+    if args.output == "human":
+        return "qemu"
+    return "table" if stdout_is_terminal else "qemu"
+
+
+def _or_empty_entry(runs: Iterator[MapRuns], start: int) -> Iterator[MapRuns]:
+    """qemu-img map prints one entry of length 0 when the range asked for is empty (start past the end)."""
+    from qinspect.analysis.map import MapRuns
+
+    empty = True
+    for b in runs:
+        empty = False
+        yield b
+    if empty:
+        yield MapRuns.one(start, 0, 0, -1, 0)
+
+
 def run_map(args: argparse.Namespace) -> int:
-    tune_for_bulk_work()
     with open_checked(args.image, need_files=True) as img:
-        if args.output == "json":
-            write_map_json_runs(iter_map_runs(img, start=args.start_offset, length=args.max_length), sys.stdout)
+        from qinspect.analysis.map import iter_map_runs, write_map_json_runs
+        from qinspect.cli.map_output import write_qemu_human, write_table
+        from qinspect.malloc import tune_for_bulk_work
+
+        tune_for_bulk_work()
+        warn_in_use(args.image, in_use(img))
+        runs = iter_map_runs(img, start=args.start_offset, length=args.max_length)
+        layout = map_layout(args, sys.stdout.isatty())
+        if layout == "json":
+            write_map_json_runs(_or_empty_entry(runs, args.start_offset), sys.stdout)
             return 0
-        _print_map(img, iter_map(img, start=args.start_offset, length=args.max_length))
+        chain = img.chain()
+        files = [host_file(layer) for layer in chain]
+        if layout == "qemu":
+            write_qemu_human(runs, files, sys.stdout)
+            return 0
+        start = args.start_offset
+        end = img.virtual_size if args.max_length is None else min(img.virtual_size, start + args.max_length)
+        write_table(runs, files, [layer.path for layer in chain], sys.stdout, start, max(end, start))
     return 0
 
 
-def _state(e: MapEntry) -> str:
-    if e.compressed:
-        return "compressed"
-    if e.data and e.zero:
-        return "data (reads as zero)"
-    if e.data:
-        return "data"
-    if e.zero and e.present:
-        return "zero"
-    return "unallocated" if not e.present else "zero"
-
-
-def _host_file(layer: object) -> str:
-    """The file a layer's host offsets point into (its external data file, if it has one)."""
-    if isinstance(layer, Image) and layer.data_file_path:
-        return layer.data_file_path
-    return str(getattr(layer, "path", ""))
-
-
-def _print_map(img: Image, entries: object) -> None:
-    from qinspect.cli.render import console, human_size, table
-
-    c = console()
-    t = table("guest offset#", "length#", "state", "layer#", "host offset#", "file")
-    chain = img.chain()
-    n = 0
-    for e in entries:  # type: ignore[attr-defined]
-        n += 1
-        t.add_row(f"{e.start:#x}", human_size(e.length), _state(e) if e.present or e.zero else "unallocated",
-                  str(e.depth), f"{e.offset:#x}" if e.offset is not None else "-",
-                  _host_file(chain[e.depth]) if e.offset is not None else "")
-    c.print(t)
-    c.print(f"{n} ranges over {human_size(img.virtual_size)} of guest space")
-
-
 # -- check --------------------------------------------------------------------------------------------
+def repair_command(args: argparse.Namespace) -> str:
+    """The qemu-img command that does the repair qinspect refuses to do (one pasteable line)."""
+    argv = ["qemu-img", "check", "-r", args.repair]
+    if args.format:
+        argv += ["-f", args.format]
+    return command_line([*argv, args.image])
+
+
 def run_check(args: argparse.Namespace) -> int:
-    tune_for_bulk_work()
+    if args.repair is not None:
+        try:
+            cmd = f"run: {repair_command(args)}"
+        except UnsafeArgument:
+            cmd = f"run qemu-img check -r {for_terminal(args.repair)} on it (its name cannot be pasted safely)"
+        raise Qcow2Error(f"qinspect never writes to an image, so it does not repair; to repair it, {cmd}",
+                         path=args.image)
     with open_checked(args.image, need_files=True, check=True) as img:
-        res = check_image(img, filename=args.image)
+        from qinspect.analysis.check import check_image
+        from qinspect.malloc import tune_for_bulk_work
+
+        tune_for_bulk_work()
+        state = in_use(img)
+        # qemu-img check names the image as given, --image-opts string included.
+        res = check_image(img, filename=getattr(args, "image_spec", None) or args.image)
+    # Another process writing while we read: what we saw may be mid-update. No verdict; qemu-img's
+    # exit code for "check not completed" (qemu-img itself refuses to open the image).
+    live = state == "write"
+    if args.output != "json":
+        warn_in_use(args.image, state)
     # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
     # on stderr in both output formats (QEMU prints them from inside the check), every one of them.
-    lines = res.stderr_lines()
+    lines = [for_terminal(line) for line in res.stderr_lines()]
     tail = lines[-1:] if res.failed is not None or res.check_errors else []  # "Check failed" comes last
     sys.stderr.writelines(line + "\n" for line in lines[: len(lines) - len(tail)])
     sys.stderr.flush()
     if res.failed is None:  # qemu-img prints no counts when the check itself failed
         if args.output == "json":
-            print_json(res.to_json())
-        else:
-            _print_check(res)
+            print_json({**res.to_json(), "in-use": state})
+        elif not args.quiet:
+            _print_check(res, live, args.image)
     sys.stdout.flush()
     sys.stderr.writelines(line + "\n" for line in tail)
-    return res.exit_code
+    return 1 if live else res.exit_code
 
 
-def _print_check(res: CheckResult) -> None:
-    from qinspect.cli.render import console
+def _print_check(res: CheckResult, live: bool, path: str) -> None:
+    from qinspect.cli.render import console, literal
 
     c = console()
-    if not (res.corruptions or res.leaks or res.check_errors):
+    if live:
+        c.print(f"\nSeen while another process is writing the image: {res.corruptions} refcount "
+                f"differences, {res.leaks} leaked clusters.\n"
+                "No verdict: the image is in use and its contents may be changing, so these counts can "
+                "be mid-update rather than corruption.\nCheck it again when the image is not in use "
+                "(qemu-img refuses to check it while it is: \"Failed to get shared 'write' lock\").")
+    elif not (res.corruptions or res.leaks or res.check_errors):
         c.print("No errors were found on the image.")
     else:
         if res.corruptions and res.dirty:
@@ -218,9 +333,13 @@ def _print_check(res: CheckResult) -> None:
             c.print(f"\n{res.corruptions} errors were found on the image.\n"
                     "Data may be corrupted, or further writes to the image may corrupt it.")
         if res.leaks:
+            try:
+                fix = "Fix: " + command_line(["qemu-img", "check", "-r", "leaks", path])
+            except UnsafeArgument:
+                fix = "Fix: qemu-img check -r leaks on this file (its name cannot be pasted into a shell safely)"
             c.print(f"\n{res.leaks} leaked clusters were found on the image.\n"
-                    "This means waste of disk space, but no harm to data.\n"
-                    f"Fix: qemu-img check -r leaks {shlex.quote(res.filename)}")
+                    "This means waste of disk space, but no harm to data.")
+            c.print(literal(fix))
         if res.check_errors:
             c.print(f"\n{res.check_errors} internal errors have occurred during the check.")
     if res.total_clusters and res.allocated_clusters:

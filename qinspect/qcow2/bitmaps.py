@@ -1,18 +1,24 @@
-"""Persistent dirty bitmaps: the bitmap directory and each bitmap's table."""
+"""Persistent dirty bitmaps: the bitmap directory and each bitmap's table.
+
+The directory is parsed without numpy (`qemu-img info` lists bitmaps); only reading a bitmap's
+table imports it.
+"""
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Severity
+from qinspect.qcow2.fields import QCOW2_BITMAP_DIR_ENTRY
 from qinspect.qcow2.hostfile import HostFile
 
-_DIR = struct.Struct(">QIIBBHI")  # 24 bytes
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+_DIR = QCOW2_BITMAP_DIR_ENTRY.struct()  # 24 bytes
 BME_MAX_TABLE_SIZE = 0x8000000
 BME_MAX_PHYS_SIZE = 0x20000000
 
@@ -55,58 +61,95 @@ class Bitmap:
 
 
 def read_bitmap_directory(
-    f: HostFile, offset: int, size: int, count: int, cluster_size: int, problems: list[Problem]
+    f: HostFile, offset: int, size: int, count: int, cluster_size: int, problems: list[Problem],
+    virtual_size: int = 0,
 ) -> list[Bitmap]:
-    """Parse the bitmap directory; a broken entry ends the walk with a problem."""
-    if size > C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE or f.is_past_end(offset, size):
-        problems.append(Problem(Severity.ERROR, "bitmap directory",
-                                f"bitmap directory ({size} bytes) lies past the end of the file", offset))
+    """Parse the bitmap directory as QEMU's bitmap_list_load does, at open: the first entry that
+    breaks its rules (check_dir_entry's constraints, extra data, the count in the header, the
+    directory's end) is a refusal with QEMU's message, and the walk stops there (entries before
+    it are returned, for inspectors). `virtual_size` is bdrv_getlength for the table-size rule."""
+    if size > C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+        return []  # the bitmaps extension is refused for it already
+    if offset + size > C.BDRV_MAX_LENGTH:
+        problems.append(Problem(Severity.ERROR, "bitmap directory", "Failed to read bitmap directory: Input/output "
+                                f"error (it ends past {C.BDRV_MAX_LENGTH:#x})", offset, qemu_refuses_open=True))
         return []
-    raw = f.pread(offset, size)
+    if f.is_past_end(offset, size):
+        problems.append(Problem(Severity.ERROR, "bitmap directory",
+                                f"bitmap directory ({size} bytes) lies past the end of the file; the missing bytes "
+                                "read as zeros", offset))
+    raw = f.pread(offset, size)  # (zeros past the end of the file, as block/io.c reads them)
     out: list[Bitmap] = []
     pos = 0
+
+    def refuse(msg: str, at: int) -> list[Bitmap]:
+        problems.append(Problem(Severity.ERROR, "bitmap directory", msg, offset + at, qemu_refuses_open=True))
+        return out
+
     while pos < size:
         if pos + _DIR.size > size:
-            problems.append(Problem(Severity.ERROR, "bitmap directory",
-                                    f"broken bitmap directory: entry {len(out)} is cut off by the end of the "
-                                    f"directory ({size} bytes)", offset + pos))
-            break
+            return refuse(f"Broken bitmap directory (entry {len(out)} is cut off by its end, {size} bytes)", pos)
+        if len(out) >= count:
+            return refuse(f"More bitmaps found than specified in header extension ({count})", pos)
         tbl_off, tbl_size, flags, typ, gran, name_size, extra = _DIR.unpack_from(raw, pos)
         esize = (_DIR.size + extra + name_size + 7) & ~7
         if pos + esize > size:
-            problems.append(Problem(Severity.ERROR, "bitmap directory",
-                                    f"broken bitmap directory: entry {len(out)} ({esize} bytes with its name and "
-                                    f"extra data) runs past the end of the directory ({size} bytes)", offset + pos))
-            break
+            return refuse(f"Broken bitmap directory (entry {len(out)}, {esize} bytes with its name and extra "
+                          f"data, runs past its end, {size} bytes)", pos)
         name = raw[pos + _DIR.size + extra : pos + _DIR.size + extra + name_size].decode("utf-8", "replace")
-        bm = Bitmap(offset + pos, esize, tbl_off, tbl_size, flags, typ, gran, name, extra)
-        bad = []
+        if extra:
+            return refuse(f"Bitmap extra data is not supported (bitmap '{name}', {extra} bytes)", pos)
+        bad = []  # check_dir_entry
         if tbl_size == 0 or tbl_off == 0 or tbl_off % cluster_size or tbl_size > BME_MAX_TABLE_SIZE:
             bad.append(f"bitmap table offset {tbl_off} / size {tbl_size}")
         if not C.BME_MIN_GRANULARITY_BITS <= gran <= C.BME_MAX_GRANULARITY_BITS:
             bad.append(f"granularity bits {gran}")
         if flags & C.BME_RESERVED_FLAGS:
             bad.append(f"reserved flags 0x{flags:x}")
-        if name_size == 0 or name_size > C.BME_MAX_NAME_SIZE:
+        if name_size > C.BME_MAX_NAME_SIZE:
             bad.append(f"name size {name_size}")
         if typ != 1:
             bad.append(f"type {typ}")
-        if tbl_size * cluster_size > BME_MAX_PHYS_SIZE:
-            bad.append("bitmap too large")
+        phys = tbl_size * cluster_size
+        if not bad and phys > BME_MAX_PHYS_SIZE:
+            bad.append(f"bitmap table of {phys} bytes of clusters (more than {BME_MAX_PHYS_SIZE})")
+        if not bad and not flags & C.BME_FLAG_IN_USE and virtual_size > (phys * 8) << gran:
+            bad.append(f"a table of {tbl_size} clusters cannot cover the {virtual_size}-byte disk")
         if bad:
-            problems.append(Problem(Severity.ERROR, "bitmap directory",
-                                    f"bitmap '{name}' is invalid: {', '.join(bad)}", offset + pos))
-        out.append(bm)
+            return refuse(f"Bitmap '{name}' doesn't satisfy the constraints ({', '.join(bad)})", pos)
+        out.append(Bitmap(offset + pos, esize, tbl_off, tbl_size, flags, typ, gran, name, extra))
         pos += esize
-        if len(out) >= count:
-            break
     if len(out) != count:
-        problems.append(Problem(Severity.ERROR, "bitmap directory",
-                                f"directory holds {len(out)} bitmaps, the header says {count}", offset))
+        return refuse(f"Less bitmaps found than specified in header extension ({len(out)} of {count})", 0)
     return out
+
+
+def check_bitmap_tables(f: HostFile, bitmaps: list[Bitmap], cluster_size: int, problems: list[Problem]) -> None:
+    """qcow2_load_dirty_bitmaps at open: every bitmap's table is loaded (bitmap_table_load) and an
+    entry that check_table_entry refuses makes the open fail. Each distinct table is read once
+    (65,535 entries sharing one maximal table cost one read, not 65,535)."""
+    import numpy as np
+
+    seen: dict[tuple[int, int], bool] = {}
+    for bm in bitmaps:
+        key = (bm.bitmap_table_offset, bm.bitmap_table_size)
+        if key not in seen:
+            if bm.bitmap_table_offset + bm.bitmap_table_size * 8 > C.BDRV_MAX_LENGTH:
+                seen[key] = False
+            else:
+                t = read_bitmap_table(f, bm)
+                offs = t & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
+                seen[key] = not bool((((t & np.uint64(C.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
+                    (offs != 0) & (((t & np.uint64(1)) != 0) | ((offs % np.uint64(cluster_size)) != 0)))).any())
+        if not seen[key]:
+            problems.append(Problem(Severity.ERROR, "bitmap table", "Could not read bitmap_table table from image "
+                                    f"for bitmap '{bm.name}': Invalid argument", bm.bitmap_table_offset,
+                                    qemu_refuses_open=True))
+            return
 
 
 def read_bitmap_table(f: HostFile, bm: Bitmap) -> npt.NDArray[np.uint64]:
     """The bitmap table entries (bounded by the file's size, not by the claimed size)."""
+    import numpy as np
     n = min(bm.bitmap_table_size, BME_MAX_TABLE_SIZE, max(0, f.size - bm.bitmap_table_offset) // 8)
     return np.frombuffer(f.pread(bm.bitmap_table_offset, n * 8), dtype=">u8").astype(np.uint64)

@@ -12,27 +12,42 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from qinspect.qcow2 import constants as C
+from qinspect.qcow2.header import Header
 from qinspect.qcow2.l2 import (
     ClusterType,
+    L2Format,
     SubclusterType,
     classify_clusters,
+    classify_standard_subclusters,
     classify_subclusters_at,
     invalid_bitmaps,
     uniform_bitmaps,
 )
 
-if TYPE_CHECKING:
-    from qinspect.qcow2.image import Image
-
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 U8 = npt.NDArray[np.uint8]
+
+
+class L2Source(Protocol):
+    """What the extent walk reads: the header, the L1 table and batches of L2 tables (an `Image`)."""
+
+    @property
+    def header(self) -> Header: ...
+
+    @property
+    def l1_table(self) -> U64: ...
+
+    @property
+    def l2_format(self) -> L2Format: ...
+
+    def read_l2_batch(self, i0: int, i1: int) -> tuple[U64, U64 | None, npt.NDArray[np.bool_]]: ...
 
 MAX_L1_ENTRIES = C.QCOW_MAX_L1_SIZE // C.L1E_SIZE
 
@@ -90,7 +105,7 @@ class Extents:
                        np.zeros(1, np.uint64), np.array([error], np.uint8), np.array([where], np.int64))
 
 
-def iter_extents(img: Image, start: int, end: int, batch_entries: int = BATCH_ENTRIES) -> Iterator[Extents]:
+def iter_extents(img: L2Source, start: int, end: int, batch_entries: int = BATCH_ENTRIES) -> Iterator[Extents]:
     """Yield the extents covering guest `[start, end)` in order, a batch of L2 tables at a time."""
     h = img.header
     cs = h.cluster_size
@@ -122,7 +137,7 @@ def iter_extents(img: Image, start: int, end: int, batch_entries: int = BATCH_EN
             yield _table_extents(img, b, b1, max(start, b * span), min(end, b1 * span))
 
 
-def _table_extents(img: Image, i0: int, i1: int, start: int, end: int) -> Extents:
+def _table_extents(img: L2Source, i0: int, i1: int, start: int, end: int) -> Extents:
     h = img.header
     cs = h.cluster_size
     n = h.l2_size
@@ -137,29 +152,11 @@ def _table_extents(img: Image, i0: int, i1: int, start: int, end: int) -> Extent
     return _extended_extents(img, i0, entries[c0:c1], bitmaps[c0:c1], bad_l2, c0, start, end)
 
 
-# Standard L2 entries: type by (has offset, zero flag, compressed flag, copied flag) as a 4-bit code.
-def _standard_lut(has_data_file: bool) -> U8:
-    lut = np.zeros(16, dtype=np.uint8)
-    for code in range(16):
-        has_off, zero, comp, copied = code & 1, code & 2, code & 4, code & 8
-        if comp:
-            t = SubclusterType.COMPRESSED
-        elif zero:
-            t = SubclusterType.ZERO_ALLOC if has_off else SubclusterType.ZERO_PLAIN
-        elif has_off or (has_data_file and copied):
-            t = SubclusterType.NORMAL
-        else:
-            t = SubclusterType.UNALLOCATED_PLAIN
-        lut[code] = t
-    return lut
-
-
-_STD_LUT = (_standard_lut(False), _standard_lut(True))
 _IS_OFF = np.zeros(8, dtype=bool)
 _IS_OFF[list(OFFSET_TYPES)] = True
 
 
-def _standard_extents(img: Image, i0: int, e: U64, bad_l2: npt.NDArray[np.bool_], c0: int,
+def _standard_extents(img: L2Source, i0: int, e: U64, bad_l2: npt.NDArray[np.bool_], c0: int,
                       start: int, end: int) -> Extents:
     """One item per cluster: classify with a lookup table, cut where type or contiguity changes."""
     h = img.header
@@ -168,10 +165,7 @@ def _standard_extents(img: Image, i0: int, e: U64, bad_l2: npt.NDArray[np.bool_]
     n = h.l2_size
     m = len(e)
     cluster_off = e & np.uint64(C.L2E_OFFSET_MASK)
-    code = (cluster_off != 0).view(np.uint8) | ((e & np.uint64(1)).astype(np.uint8) << np.uint8(1))
-    code |= (e >> np.uint64(62)).astype(np.uint8) << np.uint8(2)
-    types = _STD_LUT[1 if fmt.has_data_file else 0][code]
-    del code
+    types = classify_standard_subclusters(e, fmt, cluster_off != 0)
     is_off = _IS_OFF[types]
     compressed = types == SubclusterType.COMPRESSED
     if compressed.any():
@@ -241,7 +235,7 @@ def _standard_extents(img: Image, i0: int, e: U64, bad_l2: npt.NDArray[np.bool_]
     return ex
 
 
-def _where(img: Image, i0: int, cidx: I64, err: U8) -> I64:
+def _where(img: L2Source, i0: int, cidx: I64, err: U8) -> I64:
     """File offset of the L2 entry of batch cluster `cidx` (of the L1 entry for unaligned tables)."""
     h = img.header
     n = h.l2_size
@@ -264,7 +258,7 @@ def _clip(ex: Extents, start: int, end: int) -> None:
         ex.length[-1] -= last_end - end
 
 
-def _extended_extents(img: Image, i0: int, entries: U64, bitmaps: U64, bad_l2: npt.NDArray[np.bool_],
+def _extended_extents(img: L2Source, i0: int, entries: U64, bitmaps: U64, bad_l2: npt.NDArray[np.bool_],
                       c0: int, start: int, end: int) -> Extents:
     h = img.header
     cs = h.cluster_size

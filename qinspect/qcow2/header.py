@@ -8,18 +8,34 @@ impossible cluster size or header length) and records everything else QEMU would
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
+from qinspect.qcow2.fields import (
+    HEADER_QEMU_SIZE,
+    HEADER_V2_LAST,
+    HEADER_V2_SIZE,
+    HEADER_V3_LAST,
+    HEADER_V3_MIN_SIZE,
+    QCOW2_BITMAP_HEADER_EXT,
+    QCOW2_CRYPTO_HEADER_EXT,
+    QCOW2_FEATURE,
+    QCOW_EXTENSION,
+    QCOW_HEADER,
+    QCOW_SNAPSHOT_HEADER,
+)
 from qinspect.qcow2.hostfile import HostFile
 
-HEADER_V2_SIZE = 72
-HEADER_V3_MIN_SIZE = 104
-HEADER_QEMU_SIZE = 112
-_V2 = struct.Struct(">IIQIIQIIQQIIQ")
-_V3 = struct.Struct(">QQQII")
+_V2 = QCOW_HEADER.struct(None, HEADER_V2_LAST)
+_MAGIC_VERSION = QCOW_HEADER.struct(None, "version")
+_V3 = QCOW_HEADER.struct("incompatible_features", HEADER_V3_LAST)
+_EXT = QCOW_EXTENSION.struct()
+
+
+def _at(name: str) -> int:
+    """The header offset of field `name` (where a problem with that field points)."""
+    return QCOW_HEADER.offset(name)
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,16 @@ class HeaderExtension:
     @property
     def name(self) -> str:
         return C.EXTENSION_NAMES.get(self.magic, f"unknown extension 0x{self.magic:08x}")
+
+    @property
+    def data_offset(self) -> int:
+        """File offset of the extension's data (after its QCowExtension type and length)."""
+        return self.offset + QCOW_EXTENSION.size
+
+    @property
+    def end(self) -> int:
+        """File offset past the extension, its data padded to a multiple of 8 (the next one's)."""
+        return self.data_offset + ((self.length + 7) & ~7)
 
 
 @dataclass(frozen=True)
@@ -203,35 +229,38 @@ def read_header(f: HostFile, problems: list[Problem]) -> Header:
     if f.size < 8:
         raise Qcow2Error(f"file too small to be a qcow2 image ({f.size} bytes)", 0, path=f.path)
     start = f.pread(0, HEADER_QEMU_SIZE)
-    magic, version = struct.unpack_from(">II", start)
+    magic, version = _MAGIC_VERSION.unpack_from(start)
     if magic != C.QCOW_MAGIC:
         raise Qcow2Error(_not_qcow2_message(f, start), 0, path=f.path)
     if version == C.QCOW1_VERSION:
-        raise Qcow2Error("qcow (version 1) image, not qcow2; qinspect reads qcow2 v2 and v3 only", 4, path=f.path)
+        raise Qcow2Error("qcow (version 1) image, not qcow2; qinspect reads qcow2 v2 and v3 only", _at("version"),
+                         path=f.path)
     if version not in (2, 3):
-        raise Qcow2Error(f"unsupported qcow2 version {version}", 4, path=f.path)
+        raise Qcow2Error(f"unsupported qcow2 version {version}", _at("version"), path=f.path)
     if f.size < HEADER_V2_SIZE:
-        raise Qcow2Error(f"truncated header: file is {f.size} bytes, a qcow2 header needs 72", 0, path=f.path)
+        raise Qcow2Error(f"truncated header: file is {f.size} bytes, a qcow2 header needs {HEADER_V2_SIZE}", 0,
+                         path=f.path)
     h = Header(*_V2.unpack_from(start))
     if not C.MIN_CLUSTER_BITS <= h.cluster_bits <= C.MAX_CLUSTER_BITS:
         raise Qcow2Error(
-            f"unsupported cluster size 2^{h.cluster_bits} (QEMU accepts 512 B to 2 MiB)", 20, path=f.path
-        )
+            f"unsupported cluster size 2^{h.cluster_bits} (QEMU accepts 512 B to 2 MiB)", _at("cluster_bits"),
+            path=f.path)
     if version == 3:
         if f.size < HEADER_V3_MIN_SIZE:
-            raise Qcow2Error(f"truncated v3 header: file is {f.size} bytes, needs 104", 0, path=f.path)
+            raise Qcow2Error(f"truncated v3 header: file is {f.size} bytes, needs {HEADER_V3_MIN_SIZE}", 0, path=f.path)
         (h.incompatible_features, h.compatible_features, h.autoclear_features, h.refcount_order,
          h.header_length) = _V3.unpack_from(start, HEADER_V2_SIZE)
         if h.header_length < HEADER_V3_MIN_SIZE:
-            raise Qcow2Error(f"qcow2 header too short (header_length {h.header_length})", 100, path=f.path)
+            raise Qcow2Error(f"qcow2 header too short (header_length {h.header_length})", _at("header_length"),
+                             path=f.path)
         if h.header_length > h.cluster_size:
             raise Qcow2Error(
-                f"qcow2 header exceeds cluster size (header_length {h.header_length})", 100, path=f.path
-            )
+                f"qcow2 header exceeds cluster size (header_length {h.header_length})", _at("header_length"),
+                path=f.path)
         if h.header_length % 8:
-            _warn(problems, "header", f"header_length {h.header_length} is not a multiple of 8", 100)
-        if h.header_length > 104:
-            h.compression_type = start[104]
+            _warn(problems, "header", f"header_length {h.header_length} is not a multiple of 8", _at("header_length"))
+        if h.header_length > HEADER_V3_MIN_SIZE:
+            h.compression_type = start[_at("compression_type")]
         if h.header_length > HEADER_QEMU_SIZE:
             h.unknown_header_bytes = f.pread(HEADER_QEMU_SIZE, h.header_length - HEADER_QEMU_SIZE)
     _validate_fields(h, f, problems)
@@ -259,7 +288,7 @@ def _not_qcow2_message(f: HostFile, start: bytes) -> str:
         fmt = "a raw LUKS volume"
     if fmt is not None:
         return f"not a qcow2 image: this is {fmt}"
-    magic = struct.unpack_from(">I", start)[0]
+    magic = QCOW_HEADER["magic"].get(start)
     return f"not a qcow2 image: no qcow2 magic (found 0x{magic:08x}, expected 0x514649fb); a raw disk image?"
 
 
@@ -302,35 +331,44 @@ def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
         h.refcount_order = 4
     # qcow2_do_open's order: backing file offset, unknown incompatible features, refcount order, ...
     if h.backing_file_offset > cs:
-        _refuse(problems, "header", f"invalid backing file offset {h.backing_file_offset}", 8)
+        _refuse(problems, "header", f"invalid backing file offset {h.backing_file_offset}",
+                _at("backing_file_offset"))
     unknown = h.incompatible_features & ~C.QCOW2_INCOMPAT_MASK
     if unknown:
-        _refuse(problems, "header", f"Unsupported qcow2 feature(s): {_unsupported_features(h, f, unknown)}", 72)
+        _refuse(problems, "header", f"Unsupported qcow2 feature(s): {_unsupported_features(h, f, unknown)}",
+                _at("incompatible_features"))
     if h.refcount_order > C.MAX_REFCOUNT_ORDER:
-        _refuse(problems, "header", f"refcount_order {h.refcount_order}: refcount width may not exceed 64 bits", 96)
+        _refuse(problems, "header", f"refcount_order {h.refcount_order}: refcount width may not exceed 64 bits",
+                _at("refcount_order"))
     if h.corrupt:
         problems.append(Problem(Severity.ERROR, "header",
-                                "the corrupt bit is set: QEMU opens this image read-only only", 72))
+                                "the corrupt bit is set: QEMU opens this image read-only only",
+                                _at("incompatible_features")))
     if h.incompatible_features & C.QCOW2_INCOMPAT_COMPRESSION:
         if h.compression_type == C.COMPRESSION_TYPE_ZLIB:
-            _refuse(problems, "header", "compression type incompatible feature bit must not be set with zlib", 104)
+            _refuse(problems, "header", "compression type incompatible feature bit must not be set with zlib",
+                _at("compression_type"))
     elif h.compression_type != C.COMPRESSION_TYPE_ZLIB:
-        _refuse(problems, "header", "compression type incompatible feature bit must be set for a non-zlib type", 104)
+        _refuse(problems, "header", "compression type incompatible feature bit must be set for a non-zlib type",
+                _at("compression_type"))
     if h.compression_type not in C.COMPRESSION_TYPE_NAMES:
-        _refuse(problems, "header", f"unknown compression type: {h.compression_type}", 104)
+        _refuse(problems, "header", f"unknown compression type: {h.compression_type}", _at("compression_type"))
     if h.extended_l2 and h.cluster_bits < 14:
-        _refuse(problems, "header", "extended L2 entries need clusters of at least 16 KiB (subclusters of 512 B)", 20)
+        _refuse(problems, "header", "extended L2 entries need clusters of at least 16 KiB (subclusters of 512 B)",
+                _at("cluster_bits"))
     if h.crypt_method > C.QCOW_CRYPT_LUKS:
-        _refuse(problems, "header", f"unsupported encryption method {h.crypt_method}", 32)
+        _refuse(problems, "header", f"unsupported encryption method {h.crypt_method}", _at("crypt_method"))
     if h.size % 512:
-        _warn(problems, "header", f"virtual size {h.size} is not a multiple of 512", 24)
+        _warn(problems, "header", f"virtual size {h.size} is not a multiple of 512", _at("size"))
     # The tables, in qcow2_do_open's order: refcount table, snapshot table, active L1 table.
     # refcount table (check opens with BDRV_O_CHECK, which accepts an image without one)
     rt_bytes = h.refcount_table_clusters * cs
     if h.refcount_table_clusters == 0:
-        _refuse(problems, "refcount table", "Image does not contain a reference count table", 56, check_opens=True)
+        _refuse(problems, "refcount table", "Image does not contain a reference count table",
+                _at("refcount_table_clusters"), check_opens=True)
     if (_validate_table(problems, "refcount table", "Reference count table", h.refcount_table_offset,
-                        h.refcount_table_clusters, cs, C.QCOW_MAX_REFTABLE_SIZE, cs, (56, 48), "clusters")
+                        h.refcount_table_clusters, cs, C.QCOW_MAX_REFTABLE_SIZE, cs,
+                        (_at("refcount_table_clusters"), _at("refcount_table_offset")), "clusters")
             and rt_bytes and f.is_past_end(h.refcount_table_offset, rt_bytes)):
         problems.append(Problem(Severity.ERROR, "refcount table",
                                 f"refcount table ({h.refcount_table_clusters} clusters, {rt_bytes} bytes) extends "
@@ -338,19 +376,32 @@ def _validate_fields(h: Header, f: HostFile, problems: list[Problem]) -> None:
                                 h.refcount_table_offset))
     # snapshot table: validated even when empty; check skips this at open and validates it itself
     _validate_table(problems, "snapshot table", "Snapshot table", h.snapshots_offset, h.nb_snapshots,
-                    C.SNAPSHOT_HEADER_SIZE, C.SNAPSHOT_HEADER_SIZE * C.QCOW_MAX_SNAPSHOTS, cs, (60, 64),
+                    QCOW_SNAPSHOT_HEADER.size, QCOW_SNAPSHOT_HEADER.size * C.QCOW_MAX_SNAPSHOTS, cs,
+                    (_at("nb_snapshots"), _at("snapshots_offset")),
                     "snapshots", check_opens=True)
     # L1 table
     l1_bytes = h.l1_size * C.L1E_SIZE
     if (_validate_table(problems, "L1 table", "Active L1 table", h.l1_table_offset, h.l1_size, C.L1E_SIZE,
-                        C.QCOW_MAX_L1_SIZE, cs, (36, 40), "entries")
+                        C.QCOW_MAX_L1_SIZE, cs, (_at("l1_size"), _at("l1_table_offset")), "entries")
             and h.l1_size and f.is_past_end(h.l1_table_offset, l1_bytes)):
         problems.append(Problem(Severity.ERROR, "L1 table",
                                 f"L1 table ({h.l1_size} entries, {l1_bytes} bytes) extends past the end of the "
                                 f"file ({f.size} bytes); the missing entries read as 0", h.l1_table_offset))
     if h.l1_size < h.l1_size_needed:
         _refuse(problems, "L1 table",
-                f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", 36)
+                f"L1 table is too small ({h.l1_size} entries, the size needs {h.l1_size_needed})", _at("l1_size"))
+    # The tables QEMU reads at open: a read ending past BDRV_MAX_LENGTH fails (block layer, EIO).
+    if h.l1_size and h.l1_table_offset + l1_bytes > C.BDRV_MAX_LENGTH:
+        _refuse(problems, "L1 table", "Could not read L1 table: Input/output error (it ends past "
+                                      f"{C.BDRV_MAX_LENGTH:#x}, the block layer's limit)", _at("l1_table_offset"))
+    if rt_bytes and h.refcount_table_offset + rt_bytes > C.BDRV_MAX_LENGTH:
+        _refuse(problems, "refcount table", "Could not initialize refcount handling: Input/output error (the "
+                                            f"table ends past {C.BDRV_MAX_LENGTH:#x}, the block layer's limit)",
+                _at("refcount_table_offset"))
+    if h.nb_snapshots and h.snapshots_offset + QCOW_SNAPSHOT_HEADER.size > C.BDRV_MAX_LENGTH:
+        _refuse(problems, "snapshot table", "Failed to read the snapshot table: Input/output error (it lies past "
+                                            f"{C.BDRV_MAX_LENGTH:#x}, the block layer's limit)",
+                _at("snapshots_offset"))
 
 
 def _unsupported_features(h: Header, f: HostFile, mask: int) -> str:
@@ -373,19 +424,20 @@ def _feature_table_entries(h: Header, f: HostFile) -> list[tuple[int, int, str]]
     end = min(h.backing_file_offset or h.cluster_size, h.cluster_size)
     off, table = h.header_length, b""
     while off < end:
-        magic, length = struct.unpack(">II", f.pread(off, 8))
-        if magic == C.QCOW2_EXT_MAGIC_END or off + 8 + length > end:
+        magic, length = _EXT.unpack(f.pread(off, _EXT.size))
+        if magic == C.QCOW2_EXT_MAGIC_END or off + _EXT.size + length > end:
             break
         if magic == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
-            table = f.pread(off + 8, length)
-        off += 8 + ((length + 7) & ~7)
+            table = f.pread(off + _EXT.size, length)
+        off += _EXT.size + ((length + 7) & ~7)
     out: list[tuple[int, int, str]] = []
-    for i in range(0, len(table), 48):
-        entry = table[i : i + 48].ljust(48, b"\0")
-        name = entry[2:].split(b"\0", 1)[0]
+    fsize = QCOW2_FEATURE.size
+    for i in range(0, len(table), fsize):
+        kind, bit, raw_name = QCOW2_FEATURE.unpack(table[i : i + fsize].ljust(fsize, b"\0"))
+        name = bytes(raw_name).split(b"\0", 1)[0]
         if not name:
             break
-        out.append((entry[0], entry[1], name.decode("utf-8", "replace")))
+        out.append((int(kind), int(bit), name.decode("utf-8", "replace")))
     return out
 
 
@@ -398,24 +450,25 @@ def _read_extensions(h: Header, f: HostFile, problems: list[Problem]) -> None:
     # qcow2_read_extensions reads an extension header whenever offset < end, and refuses one that
     # does not fit (even the end marker) before looking at its type.
     while off < end:
-        magic, length = struct.unpack(">II", f.pread(off, 8))
-        if off + 8 > end or length > end - off - 8:
-            room = max(0, end - off - 8)
-            what = (f"only {end - off} bytes left for its 8-byte header" if off + 8 > end
+        magic, length = _EXT.unpack(f.pread(off, _EXT.size))
+        hdr = _EXT.size
+        if off + hdr > end or length > end - off - hdr:
+            room = max(0, end - off - hdr)
+            what = (f"only {end - off} bytes left for its {hdr}-byte header" if off + hdr > end
                     else f"{length} bytes, {room} left before byte {end}")
             _refuse(problems, "header extensions", f"Header extension too large (0x{magic:08x}: {what})", off)
             return
         if magic == C.QCOW2_EXT_MAGIC_END:
             h.extensions.append(HeaderExtension(off, magic, length, b""))
             return
-        data = f.pread(off + 8, length)
+        data = f.pread(off + hdr, length)
         ext = HeaderExtension(off, magic, length, data)
         h.extensions.append(ext)
         if magic in seen and magic in C.EXTENSION_NAMES:
             _warn(problems, "header extensions", f"{ext.name} extension appears more than once", off)
         seen.add(magic)
         _apply_extension(h, ext, problems)
-        off += 8 + ((length + 7) & ~7)
+        off = ext.end
 
 
 def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -> None:
@@ -425,37 +478,47 @@ def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -
             _refuse(problems, "header extensions", f"backing format name too long ({ext.length} bytes)", off)
         h.backing_format = data[: C.BACKING_FORMAT_MAX].decode("utf-8", "replace")
     elif ext.magic == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
-        for i in range(ext.length // 48):
-            entry = data[i * 48 : i * 48 + 48]
-            name = entry[2:].split(b"\0", 1)[0].decode("utf-8", "replace")
-            h.feature_names.append(FeatureName(entry[0], entry[1], name))
+        fsize = QCOW2_FEATURE.size
+        for i in range(ext.length // fsize):
+            kind, bit, raw_name = QCOW2_FEATURE.unpack(data, i * fsize)
+            name = bytes(raw_name).split(b"\0", 1)[0].decode("utf-8", "replace")
+            h.feature_names.append(FeatureName(int(kind), int(bit), name))
     elif ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS:
-        if ext.length != 24:
-            _refuse(problems, "bitmaps extension", f"bitmaps extension has length {ext.length}, expected 24", off)
+        bx = QCOW2_BITMAP_HEADER_EXT
+        if ext.length != bx.size:
+            _refuse(problems, "bitmaps extension", f"bitmaps extension has length {ext.length}, expected {bx.size}",
+                    off)
             return
-        bm = BitmapsExtension(*struct.unpack(">IIQQ", data))
+        bm = BitmapsExtension(*bx.struct().unpack(data))
+        at = ext.data_offset
         if not h.bitmaps_consistent:
             _warn(problems, "bitmaps extension",
                   "autoclear bit 0 is clear: all bitmaps are inconsistent and QEMU ignores them", off)
         if bm.reserved:
-            _refuse(problems, "bitmaps extension", "reserved field is not zero", off + 12)
+            _refuse(problems, "bitmaps extension", "reserved field is not zero", at + bx.offset("reserved32"))
         if bm.nb_bitmaps == 0 or bm.nb_bitmaps > C.QCOW2_MAX_BITMAPS:
-            _refuse(problems, "bitmaps extension", f"invalid number of bitmaps ({bm.nb_bitmaps})", off + 8)
+            _refuse(problems, "bitmaps extension", f"invalid number of bitmaps ({bm.nb_bitmaps})",
+                    at + bx.offset("nb_bitmaps"))
         if bm.bitmap_directory_size > C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
             _refuse(problems, "bitmaps extension",
-                    f"bitmap directory too large ({bm.bitmap_directory_size} bytes)", off + 16)
+                    f"bitmap directory too large ({bm.bitmap_directory_size} bytes)",
+                    at + bx.offset("bitmap_directory_size"))
         if bm.bitmap_directory_offset % h.cluster_size:
-            _refuse(problems, "bitmaps extension", "bitmap directory offset is not cluster aligned", off + 24)
+            _refuse(problems, "bitmaps extension", "bitmap directory offset is not cluster aligned",
+                    at + bx.offset("bitmap_directory_offset"))
         h.bitmaps_ext = bm
     elif ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
         if h.crypt_method != C.QCOW_CRYPT_LUKS:
             _refuse(problems, "encryption header", "crypto header extension only expected with LUKS encryption", off)
-        if ext.length != 16:
-            _refuse(problems, "encryption header", f"crypto header extension has length {ext.length}, expected 16", off)
+        cx = QCOW2_CRYPTO_HEADER_EXT
+        if ext.length != cx.size:
+            _refuse(problems, "encryption header",
+                    f"crypto header extension has length {ext.length}, expected {cx.size}", off)
             return
-        ch = CryptoHeaderExtension(*struct.unpack(">QQ", data))
+        ch = CryptoHeaderExtension(*cx.struct().unpack(data))
         if ch.offset % h.cluster_size:
-            _refuse(problems, "encryption header", "crypto header offset is not cluster aligned", off + 8)
+            _refuse(problems, "encryption header", "crypto header offset is not cluster aligned",
+                    ext.data_offset + cx.offset("offset"))
         h.crypto_ext = ch
     elif ext.magic == C.QCOW2_EXT_MAGIC_DATA_FILE:
         h.data_file = data.decode("utf-8", "replace")
@@ -464,20 +527,24 @@ def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -
 def _read_backing_name(h: Header, f: HostFile, problems: list[Problem]) -> None:
     if h.crypt_method == C.QCOW_CRYPT_LUKS and h.crypto_ext is None:
         _refuse(problems, "encryption header", "LUKS encryption without the crypto header extension")
-    if h.data_file_raw and not h.has_data_file:
-        _refuse(problems, "header", "data-file-raw requires a data file", 88)
+    if h.data_file_raw and not h.has_data_file:  # refused where QEMU opens the data file (not for info)
+        problems.append(Problem(Severity.ERROR, "header", "data-file-raw requires a data file",
+                                _at("autoclear_features")))
     if h.has_data_file and not h.data_file:
         # qemu-img info opens with BDRV_O_NO_IO and, since the CVE-2024-4467 fix (in Debian's 7.2),
         # does not open the data file at all: info works; map, check and reads need the file.
         problems.append(Problem(Severity.ERROR, "data file",
                                 "'data-file' is required for this image, and the image names none: guest data "
-                                "cannot be read (pass the data file to QEMU with data-file=...)", 72))
+                                "cannot be read (pass the data file to QEMU with data-file=...)",
+                                _at("incompatible_features")))
     if not h.backing_file_offset:
         return
     n = h.backing_file_size
     if n > C.BACKING_FILE_NAME_MAX or n > h.cluster_size - min(h.backing_file_offset, h.cluster_size):
-        _refuse(problems, "backing file name", f"backing file name too long ({n} bytes)", 16)
+        _refuse(problems, "backing file name", f"backing file name too long ({n} bytes)", _at("backing_file_size"))
         return
-    if n == 0:  # an empty name is no backing file (bs->backing_file[0] == '\0')
-        return
-    h.backing_file = f.pread(h.backing_file_offset, n).decode("utf-8", "replace")
+    # QEMU keeps the name as a C string: it ends at the first NUL, and an empty name is no backing
+    # file (bs->backing_file[0] == '\0')
+    raw = f.pread(h.backing_file_offset, n).split(b"\0", 1)[0]
+    if raw:
+        h.backing_file = raw.decode("utf-8", "replace")

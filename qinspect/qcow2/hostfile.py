@@ -27,13 +27,15 @@ import sys
 from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from qinspect.qcow2.errors import Qcow2Error
 
-I64 = npt.NDArray[np.int64]
+if TYPE_CHECKING:  # numpy is imported by the prober's functions only: opening a file (`info`) needs none
+    import numpy as np
+    import numpy.typing as npt
+
+    I64 = npt.NDArray[np.int64]
 
 # QEMU's lock bytes (block/file-posix.c RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) and struct flock.
 _LOCK_PERM_BASE = 100
@@ -91,6 +93,8 @@ class HostExtents:
 
     def ranges(self, *kinds: ExtentKind) -> tuple[I64, I64]:
         """(start, end) arrays of the ranges of the given kinds, ascending."""
+        import numpy as np
+
         sel = np.isin(self.kind, np.array([int(k) for k in kinds], dtype=np.uint8))
         return self.start[sel], self.end[sel]
 
@@ -218,6 +222,8 @@ class HostFile:
 
     def host_extents(self) -> HostExtents:
         """Classify the whole file: FIEMAP where supported, else SEEK_DATA/SEEK_HOLE (say which)."""
+        import numpy as np
+
         if not self._is_regular:
             return _one_range(self.size, ExtentKind.DATA, ExtentMethod.NONE)
         try:
@@ -235,6 +241,8 @@ class HostFile:
 
     def _fiemap(self) -> HostExtents:
         """FS_IOC_FIEMAP in batches of `_FIEMAP_BATCH` extents (raises OSError where unsupported)."""
+        import numpy as np
+
         size = self.size
         head = struct.calcsize(_FIEMAP_HEAD)
         esz = struct.calcsize(_FIEMAP_EXTENT)
@@ -333,6 +341,8 @@ class HostFile:
 
 
 def _one_range(size: int, kind: ExtentKind, method: ExtentMethod) -> HostExtents:
+    import numpy as np
+
     n = 1 if size > 0 else 0
     return HostExtents(np.zeros(n, dtype=np.int64), np.full(n, size, dtype=np.int64),
                        np.full(n, int(kind), dtype=np.uint8), method, size)

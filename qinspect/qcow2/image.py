@@ -1,7 +1,8 @@
 """The read-only `Image`: one qcow2 file, its tables, its data file and its backing chain.
 
-Opening reads what `qemu-img info` reads — the header and extensions, the active L1 table, the
-refcount table and the snapshot table — and nothing else. L2 tables and refcount blocks are read
+Opening reads what QEMU's open reads — the header and extensions and the snapshot table (through
+`ImageMeta`, which also resolves the backing chain), the active L1 table and the refcount table —
+and nothing else. L2 tables and refcount blocks are read
 on demand and kept in a bounded cache; bulk walks read them in batches without caching.
 """
 
@@ -13,19 +14,16 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_directory
 from qinspect.qcow2.compressed import decompress_cluster
 from qinspect.qcow2.errors import EncryptedDataError, Problem, Qcow2Error, Severity
 from qinspect.qcow2.extents import ERROR_MESSAGES, ExtentError, Extents, iter_extents
-from qinspect.qcow2.header import Header, read_header, table_fits
-from qinspect.qcow2.hostfile import HostFile
+from qinspect.qcow2.header import table_fits
 from qinspect.qcow2.l2 import (
     ClusterType,
     CompressedDescriptor,
@@ -35,46 +33,11 @@ from qinspect.qcow2.l2 import (
     classify_subcluster,
     parse_compressed,
 )
-from qinspect.qcow2.luks import LuksHeader, read_luks_header
+from qinspect.qcow2.meta import ImageMeta, Layer, MetaLayer, RawLayer, resolve_backing_path
 from qinspect.qcow2.refcount import decode_refcount_block
-from qinspect.qcow2.snapshots import Snapshot, SnapshotTable, read_snapshot_table
 
 U64 = npt.NDArray[np.uint64]
 CACHE_BYTES = 32 * 1024 * 1024
-
-
-class Layer(Protocol):
-    """A member of a backing chain: a qcow2 `Image` or a `RawLayer`."""
-
-    path: str
-    format: str
-
-    @property
-    def virtual_size(self) -> int: ...
-
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class RawLayer:
-    """A raw backing file: guest offset = file offset; past the end reads as zeros."""
-
-    format = "raw"
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.file = HostFile(path)
-
-    @property
-    def virtual_size(self) -> int:
-        return self.file.size
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.file.pread(offset, length)
-
-    def close(self) -> None:
-        self.file.close()
 
 
 @dataclass(frozen=True)
@@ -97,71 +60,40 @@ class L2Lookup:
     compressed: CompressedDescriptor | None
 
 
-def resolve_backing_path(image_path: str, name: str) -> str:
-    """The backing file's path as QEMU resolves it: relative names are relative to the image's dir."""
-    if os.path.isabs(name) or (":" in name.split("/", 1)[0] and not os.path.exists(name)):
-        return name
-    return os.path.join(os.path.dirname(image_path), name)
+class Image(ImageMeta):
+    """A qcow2 image opened read-only, with its tables. Use `open_image`; close it (or use it as a
+    context manager). Its backing layers are `Image`s too."""
 
-
-class Image:
-    """A qcow2 image opened read-only. Use `open_image`; close it (or use it as a context manager)."""
-
-    format = "qcow2"
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.problems: list[Problem] = []
-        self.file = HostFile(path)
-        try:
-            self.header: Header = read_header(self.file, self.problems)
-            self.l1_table = self._read_table(self.header.l1_table_offset, self.header.l1_size,
-                                             C.QCOW_MAX_L1_SIZE // 8, "L1 table")
-            rt_entries = self.header.refcount_table_entries
-            self.refcount_table = self._read_table(self.header.refcount_table_offset, rt_entries,
-                                                   C.QCOW_MAX_REFTABLE_SIZE // 8, "refcount table")
-            self.snapshot_table = self._read_snapshots()
-        except Qcow2Error as e:
-            self.file.close()
-            if e.path is None:
-                e.path = path
-            raise
+    def _open_tables(self) -> None:
+        h = self.header
+        self.l1_table = self.read_table(h.l1_table_offset, h.l1_size, C.QCOW_MAX_L1_SIZE // C.L1E_SIZE)
+        self.refcount_table = self.read_table(h.refcount_table_offset, h.refcount_table_entries,
+                                              C.QCOW_MAX_REFTABLE_SIZE // C.REFTABLE_ENTRY_SIZE)
         self._l2_cache: OrderedDict[int, tuple[U64, U64 | None]] = OrderedDict()
         self._rb_cache: OrderedDict[int, U64] = OrderedDict()
-        self._backing: Layer | None = None
-        self._backing_opened = False
-        self._data_file: HostFile | None = None
         self._last_compressed: tuple[int, bytes] | None = None
-        self._check_host_files()
 
-    # -- opening helpers ----------------------------------------------------------------------------
-    def _check_host_files(self) -> None:
-        """Problems around the image file: a running QEMU's locks, a missing data or backing file."""
-        lock = self.file.lock_state()
-        if lock == "writer":
-            self.problems.append(Problem(Severity.WARNING, "image file",
-                                         "in use: another process (a running QEMU) holds the image's write lock; "
-                                         "contents may be changing"))
-        elif lock == "reader":
-            self.problems.append(Problem(Severity.WARNING, "image file",
-                                         "in use: another process (a running QEMU) has the image open read-only"))
-        if self.header.has_data_file and self.data_file_path is not None:
-            try:
-                self.data_file()
-            except Qcow2Error as e:  # qemu-img info still works; map, check and reads do not
-                self.problems.append(Problem(Severity.ERROR, "data file", e.message))
-        bp = self.backing_path
-        if bp is not None and "\0" not in bp and not os.path.lexists(bp):
-            self.problems.append(Problem(Severity.WARNING, "backing file",
-                                         f"backing file {bp} does not exist: guest data that is not in this "
-                                         "image cannot be read", self.header.backing_file_offset))
+    # -- the backing chain, as layers whose data can be read --------------------------------------------
+    def backing(self) -> Layer | None:
+        """The layer below this one (an `Image` or a `RawLayer`), opened on first use."""
+        return cast("Layer | None", super().backing())
 
-    def _read_table(self, offset: int, entries: int, max_entries: int, name: str) -> U64:
-        """Read a u64 table, bounded by the format limit and by the file. As in block/io.c, bytes
-        past the end of the file read as zeros: an entry cut off by the end keeps the bytes that
-        are there (its first 4 bytes, say) with zeros after them."""
+    def open_chain(self) -> tuple[list[Layer], Qcow2Error | None]:
+        layers, error = super().open_chain()
+        return cast("list[Layer]", list(layers)), error
+
+    def chain(self) -> list[Layer]:
+        return cast("list[Layer]", list(super().chain()))
+
+    # -- tables ---------------------------------------------------------------------------------------
+    def read_table(self, offset: int, entries: int, max_entries: int = C.QCOW_MAX_L1_SIZE // C.L1E_SIZE) -> U64:
+        """A table of `entries` u64 entries at `offset` (L1, refcount table): empty when it exceeds
+        `max_entries` or QEMU's table rule refuses its offset (not cluster aligned, or ending past
+        INT64_MAX); bytes past the end of the file read as 0."""
         if entries > max_entries or not table_fits(offset, entries, 8, self.header.cluster_size):
             return np.zeros(0, dtype=np.uint64)
+        # As in block/io.c, bytes past the end of the file read as zeros: an entry cut off by the
+        # end keeps the bytes that are there (its first 4 bytes, say) with zeros after them.
         in_bytes = max(0, min(entries * 8, self.file.size - offset))
         table = np.zeros(entries, dtype=np.uint64)
         if in_bytes:
@@ -169,176 +101,46 @@ class Image:
             table[:words] = np.frombuffer(self.file.pread(offset, words * 8), dtype=">u8")  # zero-padded
         return table
 
-    def _read_snapshots(self) -> SnapshotTable:
-        h = self.header
-        if not h.nb_snapshots or h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS or not table_fits(
-                h.snapshots_offset, h.nb_snapshots, C.SNAPSHOT_HEADER_SIZE, h.cluster_size):
-            return SnapshotTable([], 0)
-        return read_snapshot_table(self.file, h.snapshots_offset, h.nb_snapshots, h.version, h.size, self.problems)
+    def read_entries(self, offset: int, count: int) -> U64:
+        """Up to `count` u64 entries at `offset`, as far as the file reaches: entries past its end
+        read as 0 and are left out (no buffer in proportion to a size the file merely claims)."""
+        count = max(0, min(count, (self.file.size - offset) // 8))
+        return np.frombuffer(self.file.pread(offset, count * 8), dtype=">u8").astype(np.uint64)
 
-    # -- simple properties ---------------------------------------------------------------------------
-    @property
-    def virtual_size(self) -> int:
-        return self.header.size
+    def snapshot_l1_table(self, index: int, *, pad: bool = False) -> U64:
+        """The L1 table of snapshot `index`; empty when QEMU would refuse it (unaligned or larger
+        than the format allows). Entries past the end of the file are left out, or with `pad` read
+        as 0 (`l1_size` entries, as QEMU reads them: for a view of one table, not for walks over
+        every snapshot, whose claimed sizes the file need not back)."""
+        sn = self.snapshots[index]
+        if pad:
+            return self.read_table(sn.l1_table_offset, sn.l1_size)
+        if sn.l1_table_offset % self.cluster_size or sn.l1_size > C.QCOW_MAX_L1_SIZE // C.L1E_SIZE:
+            return np.zeros(0, dtype=np.uint64)
+        return self.read_entries(sn.l1_table_offset, sn.l1_size)
 
-    @property
-    def cluster_size(self) -> int:
-        return self.header.cluster_size
-
-    @property
-    def cluster_bits(self) -> int:
-        return self.header.cluster_bits
-
-    @property
-    def snapshots(self) -> list[Snapshot]:
-        return self.snapshot_table.snapshots
-
-    @property
-    def encrypted(self) -> bool:
-        return self.header.crypt_method != C.QCOW_CRYPT_NONE
+    def read_l2_tables(self, offsets: npt.NDArray[np.int64]) -> U64:
+        """The clusters at `offsets` (L2 tables, exact offsets, aligned or not) as native u64 words,
+        one cluster per offset in the order given. Read in host order; tables adjacent both in the
+        file and in `offsets` take one read. Past the end of the file reads as zeros."""
+        cs = self.cluster_size
+        buf = np.empty(len(offsets) * cs, dtype=np.uint8)
+        mv = memoryview(buf.data)
+        order = np.argsort(offsets, kind="stable")
+        ho = offsets[order]
+        split = (np.flatnonzero((np.diff(ho) != cs) | (np.diff(order) != 1)) + 1).tolist()
+        if len(order):
+            for g0, g1 in zip([0, *split], [*split, len(order)], strict=True):
+                k = int(order[g0])
+                self.file.read_into(int(ho[g0]), mv[k * cs : (k + g1 - g0) * cs])
+        words = buf.view(np.uint64)
+        if sys.byteorder == "little":
+            words.byteswap(inplace=True)
+        return words
 
     @cached_property
     def l2_format(self) -> L2Format:
         return L2Format(self.header.cluster_bits, self.header.extended_l2, self.header.has_data_file)
-
-    @property
-    def open_refusals(self) -> list[Problem]:
-        """Problems for which QEMU refuses to open the image at all."""
-        return [p for p in self.problems if p.qemu_refuses_open]
-
-    def require_openable(self, check: bool = False) -> None:
-        """Raise the first problem QEMU would refuse the open for (what qemu-img commands do).
-
-        With `check`, open as `qemu-img check` does (BDRV_O_CHECK): an image without a refcount
-        table, or with a bad snapshot table pointer, is accepted (the check reports them).
-        """
-        refusals = [p for p in self.open_refusals if not (check and p.check_opens)]
-        if refusals:
-            p = refusals[0]
-            raise Qcow2Error(f"{p.structure}: {p.message}", p.offset, path=self.path)
-
-    @cached_property
-    def bitmaps(self) -> list[Bitmap]:
-        """Bitmap directory entries (empty when the autoclear bit says they are inconsistent)."""
-        ext = self.header.bitmaps_ext
-        if ext is None:
-            return []
-        return read_bitmap_directory(self.file, ext.bitmap_directory_offset, ext.bitmap_directory_size,
-                                     ext.nb_bitmaps, self.cluster_size, self.problems)
-
-    @property
-    def active_bitmaps(self) -> list[Bitmap]:
-        """The bitmaps QEMU loads: none when autoclear bit 0 is clear."""
-        return self.bitmaps if self.header.bitmaps_consistent else []
-
-    @cached_property
-    def luks(self) -> LuksHeader | None:
-        ch = self.header.crypto_ext
-        if ch is None:
-            return None
-        return read_luks_header(self.file, ch.offset, ch.length, self.problems)
-
-    # -- data file and backing chain -----------------------------------------------------------------
-    @property
-    def data_file_path(self) -> str | None:
-        name = self.header.data_file
-        if not self.header.has_data_file or not name:
-            return None
-        # Relative to the image's directory, like backing files; QEMU 7.2 takes it relative to the
-        # current directory instead, so fall back to that when only it exists.
-        path = resolve_backing_path(self.path, name)
-        if not os.path.exists(path) and os.path.exists(name):
-            return name
-        return path
-
-    def data_file(self) -> HostFile:
-        """The file guest data lives in: the external data file, or the image itself."""
-        if not self.header.has_data_file:
-            return self.file
-        if self._data_file is None:
-            path = self.data_file_path
-            if path is None:
-                raise Qcow2Error("'data-file' is required for this image (no data file name stored)",
-                                 72, path=self.path)
-            try:
-                self._data_file = HostFile(path)
-            except Qcow2Error as e:
-                raise Qcow2Error(f"cannot open external data file {path}: {e.message}", path=self.path) from None
-        return self._data_file
-
-    @property
-    def backing_path(self) -> str | None:
-        if self.header.backing_file is None:
-            return None
-        return resolve_backing_path(self.path, self.header.backing_file)
-
-    def backing(self) -> Layer | None:
-        """The layer below this one, opened on first use; raises `Qcow2Error` when it cannot be."""
-        if not self._backing_opened:
-            self._backing = self._open_backing()
-            self._backing_opened = True
-        return self._backing
-
-    def _open_backing(self) -> Layer | None:
-        path = self.backing_path
-        if path is None:
-            return None
-        if "\0" in path:
-            raise Qcow2Error("backing file name contains a NUL byte", self.header.backing_file_offset,
-                             path=self.path)
-        chain = self._chain_paths()
-        fmt = self.header.backing_format
-        if fmt is None:
-            fmt = _probe_format(path, self.path)
-        if os.path.realpath(path) in chain:
-            raise Qcow2Error(f"backing chain loops: {path} is already in the chain", self.header.backing_file_offset,
-                             path=self.path)
-        if len(chain) >= C.BACKING_CHAIN_MAX_DEPTH:
-            raise Qcow2Error(f"backing chain deeper than {C.BACKING_CHAIN_MAX_DEPTH} images", path=self.path)
-        try:
-            if fmt == "raw":
-                return RawLayer(path)
-            if fmt == "qcow2":
-                child = Image(path)
-                child._parent_chain = tuple(chain)
-                return child
-        except Qcow2Error as e:
-            raise Qcow2Error(f"cannot open backing file {path}: {e.message}", e.offset,
-                             path=self.path) from None
-        raise Qcow2Error(f"backing file {path} has format '{fmt}', which qinspect cannot read", path=self.path)
-
-    _parent_chain: tuple[str, ...] = ()
-
-    def _chain_paths(self) -> list[str]:
-        return [*self._parent_chain, os.path.realpath(self.path)]
-
-    def open_chain(self) -> tuple[list[Layer], Qcow2Error | None]:
-        """The layers that can be opened, top first, and why the chain stops early (None if it does not).
-
-        For viewers that show what they can of a broken chain; `chain()` raises instead.
-        """
-        layers: list[Layer] = [self]
-        cur: Layer = self
-        while isinstance(cur, Image):
-            try:
-                nxt = cur.backing()
-            except Qcow2Error as e:
-                if cur is self:
-                    return layers, e
-                # Report it against the image the user named, saying which layer failed.
-                return layers, Qcow2Error(f"in backing file {cur.path}: {e.message}", e.offset, path=self.path)
-            if nxt is None:
-                break
-            layers.append(nxt)
-            cur = nxt
-        return layers, None
-
-    def chain(self) -> list[Layer]:
-        """This image and every layer below it, top first (opening them as needed)."""
-        layers, error = self.open_chain()
-        if error is not None:
-            raise error
-        return layers
 
     # -- tables ---------------------------------------------------------------------------------------
     def read_l2_table(self, l2_offset: int) -> tuple[U64, U64 | None]:
@@ -437,7 +239,9 @@ class Image:
         bits = self.header.refcount_bits
         nblocks = min(-(-nb_clusters // per), len(self.refcount_table))
         offs_u = self.refcount_table[:nblocks] & np.uint64(C.REFT_OFFSET_MASK)
-        bad = [int(i) for i in np.flatnonzero((offs_u % np.uint64(cs)) != 0)]
+        # unaligned (qcow2_get_refcount: EIO) or unreadable (ending past BDRV_MAX_LENGTH: EIO)
+        bad = [int(i) for i in np.flatnonzero(((offs_u % np.uint64(cs)) != 0)
+                                              | (offs_u > np.uint64(C.BDRV_MAX_LENGTH - cs)))]
         # A block at or past the end of the file reads as zeros: skip it (and its offset may not fit int64).
         offs = np.where(offs_u < np.uint64(self.file.size), offs_u, np.uint64(0)).astype(np.int64)
         good = np.flatnonzero((offs != 0) & ((offs % cs) == 0))
@@ -543,40 +347,11 @@ class Image:
         self._last_compressed = (entry, data)
         return data
 
-    # -- lifetime ---------------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Close this image, its data file and its backing chain."""
-        self.file.close()
-        if self._data_file is not None:
-            self._data_file.close()
-        if self._backing is not None:
-            self._backing.close()
-
-    def __enter__(self) -> Image:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<Image {self.path!r} v{self.header.version} {self.virtual_size} bytes>"
-
-
-def _probe_format(path: str, parent: str) -> str:
-    """QEMU's format probe for a backing file without a stored format: qcow2 magic, else raw."""
-    try:
-        with HostFile(path) as f:  # O_RDONLY|O_NONBLOCK, regular files and block devices only
-            magic = f.pread(0, 4)
-    except Qcow2Error as e:
-        raise Qcow2Error(f"cannot open backing file {path}: {e.message}", path=parent) from None
-    return "qcow2" if magic == b"QFI\xfb" else "raw"
-
 
 def open_image(path: str | os.PathLike[str]) -> Image:
     """Open a qcow2 image read-only. Raises `Qcow2Error` when it is not a usable qcow2 file."""
     return Image(os.fspath(path))
 
 
-__all__ = ["Image", "L2Lookup", "Layer", "Problem", "RawLayer", "Severity", "open_image"]
+__all__ = ["Image", "ImageMeta", "L2Lookup", "Layer", "MetaLayer", "Problem", "RawLayer", "Severity", "open_image",
+           "resolve_backing_path"]

@@ -2,7 +2,7 @@
 
 Bulk functions take numpy arrays of raw entries (one L2 table or many) and classify them with
 masks, never a Python loop per entry; the scalar `classify_*` functions are the same rules for a
-single entry (the UI's inspector), and a test holds the two to agreement.
+single entry (the UI's inspector), and tests/test_l2_classifier.py holds the two to agreement.
 """
 
 from __future__ import annotations
@@ -122,14 +122,6 @@ def classify_subcluster(entry: int, bitmap: int, sc_index: int, fmt: L2Format) -
     return SubclusterType.UNALLOCATED_PLAIN
 
 
-def split_table(raw: bytes | memoryview | npt.NDArray[np.uint8], extended: bool) -> tuple[U64, U64 | None]:
-    """Raw big-endian L2 bytes → (entries, bitmaps) as native uint64 arrays (bitmaps None if standard)."""
-    words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-    if extended:
-        return words[0::2], words[1::2]
-    return words, None
-
-
 def classify_clusters(entries: U64, fmt: L2Format) -> U8:
     """qcow2_get_cluster_type over an array of L2 entries."""
     out = np.full(entries.shape, ClusterType.NORMAL, dtype=np.uint8)
@@ -152,6 +144,39 @@ _CLUSTER_TO_SUB = np.array(
      SubclusterType.NORMAL, SubclusterType.COMPRESSED],
     dtype=np.uint8,
 )
+
+
+def _standard_lut(has_data_file: bool) -> U8:
+    """Subcluster type of a standard L2 entry by a 4-bit code: has offset (bit 0), QCOW_OFLAG_ZERO
+    (bit 1), QCOW_OFLAG_COMPRESSED (bit 2), QCOW_OFLAG_COPIED (bit 3)."""
+    lut = np.zeros(16, dtype=np.uint8)
+    for code in range(16):
+        has_off, zero, comp, copied = code & 1, code & 2, code & 4, code & 8
+        if comp:
+            t = SubclusterType.COMPRESSED
+        elif zero:
+            t = SubclusterType.ZERO_ALLOC if has_off else SubclusterType.ZERO_PLAIN
+        elif has_off or (has_data_file and copied):
+            t = SubclusterType.NORMAL
+        else:
+            t = SubclusterType.UNALLOCATED_PLAIN
+        lut[code] = t
+    return lut
+
+
+_STD_LUT = (_standard_lut(False), _standard_lut(True))
+
+
+def classify_standard_subclusters(entries: U64, fmt: L2Format, has_offset: npt.NDArray[np.bool_] | None = None) -> U8:
+    """qcow2_get_subcluster_type of standard (not extended) L2 entries: one table lookup per entry
+    (the fastest classification, for the extent walk). `has_offset` may pass `entries &
+    L2E_OFFSET_MASK != 0` when the caller has it already."""
+    if has_offset is None:
+        has_offset = (entries & np.uint64(C.L2E_OFFSET_MASK)) != 0
+    code = has_offset.view(np.uint8) | ((entries & np.uint64(C.QCOW_OFLAG_ZERO)).astype(np.uint8) << np.uint8(1))
+    code |= (entries >> np.uint64(62)).astype(np.uint8) << np.uint8(2)  # COMPRESSED (bit 62), COPIED (bit 63)
+    types: U8 = _STD_LUT[1 if fmt.has_data_file else 0][code]
+    return types
 
 
 def invalid_bitmaps(ctypes: U8, bitmaps: U64) -> npt.NDArray[np.bool_]:

@@ -6,14 +6,16 @@ Only the header is decoded (cipher, mode, IV generator, hash, UUID, payload offs
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from qinspect.qcow2.errors import Problem, Severity
+from qinspect.qcow2.fields import QCRYPTO_BLOCK_LUKS_HEADER as HDR
+from qinspect.qcow2.fields import QCRYPTO_BLOCK_LUKS_KEY_SLOT as SLOT
+from qinspect.qcow2.fields import QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS, key_slot_offset
 from qinspect.qcow2.hostfile import HostFile
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
-LUKS_PHDR_SIZE = 592
+LUKS_PHDR_SIZE = HDR.size  # 592
 LUKS_KEY_SLOT_ENABLED = 0x00AC71F3
 LUKS_SECTOR_SIZE = 512
 
@@ -99,23 +101,19 @@ def read_luks_header(f: HostFile, offset: int, length: int, problems: list[Probl
         problems.append(Problem(Severity.ERROR, "LUKS header", "LUKS header lies past the end of the file", offset))
         return None
     raw = f.pread(offset, LUKS_PHDR_SIZE)
-    if raw[:6] != LUKS_MAGIC:
+    if HDR["magic"].raw(raw) != LUKS_MAGIC:
         problems.append(Problem(Severity.ERROR, "LUKS header", "no LUKS magic in the encryption header region", offset))
         return None
-    (version,) = struct.unpack_from(">H", raw, 6)
-    cipher_name = _cstr(raw[8:40])
-    cipher_mode = _cstr(raw[40:72])
-    hash_spec = _cstr(raw[72:104])
-    payload_sectors, key_bytes = struct.unpack_from(">II", raw, 104)
-    (mk_iters,) = struct.unpack_from(">I", raw, 164)
-    uuid = _cstr(raw[168:208])
     slots = []
-    for i in range(8):
-        active, iters = struct.unpack_from(">II", raw, 208 + i * 48)
-        key_off, stripes = struct.unpack_from(">II", raw, 208 + i * 48 + 40)
-        slots.append(LuksKeySlot(active == LUKS_KEY_SLOT_ENABLED, iters, key_off * LUKS_SECTOR_SIZE, stripes))
-    hdr = LuksHeader(version, cipher_name, cipher_mode, hash_spec, payload_sectors * LUKS_SECTOR_SIZE,
-                     key_bytes, mk_iters, uuid, slots)
+    for i in range(QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS):
+        at = key_slot_offset(i)
+        slots.append(LuksKeySlot(SLOT["active"].get(raw, at) == LUKS_KEY_SLOT_ENABLED, SLOT["iterations"].get(raw, at),
+                                 SLOT["key_offset_sector"].get(raw, at) * LUKS_SECTOR_SIZE,
+                                 SLOT["stripes"].get(raw, at)))
+    hdr = LuksHeader(HDR["version"].get(raw), _cstr(HDR["cipher_name"].raw(raw)), _cstr(HDR["cipher_mode"].raw(raw)),
+                     _cstr(HDR["hash_spec"].raw(raw)), HDR["payload_offset_sector"].get(raw) * LUKS_SECTOR_SIZE,
+                     HDR["master_key_len"].get(raw), HDR["master_key_iterations"].get(raw),
+                     _cstr(HDR["uuid"].raw(raw)), slots)
     if hdr.payload_offset > length:
         problems.append(Problem(Severity.WARNING, "LUKS header",
                                 f"LUKS payload offset {hdr.payload_offset} exceeds the region length {length}", offset))

@@ -30,7 +30,3 @@ def refcount_entry_location(index: int, refcount_order: int) -> tuple[int, int, 
     if bits >= 8:
         return index * (bits // 8), 0, bits
     return (index * bits) // 8, (index * bits) % 8, bits
-
-
-def refcount_max(refcount_order: int) -> int:
-    return (1 << (1 << min(refcount_order, 6))) - 1

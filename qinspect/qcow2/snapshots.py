@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Severity
+from qinspect.qcow2.fields import QCOW_SNAPSHOT_EXTRA_DATA as EXTRA
+from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER as SN
 from qinspect.qcow2.hostfile import HostFile
 
-_SN = struct.Struct(">QIHHIIQII")  # 40 bytes
+_SN = SN.struct()  # 40 bytes
+_EXTRA_DATA_SIZE_AT = SN.offset("extra_data_size")
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def read_snapshot_table(
         if extra_size > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             problems.append(Problem(Severity.ERROR, "snapshot table",
                                     f"too much extra metadata in snapshot table entry {i} ({extra_size} bytes)",
-                                    entry_start + 36, qemu_refuses_open=True, check_opens=True))
+                                    entry_start + _EXTRA_DATA_SIZE_AT, qemu_refuses_open=True, check_opens=True))
             return SnapshotTable(snaps, table_length, (
                 f"Too much extra metadata in snapshot table entry {i}",
                 "You can force-remove this extra metadata with qemu-img check -r all"))
@@ -81,12 +83,12 @@ def read_snapshot_table(
         vm_state_size = vm_state
         disk_size: int | None = None
         icount: int | None = None
-        if extra_size >= 8:
-            vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
-        if extra_size >= 16:
-            disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        if extra_size >= 24:
-            ic = struct.unpack_from(">Q", extra, 16)[0]
+        if extra_size >= EXTRA["vm_state_size_large"].end:
+            vm_state_size = EXTRA["vm_state_size_large"].get(extra)
+        if extra_size >= EXTRA["disk_size"].end:
+            disk_size = EXTRA["disk_size"].get(extra)
+        if extra_size >= EXTRA["icount"].end:
+            ic = EXTRA["icount"].get(extra)
             icount = None if ic == 0xFFFFFFFFFFFFFFFF else ic
         id_str = f.pread(pos, id_size).decode("utf-8", "replace")
         pos += id_size
@@ -95,10 +97,10 @@ def read_snapshot_table(
         entry_end = pos
         size = _SN.size + extra_size + id_size + name_size
         table_length += size
-        if version >= 3 and extra_size < 16:
+        if version >= 3 and extra_size < EXTRA["disk_size"].end:
             problems.append(Problem(Severity.ERROR, "snapshot table",
                                     f"snapshot table entry {i} is incomplete ({extra_size} bytes of extra data)",
-                                    entry_start + 36))
+                                    entry_start + _EXTRA_DATA_SIZE_AT))
         if l1_off % (1 << 9) or l1_size * C.L1E_SIZE > C.QCOW_MAX_L1_SIZE:
             problems.append(Problem(Severity.ERROR, "snapshot table",
                                     f"snapshot {id_str} ({name}): invalid L1 table "
@@ -106,7 +108,7 @@ def read_snapshot_table(
                                     entry_start))
         snaps.append(Snapshot(i, entry_start, size, l1_off, l1_size, id_str, name, date_sec, date_nsec,
                               vm_clock, vm_state_size, extra_size, disk_size if disk_size is not None else virtual_size,
-                              icount, extra[24:]))
+                              icount, extra[EXTRA.size:]))
         if table_length > C.QCOW_MAX_SNAPSHOTS_SIZE:
             problems.append(Problem(Severity.ERROR, "snapshot table", "snapshot table is too big",
                                     offset, qemu_refuses_open=True, check_opens=True))

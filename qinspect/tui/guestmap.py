@@ -108,12 +108,6 @@ class ImagePool:
             self._free.clear()
 
 
-def chain_of(img: Image) -> tuple[list[Layer], str | None]:
-    """The layers of `img`'s chain that can be opened, and why the chain stops early (if it does)."""
-    layers, error = img.open_chain()
-    return layers, None if error is None else str(error)
-
-
 def extents_to_clusters(guest: I64, length: I64, codes: U8, g0: int, n: int, cs: int, g_end: int) -> U8:
     """Per-cluster states of `n` clusters from `g0`, from sorted extents covering the range.
 
@@ -274,9 +268,9 @@ class GuestMap:
         t1 = min(t1, self.n_dense)
         if t0 >= t1:
             return
-        layers, err = chain_of(img)
+        layers, err = img.open_chain()
         if err is not None:
-            self.backing_error = err
+            self.backing_error = str(err)
         c0 = t0 * self.l2_size
         c1 = min(t1 * self.l2_size, self.n_clusters)
         g0 = c0 * self.cluster_size

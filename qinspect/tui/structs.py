@@ -19,6 +19,18 @@ import numpy.typing as npt
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import read_bitmap_table
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.fields import (
+    HEADER_V2_SIZE,
+    HEADER_V3_MIN_SIZE,
+    QCOW2_BITMAP_DIR_ENTRY,
+    QCOW2_FEATURE,
+    QCOW_EXTENSION,
+    QCOW_HEADER,
+    QCOW_SNAPSHOT_HEADER,
+    QCRYPTO_BLOCK_LUKS_HEADER,
+    QCRYPTO_BLOCK_LUKS_KEY_SLOT,
+    key_slot_offset,
+)
 from qinspect.qcow2.image import Image
 from qinspect.qcow2.l2 import (
     ClusterType,
@@ -64,40 +76,15 @@ class HostTarget:
 
 Target = StructRef | GuestTarget | HostTarget | None
 
-# Byte ranges of the header fields (docs/qcow2-format.md §1.1, §1.2).
-HEADER_FIELDS: tuple[tuple[str, int, int, str], ...] = (
-    ("magic", 0, 4, "magic"),
-    ("version", 4, 4, "version"),
-    ("backing_file_offset", 8, 8, "backing_file_offset"),
-    ("backing_file_size", 16, 4, "backing_file_size"),
-    ("cluster_bits", 20, 4, "cluster_bits"),
-    ("size", 24, 8, "size"),
-    ("crypt_method", 32, 4, "crypt_method"),
-    ("l1_size", 36, 4, "l1_size"),
-    ("l1_table_offset", 40, 8, "l1_table_offset"),
-    ("refcount_table_offset", 48, 8, "refcount_table_offset"),
-    ("refcount_table_clusters", 56, 4, "refcount_table_clusters"),
-    ("nb_snapshots", 60, 4, "nb_snapshots"),
-    ("snapshots_offset", 64, 8, "snapshots_offset"),
-    ("incompatible_features", 72, 8, "incompatible_features"),
-    ("compatible_features", 80, 8, "compatible_features"),
-    ("autoclear_features", 88, 8, "autoclear_features"),
-    ("refcount_order", 96, 4, "refcount_order"),
-    ("header_length", 100, 4, "header_length"),
-    ("compression_type", 104, 1, "compression_type"),
-    ("padding", 105, 7, ""),
-)
-
-# Snapshot table entry fields (§1.10), relative to the entry start.
-SNAPSHOT_FIELDS = ((0, 8), (8, 4), (12, 2), (14, 2), (16, 4), (20, 4), (24, 8), (32, 4), (36, 4))
-# Bitmap directory entry fields (§1.11).
-BITMAP_FIELDS = ((0, 8), (8, 4), (12, 4), (16, 1), (17, 1), (18, 2), (20, 4))
-# LUKS1 partition header fields: (name, offset, size).
-LUKS_FIELDS: tuple[tuple[str, int, int], ...] = (
-    ("magic", 0, 6), ("version", 6, 2), ("cipher-name", 8, 32), ("cipher-mode", 40, 32),
-    ("hash-spec", 72, 32), ("payload-offset", 104, 4), ("key-bytes", 108, 4), ("mk-digest", 112, 20),
-    ("mk-digest-salt", 132, 32), ("mk-digest-iter", 164, 4), ("uuid", 168, 40),
-)
+# Byte ranges of the fields, from the core's one field table (qcow2/fields.py): (name, offset,
+# size, Header attribute); padding has no attribute.
+HEADER_FIELDS: tuple[tuple[str, int, int, str], ...] = tuple(
+    (f.name, f.offset, f.size, "" if f.text else f.name) for f in QCOW_HEADER)
+SNAPSHOT_FIELDS = tuple((f.offset, f.size) for f in QCOW_SNAPSHOT_HEADER)
+BITMAP_FIELDS = tuple((f.offset, f.size) for f in QCOW2_BITMAP_DIR_ENTRY)
+# The LUKS1 header's fields before the key slots (each slot gets a row of its own).
+LUKS_FIELDS: tuple[tuple[str, int, int], ...] = tuple(
+    (f.name, f.offset, f.size) for f in QCRYPTO_BLOCK_LUKS_HEADER if f.name != "key_slots")
 
 _ENTRY_STATE_NAMES = {
     G.UNALLOCATED: "unallocated",
@@ -120,11 +107,6 @@ _STATE_NAMES = {
 
 def _dim_zero(colour: str | None, byte: int) -> str | None:
     return DIM if byte == 0 else colour
-
-
-def u64_table(img: Image, offset: int, count: int) -> U64:
-    """A table of u64 entries from the image file (bounded by the format limit and the file)."""
-    return img._read_table(offset, count, C.QCOW_MAX_L1_SIZE // 8, "table")
 
 
 class TableModel:
@@ -180,14 +162,15 @@ class HeaderModel(TableModel):
     def __init__(self, img: Image) -> None:
         super().__init__(img)
         h = img.header
-        n = 13 if h.version == 2 else len(HEADER_FIELDS)
-        if h.version == 3 and h.header_length <= 104:
-            n = 18
-        self.fields = list(HEADER_FIELDS[:n])
-        if h.version == 3 and h.header_length > 112:
-            self.fields.append(("unknown header fields", 112, h.header_length - 112, ""))
+        # A v2 header ends after snapshots_offset; a v3 header has compression_type (and padding)
+        # only when header_length covers them.
+        last = HEADER_V2_SIZE if h.version == 2 else HEADER_V3_MIN_SIZE if h.header_length <= HEADER_V3_MIN_SIZE \
+            else QCOW_HEADER.size
+        self.fields = [f for f in HEADER_FIELDS if f[1] + f[2] <= last]
+        if h.version == 3 and h.header_length > QCOW_HEADER.size:
+            self.fields.append(("unknown header fields", QCOW_HEADER.size, h.header_length - QCOW_HEADER.size, ""))
         self.start = 0
-        self.length = 72 if h.version == 2 else h.header_length
+        self.length = HEADER_V2_SIZE if h.version == 2 else h.header_length
 
     def __len__(self) -> int:
         return len(self.fields)
@@ -268,11 +251,11 @@ class ExtensionsModel(TableModel):
         super().__init__(img)
         h = img.header
         self.exts = h.extensions
-        self.start = h.header_length if h.version == 3 else 72
+        self.start = h.header_length if h.version == 3 else HEADER_V2_SIZE
         self.length = max(0, h.extension_area_end - self.start)
         if self.exts:
             last = self.exts[-1]
-            self.length = min(self.length, last.offset + 8 + ((last.length + 7) & ~7) - self.start) or 8
+            self.length = min(self.length, last.end - self.start) or QCOW_EXTENSION.size
 
     def __len__(self) -> int:
         return len(self.exts)
@@ -285,7 +268,7 @@ class ExtensionsModel(TableModel):
         if e.magic == C.QCOW2_EXT_MAGIC_DATA_FILE:
             return repr(h.data_file)
         if e.magic == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
-            return f"{e.length // 48} feature names"
+            return f"{e.length // QCOW2_FEATURE.size} feature names"
         if e.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None:
             b = h.bitmaps_ext
             return f"{b.nb_bitmaps} bitmaps, directory at {fmt.hexoff(b.bitmap_directory_offset)}"
@@ -303,7 +286,7 @@ class ExtensionsModel(TableModel):
 
     def span(self, i: int) -> tuple[int, int] | None:
         e = self.exts[i]
-        return e.offset, e.offset + 8 + ((e.length + 7) & ~7)
+        return e.offset, e.end
 
     def detail(self, i: int) -> str:
         e = self.exts[i]
@@ -315,8 +298,8 @@ class ExtensionsModel(TableModel):
             pos = off + k
             colour = None
             for i, e in enumerate(self.exts):
-                if e.offset <= pos < e.offset + 8 + e.length:
-                    colour = FLAG_BYTE if pos < e.offset + 8 else FIELD_CYCLE[i % len(FIELD_CYCLE)]
+                if e.offset <= pos < e.data_offset + e.length:
+                    colour = FLAG_BYTE if pos < e.data_offset else FIELD_CYCLE[i % len(FIELD_CYCLE)]
                     break
             out.append(_dim_zero(colour, b))
         return out
@@ -368,7 +351,7 @@ class L1Model(TableModel):
             self.title = f"Active L1 table ({h.l1_size} entries)"
         else:
             sn = img.snapshots[owner]
-            self.entries = u64_table(img, sn.l1_table_offset, sn.l1_size)
+            self.entries = img.snapshot_l1_table(owner, pad=True)
             self.start = sn.l1_table_offset
             self.title = f"L1 table of snapshot {sn.id_str} '{sn.name}' ({sn.l1_size} entries)"
             self.kind = "snapshot_l1"
@@ -853,7 +836,7 @@ class LuksModel(TableModel):
         super().__init__(img)
         ch = img.header.crypto_ext
         self.start = ch.offset if ch else 0
-        self.length = 592
+        self.length = QCRYPTO_BLOCK_LUKS_HEADER.size
         self.luks = img.luks
         self.title = f"LUKS header at {fmt.hexoff(self.start)}" + (f" ({fmt.size(ch.length)} region)" if ch else "")
         self.rows: list[tuple[str, int, int, str]] = []
@@ -861,16 +844,18 @@ class LuksModel(TableModel):
         if lk is None:
             self.error = "no LUKS header could be read in the encryption region"
             return
-        vals = {"magic": "LUKS\\xba\\xbe", "version": str(lk.version), "cipher-name": lk.cipher_name,
-                "cipher-mode": lk.cipher_mode_spec, "hash-spec": lk.hash_spec,
-                "payload-offset": f"{lk.payload_offset} bytes", "key-bytes": f"{lk.key_bytes} ({lk.cipher_alg})",
-                "mk-digest": "…", "mk-digest-salt": "…", "mk-digest-iter": str(lk.master_key_iters),
+        vals = {"magic": "LUKS\\xba\\xbe", "version": str(lk.version), "cipher_name": lk.cipher_name,
+                "cipher_mode": lk.cipher_mode_spec, "hash_spec": lk.hash_spec,
+                "payload_offset_sector": f"{lk.payload_offset // 512} ({lk.payload_offset} bytes)",
+                "master_key_len": f"{lk.key_bytes} ({lk.cipher_alg})",
+                "master_key_digest": "…", "master_key_salt": "…", "master_key_iterations": str(lk.master_key_iters),
                 "uuid": lk.uuid}
         for name, off, size in LUKS_FIELDS:
             self.rows.append((name, off, size, vals.get(name, "")))
         for k, slot in enumerate(lk.slots):
             state = f"active, {slot.iterations} iterations, {slot.stripes} stripes" if slot.active else "inactive"
-            self.rows.append((f"key slot {k}", 208 + 48 * k, 48, f"{state}, key material at +{slot.key_offset}"))
+            self.rows.append((f"key slot {k}", key_slot_offset(k), QCRYPTO_BLOCK_LUKS_KEY_SLOT.size,
+                              f"{state}, key material at +{slot.key_offset}"))
 
     def __len__(self) -> int:
         return len(self.rows)

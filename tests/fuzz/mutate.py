@@ -215,7 +215,8 @@ def _write(buf: bytearray, off: int, b: bytes) -> None:
 def _one_mutation(rng: random.Random, case: Case, buf: bytearray, t: Targets, image_file: str,
                   chain_tops: list[str]) -> None:
     regions = sorted(t.regions)
-    special = ["truncate", "fill structure", "flip bits in structure", "backing name"]
+    special = ["truncate", "fill structure", "flip bits in structure", "backing name", "table near INT64_MAX",
+               "misaligned empty table", "truncate inside an entry", "short extension area"]
     # Weight real fields over the special operations.
     pick = rng.choice(regions * 3 + special)
     if pick == "truncate":
@@ -225,6 +226,9 @@ def _one_mutation(rng: random.Random, case: Case, buf: bytearray, t: Targets, im
         cut = max(0, min(cut, t.file_size))
         case.truncate = cut if case.truncate is None else min(case.truncate, cut)
         case.steps.append(f"truncate the file to {cut} bytes")
+        return
+    if pick in ("table near INT64_MAX", "misaligned empty table", "truncate inside an entry", "short extension area"):
+        _edge_mutation(rng, case, buf, t, pick)
         return
     if pick == "fill structure" and t.structures:
         s = rng.choice(t.structures)
@@ -295,3 +299,44 @@ def _one_mutation(rng: random.Random, case: Case, buf: bytearray, t: Targets, im
     v &= _mask(f.size)
     _write(buf, f.offset, v.to_bytes(f.size, "big"))
     case.steps.append(f"{f.region}: {f.name} {orig:#x} := {v:#x} ({how})")
+
+
+# The header tables qcow2_validate_table checks: (name, count field, count size, offset field, entry length).
+_TABLES = [("L1 table", 36, 4, 40, 8), ("refcount table", 56, 4, 48, None), ("snapshot table", 60, 4, 64, 40)]
+
+
+def _edge_mutation(rng: random.Random, case: Case, buf: bytearray, t: Targets, pick: str) -> None:
+    """Issue 9's edges: table offsets near INT64_MAX, misaligned empty tables, the file cut inside
+    a table entry, an extension area too short for an extension header."""
+    cs = t.cluster_size
+    if pick == "truncate inside an entry":
+        s = rng.choice(t.structures) if t.structures else 0
+        cut = min(t.file_size, s + 8 * rng.randrange(4) + rng.randrange(1, 8))
+        case.truncate = cut if case.truncate is None else min(case.truncate, cut)
+        case.steps.append(f"truncate the file to {cut} bytes, inside an entry of the table at {s:#x}")
+        return
+    if pick == "short extension area":
+        hlen = int.from_bytes(buf[100:104], "big") if int.from_bytes(buf[4:8], "big") >= 3 else 72
+        off = hlen + rng.choice([1, 4, 7, 9, 12, 15])
+        _write(buf, 8, off.to_bytes(8, "big"))
+        _write(buf, 16, bytes(4))
+        case.steps.append(f"extensions: backing_file_offset := {off} (extension area {off - hlen} bytes), no name")
+        return
+    name, count_at, count_size, off_at, entry_len = rng.choice(_TABLES)
+    count = int.from_bytes(buf[count_at : count_at + count_size], "big")
+    orig = int.from_bytes(buf[off_at : off_at + 8], "big")
+    if pick == "misaligned empty table":
+        v = orig + rng.choice([8, 512, cs // 2])
+        _write(buf, count_at, bytes(count_size))
+        _write(buf, off_at, v.to_bytes(8, "big"))
+        case.steps.append(f"{name}: 0 entries at {v:#x} (misaligned)")
+        return
+    n = count * (entry_len or cs)
+    top = 1 << 63
+    how, v = rng.choice([("2^63 - 1 cluster", top - cs), ("ends exactly at 2^63", top - -(-n // cs) * cs),
+                         ("ends one cluster past 2^63", top - -(-n // cs) * cs + cs), ("2^63", top),
+                         ("2^64 - 1 cluster", (1 << 64) - cs),
+                         ("ends just below INT64_MAX", (top - n - cs) // cs * cs)])
+    v &= (1 << 64) - 1
+    _write(buf, off_at, v.to_bytes(8, "big"))
+    case.steps.append(f"{name}: offset {orig:#x} := {v:#x} ({how}, {count} entries)")

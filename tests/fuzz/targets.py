@@ -214,5 +214,5 @@ def _find(img: Image) -> Targets:
                                       ("key_bytes", 108, 4, "int"), ("slot0 key_offset", 208 + 40, 4, "int")):
             t.add(Field("LUKS header", name, lo + off, size, kind))
 
-    t.structures = sorted(s for s in structs if s >= 0)
+    t.structures = sorted(s for s in structs if 0 <= s < t.file_size)  # (a sample may point past its end)
     return t

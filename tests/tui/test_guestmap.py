@@ -12,7 +12,7 @@ from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image, RawLayer, open_image
 from qinspect.qcow2.l2 import SubclusterType
 from qinspect.tui import fmt
-from qinspect.tui.guestmap import GL_EMPTY, GL_FULL, GuestMap, chain_of, extents_to_clusters, majority
+from qinspect.tui.guestmap import GL_EMPTY, GL_FULL, GuestMap, extents_to_clusters, majority
 from qinspect.tui.palette import NSTATES, G, backing_state
 
 SC = {
@@ -73,7 +73,7 @@ def test_vectorised_states_agree_with_lookups(samples: Any, name: str) -> None:
     except Qcow2Error:
         pytest.skip("not openable")
     with img:
-        layers, _err = chain_of(img)
+        layers, _err = img.open_chain()
         gm = GuestMap(img, max((la.virtual_size for la in layers[1:]), default=0))
         gm.compute(img, 0, gm.n_tables)
         assert gm.complete

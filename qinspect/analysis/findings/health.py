@@ -72,9 +72,8 @@ def _missing_bytes(c: Context) -> int:
             Owner.REFCOUNT_TABLE: h.refcount_table_offset + h.refcount_table_entries * 8}
     if kind in ends:
         need = ends[kind] if kind != Owner.L1 or h.l1_table_offset // cs == last else (last + 1) * cs
-    elif kind in (Owner.DATA, Owner.COMPRESSED) and (h.extended_l2 or kind == Owner.COMPRESSED):
-        need = 0
-    elif kind in (Owner.HEADER, Owner.FREE, Owner.LEAKED, Owner.PAST_END, Owner.SNAPSHOT_TABLE):
+    elif (kind in (Owner.DATA, Owner.COMPRESSED) and (h.extended_l2 or kind == Owner.COMPRESSED)) or kind in (
+            Owner.HEADER, Owner.FREE, Owner.LEAKED, Owner.PAST_END, Owner.SNAPSHOT_TABLE):
         need = 0
     else:
         need = (last + 1) * cs

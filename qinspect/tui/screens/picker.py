@@ -27,6 +27,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 from textual.worker import get_current_worker
 
 from qinspect.qcow2.errors import Problem, Qcow2Error
+from qinspect.qcow2.fields import HEADER_V2_SIZE
 from qinspect.qcow2.header import read_header
 from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.image import resolve_backing_path
@@ -67,7 +68,7 @@ def probe(root: str, rel: str) -> Entry | None:
     path = os.path.join(root, rel)
     try:
         st = os.stat(path)
-        if not os.path.isfile(path) or st.st_size < 72:
+        if not os.path.isfile(path) or st.st_size < HEADER_V2_SIZE:
             return None
         with open(path, "rb") as f:
             if f.read(4) != MAGIC:

@@ -22,7 +22,7 @@ from qinspect.tui.messages import FindIn, ShowHost, ShowStructure, ShowView
 from qinspect.tui.nav import Place
 from qinspect.tui.palette import DIM, ERROR, OK, SEVERITY_COLOURS, WARN
 from qinspect.tui.session import Session, Step
-from qinspect.tui.structs import StructRef
+from qinspect.tui.structs import HEADER_FIELDS, StructRef
 from qinspect.tui.views.base import View
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ SEVERITY_ORDER = {"critical": 0, "error": 1, "warning": 2, "info": 3, "ok": 4}
 
 # Where a finding's evidence is: a search in a map view, a structure, or a view. The header rows
 # are those of the Structures view's header table (field order of the qcow2 header).
-_HEADER_ROW = {"version": 1, "cluster_bits": 4, "incompatible_features": 13, "refcount_order": 16}
+_HEADER_ROW = {f[0]: row for row, f in enumerate(HEADER_FIELDS)}
 EVIDENCE: dict[str, tuple[str, str]] = {
     "leaked-clusters": ("host", "leaked"), "check-leaks": ("host", "leaked"),
     "free-space": ("host", "free"), "fragmentation": ("host", "data"), "fragmented": ("host", "data"),

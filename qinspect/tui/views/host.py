@@ -26,7 +26,7 @@ from qinspect.tui.messages import ShowGuest, ShowStructure
 from qinspect.tui.nav import Place
 from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, WARN, kind_colour, swatch
 from qinspect.tui.session import Session, Step
-from qinspect.tui.structs import StructRef
+from qinspect.tui.structs import HEADER_FIELDS, StructRef
 from qinspect.tui.views.base import View
 from qinspect.tui.views.guest import kv, rule
 from qinspect.tui.widgets.grid import ClusterGrid
@@ -399,8 +399,8 @@ fragmentation are visible at a glance.
         if r.kind == "header-extension" and h.crypto_ext is not None:
             return StructRef("luks", offset=h.crypto_ext.offset)
         if r.kind == "header-field":
-            return {40: StructRef("header", row=8), 48: StructRef("header", row=9),
-                    64: StructRef("header", row=12)}.get(r.entry_file_offset, StructRef("header"))
+            rows = {f[1]: row for row, f in enumerate(HEADER_FIELDS)}  # the header table's row of the field
+            return StructRef("header", row=rows.get(r.entry_file_offset, 0))
         return None
 
     def follow(self, r: Reference, off: int) -> None:

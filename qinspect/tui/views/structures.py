@@ -16,6 +16,7 @@ from textual.widgets.tree import TreeNode
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.fields import HEADER_V2_SIZE
 from qinspect.qcow2.l2 import ClusterType, classify_cluster, parse_compressed
 from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
@@ -30,7 +31,6 @@ from qinspect.tui.structs import (
     StructRef,
     TableModel,
     model_for,
-    u64_table,
 )
 from qinspect.tui.views.base import View
 from qinspect.tui.widgets.hexview import HexView
@@ -137,7 +137,7 @@ class StructuresView(View):
         h = img.header
         root = self.struct_tree.root
         root.data = StructRef("header")
-        root.add_leaf(_label("Header", "header", f"{72 if h.version == 2 else h.header_length} B"),
+        root.add_leaf(_label("Header", "header", f"{HEADER_V2_SIZE if h.version == 2 else h.header_length} B"),
                       data=StructRef("header"))
         exts = root.add(_label("Header extensions", "extension", f"{len(h.extensions)}"),
                         data=StructRef("extensions"))
@@ -180,8 +180,7 @@ class StructuresView(View):
                 table = img.l1_table
                 kind = "l2"
             else:
-                sn = img.snapshots[ref.owner]
-                table = u64_table(img, sn.l1_table_offset, sn.l1_size)
+                table = img.snapshot_l1_table(ref.owner, pad=True)
                 kind = "snapshot_l2"
             offs = (table & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
             idx = np.flatnonzero(offs)
