@@ -178,7 +178,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
     DEFAULT_CSS = """
     GuestMapView #gm-left { width: 1fr; }
     GuestMapView #gm-legend { height: auto; padding: 0 1; }
-    GuestMapView #gm-inspector { width: 46; min-width: 30; max-width: 40%; border-left: vkey $foreground 20%;
+    GuestMapView #gm-inspector { width: 30%; min-width: 32; max-width: 64; border-left: vkey $foreground 20%;
                                  padding: 0 1; }
     """
 

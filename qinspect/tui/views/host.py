@@ -219,7 +219,7 @@ fragmentation are visible at a glance.
     DEFAULT_CSS = """
     HostLayoutView #hl-left { width: 1fr; }
     HostLayoutView #hl-legend { height: auto; padding: 0 1; }
-    HostLayoutView #hl-inspector { width: 46; min-width: 30; max-width: 40%; border-left: vkey $foreground 20%;
+    HostLayoutView #hl-inspector { width: 30%; min-width: 32; max-width: 64; border-left: vkey $foreground 20%;
                                    padding: 0 1; }
     """
 
