@@ -41,7 +41,7 @@ from qinspect.tui.messages import (
     ShowView,
 )
 from qinspect.tui.nav import History, Place, breadcrumb
-from qinspect.tui.palette import DIM, WARN, G
+from qinspect.tui.palette import DIM, G
 from qinspect.tui.screens.prompt import PromptScreen
 from qinspect.tui.session import Session, Step
 from qinspect.tui.views.base import View
@@ -598,4 +598,3 @@ class MainScreen(Screen[None]):
 
 __all__ = ["VIEWS", "VIEW_IDS", "MainScreen", "view_class"]
 
-_ = WARN
