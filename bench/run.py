@@ -188,6 +188,8 @@ def same_answer(command: str, q: Run, i: Run) -> str | None:
         ja, jb = json.loads(q.out), json.loads(i.out)
     except json.JSONDecodeError as e:
         return f"not JSON: {e}"
+    if isinstance(jb, dict):
+        jb.pop("in-use", None)  # qinspect's extra key (the image's lock state)
     return None if ja == jb else f"{command} JSON differs: qinspect {jb} / qemu-img {ja}"
 
 
@@ -352,6 +354,95 @@ def fmt_s(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
+# -- cold and warm, with the floor (the engine's targets) ------------------------------------------
+def engine_specs(small: bool) -> list[Spec]:
+    if small:
+        return [Spec("scatter-4k-small", "1 GiB, 4 KiB clusters, 1024 scattered 4 KiB writes", GiB,
+                     "cluster_size=4096", 1024),
+                Spec("prealloc-small", "preallocation=metadata, 4 GiB", 4 * GiB, "preallocation=metadata")]
+    return [Spec("scatter-4k-100g", "100 GiB, 4 KiB clusters, 51,200 scattered 4 KiB writes (25,600 L2 tables)",
+                 100 * GiB, "cluster_size=4096", 51200),
+            Spec("prealloc-1t", "1 TiB, preallocation=metadata (16 Mi L2 entries)", 1 << 40, "preallocation=metadata")]
+
+
+def evict(path: Path) -> None:
+    """Drop the file's pages from the page cache (POSIX_FADV_DONTNEED), so the next read is cold."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def floor_read(path: Path) -> float:
+    """Seconds to read the file's allocated extents once, in order (SEEK_DATA/SEEK_HOLE, 1 MiB reads)."""
+    fd = os.open(path, os.O_RDONLY)
+    t0 = time.perf_counter()
+    try:
+        size = os.fstat(fd).st_size
+        off = 0
+        buf = bytearray(1 << 20)
+        while off < size:
+            try:
+                d = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:
+                break
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            while d < h:
+                n = os.preadv(fd, [memoryview(buf)[: min(len(buf), h - d)]], d)
+                if n <= 0:
+                    break
+                d += n
+            off = h
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def engine_bench(small: bool, runs: int, wd: Path) -> list[str]:
+    """Cold (evicted before each run) and warm check/map, qemu-img and qinspect interleaved, and
+    the floor; returns mismatches."""
+    bad: list[str] = []
+    print("\n## Cold and warm, with the floor\n")
+    print("Cold: the image is evicted from the page cache (POSIX_FADV_DONTNEED) before every run. Floor: "
+          "reading the file's allocated extents once, in order, cold.\n")
+    print("| image | command | cache | qemu-img s | qinspect s | ratio | floor s | qinspect / floor "
+          "| qemu-img RSS MB | qinspect RSS MB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for spec in engine_specs(small):
+        path = make_image(spec, wd)
+        floors = []
+        for _ in range(runs):
+            evict(path)
+            floors.append(floor_read(path))
+        floor = statistics.median(floors)
+        for command in ("check", "map"):
+            for cache in ("cold", "warm"):
+                row = Row(spec.name, command)
+                q_cmd = ["qemu-img", command, "--output=json", path.name]
+                i_cmd = [*qinspect_cmd(), command, "--output=json", path.name]
+                if cache == "warm":
+                    run(q_cmd, wd)  # fill the cache
+                for k in range(runs):
+                    order = [("q", q_cmd), ("i", i_cmd)] if k % 2 == 0 else [("i", i_cmd), ("q", q_cmd)]
+                    got: dict[str, Run] = {}
+                    for who, cmd in order:
+                        if cache == "cold":
+                            evict(path)
+                        got[who] = run(cmd, wd)
+                    row.q.append(got["q"])
+                    row.i.append(got["i"])
+                    m = same_answer(command, got["q"], got["i"])
+                    if m is not None:
+                        bad.append(f"{spec.name} {command} {cache} run {k + 1}: {m}")
+                q, i = row.med(row.q), row.med(row.i)
+                fl = f"{floor:.3f}" if cache == "cold" else ""
+                rel = f"{i / floor:.2f}" if cache == "cold" and floor > 0 else ""
+                print(f"| {spec.name} | {command} | {cache} | {q:.3f} | {i:.3f} | {i / q:.2f} | {fl} | {rel} "
+                      f"| {row.rss(row.q):.0f} | {row.rss(row.i):.0f} |", flush=True)
+    return bad
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "work", help="where the images go")
@@ -359,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny images: a smoke test that takes seconds")
     ap.add_argument("--only", nargs="*", default=None, help="only these images (names as in the table)")
     ap.add_argument("--no-tui", action="store_true", help="skip the TUI first-frame measurement")
+    ap.add_argument("--engine", action="store_true",
+                    help="only the cold/warm table with the floor (scattered 4 KiB 100 GiB and 1 TiB preallocated)")
     args = ap.parse_args(argv)
     for tool in ("qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
@@ -367,6 +460,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     wd: Path = args.workdir.resolve()
     wd.mkdir(parents=True, exist_ok=True)
     precompile()
+    if args.engine:
+        bad = engine_bench(args.small, args.runs, wd)
+        for b in bad:
+            print(f"MISMATCH {b}")
+        return 1 if bad else 0
     chosen = [s for s in specs(args.small) if args.only is None or s.name in args.only]
     m = machine()
     print("## Machine\n")

@@ -98,3 +98,21 @@ async def test_markup_like_names_do_not_crash_the_views(tmp_path: Path) -> None:
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert isinstance(app.screen, MainScreen)
+
+
+# Images qemu-img refuses to open (issue 9): the TUI still opens them and shows the header, with
+# QEMU's reason among the problems (the error screen is only for files that are not qcow2 at all).
+REFUSED = ["fid_l1_int64", "fid_l1_misaligned_empty", "fid_snap_misaligned_empty", "fid_ext_short",
+           "fid_norefcount_table", "fid_features_named"]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+async def test_refused_images_still_show_the_header(samples: Samples, name: str) -> None:
+    app = QInspectApp(str(samples.path(name)))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        assert isinstance(app.screen, MainScreen), type(app.screen)
+        img = app.screen.session.img  # type: ignore[attr-defined]
+        assert img.open_refusals and img.header.cluster_size == 65536
+        await pilot.press("q")

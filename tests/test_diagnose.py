@@ -63,7 +63,7 @@ def test_findings_are_sorted_and_complete(diagnoses: dict[tuple[str, bool], Diag
         assert sev == sorted(sev), name
         for f in d.findings:
             assert f.title and f.impact and f.evidence, (name, f.id)
-            assert f.fix is not None or f.id in ("in-use",), (name, f.id)
+            assert f.fix is not None or f.id in ("in-use", "preallocated-unused"), (name, f.id)
             assert all(isinstance(v, int | float | str) for v in f.evidence.values())
         assert sum(d.space.parts.values()) == d.space.file_size
 

@@ -69,6 +69,8 @@ def run_fix(f: Finding, image: Path, cluster: int, compare: bool = True) -> Path
         os.replace(image.parent / f.fix.output, image)
     st = os.stat(image)
     p = f.fix.predicts
+    print(f"FIX {f.id} [{image.name}] {cmd.split(' ')[1]}: predicted file-size {p['file-size']} disk-usage "
+          f"{p['disk-usage']}; actual {st.st_size} {st.st_blocks * 512}")
     assert within(st.st_size, int(p["file-size"]), cluster), (f.id, st.st_size, p)
     assert within(st.st_blocks * 512, int(p["disk-usage"]), cluster), (f.id, st.st_blocks * 512, p)
     chk = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
@@ -149,6 +151,20 @@ def test_falloc_preallocation(tmp_path: Path) -> None:
     p = make_falloc(tmp_path)
     f = finding(diag(p), "preallocated-unused")
     assert f.evidence["unwritten-bytes"] >= 30 << 20
+    run_fix(f, p, 65536)
+    no_repeat(p, f)
+
+
+def test_zero_padding_of_small_writes(tmp_path: Path) -> None:
+    """Scattered 4 KiB writes into a 64 KiB-cluster image: QEMU zero-fills the rest of each cluster
+    (unwritten extents). A plain conversion would keep it all; the fix offered has extended L2."""
+    p = tmp_path / "s4k.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(p), "2G")
+    qio(p, *[f"write -P 5 {(k * 7919 * 4096) % (2000 << 20)} 4k" for k in range(300)])
+    f = finding(diag(p), "preallocated-unused")
+    assert int(f.evidence["unwritten-bytes"]) >= 17 << 20
+    assert f.fix is not None and "extended_l2=on" in (f.fix.command or "")
+    assert int(f.fix.predicts["disk-usage"]) < os.stat(p).st_blocks * 512 // 4
     run_fix(f, p, 65536)
     no_repeat(p, f)
 
@@ -241,22 +257,94 @@ def test_backing_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     sh("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", str(p), "16M")
     f = finding(diag(p), "backing-missing")
     assert f.severity.value == "error" and f.fix is not None and f.fix.command is None
+    assert finding(diag(p, deep=True), "backing-missing").severity.value == "error"
     assert main(["diagnose", str(p), "--fail-on=error"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL")
 
 
+def test_data_file_missing(samples: Samples) -> None:
+    if "fid_data_file_unnamed" not in SAMPLE_NAMES:
+        pytest.skip("sample not present")
+    d = diag(samples.path("fid_data_file_unnamed"), deep=True)
+    f = finding(d, "data-file-missing")
+    assert f.severity.value == "error" and f.fix is not None and f.fix.command is None
+    assert d.deep is not None and d.deep.skipped
+
+
 def test_one_convert_per_image(tmp_path: Path) -> None:
-    p = tmp_path / "c4k.qcow2"
+    """An 8 KiB-cluster overlay with scattered writes: small-clusters wants 64 KiB clusters,
+    cow-amplification 16 KiB with extended L2: one conversion, the conflict resolved with a reason."""
+    p = tmp_path / "c8k.qcow2"
     base = tmp_path / "b.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M")
-    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", base.name, "-F", "qcow2",
-       str(p))
+    qio(base, "write -P 0x33 0 32M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=8k", "-b", base.name, "-F", "qcow2", str(p))
     qio(p, *[f"write -P 7 {k * 131072 + 8192} 4k" for k in range(200, 0, -1)])
     d = diag(p)
-    converts = {f.fix.command for f in d.findings if f.fix is not None and f.fix.command
-                and f.fix.command.startswith("qemu-img convert")}
-    assert len(converts) == 1, converts
+    wanting = [f for f in d.findings if f.fix is not None and f.fix.command
+               and f.fix.command.startswith("qemu-img convert")]
+    assert {f.id for f in wanting} >= {"small-clusters", "cow-amplification"}
+    assert len({f.fix.command for f in wanting if f.fix is not None}) == 1
+    fix = wanting[0].fix
+    assert fix is not None and "cluster_size=64k" in (fix.command or "") and "extended_l2=on" in (fix.command or "")
+    assert "Conflicts: cow-amplification wanted cluster_size=16k; cluster_size=64k kept for small-clusters" in fix.note
+    run_fix(wanting[0], p, 65536)
+    for f in wanting:
+        no_repeat(p, f)
+
+
+def test_zero_clusters_deep(samples: Samples, tmp_path: Path) -> None:
+    src = samples.path("diag_zeros")
+    p = tmp_path / src.name
+    shutil.copyfile(src, p)
+    f = finding(diag(p, deep=True), "zero-clusters")
+    run_fix(f, p, 65536)
+    no_repeat(p, f, deep=True)
+
+
+def test_backing_duplicates_commit(samples: Samples, tmp_path: Path) -> None:
+    for n in ("diag_dup_base", "diag_dup_top"):
+        shutil.copyfile(samples.path(n), tmp_path / samples.path(n).name)
+    p = tmp_path / "diag_dup_top.qcow2"
+    before = tmp_path / "guest.raw"
+    sh("qemu-img", "convert", "-O", "raw", str(p), str(before))
+    f = finding(diag(p, deep=True), "backing-duplicates")
+    run_fix(f, p, 65536, compare=False)
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout
+    no_repeat(p, f, deep=True)
+
+
+def test_compressed_and_small_clusters(samples: Samples, tmp_path: Path) -> None:
+    for name, fid in (("zstd", "compressed"), ("c4k", "small-clusters")):
+        src = samples.path(name)
+        p = tmp_path / src.name
+        shutil.copyfile(src, p)
+        f = finding(diag(p), fid)
+        assert f.fix is not None and (f.fix.cost or fid != "compressed")
+        run_fix(f, p, 65536)
+        no_repeat(p, f)
+
+
+def test_long_chain_rebase(samples: Samples, tmp_path: Path) -> None:
+    for k in range(5):
+        shutil.copyfile(samples.path(f"longchain_{k}"), tmp_path / f"longchain_{k}.qcow2")
+    p = tmp_path / "longchain_4.qcow2"
+    before = tmp_path / "guest.raw"
+    sh("qemu-img", "convert", "-O", "raw", str(p), str(before))
+    f = finding(diag(p), "long-chain")
+    assert f.fix is not None and f.fix.cost
+    cmd = f.fix.command
+    assert cmd is not None
+    subprocess.run(["bash", "-c", cmd], cwd=tmp_path, check=True, capture_output=True)
+    st = os.stat(p)
+    assert st.st_size <= int(f.fix.predicts["file-size-at-most"])
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout
+    no_repeat(p, f)
 
 
 # -- stable numbers: page cache ---------------------------------------------------------------------
@@ -316,6 +404,15 @@ def test_fix_commands_with_shell_syntax(tmp_path: Path, name: str, capsys: pytes
     assert not (tmp_path / "PWNED").exists()
     assert main(["diagnose", str(p)]) == 0  # markup in the name must not crash the human output
     assert name in capsys.readouterr().out
+
+
+def test_no_escape_from_the_image_reaches_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = make_snapshots(tmp_path, "\x1b]2;pwned\x07[/]")
+    assert main(["diagnose", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]2;pwned\\x07[/]" in out
+    f = finding(diag(p), "snapshot-space")
+    assert f.fix is not None and f.fix.command is None and "cannot be pasted" in f.fix.blocked
 
 
 def test_unpasteable_name_prints_no_command(tmp_path: Path) -> None:

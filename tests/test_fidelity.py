@@ -226,3 +226,76 @@ def test_metadata_preallocation_threshold(tmp_path: Path, delta: int) -> None:
     for g in got:
         g.pop("compressed")
     assert got == json.loads(_run(["qemu-img", "map", "--output=json", p.name], tmp_path).stdout)
+
+
+# -- issue 10: QEMU's refusals that bound the work ------------------------------------------------------
+def _bitmap_directory(samples: Samples, tmp_path: Path, entries: int, first_granularity: int,
+                      table_size: int | None = None) -> Path:
+    """The bitmaps sample with its directory replaced by `entries` entries, all sharing one bitmap
+    table of the largest size check_dir_entry allows (BME_MAX_PHYS_SIZE of bitmap data), past the
+    end of the file, and the directory after it."""
+    from qinspect.qcow2.bitmaps import BME_MAX_PHYS_SIZE
+
+    p = tmp_path / "bitmapdir.qcow2"
+    shutil.copyfile(samples.path("bitmaps"), p)
+    with open_image(p) as img:
+        ext = img.header.bitmaps_ext
+        assert ext is not None
+        ext_at = next(e.offset for e in img.header.extensions if e.magic == 0x23852875)
+        cs, end = img.cluster_size, -(-img.file.size // img.cluster_size) * img.cluster_size
+    table_at = end
+    d = bytearray()
+    for i in range(entries):
+        name = str(i).encode()
+        gran = first_granularity if i == 0 else 16
+        d += struct.pack(">QIIBBHI", table_at, table_size or BME_MAX_PHYS_SIZE // cs, 0, 1, gran, len(name), 0) + name
+        d += bytes(-len(d) % 8)
+    dir_at = table_at + cs
+    with open(p, "r+b") as f:
+        f.seek(dir_at)
+        f.write(d)
+        f.seek(ext_at + 8)
+        f.write(struct.pack(">IIQQ", entries, 0, len(d), dir_at))
+    return p
+
+
+def test_hostile_bitmap_directory_is_refused_at_once(samples: Samples, tmp_path: Path) -> None:
+    """65,535 entries sharing one large table, the first breaking check_dir_entry's constraints
+    (granularity below 512 bytes): refused at open, as qemu-img does, in well under a second."""
+    import time
+
+    p = _bitmap_directory(samples, tmp_path, 65535, 8)
+    t0 = time.monotonic()
+    r = _run([QINSPECT, "info", p.name], tmp_path)
+    assert time.monotonic() - t0 < 10
+    assert r.returncode == 1 and "Bitmap '0' doesn't satisfy the constraints" in r.stderr
+    if shutil.which("qemu-img"):
+        q = _run(["qemu-img", "info", p.name], tmp_path)
+        assert q.returncode == 1 and "Bitmap '0' doesn't satisfy the constraints" in q.stderr
+
+
+def test_shared_bitmap_table_is_read_once(samples: Samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Valid entries sharing one table: bitmap_table_load's checks run once per distinct table."""
+    from qinspect.qcow2 import bitmaps
+
+    p = _bitmap_directory(samples, tmp_path, 2000, 16, table_size=1)  # (16 MiB at 64 KiB granules: 1 cluster)
+    calls = []
+    real = bitmaps.read_bitmap_table
+    monkeypatch.setattr(bitmaps, "read_bitmap_table", lambda f, bm: calls.append(bm) or real(f, bm))
+    with open_image(p) as img:
+        assert len(img.bitmaps) == 2000 and not img.open_refusals
+    assert len(calls) == 1
+    if shutil.which("qemu-img"):
+        assert _run(["qemu-img", "info", p.name], tmp_path).returncode == 0
+
+
+def test_compressed_cluster_past_eof_says_so(samples: Samples, tmp_path: Path) -> None:
+    size = samples.path("zlib").stat().st_size
+    p = _patched(samples, tmp_path, "zlib", (0x40000, ">Q", (1 << 62) | (3 << 54) | (size + 65536)))
+    with open_image(p) as img, pytest.raises(Qcow2Error, match="lies past the end of the file") as e:
+        img.read(0, 512)
+    assert e.value.offset == size + 65536
+    # partly past the end (the data is cut off): the message says that too
+    p = _patched(samples, tmp_path, "zlib", (0x40000, ">Q", (1 << 62) | (255 << 54) | (size - 100)))
+    with open_image(p) as img, pytest.raises(Qcow2Error, match="runs past the end of the file"):
+        img.read(0, 512)

@@ -31,6 +31,9 @@ def test_layout_agrees_with_check(samples: Samples, name: str) -> None:
         res = check_image(img)
     n = lay.nb_clusters
     assert n == -(-img.file.size // img.cluster_size)
+    if res.failed is not None:  # check stopped before its walk (an unusable snapshot table)
+        assert res.exit_code == 1 and not len(res.reference)
+        return
     ref = res.reference
     # Same recomputed refcounts (check may count past the end of the file: nothing there here).
     assert np.array_equal(lay.reference.astype(np.uint64), ref[:n])
@@ -41,7 +44,8 @@ def test_layout_agrees_with_check(samples: Samples, name: str) -> None:
     assert lay.image_end_offset == res.image_end_offset
     assert lay.leaks == res.leaks
     if not res.dirty:
-        assert lay.refcount_errors == int(np.count_nonzero(res.stored[:n] < ref[:n]))
+        # (clusters under an unreadable refcount block are left out by both)
+        assert lay.refcount_errors == len(res.corrupt_clusters)
     # Leaked = unreferenced with a refcount; free and past-end have none.
     st = lay.stored_refcount[:n]
     assert np.all(st[lay.owner == Owner.LEAKED] > 0)

@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 
 from qinspect.analysis import scan as scan_mod
+from qinspect.analysis.check import check_image
+from qinspect.analysis.diagnose import diagnose
 from qinspect.analysis.scan import InUse, find_images, scan_images
 from qinspect.cli import main as cli_main
 from qinspect.qcow2.image import open_image
@@ -390,7 +392,7 @@ def test_file_changed_while_read_is_an_error(tree: Path, tmp_path: Path, monkeyp
                                              how: str) -> None:
     d = _copy_tree(tree, tmp_path)
     victim = d / "snap.qcow2"
-    real_check = scan_mod.check_image
+    real_check = check_image
 
     def check_and_change(img: Any, *a: Any, **kw: Any) -> Any:
         if img.path == str(victim):
@@ -495,7 +497,7 @@ def test_a_worker_that_dies_costs_only_its_image(tree: Path, tmp_path: Path, mon
     for i in range(6):
         shutil.copyfile(tree / "plain.qcow2", d / f"more-{i}.qcow2")
     victim = str(d / "snap.qcow2")
-    real_check = scan_mod.check_image
+    real_check = check_image
 
     def check_or_die(img: Any, *a: Any, **kw: Any) -> Any:
         if img.path == victim:
@@ -507,3 +509,28 @@ def test_a_worker_that_dies_costs_only_its_image(tree: Path, tmp_path: Path, mon
     assert len(reps) == 9
     assert reps[victim].error == scan_mod.WORKER_DIED
     assert all(s.error is None for p, s in reps.items() if p != victim)
+
+
+def test_guest_freed_space_counts_as_reclaimable(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest analysis (issue 13) moves what the guest freed out of "guest-data" into a
+    "guest-freed" space part; the scan counts that part, under its own reason, whenever it is there."""
+    real = diagnose
+
+    def with_guest_part(img: Any, *a: Any, **kw: Any) -> Any:
+        d = real(img, *a, **kw)
+        moved = d.space.parts["guest-data"] // 2  # what split_space does with the guest's numbers
+        d.space.parts["guest-data"] -= moved
+        d.space.parts["guest-freed"] = moved
+        d.space.allocated_parts["guest-freed"] = moved
+        return d
+
+    monkeypatch.setattr(scan_mod, "diagnose", with_guest_part)
+    [rep] = list(scan_images(find_images([str(tree / "plain.qcow2")]), jobs=1))
+    s = rep.summary
+    assert s.reclaimable["guest-freed"] > 0 and s.reclaimable_disk["guest-freed"] == s.reclaimable["guest-freed"]
+    assert s.reclaimable_bytes == sum(s.reclaimable.values())
+    from qinspect.cli.scan_cmd import prometheus_text
+
+    samples = _samples(prometheus_text([s], 1.0))
+    key = ("qinspect_image_reclaimable_bytes", (("path", str(tree / "plain.qcow2")), ("reason", "guest-freed")))
+    assert samples[key] == s.reclaimable["guest-freed"]

@@ -8,15 +8,16 @@ messages, but each L2 table batch is one set of numpy operations.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
+from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled, no_progress
+from qinspect.analysis.refwalk import BatchConsumer, L2Batch, L2Tables, RefKind, RefWalk
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.bitmaps import BME_MAX_TABLE_SIZE, read_bitmap_table
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import table_fits
 from qinspect.qcow2.image import Image
@@ -30,8 +31,6 @@ Refcounts = npt.NDArray[np.unsignedinteger[Any]]
 # References past the end of the file are counted densely up to this many extra clusters and
 # sparsely beyond (QEMU grows its table; a hostile offset must not make us allocate terabytes).
 DENSE_EXTRA_CLUSTERS = 1 << 22
-# L2 entries checked per batch: 64 Ki keeps the numpy temporaries in the CPU cache.
-L2_BATCH_ENTRIES = 1 << 16
 
 
 # qcow2_inc_refcounts_imrt: the two lines printed for each reference past the refcount maximum.
@@ -53,6 +52,18 @@ class CheckMessage:
     text: str
     cluster: int | None = None
     repeat: int = 1
+    indices: range | None = None
+    """When set, `text` is a template printed once per index (`text.format(i)`): a run of L1
+    entries with the same message, a million lines kept as one object."""
+
+    def lines(self, prog: str) -> Iterator[str]:
+        """The stderr lines of this message, generated one at a time."""
+        texts = [self.text] if self.indices is None else (self.text.format(i) for i in self.indices)
+        for text in texts:
+            text = f"{prog}: {text}" if self.kind == "report" else text
+            parts = text.split("\n")
+            for _ in range(self.repeat):
+                yield from parts
 
 
 @dataclass
@@ -96,6 +107,11 @@ class CheckResult:
         self._last_key = max(self._last_key, key)
         self._keyed.append((key, len(self._keyed), msg))
 
+    def messages_last_indices(self, indices: range) -> None:
+        """Make the message just added a template printed once per index (see CheckMessage)."""
+        last = self._keyed[-1][2] if self._keyed else self.messages[-1]
+        last.indices = indices
+
     def ordered(self, on: bool) -> None:
         """Start (True) or end (False) a block of keyed messages; ending it sorts them in."""
         if on:
@@ -108,15 +124,20 @@ class CheckResult:
 
     def stderr_lines(self, prog: str = "qinspect") -> list[str]:
         """What qemu-img check writes to stderr, in either output format (`prog: ` before reports)."""
-        out: list[str] = []
+        return [*self.iter_stderr_lines(prog), *self.final_lines(prog)]
+
+    def iter_stderr_lines(self, prog: str = "qinspect") -> Iterator[str]:
+        """The message lines of `stderr_lines` one at a time (millions of them stream in constant
+        memory), without the final "Check failed" line (`final_lines`)."""
         for m in self.messages:
-            text = f"{prog}: {m.text}" if m.kind == "report" else m.text
-            out.extend(text.split("\n") * m.repeat)
+            yield from m.lines(prog)
+
+    def final_lines(self, prog: str = "qinspect") -> list[str]:
         if self.failed is not None:
-            out.append(f"{prog}: Check failed: {self.failed}")
-        elif self.check_errors:
-            out.append(f"{prog}: Check failed")
-        return out
+            return [f"{prog}: Check failed: {self.failed}"]
+        if self.check_errors:
+            return [f"{prog}: Check failed"]
+        return []
 
     def to_json(self) -> dict[str, object]:
         """Keys as qemu-img prints them: the optional ones only when non-zero."""
@@ -170,8 +191,9 @@ class _Refs:
             return True
         return False
 
-    def add_regions(self, offsets: I64, sizes: I64 | int, keys: I64 | None = None) -> None:
-        """qcow2_inc_refcounts_imrt over many regions: +1 for each cluster each region touches.
+    def add_regions(self, offsets: I64, sizes: I64 | int, keys: I64 | None = None, weights: I64 | None = None) -> None:
+        """qcow2_inc_refcounts_imrt over many regions: +1 for each cluster each region touches
+        (+weights[k] for region k: what a table points at counts once per L1 entry naming it).
         `keys` (see `walk_key`) place the messages about each region in QEMU's order."""
         if not len(offsets):
             return
@@ -182,18 +204,22 @@ class _Refs:
             for o, n, k in zip(offsets[past].tolist(), size[past].tolist(), pk, strict=True):
                 self.beyond_eof(o, n, k)
             offsets, size = offsets[~past], size[~past]
+            if weights is not None:
+                weights = weights[~past]
         bits = self.cs.bit_length() - 1  # shifts, not divisions: 16 Mi offsets on a 1 TiB image
         first = offsets >> bits
         if np.ndim(sizes) == 0 and int(sizes) == self.cs and not (offsets & (self.cs - 1)).any():
-            self.add(first)  # aligned whole clusters (data clusters, L2 tables): one cluster each
+            self.add(first, weights)  # aligned whole clusters (data clusters, L2 tables): one cluster each
             return
         last = (offsets + size - 1) >> bits
-        self.add(first)
+        self.add(first, weights)
         extra = last - first
         if extra.any():  # regions over two or more clusters (unaligned tables, compressed data)
-            cnt = extra[extra > 0]
-            start = first[extra > 0] + 1
-            self.add(np.repeat(start, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)))
+            sel = extra > 0
+            cnt = extra[sel]
+            start = first[sel] + 1
+            more = np.repeat(start, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+            self.add(more, np.repeat(weights[sel], cnt) if weights is not None else None)
 
     def add_range(self, offset: int, size: int) -> None:
         if size <= 0 or self.beyond_eof(offset, size):
@@ -215,17 +241,23 @@ class _Refs:
         self.ranges.append((first, last))
         self.top = max(self.top, last + 1)
 
-    def add(self, clusters: I64) -> None:
-        """Count one reference to each element of `clusters` (duplicates count once each)."""
+    def add(self, clusters: I64, weights: I64 | None = None) -> None:
+        """Count one reference to each element of `clusters` (duplicates count once each), or
+        `weights[k]` references to `clusters[k]`."""
         if not len(clusters):
             return
+        if weights is not None and bool((weights == 1).all()):
+            weights = None
         idx = clusters.astype(np.int64, copy=False)
         lo, hi = int(idx.min()), int(idx.max()) + 1
         self.top = max(self.top, hi)
         limit = self.nb_file + DENSE_EXTRA_CLUSTERS
         if hi > limit:
-            self.far.append(idx[idx >= limit])
-            idx = idx[idx < limit]
+            far = idx >= limit
+            self.far.append(idx[far] if weights is None else np.repeat(idx[far], weights[far]))
+            idx = idx[~far]
+            if weights is not None:
+                weights = weights[~far]
             if not len(idx):
                 return
             lo, hi = int(idx.min()), int(idx.max()) + 1
@@ -233,6 +265,15 @@ class _Refs:
             grown = np.zeros(min(limit, max(hi, 2 * len(self.counts))), dtype=np.uint32)
             grown[: len(self.counts)] = self.counts
             self.counts = grown
+        if weights is not None:
+            # Many references at once (a shared table): summed in int64, saturated into uint32
+            # (the overflow check below brings them back to refcount_max with one message each).
+            u, inv = np.unique(idx, return_inverse=True)
+            tot = np.bincount(inv.reshape(-1), weights=weights.astype(np.float64)).astype(np.int64)
+            new = np.minimum(self.counts[u].astype(np.int64) + tot, np.iinfo(np.uint32).max)
+            self.counts[u] = new.astype(np.uint32)
+            self.overflow(self.counts, u)
+            return
         if len(idx) == 1 or bool((idx[1:] > idx[:-1]).all()):  # no duplicates (the usual case)
             if hi - lo == len(idx):
                 seg = self.counts[lo:hi]  # consecutive clusters (preallocation, sequential writes)
@@ -305,12 +346,13 @@ class _Copied:
         self.img = img
         self.stored = stored
         self.unreadable = unreadable
-        self.corruptions = 0
-        self.found: list[tuple[int, int, int]] = []  # (walk_key, l2 entry, refcount)
-        self.later: list[tuple[I64, I64, U64]] = []  # (walk keys, clusters, l2 entries)
+        # Per distinct table: (L2 index, l2 entry, refcount) of each wrong COPIED flag, printed for
+        # every active L1 entry naming the table.
+        self.found: dict[int, list[tuple[int, int, int]]] = {}
+        self.later: list[tuple[I64, I64, I64, U64]] = []  # (table ids, L2 indices, clusters, l2 entries)
 
-    def batch(self, clusters: I64, l2e: U64, keys: I64) -> None:
-        """Entries `l2e` pointing at host `clusters`; `keys` (walk_key) order their messages."""
+    def batch(self, clusters: I64, l2e: U64, tids: I64, l2i: I64) -> None:
+        """Entries `l2e` (entry `l2i` of distinct table `tids`) pointing at host `clusters`."""
         copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
         if self.img.header.has_data_file:
             bad = np.flatnonzero(~copied)  # refcount 1 by definition
@@ -319,11 +361,11 @@ class _Copied:
             n = len(self.stored)
             inside = clusters < n
             if n == 0:
-                self.later.append((keys, clusters, l2e))
+                self.later.append((tids, l2i, clusters, l2e))
                 return
             if not inside.all():
                 pos = np.flatnonzero(~inside)
-                self.later.append((keys[pos], clusters[pos], l2e[pos]))
+                self.later.append((tids[pos], l2i[pos], clusters[pos], l2e[pos]))
                 clusters = np.where(inside, clusters, 0)
             rc = self.stored[clusters]
             wrong = (rc == np.uint64(1)) != copied
@@ -332,15 +374,15 @@ class _Copied:
                 wrong &= ~self.unreadable[clusters]
             bad = np.flatnonzero(wrong)
             rcs = rc[bad]
-        self.corruptions += len(bad)
-        for k, e, r in zip(keys[bad].tolist(), l2e[bad].tolist(), rcs.tolist(), strict=True):
-            self.found.append((k, e, r))
+        for t, k, e, r in zip(tids[bad].tolist(), l2i[bad].tolist(), l2e[bad].tolist(), rcs.tolist(), strict=True):
+            self.found.setdefault(t, []).append((k, e, r))
 
-    def report(self, res: CheckResult, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int) -> None:
+    def report(self, res: CheckResult, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int,
+               walk: RefWalk, blocked: set[int]) -> None:
         """Add the corruptions and messages (keyed: call inside res.ordered) once the final stored
-        refcounts are known."""
-        found = list(self.found)
-        for keys, clusters, l2e in self.later:
+        refcounts are known: each table's, at every active L1 entry naming it."""
+        found = {t: list(v) for t, v in self.found.items()}
+        for tids, l2i, clusters, l2e in self.later:
             rcs = np.zeros(len(clusters), dtype=np.uint64)
             inside = clusters < len(stored)
             rcs[inside] = stored[clusters[inside]]
@@ -351,17 +393,60 @@ class _Copied:
                 inb = clusters < nb
                 ok[inb] = ~unreadable[clusters[inb]]
             copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-            bad = np.flatnonzero(ok & ((rcs == 1) != copied))
-            self.corruptions += len(bad)
-            found += [(int(keys[k]), int(l2e[k]), int(rcs[k])) for k in bad]
-        res.corruptions += self.corruptions
-        for where, e, r in found:
-            res.add("error", f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}", key=where)
+            for kk in np.flatnonzero(ok & ((rcs == 1) != copied)).tolist():
+                found.setdefault(int(tids[kk]), []).append((int(l2i[kk]), int(l2e[kk]), int(rcs[kk])))
+        if not found:
+            return
+        n = self.img.header.l2_size
+        texts = {t: sorted(v) for t, v in found.items()}
+        active = walk.groups[walk.tree_group[0]]
+        idx, offs = active.l2_offsets()
+        keep = offs != 0  # check_oflag_copied skips L1 entries whose table offset is 0
+        idx, offs = idx[keep], offs[keep]
+        tids = walk.tables.id_of(offs)
+        hit = np.isin(tids, np.array(list(texts), np.int64))
+        _emit_runs(res, idx[hit], tids[hit], n,
+                   {t: [(k, 0, f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}") for k, e, r in v]
+                    for t, v in texts.items()}, blocked)
+
+
+def _emit_runs(res: CheckResult, l1_idx: I64, tids: I64, n: int,
+               texts: dict[int, list[tuple[int, int, str]]], blocked: set[int] | None = None) -> None:
+    """The messages of each table (L2 index, step, text) at every L1 entry naming it, keyed in walk
+    order. Consecutive L1 entries naming the same table (and with no message of their own,
+    `blocked`) become one message printed that many times: a table named by a million entries
+    costs its messages once, not a million CheckMessages."""
+    k = 0
+    m = len(l1_idx)
+    li, ti = l1_idx.tolist(), tids.tolist()
+    while k < m:
+        j = k + 1
+        while (j < m and ti[j] == ti[k] and li[j] == li[j - 1] + 1
+               and (blocked is None or li[j] not in blocked)):
+            j += 1
+        msgs = texts[ti[k]]
+        res.corruptions += len(msgs) * (j - k)
+        if j - k == 1:
+            for l2, step, text in msgs:
+                res.add("error", text, key=int(walk_key(li[k], l2, step, n)))
+        else:
+            res.add("error", "\n".join(t for _l2, _s, t in msgs), repeat=j - k,
+                    key=int(walk_key(li[k], msgs[0][0], msgs[0][1], n)))
+        k = j
 
 
 def check_image(img: Image, progress: ProgressFn = no_progress,
                 cancelled: CancelledFn = never_cancelled, filename: str | None = None) -> CheckResult:
     """Recompute every refcount of `img` and compare, as `qemu-img check` (without -r) does."""
+    walk = RefWalk(img)
+    res = walk.run([check_consumer(img, walk, filename)], progress, cancelled)[0]
+    assert isinstance(res, CheckResult)
+    return res
+
+
+def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> BatchConsumer:
+    """check as a consumer of the walk's L2 batches (see `RefWalk.run`): sent each batch, then None;
+    returns the `CheckResult`."""
     h = img.header
     cs = h.cluster_size
     res = CheckResult(filename or img.path, dirty=h.dirty, lazy_refcounts=h.lazy_refcounts)
@@ -400,69 +485,74 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
             res.add("error", f"ERROR snapshot table entry {sn.index} is incomplete")
 
     refs.add_range(0, cs)  # header
-    # The active L1 as read (empty when QEMU would refuse its size or offset), not as claimed.
-    l1_jobs: list[tuple[int, int, bool, str]] = [(h.l1_table_offset, len(img.l1_table), True, "active")]
     if h.has_data_file and img.snapshots:
         res.corruptions += 1
         res.add("error", f"ERROR {len(img.snapshots)} snapshots in image with data file")
-    for sn in img.snapshots:
-        if sn.l1_table_offset % cs:
-            res.corruptions += 1
+    for k, why in walk.bad_snapshots:
+        sn = img.snapshots[k]
+        res.corruptions += 1
+        if why == "unaligned":
             res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
                              "L1 table is not cluster aligned; snapshot table entry corrupted")
-            continue
-        if sn.l1_size > C.QCOW_MAX_L1_SIZE // 8:
-            res.corruptions += 1
+        else:
             res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
                              "L1 table is too large; snapshot table entry corrupted")
-            continue
-        l1_jobs.append((sn.l1_table_offset, sn.l1_size, False, f"snapshot {sn.id_str}"))
-
-    total_tables = 0
-    l1_tables: list[tuple[U64, int, bool]] = []
-    for off, size, active, _name in l1_jobs:
-        if not size:
-            continue
-        refs.add_range(off, size * 8)
-        l1 = img.l1_table if active else img.read_entries(off, size)
-        l1_tables.append((l1, off, active))
-        total_tables += int(np.count_nonzero(l1))
-    done = 0
+    for _src, off, size in walk.trees:  # every tree's L1 table (the active one as read)
+        if size:
+            refs.add_range(off, size * 8)
     # The stored refcounts of the file's clusters, read first (in host order) so that the COPIED
     # flags are checked during the one L2 walk.
     per = h.refcount_block_entries
     stored, bad_blocks = img.stored_refcounts_compact(nb_file)
     copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file))
     n = h.l2_size
-    for l1, _off, active in l1_tables:
-        res.ordered(True)  # check_refcounts_l1: one L1 entry (and its L2 table) after another
+    # 1. Every distinct L2 table once, in host order: what it points at counts once per L1 entry
+    # naming it; its messages are kept per table and printed below at every entry naming it.
+    tables = walk.tables
+    table_msgs: dict[int, list[tuple[int, int, str]]] = {}
+    while (batch := (yield)) is not None:
+        _check_l2_batch(img, fmt, batch, tables, refs, res, copied, table_msgs)
+    # 2. check_refcounts_l1, tree by tree: each L1 entry's messages, its table's region, its table's
+    # messages. Trees sharing one L1 table print the same lines: computed once, repeated.
+    has_msgs = np.array(sorted(table_msgs), np.int64)
+    done_groups: dict[int, tuple[list[CheckMessage], int]] = {}
+    for g in walk.tree_group:
+        if g in done_groups:
+            msgs, corr = done_groups[g]
+            res.messages.extend(msgs)  # the same message objects again: no copies
+            res.corruptions += corr
+            continue
+        before_n, before_c = len(res.messages), res.corruptions
+        grp = walk.groups[g]
+        res.ordered(True)
+        l1 = grp.entries
         nz = np.flatnonzero(l1)  # an entry of 0 is skipped; any other is followed, even to offset 0
-        reserved = nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0]
-        for i in reserved:
+        blocked: set[int] = set()
+        for i in nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0].tolist():
             res.corruptions += 1
-            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}",
-                    key=walk_key(int(i), -1, 0, n))
-        l2_offsets = (l1[nz] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-        batch = max(1, L2_BATCH_ENTRIES // h.l2_size)
-        for b in range(0, len(l2_offsets), batch):
-            if cancelled():
-                raise Cancelled()
-            offs = l2_offsets[b : b + batch]
-            l1i = nz[b : b + batch].astype(np.int64)
-            for k in np.flatnonzero((offs % cs) != 0).tolist():
-                res.corruptions += 1
-                res.add("error", f"ERROR l2_offset={int(offs[k]):x}: Table is not cluster aligned; L1 entry corrupted",
-                        key=walk_key(int(l1i[k]), -1, 2, n))
-            _check_l2_batch(img, fmt, offs, l1i, active, refs, res, copied)
-            done += len(offs)
-            progress(done, total_tables)
+            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}", key=walk_key(i, -1, 0, n))
+            blocked.add(i)
+        l1i, l2o = grp.l2_offsets()
+        # the L2 tables themselves (an unaligned one touches two clusters), once per entry
+        past = l2o + cs - img.file.size >= cs
+        blocked.update(l1i[past].tolist())
+        refs.add_regions(l2o, cs, walk_key(l1i, -1, 1, n))
+        for k in np.flatnonzero((l2o % cs) != 0).tolist():
+            res.corruptions += 1
+            res.add("error", f"ERROR l2_offset={int(l2o[k]):x}: Table is not cluster aligned; L1 entry corrupted",
+                    key=walk_key(int(l1i[k]), -1, 2, n))
+            blocked.add(int(l1i[k]))
+        if len(has_msgs):
+            tids = tables.id_of(l2o)
+            hit = np.isin(tids, has_msgs) & (l2o < img.file.size)
+            _emit_runs(res, l1i[hit], tids[hit], n, table_msgs, blocked)
         res.ordered(False)
+        done_groups[g] = (res.messages[before_n:], res.corruptions - before_c)
 
-    refs.add_range(h.snapshots_offset, img.snapshot_table.size)
-    refs.add_range(h.refcount_table_offset, len(img.refcount_table) * 8)
-    if h.crypto_ext is not None:
-        refs.add_range(h.crypto_ext.offset, h.crypto_ext.length)
-    if not _bitmap_refs(img, refs, res):
+    for rr in walk.ranges:
+        if rr.kind in (RefKind.SNAPSHOT_TABLE, RefKind.REFCOUNT_TABLE, RefKind.LUKS):
+            refs.add_range(rr.offset, rr.size)
+    if not _bitmap_refs(img, walk, refs, res):
         return res  # calculate_refcounts fails: no refcount comparison, no counts printed
 
     counts, sparse, nb = refs.finish()
@@ -545,20 +635,40 @@ def check_image(img: Image, progress: ProgressFn = no_progress,
     # those of its L2 table's entries
     res.ordered(True)
     l1 = img.l1_table
-    for i in np.flatnonzero(l1):
-        e = int(l1[i])
-        off = e & C.L1E_OFFSET_MASK
-        if not off:
-            continue
-        cl = off // cs
-        if cl < nb and unreadable is not None and unreadable[cl]:
-            continue
-        rc = int(stored[cl]) if cl < len(stored) else img.refcount(cl)
-        if (rc == 1) != bool(e & C.QCOW_OFLAG_COPIED):
-            res.corruptions += 1
-            res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={int(i)} l1_entry={e:x} refcount={rc}",
-                    key=walk_key(int(i), -1, 0, n))
-    copied.report(res, stored, unreadable, nb)
+    step = 1 << 18  # bounded temporaries for an L1 table of millions of entries
+    l1_msgs: set[int] = set()
+    for c0 in range(0, len(l1), step):
+        nzi = c0 + np.flatnonzero(l1[c0 : c0 + step] & np.uint64(C.L1E_OFFSET_MASK))
+        l1e = l1[nzi]
+        cls = ((l1e & np.uint64(C.L1E_OFFSET_MASK)) // np.uint64(cs)).astype(np.int64)
+        keep = np.ones(len(nzi), dtype=bool)
+        if unreadable is not None:
+            inb = cls < nb
+            keep[inb] = ~unreadable[cls[inb]]
+        inside = cls < len(stored)
+        rcs = np.zeros(len(nzi), dtype=np.uint64)
+        rcs[inside] = stored[cls[inside]]
+        for k in np.flatnonzero(~inside & keep).tolist():
+            rcs[k] = img.refcount(int(cls[k]))
+        wrong = keep & ((rcs == 1) != ((l1e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0))
+        bad = np.flatnonzero(wrong)
+        res.corruptions += len(bad)
+        bi, be, br = nzi[bad].tolist(), l1e[bad].tolist(), rcs[bad].tolist()
+        k = 0
+        while k < len(bi):
+            j = k + 1  # a run of consecutive entries with the same value and refcount: one message
+            while j < len(bi) and bi[j] == bi[j - 1] + 1 and be[j] == be[k] and br[j] == br[k]:
+                j += 1
+            if j - k == 1:
+                res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={bi[k]} l1_entry={be[k]:x} "
+                                 f"refcount={br[k]}", key=walk_key(bi[k], -1, 0, n))
+            else:
+                res.add("error", "ERROR OFLAG_COPIED L2 cluster: l1_index={} " + f"l1_entry={be[k]:x} refcount={br[k]}",
+                        key=walk_key(bi[k], -1, 0, n))
+                res.messages_last_indices(range(bi[k], bi[j - 1] + 1))
+            l1_msgs.update(bi[k:j])
+            k = j
+    copied.report(res, stored, unreadable, nb, walk, l1_msgs)
     res.ordered(False)
 
     res.image_end_offset = (highest + 1) * cs
@@ -602,36 +712,28 @@ def _highest_used(stored: Refcounts, counts: U32, unreadable: npt.NDArray[np.boo
     return 0
 
 
-def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, l1i: I64, active: bool, refs: _Refs, res: CheckResult,
-                    copied: _Copied) -> None:
+def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables, refs: _Refs, res: CheckResult,
+                    copied: _Copied, table_msgs: dict[int, list[tuple[int, int, str]]]) -> None:
+    """check_refcounts_l2 for a batch of distinct tables: what each table points at counts once per
+    L1 entry naming it, the active tree's counters once per active L1 entry naming it; messages
+    are kept per table (L2 index, step, text) and printed by the caller in walk order."""
     h = img.header
     cs = h.cluster_size
     n = h.l2_size
-    # the L2 tables themselves (an unaligned one touches two clusters)
-    refs.add_regions(offs, cs, walk_key(l1i, -1, 1, n))
-    # A table at or past the end of the file reads as zeros and references nothing: do not read it.
-    inside = offs < img.file.size
-    offs, l1i = offs[inside], l1i[inside]
-    if not len(offs):
-        return
+    entries, bitmaps = batch.entries, batch.bitmaps  # (standard entries: no bitmap checks at all)
+    w_tab = tables.refs[batch.ids]
+    a_tab = tables.active_refs[batch.ids]
+    tab = np.arange(len(entries), dtype=np.int64) // n  # which table of the batch
 
-    def key(k: int, step: int) -> int:  # message order: entry k of this batch, step within the entry
-        return int(walk_key(int(l1i[k // n]), k % n, step, n))
+    def note(k: int, step: int, text: str) -> None:
+        table_msgs.setdefault(int(batch.ids[k // n]), []).append((k % n, step, text))
 
-    # Read each table at its exact offset (QEMU reads unaligned tables too).
-    words = img.read_l2_tables(offs)
-    bitmaps: U64 | None = None  # (standard entries: no bitmap checks at all)
-    if h.extended_l2:
-        entries, bitmaps = words[0::2], words[1::2]
-    else:
-        entries = words
     bits = h.cluster_bits
     ctypes = classify_clusters(entries, fmt)
     comp = ctypes == ClusterType.COMPRESSED
     reserved = ~comp & ((entries & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)
     for k in np.flatnonzero(reserved).tolist():
-        res.corruptions += 1
-        res.add("error", f"ERROR found l2 entry with reserved bits set: {int(entries[k]):x}", key=key(k, 0))
+        note(k, 0, f"ERROR found l2 entry with reserved bits set: {int(entries[k]):x}")
 
     # Compressed clusters.
     ci = np.flatnonzero(comp)
@@ -639,32 +741,28 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, l1i: I64, active: bool
         ce = entries[ci]
         with_copied = (ce & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
         for k, e in zip(ci[with_copied].tolist(), ce[with_copied].tolist(), strict=True):
-            res.corruptions += 1
-            res.add("error", f"ERROR: coffset=0x{int(e) & fmt.cluster_offset_mask:x}: copied flag must never be set "
-                             "for compressed clusters", key=key(k, 1))
+            note(k, 1, f"ERROR: coffset=0x{e & fmt.cluster_offset_mask:x}: copied flag must never be set "
+                       "for compressed clusters")
         ce = ce & ~np.uint64(C.QCOW_OFLAG_COPIED)
         if h.has_data_file:
             for k, e in zip(ci.tolist(), ce.tolist(), strict=True):
-                res.corruptions += 1
-                res.add("error", f"ERROR compressed cluster {int(k) % n} with data file, entry=0x{int(e):x}",
-                        key=key(k, 2))
+                note(k, 2, f"ERROR compressed cluster {k % n} with data file, entry=0x{e:x}")
             ci = ci[:0]
             ce = ce[:0]
         badbm = bitmaps[ci] != 0 if bitmaps is not None else np.zeros(len(ci), dtype=bool)
         for k, e in zip(ci[badbm].tolist(), ce[badbm].tolist(), strict=True):
-            res.corruptions += 1
-            res.add("error", f"ERROR compressed cluster {int(k) % n} with non-zero subcluster allocation bitmap, "
-                             f"entry=0x{int(e):x}", key=key(k, 3))
+            note(k, 3, f"ERROR compressed cluster {k % n} with non-zero subcluster allocation bitmap, entry=0x{e:x}")
         ce = ce[~badbm]
         ci = ci[~badbm]
         coff = (ce & np.uint64(fmt.cluster_offset_mask)).astype(np.int64)
         nsec = ((ce >> np.uint64(fmt.csize_shift)) & np.uint64(fmt.csize_mask)).astype(np.int64) + 1
         csize = nsec * 512 - (coff & 511)
-        refs.add_regions(coff, csize, walk_key(l1i[ci // n], ci % n, 4, n))
-        if active:
-            res.allocated_clusters += len(ce)
-            res.compressed_clusters += len(ce)
-            res.fragmented_clusters += len(ce)
+        keep = _past_eof(refs, coff, csize, ci, note)
+        refs.add_regions(coff[keep], csize[keep], weights=w_tab[tab[ci[keep]]])
+        act = int(a_tab[tab[ci]].sum())
+        res.allocated_clusters += act
+        res.compressed_clusters += act
+        res.fragmented_clusters += act
 
     # Standard allocated clusters (NORMAL and ZERO_ALLOC).
     ai = np.flatnonzero((ctypes == ClusterType.NORMAL) | (ctypes == ClusterType.ZERO_ALLOC))
@@ -675,9 +773,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, l1i: I64, active: bool
         if ab is not None:
             corrupt_bm = ((ab >> np.uint64(32)) & ab) != 0
             for k, o in zip(ai[corrupt_bm].tolist(), off[corrupt_bm].tolist(), strict=True):
-                res.corruptions += 1
-                res.add("error", f"ERROR offset={int(o):x}: Allocated cluster has corrupted subcluster allocation "
-                                 "bitmap", key=key(k, 1))
+                note(k, 1, f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster allocation bitmap")
         unal = (off & (cs - 1)) != 0
         if unal.any():
             if ab is not None:
@@ -685,52 +781,60 @@ def _check_l2_batch(img: Image, fmt: L2Format, offs: I64, l1i: I64, active: bool
             else:
                 has_data = (ae & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
             for k, o, d in zip(ai[unal].tolist(), off[unal].tolist(), has_data[unal].tolist(), strict=True):
-                res.corruptions += 1
                 what = "Data cluster is not properly aligned" if d else "Preallocated cluster is not properly aligned"
-                res.add("error", f"ERROR offset={int(o):x}: {what}; L2 entry corrupted.", key=key(k, 2))
+                note(k, 2, f"ERROR offset={o:x}: {what}; L2 entry corrupted.")
         cl = off >> bits
-        if active:
-            res.allocated_clusters += len(ai)
-            if len(ai) > 1:
-                t = ai >> h.l2_bits  # which table of the batch
-                same_table = t[1:] == t[:-1]
-                res.fragmented_clusters += int(np.count_nonzero(same_table & (off[1:] != off[:-1] + cs)))
-            # check_oflag_copied skips L1 entries whose table offset is 0 (only COPIED set)
-            keys = walk_key(l1i[ai // n], ai % n, 0, n)
-            if (offs != 0).all():
-                copied.batch(cl, ae, keys)
-            else:
-                in_table = offs[ai // n] != 0
-                copied.batch(cl[in_table], ae[in_table], keys[in_table])
+        t = tab[ai]
+        act_w = a_tab[t]
+        res.allocated_clusters += int(act_w.sum())
+        if len(ai) > 1:
+            jump = (t[1:] == t[:-1]) & (off[1:] != off[:-1] + cs)
+            res.fragmented_clusters += int((a_tab[t[1:]] * jump).sum())
+        # check_oflag_copied (active tree only) skips L1 entries whose table offset is 0 (only COPIED set)
+        in_active = (act_w > 0) & (batch.offsets[t] != 0)
+        if in_active.any():
+            sel = np.flatnonzero(in_active)
+            copied.batch(cl[sel], ae[sel], batch.ids[t[sel]], ai[sel] % n)
         if not h.has_data_file:
-            refs.add_regions(off, cs, walk_key(l1i[ai // n], ai % n, 4, n))
+            keep = _past_eof(refs, off, np.full(len(off), cs, np.int64), ai, note)
+            refs.add_regions(off[keep], cs, weights=w_tab[t[keep]])
 
     # Unallocated clusters with allocation bits.
     if bitmaps is not None:
         ui = (ctypes == ClusterType.UNALLOCATED) & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
         for k in np.flatnonzero(ui).tolist():
-            res.corruptions += 1
-            res.add("error", "ERROR: Unallocated cluster has non-zero subcluster allocation map", key=key(k, 5))
+            note(k, 5, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
 
 
-def _bitmap_refs(img: Image, refs: _Refs, res: CheckResult) -> bool:
+def _past_eof(refs: _Refs, offs: I64, sizes: I64, pos: I64,
+              note: Callable[[int, int, str], None]) -> npt.NDArray[np.bool_]:
+    """Regions a cluster or more past the end of the file become messages of their table (printed
+    at each reference, in walk order); returns the mask of the others, which are counted."""
+    past = offs + sizes - refs.file_len >= refs.cs
+    for k, o, n in zip(pos[past].tolist(), offs[past].tolist(), sizes[past].tolist(), strict=True):
+        note(k, 4, "ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
+                   f"offset {o:#x} size {n:#x}")
+    return ~past
+
+
+def _bitmap_refs(img: Image, walk: RefWalk, refs: _Refs, res: CheckResult) -> bool:
     """qcow2_check_bitmaps_refcounts; False when it fails the check (a bitmap table entry that
     bitmap_table_load refuses: one corruption, and the check stops with EINVAL)."""
-    ext = img.header.bitmaps_ext
-    if ext is None or not img.header.bitmaps_consistent:
-        return True
-    # sizes as far as the format allows (QEMU refuses larger ones at open)
-    refs.add_range(ext.bitmap_directory_offset, min(ext.bitmap_directory_size, C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE))
+    for rr in walk.ranges:  # the directory and each bitmap's table (as far as the format allows)
+        if rr.kind in (RefKind.BITMAP_DIRECTORY, RefKind.BITMAP_TABLE):
+            refs.add_range(rr.offset, rr.size)
     cs = img.cluster_size
-    for bm in img.bitmaps:
-        refs.add_range(bm.bitmap_table_offset, min(bm.bitmap_table_size, BME_MAX_TABLE_SIZE) * 8)
-        table = read_bitmap_table(img.file, bm)
+    good: list[tuple[I64, int]] = []
+    for bt in walk.bitmap_tables:  # each distinct table once, counted for every bitmap using it
+        table = bt.table
         offs = table & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
         bad = ((table & np.uint64(C.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
             (offs != 0) & (((table & np.uint64(1)) != 0) | ((offs % np.uint64(cs)) != 0)))
-        if bad.any():
+        if bad.any():  # whichever bitmap QEMU meets it through first, the check stops there
             res.corruptions += 1
             res.failed = "Invalid argument"
             return False
-        refs.add_regions(offs[offs != 0].astype(np.int64), cs)
+        good.append((offs[offs != 0].astype(np.int64), len(bt.bitmaps)))
+    for clusters, times in good:
+        refs.add_regions(clusters, cs, weights=np.full(len(clusters), times, np.int64) if times > 1 else None)
     return True

@@ -29,9 +29,11 @@ import numpy.typing as npt
 from qinspect.analysis.measure import MeasureOptions, refcount_metadata_size
 from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.analysis.space import not_written
-from qinspect.qcow2.hostfile import ExtentKind, HostExtents
+from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.hostfile import ExtentKind, ExtentMethod, HostExtents
 from qinspect.qcow2.image import Image, Layer
 from qinspect.qcow2.l2 import SubclusterType
+from qinspect.qcow2.planner import Order, PieceStream
 
 I64 = npt.NDArray[np.int64]
 BATCH_BYTES = 8 << 20
@@ -138,6 +140,11 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
     ex = _active_extents(img)
     if img.encrypted:
         return DeepScan(0, 0, 0, 0, 0, 0, len(ex.compressed), 0, 0, skipped="guest data is encrypted")
+    try:
+        img.data_file()
+        back = img.backing()
+    except Qcow2Error as e:
+        return DeepScan(0, 0, 0, 0, 0, 0, len(ex.compressed), 0, 0, skipped=e.message)
     # Pieces no larger than a source cluster or a target cluster, whichever is smaller: each is
     # judged zero / equal to the backing file as a whole.
     unit = min(cs, target.cluster_size)
@@ -151,20 +158,22 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
     # Pieces entirely in a hole of the file read as zeros: nothing to read (sparse preallocation).
     todo = np.flatnonzero(hole_n < n)
     tg, th, tn = g[todo], h[todo], n[todo]
-    back = img.backing()
     data_file = img.data_file()
     total = int(tn.sum())
     done = 0
     i = 0
+    # Data pieces through the planner, in guest order (the backing comparison needs that order);
+    # each window is read in host order with several requests in flight.
+    stream = PieceStream(data_file, th, tn, Order.GIVEN, window_bytes=2 * batch_bytes)
+    ends = np.cumsum(tn)
     while i < len(todo):
         if cancelled():
+            stream.close()
             raise Cancelled()
-        j = i
-        acc = 0
-        while j < len(todo) and (j == i or acc + int(tn[j]) <= batch_bytes):
-            acc += int(tn[j])
-            j += 1
-        buf = _gather(lambda off, ln: data_file.pread(off, ln), th[i:j], tn[i:j], acc)
+        base = int(ends[i - 1]) if i else 0
+        j = max(i + 1, int(np.searchsorted(ends, base + batch_bytes, side="right")))
+        acc = int(ends[j - 1]) - base
+        buf = stream.take(j - i)
         starts = np.concatenate(([0], np.cumsum(tn[i:j])[:-1])).astype(np.int64)
         nonzero[todo[i:j]] = np.logical_or.reduceat(buf != 0, starts)
         if back is not None:
@@ -173,6 +182,7 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
         done += acc
         progress(done, total)
         i = j
+    stream.close()
     progress(total, total)
 
     # Judge each source guest cluster by all of its pieces.
@@ -205,8 +215,13 @@ def deep_scan(img: Image, progress: ProgressFn = no_progress, cancelled: Cancell
 
 
 def data_extents(img: Image) -> HostExtents:
-    """The host extents of the file holding the guest data (the image, or its external data file)."""
-    return img.data_file().host_extents()
+    """The host extents of the file holding the guest data (the image, or its external data file);
+    none when the external data file cannot be opened (its data cannot be read either)."""
+    try:
+        return img.data_file().host_extents()
+    except Qcow2Error:
+        z = np.zeros(0, np.int64)
+        return HostExtents(z, z, np.zeros(0, np.uint8), ExtentMethod.NONE, 0)
 
 
 def _read_layer(layer: Layer, offset: int, length: int) -> bytes:
@@ -217,7 +232,8 @@ def _read_layer(layer: Layer, offset: int, length: int) -> bytes:
 
 
 def _gather(read: Callable[[int, int], bytes], offs: I64, lens: I64, total: int) -> npt.NDArray[np.uint8]:
-    """Read pieces (offset, length) into one buffer, merging contiguous pieces into one read."""
+    """Guest pieces (offset, length) of a backing layer into one buffer, contiguous pieces in one
+    `read` (these go through the layer's own guest view, whose file reads use the planner)."""
     buf = np.empty(total, dtype=np.uint8)
     pos = 0
     k = 0

@@ -26,9 +26,10 @@ from enum import IntEnum
 import numpy as np
 import numpy.typing as npt
 
-from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn, never_cancelled, no_progress
+from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled, no_progress
+from qinspect.analysis.refwalk import RANK_TREE, SRC_ACTIVE, SRC_NONE, BatchConsumer, L2Batch, RefKind, RefWalk
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.bitmaps import BME_MAX_TABLE_SIZE, Bitmap, read_bitmap_table
+from qinspect.qcow2.bitmaps import Bitmap
 from qinspect.qcow2.fields import QCOW2_BITMAP_HEADER_EXT, QCOW2_CRYPTO_HEADER_EXT, QCOW_HEADER
 from qinspect.qcow2.header import Header
 from qinspect.qcow2.image import Image
@@ -42,9 +43,7 @@ U8 = npt.NDArray[np.uint8]
 BoolArray = npt.NDArray[np.bool_]
 
 UNSET = 255
-# Sources of a claim: structures outside any L1 tree, the active L1 tree, snapshot k's tree (k+1).
-SRC_NONE = -1
-SRC_ACTIVE = 0
+# Sources of a claim (refwalk's): SRC_NONE outside any L1 tree, SRC_ACTIVE, snapshot k's tree k+1.
 
 # Bits of `Layout.flags` (one uint8 per host cluster).
 F_LIVE = 1  # claimed by a structure other than a snapshot's L1 tree (active tree, header, ...)
@@ -118,15 +117,16 @@ class _DataRuns:
     """Runs of allocated (NORMAL / ZERO_ALLOC) L2 entries of one L1 tree, host and guest contiguous."""
 
     host: I64  # first host cluster index
-    guest: I64  # first guest cluster index
+    guest: I64  # first guest cluster index (relative to the table's first entry)
     length: I64
     zero: BoolArray  # run of ZERO_ALLOC entries
+    table: I64  # distinct L2 table id (RefWalk.tables)
     disjoint: bool = True  # runs sorted by host do not overlap: lookups are one binary search
 
     @staticmethod
     def empty() -> _DataRuns:
         z = np.zeros(0, np.int64)
-        return _DataRuns(z, z.copy(), z.copy(), np.zeros(0, bool))
+        return _DataRuns(z, z.copy(), z.copy(), np.zeros(0, bool), z.copy())
 
 
 @dataclass
@@ -135,12 +135,13 @@ class _Compressed:
 
     first: I64
     last: I64
-    guest: I64
+    guest: I64  # relative to the table's first entry
+    table: I64
 
     @staticmethod
     def empty() -> _Compressed:
         z = np.zeros(0, np.int64)
-        return _Compressed(z, z.copy(), z.copy())
+        return _Compressed(z, z.copy(), z.copy(), z.copy())
 
 
 @dataclass
@@ -183,10 +184,11 @@ class Layout:
     refs_end: int = 0
     """End (bytes) of the highest host cluster any table references; past `file_size` when truncated."""
     """Clusters referenced beyond the end of the file."""
-    _l1: list[U64] = field(default_factory=list, repr=False)
-    _l1_offsets: list[int] = field(default_factory=list, repr=False)
-    _runs: list[_DataRuns] = field(default_factory=list, repr=False)
-    _compressed: list[_Compressed] = field(default_factory=list, repr=False)
+    _walk: RefWalk | None = field(default=None, repr=False)
+    _runs: _DataRuns = field(default_factory=lambda: _DataRuns.empty(), repr=False)
+    """Runs of allocated entries of every distinct L2 table (guest relative to the table), by host."""
+    _compressed: _Compressed = field(default_factory=lambda: _Compressed.empty(), repr=False)
+    _comp_per_table: I64 = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     _header: Header | None = field(default=None, repr=False)
     _snapshots: list[Snapshot] = field(default_factory=list, repr=False)
     _snapshot_table_size: int = field(default=0, repr=False)
@@ -249,22 +251,108 @@ class Layout:
         if self.snapshot_count is None or self.snapshot_last is None:
             return {sid: np.zeros(0, np.int64) for sid in self.snapshot_ids}
         only = ((self.flags & F_LIVE) == 0) & (self.snapshot_count == 1)
-        idx = np.flatnonzero(only)
+        idx = np.flatnonzero(only).astype(np.int64)
         who = self.snapshot_last[idx]
+        order = np.argsort(who, kind="stable")  # one pass, not one per snapshot (65,536 of them)
+        idx, who = idx[order], who[order]
+        bounds = np.searchsorted(who, np.arange(len(self.snapshot_ids) + 1))
         for k, sid in enumerate(self.snapshot_ids):
-            out[sid] = idx[who == k].astype(np.int64)
+            out[sid] = idx[bounds[k] : bounds[k + 1]]
         return out
+
+    def _tree_tables(self, source: int) -> tuple[I64, I64]:
+        """(L1 index, distinct table id) of every L1 entry of tree `source` naming a table."""
+        w = self._walk
+        z = np.zeros(0, np.int64)
+        if w is None:
+            return z, z.copy()
+        for t, (src, _off, _size) in enumerate(w.trees):
+            if src == source:
+                idx, offs = w.groups[w.tree_group[t]].l2_offsets()
+                return idx, w.tables.id_of(offs)
+        return z, z.copy()
 
     def active_data_runs(self) -> tuple[I64, I64, I64, BoolArray]:
         """(host cluster, guest cluster, length, zero) of the active L1 tree's allocated runs,
-        sorted by guest offset."""
-        r = self._runs[0] if self._runs else _DataRuns.empty()
-        order = np.argsort(r.guest, kind="stable")
-        return r.host[order], r.guest[order], r.length[order], r.zero[order]
+        sorted by guest offset (runs of a table named by several L1 entries appear for each)."""
+        r = self._runs
+        l1_idx, ids = self._tree_tables(SRC_ACTIVE)
+        z = np.zeros(0, np.int64)
+        if not len(r.host) or not len(ids) or self._header is None:
+            return z, z.copy(), z.copy(), np.zeros(0, bool)
+        order = np.lexsort((r.guest, r.table))
+        tab = r.table[order]
+        ntab = int(max(int(ids.max()), int(tab.max()))) + 1
+        start = np.searchsorted(tab, np.arange(ntab + 1))
+        cnt = (start[1:] - start[:-1])[ids]
+        base = start[:-1][ids]
+        pick = np.repeat(base - np.cumsum(cnt) + cnt, cnt) + np.arange(int(cnt.sum()))
+        sel = order[pick]
+        guest = r.guest[sel] + np.repeat(l1_idx * self._header.l2_size, cnt)
+        g_order = np.argsort(guest, kind="stable")
+        sel = sel[g_order]
+        return r.host[sel], guest[g_order], r.length[sel], r.zero[sel]
+
+    def active_allocated_clusters(self) -> int:
+        """Allocated (NORMAL / ZERO_ALLOC) entries of the active tree, counted per L1 entry naming
+        each table, without expanding a shared table once per entry."""
+        r = self._runs
+        _idx, ids = self._tree_tables(SRC_ACTIVE)
+        if not len(r.host) or not len(ids):
+            return 0
+        per_table = np.bincount(r.table, weights=r.length.astype(np.float64), minlength=int(ids.max()) + 1)
+        return int(per_table[ids].sum())
+
+    def active_seeks(self, skip_bytes: int) -> tuple[int, int, int]:
+        """(data clusters, seeks, backward seeks) of a read of the active tree's non-zero data runs
+        in guest order, where a seek is a jump backwards or more than `skip_bytes` forward.
+
+        Computed per distinct table (inside each table) plus at each boundary between consecutive
+        L1 entries: bounded by what is distinct, not by how often a table is named."""
+        r = self._runs
+        l1_idx, ids = self._tree_tables(SRC_ACTIVE)
+        if not len(r.host) or not len(ids):
+            return 0, 0, 0
+        cs = self.cluster_size
+        keep = ~r.zero
+        host, guest, length, table = r.host[keep], r.guest[keep], r.length[keep], r.table[keep]
+        if not len(host):
+            return 0, 0, 0
+        order = np.lexsort((guest, table))
+        host, length, table = host[order], length[order], table[order]
+        ntab = max(int(table.max()), int(ids.max())) + 1
+        start = np.searchsorted(table, np.arange(ntab + 1))
+        has = start[1:] > start[:-1]
+        ends = host + length
+        same = table[1:] == table[:-1]
+        gap = host[1:] - ends[:-1]
+        seek_in = same & ((gap < 0) | (gap * cs > skip_bytes))
+        back_in = same & (host[1:] < host[:-1])
+        t_seeks = np.bincount(table[1:][seek_in], minlength=ntab)
+        t_back = np.bincount(table[1:][back_in], minlength=ntab)
+        t_len = np.bincount(table, weights=length.astype(np.float64), minlength=ntab)
+        first_host = np.zeros(ntab, np.int64)
+        last_end = np.zeros(ntab, np.int64)
+        last_start = np.zeros(ntab, np.int64)
+        first_host[has] = host[start[:-1][has]]
+        last_end[has] = ends[start[1:][has] - 1]
+        last_start[has] = host[start[1:][has] - 1]
+        seq = ids[has[ids]]  # the active entries whose table has data, in guest order
+        clusters = int(t_len[seq].sum())
+        seeks = int(t_seeks[seq].sum())
+        backward = int(t_back[seq].sum())
+        if len(seq) > 1:
+            a, b = seq[:-1], seq[1:]
+            bgap = first_host[b] - last_end[a]
+            seeks += int(np.count_nonzero((bgap < 0) | (bgap * cs > skip_bytes)))
+            backward += int(np.count_nonzero(first_host[b] < last_start[a]))
+        del l1_idx
+        return clusters, seeks, backward
 
     def compressed_count(self, source: int = SRC_ACTIVE) -> int:
         """Compressed L2 entries in one L1 tree (0 = active, k+1 = snapshot k)."""
-        return len(self._compressed[source].guest) if source < len(self._compressed) else 0
+        _idx, ids = self._tree_tables(source)
+        return int(self._comp_per_table[ids].sum()) if len(ids) and len(self._comp_per_table) else 0
 
     # -- reverse lookup --------------------------------------------------------------------------------
     def references(self, host_offset: int) -> list[Reference]:
@@ -320,39 +408,43 @@ class Layout:
                     for j in np.flatnonzero((t != 0) & ((t // np.uint64(cs)) == np.uint64(hc))):
                         out.append(Reference("bitmap-table-entry", bm.bitmap_table_offset, int(j),
                                              bm.bitmap_table_offset + 8 * int(j)))
+        w = self._walk
+        if w is None:
+            return out
         l2_size, l2e = h.l2_size, h.l2_entry_size
-        for s, l1 in enumerate(self._l1):
-            sid = None if s == 0 else self.snapshot_ids[s - 1]
-            l1_off = self._l1_offsets[s]
-            offs = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-            hit = (l1 != 0) & (offs < hi) & (offs + cs > lo)
-            for i in np.flatnonzero(hit):
-                out.append(Reference("l1-entry", l1_off, int(i), l1_off + 8 * int(i), int(i) * l2_size * cs, sid))
-            for gc in self._guest_clusters_at(s, hc):
-                li, ei = gc // l2_size, gc % l2_size
-                table = int(l1[li]) & C.L1E_OFFSET_MASK if li < len(l1) else 0
-                out.append(Reference("l2-entry", table, ei, table + ei * l2e, gc * cs, sid))
-        return out
 
-    def _guest_clusters_at(self, source: int, hc: int) -> list[int]:
-        """Guest clusters of L1 tree `source` whose L2 entries point into host cluster `hc`."""
-        found: list[int] = []
-        if source < len(self._runs):
-            r = self._runs[source]
-            if len(r.host):
-                if r.disjoint:
-                    k = int(np.searchsorted(r.host, hc, side="right")) - 1
-                    cand = np.array([k], dtype=np.int64) if k >= 0 else np.zeros(0, np.int64)
-                else:
-                    cand = np.flatnonzero(r.host <= hc)
-                for k in cand:
-                    h0, n = int(r.host[k]), int(r.length[k])
-                    if h0 <= hc < h0 + n:
-                        found.append(int(r.guest[k]) + hc - h0)
-        if source < len(self._compressed):
-            c = self._compressed[source]
-            found.extend(int(g) for g in c.guest[(c.first <= hc) & (c.last >= hc)])
-        return sorted(found)
+        def sid_of(src: int) -> str | None:
+            return None if src == SRC_ACTIVE else self.snapshot_ids[src - 1]
+
+        for grp in w.groups:
+            idx, l2o = grp.l2_offsets()
+            for i in idx[(l2o < hi) & (l2o + cs > lo)].tolist():
+                for src in grp.sources:
+                    out.append(Reference("l1-entry", grp.offset, i, grp.offset + 8 * i, i * l2_size * cs, sid_of(src)))
+        found: list[tuple[int, int, int]] = []  # (source, guest cluster, table offset)
+        hits: list[tuple[int, int]] = []  # (table id, entry index)
+        r = self._runs
+        if len(r.host):
+            if r.disjoint:
+                k = int(np.searchsorted(r.host, hc, side="right")) - 1
+                cand = [k] if k >= 0 else []
+            else:
+                cand = np.flatnonzero(r.host <= hc).tolist()
+            for k in cand:
+                h0, n = int(r.host[k]), int(r.length[k])
+                if h0 <= hc < h0 + n:
+                    hits.append((int(r.table[k]), int(r.guest[k]) + hc - h0))
+        c = self._compressed
+        for k in np.flatnonzero((c.first <= hc) & (c.last >= hc)).tolist():
+            hits.append((int(c.table[k]), int(c.guest[k])))
+        for tid, ei in hits:
+            table = int(w.tables.offsets[tid])
+            for src, _l1_off, li in w.references_to_table(tid):
+                found.append((src, li * l2_size + ei, table))
+        for src, gc, table in sorted(found):
+            ei = gc % l2_size
+            out.append(Reference("l2-entry", table, ei, table + ei * l2e, gc * cs, sid_of(src)))
+        return out
 
 
 # -- the walk ------------------------------------------------------------------------------------------
@@ -373,164 +465,251 @@ class _Walker:
             self.shared = np.zeros(self.nb, dtype=bool)
         self.conflict = np.zeros(self.nb, dtype=bool)
         self.flags = np.zeros(self.nb, dtype=np.uint8)
-        self.refs: list[I64] = []
-        self.source_claims: list[I64] = []  # claims of the snapshot tree being walked
+        self.counts = np.zeros(self.nb, dtype=np.int64)  # references to clusters inside the file
+        self.far: list[I64] = []  # referenced clusters past the end of the file (one per reference)
+        self.top = 0  # highest referenced cluster + 1
         self.anomalies: dict[str, int] = {}
 
     def note(self, what: str, n: int = 1) -> None:
         if n:
             self.anomalies[what] = self.anomalies.get(what, 0) + n
 
-    def claim(self, clusters: I64, kind: Owner, source: int, count_ref: bool = True) -> None:
-        """Record that `clusters` are used as `kind` by `source` (SRC_NONE, SRC_ACTIVE or k+1)."""
+    def claim(self, clusters: I64, kind: Owner, source: int | npt.NDArray[np.int32], count_ref: bool = True,
+              weights: I64 | None = None, multi: BoolArray | None = None, flag: U8 | None = None) -> None:
+        """Record that `clusters` are used as `kind` by `source` (SRC_NONE, SRC_ACTIVE or k+1, one
+        or per cluster), referenced `weights` times each (1), by several trees where `multi` is set,
+        with `flag` bits (F_LIVE / F_SNAPSHOT from `source` by default)."""
         if not len(clusters):
             return
         clusters = clusters.astype(np.int64, copy=False)
+        inside = (clusters >= 0) & (clusters < self.nb)
         if count_ref:
-            self.refs.append(clusters)
-        if source > SRC_ACTIVE:
-            self.source_claims.append(clusters)
-        c = clusters[(clusters >= 0) & (clusters < self.nb)]
+            self.top = max(self.top, int(clusters.max()) + 1)
+            c_in = clusters[inside]
+            w_in = weights[inside] if weights is not None else None
+            if len(c_in):
+                lo, hi = int(c_in.min()), int(c_in.max()) + 1
+                if hi - lo <= 4 * len(c_in) + 65536:
+                    seg = self.counts[lo:hi]
+                    np.add(seg, np.bincount(c_in - lo, weights=w_in, minlength=hi - lo).astype(np.int64), out=seg)
+                elif w_in is None:
+                    np.add.at(self.counts, c_in, 1)
+                else:
+                    np.add.at(self.counts, c_in, w_in)
+            if not inside.all():
+                out = ~inside
+                self.far.append(clusters[out] if weights is None else np.repeat(clusters[out], weights[out]))
+        if not inside.all():
+            clusters = clusters[inside]
+            if not np.isscalar(source) and not isinstance(source, int):
+                source = source[inside]
+            multi = multi[inside] if multi is not None else None
+            flag = flag[inside] if flag is not None else None
+        c = clusters
         if not len(c):
             return
+        src_arr = np.broadcast_to(np.asarray(source, dtype=np.int32), c.shape)
         cur = self.kind[c]
         unset = cur == UNSET
         new = c[unset]
         self.kind[new] = kind
         if self.src is not None:
-            self.src[new] = source
+            new_src = src_arr[unset]
+            if len(new) > 1 and self.shared is not None:
+                # The same cluster claimed twice in this call from different trees: shared.
+                o = np.lexsort((new_src, new))
+                cn, sn = new[o], new_src[o]
+                twice = (cn[1:] == cn[:-1]) & (sn[1:] != sn[:-1])
+                if twice.any():
+                    self.shared[cn[1:][twice]] = True
+            self.src[new] = new_src
         old = c[~unset]
         if len(old):
             diff_kind = cur[~unset] != kind
             self.conflict[old[diff_kind]] = True
             if self.src is not None and self.shared is not None:
-                same = old[~diff_kind]
-                self.shared[same[self.src[same] != source]] = True
-        self.flags[c] |= np.uint8(F_SNAPSHOT if source > SRC_ACTIVE else F_LIVE)
+                same_sel = ~diff_kind
+                same = old[same_sel]
+                self.shared[same[self.src[same] != src_arr[~unset][same_sel]]] = True
+        if multi is not None and self.shared is not None and multi.any():
+            self.shared[c[multi]] = True
+        if flag is None:
+            self.flags[c] |= np.where(src_arr > SRC_ACTIVE, np.uint8(F_SNAPSHOT), np.uint8(F_LIVE))
+        else:
+            self.flags[c] |= flag
 
-    def claim_range(self, offset: int, size: int, kind: Owner, source: int = SRC_NONE) -> None:
-        """Claim the clusters covering bytes [offset, offset+size) (check's add_range)."""
+    def claim_range(self, offset: int, size: int, kind: Owner, source: int = SRC_NONE, weight: int = 1,
+                    multi: bool = False, flag: int | None = None) -> None:
+        """Claim the clusters covering bytes [offset, offset+size) (check's add_range), `weight` times."""
         if size <= 0:
+            return
+        if offset + size - self.img.file.size >= self.cs:  # check refuses to count it at all
+            self.note("structures past the end of the file")
+            self.top = max(self.top, -(-(offset + size) // self.cs))
             return
         first, last = offset // self.cs, (offset + size - 1) // self.cs
         limit = self.nb + (1 << 22)  # as check: never allocate in proportion to a size read from the file
         if last >= limit:
             self.note("structures claimed to extend far past the end of the file")
             last = max(first, limit - 1) if first < limit else first
-        self.claim(np.arange(first, last + 1, dtype=np.int64), kind, source)
+        cl = np.arange(first, last + 1, dtype=np.int64)
+        self.claim(cl, kind, source, weights=np.full(len(cl), weight, np.int64) if weight != 1 else None,
+                   multi=np.full(len(cl), multi) if multi else None,
+                   flag=np.full(len(cl), flag, np.uint8) if flag is not None else None)
+
+
+class _SnapshotCounts:
+    """Per host cluster: how many snapshots' trees reach it and the last of them, from the distinct
+    tables (a cluster reached through two tables is recomputed exactly at the end)."""
+
+    def __init__(self, nb: int, walk: RefWalk) -> None:
+        self.walk = walk
+        self.count = np.zeros(nb, dtype=np.int64)
+        self.last = np.full(nb, -1, dtype=np.int32)
+        self.by_table = np.full(nb, -1, dtype=np.int64)  # the distinct table that added it
+        self.multi: list[tuple[I64, I64]] = []  # (cluster, table) of clusters reached from two tables
+
+    def add(self, clusters: I64, tables: I64) -> None:
+        t = self.walk.tables
+        ok = (clusters >= 0) & (clusters < len(self.count)) & (t.snapshots[tables] > 0)
+        c, tb = clusters[ok], tables[ok]
+        if not len(c):
+            return
+        key = np.unique(c * (len(t) + 1) + tb)  # once per (cluster, table)
+        c, tb = key // (len(t) + 1), key % (len(t) + 1)
+        prev = self.by_table[c]
+        again = (prev >= 0) & (prev != tb)
+        if again.any():
+            self.multi.append((c[again], prev[again]))
+            self.multi.append((c[again], tb[again]))
+        np.add.at(self.count, c, t.snapshots[tb])
+        np.maximum.at(self.last, c, t.last_snapshot[tb].astype(np.int32))
+        self.by_table[c] = tb
+
+    def add_l1_tables(self) -> None:
+        w = self.walk
+        cs = w.img.cluster_size
+        for grp in w.groups:
+            n = grp.snapshots
+            if not n or not len(grp.entries):
+                continue
+            first, last = grp.offset // cs, (grp.offset + len(grp.entries) * 8 - 1) // cs
+            c = np.arange(first, min(last + 1, len(self.count)), dtype=np.int64)
+            self.count[c] += n
+            self.last[c] = np.maximum(self.last[c], grp.last_snapshot)
+
+    def finish(self) -> tuple[npt.NDArray[np.uint16], npt.NDArray[np.int32]]:
+        if self.multi:
+            c = np.concatenate([m[0] for m in self.multi])
+            tb = np.concatenate([m[1] for m in self.multi])
+            pt, pg = self.walk.tables.group_pairs
+            nsnap = np.array([g.snapshots for g in self.walk.groups], np.int64)
+            lastg = np.array([g.last_snapshot for g in self.walk.groups], np.int64)
+            for cl in np.unique(c).tolist():  # rare: shared compressed clusters, corruption
+                groups: set[int] = set()
+                for t in np.unique(tb[c == cl]).tolist():
+                    lo, hi = np.searchsorted(pt, [t, t + 1])
+                    groups.update(pg[lo:hi].tolist())
+                gl = sorted(groups)
+                self.count[cl] = int(nsnap[gl].sum())
+                self.last[cl] = int(lastg[gl].max()) if gl else -1
+        return np.minimum(self.count, np.iinfo(np.uint16).max).astype(np.uint16), self.last
 
 
 def compute_layout(img: Image, progress: ProgressFn = no_progress,
                    cancelled: CancelledFn = never_cancelled) -> Layout:
     """Walk every structure of `img` and return the owner of each host cluster of its file.
 
-    `progress(done, total)` counts L2 tables read over all L1 tables; `cancelled()` is polled
-    between batches and raises `Cancelled`.
+    The references come from the one refcount walk (`RefWalk`, shared with check: see
+    `analysis.walks.check_and_layout` for both from one pass). `progress(done, total)` counts
+    distinct L2 tables read; `cancelled()` is polled between batches and raises `Cancelled`.
     """
+    walk = RefWalk(img)
+    lay = walk.run([layout_consumer(img, walk)], progress, cancelled)[0]
+    assert isinstance(lay, Layout)
+    return lay
+
+
+def layout_consumer(img: Image, walk: RefWalk) -> BatchConsumer:
+    """layout as a consumer of the walk's L2 batches (see `RefWalk.run`); returns the `Layout`."""
     h = img.header
     cs = h.cluster_size
     w = _Walker(img)
-    w.claim_range(0, cs, Owner.HEADER)
-
-    # L1 tables: the active one and each snapshot's (as check accepts them).
-    l1s: list[U64] = []
-    l1_offsets: list[int] = []
-    sources: list[int] = []
     snapshot_ids = [sn.id_str for sn in img.snapshots]
-    l1s.append(img.l1_table)
-    l1_offsets.append(h.l1_table_offset)
-    sources.append(SRC_ACTIVE)
-    for k, sn in enumerate(img.snapshots):
-        ok = sn.l1_table_offset % cs == 0 and sn.l1_size <= C.QCOW_MAX_L1_SIZE // 8
-        if not ok:
-            w.note("invalid snapshot L1 tables")
-        tbl = img.snapshot_l1_table(k) if ok and sn.l1_size else np.zeros(0, np.uint64)
-        l1s.append(tbl)
-        l1_offsets.append(sn.l1_table_offset)
-        sources.append(k + 1)
-    has_snapshots = bool(img.snapshots)
-    snap_count = np.zeros(w.nb, dtype=np.uint16) if has_snapshots else None
-    snap_last = np.full(w.nb, -1, dtype=np.int32) if has_snapshots else None
-
-    def l2_offsets_of(l1: U64) -> tuple[I64, I64]:
-        # Like check_refcounts_l1: every non-zero entry names an L2 table, even when only flag
-        # bits are set (its table is then "at" offset 0, over the header).
-        idx = np.flatnonzero(l1)
-        return idx, (l1[idx] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-
-    total_tables = sum(len(l2_offsets_of(t)[0]) for t in l1s)
-    done = 0
-    runs: list[_DataRuns] = []
-    comps: list[_Compressed] = []
+    w.note("invalid snapshot L1 tables", len(walk.bad_snapshots))
+    for rr in walk.ranges:
+        if rr.kind == RefKind.HEADER:
+            w.claim_range(rr.offset, rr.size, Owner.HEADER, rr.source)
+    for grp in walk.groups:  # each distinct L1 table once, referenced by every tree using it
+        if grp.size:
+            kind_l1 = Owner.L1 if grp.active else Owner.SNAPSHOT_L1
+            w.claim_range(grp.offset, grp.size * 8, kind_l1, grp.sources[0], weight=len(grp.sources),
+                          multi=len(grp.sources) > 1,
+                          flag=(F_LIVE if grp.active else 0) | (F_SNAPSHOT if grp.snapshots else 0))
+    for grp in walk.groups:
+        times = len(grp.sources)
+        w.note("L1 entries with reserved bits", times * int(np.count_nonzero((grp.entries & np.uint64(
+            C.L1E_RESERVED_MASK)) != 0)))
+        w.note("unaligned L2 table offsets", times * int(np.count_nonzero(grp.l2_offsets()[1] % cs)))
+    tables = walk.tables
+    # Per distinct table: the tree that reaches it first, whether several trees do, its flag bits.
+    first_src = np.array([walk.trees[t][0] for t in (tables.first_rank // RANK_TREE).tolist()], np.int32)
+    multi_tab = ((tables.active_refs > 0).astype(np.int64) + tables.snapshots) > 1
+    flag_tab = (np.where(tables.active_refs > 0, F_LIVE, 0) | np.where(tables.snapshots > 0, F_SNAPSHOT, 0)
+                ).astype(np.uint8)
+    snaps = _SnapshotCounts(w.nb, walk) if img.snapshots else None
+    if snaps is not None:
+        snaps.add_l1_tables()
+    # The tables themselves (check's add_range(offset, cluster_size): two clusters when unaligned).
+    t_all = np.arange(len(tables), dtype=np.int64)
+    first = tables.offsets // cs
+    last = (tables.offsets + cs - 1) // cs
+    for cl, sel in ((first, t_all), (last[last != first], t_all[last != first])):
+        w.claim(cl, Owner.L2, first_src[sel], weights=tables.refs[sel],
+                multi=multi_tab[sel], flag=flag_tab[sel])
+        if snaps is not None:
+            snaps.add(cl, sel)
+    run_parts: list[_DataRuns] = []
+    comp_parts: list[_Compressed] = []
     partial: list[tuple[I64, U64]] = []
-    for s, l1 in enumerate(l1s):
-        src = sources[s]
-        w.source_claims = []
-        kind_l1 = Owner.L1 if src == SRC_ACTIVE else Owner.SNAPSHOT_L1
-        if len(l1):
-            w.claim_range(l1_offsets[s], len(l1) * 8, kind_l1, src)
-        reserved = int(np.count_nonzero((l1 & np.uint64(C.L1E_RESERVED_MASK)) != 0))
-        w.note("L1 entries with reserved bits", reserved)
-        idx, offs = l2_offsets_of(l1)
-        w.note("unaligned L2 table offsets", int(np.count_nonzero(offs % cs)))
-        batch = max(1, (1 << 20) // h.l2_size)
-        run_parts: list[_DataRuns] = []
-        comp_parts: list[_Compressed] = []
-        for b in range(0, len(offs), batch):
-            if cancelled():
-                raise Cancelled()
-            r, c, p = _walk_l2_batch(img, w, idx[b : b + batch], offs[b : b + batch], src)
-            run_parts.append(r)
-            comp_parts.append(c)
-            if p is not None:
-                partial.append(p)
-            done += len(offs[b : b + batch])
-            progress(done, total_tables)
-        runs.append(_merge_runs(run_parts))
-        comps.append(_Compressed(*(np.concatenate([getattr(c, f) for c in comp_parts]) if comp_parts
-                                   else np.zeros(0, np.int64) for f in ("first", "last", "guest"))))
-        if src > SRC_ACTIVE and snap_count is not None and snap_last is not None and w.source_claims:
-            u = np.unique(np.concatenate(w.source_claims))
-            u = u[(u >= 0) & (u < w.nb)]
-            snap_count[u] += np.uint16(1)
-            snap_last[u] = src - 1
-        w.source_claims = []
-    progress(total_tables, total_tables)
+    ctx = _TableInfo(first_src, multi_tab, flag_tab, snaps)
+    while (batch := (yield)) is not None:
+        r, c, p = _walk_l2_batch(img, w, walk, batch, ctx)
+        run_parts.append(r)
+        comp_parts.append(c)
+        if p is not None:
+            partial.append(p)
+    runs = _merge_runs(run_parts)
+    comps = _Compressed(*(np.concatenate([getattr(c, f) for c in comp_parts]) if comp_parts
+                          else np.zeros(0, np.int64) for f in ("first", "last", "guest", "table")))
+    comp_per_table = np.bincount(comps.table, minlength=len(tables)).astype(np.int64)
+    snap_count, snap_last = snaps.finish() if snaps is not None else (None, None)
 
     # Everything else check counts.
-    if img.snapshots:
-        w.claim_range(h.snapshots_offset, img.snapshot_table.size, Owner.SNAPSHOT_TABLE)
-    w.claim_range(h.refcount_table_offset, len(img.refcount_table) * 8, Owner.REFCOUNT_TABLE)  # as read
-    if h.crypto_ext is not None:
-        w.claim_range(h.crypto_ext.offset, h.crypto_ext.length, Owner.LUKS)
-    bitmap_tables: list[U64] = []
-    if h.bitmaps_ext is not None and h.bitmaps_consistent:
-        w.claim_range(h.bitmaps_ext.bitmap_directory_offset,
-                      min(h.bitmaps_ext.bitmap_directory_size, C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE),
-                      Owner.BITMAP_DIRECTORY)
-        for bm in img.bitmaps:
-            w.claim_range(bm.bitmap_table_offset, min(bm.bitmap_table_size, BME_MAX_TABLE_SIZE) * 8, Owner.BITMAP_TABLE)
-            table = read_bitmap_table(img.file, bm)
-            bitmap_tables.append(table)
-            offs_b = table & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
-            bad = ((table & np.uint64(C.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
-                (offs_b != 0) & (((table & np.uint64(1)) != 0) | ((offs_b % np.uint64(cs)) != 0)))
-            w.note("invalid bitmap table entries", int(np.count_nonzero(bad)))
-            good = offs_b[~bad & (offs_b != 0)]
-            w.claim((good // np.uint64(cs)).astype(np.int64), Owner.BITMAP_DATA, SRC_NONE)
+    others = {RefKind.SNAPSHOT_TABLE: Owner.SNAPSHOT_TABLE, RefKind.REFCOUNT_TABLE: Owner.REFCOUNT_TABLE,
+              RefKind.LUKS: Owner.LUKS, RefKind.BITMAP_DIRECTORY: Owner.BITMAP_DIRECTORY,
+              RefKind.BITMAP_TABLE: Owner.BITMAP_TABLE}
+    for rr in walk.ranges:
+        if rr.kind in others:
+            w.claim_range(rr.offset, rr.size, others[rr.kind])
+    for bt in walk.bitmap_tables:  # each distinct table once, counted for every bitmap using it
+        table = bt.table
+        times = len(bt.bitmaps)
+        offs_b = table & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
+        bad = ((table & np.uint64(C.BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
+            (offs_b != 0) & (((table & np.uint64(1)) != 0) | ((offs_b % np.uint64(cs)) != 0)))
+        w.note("invalid bitmap table entries", times * int(np.count_nonzero(bad)))
+        good = (offs_b[~bad & (offs_b != 0)] // np.uint64(cs)).astype(np.int64)
+        w.claim(good, Owner.BITMAP_DATA, SRC_NONE, weights=np.full(len(good), times, np.int64) if times > 1 else None)
+    bitmap_tables = [walk.bitmap_tables[t].table for t in walk.bitmap_of]
 
     # Reference counts as check computes them (before refcount blocks).
-    allrefs = np.concatenate(w.refs) if w.refs else np.zeros(0, np.int64)
-    w.refs = []
-    top = int(allrefs.max()) + 1 if len(allrefs) else 0
-    nb_counted = max(w.nb, min(top, w.nb + (1 << 22)))  # check grows its table past the file, bounded
-    refs_past_eof = 0
-    if top > w.nb:
-        beyond = allrefs >= w.nb
-        refs_past_eof = int(np.count_nonzero(beyond))
-        allrefs = allrefs[~beyond | (allrefs < nb_counted)]
-    counts = np.bincount(allrefs, minlength=nb_counted) if len(allrefs) else np.zeros(nb_counted, np.int64)
-    del allrefs
+    # References to whole clusters at or past the end of the file: check refuses to count them
+    # (a region ending a cluster or more past the end); they are only noted.
+    refs_past_eof = int(sum(len(f) for f in w.far))
+    w.far = []
+    nb_counted = w.nb
+    counts = w.counts
 
     # Refcount blocks (check_refblocks): counted once more, claimed as refcount blocks.
     rt = img.refcount_table
@@ -547,6 +726,9 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
     w.note("refcount blocks outside the image", int(len(rb_clusters) - len(rb_in)))
     np.add.at(counts, rb_in, 1)
     w.claim(rb_clusters, Owner.REFCOUNT_BLOCK, SRC_NONE, count_ref=False)
+    # qcow2_inc_refcounts_imrt never counts past the refcount maximum (check reports the overflow).
+    if h.refcount_bits < 63:
+        np.minimum(counts, (1 << h.refcount_bits) - 1, out=counts)
 
     # Stored refcounts and the image end (check's compare_refcounts).
     stored, bad_blocks = img.stored_refcounts(nb_counted)
@@ -602,44 +784,49 @@ def compute_layout(img: Image, progress: ProgressFn = no_progress,
         reference=reference, stored_refcount=st, image_end_offset=image_end,
         snapshot_ids=snapshot_ids, snapshot_count=snap_count, snapshot_last=snap_last,
         partial_clusters=pc, partial_bitmaps=pb,
-        l2_reads=total_tables, refcount_blocks=int(np.count_nonzero(rt_ok)), leaks=leaks, refcount_errors=errors,
-        anomalies=w.anomalies, refs_past_eof=refs_past_eof, refs_end=top * cs,
-        _l1=l1s, _l1_offsets=l1_offsets, _runs=runs, _compressed=comps, _header=h,
+        l2_reads=walk.l1_entries(), refcount_blocks=int(np.count_nonzero(rt_ok)), leaks=leaks, refcount_errors=errors,
+        anomalies=w.anomalies, refs_past_eof=refs_past_eof, refs_end=w.top * cs,
+        _walk=walk, _runs=runs, _compressed=comps, _comp_per_table=comp_per_table, _header=h,
         _snapshots=list(img.snapshots), _snapshot_table_size=img.snapshot_table.size,
         _refcount_table=img.refcount_table, _bitmaps=list(img.bitmaps) if h.bitmaps_ext is not None else [],
         _bitmap_tables=bitmap_tables,
     )
 
 
-def _walk_l2_batch(img: Image, w: _Walker, l1_idx: I64, offs: I64, src: int
+@dataclass
+class _TableInfo:
+    """Per distinct L2 table: first tree reaching it, reached by several trees, flag bits."""
+
+    first_src: npt.NDArray[np.int32]
+    multi: BoolArray
+    flag: U8
+    snaps: _SnapshotCounts | None
+
+
+def _walk_l2_batch(img: Image, w: _Walker, walk: RefWalk, batch: L2Batch, ctx: _TableInfo
                    ) -> tuple[_DataRuns, _Compressed, tuple[I64, U64] | None]:
-    """Claim the L2 tables at `offs` and everything their entries point to."""
+    """Claim everything the distinct L2 tables of `batch` point to, once per table, weighted by the
+    L1 entries naming each table."""
     h = img.header
     cs = h.cluster_size
     fmt = img.l2_format
     n = h.l2_size
-    kind_l2 = Owner.L2
-    # The tables themselves (check's add_range(offset, cluster_size): two clusters when unaligned).
-    first = offs // cs
-    last = (offs + cs - 1) // cs
-    w.claim(first, kind_l2, src)
-    un = last != first
-    if un.any():
-        w.claim(last[un], kind_l2, src)
-    # A table at or past the end of the file reads as zeros and points nowhere: do not read it.
-    in_file = offs < img.file.size
-    if not in_file.all():
-        l1_idx, offs = l1_idx[in_file], offs[in_file]
-    words = img.read_l2_tables(offs)
-    if h.extended_l2:
-        entries, bitmaps = words[0::2], words[1::2]
-    else:
-        entries, bitmaps = words, np.zeros(len(words), dtype=np.uint64)
-    guest = np.repeat(l1_idx * n, n) + np.tile(np.arange(n, dtype=np.int64), len(offs))
+    tables = walk.tables
+    entries = batch.entries
+    bitmaps = batch.bitmaps if batch.bitmaps is not None else np.zeros(len(entries), dtype=np.uint64)
+    ntab = len(batch.ids)
+    tab_of = np.repeat(batch.ids, n)  # distinct table id of each entry
+    rel = np.tile(np.arange(n, dtype=np.int64), ntab)  # entry index inside its table
+    w_tab = tables.refs
     ctypes = classify_clusters(entries, fmt)
     comp = ctypes == ClusterType.COMPRESSED
     w.note("L2 entries with reserved bits",
-           int(np.count_nonzero(~comp & ((entries & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0))))
+           int((w_tab[tab_of] * (~comp & ((entries & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0))).sum()))
+
+    def claim(clusters: I64, kind: Owner, tids: I64) -> None:
+        w.claim(clusters, kind, ctx.first_src[tids], weights=w_tab[tids], multi=ctx.multi[tids], flag=ctx.flag[tids])
+        if ctx.snaps is not None:
+            ctx.snaps.add(clusters, tids)
 
     # Compressed clusters: every host cluster their bytes touch.
     comps = _Compressed.empty()
@@ -647,11 +834,11 @@ def _walk_l2_batch(img: Image, w: _Walker, l1_idx: I64, offs: I64, src: int
     if len(ci):
         ce = entries[ci] & ~np.uint64(C.QCOW_OFLAG_COPIED)
         if h.has_data_file:
-            w.note("compressed clusters with a data file", len(ci))
+            w.note("compressed clusters with a data file", int(w_tab[tab_of[ci]].sum()))
             ci = ci[:0]
             ce = ce[:0]
         badbm = bitmaps[ci] != 0
-        w.note("compressed clusters with a subcluster bitmap", int(np.count_nonzero(badbm)))
+        w.note("compressed clusters with a subcluster bitmap", int(w_tab[tab_of[ci[badbm]]].sum()))
         ci, ce = ci[~badbm], ce[~badbm]
         coff = (ce & np.uint64(fmt.cluster_offset_mask)).astype(np.int64)
         nsec = ((ce >> np.uint64(fmt.csize_shift)) & np.uint64(fmt.csize_mask)).astype(np.int64) + 1
@@ -660,8 +847,8 @@ def _walk_l2_batch(img: Image, w: _Walker, l1_idx: I64, offs: I64, src: int
         clast = (coff + csize - 1) // cs
         cnt = clast - cfirst + 1
         spans = np.repeat(cfirst, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt))
-        w.claim(spans, Owner.COMPRESSED, src)
-        comps = _Compressed(cfirst, clast, guest[ci])
+        claim(spans, Owner.COMPRESSED, np.repeat(tab_of[ci], cnt))
+        comps = _Compressed(cfirst, clast, rel[ci], tab_of[ci])
 
     # Standard allocated clusters (NORMAL and ZERO_ALLOC).
     runs = _DataRuns.empty()
@@ -669,12 +856,13 @@ def _walk_l2_batch(img: Image, w: _Walker, l1_idx: I64, offs: I64, src: int
     ai = np.flatnonzero((ctypes == ClusterType.NORMAL) | (ctypes == ClusterType.ZERO_ALLOC))
     if len(ai):
         ae, ab = entries[ai], bitmaps[ai]
+        ta = tab_of[ai]
         off = (ae & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
-        w.note("unaligned data cluster offsets", int(np.count_nonzero(off % cs)))
+        w.note("unaligned data cluster offsets", int(w_tab[ta[(off % cs) != 0]].sum()))
         if h.extended_l2:
             alloc = ab & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)
             zero = ab >> np.uint64(32)
-            w.note("invalid subcluster bitmaps", int(np.count_nonzero((alloc & zero) != 0)))
+            w.note("invalid subcluster bitmaps", int(w_tab[ta[(alloc & zero) != 0]].sum()))
             full = np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)
             is_zero = zero == full
             is_data = (alloc == full) & (zero == 0)
@@ -683,30 +871,30 @@ def _walk_l2_batch(img: Image, w: _Walker, l1_idx: I64, offs: I64, src: int
             is_data = ~is_zero
         hc = off // cs
         if not h.has_data_file:
-            w.claim(hc, Owner.DATA, src)
-            if src == SRC_ACTIVE:
-                ok = (hc >= 0) & (hc < w.nb)
-                w.flags[hc[ok & is_data]] |= np.uint8(F_DATA)
-                w.flags[hc[ok & is_zero]] |= np.uint8(F_ZERO)
-                mixed = ok & ~is_data & ~is_zero
-                if mixed.any():
-                    w.flags[hc[mixed]] |= np.uint8(F_PARTIAL)
-                    part = (hc[mixed], ab[mixed])
+            claim(hc, Owner.DATA, ta)
+            act = tables.active_refs[ta] > 0
+            ok = (hc >= 0) & (hc < w.nb) & act
+            w.flags[hc[ok & is_data]] |= np.uint8(F_DATA)
+            w.flags[hc[ok & is_zero]] |= np.uint8(F_ZERO)
+            mixed = ok & ~is_data & ~is_zero
+            if mixed.any():
+                w.flags[hc[mixed]] |= np.uint8(F_PARTIAL)
+                part = (hc[mixed], ab[mixed])
         if h.has_data_file:
             return runs, comps, part  # host offsets are in the data file, not in this file
-        g = guest[ai]
+        g = rel[ai]
         z = is_zero
         brk = np.ones(len(ai), dtype=bool)
         if len(ai) > 1:
-            brk[1:] = (hc[1:] != hc[:-1] + 1) | (g[1:] != g[:-1] + 1) | (z[1:] != z[:-1])
+            brk[1:] = (hc[1:] != hc[:-1] + 1) | (g[1:] != g[:-1] + 1) | (z[1:] != z[:-1]) | (ta[1:] != ta[:-1])
         starts = np.flatnonzero(brk)
         lengths = np.diff(np.append(starts, len(ai)))
-        runs = _DataRuns(hc[starts], g[starts], lengths.astype(np.int64), z[starts])
+        runs = _DataRuns(hc[starts], g[starts], lengths.astype(np.int64), z[starts], ta[starts])
 
     # Unallocated clusters with allocation bits (extended L2): invalid.
     if h.extended_l2:
-        w.note("invalid subcluster bitmaps", int(np.count_nonzero(
-            (ctypes == ClusterType.UNALLOCATED) & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0))))
+        bad_u = (ctypes == ClusterType.UNALLOCATED) & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
+        w.note("invalid subcluster bitmaps", int(w_tab[tab_of[bad_u]].sum()))
     return runs, comps, part
 
 
@@ -718,10 +906,11 @@ def _merge_runs(parts: list[_DataRuns]) -> _DataRuns:
     guest = np.concatenate([p.guest for p in parts])
     length = np.concatenate([p.length for p in parts])
     zero = np.concatenate([p.zero for p in parts])
+    table = np.concatenate([p.table for p in parts])
     order = np.argsort(host, kind="stable")
-    host, guest, length, zero = host[order], guest[order], length[order], zero[order]
+    host, guest, length, zero, table = host[order], guest[order], length[order], zero[order], table[order]
     disjoint = bool(len(host) < 2 or np.all(host[1:] >= host[:-1] + length[:-1]))
-    return _DataRuns(host, guest, length, zero, disjoint)
+    return _DataRuns(host, guest, length, zero, table, disjoint)
 
 
 __all__ = ["F_DATA", "F_LIVE", "F_PARTIAL", "F_SNAPSHOT", "F_ZERO", "Layout", "Owner", "Reference",

@@ -12,9 +12,7 @@ or a backing layer consulted.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -160,19 +158,11 @@ class _HostProbe:
         return self.miss(off)
 
     def miss(self, off: int) -> tuple[bool, int]:
-        fd = self.host.fd
-        try:
-            d = os.lseek(fd, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                self.hole = (off, self.size)
-                return False, self.size
-            self.data = (off, self.size)
-            return True, self.size
-        try:
-            h = os.lseek(fd, d, os.SEEK_HOLE)
-        except OSError:
-            h = self.size
+        nxt = self.host.next_data(off)  # the one host-extent prober (SEEK_DATA/SEEK_HOLE here)
+        if nxt is None:
+            self.hole = (off, self.size)
+            return False, self.size
+        d, h = nxt
         self.data = (d, h)
         if d > off:
             self.hole = (off, d)
@@ -200,34 +190,23 @@ def _host_zero_split(probe: _HostProbe, runs: MapRuns) -> tuple[MapRuns, I64]:
     starts: list[int] = []  # known extents of the host file, ascending and disjoint
     stops: list[int] = []
     is_data: list[bool] = []
-    fd = probe.host.fd
     covered = -1
     for h0, end in zip(h0s, ends, strict=True):
         cur = h0 if h0 > covered else covered
         lim = end if end < size else size
         while cur < lim:
-            try:
-                d = os.lseek(fd, cur, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # no data after cur: a hole up to EOF and past it
-                    starts.append(cur)
-                    stops.append(_INF)
-                    is_data.append(False)
-                    cur = _INF
-                else:  # data_extent's answer when SEEK_DATA fails: data up to EOF
-                    starts.append(cur)
-                    stops.append(size)
-                    is_data.append(True)
-                    cur = size
+            nxt = probe.host.next_data(cur)
+            if nxt is None:  # no data after cur: a hole up to EOF and past it
+                starts.append(cur)
+                stops.append(_INF)
+                is_data.append(False)
+                cur = _INF
                 break
+            d, h = nxt
             if d > cur:
                 starts.append(cur)
                 stops.append(d)
                 is_data.append(False)
-            try:
-                h = os.lseek(fd, d, os.SEEK_HOLE)
-            except OSError:
-                h = size
             starts.append(d)
             stops.append(h)
             is_data.append(True)

@@ -95,8 +95,16 @@ def warn_in_use(path: str, state: str | None) -> None:
 
 
 def print_json(obj: object) -> None:
-    """JSON the way qemu-img pretty-prints it (4-space indent); strings stay exact (escaped by JSON)."""
-    sys.stdout.write(json.dumps(obj, indent=4) + "\n")
+    """JSON the way qemu-img pretty-prints it (4-space indent); strings stay exact (escaped by
+    JSON). Written as it is encoded: 65,536 snapshots must not cost a string of the whole answer
+    and millions of pieces at once."""
+    out: list[str] = []
+    for piece in json.JSONEncoder(indent=4).iterencode(obj):
+        out.append(piece)
+        if len(out) >= 1 << 14:
+            sys.stdout.write("".join(out))
+            out = []
+    sys.stdout.write("".join(out) + "\n")
 
 
 # -- info ---------------------------------------------------------------------------------------------
@@ -297,9 +305,9 @@ def run_check(args: argparse.Namespace) -> int:
         warn_in_use(args.image, state)
     # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
     # on stderr in both output formats (QEMU prints them from inside the check), every one of them.
-    lines = [for_terminal(line) for line in res.stderr_lines()]
-    tail = lines[-1:] if res.failed is not None or res.check_errors else []  # "Check failed" comes last
-    sys.stderr.writelines(line + "\n" for line in lines[: len(lines) - len(tail)])
+    tail = [for_terminal(line) for line in res.final_lines()]  # "Check failed" comes last
+    # streamed, one line at a time: there may be millions
+    sys.stderr.writelines(for_terminal(line) + "\n" for line in res.iter_stderr_lines())
     sys.stderr.flush()
     if res.failed is None:  # qemu-img prints no counts when the check itself failed
         if args.output == "json":

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.header import Header
+from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.l2 import (
     ClusterType,
     L2Format,
@@ -29,6 +30,7 @@ from qinspect.qcow2.l2 import (
     invalid_bitmaps,
     uniform_bitmaps,
 )
+from qinspect.qcow2.planner import Order, PieceStream
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
@@ -47,7 +49,11 @@ class L2Source(Protocol):
     @property
     def l2_format(self) -> L2Format: ...
 
-    def read_l2_batch(self, i0: int, i1: int) -> tuple[U64, U64 | None, npt.NDArray[np.bool_]]: ...
+    @property
+    def file(self) -> HostFile: ...
+
+    def read_l2_batch(self, i0: int, i1: int, stream: PieceStream | None = None
+                      ) -> tuple[U64, U64 | None, npt.NDArray[np.bool_]]: ...
 
 MAX_L1_ENTRIES = C.QCOW_MAX_L1_SIZE // C.L1E_SIZE
 
@@ -123,25 +129,99 @@ def iter_extents(img: L2Source, start: int, end: int, batch_entries: int = BATCH
     hi = min(last + 1, len(l1))
     if hi > first:
         present[: hi - first] = (l1[first:hi] & np.uint64(C.L1E_OFFSET_MASK)) != 0
-    cuts = (np.flatnonzero(present[1:] != present[:-1]) + 1 + first).tolist()
     per_batch = max(1, batch_entries // h.l2_size)
-    for i, j in zip([first, *cuts], [*cuts, last + 1], strict=True):
-        if not present[i - first]:
-            # A run of L1 entries without an L2 table is one unallocated extent.
-            s, e = max(start, i * span), min(end, j * span)
-            yield Extents.single(s, e - s, SubclusterType.UNALLOCATED_PLAIN)
-            continue
-        # A run of L1 entries with tables, a batch at a time.
-        for b in range(i, j, per_batch):
-            b1 = min(j, b + per_batch)
-            yield _table_extents(img, b, b1, max(start, b * span), min(end, b1 * span))
+    # Short runs of entries without a table between tables join the batches around them (their
+    # entries read as zeros: unallocated); only long runs become one unallocated extent. A
+    # scattered image alternates every few entries: thousands of tiny batches otherwise.
+    edges = np.flatnonzero(present[1:] != present[:-1]) + 1
+    bounds = np.concatenate(([0], edges, [len(present)]))
+    run_present = present[bounds[:-1]]
+    run_len = np.diff(bounds)
+    fill = ~run_present & (run_len <= per_batch)
+    fill[0] = fill[-1] = False  # leading / trailing gaps stay gaps
+    if fill.any():
+        for a, b in zip(bounds[:-1][fill].tolist(), bounds[1:][fill].tolist(), strict=True):
+            present[a:b] = True
+    # Tables named by more than one L1 entry (hostile sharing: one table behind a million entries)
+    # are classified once and their extents repeated, never re-read and re-decoded per entry.
+    offs_all = np.zeros(len(present), np.int64)
+    if hi > first:
+        offs_all[: hi - first] = (l1[first:hi] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+    readable = (offs_all != 0) & ((offs_all % cs) == 0)
+    shared = np.zeros(len(present), dtype=bool)
+    if not h.has_data_file and readable.any():
+        srt = np.sort(offs_all[readable])
+        dup = np.unique(srt[1:][srt[1:] == srt[:-1]])
+        del srt
+        if len(dup):
+            shared = readable & np.isin(offs_all, dup)
+        # entries only partly inside [start, end) stay on the ordinary path
+        if first * span < start:
+            shared[0] = False
+        if (last + 1) * span > end:
+            shared[-1] = False
+    cat = np.where(shared, 2, np.where(present, 1, 0)).astype(np.int8)
+    cuts = (np.flatnonzero(cat[1:] != cat[:-1]) + 1 + first).tolist()
+    cache: dict[int, Extents] = {}
+    # One read-ahead stream over the tables of the ordinary batches, in L1 order (the planner reads
+    # each window in host order with several requests in flight while the batches are classified).
+    with PieceStream(img.file, offs_all[readable & (cat == 1)], cs, Order.GIVEN) as stream:
+        for i, j in zip([first, *cuts], [*cuts, last + 1], strict=True):
+            kind = int(cat[i - first])
+            if kind == 0:
+                # A run of L1 entries without an L2 table is one unallocated extent.
+                s, e = max(start, i * span), min(end, j * span)
+                yield Extents.single(s, e - s, SubclusterType.UNALLOCATED_PLAIN)
+                continue
+            if kind == 2:
+                yield from _shared_extents(img, i, offs_all[i - first : j - first], span, cache)
+                continue
+            # A run of L1 entries with tables, a batch at a time.
+            for b in range(i, j, per_batch):
+                b1 = min(j, b + per_batch)
+                yield _table_extents(img, b, b1, max(start, b * span), min(end, b1 * span), stream)
 
 
-def _table_extents(img: L2Source, i0: int, i1: int, start: int, end: int) -> Extents:
+SHARED_CHUNK = 1 << 16
+"""Extents per yield when repeating shared tables."""
+
+
+def _shared_extents(img: L2Source, i0: int, offs: I64, span: int, cache: dict[int, Extents]) -> Iterator[Extents]:
+    """Extents of L1 entries i0.. naming tables at `offs` (all whole inside the range, all shared):
+    each distinct table decoded once (relative to its first guest byte), then repeated per entry."""
+    uniq, local = np.unique(offs, return_inverse=True)
+    local = local.reshape(-1)
+    for k, o in enumerate(uniq.tolist()):
+        if o not in cache:
+            e = i0 + int(np.flatnonzero(local == k)[0])
+            ex = _table_extents(img, e, e + 1, e * span, (e + 1) * span, None)
+            ex.guest = ex.guest - e * span
+            cache[o] = ex
+    parts = [cache[o] for o in uniq.tolist()]
+    counts = np.array([len(p) for p in parts], np.int64)
+    csr = np.concatenate(([0], np.cumsum(counts)))
+    cat = Extents(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                    ("guest", "length", "sctype", "host", "error", "where")))
+    per_entry = counts[local]
+    ends = np.cumsum(per_entry)
+    a = 0
+    while a < len(offs):
+        base = int(ends[a - 1]) if a else 0
+        b = max(a + 1, int(np.searchsorted(ends, base + SHARED_CHUNK, side="right")))
+        cnt = per_entry[a:b]
+        starts = csr[local[a:b]]
+        idx = np.repeat(starts - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
+        shift = np.repeat((np.arange(a, b, dtype=np.int64) + i0) * span, cnt)
+        yield Extents(cat.guest[idx] + shift, cat.length[idx], cat.sctype[idx], cat.host[idx], cat.error[idx],
+                      cat.where[idx])
+        a = b
+
+
+def _table_extents(img: L2Source, i0: int, i1: int, start: int, end: int, stream: PieceStream | None) -> Extents:
     h = img.header
     cs = h.cluster_size
     n = h.l2_size
-    entries, bitmaps, bad_l2 = img.read_l2_batch(i0, i1)
+    entries, bitmaps, bad_l2 = img.read_l2_batch(i0, i1, stream)
     first_cluster = i0 * n
     c0 = start // cs - first_cluster
     c1 = -(-end // cs) - first_cluster

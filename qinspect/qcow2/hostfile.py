@@ -18,6 +18,7 @@ status does, for `map`, whose zero flag follows QEMU's semantics.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -227,7 +228,18 @@ class HostFile:
         if not self._is_regular:
             return _one_range(self.size, ExtentKind.DATA, ExtentMethod.NONE)
         try:
-            return self._fiemap()
+            ext = self._fiemap()
+            self._restat()
+            if ext.bytes_of(ExtentKind.UNWRITTEN):
+                # Data written just before may still be converting from unwritten (ext4 converts
+                # after the write-back completes): wait for it as fsync does, then ask again.
+                try:
+                    os.fsync(self.fd)
+                except OSError:
+                    return ext
+                ext = self._fiemap()
+                self._restat()
+            return ext
         except OSError:
             pass
         try:
@@ -238,6 +250,12 @@ class HostFile:
         kind = np.where(np.array(data, dtype=bool), ExtentKind.DATA, ExtentKind.HOLE).astype(np.uint8)
         return HostExtents(np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), kind,
                            ExtentMethod.SEEK, self.size)
+
+    def _restat(self) -> None:
+        """Disk usage again after FIEMAP's write-back: blocks the file system allocates only at
+        write-back (delayed allocation, extent-tree blocks) are counted now, whatever was cached."""
+        with contextlib.suppress(OSError):
+            self.allocated_size = os.fstat(self.fd).st_blocks * 512
 
     def _fiemap(self) -> HostExtents:
         """FS_IOC_FIEMAP in batches of `_FIEMAP_BATCH` extents (raises OSError where unsupported)."""
@@ -304,6 +322,22 @@ class HostFile:
             pos = nxt
         return starts, ends, data
 
+    def next_data(self, offset: int) -> tuple[int, int] | None:
+        """The data extent `[start, end)` at or after `offset` by SEEK_DATA then SEEK_HOLE, as QEMU's
+        file-posix block status asks; None when only a hole follows. Without SEEK_DATA support
+        everything from `offset` to the end is data; without SEEK_HOLE the extent runs to the end."""
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return None
+            return offset, self.size
+        try:
+            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+        except OSError:
+            hole = self.size
+        return data, hole
+
     def data_extent(self, offset: int) -> tuple[bool, int]:
         """(is_data, end) of the data extent or hole containing `offset`, via SEEK_DATA/SEEK_HOLE.
 
@@ -312,18 +346,12 @@ class HostFile:
         """
         if offset >= self.size:
             return False, offset
-        try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return False, self.size
-            return True, self.size
+        nxt = self.next_data(offset)
+        if nxt is None:
+            return False, self.size
+        data, hole = nxt
         if data > offset:
             return False, data
-        try:
-            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
-        except OSError:
-            return True, self.size
         return True, hole
 
     def close(self) -> None:

@@ -34,9 +34,11 @@ from qinspect.qcow2.l2 import (
     parse_compressed,
 )
 from qinspect.qcow2.meta import ImageMeta, Layer, MetaLayer, RawLayer, resolve_backing_path
+from qinspect.qcow2.planner import Order, PieceStream, read_pieces
 from qinspect.qcow2.refcount import decode_refcount_block
 
 U64 = npt.NDArray[np.uint64]
+L2Stream = PieceStream
 CACHE_BYTES = 32 * 1024 * 1024
 
 
@@ -121,19 +123,10 @@ class Image(ImageMeta):
 
     def read_l2_tables(self, offsets: npt.NDArray[np.int64]) -> U64:
         """The clusters at `offsets` (L2 tables, exact offsets, aligned or not) as native u64 words,
-        one cluster per offset in the order given. Read in host order; tables adjacent both in the
-        file and in `offsets` take one read. Past the end of the file reads as zeros."""
-        cs = self.cluster_size
-        buf = np.empty(len(offsets) * cs, dtype=np.uint8)
-        mv = memoryview(buf.data)
-        order = np.argsort(offsets, kind="stable")
-        ho = offsets[order]
-        split = (np.flatnonzero((np.diff(ho) != cs) | (np.diff(order) != 1)) + 1).tolist()
-        if len(order):
-            for g0, g1 in zip([0, *split], [*split, len(order)], strict=True):
-                k = int(order[g0])
-                self.file.read_into(int(ho[g0]), mv[k * cs : (k + g1 - g0) * cs])
-        words = buf.view(np.uint64)
+        one cluster per offset in the order given. Read through the planner (host order, coalesced,
+        several reads in flight). Past the end of the file reads as zeros."""
+        got = read_pieces(self.file, np.asarray(offsets, dtype=np.int64), self.cluster_size)  # the planner
+        words = (got if got.flags.writeable else got.copy()).view(np.uint64)
         if sys.byteorder == "little":
             words.byteswap(inplace=True)
         return words
@@ -157,36 +150,42 @@ class Image(ImageMeta):
             self._l2_cache.popitem(last=False)
         return val
 
-    def read_l2_batch(self, i0: int, i1: int) -> tuple[U64, U64 | None, npt.NDArray[np.bool_]]:
+    def read_l2_batch(self, i0: int, i1: int, stream: L2Stream | None = None
+                      ) -> tuple[U64, U64 | None, npt.NDArray[np.bool_]]:
         """Entries of the L2 tables of L1 indices [i0, i1), concatenated; missing tables read as 0.
 
-        Host-adjacent tables are read with one read. Returns (entries, bitmaps, unaligned) where
-        `unaligned[k]` marks an L1 entry whose table offset is not cluster aligned (not read).
+        Tables are read through the planner (host order, coalesced); with `stream` (from
+        `l2_stream` over a range that contains [i0, i1)) they come from its read-ahead. Returns
+        (entries, bitmaps, unaligned) where `unaligned[k]` marks an L1 entry whose table offset is
+        not cluster aligned (not read).
         """
         cs = self.cluster_size
         n = i1 - i0
-        offs = (self.l1_table[i0:i1] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-        unaligned = (offs % cs) != 0
-        readable = (offs != 0) & ~unaligned
-        buf = np.empty(n * cs, dtype=np.uint8)
-        if not readable.all():
-            buf.reshape(n, cs)[~readable] = 0
-        mv = memoryview(buf.data)
-        # Read in host order; tables adjacent both in the file and in the batch take one read.
+        offs, readable, unaligned = self._l2_offsets(i0, i1)
         ks = np.flatnonzero(readable)
-        ks = ks[np.argsort(offs[ks], kind="stable")]
-        if len(ks):
-            hk = offs[ks]
-            split = np.flatnonzero((np.diff(hk) != cs) | (np.diff(ks) != 1)) + 1
-            for g0, g1 in zip([0, *split.tolist()], [*split.tolist(), len(ks)], strict=True):
-                k = int(ks[g0])
-                self.file.read_into(int(hk[g0]), mv[k * cs : (k + g1 - g0) * cs])
+        got = read_pieces(self.file, offs[ks], cs) if stream is None else stream.take(len(ks))
+        if len(ks) == n:
+            buf = got if got.flags.writeable else got.copy()
+        else:
+            buf = np.zeros(n * cs, dtype=np.uint8)
+            buf.reshape(n, cs)[ks] = got.reshape(len(ks), cs)
         words = buf.view(np.uint64)
         if sys.byteorder == "little":
             words.byteswap(inplace=True)  # big-endian on disk: swap in place, no copy
         if self.header.extended_l2:
             return words[0::2], words[1::2], unaligned
         return words, None, unaligned
+
+    def _l2_offsets(self, i0: int, i1: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_],
+                                                      npt.NDArray[np.bool_]]:
+        offs = (self.l1_table[i0:i1] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+        unaligned = (offs % self.cluster_size) != 0
+        return offs, (offs != 0) & ~unaligned, unaligned
+
+    def l2_stream(self, i0: int, i1: int) -> L2Stream:
+        """Read-ahead of the L2 tables of L1 indices [i0, i1) in L1 order, for `read_l2_batch`."""
+        offs, readable, _ = self._l2_offsets(i0, i1)
+        return PieceStream(self.file, offs[readable], self.cluster_size, Order.GIVEN)
 
     def refcount_block(self, reftable_index: int) -> U64 | None:
         """Decoded refcount block `reftable_index` (None when not allocated); raises if unaligned."""
@@ -245,23 +244,16 @@ class Image(ImageMeta):
         # A block at or past the end of the file reads as zeros: skip it (and its offset may not fit int64).
         offs = np.where(offs_u < np.uint64(self.file.size), offs_u, np.uint64(0)).astype(np.int64)
         good = np.flatnonzero((offs != 0) & ((offs % cs) == 0))
-        order = good[np.argsort(offs[good], kind="stable")]
-        k = 0
         group = max(1, (8 << 20) // cs)
-        while k < len(order):
-            m = k + 1
-            base = int(offs[order[k]])
-            while m < len(order) and m - k < group and int(offs[order[m]]) == base + (m - k) * cs:
-                m += 1
-            raw = self.file.pread(base, (m - k) * cs)
-            vals = (np.frombuffer(raw, dtype=f">u{bits // 8}") if bits >= 8  # cast on assignment below
-                    else decode_refcount_block(raw, self.header.refcount_order))
-            for j in range(k, m):
-                idx = int(order[j])
-                lo = idx * per
-                hi = min(lo + per, nb_clusters)
-                out[lo:hi] = vals[(j - k) * per : (j - k) * per + (hi - lo)]
-            k = m
+        with PieceStream(self.file, offs[good], cs, Order.HOST) as stream:
+            for which, raw in stream.batches(group):
+                idx = good[which]
+                vals = (raw.view(f">u{bits // 8}") if bits >= 8  # cast on assignment below
+                        else decode_refcount_block(raw, self.header.refcount_order))
+                for j, bi in enumerate(idx.tolist()):
+                    lo = bi * per
+                    hi = min(lo + per, nb_clusters)
+                    out[lo:hi] = vals[j * per : j * per + (hi - lo)]
         return bad
 
     # -- guest view -----------------------------------------------------------------------------------
@@ -342,8 +334,18 @@ class Image(ImageMeta):
         if self._last_compressed is not None and self._last_compressed[0] == entry:
             return self._last_compressed[1]
         d = parse_compressed(entry, self.l2_format)
+        size = self.file.size
+        if d.coffset >= size:  # (it would read as zeros, which no compressed cluster is)
+            raise Qcow2Error(f"compressed cluster at host offset {d.coffset:#x} lies past the end of the file "
+                             f"({size} bytes)", d.coffset, path=self.path)
         raw = self.file.pread(d.coffset, d.csize)
-        data = decompress_cluster(raw, self.header.compression_type, self.cluster_size, d.coffset)
+        try:
+            data = decompress_cluster(raw, self.header.compression_type, self.cluster_size, d.coffset)
+        except Qcow2Error as e:
+            if d.coffset + d.csize <= size:
+                raise
+            raise Qcow2Error(f"compressed cluster at host offset {d.coffset:#x} ({d.csize} bytes) runs past the end "
+                             f"of the file ({size} bytes): {e.message}", d.coffset, path=self.path) from None
         self._last_compressed = (entry, data)
         return data
 

@@ -94,7 +94,7 @@ class ImageMeta:
         self._data_file: HostFile | None = None
         if self.header.bitmaps_ext is not None and self.header.bitmaps_consistent and not self.open_refusals:
             # qcow2_load_dirty_bitmaps reads the directory and every bitmap table at open (and may refuse them)
-            check_bitmap_tables(self.file, self.bitmaps, self.cluster_size, self.problems)
+            check_bitmap_tables(self.file, self.bitmaps, self.cluster_size, self.problems, self.header.size)
         self._check_host_files()
 
     def _open_tables(self) -> None:

@@ -14,7 +14,7 @@ _SN = SN.struct()  # 40 bytes
 _EXTRA_DATA_SIZE_AT = SN.offset("extra_data_size")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One internal snapshot: its own L1 table and metadata.
 
@@ -58,7 +58,24 @@ def read_snapshot_table(
     table_length = 0
     count = min(count, C.QCOW_MAX_SNAPSHOTS)
     entry_end = offset
+    # Entries parsed from memory, read in chunks of at least 40 bytes per entry still to come
+    # (no entry is shorter: never past the table's end): 65,536 entries are 262,144 small reads
+    # otherwise.
+    buf = b""
+    bstart = 0
+    left = count
+
+    def pread(at: int, n: int) -> bytes:
+        nonlocal buf, bstart
+        k = at - bstart
+        if k >= 0 and k + n <= len(buf):
+            return buf[k : k + n]
+        want = max(n, min(40 * left, 16 << 20, max(0, f.size - at)))
+        buf, bstart = f.pread(at, want), at
+        return buf[:n]
+
     for i in range(count):
+        left = count - i
         table_length = (table_length + 7) & ~7
         pos = (pos + 7) & ~7
         if pos >= f.size and (i == 0 or entry_end < f.size):
@@ -67,9 +84,18 @@ def read_snapshot_table(
             problems.append(Problem(Severity.ERROR, "snapshot table",
                                     f"snapshot table entries {i}..{count - 1} lie past the end of the file and "
                                     "read as zeros", pos))
+            # From here on every entry is 40 zero bytes: an empty snapshot (made without 65,536 reads).
+            n = count - i
+            snaps.extend(Snapshot(k, pos + (k - i) * _SN.size, _SN.size, 0, 0, "", "", 0, 0, 0, 0, 0, virtual_size,
+                                  None, b"") for k in range(i, count))
+            table_length += n * _SN.size
+            if version >= 3:
+                problems.append(Problem(Severity.ERROR, "snapshot table", f"snapshot table entries {i}..{count - 1} "
+                                        "are incomplete (0 bytes of extra data)", pos + _EXTRA_DATA_SIZE_AT))
+            break
         entry_start = pos
         (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
-         extra_size) = _SN.unpack(f.pread(pos, _SN.size))
+         extra_size) = _SN.unpack(pread(pos, _SN.size))
         pos += _SN.size
         if extra_size > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             problems.append(Problem(Severity.ERROR, "snapshot table",
@@ -78,7 +104,7 @@ def read_snapshot_table(
             return SnapshotTable(snaps, table_length, (
                 f"Too much extra metadata in snapshot table entry {i}",
                 "You can force-remove this extra metadata with qemu-img check -r all"))
-        extra = f.pread(pos, extra_size)
+        extra = pread(pos, extra_size)
         pos += extra_size
         vm_state_size = vm_state
         disk_size: int | None = None
@@ -90,9 +116,9 @@ def read_snapshot_table(
         if extra_size >= EXTRA["icount"].end:
             ic = EXTRA["icount"].get(extra)
             icount = None if ic == 0xFFFFFFFFFFFFFFFF else ic
-        id_str = f.pread(pos, id_size).decode("utf-8", "replace")
+        id_str = pread(pos, id_size).decode("utf-8", "replace")
         pos += id_size
-        name = f.pread(pos, name_size).decode("utf-8", "replace")
+        name = pread(pos, name_size).decode("utf-8", "replace")
         pos += name_size
         entry_end = pos
         size = _SN.size + extra_size + id_size + name_size

@@ -276,10 +276,12 @@ class Session:
                 k = m
 
     def run_layout(self, progress: ProgressFn, cancelled: CancelledFn) -> Layout:
-        from qinspect.analysis.layout import compute_layout
+        """The host layout and check's result from one refcount walk (each L2 table read once):
+        with the check set here, the check step that follows has nothing left to do."""
+        from qinspect.analysis.walks import check_and_layout
 
         with self.pool.borrow() as img:
-            self.layout = compute_layout(img, progress, cancelled)
+            self.check, self.layout = check_and_layout(img, progress, cancelled)
         return self.layout
 
     def run_check(self, progress: ProgressFn, cancelled: CancelledFn) -> CheckResult:

@@ -174,6 +174,12 @@ def make_case(index: int, seed: int, image: str, data: bytes, t: Targets, image_
     buf = bytearray(data)
     for _ in range(nmut):
         _one_mutation(rng, case, buf, t, image_file, chain_tops)
+    # Two mutations of the same bytes can cancel out: mutate again until something changed.
+    for _ in range(4):
+        if case.truncate is not None or len(buf) != len(data) or buf != data \
+                or all(s.startswith("(") for s in case.steps):
+            break
+        _one_mutation(rng, case, buf, t, image_file, chain_tops)
     # Store only the changed bytes as patches (the runner writes them into a private copy).
     lim = min(len(buf), len(data))
     case.patches = _runs(buf, _changed(data, buf, lim))

@@ -12,9 +12,24 @@ from qinspect.analysis.findings.common import path_arg, plural, size_text
 from qinspect.analysis.findings.model import Category, Context, ConvertWish, Finding, Fix, Severity
 from qinspect.analysis.findings.registry import rule
 from qinspect.analysis.layout import Owner
+from qinspect.qcow2.errors import Qcow2Error
 from qinspect.termtext import for_terminal
 
 INVALID_BITMAPS = "invalid subcluster bitmaps"
+
+
+def repaired(c: Context) -> dict[str, int | float | str]:
+    """`qemu-img check -r all`: with refcount errors QEMU rebuilds the refcount structure at the end
+    of the file (new refcount blocks for every cluster, then the table) and discards the old one;
+    otherwise nothing moves."""
+    lay = c.layout
+    if not lay.refcount_errors:
+        return c.unchanged()
+    cs = c.h.cluster_size
+    per_block = cs * 8 // c.h.refcount_bits
+    blocks = -(-lay.nb_clusters // per_block)
+    table = -(-blocks * 8 // cs)
+    return {"file-size": c.file_size + (blocks + table) * cs, "disk-usage": c.disk_usage}
 
 
 @rule("in-use")
@@ -72,12 +87,29 @@ def _missing_bytes(c: Context) -> int:
             Owner.REFCOUNT_TABLE: h.refcount_table_offset + h.refcount_table_entries * 8}
     if kind in ends:
         need = ends[kind] if kind != Owner.L1 or h.l1_table_offset // cs == last else (last + 1) * cs
-    elif (kind in (Owner.DATA, Owner.COMPRESSED) and (h.extended_l2 or kind == Owner.COMPRESSED)) or kind in (
-            Owner.HEADER, Owner.FREE, Owner.LEAKED, Owner.PAST_END, Owner.SNAPSHOT_TABLE):
+    elif (kind in (Owner.DATA, Owner.COMPRESSED) and (h.extended_l2 or kind == Owner.COMPRESSED)) \
+            or kind in (Owner.HEADER, Owner.FREE, Owner.LEAKED, Owner.PAST_END, Owner.SNAPSHOT_TABLE):
         need = 0
     else:
         need = (last + 1) * cs
     return max(0, need - size)
+
+
+@rule("data-file-missing")
+def data_file_missing(c: Context) -> Finding | None:
+    if not c.h.has_data_file:
+        return None
+    try:
+        c.img.data_file()
+    except Qcow2Error as e:
+        return Finding(
+            "data-file-missing", Severity.ERROR,
+            "The external data file cannot be opened: the guest data is unreadable",
+            {"data-file": c.h.data_file or "", "error": e.message},
+            f"{for_terminal(e.message)}. This image keeps its guest data in a separate file; QEMU cannot open the "
+            "image without it. Restore the file, or name it with `qemu-img amend -o data_file=PATH IMAGE`.",
+            Fix(None, True, c.unchanged(), blocked="no command: only you know where the data file is"))
+    return None
 
 
 @rule("truncated")
@@ -163,7 +195,7 @@ def corruption(c: Context) -> Finding | None:
         "corruption", Severity.ERROR, "Metadata is inconsistent (qemu-img check reports corruption)", ev,
         "; ".join(what) + ". Writes may overwrite live data (a cluster with a too low refcount can be "
         "allocated again), and reads of invalid entries fail with I/O errors.",
-        Fix(["qemu-img", "check", "-r", "all", path_arg(c.path)], True, c.unchanged(), note="back the image up first"))
+        Fix(["qemu-img", "check", "-r", "all", path_arg(c.path)], True, repaired(c), note="back the image up first"))
 
 
 @rule("dirty")
@@ -187,7 +219,7 @@ def dirty(c: Context) -> Finding | None:
         f"every refcount block before the VM can start: about {size_text(total)} of metadata reads "
         f"({plural(lay.l2_reads, 'L2 table')}, {plural(lay.refcount_blocks, 'refcount block')}), then rewrite "
         "the refcount structures.",
-        Fix(["qemu-img", "check", "-r", "all", path_arg(c.path)], True, c.unchanged(), note="with the VM stopped"))
+        Fix(["qemu-img", "check", "-r", "all", path_arg(c.path)], True, repaired(c), note="with the VM stopped"))
 
 
 @rule("leaked-clusters")
@@ -222,6 +254,9 @@ def bitmap_in_use(c: Context) -> Finding | None:
     p = path_arg(c.path)
     # One bitmap per fix (a shell `&&` chain cannot be one argv); the others are listed.
     argv = ["qemu-img", "bitmap", "--remove", p, x.name]
+    # Removing it frees (and QEMU discards) its bitmap table; its data clusters are not counted.
+    cs = c.h.cluster_size
+    table = -(-x.bitmap_table_size * 8 // cs) * cs if x.bitmap_table_offset else 0
     more = f" ({len(bad) - 1} more: run the same for each)" if len(bad) > 1 else ""
     return Finding(
         "bitmap-in-use", Severity.WARNING,
@@ -229,5 +264,6 @@ def bitmap_in_use(c: Context) -> Finding | None:
         {"bitmaps-in-use": len(bad), "bitmaps": len(c.img.bitmaps), "granularity": b.granularity},
         "The image was not closed cleanly while the bitmap was loaded, so its contents are stale. QEMU treats it "
         "as inconsistent: incremental backups based on it fail until it is removed and a full backup is taken.",
-        Fix(argv, True, c.unchanged(),
+        Fix(argv, True,
+            {"file-size": c.file_size, "disk-usage": c.disk_usage - table, "bitmaps": len(c.img.bitmaps) - 1},
             note=f"then `qemu-img bitmap --add -g {x.granularity}` it again and take a full backup{more}"))

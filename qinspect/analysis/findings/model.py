@@ -19,6 +19,7 @@ from qinspect.analysis.space import Space
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image, Layer
 from qinspect.shellquote import UnsafeArgument, command_line
+from qinspect.units import format_size
 
 Evidence = dict[str, int | float | str]
 
@@ -94,10 +95,18 @@ class Fix:
         return out
 
     def __str__(self) -> str:
+        """The command (or why there is none), its note, and what it predicts (for viewers)."""
         cmd = self.command
         text = cmd if cmd is not None else f"({self.blocked})"
         if self.note and cmd is not None:
             text += f"   # {self.note}"
+        p = self.predicts
+        if "disk-usage" in p and "file-size" in p:
+            text += (f"\npredicts: {format_size(int(p['disk-usage']))} on disk, "
+                     f"{format_size(int(p['file-size']))} apparent" + (" (in place)" if self.in_place else ""))
+        for label, value in (("cost", self.cost), ("loses", self.loses)):
+            if value:
+                text += f"\n{label}: {value}"
         return text
 
 
@@ -173,6 +182,5 @@ class Context:
 
     def fully_allocated(self) -> bool:
         """Every guest cluster of the virtual disk has a host cluster (the mark of preallocation)."""
-        _, _, length, _ = self.layout.active_data_runs()
         guest_clusters = self.h.guest_clusters
-        return guest_clusters > 0 and int(length.sum()) >= guest_clusters
+        return guest_clusters > 0 and self.layout.active_allocated_clusters() >= guest_clusters

@@ -81,10 +81,22 @@ def backing_duplicates(c: Context) -> Finding | None:
         "(copy-on-write of whole clusters, or data rewritten unchanged). qemu-img has no command that drops "
         "them from the overlay alone; committing the overlay into its backing file removes them (and empties "
         f"the overlay), but only do that if no other image uses '{for_terminal(bname)}'.",
-        Fix(["qemu-img", "commit", "-f", "qcow2", path_arg(c.path)], True,
-            {"file-size": c.file_size, "disk-usage": c.disk_usage - data_disk},
+        Fix(["qemu-img", "commit", "-f", "qcow2", path_arg(c.path)], True, _emptied(c, data_disk),
             note="only if nothing else uses the backing file; it grows by this overlay's data"),
         Category.SPACE)
+
+
+def _emptied(c: Context, data_disk: int) -> dict[str, int | float | str]:
+    """The overlay after `qemu-img commit` empties it (qcow2_make_empty): a v3 image without
+    snapshots, bitmaps, encryption or data file is rebuilt as header, refcount table, refcount
+    block and L1 table; otherwise every cluster is discarded (punched) and the size stays."""
+    h = c.h
+    l1_clusters = -(-h.l1_size * 8 // h.cluster_size)
+    if h.version >= 3 and not c.img.snapshots and not c.img.bitmaps and not c.img.encrypted \
+            and not h.has_data_file:
+        size = (3 + l1_clusters) * h.cluster_size
+        return {"file-size": size, "disk-usage": size}
+    return {"file-size": c.file_size, "disk-usage": c.disk_usage - data_disk}
 
 
 @rule("preallocated-unused")
@@ -115,10 +127,27 @@ def preallocated_unused(c: Context) -> Finding | None:
              "on-disk-bytes": on_disk, "unwritten-bytes": gc.get("unwritten", 0), "hole-bytes": sp.hole_bytes,
              "fully-allocated": int(prealloc_look)},
             "; ".join(what) + f". Of this, {size_text(on_disk)} occupy the disk.",
-            None, Category.SPACE,
-            ConvertWish({}, "drop never-written preallocation (keep it instead if you preallocated to avoid "
-                            "allocation cost on first write)"))
+            None, Category.SPACE, _wish(c, prealloc_look))
+    if prealloc_look and c.deep is None and not c.h.has_data_file and worth(c.disk_usage, c.disk_usage):
+        return Finding(
+            "preallocated-unused", Severity.INFO,
+            "Every guest cluster is allocated (a preallocated image?); --deep tells how much is unused",
+            {"fully-allocated": 1, "on-disk-bytes": c.disk_usage},
+            "All guest clusters have host clusters holding written data. If the image was preallocated "
+            "(preallocation=full), the part the guest never wrote is zeros a conversion would drop; only reading "
+            "the data (--deep) can tell how much, and what the conversion would give back.",
+            None, Category.SPACE)
     return None
+
+
+def _wish(c: Context, preallocated: bool) -> ConvertWish:
+    """Preallocation goes away with a plain conversion; the zero padding QEMU allocates around small
+    writes into fresh clusters stays unless the target has extended L2 (subclusters)."""
+    if preallocated or c.h.extended_l2:
+        return ConvertWish({}, "drop never-written preallocation (keep it instead if you preallocated to avoid "
+                               "allocation cost on first write)")
+    return ConvertWish({"extended_l2": "on"}, "extended L2, so that the never-written parts of partly written "
+                                              "clusters are not allocated (needs QEMU 5.2 or later)")
 
 
 @rule("snapshot-space")
