@@ -58,14 +58,14 @@ class QInspectApp(App[int]):
             self.open_path(self.path)
 
     def register_themes(self) -> None:
-        from qinspect.tui.palette import textual_themes
+        from qinspect.tui.themes import textual_themes
 
         for theme in textual_themes():
             self.register_theme(theme)
 
     def watch_theme(self, theme: str) -> None:
         """The palette follows Textual's theme (the command palette's theme picker)."""
-        from qinspect.tui.palette import use_palette_for_theme
+        from qinspect.tui.themes import use_palette_for_theme
 
         if use_palette_for_theme(theme):
             for screen in self.screen_stack:

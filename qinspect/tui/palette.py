@@ -8,13 +8,9 @@ hex view and the space bar; an L2 table is the same cyan in the host layout and 
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import TYPE_CHECKING
 
 from rich.style import Style
 from rich.text import Text
-
-if TYPE_CHECKING:
-    from textual.theme import Theme
 
 
 class G(IntEnum):
@@ -270,30 +266,6 @@ def palette_for_theme(theme: str, dark: bool = True) -> str:
     if theme == THEME_COLOUR_BLIND:
         return "colour-blind"
     return "dark" if dark and theme != THEME_LIGHT else "light"
-
-
-def use_palette_for_theme(theme: str) -> bool:
-    """Follow a Textual theme: ours by name, the others by whether they are dark."""
-    from textual.theme import BUILTIN_THEMES
-
-    t = BUILTIN_THEMES.get(theme)
-    dark = t.dark if t is not None else theme != THEME_LIGHT
-    return use_palette(palette_for_theme(theme, dark))
-
-
-def textual_themes() -> list[Theme]:
-    """The two themes qinspect adds to Textual's theme picker (ctrl+p → theme)."""
-    from textual.theme import Theme
-
-    return [
-        # Okabe–Ito primaries for the UI; the maps use the colour-blind palette and letters.
-        Theme(name=THEME_COLOUR_BLIND, primary="#56B4E9", secondary="#E69F00", accent="#F0E442",
-              warning="#E69F00", error="#D55E00", success="#009E73", foreground="#eeeeee",
-              background="#1e1e1e", surface="#262626", panel="#303030", dark=True),
-        Theme(name=THEME_LIGHT, primary="#0060c0", secondary="#8040a0", accent="#a06000",
-              warning="#a06000", error="#c00000", success="#207020", foreground="#202020",
-              background="#f4f4f4", surface="#ffffff", panel="#e4e4e4", dark=False),
-    ]
 
 
 # Field colours for the hex view of records without a natural kind (header fields, snapshot
