@@ -69,6 +69,7 @@ PART_LABELS = {
     "snapshot-data": "data only snapshots use", "bitmaps": "dirty bitmaps", "luks": "LUKS header",
     "leaked": "leaked clusters", "free": "free holes", "tail": "tail past the image end",
     "conflict": "overlapping structures", "filesystem": "file system rounding / unwritten extents",
+    "guest-freed": "guest data freed by the guest",
 }
 
 

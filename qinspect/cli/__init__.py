@@ -178,6 +178,13 @@ def _diagnose(p: argparse.ArgumentParser) -> None:
                    help="CI mode: one PASS/FAIL line per rule, exit 1 if a finding is this severe or worse")
 
 
+@command("guest", "the guest's partitions and filesystems: free space, and what the image still holds of it",
+         "qinspect.cli.guest_cmd:run_guest", example="qinspect guest --output=json disk.qcow2")
+def _guest(p: argparse.ArgumentParser) -> None:
+    image_options(p)
+    output_option(p)
+
+
 @command("scan", "every qcow2 image under PATHs: ranked table, JSON Lines or Prometheus metrics",
          "qinspect.cli.scan_cmd:run_scan",
          example="qinspect scan /var/lib/libvirt/images --output=prometheus --output-file=/var/lib/prometheus/"

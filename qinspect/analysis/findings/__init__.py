@@ -15,6 +15,7 @@ RULE_MODULES = (
     "qinspect.analysis.findings.health",
     "qinspect.analysis.findings.space_rules",
     "qinspect.analysis.findings.performance",
+    "qinspect.analysis.findings.guest_rules",
 )
 
 for _m in RULE_MODULES:

@@ -134,7 +134,7 @@ def apply_lock(c: Context, findings: list[Finding]) -> None:
     for f in findings:
         if f.fix is None:
             continue
-        if f.fix.in_place:
+        if f.fix.in_place and not f.fix.in_guest:
             f.fix.blocked = IN_USE_BLOCK
         elif "stop the VM first" not in f.fix.note:
             f.fix.note = "stop the VM first; " + f.fix.note

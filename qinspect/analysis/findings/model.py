@@ -65,6 +65,8 @@ class Fix:
     """Data the fix gives up, said honestly (salvage)."""
     output: str | None = None
     """The new file a not-in-place fix writes."""
+    in_guest: bool = False
+    """The command runs inside the guest, through the running VM (`fstrim`): a write lock does not block it."""
 
     @property
     def command(self) -> str | None:
@@ -92,6 +94,8 @@ class Fix:
                 out[k] = v
         if self.output is not None:
             out["output"] = self.output
+        if self.in_guest:
+            out["in-guest"] = True
         return out
 
     def __str__(self) -> str:

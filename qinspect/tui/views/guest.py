@@ -18,7 +18,7 @@ from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image, L2Lookup
 from qinspect.qcow2.l2 import ClusterType, SubclusterType
-from qinspect.tui import fmt
+from qinspect.tui import fmt, guestfs
 from qinspect.tui.flow import Flow
 from qinspect.tui.guestmap import GLYPHS, majority
 from qinspect.tui.messages import ShowHost, ShowStructure, TablesLoaded
@@ -193,8 +193,10 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
     def compose(self) -> ComposeResult:
         with Horizontal():
             with Vertical(id="gm-left"):
+                yield guestfs.PartitionBands(id="gm-bands")
                 yield Static(self._legend(), id="gm-legend")
-                yield ClusterGrid(self.session.guest, id="gm-grid")
+                yield ClusterGrid(guestfs.FreedOverlay(self.session.guest, guestfs.guest_fs(self.session)),
+                                  id="gm-grid")
             with VerticalScroll(id="gm-inspector"):
                 yield Static("", id="gm-inspect")
 
@@ -218,6 +220,8 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         letters = PaletteState.letters
         items = [swatch(GUEST_COLOURS[s], guest_name(s, names), "·" if s == G.UNALLOCATED else "█",
                         GUEST_LETTERS[s] if letters else "") for s in states]
+        if guestfs.guest_fs(self.session).has_freed:
+            items.append(swatch(*guestfs.legend_item(), "█"))
         z = self.grid.zoom if self.is_mounted and self.query(ClusterGrid) else 0
         cpc = 1 << z
         t = Text()
@@ -277,6 +281,9 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             st.append(guest_name(state, s.layer_names()))
             parts.append(kv("cluster" if grid.zoom else "state", st) if not grid.zoom else
                          kv("1st", st))
+        fs_text = guestfs.guest_fs(s).describe(guest)
+        if fs_text is not None:
+            parts.append(kv("guest fs", fs_text))
         try:
             lk = img.lookup(min(guest, h.size - 1))
         except Qcow2Error as e:
@@ -348,6 +355,8 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
 
     # -- events ---------------------------------------------------------------------------------------
     def on_cluster_grid_cursor_moved(self, event: ClusterGrid.CursorMoved) -> None:
+        self.query_one(guestfs.PartitionBands).show_state(guestfs.guest_fs(self.session),
+                                                          self.grid.cursor * self.session.img.cluster_size)
         self.query_one("#gm-legend", Static).update(self._legend())
         self.update_inspector()
 
@@ -400,11 +409,12 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             self._load_pending()
 
     def data_changed(self, step: Step | None) -> None:
+        guestfs.start(self, self.session)  # after the first scan step: the first frame reads no tables
         if step not in (Step.GUEST, None):
             return
         grid = self.grid
-        if grid.source is not self.session.guest:  # a followed image was re-read
-            grid.replace_source(self.session.guest)
+        if getattr(grid.source, "gm", grid.source) is not self.session.guest:  # a followed image was re-read
+            grid.replace_source(guestfs.FreedOverlay(self.session.guest, guestfs.guest_fs(self.session)))
         if len(self.session.fresh_clusters) != self._fresh_seen:
             self._fresh_seen = len(self.session.fresh_clusters)
             grid.set_highlight(self.session.fresh_clusters)

@@ -15,13 +15,14 @@ from textual.widgets import Static
 
 from qinspect.qcow2 import constants as C
 from qinspect.termtext import for_terminal
-from qinspect.tui import fmt
+from qinspect.tui import fmt, guestfs
 from qinspect.tui.flow import Flow
 from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, SEVERITY_COLOURS, WARN, G, kind_colour
 from qinspect.tui.session import Step
 from qinspect.tui.structs import ExtensionsModel, HeaderModel, utc
 from qinspect.tui.views.base import View
 from qinspect.tui.views.diagnostics import SEVERITY_ORDER, items_from_core, items_from_diagnosis
+from qinspect.tui.widgets.guestvolumes import GuestVolumes
 
 LAYER0_STATES = (G.DATA, G.ZERO_PLAIN, G.ZERO_ALLOC, G.COMPRESSED, G.PARTIAL, G.INVALID)
 
@@ -87,6 +88,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="ov-scroll"):
             yield Static(id="ov-space")
+            yield GuestVolumes(id="ov-guest")
             with Horizontal(id="ov-cols"):
                 with Vertical(id="ov-left"):
                     yield Static(id="ov-image")
@@ -112,6 +114,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
         self.query_one("#ov-extensions", Static).update(self._extensions())
         self.query_one("#ov-snapshots", Static).update(self._snapshots_bitmaps())
         self.refresh_dynamic()
+        guestfs.show_known(self, self.session)
 
     def refresh_dynamic(self) -> None:
         self.query_one("#ov-space", Static).update(self._space())
@@ -120,6 +123,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
 
     def data_changed(self, step: Step | None) -> None:
         self.refresh_dynamic()
+        guestfs.start(self, self.session)  # after the first scan step: the first frame reads no tables
 
     def export(self) -> dict[str, object]:
         s = self.session
