@@ -79,8 +79,25 @@ def cache_input(field: str, value: str) -> Step:
     return step
 
 
-# (file name, sample, first view, steps, what it shows)
-SHOTS: list[tuple[str, str, str, list[Step], str]] = [
+def diag_evidence(finding: str) -> Step:
+    """Select a finding in Diagnostics and follow its evidence (enter)."""
+    async def step(pilot: Any, main: MainScreen) -> None:
+        from textual.widgets import OptionList
+
+        view = main.view("diagnostics")
+        idx = next(i for i, it in enumerate(view.items) if it.id == finding)  # type: ignore[attr-defined]
+        ol = view.query_one(OptionList)
+        ol.highlighted = idx
+        ol.focus()
+        await pilot.pause()
+        await keys(pilot, "enter")
+
+    return step
+
+
+# (file name, sample, first view, steps, what it shows[, terminal size])
+SHOTS: list[tuple[Any, ...]] = [
+    ("picker", "", "", [], "The picker: images below a directory, sizes, backing files, worst finding"),
     ("overview", "chain_top", "overview", [], "1 Overview of an extended-L2 overlay on a two-layer chain"),
     ("guest-map", "extl2_128k", "guest", [guest_at(2 * 131072 + 4 * 4096, zoom=0)],
      "2 Guest map: a cluster with mixed subclusters, its L2 entry and bitmap"),
@@ -95,7 +112,16 @@ SHOTS: list[tuple[str, str, str, list[Step], str]] = [
      "5 Cache lab: a 1 TiB disk with a 64 MiB L2 cache"),
     ("diagnostics", "lazy_dirty", "diagnostics", [], "6 Diagnostics: findings with evidence and fix"),
     ("chain", "longchain_4", "chain", [], "7 Chain: five layers and what each provides"),
-    ("snapshots", "snapshots", "chain", [press("tab")], "7 Snapshots"),
+    ("snapshots", "snapshots", "chain", [press("tab")], "7 Snapshots and what deleting each frees"),
+    ("nav-evidence-to-host", "zstd", "diagnostics",
+     [diag_evidence("compressed"), press("enter"), press("H")],
+     "A finding's evidence → its guest cluster → its L2 entry → its host cluster (breadcrumb on top)"),
+    ("small-80x24-guest", "chain_top", "guest", [], "2 Guest map at 80×24", (80, 24)),
+    ("small-80x24-host", "fragmented", "host", [], "3 Host layout at 80×24: letters and colours", (80, 24)),
+    ("small-80x24-structures", "extl2_128k", "structures", [l2_row(2)], "4 Structures at 80×24", (80, 24)),
+    ("small-80x24-diagnostics", "refcount_corrupt", "diagnostics", [], "6 Diagnostics at 80×24", (80, 24)),
+    ("large-200x60-guest", "chain_top", "guest", [], "2 Guest map at 200×60", (200, 60)),
+    ("large-200x60-host", "fragmented", "host", [], "3 Host layout at 200×60", (200, 60)),
 ]
 
 
@@ -111,9 +137,22 @@ def materialise(out: Path) -> None:
             shutil.copyfile(f, out / f.name)
 
 
-async def shoot(work: Path, name: str, sample: str, view: str, steps: list[Step]) -> Path:
-    app = QInspectApp(str(work / f"{sample}.qcow2"), name=f"{sample}.qcow2", view=view)
+async def shoot_picker(work: Path, name: str) -> Path:
+    app = QInspectApp(str(work))
     async with app.run_test(size=SIZE) as pilot:
+        for _ in range(3):
+            await pilot.pause()
+            await app.workers.wait_for_complete()
+        await pilot.pause(0.2)
+        return Path(app.save_screenshot(f"{name}.svg", str(HERE)))
+
+
+async def shoot(work: Path, name: str, sample: str, view: str, steps: list[Step],
+                size: tuple[int, int] = SIZE) -> Path:
+    if not sample:
+        return _preserve(await shoot_picker(work, name))
+    app = QInspectApp(str(work / f"{sample}.qcow2"), name=f"{sample}.qcow2", view=view)
+    async with app.run_test(size=size) as pilot:
         await pilot.pause()
         await app.workers.wait_for_complete()
         await pilot.pause()
@@ -125,6 +164,10 @@ async def shoot(work: Path, name: str, sample: str, view: str, steps: list[Step]
         await pilot.pause()
         await pilot.pause(0.2)
         svg = Path(app.save_screenshot(f"{name}.svg", str(HERE)))
+    return _preserve(svg)
+
+
+def _preserve(svg: Path) -> Path:
     # librsvg collapses leading spaces of text runs unless told to preserve them.
     text = svg.read_text()
     text = text.replace('<svg class="rich-terminal"', '<svg xml:space="preserve" class="rich-terminal"', 1)
@@ -138,10 +181,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qinspect-shots-") as tmp:
         work = Path(tmp)
         materialise(work)
-        for name, sample, view, steps, what in SHOTS:
+        for name, sample, view, steps, what, *size in SHOTS:
             if only and name not in only:
                 continue
-            svg = asyncio.run(shoot(work, name, sample, view, steps))
+            svg = asyncio.run(shoot(work, name, sample, view, steps, *size))
             line = f"{svg.relative_to(ROOT)}  ({what})"
             if rsvg:
                 png = svg.with_suffix(".png")

@@ -49,7 +49,7 @@ def _make(tmp_path: Path, kind: str, samples: Samples) -> Path:
 
 
 @pytest.mark.parametrize(("kind", "says"), [
-    ("missing", "no such file"), ("directory", "is a directory"), ("fifo", "FIFO"), ("empty", "empty file"),
+    ("missing", "no such file"), ("fifo", "FIFO"), ("empty", "empty file"),
     ("raw", "not a qcow2 image"), ("truncated", "truncated header"), ("qcow", "qcow (version 1)"),
     ("vmdk", "VMDK"), ("vdi", "VDI"), ("vpc", "VHD"), ("vhdx", "VHDX"), ("qed", "QED"),
 ])
@@ -63,6 +63,18 @@ async def test_error_screen_for_bad_input(tmp_path: Path, samples: Samples, kind
         assert says in screen.message, screen.message
         assert "Traceback" not in screen.message
         await pilot.press("q")
+
+
+async def test_a_directory_opens_the_picker_there(tmp_path: Path, samples: Samples) -> None:
+    from qinspect.tui.screens.picker import PickerScreen
+
+    path = _make(tmp_path, "directory", samples)  # `qinspect DIR`: the images below DIR, not an error
+    app = QInspectApp(str(path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, PickerScreen)
+        assert app.screen.root == str(path)
+        await pilot.press("escape")
 
 
 @pytest.mark.skipif(QEMU_IMG is None or shutil.which("qemu-io") is None, reason="qemu-img/qemu-io not installed")

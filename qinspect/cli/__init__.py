@@ -418,6 +418,11 @@ def _run_tui(args_list: list[str]) -> int:
     if word is not None and not os.path.exists(word):
         report_error(word, "no such file")
         return 1
+    if not (sys.stdin.isatty() and sys.stdout.isatty() and sys.stderr.isatty()):
+        # Textual (which draws on stderr and reads stdin) would wait forever for a terminal that is not there.
+        print("qinspect: the interactive view needs a terminal (stdin, stdout and stderr must be one); "
+              "for text output use a command: qinspect info|map|check|layout|diagnose IMAGE", file=sys.stderr)
+        return 2
     from qinspect.tui.app import run_app
 
     code: int = run_app(word)

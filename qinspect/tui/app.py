@@ -8,15 +8,22 @@ from typing import ClassVar
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
+from textual.command import Provider
 from textual.screen import Screen
 
 from qinspect.qcow2.errors import Qcow2Error
-from qinspect.tui.commands import QinspectCommands
+from qinspect.termtext import for_terminal
 from qinspect.tui.fmt import display_name
 from qinspect.tui.screens.error import ErrorScreen
 from qinspect.tui.screens.main import MainScreen
-from qinspect.tui.screens.picker import PickerScreen
 from qinspect.tui.session import Session, open_session
+
+
+def _commands() -> type[Provider]:
+    """The command palette's provider, imported when the palette first opens."""
+    from qinspect.tui.commands import QinspectCommands
+
+    return QinspectCommands
 
 
 class QInspectApp(App[int]):
@@ -29,7 +36,7 @@ class QInspectApp(App[int]):
 
     TITLE = "qinspect"
     CSS_PATH = "qinspect.tcss"
-    COMMANDS: ClassVar = App.COMMANDS | {QinspectCommands}
+    COMMANDS: ClassVar = App.COMMANDS | {_commands}
     BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+c", "quit", "Quit", show=False, priority=True)]
 
     def __init__(self, path: str | None = None, *, scan: bool = True, name: str | None = None,
@@ -44,10 +51,41 @@ class QInspectApp(App[int]):
         self.theme = "textual-dark"
 
     def on_mount(self) -> None:
-        if self.path is None:
-            self.push_screen(PickerScreen(self.root))
+        self.register_themes()
+        if self.path is None or os.path.isdir(self.path):
+            self.show_picker(self.path or self.root, first=True)
         else:
             self.open_path(self.path)
+
+    def register_themes(self) -> None:
+        from qinspect.tui.themes import textual_themes
+
+        for theme in textual_themes():
+            self.register_theme(theme)
+
+    def watch_theme(self, theme: str) -> None:
+        """The palette follows Textual's theme (the command palette's theme picker)."""
+        from qinspect.tui.themes import use_palette_for_theme
+
+        if use_palette_for_theme(theme):
+            for screen in self.screen_stack:
+                for widget in screen.walk_children():
+                    refresh_colours = getattr(widget, "palette_changed", None)
+                    if refresh_colours is not None:
+                        refresh_colours()
+                    widget.refresh()
+
+    def show_picker(self, root: str, first: bool = False) -> None:
+        """The picker (a dashboard of the images below `root`); it dismisses with the path chosen."""
+        from qinspect.tui.screens.picker import PickerScreen
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.open_path(path)
+            elif first or not self.screen_stack[1:]:
+                self.exit(0)
+
+        self.push_screen(PickerScreen(root), chosen)
 
     def open_path(self, path: str, replace: bool = False) -> None:
         """Open an image and show it (or the error screen)."""
@@ -56,17 +94,30 @@ class QInspectApp(App[int]):
             session = open_session(path, name)
         except Qcow2Error as e:
             where = f" (offset {e.offset})" if e.offset is not None else ""
-            screen: Screen[None] = ErrorScreen(name, e.message + where)
+            error_screen = ErrorScreen(for_terminal(name), for_terminal(e.message + where))
+            self.push_screen(error_screen, self._error_done)
+            return
         else:
             if self.session is not None:
                 self.session.close()
             self.session = session
             self.sub_title = name
             screen = MainScreen(session, scan=self.autoscan, view=self.start_view)
-        if replace:
+        while replace and len(self.screen_stack) > 2:  # the old main screen and what it pushed
+            self.pop_screen()
+        if replace and len(self.screen_stack) > 1:
             self.switch_screen(screen)
         else:
             self.push_screen(screen)
+
+    def _error_done(self, result: str | None) -> None:
+        """The error screen closed: `open` shows the picker, `back` the screen below, else quit."""
+        if result == "open":
+            root = os.path.dirname(os.path.abspath(self.path)) if self.path and not os.path.isdir(self.path) \
+                else (self.path or self.root)
+            self.show_picker(root)
+        elif result != "back":
+            self.exit(0)
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         for cmd in super().get_system_commands(screen):
@@ -81,9 +132,9 @@ class QInspectApp(App[int]):
             return
         name = self.session.name if self.session is not None else (self.path or "qinspect")
         try:
-            self.push_screen(ErrorScreen(name, f"{type(error).__name__}: {error}\n\n"
-                                               "(set QINSPECT_DEBUG=1 to see the traceback)",
-                                         title="qinspect hit an internal error"))
+            self.push_screen(ErrorScreen(for_terminal(name), for_terminal(f"{type(error).__name__}: {error}") + "\n\n"
+                                         "(set QINSPECT_DEBUG=1 to see the traceback)",
+                                         title="qinspect hit an internal error"), self._error_done)
         except Exception:
             super()._handle_exception(error)
 
@@ -93,7 +144,7 @@ class QInspectApp(App[int]):
 
 
 def run_app(path: str | None) -> int:
-    """Run the TUI on `path` (None: the file picker). Returns the exit code."""
+    """Run the TUI on `path` (None or a directory: the picker). Returns the exit code."""
     app = QInspectApp(path)
     try:
         rc = app.run()

@@ -6,8 +6,10 @@ import re
 from collections.abc import Callable
 from functools import partial
 
+from rich.text import Text
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
+from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 
 _L2_RE = re.compile(r"^\s*(?:go\s*to\s*)?(?:l2|table|l2\s*table)\s*#?\s*(\d+)\s*$", re.I)
@@ -31,7 +33,7 @@ class QinspectCommands(Provider):
         if not isinstance(main, MainScreen):
             return []
         cmds: list[tuple[str, str, Callable[[], object]]] = []
-        for vid, label, _cls in VIEWS:
+        for vid, label in VIEWS:
             cmds.append((f"View: {label[2:]}", f"switch to view {label[0]}", partial(main.action_view, vid)))
         cmds += [
             ("Go to guest offset…", "move the guest map cursor (g in the guest map)",
@@ -45,10 +47,11 @@ class QinspectCommands(Provider):
             ("Help", "help for the focused widget (? / f1)", main.action_toggle_help),
         ]
         for i, sn in enumerate(main.session.img.snapshots):
-            cmds.append((f"Go to snapshot {sn.id_str} '{sn.name}'", "open its L1 table in Structures",
+            cmds.append((f"Go to snapshot {for_terminal(sn.id_str)} '{for_terminal(sn.name)}'",
+                         "open its L1 table in Structures",
                          partial(self._snapshot, main, i)))
         for i, b in enumerate(main.session.img.bitmaps):
-            cmds.append((f"Go to bitmap '{b.name}'", "open its bitmap table in Structures",
+            cmds.append((f"Go to bitmap '{for_terminal(b.name)}'", "open its bitmap table in Structures",
                          partial(self._bitmap, main, i)))
         return cmds
 
@@ -108,7 +111,7 @@ class QinspectCommands(Provider):
 
     async def discover(self) -> Hits:
         for name, help_text, cb in self._commands():
-            yield DiscoveryHit(name, cb, help=help_text)
+            yield DiscoveryHit(Text(name), cb, help=help_text)  # names from the file: never markup
 
     async def search(self, query: str) -> Hits:
         main = self._main()

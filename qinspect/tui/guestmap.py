@@ -21,7 +21,7 @@ import numpy.typing as npt
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
 from qinspect.qcow2.l2 import SubclusterType
-from qinspect.tui.palette import GUEST_COLOURS, NSTATES, G, backing_state
+from qinspect.tui.palette import GUEST_COLOURS, GUEST_LETTERS, NSTATES, G, backing_state
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
@@ -46,6 +46,17 @@ _SC_TO_G[SubclusterType.INVALID] = G.INVALID
 _ALLOC_COLS = np.array([s for s in range(NSTATES) if s not in (G.UNKNOWN, G.UNALLOCATED)], dtype=np.int64)
 
 
+def majority(counts: npt.NDArray[np.int64]) -> U8:
+    """The state with the most clusters in each row of state counts (not-scanned aside); ties go
+    to the allocated state, so a half-full cell shows what is there."""
+    c = counts.astype(np.int64).copy()
+    c[:, G.UNKNOWN] = -1
+    c[:, G.UNALLOCATED] = c[:, G.UNALLOCATED] * 2 - 1  # compare 2u-1 with 2a: a tie goes to a
+    c[:, _ALLOC_COLS] *= 2
+    out: U8 = np.argmax(c, axis=1).astype(np.uint8)
+    return out
+
+
 class ImagePool:
     """Images for worker threads. `Image` keeps LRU caches and is not thread-safe, so every
     thread borrows an image of its own (opening one more when all are busy)."""
@@ -55,20 +66,39 @@ class ImagePool:
         self._free: list[Image] = []
         self._all: list[Image] = []
         self._lock = threading.Lock()
+        self._generation = 0
+
+    def open(self) -> Image:
+        """One more image of the file (subclasses check that it is still the same file)."""
+        return open_image(self.path)
 
     @contextmanager
     def borrow(self) -> Iterator[Image]:
         with self._lock:
             img = self._free.pop() if self._free else None
+            generation = self._generation
         if img is None:
-            img = open_image(self.path)
+            img = self.open()
             with self._lock:
                 self._all.append(img)
         try:
             yield img
         finally:
             with self._lock:
-                self._free.append(img)
+                if generation == self._generation:
+                    self._free.append(img)
+                else:
+                    img.close()
+                    self._all.remove(img)
+
+    def reset(self) -> None:
+        """Drop the idle images (the file changed: their caches are stale); busy ones go when returned."""
+        with self._lock:
+            for img in self._free:
+                img.close()
+                self._all.remove(img)
+            self._free.clear()
+            self._generation += 1
 
     def close(self) -> None:
         with self._lock:
@@ -203,6 +233,10 @@ class GuestMap:
     def colour(code: int) -> str:
         return GUEST_COLOURS.get(code, GUEST_COLOURS[G.UNKNOWN])
 
+    @staticmethod
+    def letter(code: int) -> str:
+        return GUEST_LETTERS.get(code, "?")
+
     # -- geometry -------------------------------------------------------------------------------
     def _table_sizes(self, tables: I64) -> I64:
         lo = tables.astype(np.int64) * self.l2_size
@@ -279,6 +313,13 @@ class GuestMap:
                     return np.full(hi - lo, nz[0], dtype=np.uint8)
         return None
 
+    def table_has(self, t: int, states: list[int]) -> bool:
+        """Whether scanned table `t` holds a cluster in one of `states` (False when not scanned)."""
+        if t >= self.n_dense:
+            return G.UNALLOCATED in states
+        with self._lock:
+            return bool(self.scanned[t]) and bool(self.counts[t, states].any())
+
     def unscanned(self, t0: int, t1: int) -> list[int]:
         t0, t1 = max(0, t0), min(t1, self.n_dense)
         if t0 >= t1:
@@ -288,12 +329,17 @@ class GuestMap:
     # -- aggregation --------------------------------------------------------------------------------
     @staticmethod
     def summarise(counts: npt.NDArray[np.int64]) -> tuple[U8, U8]:
-        """Dominant state and fill glyph of each row of state counts."""
+        """Majority state and fill glyph of each row of state counts.
+
+        The colour is the state most of the cell's known clusters are in (15 unallocated and 1 data
+        cluster make an unallocated cell); the glyph says how much of it is allocated, so the one
+        data cluster still shows (`░`). An invalid cluster anywhere makes the cell invalid.
+        """
         known = counts.sum(axis=1) - counts[:, G.UNKNOWN]
         alloc = counts[:, _ALLOC_COLS]
         filled = alloc.sum(axis=1)
-        dom = _ALLOC_COLS[np.argmax(alloc, axis=1)].astype(np.uint8)
-        code = np.where(filled > 0, dom, np.where(known > 0, np.uint8(G.UNALLOCATED), np.uint8(G.UNKNOWN)))
+        code = majority(counts)
+        code = np.where(known > 0, code, np.uint8(G.UNKNOWN))
         code = np.where(counts[:, G.INVALID] > 0, np.uint8(G.INVALID), code).astype(np.uint8)
         frac = filled / np.maximum(known, 1)
         glyph = np.where(

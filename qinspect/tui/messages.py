@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
+from qinspect.tui.session import Step
 from qinspect.tui.structs import StructRef
 
 
@@ -33,20 +34,28 @@ class ShowStructure(Message):
 
 
 class ShowView(Message):
-    """Switch to a view by id."""
+    """Switch to a view by id (a link: the place left is remembered)."""
 
     def __init__(self, view: str) -> None:
         super().__init__()
         self.view = view
 
 
+class FindIn(Message):
+    """A link that is a search: go to `view` and find `text` there (finding → its evidence)."""
+
+    def __init__(self, view: str, text: str) -> None:
+        super().__init__()
+        self.view = view
+        self.text = text
+
+
 class ScanProgress(Message):
     """A scan step advanced (posted from a worker thread)."""
 
-    def __init__(self, step: str, label: str, done: int, total: int) -> None:
+    def __init__(self, step: Step, done: int, total: int) -> None:
         super().__init__()
         self.step = step
-        self.label = label
         self.done = done
         self.total = total
 
@@ -54,7 +63,7 @@ class ScanProgress(Message):
 class ScanStepDone(Message):
     """A scan step finished, failed (error set) or was cancelled."""
 
-    def __init__(self, step: str, error: str | None = None, cancelled: bool = False) -> None:
+    def __init__(self, step: Step, error: str | None = None, cancelled: bool = False) -> None:
         super().__init__()
         self.step = step
         self.error = error

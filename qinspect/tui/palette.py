@@ -35,22 +35,51 @@ class G(IntEnum):
 NSTATES = 14
 MAX_DEPTH_COLOURS = 5
 
-GUEST_COLOURS: dict[int, str] = {
-    G.UNKNOWN: "#3a3a3a",
-    G.UNALLOCATED: "#6c6c6c",
-    G.DATA: "#5fd75f",
-    G.ZERO_PLAIN: "#87afff",
-    G.ZERO_ALLOC: "#5f87d7",
-    G.RESERVED: "#afaf87",
-    G.COMPRESSED: "#d787ff",
-    G.PARTIAL: "#ffd75f",
-    G.INVALID: "#ff5f5f",
-    G.BACKING1: "#ffaf5f",
-    G.BACKING2: "#d78700",
-    G.BACKING3: "#af8700",
-    G.BACKING4: "#af5f00",
-    G.BACKING5: "#875f00",
+# The three palettes (one per theme family), chosen so that any two entries of one legend differ
+# by CIEDE2000 ΔE ≥ 20 on their background (tests/tui/test_palette.py measures it); the
+# colour-blind palette maximises the distance under simulated protanopia and deuteranopia instead
+# and every grid draws letters there, so that no kind depends on colour alone.
+_GUEST: dict[str, dict[int, str]] = {
+    "dark": {G.UNKNOWN: "#3a3a3a", G.UNALLOCATED: "#666666", G.DATA: "#66ee66", G.ZERO_PLAIN: "#66aaff",
+             G.ZERO_ALLOC: "#22eeee", G.RESERVED: "#aa8844", G.COMPRESSED: "#cc66ff", G.PARTIAL: "#ffee22",
+             G.INVALID: "#ff2222", G.BACKING1: "#eeaaaa", G.BACKING2: "#aa4466", G.BACKING3: "#884400",
+             G.BACKING4: "#448844", G.BACKING5: "#8800cc"},
+    "light": {G.UNKNOWN: "#d0d0d0", G.UNALLOCATED: "#666666", G.DATA: "#44cc44", G.ZERO_PLAIN: "#66aaff",
+              G.ZERO_ALLOC: "#22cccc", G.RESERVED: "#886600", G.COMPRESSED: "#cc66ff", G.PARTIAL: "#ccaa00",
+              G.INVALID: "#ff2222", G.BACKING1: "#ccaaaa", G.BACKING2: "#aa4466", G.BACKING3: "#882200",
+              G.BACKING4: "#228866", G.BACKING5: "#660088"},
+    "colour-blind": {G.UNKNOWN: "#3a3a3a", G.UNALLOCATED: "#666666", G.DATA: "#66ee66", G.ZERO_PLAIN: "#66aaff",
+                     G.ZERO_ALLOC: "#22eeee", G.RESERVED: "#aaaa88", G.COMPRESSED: "#aa44ff", G.PARTIAL: "#ffeecc",
+                     G.INVALID: "#ff2222", G.BACKING1: "#aaaaaa", G.BACKING2: "#8888aa", G.BACKING3: "#aa0000",
+                     G.BACKING4: "#668866", G.BACKING5: "#aa2288"},
 }
+# Host-layout owners (analysis.layout.Owner names, lower case).
+_HOST = {
+    "dark": {"data": "#66ee66", "compressed": "#cc66ff", "header": "#eeeeee", "l1": "#0088ff", "l2": "#66ccee",
+             "refcount_table": "#ff8800", "refcount_block": "#ffcc44", "leaked": "#ff2222", "free": "#666666",
+             "snapshot_l1": "#8844aa", "snapshot_table": "#eeaacc", "bitmap_directory": "#aaaa88",
+             "bitmap_table": "#668800", "bitmap_data": "#226644", "luks": "#ff4488", "past_end": "#8888aa",
+             "shared": "#00aa88", "conflict": "#aa0044"},
+    "light": {"data": "#44cc44", "compressed": "#cc66ff", "header": "#ccaaaa", "l1": "#0088ff", "l2": "#22cccc",
+              "refcount_table": "#ff8800", "refcount_block": "#ccaa22", "leaked": "#ff2222", "free": "#444444",
+              "snapshot_l1": "#8844aa", "snapshot_table": "#ff4488", "bitmap_directory": "#668800",
+              "bitmap_table": "#886600", "bitmap_data": "#224400", "luks": "#886666", "past_end": "#8888aa",
+              "shared": "#228866", "conflict": "#aa0044"},
+    "colour-blind": {"data": "#66ee66", "compressed": "#aa44ff", "header": "#eeeeee", "l1": "#6688aa",
+                     "l2": "#66ccee", "refcount_table": "#ff8800", "refcount_block": "#ffeeaa", "leaked": "#ff2222",
+                     "free": "#666666", "snapshot_l1": "#6666aa", "snapshot_table": "#ee66ff",
+                     "bitmap_directory": "#aaaa66", "bitmap_table": "#888844", "bitmap_data": "#446644",
+                     "luks": "#ee6688", "past_end": "#aaaaaa", "shared": "#00aa88", "conflict": "#cc0066"},
+}
+# Space-bar parts that are no host owner, set apart from the owners shown next to them.
+_SPACE_EXTRA = {
+    "dark": {"zero": "#22ffee", "preallocated": "#aa8822"},
+    "light": {"zero": "#22cccc", "preallocated": "#886600"},
+    "colour-blind": {"zero": "#22ffee", "preallocated": "#888844"},
+}
+PALETTES = tuple(_GUEST)
+
+GUEST_COLOURS: dict[int, str] = dict(_GUEST["dark"])
 
 GUEST_NAMES: dict[int, str] = {
     G.UNKNOWN: "not scanned",
@@ -68,6 +97,24 @@ GUEST_NAMES: dict[int, str] = {
     G.BACKING4: "from backing 4",
     G.BACKING5: "from backing 5+",
 }
+
+# The second channel: one letter per state, drawn instead of blocks when letters are on (`L`; always
+# in the colour-blind theme) and shown in the legend.
+GUEST_LETTERS: dict[int, str] = {
+    G.UNKNOWN: " ", G.UNALLOCATED: ".", G.DATA: "D", G.ZERO_PLAIN: "0", G.ZERO_ALLOC: "Z", G.RESERVED: "r",
+    G.COMPRESSED: "C", G.PARTIAL: "P", G.INVALID: "!", G.BACKING1: "1", G.BACKING2: "2", G.BACKING3: "3",
+    G.BACKING4: "4", G.BACKING5: "5",
+}
+
+
+def guest_name(state: int, layer_names: list[str] | None = None) -> str:
+    """A state's legend name; backing layers by their file name when known."""
+    if G.BACKING1 <= state <= G.BACKING5 and layer_names:
+        depth = state - G.BACKING1 + 1
+        if depth < len(layer_names):
+            more = "+" if state == G.BACKING5 and len(layer_names) > MAX_DEPTH_COLOURS + 1 else ""
+            return f"from {layer_names[depth]}{more}"
+    return GUEST_NAMES[state]
 
 # Names users may type to find a state (`/` in the guest map).
 GUEST_ALIASES: dict[str, tuple[int, ...]] = {
@@ -89,39 +136,29 @@ def backing_state(depth: int) -> G:
 
 
 # Structure kinds: host clusters by owner, tree nodes, hex fields, space bar parts.
-KIND_COLOURS: dict[str, str] = {
-    "header": "#ffffff",
-    "extension": "#d0d0d0",
-    "l1": "#00afff",
-    "snapshot_l1": "#5f87af",
-    "l2": "#5fd7ff",
-    "snapshot_l2": "#5fafaf",
-    "refcount_table": "#ff8700",
-    "refcount_block": "#ffaf00",
-    "data": GUEST_COLOURS[G.DATA],
-    "zero": GUEST_COLOURS[G.ZERO_ALLOC],
-    "zero_data": "#87af87",
-    "backing_dup": "#afd7af",
-    "snapshot_data": "#00af5f",
-    "compressed": GUEST_COLOURS[G.COMPRESSED],
-    "snapshot_table": "#af87ff",
-    "bitmap_directory": "#ffff5f",
-    "bitmap_table": "#d7d75f",
-    "bitmap_data": "#afaf5f",
-    "luks": "#ff87af",
-    "vmstate": "#87d7d7",
-    "preallocated": GUEST_COLOURS[G.RESERVED],
-    "leaked": "#ff5f5f",
-    "free": "#4e4e4e",
-    "hole": "#4e4e4e",
-    "tail": "#808080",
-    "past_end": "#808080",
-    "metadata": "#5fafd7",
-    "unknown": "#3a3a3a",
-    "corrupt": GUEST_COLOURS[G.INVALID],
-    "shared": "#00af87",
-    "filesystem": "#585858",
-}
+def _kinds(name: str) -> dict[str, str]:
+    """Structure kinds: the host owners plus the kinds of the space bar, tree and hex view."""
+    host, guest = _HOST[name], _GUEST[name]
+    return {
+        **host,
+        "extension": host["header"],
+        "snapshot_l2": host["snapshot_l1"],
+        "zero": _SPACE_EXTRA[name]["zero"],
+        "zero_data": _SPACE_EXTRA[name]["zero"],
+        "backing_dup": host["shared"],
+        "snapshot_data": host["snapshot_table"],
+        "preallocated": _SPACE_EXTRA[name]["preallocated"],
+        "hole": host["free"],
+        "tail": host["past_end"],
+        "filesystem": host["past_end"],
+        "metadata": host["l2"],
+        "unknown": guest[G.UNKNOWN],
+        "corrupt": host["conflict"],
+        "vmstate": host["snapshot_table"],
+    }
+
+
+KIND_COLOURS: dict[str, str] = _kinds("dark")
 
 # Alternate names an analysis may use for a kind (Owner enum member names, space parts).
 _KIND_ALIASES: dict[str, str] = {
@@ -189,12 +226,46 @@ def kind_colour(name: str) -> str:
     return KIND_COLOURS[kind_key(name)]
 
 
-def swatch(colour: str, label: str, glyph: str = "█") -> Text:
-    """A legend item: a coloured block and its label."""
+def swatch(colour: str, label: str, glyph: str = "█", letter: str = "") -> Text:
+    """A legend item: a coloured block (and the letter the grid draws in letter mode), its label."""
     t = Text()
     t.append(glyph, Style(color=colour))
+    if letter:
+        t.append(letter, Style(color=colour, bold=True))
     t.append(" " + label)
     return t
+
+
+# -- themes ----------------------------------------------------------------------------------------------
+class PaletteState:
+    """Which palette is in use, and whether the grids draw letters (the second channel)."""
+
+    name = "dark"
+    letters = False
+
+
+def use_palette(name: str) -> bool:
+    """Switch every colour table to palette `name` in place; True when it changed."""
+    if name not in _GUEST:
+        raise KeyError(name)
+    changed = name != PaletteState.name
+    GUEST_COLOURS.clear()
+    GUEST_COLOURS.update(_GUEST[name])
+    KIND_COLOURS.clear()
+    KIND_COLOURS.update(_kinds(name))
+    PaletteState.name = name
+    PaletteState.letters = name == "colour-blind"
+    return changed
+
+
+THEME_COLOUR_BLIND = "qinspect-colour-blind"
+THEME_LIGHT = "qinspect-light"
+
+
+def palette_for_theme(theme: str, dark: bool = True) -> str:
+    if theme == THEME_COLOUR_BLIND:
+        return "colour-blind"
+    return "dark" if dark and theme != THEME_LIGHT else "light"
 
 
 # Field colours for the hex view of records without a natural kind (header fields, snapshot

@@ -3,35 +3,94 @@
 The main thread uses `img` (lookups for the inspector, tables for the Structures view); every
 scan runs in a worker thread with an image of its own from `pool`. Results land here: the guest
 map fills in table by table, the other analyses are set when they finish (or stay None when
-cancelled). Analyses that other modules provide are looked up at call time, so the TUI uses them
-as soon as they exist and falls back to what the core can tell until then.
+cancelled).
+
+The analyses are imported when a scan first needs them (not at start-up: the first frame must not
+wait for numpy-heavy modules it does not draw), by ordinary imports of their typed functions: a
+`TypeError` inside an analysis is a bug that surfaces, never a reason to call it another way.
+
+The file is identified when opened (device, inode, size, mtime). Every image a worker borrows is
+checked against that identity, and `changed()` says whether the file was replaced or modified
+since, so that results from two different files are never mixed on one screen.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import shlex
+import time
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
+from enum import Enum, StrEnum
+from typing import TYPE_CHECKING
 
 from qinspect.analysis.progress import CancelledFn, ProgressFn
 from qinspect.qcow2.errors import Problem, Qcow2Error
 from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
+from qinspect.termtext import for_terminal
 from qinspect.tui.fmt import display_name
 from qinspect.tui.guestmap import GuestMap, ImagePool
 
-# Clusters classified per worker step of the guest-map scan (a few L2 tables at a time).
-SCAN_STEP_CLUSTERS = 1 << 18
+if TYPE_CHECKING:
+    from qinspect.analysis.check import CheckResult
+    from qinspect.analysis.diagnose import Diagnosis
+    from qinspect.analysis.layout import Layout
+    from qinspect.analysis.space import Space
+
+# Clusters classified per worker step of the guest-map scan (a few L2 tables at a time): small
+# enough that one step holds the interpreter for a few milliseconds, so keys stay responsive.
+SCAN_STEP_CLUSTERS = 1 << 16
 
 
-def analysis(name: str) -> ModuleType | None:
-    """`qinspect.analysis.<name>` if that module exists (and imports), else None."""
-    try:
-        return importlib.import_module(f"qinspect.analysis.{name}")
-    except ImportError:
-        return None
+class Step(StrEnum):
+    """The scan steps, in the order they run."""
+
+    GUEST = "guest"
+    LAYOUT = "layout"
+    DIAGNOSE = "diagnose"
+    CHECK = "check"
+    SPACE = "space"
+
+    @property
+    def label(self) -> str:
+        return _STEP_LABELS[self]
+
+
+_STEP_LABELS = {Step.GUEST: "Guest map", Step.LAYOUT: "Host layout", Step.CHECK: "Refcount check",
+                Step.DIAGNOSE: "Diagnose", Step.SPACE: "Space"}
+
+
+class InUse(Enum):
+    """Another process holds QEMU's locks on the image (from `HostFile.lock_state`)."""
+
+    WRITE = "write"
+    READ = "read"
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What identifies the file that was opened, and whether it changed since."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of_fd(cls, fd: int) -> FileIdentity:
+        st = os.fstat(fd)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def of_path(cls, path: str) -> FileIdentity | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class FileReplaced(Qcow2Error):
+    """The path names a different file than the one this session opened."""
 
 
 @dataclass
@@ -44,6 +103,24 @@ class LayerInfo:
     virtual_size: int
     file_size: int
     cluster_size: int | None
+    disk_usage: int = 0
+
+
+class CheckedPool(ImagePool):
+    """The worker pool, refusing to hand out an image of a file other than the session's."""
+
+    def __init__(self, path: str, identity: FileIdentity) -> None:
+        super().__init__(path)
+        self.identity = identity
+
+    def open(self) -> Image:
+        img = open_image(self.path)
+        now = FileIdentity.of_fd(img.file.fd)
+        if (now.dev, now.ino) != (self.identity.dev, self.identity.ino):
+            img.close()
+            raise FileReplaced("the file was replaced by another file since it was opened (r or R reopens it)",
+                               path=self.path)
+        return img
 
 
 class Session:
@@ -51,40 +128,80 @@ class Session:
 
     def __init__(self, path: str, name: str | None = None) -> None:
         self.path = path
-        self.name = name or display_name(path)
+        self.name = for_terminal(name or display_name(path))
         self.img: Image = open_image(path)
-        self.pool = ImagePool(path)
-        self.layers, error = self.img.open_chain()
-        chain_error = None if error is None else str(error)
+        self.identity = FileIdentity.of_fd(self.img.file.fd)
+        self.pool = CheckedPool(path, self.identity)
+        layers, chain_error = self.img.open_chain()
+        self.layers: list[Layer] = layers
         backing_size = max((layer.virtual_size for layer in self.layers[1:]), default=0)
         self.guest = GuestMap(self.img, backing_size)
-        self.chain_error = self.clean(chain_error) if chain_error else None
+        self.chain_error = self.clean(str(chain_error)) if chain_error is not None else None
         if self.chain_error:
             self.guest.backing_error = self.chain_error
-        self.layout: Any = None
-        self.check: Any = None
-        self.diagnosis: Any = None
-        self.space: Any = None
-        self.errors: dict[str, str] = {}
-        self.cancelled: set[str] = set()
+        self.layout: Layout | None = None
+        self.check: CheckResult | None = None
+        self.diagnosis: Diagnosis | None = None
+        self.space: Space | None = None
+        self.errors: dict[Step, str] = {}
+        self.cancelled: set[Step] = set()
+        self.scanning = False  # set by the screen that runs the scans
+        # Following a live image (tui/follow.py): the file as last seen, where the round-robin
+        # re-read of L2 tables is, clusters newly allocated, and images replaced by fresher ones.
+        self.follow_seen: FileIdentity | None = None
+        self.follow_cursor = 0
+        self.fresh_clusters: set[int] = set()
+        self._retired: list[Image] = []
 
-    def clean(self, text: str) -> str:
-        """`text` with this image's path shown as on screen (no absolute, machine-specific paths)."""
+    def clean(self, text: str, multiline: bool = False) -> str:
+        """`text` with this image's path shown as on screen (no absolute, machine-specific paths),
+        escaped for the terminal; with `multiline` its line breaks stay (each line is escaped)."""
         if not text:
             return text
+        if multiline:
+            return "\n".join(self.clean(line) for line in text.split("\n"))
         path = self.path
         for p in {shlex.quote(path), path, os.path.abspath(path)}:
             text = text.replace(p, self.name)
         d = os.path.dirname(os.path.abspath(path))
         if d and d != "/":
             text = text.replace(d + os.sep, "")
-        return text
+        return for_terminal(text)
+
+    def retire(self, img: Image) -> None:
+        """An image replaced by a fresher one; views may still hold tables of it for a while."""
+        self._retired.append(img)
+        while len(self._retired) > 2:
+            self._retired.pop(0).close()
 
     def close(self) -> None:
         self.pool.close()
         self.img.close()
+        for img in self._retired:
+            img.close()
+        self._retired.clear()
 
     # -- what the image is ---------------------------------------------------------------------------
+    @property
+    def in_use(self) -> InUse | None:
+        """Whether a running QEMU holds the image's locks (asked now; never takes a lock)."""
+        state = self.img.file.lock_state()
+        return InUse.WRITE if state == "writer" else InUse.READ if state == "reader" else None
+
+    def changed(self) -> str | None:
+        """Why the file on disk is no longer what was opened (replaced, resized, modified), or None."""
+        now = FileIdentity.of_path(self.path)
+        if now is None:
+            return "the file was removed or renamed since it was opened"
+        was = self.identity
+        if (now.dev, now.ino) != (was.dev, was.ino):
+            return "the file was replaced by another file since it was opened"
+        if now.size != was.size:
+            return f"the file changed size since it was opened ({was.size:,} → {now.size:,} bytes)"
+        if now.mtime_ns != was.mtime_ns:
+            return "the file was modified since it was opened"
+        return None
+
     def layer_infos(self) -> list[LayerInfo]:
         out = []
         for depth, layer in enumerate(self.layers):
@@ -93,11 +210,16 @@ class Session:
             else:
                 parent = self.layers[depth - 1]
                 stored = parent.header.backing_file if isinstance(parent, Image) else None
-                name = stored or display_name(layer.path)
+                name = for_terminal(stored or display_name(layer.path))
             cs = layer.cluster_size if isinstance(layer, Image) else None
             fsize = layer.file.size if isinstance(layer, Image | RawLayer) else 0
-            out.append(LayerInfo(depth, name, layer.format, layer.virtual_size, fsize, cs))
+            usage = layer.file.allocated_size if isinstance(layer, Image | RawLayer) else 0
+            out.append(LayerInfo(depth, name, layer.format, layer.virtual_size, fsize, cs, usage))
         return out
+
+    def layer_names(self) -> list[str]:
+        """The file name of every layer, top first (as legends name the backing layers)."""
+        return [os.path.basename(li.name) or li.name for li in self.layer_infos()]
 
     @property
     def problems(self) -> list[Problem]:
@@ -134,6 +256,7 @@ class Session:
                         done += int(gm.scanned[t:end].sum()) - before
                     t += step
                     progress(done, total)
+                    time.sleep(0)  # let the main thread take the interpreter between two steps
         progress(total, total)
 
     def load_tables(self, tables: list[int], cancelled: CancelledFn) -> None:
@@ -152,54 +275,61 @@ class Session:
                     gm.compute(img, todo[k], todo[m - 1] + 1)
                 k = m
 
-    def run_layout(self, progress: ProgressFn, cancelled: CancelledFn) -> Any:
-        """The host layout and check's result from one refcount walk (each L2 table read once);
-        the check is kept for `run_check`, which follows."""
+    def run_layout(self, progress: ProgressFn, cancelled: CancelledFn) -> Layout:
+        """The host layout and check's result from one refcount walk (each L2 table read once):
+        with the check set here, the check step that follows has nothing left to do."""
         from qinspect.analysis.walks import check_and_layout
 
         with self.pool.borrow() as img:
             self.check, self.layout = check_and_layout(img, progress, cancelled)
-        self._check_pending = True
         return self.layout
 
-    def run_check(self, progress: ProgressFn, cancelled: CancelledFn) -> Any:
-        if getattr(self, "_check_pending", False) and self.check is not None:
-            self._check_pending = False  # computed by the walk run_layout just did
-            progress(1, 1)
-            return self.check
+    def run_check(self, progress: ProgressFn, cancelled: CancelledFn) -> CheckResult:
         from qinspect.analysis.check import check_image
 
         with self.pool.borrow() as img:
             self.check = check_image(img, progress, cancelled)
         return self.check
 
-    def run_diagnose(self, progress: ProgressFn, cancelled: CancelledFn) -> Any:
-        mod = analysis("diagnose")
-        if mod is None:
-            return None
+    def run_diagnose(self, progress: ProgressFn, cancelled: CancelledFn) -> Diagnosis:
+        from qinspect.analysis.diagnose import diagnose
+
         with self.pool.borrow() as img:
-            try:
-                self.diagnosis = mod.diagnose(img, deep=False, progress=progress, cancelled=cancelled,
-                                              layout=self.layout)
-            except TypeError:
-                self.diagnosis = mod.diagnose(img, deep=False, progress=progress, cancelled=cancelled)
-        space = getattr(self.diagnosis, "space", None)
-        if space is not None:
-            self.space = space
+            self.diagnosis = diagnose(img, deep=False, progress=progress, cancelled=cancelled, layout=self.layout)
+        self.space = self.diagnosis.space
         if self.layout is None:
-            self.layout = getattr(self.diagnosis, "layout", None)
+            self.layout = self.diagnosis.layout
         return self.diagnosis
 
-    def run_space(self) -> Any:
-        mod = analysis("space")
-        if mod is None:
-            return None
+    def run_space(self) -> Space:
+        from qinspect.analysis.space import compute_space
+
         with self.pool.borrow() as img:
-            try:
-                self.space = mod.compute_space(img, layout=self.layout)
-            except TypeError:
-                self.space = mod.compute_space(img)
+            self.space = compute_space(img, layout=self.layout)
         return self.space
+
+    def run(self, step: Step, progress: ProgressFn, cancelled: CancelledFn) -> None:
+        """Run one scan step (in a worker thread)."""
+        if step is Step.GUEST:
+            self.scan_guest(progress, cancelled)
+        elif step is Step.LAYOUT:
+            self.run_layout(progress, cancelled)
+        elif step is Step.CHECK:
+            self.run_check(progress, cancelled)
+        elif step is Step.DIAGNOSE:
+            self.run_diagnose(progress, cancelled)
+        else:
+            self.run_space()
+
+    def pending_steps(self) -> list[Step]:
+        """The steps whose results are not there yet, in the order they run."""
+        done = {Step.GUEST: self.guest.complete, Step.LAYOUT: self.layout is not None,
+                Step.DIAGNOSE: self.diagnosis is not None, Step.CHECK: self.check is not None,
+                Step.SPACE: self.space is not None}
+        return [s for s in Step if not done[s]]
+
+    def step_done(self, step: Step) -> bool:
+        return step not in self.pending_steps()
 
 
 def open_session(path: str, name: str | None = None) -> Session:

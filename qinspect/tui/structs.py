@@ -339,7 +339,7 @@ class BackingNameModel(TableModel):
 
 # -- L1 and L2 tables -------------------------------------------------------------------------------
 class L1Model(TableModel):
-    columns = (("#", 7), ("guest from", 10), ("raw entry", 17), ("L2 table", 12), ("flags", 16))
+    columns = (("#", 7), ("guest from", 14), ("raw entry", 17), ("L2 table", 12), ("flags", 16))
     kind = "l1"
 
     def __init__(self, img: Image, owner: int = -1) -> None:
@@ -374,7 +374,7 @@ class L1Model(TableModel):
         if off % self.img.cluster_size:
             flags.append("UNALIGNED!")
         colour = KIND_COLOURS["l2"] if off else DIM
-        return [(str(i), None), (fmt.short_size(i * self.span_bytes), None), (f"{e:016x}", colour),
+        return [(str(i), None), (fmt.hexoff(i * self.span_bytes), None), (f"{e:016x}", colour),
                 (fmt.hexoff(off) if off else "-", colour), (" ".join(flags), None)]
 
     def span(self, i: int) -> tuple[int, int] | None:
@@ -453,10 +453,10 @@ class L2Model(TableModel):
         self.states = l2_states(img, self.entries, self.bitmaps)
         self.guest0 = l1_index * h.l2_size * h.cluster_size
         if self.ext:
-            self.columns = (("#", 6), ("guest", 8), ("raw entry", 17), ("subcluster bitmap", 17), ("type", 11),
+            self.columns = (("#", 6), ("guest", 14), ("raw entry", 17), ("subcluster bitmap", 17), ("type", 11),
                             ("host", 10), ("flags", 8))
         else:
-            self.columns = (("#", 6), ("guest", 8), ("raw entry", 17), ("type", 11), ("host", 12), ("flags", 14))
+            self.columns = (("#", 6), ("guest", 14), ("raw entry", 17), ("type", 11), ("host", 12), ("flags", 14))
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -487,7 +487,7 @@ class L2Model(TableModel):
         if e & C.QCOW_OFLAG_COPIED:
             f.append("C")
         if e & C.QCOW_OFLAG_COMPRESSED:
-            f.append("Z" if not self.ext else "comp")
+            f.append("comp")  # "Z" means reads-as-zero everywhere else
         elif e & C.QCOW_OFLAG_ZERO:
             f.append("zero" if not self.ext else "bit0!")
         if not e & C.QCOW_OFLAG_COMPRESSED and e & C.L2E_STD_RESERVED_MASK:
@@ -497,7 +497,7 @@ class L2Model(TableModel):
     def row(self, i: int) -> list[Cell]:
         e = int(self.entries[i])
         colour = GUEST_COLOURS[int(self.states[i])]
-        cells: list[Cell] = [(str(i), None), (fmt.short_size(self.guest(i)), None), (f"{e:016x}", colour)]
+        cells: list[Cell] = [(str(i), None), (fmt.hexoff(self.guest(i)), None), (f"{e:016x}", colour)]
         if self.ext:
             bm = int(self.bitmaps[i]) if self.bitmaps is not None else 0
             cells.append((f"{bm:016x}", colour if bm else DIM))
@@ -587,7 +587,7 @@ class RefcountTableModel(TableModel):
             flags.append("RESERVED!")
         if off % self.img.cluster_size:
             flags.append("UNALIGNED!")
-        return [(str(i), None), (fmt.short_size(i * self.per), None), (f"{e:016x}", colour),
+        return [(str(i), None), (fmt.hexoff(i * self.per), None), (f"{e:016x}", colour),
                 (fmt.hexoff(off) if off else "-", colour), (" ".join(flags), None)]
 
     def span(self, i: int) -> tuple[int, int] | None:
@@ -785,7 +785,7 @@ class BitmapDirectoryModel(TableModel):
 
 
 class BitmapTableModel(TableModel):
-    columns = (("#", 6), ("guest from", 10), ("raw entry", 17), ("data cluster", 12), ("content", 16))
+    columns = (("#", 6), ("guest from", 14), ("raw entry", 17), ("data cluster", 12), ("content", 16))
     kind = "bitmap_table"
 
     def __init__(self, img: Image, index: int) -> None:
@@ -810,7 +810,7 @@ class BitmapTableModel(TableModel):
             content, colour = "all ones", KIND_COLOURS["bitmap_table"]
         else:
             content, colour = "all zeros", DIM
-        return [(str(i), None), (fmt.short_size(i * self.per), None), (f"{e:016x}", colour),
+        return [(str(i), None), (fmt.hexoff(i * self.per), None), (f"{e:016x}", colour),
                 (fmt.hexoff(off) if off else "-", colour), (content, colour)]
 
     def span(self, i: int) -> tuple[int, int] | None:

@@ -429,8 +429,14 @@ async def test_host_layout_names_owner_and_guest_offsets(samples) -> None:  # ty
         text = plain(view._inspect())
         assert "data" in text
         assert "guest 0x200000" in text
-        await pilot.press("enter")
-        await pilot.pause()
+        await pilot.press("enter")  # the one entry that points here: the L2 entry, in Structures
+        await settle(pilot, app)
+        assert main.active_view == "structures"
+        st = main.view("structures")
+        assert isinstance(st, StructuresView) and isinstance(st.model, L2Model)
+        assert st.table.cursor == (2 << 20) // (64 << 10) % st.model.img.header.l2_size
+        await pilot.press("enter")  # and from the entry to the guest map
+        await settle(pilot, app)
         assert main.active_view == "guest"
         gm = main.view("guest")
         assert isinstance(gm, GuestMapView)
@@ -458,7 +464,7 @@ async def test_mouse_click_selects_a_cell(samples) -> None:  # type: ignore[no-u
         grid = view.grid
         grid.set_zoom(0)
         await pilot.pause()
-        await pilot.click(ClusterGrid, offset=(9 + 5 * grid.cell_w, 1))
+        await pilot.click(ClusterGrid, offset=(grid.label_width + 5 * grid.cell_w, 1))
         await pilot.pause()
         assert grid.cursor == grid.cols + 5
 
@@ -500,8 +506,9 @@ async def test_file_picker_lists_qcow2_files_by_magic(made: dict[str, Path]) -> 
         names = [p for p, _s in screen.files]
         assert "ext.qcow2" in names and "many.qcow2" in names
         assert "raw.img" not in names
-        await pilot.press(*"ext")
+        await pilot.press("slash", *"ext")
         await pilot.pause()
+        assert screen.table.row_count == 1
         await pilot.press("enter")
         await settle(pilot, app)
         assert isinstance(app.screen, MainScreen)

@@ -8,6 +8,8 @@ kind), which is where an odd image would break a view.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import SAMPLE_NAMES
 
@@ -34,7 +36,7 @@ async def test_every_view_on_every_sample(samples, name: str) -> None:  # type: 
         session = screen.session
         assert not session.errors, session.errors
         assert session.guest.complete
-        for idx, (vid, _label, _cls) in enumerate(VIEWS):
+        for idx, (vid, _label) in enumerate(VIEWS):
             await pilot.press(str(idx + 1))
             await pilot.pause()
             assert screen.active_view == vid
@@ -80,4 +82,11 @@ async def test_every_view_on_every_sample(samples, name: str) -> None:  # type: 
                     model.target(i)
                     model.span(i)
                 model.byte_colours(model.start, b"\0" * 32)
+        await pilot.pause()
+
+        # every view: its place in the history, what c copies and what e exports (as JSON)
+        for view in screen.built_views():
+            view.restore(view.place())
+            view.copy_value()
+            json.dumps(view.export(), default=str)
         await pilot.pause()

@@ -12,8 +12,8 @@ from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image, RawLayer, open_image
 from qinspect.qcow2.l2 import SubclusterType
 from qinspect.tui import fmt
-from qinspect.tui.guestmap import GL_EMPTY, GL_FULL, GuestMap, extents_to_clusters
-from qinspect.tui.palette import G, backing_state
+from qinspect.tui.guestmap import GL_EMPTY, GL_FULL, GuestMap, extents_to_clusters, majority
+from qinspect.tui.palette import NSTATES, G, backing_state
 
 SC = {
     SubclusterType.UNALLOCATED_PLAIN: G.UNALLOCATED,
@@ -97,16 +97,18 @@ def test_extents_to_clusters_mixed_and_invalid() -> None:
     assert out.tolist() == [G.DATA, G.PARTIAL, G.INVALID, G.DATA]
 
 
-def test_cells_aggregate_dominant_state_and_fill(samples: Any) -> None:
+def test_cells_show_their_majority_state_and_fill(samples: Any) -> None:
     with open_image(samples.path("basic64k")) as img:
         gm = GuestMap(img)
         gm.compute(img, 0, gm.n_tables)
-        # 16 clusters per cell: the first cell holds one data cluster among 15 unallocated ones
+        # 16 clusters per cell: the first cell holds one data cluster among 15 unallocated ones. Its
+        # colour is the majority's (unallocated); its glyph says that some of it is allocated.
         codes, glyphs, need = gm.cells(4, 0, 4)
         assert not need
-        assert codes[0] == G.DATA and glyphs[0] != GL_FULL
+        assert codes[0] == G.UNALLOCATED and glyphs[0] not in (GL_FULL, GL_EMPTY)
         counts = gm.cell_counts(4, 0)
         assert counts is not None and int(counts.sum()) == 16
+        assert int(majority(counts.reshape(1, -1))[0]) == codes[0]  # what the side panel says
         # the whole disk in one cell
         z = gm.max_zoom
         codes, glyphs, _ = gm.cells(z, 0, 1)
@@ -135,3 +137,11 @@ def test_parse_size_rejects_junk() -> None:
         fmt.parse_size("12q")
 
 
+
+
+def test_majority_ties_go_to_what_is_allocated() -> None:
+    c = np.zeros((3, NSTATES), dtype=np.int64)
+    c[0, G.UNALLOCATED], c[0, G.DATA] = 15, 1
+    c[1, G.UNALLOCATED], c[1, G.DATA] = 8, 8
+    c[2, G.ZERO_PLAIN], c[2, G.DATA], c[2, G.UNALLOCATED] = 5, 4, 7
+    assert majority(c).tolist() == [G.UNALLOCATED, G.DATA, G.UNALLOCATED]

@@ -25,11 +25,15 @@ HINTS = {
 }
 
 
-class ErrorScreen(Screen[None]):
-    """`ErrorScreen(name, message)`: q quits, o opens the file picker, escape goes back if possible."""
+class ErrorScreen(Screen[str | None]):
+    """`ErrorScreen(name, message)`: q quits, o opens the picker, escape goes back if possible.
+
+    It imports no other screen: it dismisses with "open", "back" or None (quit) and the app acts.
+    `name` and `message` must be escaped for the terminal already (`for_terminal`).
+    """
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("q", "app.quit", "Quit"),
+        Binding("q", "quit", "Quit"),
         Binding("o", "open_other", "Open another image"),
         Binding("escape", "back", "Back", show=False),
     ]
@@ -62,10 +66,11 @@ class ErrorScreen(Screen[None]):
         yield Footer()
 
     def action_open_other(self) -> None:
-        from qinspect.tui.screens.picker import PickerScreen
+        self.dismiss("open")
 
-        self.app.switch_screen(PickerScreen())
+    def action_quit(self) -> None:
+        self.dismiss(None)
 
     def action_back(self) -> None:
         if len(self.app.screen_stack) > 2:
-            self.app.pop_screen()
+            self.dismiss("back")

@@ -1,26 +1,37 @@
-"""The main screen: header line, the views on number keys, scan status, footer.
+"""The main screen: header line, breadcrumb, the views on number keys, scan status, footer.
 
-Scans run in one thread worker, step after step (guest map, host layout, check or diagnose, space);
+Scans run in one thread worker, step after step (guest map, host layout, diagnose, check, space);
 every step reports progress through messages and leaves its result in the session, so a view
 shows partial results while the scan goes on, and what was done before `esc` stays usable.
+
+Navigation: following a link (`enter`, `H`, a finding's evidence, a snapshot's L1) or switching
+views remembers the place being left; `backspace` goes back to it, and the breadcrumb line shows
+the way taken. Views are imported and built when first shown, so the first frame waits for none
+of the later views' modules.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from typing import ClassVar
 
+from rich.style import Style
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Footer, TabbedContent, TabPane, Tabs
+from textual.widgets import Footer, Static, TabbedContent, TabPane, Tabs
 from textual.worker import Worker, get_current_worker
 
-from qinspect.analysis.progress import Cancelled, CancelledFn, ProgressFn
+from qinspect.analysis.progress import Cancelled
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.tui.messages import (
+    FindIn,
     ScanFinished,
     ScanProgress,
     ScanStepDone,
@@ -29,31 +40,82 @@ from qinspect.tui.messages import (
     ShowStructure,
     ShowView,
 )
-from qinspect.tui.palette import G
+from qinspect.tui.nav import History, Place, breadcrumb
+from qinspect.tui.palette import DIM, G
 from qinspect.tui.screens.prompt import PromptScreen
-from qinspect.tui.session import Session, analysis
+from qinspect.tui.session import Session, Step
 from qinspect.tui.views.base import View
-from qinspect.tui.views.cache import CacheLabView
-from qinspect.tui.views.chain import ChainView
-from qinspect.tui.views.diagnostics import DiagnosticsView
-from qinspect.tui.views.guest import GuestMapView
-from qinspect.tui.views.host import HostLayoutView
-from qinspect.tui.views.overview import OverviewView
-from qinspect.tui.views.structures import StructuresView
 from qinspect.tui.widgets.header import HeaderBar
 from qinspect.tui.widgets.status import ScanStatus
 
-VIEWS: tuple[tuple[str, str, type[View]], ...] = (
-    ("overview", "1 Overview", OverviewView),
-    ("guest", "2 Guest map", GuestMapView),
-    ("host", "3 Host layout", HostLayoutView),
-    ("structures", "4 Structures", StructuresView),
-    ("cache", "5 Cache lab", CacheLabView),
-    ("diagnostics", "6 Diagnostics", DiagnosticsView),
-    ("chain", "7 Chain & snapshots", ChainView),
+# (id, tab label): labels short enough that all seven tabs fit in 80 columns.
+VIEWS: tuple[tuple[str, str], ...] = (
+    ("overview", "1 Overview"),
+    ("guest", "2 Guest"),
+    ("host", "3 Host"),
+    ("structures", "4 Structs"),
+    ("cache", "5 Cache"),
+    ("diagnostics", "6 Diagnose"),
+    ("chain", "7 Chain"),
 )
-STEP_LABELS = {"guest": "Guest map", "layout": "Host layout", "check": "Refcount check", "diagnose": "Diagnose",
-               "space": "Space"}
+VIEW_IDS = tuple(v for v, _label in VIEWS)
+
+# Seconds between two redraws of the maps while a scan fills them (keys stay responsive).
+REDRAW_INTERVAL = 0.5
+# Seconds between two looks at a followed image (size and mtime).
+FOLLOW_INTERVAL = 1.0
+
+
+def view_class(vid: str) -> type[View]:
+    """The class of a view, imported when first needed (not at start-up)."""
+    if vid == "overview":
+        from qinspect.tui.views.overview import OverviewView
+        return OverviewView
+    if vid == "guest":
+        from qinspect.tui.views.guest import GuestMapView
+        return GuestMapView
+    if vid == "host":
+        from qinspect.tui.views.host import HostLayoutView
+        return HostLayoutView
+    if vid == "structures":
+        from qinspect.tui.views.structures import StructuresView
+        return StructuresView
+    if vid == "cache":
+        from qinspect.tui.views.cache import CacheLabView
+        return CacheLabView
+    if vid == "diagnostics":
+        from qinspect.tui.views.diagnostics import DiagnosticsView
+        return DiagnosticsView
+    if vid == "chain":
+        from qinspect.tui.views.chain import ChainView
+        return ChainView
+    raise KeyError(vid)
+
+
+def export_path(session: Session, vid: str) -> str:
+    """Where `e` writes: qinspect-<image>-<view>.json in the current directory (or /tmp when that
+    is not writable); never over an existing file."""
+    base = os.path.basename(session.path) or "image"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
+    d = os.getcwd() if os.access(os.getcwd(), os.W_OK) else "/tmp"
+    path = os.path.join(d, f"qinspect-{safe}-{vid}.json")
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(d, f"qinspect-{safe}-{vid}-{n}.json")
+    return path
+
+
+class ViewTabs(TabbedContent):
+    """The views' tabs. A pane is activated by focus only while the focused widget is still in it:
+    a focus that arrives after a link switched views must not switch back."""
+
+    def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
+        focused = self.screen.focused
+        if focused is None or event.tab_pane not in focused.ancestors_with_self:
+            event.stop()
+            return
+        super()._on_tab_pane_focused(event)
 
 
 class MainScreen(Screen[None]):
@@ -62,20 +124,30 @@ class MainScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "app.quit", "Quit"),
         Binding("question_mark,f1", "toggle_help", "Help", key_display="?"),
-        Binding("1", "view('overview')", "Views", key_display="1-7"),
+        Binding("1", "view('overview')", "Views", key_display="1-7", show=False),
         Binding("2", "view('guest')", show=False),
         Binding("3", "view('host')", show=False),
         Binding("4", "view('structures')", show=False),
         Binding("5", "view('cache')", show=False),
         Binding("6", "view('diagnostics')", show=False),
         Binding("7", "view('chain')", show=False),
+        Binding("backspace", "back", "Back", key_display="⌫"),
+        Binding("o", "open_other", "Open"),
         Binding("g", "goto", "Go to"),
         Binding("slash", "find", "Find", key_display="/"),
-        Binding("n", "find_next(1)", "Next", show=False),
-        Binding("N", "find_next(-1)", "Previous", show=False),
+        Binding("n", "find_next(1)", "Next match", show=False),
+        Binding("N", "find_next(-1)", "Previous match", show=False),
+        Binding("c", "copy", "Copy", show=False),
+        Binding("e", "export", "Export JSON", show=False),
+        Binding("f", "follow", "Follow a live image", show=False),
         Binding("escape", "cancel", "Cancel scan", show=False),
         Binding("r", "rescan", "Rescan", show=False),
+        Binding("R", "reopen", "Reopen the file", show=False),
     ]
+
+    DEFAULT_CSS = """
+    MainScreen #crumbs { height: 1; padding: 0 1; color: $text-muted; }
+    """
 
     def __init__(self, session: Session, *, scan: bool = True, view: str = "overview") -> None:
         super().__init__()
@@ -86,23 +158,30 @@ class MainScreen(Screen[None]):
         self.last_find: str | None = None
         self.scan_worker: Worker[None] | None = None
         self._focus_target: Widget | None = None
+        self.history = History()
+        self._restoring = False
+        self.follow_timer: Timer | None = None
+        self._last_redraw = 0.0
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(self.session, id="header")
-        with TabbedContent(initial=self.initial_view, id="tabs"):
-            for vid, label, cls in VIEWS:
+        yield Static("", id="crumbs")
+        with ViewTabs(initial=self.initial_view, id="tabs"):
+            for vid, label in VIEWS:
                 with TabPane(label, id=vid):
                     if vid == self.initial_view:  # the other views are built when first shown
-                        yield cls(self.session, id=f"view-{vid}")
+                        yield view_class(vid)(self.session, id=f"view-{vid}")
         yield ScanStatus(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
         # The tab strip is driven by the number keys; tab moves between the widgets of a view.
         self.query_one(TabbedContent).query_one(Tabs).can_focus = False
-        self.call_after_refresh(self._focus_current)
+        self.call_after_refresh(self._focus_current, self.initial_view)
+        self.call_after_refresh(self.update_crumbs)
         if self.autoscan:
-            self.call_after_refresh(self.start_scans)
+            # after the first frame is on screen: the scan threads would slow the first frame down
+            self.call_after_refresh(self.call_after_refresh, self.start_scans)
         else:
             self.query_one(ScanStatus).idle("scans not started (r runs them)")
 
@@ -122,8 +201,7 @@ class MainScreen(Screen[None]):
             view = found.first()
             assert isinstance(view, View)
             return view
-        cls = next(c for v, _label, c in VIEWS if v == vid)
-        view = cls(self.session, id=f"view-{vid}")
+        view = view_class(vid)(self.session, id=f"view-{vid}")
         await self.query_one(f"TabPane#{vid}", TabPane).mount(view)
         return view
 
@@ -131,50 +209,129 @@ class MainScreen(Screen[None]):
     def active_view(self) -> str:
         return self.query_one(TabbedContent).active
 
-    def _focus_current(self) -> None:
+    def _focus_current(self, vid: str | None = None) -> None:
+        """Focus the view `vid` once it is shown (a focus scheduled for a view that is no longer the
+        active one is dropped: focusing inside a hidden pane would switch back to it)."""
+        if vid is not None and vid != self.active_view:
+            return
         target, self._focus_target = self._focus_target, None
         if target is not None and target.is_mounted:
             target.focus()
         else:
-            self.view().focus_main()
+            found = self.query(f"#view-{self.active_view}")
+            if found:
+                view = found.first()
+                if isinstance(view, View):
+                    view.focus_main()
+
+    def here(self) -> Place | None:
+        """The place shown now (None before the first view is built)."""
+        found = self.query(f"#view-{self.active_view}")
+        view = found.first() if found else None
+        return view.place() if isinstance(view, View) else None
+
+    def remember(self) -> None:
+        """Push the place shown now onto the history (before a link or a view switch)."""
+        if self._restoring:
+            return
+        place = self.here()
+        if place is not None:
+            self.history.push(place)
+
+    def update_crumbs(self) -> None:
+        here = self.here()
+        label = here.label if here is not None else ""
+        width = max(10, self.size.width - 2)
+        text = breadcrumb(self.history.trail(), label, width - 14) if len(self.history) else label
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append(text, Style(color=DIM))
+        if len(self.history):
+            t.append("  ⌫ back", Style(color=DIM, italic=True))
+        self.query_one("#crumbs", Static).update(t)
 
     async def action_view(self, vid: str) -> None:
-        await self.ensure_view(vid)
         tabs = self.query_one(TabbedContent)
         if tabs.active != vid:
+            self.remember()
+        await self.ensure_view(vid)
+        if tabs.active != vid:
+            self.set_focus(None)  # nothing in the pane left behind may pull the tabs back to it
             tabs.active = vid  # TabActivated focuses the view
         else:
-            self.call_after_refresh(self._focus_current)
+            self.call_after_refresh(self._focus_current, vid)
+        self.call_after_refresh(self.update_crumbs)
 
     async def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         vid = event.pane.id
         if vid:
-            await self.ensure_view(vid)
+            view = await self.ensure_view(vid)
+            if view.stale:
+                view.stale = False
+                view.data_changed(None)
         self.refresh_bindings()
-        self.call_after_refresh(self._focus_current)
+        self.call_after_refresh(self._focus_current, vid)
+        self.call_after_refresh(self.update_crumbs)
 
     async def on_show_view(self, message: ShowView) -> None:
         await self.action_view(message.view)
 
     async def on_show_guest(self, message: ShowGuest) -> None:
+        if message.switch:
+            self.remember()
         view = await self.ensure_view("guest")
+        from qinspect.tui.views.guest import GuestMapView
+
         assert isinstance(view, GuestMapView)
         view.show_offset(message.offset)
         if message.switch:
-            await self.action_view("guest")
+            await self._switch_quietly("guest")
 
     async def on_show_host(self, message: ShowHost) -> None:
+        self.remember()
         view = await self.ensure_view("host")
+        from qinspect.tui.views.host import HostLayoutView
+
         assert isinstance(view, HostLayoutView)
         view.show_offset(message.offset)
-        await self.action_view("host")
+        await self._switch_quietly("host")
 
     async def on_show_structure(self, message: ShowStructure) -> None:
+        self.remember()
         view = await self.ensure_view("structures")
+        from qinspect.tui.views.structures import StructuresView
+
         assert isinstance(view, StructuresView)
         view.show_ref(message.ref)
         self._focus_target = view.table
-        await self.action_view("structures")
+        await self._switch_quietly("structures")
+
+    async def on_find_in(self, message: FindIn) -> None:
+        self.remember()
+        view = await self.ensure_view(message.view)
+        await self._switch_quietly(message.view)
+        err = view.find_first(message.text)
+        if err:
+            self.notify(err, severity="warning", markup=False)
+        self.call_after_refresh(self.update_crumbs)
+
+    async def _switch_quietly(self, vid: str) -> None:
+        """Show `vid` without pushing history (the caller remembered the place already)."""
+        self._restoring = True
+        try:
+            await self.action_view(vid)
+        finally:
+            self._restoring = False
+        self.call_after_refresh(self.update_crumbs)
+
+    async def action_back(self) -> None:
+        place = self.history.pop()
+        if place is None:
+            self.notify("nothing to go back to", timeout=2)
+            return
+        view = await self.ensure_view(place.view)
+        await self._switch_quietly(place.view)
+        view.restore(place)
+        self.call_after_refresh(self.update_crumbs)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide go-to and find in the footer of views that have none."""
@@ -191,6 +348,44 @@ class MainScreen(Screen[None]):
         else:
             self.app.action_show_help_panel()
 
+    def action_open_other(self) -> None:
+        """The picker, in the directory of this image (`o` from anywhere)."""
+        from qinspect.tui.screens.picker import PickerScreen
+
+        root = os.path.dirname(os.path.abspath(self.session.path)) or "."
+
+        def done(path: str | None) -> None:
+            if path:
+                opener: Callable[[str], None] | None = getattr(self.app, "open_path", None)
+                if opener is not None:
+                    opener(path)
+
+        self.app.push_screen(PickerScreen(root), done)
+
+    # -- copy and export ----------------------------------------------------------------------------------
+    def action_copy(self) -> None:
+        got = self.view().copy_value()
+        if got is None:
+            self.notify("nothing to copy here", severity="warning", timeout=3)
+            return
+        what, text = got
+        self.app.copy_to_clipboard(text)
+        self.notify(f"copied {what}: {text}", markup=False, timeout=4)
+
+    def action_export(self) -> None:
+        view = self.view()
+        data = {"image": self.session.path, "in-use": (iu.value if (iu := self.session.in_use) else None),
+                **view.export()}
+        path = export_path(self.session, view.VIEW_ID or self.active_view)
+        try:
+            with open(path, "x", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, default=str)
+                f.write("\n")
+        except OSError as e:
+            self.notify(f"export failed: {e.strerror or e}", markup=False, severity="error")
+            return
+        self.notify(f"wrote {path}", markup=False, timeout=6)
+
     # -- go to and find -----------------------------------------------------------------------------------
     def action_goto(self) -> None:
         view = self.view()
@@ -200,9 +395,12 @@ class MainScreen(Screen[None]):
 
         def done(text: str | None) -> None:
             if text:
+                self.remember()
                 err = view.goto(text)
                 if err:
+                    self.history.pop()
                     self.notify(err, severity="warning", markup=False)
+                self.update_crumbs()
 
         self.app.push_screen(PromptScreen(view.goto_prompt), done)
 
@@ -234,25 +432,11 @@ class MainScreen(Screen[None]):
         if self.scanning:
             return
         self.scanning = True
+        self.session.scanning = True
         self.session.cancelled.clear()
         self.query_one(ScanStatus).start("starting scans…")
         self.scan_worker = self.run_worker(self._scan_all, thread=True, group="scan", exit_on_error=False,
                                            name="scan")
-
-    def _steps(self) -> list[str]:
-        s = self.session
-        steps = []
-        if not s.guest.complete:
-            steps.append("guest")
-        if s.layout is None and analysis("layout") is not None:
-            steps.append("layout")
-        if analysis("diagnose") is not None and s.diagnosis is None:
-            steps.append("diagnose")
-        if s.check is None:
-            steps.append("check")
-        if s.space is None and analysis("space") is not None:
-            steps.append("space")
-        return steps
 
     def _scan_all(self) -> None:
         worker = get_current_worker()
@@ -261,22 +445,13 @@ class MainScreen(Screen[None]):
         def cancelled() -> bool:
             return worker.is_cancelled
 
-        for step in self._steps():
+        for step in s.pending_steps():
             if cancelled():
                 self.post_message(ScanStepDone(step, cancelled=True))
                 break
-            label = STEP_LABELS[step]
-            self.post_message(ScanProgress(step, label, 0, 1))
-            progress = self._progress_fn(step, label)
-            run: dict[str, Callable[[ProgressFn, CancelledFn], object]] = {
-                "guest": s.scan_guest,
-                "layout": s.run_layout,
-                "check": s.run_check,
-                "diagnose": s.run_diagnose,
-                "space": lambda _p, _c: s.run_space(),
-            }
+            self.post_message(ScanProgress(step, 0, 1))
             try:
-                run[step](progress, cancelled)
+                s.run(step, self._progress_fn(step), cancelled)
             except Cancelled:
                 self.post_message(ScanStepDone(step, cancelled=True))
                 break
@@ -292,7 +467,7 @@ class MainScreen(Screen[None]):
             self.post_message(ScanStepDone(step))
         self.post_message(ScanFinished(cancelled()))
 
-    def _progress_fn(self, step: str, label: str) -> Callable[[int, int], None]:
+    def _progress_fn(self, step: Step) -> Callable[[int, int], None]:
         """A progress callback for a worker thread: posts at most ten messages a second."""
         last = [0.0]
 
@@ -300,23 +475,20 @@ class MainScreen(Screen[None]):
             now = time.monotonic()
             if now - last[0] >= 0.1 or done >= total:
                 last[0] = now
-                self.post_message(ScanProgress(step, label, done, total))
+                self.post_message(ScanProgress(step, done, total))
 
         return progress
 
     def on_scan_progress(self, message: ScanProgress) -> None:
         status = self.query_one(ScanStatus)
-        if message.step == "guest":
-            unit = "L2 tables"
-        elif message.step in ("layout", "check", "diagnose"):
-            unit = "tables"
-        else:
-            unit = ""
-        label = f"{message.label}: {message.done:,}/{message.total:,} {unit}".rstrip() if message.total > 1 \
-            else f"{message.label}…"
-        status.advance(label, message.done, message.total)
-        if message.step == "guest" and message.done:
-            self._data_changed("guest")
+        unit = "L2 tables" if message.step is Step.GUEST else "" if message.step is Step.SPACE else "tables"
+        label = message.step.label
+        text = f"{label}: {message.done:,}/{message.total:,} {unit}".rstrip() if message.total > 1 else f"{label}…"
+        status.advance(text, message.done, message.total)
+        now = time.monotonic()
+        if message.step is Step.GUEST and message.done and now - self._last_redraw >= REDRAW_INTERVAL:
+            self._last_redraw = now  # the maps redraw at most twice a second while a scan fills them
+            self._data_changed(Step.GUEST)
 
     def on_scan_step_done(self, message: ScanStepDone) -> None:
         s = self.session
@@ -324,35 +496,37 @@ class MainScreen(Screen[None]):
             s.cancelled.add(message.step)
         elif message.error:
             s.errors[message.step] = message.error
-            self.notify(f"{STEP_LABELS.get(message.step, message.step)} failed: {self.session.clean(message.error)}",
+            self.notify(f"{message.step.label} failed: {self.session.clean(message.error)}",
                         severity="error", timeout=8, markup=False)
         self._data_changed(message.step)
-        if message.step == "guest" and int(s.guest.totals()[G.COMPRESSED]):
+        if message.step is Step.GUEST and int(s.guest.totals()[G.COMPRESSED]):
             self.query_one(HeaderBar).set_compressed_seen()
 
     def on_scan_finished(self, message: ScanFinished) -> None:
         self.scanning = False
-        status = self.query_one(ScanStatus)
         s = self.session
+        s.scanning = False
+        status = self.query_one(ScanStatus)
         if message.cancelled or s.cancelled:
-            done = [STEP_LABELS[k] for k in ("guest", "layout", "diagnose", "check") if self._step_done(k)]
+            done = [st.label for st in (Step.GUEST, Step.LAYOUT, Step.DIAGNOSE, Step.CHECK) if s.step_done(st)]
             status.idle(f"scan cancelled — partial results shown{' (' + ', '.join(done) + ' done)' if done else ''}"
                         " · r resumes", warn=True)
         elif s.errors:
-            status.idle("scans finished with errors: " + ", ".join(STEP_LABELS.get(k, k) for k in s.errors), warn=True)
+            status.idle("scans finished with errors: " + ", ".join(k.label for k in s.errors), warn=True)
         else:
             status.idle("all scans complete")
-        for view in self.built_views():
-            view.data_changed("all")
+        self._data_changed(None)
 
-    def _step_done(self, step: str) -> bool:
-        s = self.session
-        return {"guest": s.guest.complete, "layout": s.layout is not None, "diagnose": s.diagnosis is not None,
-                "check": s.check is not None}[step]
-
-    def _data_changed(self, step: str) -> None:
+    def _data_changed(self, step: Step | None) -> None:
+        """Tell the shown view at once; the hidden ones catch up when they are shown."""
+        if step is not Step.GUEST:
+            self.call_after_refresh(self.update_crumbs)
+        active = f"view-{self.active_view}"
         for view in self.built_views():
-            view.data_changed(step)
+            if view.id == active:
+                view.data_changed(step)
+            else:
+                view.stale = True
 
     def action_cancel(self) -> None:
         if self.scanning and self.scan_worker is not None:
@@ -362,10 +536,65 @@ class MainScreen(Screen[None]):
             self.app.action_hide_help_panel()
 
     def action_rescan(self) -> None:
+        changed = self.session.changed()
+        if changed and self.follow_timer is None:
+            self.query_one(HeaderBar).set_changed(changed)
+            self.notify(f"{changed}: results would mix two versions of the file; "
+                             "R reopens it, f follows it", markup=False, severity="warning", timeout=10)
+            return
         if self.scanning:
             self.notify("a scan is already running (esc cancels it)")
             return
-        if not self._steps():
+        if not self.session.pending_steps():
             self.notify("everything is scanned already")
             return
         self.start_scans()
+
+    def action_reopen(self) -> None:
+        if self.scan_worker is not None and self.scanning:
+            self.scan_worker.cancel()
+        opener: Callable[..., None] | None = getattr(self.app, "open_path", None)
+        if opener is not None:
+            opener(self.session.path, replace=True)
+
+    # -- follow a live image ------------------------------------------------------------------------------
+    def action_follow(self) -> None:
+        if self.follow_timer is not None:
+            self.follow_timer.stop()
+            self.follow_timer = None
+            self.query_one(HeaderBar).set_following(False)
+            self.notify("stopped following", timeout=3)
+            return
+        self.follow_timer = self.set_interval(FOLLOW_INTERVAL, self._follow_tick)
+        self.query_one(HeaderBar).set_following(True)
+        self.notify("following: changes are re-read every second (f stops)", timeout=4)
+
+    def _follow_tick(self) -> None:
+        if self.scanning:
+            return
+        from qinspect.tui.follow import refresh_changed
+
+        s = self.session
+        try:
+            changes = refresh_changed(s)
+        except Qcow2Error as e:
+            self.notify(f"follow: {e}", markup=False, severity="error", timeout=6)
+            return
+        if changes is None:
+            return
+        self.query_one(HeaderBar).refresh_text()
+        if changes.replaced:
+            self.notify("follow: the file was replaced; R reopens it", markup=False, severity="warning", timeout=8)
+            self.action_follow()
+            return
+        if changes.tables or changes.resized:
+            self.query_one(ScanStatus).idle(
+                f"following: {changes.tables} L2 table(s) re-read, {changes.new_clusters:,} new cluster(s)",
+                warn=False)
+            self._data_changed(Step.GUEST)
+            if s.pending_steps():
+                self.start_scans()
+
+
+__all__ = ["VIEWS", "VIEW_IDS", "MainScreen", "view_class"]
+

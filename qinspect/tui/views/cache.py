@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Group, RenderableType
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
@@ -15,8 +16,11 @@ from textual.widgets import Checkbox, Input, Label, Static
 
 from qinspect.tui import fmt
 from qinspect.tui.palette import DIM, ERROR, OK, WARN
-from qinspect.tui.session import Session, analysis
+from qinspect.tui.session import Session
 from qinspect.tui.views.base import View
+
+if TYPE_CHECKING:
+    from qinspect.analysis.cache import CacheModel
 from qinspect.tui.widgets.inputs import SteadyInput
 
 FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -40,6 +44,9 @@ def bar(frac: float, width: int = 30) -> Text:
 
 class CacheLabView(View):
     """Inputs on the left, QEMU's cache arithmetic on the right."""
+
+    VIEW_ID = "cache"
+    TITLE = "Cache lab"
 
     HELP = """
 ## Cache lab
@@ -83,7 +90,7 @@ suffixes; leave an option empty for QEMU's default.
             "write_size": "4k",
         }
         self.refcount_bits = h.refcount_bits
-        self.model: Any = None
+        self.model: CacheModel | None = None
 
     def compose(self) -> ComposeResult:
         h = self.session.img.header
@@ -117,8 +124,8 @@ suffixes; leave an option empty for QEMU's default.
         event.stop()
         self.screen.focus_next()
 
-    def values(self) -> tuple[dict[str, Any], list[str]]:
-        vals: dict[str, Any] = {}
+    def values(self) -> tuple[dict[str, int | None], list[str]]:
+        vals: dict[str, int | None] = {}
         errors: list[str] = []
         for key, label, _ph in FIELDS:
             text = self.query_one(f"#cl-{key}", Input).value.strip()
@@ -130,25 +137,25 @@ suffixes; leave an option empty for QEMU's default.
             except ValueError:
                 errors.append(f"{label}: '{text}' is not a size")
                 vals[key] = None
-        vals["extended_l2"] = self.query_one("#cl-extended_l2", Checkbox).value
-        vals["linux"] = self.query_one("#cl-linux", Checkbox).value
+        vals["extended_l2"] = int(self.query_one("#cl-extended_l2", Checkbox).value)
+        vals["linux"] = int(self.query_one("#cl-linux", Checkbox).value)
         return vals, errors
 
     def recompute(self) -> None:
         self.query_one("#cl-result", Static).update(self.render_result())
 
     def render_result(self) -> RenderableType:
-        mod = analysis("cache")
-        if mod is None:
-            return Text("the cache model (qinspect.analysis.cache) is not available", Style(color=WARN))
+        from qinspect.analysis import cache as mod
+
         vals, errors = self.values()
         h = self.session.img.header
         vs = vals["virtual_size"] if vals["virtual_size"] is not None else h.size
         cs = vals["cluster_size"] if vals["cluster_size"] is not None else h.cluster_size
         ws = vals["write_size"] or 4096
         try:
-            m = mod.cache_model(vs, cs, vals["extended_l2"], self.refcount_bits, vals["l2_cache_size"],
-                                vals["l2_cache_entry_size"], vals["refcount_cache_size"], vals["linux"], write_size=ws)
+            m = mod.cache_model(vs, cs, bool(vals["extended_l2"]), self.refcount_bits, vals["l2_cache_size"],
+                                vals["l2_cache_entry_size"], vals["refcount_cache_size"], bool(vals["linux"]),
+                                write_size=ws)
         except ValueError as exc:
             errors.append(str(exc))
             m = None
@@ -194,7 +201,7 @@ suffixes; leave an option empty for QEMU's default.
         parts.append(Text(f"Every cluster size for a {fmt.size(vs)} disk (same options)", Style(bold=True)))
         try:
             rows = mod.cache_table(vs, self.refcount_bits, vals["l2_cache_size"], vals["l2_cache_entry_size"],
-                                   vals["refcount_cache_size"], vals["linux"], write_size=ws)
+                                   vals["refcount_cache_size"], bool(vals["linux"]), write_size=ws)
         except ValueError as e:
             parts.append(Text(str(e), Style(color=ERROR)))
             return Group(*parts)
@@ -212,8 +219,8 @@ suffixes; leave an option empty for QEMU's default.
         parts.append(tab)
         return Group(*parts)
 
-    def on_key(self, event: Any) -> None:
-        if getattr(event, "key", None) == "escape" and isinstance(self.screen.focused, Input | Checkbox):
+    def on_key(self, event: events.Key) -> None:
+        if event.key == "escape" and isinstance(self.screen.focused, Input | Checkbox):
             event.stop()
             event.prevent_default()
             self.screen.set_focus(None)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Static
 
 from qinspect.qcow2.image import Image
+from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.messages import ShowStructure
-from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, G
-from qinspect.tui.session import Session
+from qinspect.tui.nav import Place
+from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, KIND_COLOURS, G
+from qinspect.tui.session import Session, Step
 from qinspect.tui.structs import (
     BitmapDirectoryModel,
     Cell,
@@ -21,6 +26,7 @@ from qinspect.tui.structs import (
     StructRef,
     TableModel,
     Target,
+    utc,
 )
 from qinspect.tui.views.base import View
 from qinspect.tui.views.overview import LAYER0_STATES
@@ -84,15 +90,78 @@ class LayersModel(TableModel):
         return None
 
 
+class SnapshotsModel(SnapshotTableModel):
+    """The snapshot table with what deleting each snapshot frees (from the space analysis), in
+    the order chosen with `s` (table order, name, date, bytes freed)."""
+
+    SORTS = ("table", "name", "date", "frees")
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session.img)
+        self.session = session
+        self.sort = "table"
+        self.order = list(range(len(self.snaps)))
+        self.columns = (("id", 4), ("name", 14), ("frees if deleted", 16), ("on disk", 10), ("date (UTC)", 19),
+                        ("vm state", 9), ("L1 table", 10))
+
+    def frees(self, i: int) -> tuple[int, int] | None:
+        space = self.session.space
+        if space is None:
+            return None
+        sid = self.snaps[i].id_str
+        return space.snapshots.get(sid, 0), space.snapshot_disk.get(sid, 0)
+
+    def resort(self, sort: str | None = None) -> None:
+        self.sort = sort or self.sort
+        n = len(self.snaps)
+        if self.sort == "name":
+            self.order = sorted(range(n), key=lambda i: self.snaps[i].name)
+        elif self.sort == "date":
+            self.order = sorted(range(n), key=lambda i: self.snaps[i].date_sec)
+        elif self.sort == "frees":
+            self.order = sorted(range(n), key=lambda i: -((self.frees(i) or (0, 0))[0]))
+        else:
+            self.order = list(range(n))
+
+    def row(self, i: int) -> list[Cell]:
+        k = self.order[i]
+        sn = self.snaps[k]
+        fr = self.frees(k)
+        freed = (fmt.size(fr[0]), KIND_COLOURS["snapshot_data"]) if fr is not None else ("…", DIM)
+        disk = (fmt.size(fr[1]), None) if fr is not None else ("…", DIM)
+        return [(sn.id_str, None), (for_terminal(sn.name), KIND_COLOURS["snapshot_table"]), freed, disk,
+                (utc(sn.date_sec), None), (fmt.size(sn.vm_state_size), None), (fmt.hexoff(sn.l1_table_offset), None)]
+
+    def span(self, i: int) -> tuple[int, int] | None:
+        return super().span(self.order[i])
+
+    def detail(self, i: int) -> str:
+        k = self.order[i]
+        fr = self.frees(k)
+        extra = f"; deleting it frees {fr[0]:,} bytes ({fr[1]:,} on disk)" if fr is not None else \
+            "; what deleting it frees is known once the host layout is scanned"
+        return for_terminal(super().detail(k)) + extra
+
+    def target(self, i: int) -> Target:
+        return super().target(self.order[i])
+
+
 class ChainView(View):
     """Three tables: layers, snapshots, bitmaps."""
+
+    VIEW_ID = "chain"
+    TITLE = "Chain & snapshots"
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("s", "sort", "Sort snapshots")]
 
     HELP = """
 ## Chain & snapshots
 
 - **Backing chain**: every layer, top first, and how much of the guest view
   each one provides (from the guest-map scan)
-- **Snapshots**: internal snapshots (`enter` opens the snapshot's L1 table)
+- **Snapshots**: internal snapshots and what deleting each one frees (the
+  clusters only it references); `s` sorts them (table order, name, date,
+  bytes freed); `enter` opens the snapshot's L1 table, whose entries lead on
+  to its L2 tables
 - **Bitmaps**: persistent dirty bitmaps (`enter` opens the bitmap table)
 
 `tab` moves between the tables.
@@ -110,7 +179,7 @@ class ChainView(View):
     def __init__(self, session: Session, *, id: str | None = None) -> None:
         super().__init__(session, id=id)
         self.layers_model = LayersModel(session)
-        self.snap_model = SnapshotTableModel(session.img)
+        self.snap_model = SnapshotsModel(session)
         self.bitmap_model = BitmapDirectoryModel(session.img) if session.img.header.bitmaps_ext else None
 
     def compose(self) -> ComposeResult:
@@ -150,7 +219,8 @@ class ChainView(View):
         event.stop()
         model = event.table.model
         if model is not None and len(model) and event.table.has_focus:
-            self.query_one("#ch-detail", Static).update(Text(model.detail(event.row), Style(color=DIM)))
+            self.query_one("#ch-detail", Static).update(Text(for_terminal(model.detail(event.row)),
+                                                                Style(color=DIM)))
 
     def on_entry_table_activated(self, event: EntryTable.Activated) -> None:
         event.stop()
@@ -161,7 +231,51 @@ class ChainView(View):
         if isinstance(target, StructRef):
             self.post_message(ShowStructure(target))
 
-    def data_changed(self, step: str) -> None:
-        if step == "guest":
+    def action_sort(self) -> None:
+        if not self.session.img.snapshots:
+            return
+        m = self.snap_model
+        m.resort(m.SORTS[(m.SORTS.index(m.sort) + 1) % len(m.SORTS)])
+        t = self.query_one("#ch-snapshots", EntryTable)
+        t.set_model(m, t.cursor)
+        self.notify(f"snapshots sorted by {m.sort}", timeout=2)
+
+    def place(self) -> Place:
+        focused = self.screen.focused if self.is_mounted else None
+        wid = focused.id if isinstance(focused, EntryTable) and focused.id else "ch-layers"
+        cur = focused.cursor if isinstance(focused, EntryTable) else 0
+        return Place(self.VIEW_ID, "Chain" if wid != "ch-snapshots" else f"snapshot row {cur}", (wid, cur))
+
+    def restore(self, place: Place) -> None:
+        if len(place.state) == 2 and isinstance(place.state[0], str) and isinstance(place.state[1], int):
+            found = self.query(f"#{place.state[0]}")
+            if found:
+                t = found.first()
+                if isinstance(t, EntryTable):
+                    t.move_to(place.state[1])
+                    t.focus()
+
+    def copy_value(self) -> tuple[str, str] | None:
+        focused = self.screen.focused
+        if isinstance(focused, EntryTable) and focused.model is not None and len(focused.model):
+            cells = focused.model.row(focused.cursor)
+            return "row", "  ".join(c for c, _ in cells if c)
+        return None
+
+    def export(self) -> dict[str, object]:
+        out: dict[str, object] = {"view": self.VIEW_ID, "layers": [li.__dict__ for li in self.session.layer_infos()]}
+        m = self.snap_model
+        out["snapshots"] = [{"id": sn.id_str, "name": sn.name, "l1-table-offset": sn.l1_table_offset,
+                             "date": sn.date_sec,
+                             "frees": (m.frees(k) or (None, None))[0], "frees-on-disk": (m.frees(k) or (None, None))[1]}
+                            for k, sn in enumerate(m.snaps)]
+        return out
+
+    def data_changed(self, step: Step | None) -> None:
+        if step in (Step.SPACE, Step.DIAGNOSE, None) and self.session.img.snapshots:
+            self.snap_model.resort()
+            t = self.query_one("#ch-snapshots", EntryTable)
+            t.set_model(self.snap_model, t.cursor)
+        if step in (Step.GUEST, None):
             t = self.query_one("#ch-layers", EntryTable)
             t.set_model(self.layers_model, t.cursor)

@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, ClassVar
 
 from rich.console import Group, RenderableType
 from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
+from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
+from qinspect.tui.messages import FindIn, ShowHost, ShowStructure, ShowView
+from qinspect.tui.nav import Place
 from qinspect.tui.palette import DIM, ERROR, OK, SEVERITY_COLOURS, WARN
-from qinspect.tui.session import Session, analysis
+from qinspect.tui.session import Session, Step
+from qinspect.tui.structs import HEADER_FIELDS, StructRef
 from qinspect.tui.views.base import View
 
+if TYPE_CHECKING:
+    from qinspect.analysis.diagnose import Diagnosis
+
 SEVERITY_ORDER = {"critical": 0, "error": 1, "warning": 2, "info": 3, "ok": 4}
+
+# Where a finding's evidence is: a search in a map view, a structure, or a view. The header rows
+# are those of the Structures view's header table (field order of the qcow2 header).
+_HEADER_ROW = {f[0]: row for row, f in enumerate(HEADER_FIELDS)}
+EVIDENCE: dict[str, tuple[str, str]] = {
+    "leaked-clusters": ("host", "leaked"), "check-leaks": ("host", "leaked"),
+    "free-space": ("host", "free"), "fragmentation": ("host", "data"), "fragmented": ("host", "data"),
+    "scattered-metadata": ("host", "L2 table"), "zero-clusters": ("guest", "zero"),
+    "backing-duplicates": ("guest", "backing"), "preallocated-unused": ("guest", "zero"),
+    "compressed": ("guest", "compressed"),
+    "snapshot-space": ("view", "chain"), "long-chain": ("view", "chain"), "backing-missing": ("view", "chain"),
+    "l2-cache-coverage": ("view", "cache"), "l2-cache": ("view", "cache"),
+    "dirty": ("header", "incompatible_features"), "corrupt-bit": ("header", "incompatible_features"),
+    "small-clusters": ("header", "cluster_bits"), "cow-amplification": ("header", "cluster_bits"),
+    "v2-no-zero": ("header", "version"), "narrow-refcount": ("header", "refcount_order"),
+    "problem": ("header", "version"),
+}
 
 
 @dataclass
@@ -34,11 +60,20 @@ class Item:
     fix: str = ""
 
 
-def severity_name(sev: Any) -> str:
+def severity_name(sev: object) -> str:
+    """A severity (an enum member or its string) as the lower-case word the palette knows."""
     return str(getattr(sev, "value", getattr(sev, "name", sev))).lower()
 
 
-def _text(v: Any) -> str:
+def fix_command(fix: object) -> str:
+    """The command of a fix (a string, or an object with a `command`; None when it has none)."""
+    if isinstance(fix, str):
+        return fix
+    command = getattr(fix, "command", None)
+    return command if isinstance(command, str) else ""
+
+
+def _text(v: object) -> str:
     if v is None:
         return ""
     if isinstance(v, dict):
@@ -54,13 +89,23 @@ def _text(v: Any) -> str:
     return str(v)
 
 
-def items_from_diagnosis(diag: Any, s: Session) -> list[Item]:
+def items_from_diagnosis(diag: Diagnosis, s: Session) -> list[Item]:
+    """The findings of `diagnose`, every string escaped for the terminal (names come from the file)."""
     out = []
-    for f in getattr(diag, "findings", []) or []:
-        out.append(Item(str(getattr(f, "id", "")), severity_name(getattr(f, "severity", "info")),
-                        s.clean(str(getattr(f, "title", ""))), s.clean(_text(getattr(f, "evidence", ""))),
-                        s.clean(_text(getattr(f, "impact", ""))), s.clean(_text(getattr(f, "fix", "")))))
+    for f in diag.findings:
+        out.append(Item(f.id, severity_name(f.severity), s.clean(f.title), s.clean(_text(f.evidence), True),
+                        s.clean(_text(f.impact), True), s.clean(fix_command(f.fix), True)))
     return out
+
+
+def cmd(*argv: str) -> str:
+    """A pasteable command (every argument shell-quoted); empty when a name cannot be passed safely."""
+    from qinspect.shellquote import UnsafeArgument, command_line
+
+    try:
+        return command_line(list(argv))
+    except UnsafeArgument:
+        return ""
 
 
 def items_from_core(s: Session) -> list[Item]:
@@ -68,60 +113,71 @@ def items_from_core(s: Session) -> list[Item]:
     out: list[Item] = []
     img = s.img
     h = img.header
-    name = s.name
+    path = s.path if not os.path.isabs(s.path) else os.path.relpath(s.path) if s.path.startswith(os.getcwd()) \
+        else s.path
     for p in img.problems:
         where = f"{p.structure} at offset {p.offset}" if p.offset is not None else p.structure
-        out.append(Item("problem", p.severity.value, s.clean(p.message), where,
+        out.append(Item("problem", p.severity.value, s.clean(p.message), for_terminal(where),
                         "QEMU refuses to open the image" if p.qemu_refuses_open else ""))
     if s.chain_error:
         out.append(Item("backing-missing", "error", "the backing chain cannot be opened", s.chain_error,
                         "guest reads of unallocated clusters fail",
-                        f"qemu-img rebase -u -b NEW_BACKING -F qcow2 {name}"))
+                        cmd("qemu-img", "rebase", "-u", "-b", "NEW_BACKING", "-F", "qcow2", path)))
     if h.corrupt:
         out.append(Item("corrupt-bit", "error", "the corrupt bit is set", "incompatible feature bit 1",
-                        "QEMU opens the image read-only only", f"qemu-img check -r all {name}"))
+                        "QEMU opens the image read-only only", cmd("qemu-img", "check", "-r", "all", path)))
     if h.dirty:
         out.append(Item("dirty", "warning", "the dirty bit is set (lazy refcounts, not closed cleanly)",
                         "incompatible feature bit 0", "the next read/write open rebuilds every refcount first",
-                        f"qemu-img check -r all {name}"))
+                        cmd("qemu-img", "check", "-r", "all", path)))
     chk = s.check
     if chk is not None:
         if chk.corruptions:
             msgs = [m.text for m in chk.messages if m.kind == "error"][:8]
             out.append(Item("check-corruptions", "error", f"{chk.corruptions} corruptions (qemu-img check)",
                             "\n".join(msgs), "reads or writes may fail or return wrong data",
-                            f"cp {name} {name}.bak && qemu-img check -r all {name}"))
+                            cmd("cp", path, path + ".bak") + " && " + cmd("qemu-img", "check", "-r", "all", path)))
         if chk.leaks:
             out.append(Item("check-leaks", "warning", f"{chk.leaks} leaked clusters",
                             f"{chk.leaks} clusters have a refcount but nothing points at them",
                             f"{fmt.size(chk.leaks * h.cluster_size)} of the file are wasted",
-                            f"qemu-img check -r leaks {name}"))
+                            cmd("qemu-img", "check", "-r", "leaks", path)))
         if chk.fragmented_clusters and chk.allocated_clusters:
             share = chk.fragmented_clusters / chk.allocated_clusters
             if share > 0.25:
                 out.append(Item("fragmented", "info", f"{share * 100:.0f}% of the allocated clusters are fragmented",
                                 f"{chk.fragmented_clusters} of {chk.allocated_clusters} clusters",
                                 "sequential guest reads become random host reads",
-                                f"qemu-img convert -O qcow2 {name} {name}.new"))
-    cache = analysis("cache")
-    if cache is not None:
-        try:
-            m = cache.cache_model(h.size, h.cluster_size, h.extended_l2, h.refcount_bits)
-            if m.default_coverage < 1:
-                out.append(Item("l2-cache", "warning",
-                                f"QEMU's default L2 cache covers only {m.default_coverage * 100:.0f}% of the disk",
-                                f"{fmt.size(m.default_l2_cache_size)} default, {fmt.size(m.max_l2_cache)} needed",
-                                "random I/O outside the cached part re-reads L2 tables",
-                                f"-drive file={name},l2-cache-size={fmt.option_size(m.max_l2_cache)}"))
-        except ValueError:
-            pass
+                                cmd("qemu-img", "convert", "-O", "qcow2", path, path + ".new")))
+    from qinspect.analysis.cache import cache_model
+
+    try:
+        m = cache_model(h.size, h.cluster_size, h.extended_l2, h.refcount_bits)
+        if m.default_coverage < 1:
+            out.append(Item("l2-cache", "warning",
+                            f"QEMU's default L2 cache covers only {m.default_coverage * 100:.0f}% of the disk",
+                            f"{fmt.size(m.default_l2_cache_size)} default, {fmt.size(m.max_l2_cache)} needed",
+                            "random I/O outside the cached part re-reads L2 tables",
+                            cmd("-drive", f"file={path.replace(',', ',,')},"
+                                f"l2-cache-size={fmt.option_size(m.max_l2_cache)}")))
+    except ValueError:
+        pass
     if not out:
         out.append(Item("ok", "ok", "nothing wrong found", "header, tables and refcounts are consistent"))
     return out
 
 
+class FindingList(OptionList):
+    """The findings; `enter` (shown in the footer) follows the selected one's evidence."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select", "Evidence", key_display="⏎")]
+
+
 class DiagnosticsView(View):
     """The findings list and the selected finding's details."""
+
+    VIEW_ID = "diagnostics"
+    TITLE = "Diagnostics"
 
     HELP = """
 ## Diagnostics
@@ -130,7 +186,11 @@ What is wrong or slow with this image, worst first. Each finding has its
 evidence (numbers), its impact and the command that fixes it.
 
 - arrows / `jk` select a finding
-- `/` filters by text
+- `enter` follows the finding's evidence: the clusters (guest or host map, at
+  the first one) or the structure (header field, table) it is about;
+  `backspace` comes back here
+- `c` copies the fix command, `e` exports the findings as JSON
+- `/` finds a finding by text
 - `r` runs the scans again
 """
 
@@ -138,7 +198,8 @@ evidence (numbers), its impact and the command that fixes it.
 
     DEFAULT_CSS = """
     DiagnosticsView OptionList, DiagnosticsView OptionList:focus {
-        width: 56; height: 1fr; border: none; border-right: vkey $foreground 20%; padding: 0;
+        width: 45%; min-width: 24; max-width: 60; height: 1fr; border: none; border-right: vkey $foreground 20%;
+        padding: 0;
     }
     DiagnosticsView #dg-detail { width: 1fr; padding: 0 1; }
     DiagnosticsView #dg-status { height: auto; padding: 0 1; }
@@ -151,7 +212,7 @@ evidence (numbers), its impact and the command that fixes it.
     def compose(self) -> ComposeResult:
         yield Static("", id="dg-status")
         with Horizontal():
-            yield OptionList(id="dg-list")
+            yield FindingList(id="dg-list")
             with VerticalScroll(id="dg-detail"):
                 yield Static("", id="dg-text")
 
@@ -166,16 +227,15 @@ evidence (numbers), its impact and the command that fixes it.
         t = Text()
         if s.diagnosis is not None:
             t.append("from qinspect diagnose", Style(color=DIM))
-        elif "diagnose" in s.errors:
-            t.append(f"diagnose failed: {s.errors['diagnose']}", Style(color=ERROR))
-        elif s.check is None and analysis("diagnose") is None:
-            t.append("from the open checks; waiting for the refcount check…", Style(color=DIM))
-        elif s.check is not None and analysis("diagnose") is None:
-            t.append("from the open checks, qemu-img check and the cache model", Style(color=DIM))
-        else:
+        elif Step.DIAGNOSE in s.errors:
+            t.append(f"diagnose failed: {s.clean(s.errors[Step.DIAGNOSE])}", Style(color=ERROR))
+        elif s.scanning:
             t.append("diagnosing… (runs after the host layout; esc cancels)", Style(color=DIM))
+        else:
+            t.append("from the open checks and the cache model; the diagnosis did not run (r runs it)",
+                     Style(color=DIM))
         for step in sorted(s.cancelled):
-            t.append(f" · {step} cancelled (r resumes)", Style(color=WARN))
+            t.append(f" · {step.label} cancelled (r resumes)", Style(color=WARN))
         return t
 
     def rebuild(self) -> None:
@@ -211,6 +271,8 @@ evidence (numbers), its impact and the command that fixes it.
             parts.append(Text(it.id, Style(color=DIM)))
         evidence = it.evidence
         chk = self.session.check
+        if it.id in EVIDENCE:
+            parts.append(Text("enter: show the evidence", Style(color=DIM, italic=True)))
         if chk is not None and it.id in ("corruption", "leaked-clusters", "check-corruptions", "check-leaks"):
             kind = "leak" if "leak" in it.id else "error"
             msgs = [m.text for m in chk.messages if m.kind == kind][:12]
@@ -229,9 +291,76 @@ evidence (numbers), its impact and the command that fixes it.
         event.stop()
         self.show(event.option_index)
 
-    def data_changed(self, step: str) -> None:
-        if step in ("check", "diagnose", "layout", "guest"):
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        self.action_evidence()
+
+    def data_changed(self, step: Step | None) -> None:
+        if step in (Step.CHECK, Step.DIAGNOSE, Step.LAYOUT, None):
             self.rebuild()
+
+    # -- links, history, copy, export -------------------------------------------------------------------
+    @property
+    def current(self) -> int:
+        return self.query_one(OptionList).highlighted or 0
+
+    def action_evidence(self) -> None:
+        """`enter`: where the selected finding's evidence is."""
+        if not self.items:
+            return
+        it = self.items[self.current]
+        if it.id in ("corruption", "check-corruptions"):
+            off = self.first_mismatch()
+            if off is not None:
+                self.post_message(ShowHost(off))
+                return
+        where = EVIDENCE.get(it.id)
+        if where is None:
+            self.notify("this finding has no evidence to show in another view", timeout=3)
+            return
+        kind, what = where
+        if kind == "view":
+            self.post_message(ShowView(what))
+        elif kind == "header":
+            self.post_message(ShowStructure(StructRef("header", row=_HEADER_ROW[what])))
+        else:
+            self.post_message(FindIn(kind, what))
+
+    def first_mismatch(self) -> int | None:
+        """The first host cluster whose stored refcount differs from the references counted."""
+        lay = self.session.layout
+        if lay is None:
+            return None
+        import numpy as np
+
+        n = min(len(lay.reference), len(lay.stored_refcount))
+        bad = np.flatnonzero(lay.reference[:n].astype(np.int64) != lay.stored_refcount[:n].astype(np.int64))
+        return int(bad[0]) * self.session.img.cluster_size if len(bad) else None
+
+    def place(self) -> Place:
+        if not self.items:
+            return Place(self.VIEW_ID, self.TITLE)
+        i = self.current
+        return Place(self.VIEW_ID, f"finding {self.items[i].id or i}", (i,))
+
+    def restore(self, place: Place) -> None:
+        if place.state and isinstance(place.state[0], int) and self.items:
+            ol = self.query_one(OptionList)
+            ol.highlighted = min(place.state[0], len(self.items) - 1)
+            ol.focus()
+
+    def copy_value(self) -> tuple[str, str] | None:
+        if not self.items:
+            return None
+        it = self.items[self.current]
+        if not it.fix:
+            return None
+        return "fix command", it.fix
+
+    def export(self) -> dict[str, object]:
+        return {"view": self.VIEW_ID, "findings": [
+            {"id": it.id, "severity": it.severity, "title": it.title, "evidence": it.evidence,
+             "impact": it.impact, "fix": it.fix} for it in self.items]}
 
     def find(self, text: str, forward: bool = True) -> str | None:
         t = text.lower()

@@ -20,23 +20,29 @@ from qinspect.qcow2.image import Image, L2Lookup
 from qinspect.qcow2.l2 import ClusterType, SubclusterType
 from qinspect.tui import fmt, guestfs
 from qinspect.tui.flow import Flow
-from qinspect.tui.guestmap import GLYPHS
-from qinspect.tui.messages import ShowStructure, TablesLoaded
+from qinspect.tui.guestmap import GLYPHS, majority
+from qinspect.tui.messages import ShowHost, ShowStructure, TablesLoaded
+from qinspect.tui.nav import Place
 from qinspect.tui.palette import (
     DIM,
     ERROR,
-    GUEST_ALIASES,
     GUEST_COLOURS,
-    GUEST_NAMES,
+    GUEST_LETTERS,
     KIND_COLOURS,
     G,
+    PaletteState,
     backing_state,
+    guest_name,
     swatch,
 )
-from qinspect.tui.session import Session
+from qinspect.tui.search import Searcher, parse_query
+from qinspect.tui.session import Session, Step
 from qinspect.tui.structs import StructRef
 from qinspect.tui.views.base import View
 from qinspect.tui.widgets.grid import ClusterGrid
+
+# Tables on screen read at once, ahead of the scan (more than this: the scan gets to them).
+MAX_EAGER_TABLES = 64
 
 SC_STATE = {
     SubclusterType.UNALLOCATED_PLAIN: G.UNALLOCATED,
@@ -61,7 +67,7 @@ SC_NAMES = {
 def rule(title: str) -> Text:
     t = Text()
     t.append(f"── {title} ", Style(bold=True))
-    t.append("─" * max(0, 35 - len(title)), Style(color=DIM))
+    t.append("─" * max(0, 26 - len(title)), Style(color=DIM))
     return t
 
 
@@ -135,6 +141,9 @@ def reads_from(layers: list[object], guest: int, names: list[str], lk: L2Lookup,
 class GuestMapView(View):
     """The guest map."""
 
+    VIEW_ID = "guest"
+    TITLE = "Guest map"
+
     HELP = """
 ## Guest map
 
@@ -145,14 +154,22 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
 - arrows / `hjkl` move, `PgUp`/`PgDn`, `Home`/`End`
 - `+` / `-` zoom in / out
 - `[` / `]` previous / next subcluster (extended L2)
-- `enter` opens the cursor's L2 entry in Structures
+- `enter` opens the cursor's L2 entry in Structures (L1 entry when there is no L2 table)
+- `H` goes to the host cluster the entry points at (view 3), where the
+  entries that reference it are listed; `backspace` comes back
+- `L` draws letters instead of blocks (the legend says which is which)
+- `c` copies the guest offset, `e` exports the cursor's entries as JSON
 - `g` go to a guest offset (`0x10000`, `64k`, `1.5G`)
-- `/` find a state (`data`, `zero`, `compressed`, `partial`, `invalid`, `backing`) or an offset; `n`/`N` again
+- `/` find a state (`data`, `zero`, `compressed`, `partial`, `invalid`, `backing`) or an offset; `n`/`N` again.
+  Partly zero (or data, or unallocated) extended-L2 clusters match, backing layers are searched
+  where they serve the guest, and the search wraps around (it says so)
 """
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("left_square_bracket", "subcluster(-1)", "Subcluster", key_display="[ ]"),
+        Binding("left_square_bracket", "subcluster(-1)", "Subcluster", key_display="[ ]", show=False),
         Binding("right_square_bracket", "subcluster(1)", "Next subcluster", show=False),
+        Binding("H", "to_host", "Host cluster", key_display="H"),
+        Binding("L", "letters", "Letters", show=False),
     ]
 
     goto_prompt = "Go to guest offset (e.g. 0x10000, 64k, 1.5G)"
@@ -161,7 +178,8 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
     DEFAULT_CSS = """
     GuestMapView #gm-left { width: 1fr; }
     GuestMapView #gm-legend { height: auto; padding: 0 1; }
-    GuestMapView #gm-inspector { width: 44; border-left: vkey $foreground 20%; padding: 0 1; }
+    GuestMapView #gm-inspector { width: 30%; min-width: 32; max-width: 64; border-left: vkey $foreground 20%;
+                                 padding: 0 1; }
     """
 
     def __init__(self, session: Session, *, id: str | None = None) -> None:
@@ -170,6 +188,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         self._loading = False
         self._pending: set[int] = set()
         self._last_inspected: tuple[int, ...] | None = None
+        self._fresh_seen = 0
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -197,14 +216,17 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             states += [G.PARTIAL, G.RESERVED]
         states.append(G.INVALID)
         states += [backing_state(d) for d in range(1, min(depth, 5) + 1)]
-        items = [swatch(GUEST_COLOURS[s], GUEST_NAMES[s], "·" if s == G.UNALLOCATED else "█") for s in states]
+        names = self.session.layer_names()
+        letters = PaletteState.letters
+        items = [swatch(GUEST_COLOURS[s], guest_name(s, names), "·" if s == G.UNALLOCATED else "█",
+                        GUEST_LETTERS[s] if letters else "") for s in states]
         if guestfs.guest_fs(self.session).has_freed:
             items.append(swatch(*guestfs.legend_item(), "█"))
         z = self.grid.zoom if self.is_mounted and self.query(ClusterGrid) else 0
         cpc = 1 << z
         t = Text()
-        t.append(f"1 cell = {fmt.count(cpc)} cluster{'s' if cpc > 1 else ''} ({fmt.size(cpc * gm.cluster_size)})",
-                 Style(color=DIM))
+        t.append(f"1 cell = {fmt.count(cpc)} cluster{'s' if cpc > 1 else ''} ({fmt.size(cpc * gm.cluster_size)}),"
+                 " colour = majority, glyph = fill", Style(color=DIM))
         t.append(f" · {fmt.count(gm.n_clusters)} clusters of {fmt.size(gm.cluster_size)}", Style(color=DIM))
         if not gm.complete:
             t.append(f" · scanned {gm.scanned_tables}/{gm.n_tables} L2 tables", Style(color=DIM))
@@ -227,7 +249,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         parts: list[RenderableType] = []
         head = Text()
         head.append(f"guest {fmt.hexoff(cluster * cs)}", Style(bold=True))
-        head.append(f"  ({fmt.size(cluster * cs)})", Style(color=DIM))
+        head.append(f"  ({fmt.size_exact(cluster * cs)})", Style(color=DIM))
         parts.append(head)
         parts.append(kv("cluster", f"{fmt.count(cluster)} of {fmt.count(gm.n_clusters)}"))
         if grid.zoom:
@@ -236,11 +258,19 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             if counts is None:
                 parts.append(Text("        not scanned yet", Style(color=DIM)))
             else:
+                major = int(majority(counts.reshape(1, -1))[0])
+                if counts[G.INVALID]:
+                    major = G.INVALID
+                st = Text()
+                st.append("█ ", Style(color=GUEST_COLOURS[major]))
+                st.append(guest_name(major, s.layer_names()))
+                st.append(" (drawn)" if major != G.INVALID else " (one is enough)", Style(color=DIM))
+                parts.append(kv("majority", st))
                 for code in sorted(range(len(counts)), key=lambda c: -counts[c]):
                     if counts[code]:
                         t = Text("        ")
                         t.append("█ ", Style(color=GUEST_COLOURS[code]))
-                        t.append(f"{GUEST_NAMES[code]} ", Style())
+                        t.append(f"{guest_name(code, s.layer_names())} ", Style())
                         t.append(f"{fmt.count(int(counts[code]))} ({fmt.pct(int(counts[code]), int(counts.sum()))})",
                                  Style(color=DIM))
                         parts.append(t)
@@ -248,8 +278,9 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         if state is not None:
             st = Text()
             st.append("█ ", Style(color=GUEST_COLOURS[state]))
-            st.append(GUEST_NAMES[state])
-            parts.append(kv("state", st))
+            st.append(guest_name(state, s.layer_names()))
+            parts.append(kv("cluster" if grid.zoom else "state", st) if not grid.zoom else
+                         kv("1st", st))
         fs_text = guestfs.guest_fs(s).describe(guest)
         if fs_text is not None:
             parts.append(kv("guest fs", fs_text))
@@ -346,6 +377,8 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
 
     def on_cluster_grid_need_data(self, event: ClusterGrid.NeedData) -> None:
         event.stop()
+        if len(event.tables) > MAX_EAGER_TABLES and self.session.scanning:
+            return  # most of the disk on screen: the running scan fills it in, reading it twice helps nobody
         self._pending.update(event.tables)
         if not self._loading:
             self._load_pending()
@@ -371,15 +404,21 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
     def on_tables_loaded(self, event: TablesLoaded) -> None:
         event.stop()
         self._loading = False
-        self.data_changed("guest")
+        self.data_changed(Step.GUEST)
         if self._pending:
             self._load_pending()
 
-    def data_changed(self, step: str) -> None:
+    def data_changed(self, step: Step | None) -> None:
         guestfs.start(self, self.session)  # after the first scan step: the first frame reads no tables
-        if step != "guest":
+        if step not in (Step.GUEST, None):
             return
-        self.grid.data_changed()
+        grid = self.grid
+        if getattr(grid.source, "gm", grid.source) is not self.session.guest:  # a followed image was re-read
+            grid.replace_source(guestfs.FreedOverlay(self.session.guest, guestfs.guest_fs(self.session)))
+        if len(self.session.fresh_clusters) != self._fresh_seen:
+            self._fresh_seen = len(self.session.fresh_clusters)
+            grid.set_highlight(self.session.fresh_clusters)
+        grid.data_changed()
         self.query_one("#gm-legend", Static).update(self._legend())
         self.update_inspector()
 
@@ -418,30 +457,108 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         self.show_offset(off)
         return None
 
-    def find(self, text: str, forward: bool = True) -> str | None:
-        key = text.strip().lower()
-        states = None
-        for name, sts in GUEST_ALIASES.items():
-            if name.startswith(key) and key:
-                states = sts
-                break
-        if states is None:
+    def find_first(self, text: str) -> str | None:
+        return self.find(text, True, from_start=True)
+
+    def find(self, text: str, forward: bool = True, from_start: bool = False) -> str | None:
+        q = parse_query(text)
+        if q is None:
             return self.goto(text)
-        gm = self.session.guest
+        s = self.session
         grid = self.grid
-        start = grid.cursor + (grid.cpc - 1 if forward else 0)
+        start = -1 if from_start else grid.cursor + (grid.cpc - 1 if forward else 0)
 
         def load(t: int) -> None:
-            self.session.load_tables([t], lambda: False)
+            s.load_tables([t], lambda: False)
 
-        hit = gm.find(start, states, forward, load)
+        hit = Searcher(s.guest, s.img, list(s.layers), load).find(start, q, forward)
         if hit is None:
-            more = "" if gm.complete else " (the scan has not finished)"
-            return f"no more {key} clusters {'after' if forward else 'before'} the cursor{more}"
+            more = "" if s.guest.complete else " (the scan has not finished)"
+            return f"no {q.name} clusters{more}"
+        if hit.wrapped and not from_start:
+            self.notify(f"search wrapped around to the {'start' if forward else 'end'} of the disk", timeout=3)
         self.sc = 0
         grid.data_changed()
-        grid.move_to(hit)
+        grid.move_to(hit.cluster)
         return None
 
+    # -- links, history, copy, export -------------------------------------------------------------------
+    def _lookup(self) -> L2Lookup | None:
+        h = self.session.img.header
+        guest = self.grid.cursor * h.cluster_size + min(self.sc, h.subclusters_per_cluster - 1) * h.subcluster_size
+        try:
+            return self.session.img.lookup(min(guest, h.size - 1))
+        except Qcow2Error as e:
+            self.notify(str(e), severity="error", markup=False)
+            return None
 
-__all__ = ["GLYPHS", "GuestMapView"]
+    def action_to_host(self) -> None:
+        """`H`: the host cluster that the cursor's L2 entry points at, in the host layout."""
+        lk = self._lookup()
+        if lk is None:
+            return
+        if lk.compressed is not None:
+            self.post_message(ShowHost(lk.compressed.coffset))
+        elif lk.host_offset is not None:
+            self.post_message(ShowHost(lk.host_offset))
+        elif lk.l2_entry & C.L2E_OFFSET_MASK:
+            self.post_message(ShowHost(lk.l2_entry & C.L2E_OFFSET_MASK))
+        else:
+            self.notify("this cluster has no host cluster (nothing allocated here)", severity="warning", timeout=3)
+
+    def action_letters(self) -> None:
+        grid = self.grid
+        grid.letters = not grid.letters
+        grid.data_changed()
+        self.query_one("#gm-legend", Static).update(self._legend())
+
+    def place(self) -> Place:
+        grid = self.grid
+        off = grid.cursor * self.session.img.cluster_size
+        return Place(self.VIEW_ID, f"guest {fmt.hexoff(off)}", (grid.cursor, grid.zoom, self.sc))
+
+    def restore(self, place: Place) -> None:
+        cursor, zoom, sc = place.state
+        assert isinstance(cursor, int) and isinstance(zoom, int) and isinstance(sc, int)
+        grid = self.grid
+        grid.set_zoom(zoom)
+        grid.move_to(cursor)
+        self.sc = sc
+        self.update_inspector()
+        grid.focus()
+
+    def copy_value(self) -> tuple[str, str] | None:
+        h = self.session.img.header
+        guest = self.grid.cursor * h.cluster_size + min(self.sc, h.subclusters_per_cluster - 1) * h.subcluster_size
+        return "guest offset", fmt.hexoff(guest)
+
+    def export(self) -> dict[str, object]:
+        s = self.session
+        gm = s.guest
+        grid = self.grid
+        h = s.img.header
+        names = s.layer_names()
+        out: dict[str, object] = {
+            "view": self.VIEW_ID, "cluster-size": h.cluster_size, "cursor-cluster": grid.cursor,
+            "guest-offset": grid.cursor * h.cluster_size, "zoom-clusters-per-cell": grid.cpc,
+            "scanned-tables": gm.scanned_tables, "tables": gm.n_tables,
+            "totals": {guest_name(i, names): int(v) for i, v in enumerate(gm.totals()) if v},
+        }
+        counts = gm.cell_counts(grid.zoom, grid.cursor_cell)
+        if counts is not None:
+            out["cursor-cell"] = {guest_name(i, names): int(v) for i, v in enumerate(counts) if v}
+        lk = self._lookup()
+        if lk is not None:
+            out["l1-index"] = lk.l1_index
+            out["l1-entry"] = f"{lk.l1_entry:016x}"
+            out["l1-entry-offset"] = lk.l1_entry_offset
+            out["l2-index"] = lk.l2_index
+            out["l2-entry"] = f"{lk.l2_entry:016x}"
+            out["l2-entry-offset"] = lk.l2_entry_offset
+            out["l2-bitmap"] = None if lk.l2_bitmap is None else f"{lk.l2_bitmap:016x}"
+            out["host-offset"] = lk.host_offset
+            out["subclusters"] = [SC_NAMES[t] for t in lk.subcluster_types]
+        return out
+
+
+__all__ = ["GLYPHS", "SC_NAMES", "SC_STATE", "GuestMapView"]

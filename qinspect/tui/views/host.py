@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -10,48 +10,55 @@ from rich.console import Group, RenderableType
 from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
 from textual.widget import Widget
-from textual.widgets import Static
+from textual.widgets import OptionList, Static
+from textual.widgets.option_list import Option
 
-from qinspect.qcow2 import constants as C
-from qinspect.qcow2.fields import QCOW_HEADER
+from qinspect.analysis.layout import Owner, Reference
+from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.flow import Flow
 from qinspect.tui.guestmap import GL_DARK, GL_EMPTY, GL_FULL, GL_LIGHT, GL_MEDIUM, GL_UNKNOWN
 from qinspect.tui.messages import ShowGuest, ShowStructure
+from qinspect.tui.nav import Place
 from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, WARN, kind_colour, swatch
-from qinspect.tui.session import Session, analysis
-from qinspect.tui.structs import StructRef
+from qinspect.tui.session import Session, Step
+from qinspect.tui.structs import HEADER_FIELDS, StructRef
 from qinspect.tui.views.base import View
 from qinspect.tui.views.guest import kv, rule
 from qinspect.tui.widgets.grid import ClusterGrid
 
+if TYPE_CHECKING:
+    from qinspect.analysis.layout import Layout
+
 U8 = npt.NDArray[np.uint8]
 UNKNOWN_CODE = 255
+
+# The second channel: the letter the CLI's `layout` map draws for each owner.
+OWNER_LETTERS: dict[Owner, str] = {
+    Owner.HEADER: "H", Owner.L1: "1", Owner.SNAPSHOT_L1: "s", Owner.L2: "2", Owner.REFCOUNT_TABLE: "T",
+    Owner.REFCOUNT_BLOCK: "R", Owner.DATA: "D", Owner.COMPRESSED: "C", Owner.SNAPSHOT_TABLE: "S",
+    Owner.BITMAP_DIRECTORY: "b", Owner.BITMAP_TABLE: "B", Owner.BITMAP_DATA: "m", Owner.LUKS: "K",
+    Owner.LEAKED: "!", Owner.FREE: ".", Owner.PAST_END: "_", Owner.SHARED: "=", Owner.CONFLICT: "X",
+}
+_EMPTY = (Owner.FREE, Owner.PAST_END)
 
 
 class HostSource:
     """The grid's view of a `Layout` (or of nothing yet): one cell per 2**zoom host clusters."""
 
-    def __init__(self, cluster_size: int, file_size: int, layout: Any = None) -> None:
+    def __init__(self, cluster_size: int, file_size: int, layout: Layout | None = None) -> None:
         self.unit_bytes = cluster_size
         self.n_units = max(1, -(-file_size // cluster_size))
         self.layout = layout
         self.version = 0 if layout is None else 1
-        self._cache: dict[int, tuple[U8, U8]] = {}
-        self._owner_enum: Any = None
-        self._empty: list[int] = []
-        self._priority: list[int] = []
-        self._n_owner = 1
-        if layout is not None:
-            mod = analysis("layout")
-            assert mod is not None
-            owner = mod.Owner
-            self._owner_enum = owner
-            self._n_owner = len(owner)
-            self._empty = [int(o) for o in owner if o.name in ("FREE", "PAST_END")]
-            self._priority = [int(o) for o in owner if o.name in ("CONFLICT", "LEAKED")]
+        self._cache: dict[tuple[int, int, int], tuple[U8, U8]] = {}
+        self._n_owner = len(Owner)
+        self._empty = [int(o) for o in _EMPTY]
+        self._priority = [int(Owner.CONFLICT), int(Owner.LEAKED)]
 
     @property
     def max_zoom(self) -> int:
@@ -61,26 +68,35 @@ class HostSource:
         return -(-self.n_units // (1 << zoom))
 
     def colour(self, code: int) -> str:
-        if code == UNKNOWN_CODE or self._owner_enum is None:
+        if code == UNKNOWN_CODE or self.layout is None:
             return KIND_COLOURS["unknown"]
-        return kind_colour(self._owner_enum(code).name)
+        return kind_colour(Owner(code).name)
+
+    def letter(self, code: int) -> str:
+        if code == UNKNOWN_CODE or self.layout is None:
+            return " "
+        return OWNER_LETTERS[Owner(code)]
 
     def name(self, code: int) -> str:
-        if self._owner_enum is None:
+        if self.layout is None:
             return "not scanned"
-        return str(self._owner_enum(code).label)
+        return Owner(code).label
 
-    def _level(self, zoom: int) -> tuple[U8, U8]:
-        hit = self._cache.get(zoom)
-        if hit is not None:
-            return hit
+    def _range(self, zoom: int, c0: int, c1: int) -> tuple[U8, U8]:
+        """(owner code, fill glyph) of cells [c0, c1): counted over those cells' clusters only, so
+        memory follows what is on screen (a whole-file table of counts at zoom 0 of a 1 TiB
+        image would be gigabytes)."""
+        assert self.layout is not None
         owner = self.layout.owner
-        n = len(owner)
         cpc = 1 << zoom
-        n_cells = -(-n // cpc)
+        lo, hi = c0 * cpc, min(len(owner), c1 * cpc)
+        n = c1 - c0
+        if n <= 0 or lo >= hi:
+            return np.zeros(max(0, n), np.uint8), np.full(max(0, n), GL_EMPTY, np.uint8)
+        part = owner[lo:hi].astype(np.int64)
         k = self._n_owner
-        rows = np.arange(n, dtype=np.int64) >> zoom
-        counts = np.bincount(rows * k + owner.astype(np.int64), minlength=n_cells * k).reshape(n_cells, k)
+        rows = (np.arange(lo, hi, dtype=np.int64) - lo) >> zoom
+        counts = np.bincount(rows * k + part, minlength=n * k)[: n * k].reshape(n, k)
         used = counts.copy()
         used[:, self._empty] = 0
         filled = used.sum(axis=1)
@@ -94,17 +110,21 @@ class HostSource:
         glyph = np.where(filled == 0, GL_EMPTY,
                          np.where(filled == total, GL_FULL,
                                   np.where(frac >= 0.5, GL_DARK, np.where(frac >= 0.125, GL_MEDIUM, GL_LIGHT))))
-        out = (code.astype(np.uint8), glyph.astype(np.uint8))
-        self._cache[zoom] = out
-        return out
+        return code.astype(np.uint8), glyph.astype(np.uint8)
 
     def cells(self, zoom: int, c0: int, c1: int) -> tuple[U8, U8, list[int]]:
         c1 = min(c1, self.n_cells(zoom))
         n = max(0, c1 - c0)
         if self.layout is None:
             return (np.full(n, UNKNOWN_CODE, dtype=np.uint8), np.full(n, GL_UNKNOWN, dtype=np.uint8), [])
-        code, glyph = self._level(zoom)
-        return code[c0:c1], glyph[c0:c1], []
+        key = (zoom, c0, c1)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._range(zoom, c0, c1)
+            self._cache[key] = hit
+            while len(self._cache) > 512:
+                self._cache.pop(next(iter(self._cache)))
+        return hit[0], hit[1], []
 
     def cell_counts(self, zoom: int, cell: int) -> dict[int, int]:
         if self.layout is None:
@@ -114,14 +134,14 @@ class HostSource:
         return {i: int(v) for i, v in enumerate(c) if v}
 
 
-def ref_text(r: Any, cs: int) -> Text:
-    """One `Reference` of the layout, in words."""
+def ref_text(r: Reference, cs: int) -> Text:
+    """One `Reference` of the layout, in words (snapshot ids come from the file: escaped)."""
     t = Text()
-    kind = str(getattr(r, "kind", "?"))
-    idx = getattr(r, "entry_index", 0)
-    where = getattr(r, "entry_file_offset", 0)
-    snap = getattr(r, "snapshot", None)
-    guest = getattr(r, "guest_offset", None)
+    kind = r.kind
+    idx = r.entry_index
+    where = r.entry_file_offset
+    snap = for_terminal(r.snapshot) if r.snapshot else None
+    guest = r.guest_offset
     names = {"l2-entry": "L2 entry", "l1-entry": "L1 entry", "header-field": "header field",
              "snapshot-table-entry": "snapshot table entry", "refcount-table-entry": "refcount table entry",
              "header-extension": "header extension", "bitmap-directory-entry": "bitmap directory entry",
@@ -131,14 +151,47 @@ def ref_text(r: Any, cs: int) -> Text:
     if snap:
         t.append(f" (snapshot {snap})", Style(color=KIND_COLOURS["snapshot_table"]))
     if guest is not None and kind == "l2-entry":
-        t.append(f"\n    → guest {fmt.hexoff(guest)} ({fmt.size(guest)})")
+        t.append(f"\n    → guest {fmt.hexoff(guest)}")
     elif guest is not None and kind == "l1-entry":
         t.append(f"\n    → guest from {fmt.hexoff(guest)}")
     return t
 
 
+class RefsScreen(ModalScreen[int | None]):
+    """The entries that point at one host cluster; enter follows one (dismisses with its index)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+    DEFAULT_CSS = """
+    RefsScreen { align: center middle; }
+    RefsScreen OptionList { width: 80%; max-width: 90; height: auto; max-height: 80%; border: round $primary; }
+    """
+
+    def __init__(self, title: str, refs: list[Text]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.refs = refs
+
+    def compose(self) -> ComposeResult:
+        ol = OptionList(*[Option(t) for t in self.refs])
+        ol.border_title = self.title_text
+        yield ol
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option_index)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
 class HostLayoutView(View):
     """The host layout grid and the cursor's owner and references."""
+
+    VIEW_ID = "host"
+    TITLE = "Host layout"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("R", "references", "Refs", key_display="R"),
+        Binding("L", "letters", "Letters", show=False),
+    ]
 
     HELP = """
 ## Host layout
@@ -151,7 +204,12 @@ fragmentation are visible at a glance.
 - arrows / `hjkl` move, `+` / `-` zoom
 - the panel says who owns the cluster and which table entries point at it
   (for data, the guest offsets that use it)
-- `enter` follows the first reference (guest map for data, Structures for metadata)
+- each cell shows the owner's letter (as `qinspect layout` draws it) on its colour;
+  `L` switches to blocks (fill: `█` full … `░` nearly empty)
+- `enter` follows the reference (guest map for active data, Structures for
+  metadata); with several, `enter` or `R` lists every entry that points here
+  and `enter` there follows one; `backspace` comes back
+- `c` copies the host offset, `e` exports the cursor's owner and references
 - `g` go to a host offset, `/` find an owner (`leaked`, `l2`, `free`, …)
 """
 
@@ -161,7 +219,8 @@ fragmentation are visible at a glance.
     DEFAULT_CSS = """
     HostLayoutView #hl-left { width: 1fr; }
     HostLayoutView #hl-legend { height: auto; padding: 0 1; }
-    HostLayoutView #hl-inspector { width: 44; border-left: vkey $foreground 20%; padding: 0 1; }
+    HostLayoutView #hl-inspector { width: 30%; min-width: 32; max-width: 64; border-left: vkey $foreground 20%;
+                                   padding: 0 1; }
     """
 
     def __init__(self, session: Session, *, id: str | None = None) -> None:
@@ -173,7 +232,9 @@ fragmentation are visible at a glance.
         with Horizontal():
             with Vertical(id="hl-left"):
                 yield Static(self._legend(), id="hl-legend")
-                yield ClusterGrid(self.source, id="hl-grid")
+                grid = ClusterGrid(self.source, id="hl-grid")
+                grid.letters = True
+                yield grid
             with VerticalScroll(id="hl-inspector"):
                 yield Static("", id="hl-inspect")
 
@@ -189,22 +250,24 @@ fragmentation are visible at a glance.
         lay = s.layout
         t = Text()
         if lay is None:
-            if "layout" in s.errors:
-                t.append(f"host layout failed: {s.errors['layout']}", Style(color=ERROR))
-            elif "layout" in s.cancelled:
+            if Step.LAYOUT in s.errors:
+                t.append(f"host layout failed: {s.clean(s.errors[Step.LAYOUT])}", Style(color=ERROR))
+            elif Step.LAYOUT in s.cancelled:
                 t.append("host layout scan cancelled — press r to run it again", Style(color=WARN))
-            elif analysis("layout") is None:
-                t.append("host layout analysis not available", Style(color=WARN))
+            elif not s.scanning:
+                t.append("the host layout was not scanned — press r to run it", Style(color=WARN))
             else:
                 t.append("scanning the host layout… (it runs after the guest map)", Style(color=DIM))
             return t
         counts = lay.counts()
         items = []
+        letters = self.grid.draws_letters if self.is_mounted and self.query(ClusterGrid) else True
         for owner, n in counts.items():
             if not n:
                 continue
-            glyph = "·" if owner.name in ("FREE", "PAST_END") else "█"
-            items.append(swatch(kind_colour(owner.name), f"{owner.label} {fmt.count(n)}", glyph))
+            glyph = "·" if owner in _EMPTY else "█"
+            items.append(swatch(kind_colour(owner.name), f"{owner.label} {fmt.count(n)}", glyph,
+                                OWNER_LETTERS[owner] if letters else ""))
         z = self.grid.zoom if self.is_mounted and self.query(ClusterGrid) else 0
         cpc = 1 << z
         t.append(f"1 cell = {fmt.count(cpc)} host cluster{'s' if cpc > 1 else ''} ({fmt.size(cpc * lay.cluster_size)})"
@@ -221,7 +284,7 @@ fragmentation are visible at a glance.
         parts: list[RenderableType] = []
         head = Text()
         head.append(f"host {fmt.hexoff(off)}", Style(bold=True))
-        head.append(f"  ({fmt.size(off)})", Style(color=DIM))
+        head.append(f"  ({fmt.size_exact(off)})", Style(color=DIM))
         parts.append(head)
         parts.append(kv("cluster", f"{fmt.count(hc)} of {fmt.count(self.source.n_units)}"))
         if lay is None:
@@ -251,18 +314,19 @@ fragmentation are visible at a glance.
             parts.append(kv("refcount", rc))
         refs = lay.references(off)
         parts.append(Text())
-        parts.append(rule(f"pointed at by {len(refs)}"))
+        parts.append(rule(f"pointed at by {len(refs)}" + (" (enter/R lists them)" if len(refs) > 1 else
+                                                           " (enter follows)" if refs else "")))
         for r in refs[:40]:
             parts.append(ref_text(r, cs))
         if len(refs) > 40:
             parts.append(Text(f"… {len(refs) - 40} more", Style(color=DIM)))
         if not refs:
-            if owner.name == "LEAKED":
+            if owner == Owner.LEAKED:
                 parts.append(Text("nothing points here, yet its refcount is not 0: a leak "
                                   "(qemu-img check -r leaks frees it)", Style(color=WARN)))
-            elif owner.name == "FREE":
+            elif owner == Owner.FREE:
                 parts.append(Text("a free hole inside the file (refcount 0)", Style(color=DIM)))
-            elif owner.name == "PAST_END":
+            elif owner == Owner.PAST_END:
                 parts.append(Text("past the last cluster in use", Style(color=DIM)))
         return Group(*parts)
 
@@ -277,51 +341,115 @@ fragmentation are visible at a glance.
         event.stop()
         lay = self.session.layout
         if lay is None:
+            self.notify("the host layout is not known yet", severity="warning", timeout=3)
             return
         off = event.unit * self.session.img.cluster_size
         refs = lay.references(off)
+        if len(refs) > 1:
+            self.action_references()
+        elif refs:
+            self.follow(refs[0], off)
+        elif lay.owner_at(off) == Owner.HEADER:
+            self.post_message(ShowStructure(StructRef("header")))
+        else:
+            self.notify("nothing points at this cluster", timeout=3)
+
+    def action_references(self) -> None:
+        """`R`: every entry that points at the cursor's cluster; enter follows one."""
+        lay = self.session.layout
+        if lay is None:
+            self.notify("the host layout is not known yet", severity="warning", timeout=3)
+            return
+        cs = self.session.img.cluster_size
+        off = self.grid.cursor * cs
+        refs = lay.references(off)
+        if not refs:
+            self.notify("nothing points at this cluster", timeout=3)
+            return
+
+        def chosen(i: int | None) -> None:
+            if i is not None:
+                self.follow(refs[i], off)
+
+        self.app.push_screen(RefsScreen(f"{len(refs)} entries point at host {fmt.hexoff(off)}",
+                                        [ref_text(r, cs) for r in refs]), chosen)
+
+    def target_of(self, r: Reference, off: int) -> StructRef | int | None:
+        """Where a reference leads: the entry that points here, in its table (an L2 entry's row
+        links on to the guest map)."""
         img = self.session.img
         h = img.header
-        for r in refs:
-            if r.kind == "l2-entry" and r.guest_offset is not None and r.snapshot is None:
-                self.post_message(ShowGuest(r.guest_offset))
-                return
-        for r in refs:
-            ref: StructRef | None = None
-            if r.kind == "l2-entry":
-                owner = next((i for i, sn in enumerate(img.snapshots) if sn.id_str == r.snapshot), -1)
-                ref = StructRef("l2", index=(r.guest_offset or 0) // (h.l2_size * h.cluster_size),
-                                offset=r.table_offset, owner=owner, row=r.entry_index)
-            elif r.kind == "l1-entry":
-                owner = next((i for i, sn in enumerate(img.snapshots) if sn.id_str == r.snapshot), -1)
-                ref = StructRef("l2", index=r.entry_index, offset=off, owner=owner)
-            elif r.kind == "refcount-table-entry":
-                blk = int(img.refcount_table[r.entry_index]) & C.REFT_OFFSET_MASK
-                ref = StructRef("refblock", index=r.entry_index, offset=blk)
-            elif r.kind == "snapshot-table-entry":
-                ref = StructRef("snapshot_table", offset=h.snapshots_offset, row=r.entry_index)
-            elif r.kind == "bitmap-directory-entry" and h.bitmaps_ext is not None:
-                ref = StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset, row=r.entry_index)
-            elif r.kind == "bitmap-table-entry":
-                bi = next((i for i, b in enumerate(img.bitmaps) if b.bitmap_table_offset == r.table_offset), 0)
-                ref = StructRef("bitmap_table", index=bi, offset=r.table_offset, row=r.entry_index)
-            elif r.kind == "header-extension" and h.crypto_ext is not None:
-                ref = StructRef("luks", offset=h.crypto_ext.offset)
-            elif r.kind == "header-field":
-                field_off = r.entry_file_offset
-                ref = {QCOW_HEADER.offset("l1_table_offset"): StructRef("l1", offset=h.l1_table_offset),
-                       QCOW_HEADER.offset("refcount_table_offset"): StructRef("refcount_table",
-                                                                              offset=h.refcount_table_offset),
-                       QCOW_HEADER.offset("snapshots_offset"): StructRef("snapshot_table",
-                                                                         offset=h.snapshots_offset)}.get(field_off)
-            if ref is not None:
-                self.post_message(ShowStructure(ref))
-                return
-        if lay.owner_at(off).name == "HEADER":
-            self.post_message(ShowStructure(StructRef("header")))
+        if r.kind == "l2-entry":
+            owner = next((i for i, sn in enumerate(img.snapshots) if sn.id_str == r.snapshot), -1)
+            return StructRef("l2", index=(r.guest_offset or 0) // (h.l2_size * h.cluster_size),
+                             offset=r.table_offset, owner=owner, row=r.entry_index)
+        if r.kind == "l1-entry":
+            owner = next((i for i, sn in enumerate(img.snapshots) if sn.id_str == r.snapshot), -1)
+            return StructRef("snapshot_l1" if owner >= 0 else "l1", owner=owner, offset=r.table_offset,
+                             row=r.entry_index)
+        if r.kind == "refcount-table-entry":
+            return StructRef("refcount_table", offset=h.refcount_table_offset, row=r.entry_index)
+        if r.kind == "snapshot-table-entry":
+            return StructRef("snapshot_table", offset=h.snapshots_offset, row=r.entry_index)
+        if r.kind == "bitmap-directory-entry" and h.bitmaps_ext is not None:
+            return StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset, row=r.entry_index)
+        if r.kind == "bitmap-table-entry":
+            bi = next((i for i, b in enumerate(img.bitmaps) if b.bitmap_table_offset == r.table_offset), 0)
+            return StructRef("bitmap_table", index=bi, offset=r.table_offset, row=r.entry_index)
+        if r.kind == "header-extension" and h.crypto_ext is not None:
+            return StructRef("luks", offset=h.crypto_ext.offset)
+        if r.kind == "header-field":
+            rows = {f[1]: row for row, f in enumerate(HEADER_FIELDS)}  # the header table's row of the field
+            return StructRef("header", row=rows.get(r.entry_file_offset, 0))
+        return None
 
-    def data_changed(self, step: str) -> None:
-        if step != "layout":
+    def follow(self, r: Reference, off: int) -> None:
+        target = self.target_of(r, off)
+        if isinstance(target, int):
+            self.post_message(ShowGuest(target))
+        elif target is not None:
+            self.post_message(ShowStructure(target))
+
+    def action_letters(self) -> None:
+        grid = self.grid
+        grid.letters = not grid.letters
+        grid.data_changed()
+        self.query_one("#hl-legend", Static).update(self._legend())
+
+    def place(self) -> Place:
+        grid = self.grid
+        return Place(self.VIEW_ID, f"host {fmt.hexoff(grid.cursor * self.session.img.cluster_size)}",
+                     (grid.cursor, grid.zoom))
+
+    def restore(self, place: Place) -> None:
+        cursor, zoom = place.state
+        assert isinstance(cursor, int) and isinstance(zoom, int)
+        self.grid.set_zoom(zoom)
+        self.grid.move_to(cursor)
+        self.update_inspector()
+        self.grid.focus()
+
+    def copy_value(self) -> tuple[str, str] | None:
+        return "host offset", fmt.hexoff(self.grid.cursor * self.session.img.cluster_size)
+
+    def export(self) -> dict[str, object]:
+        s = self.session
+        lay = s.layout
+        cs = s.img.cluster_size
+        off = self.grid.cursor * cs
+        out: dict[str, object] = {"view": self.VIEW_ID, "cluster-size": cs, "host-offset": off}
+        if lay is not None:
+            out["owner"] = lay.owner_at(off).label
+            out["counts"] = {o.label: int(n) for o, n in lay.counts().items() if n}
+            out["references"] = [{"kind": r.kind, "table-offset": r.table_offset, "entry-index": r.entry_index,
+                                  "entry-offset": r.entry_file_offset, "guest-offset": r.guest_offset,
+                                  "snapshot": r.snapshot} for r in lay.references(off)]
+        return out
+
+    def data_changed(self, step: Step | None) -> None:
+        if step not in (Step.LAYOUT, Step.DIAGNOSE, None):
+            return
+        if self.source.layout is self.session.layout:
             return
         s = self.session
         self.source = HostSource(s.img.cluster_size, s.img.file.size, s.layout)
@@ -350,14 +478,15 @@ fragmentation are visible at a glance.
         self.show_offset(off)
         return None
 
-    def find(self, text: str, forward: bool = True) -> str | None:
+    def find_first(self, text: str) -> str | None:
+        return self.find(text, True, from_start=True)
+
+    def find(self, text: str, forward: bool = True, from_start: bool = False) -> str | None:
         lay = self.session.layout
         if lay is None:
             return "the host layout is not known yet"
         key = text.strip().lower().replace(" ", "_")
-        mod = analysis("layout")
-        assert mod is not None
-        wanted = [int(o) for o in mod.Owner
+        wanted = [int(o) for o in Owner
                   if key and (key in o.name.lower() or key in o.label.lower().replace(" ", "_"))]
         if not wanted:
             return self.goto(text)
@@ -365,8 +494,11 @@ fragmentation are visible at a glance.
         cur = self.grid.cursor
         cpc = self.grid.cpc
         hits = np.flatnonzero(np.isin(owner, np.array(wanted, dtype=owner.dtype)))
-        hits = hits[hits >= cur + cpc] if forward else hits[hits < cur]
         if not len(hits):
-            return f"no more '{text}' clusters {'after' if forward else 'before'} the cursor"
-        self.grid.move_to(int(hits[0] if forward else hits[-1]))
+            return f"no '{for_terminal(text)}' clusters"
+        ahead = hits if from_start else hits[hits >= cur + cpc] if forward else hits[hits < cur]
+        if not len(ahead):
+            ahead = hits
+            self.notify(f"search wrapped around to the {'start' if forward else 'end'} of the file", timeout=3)
+        self.grid.move_to(int(ahead[0] if forward else ahead[-1]))
         return None

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+import numpy.typing as npt
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.style import Style
 from rich.table import Table
@@ -15,9 +14,11 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from qinspect.qcow2 import constants as C
+from qinspect.termtext import for_terminal
 from qinspect.tui import fmt, guestfs
+from qinspect.tui.flow import Flow
 from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, SEVERITY_COLOURS, WARN, G, kind_colour
-from qinspect.tui.session import analysis
+from qinspect.tui.session import Step
 from qinspect.tui.structs import ExtensionsModel, HeaderModel, utc
 from qinspect.tui.views.base import View
 from qinspect.tui.views.diagnostics import SEVERITY_ORDER, items_from_core, items_from_diagnosis
@@ -60,6 +61,9 @@ class SpaceBar:
 class OverviewView(View):
     """Everything about the image on one scrollable page."""
 
+    VIEW_ID = "overview"
+    TITLE = "Overview"
+
     HELP = """
 ## Overview
 
@@ -100,7 +104,11 @@ as the scans finish (`esc` cancels them, `r` resumes).
         return self.query_one("#ov-scroll", VerticalScroll)
 
     def on_mount(self) -> None:
+        # The image's essentials make the first frame; the other sections come with the next one.
         self.query_one("#ov-image", Static).update(self._image())
+        self.call_after_refresh(self._fill_sections)
+
+    def _fill_sections(self) -> None:
         self.query_one("#ov-features", Static).update(self._features())
         self.query_one("#ov-header", Static).update(self._header())
         self.query_one("#ov-extensions", Static).update(self._extensions())
@@ -113,9 +121,21 @@ as the scans finish (`esc` cancels them, `r` resumes).
         self.query_one("#ov-chain", Static).update(self._chain())
         self.query_one("#ov-findings", Static).update(self._findings())
 
-    def data_changed(self, step: str) -> None:
+    def data_changed(self, step: Step | None) -> None:
         self.refresh_dynamic()
         guestfs.start(self, self.session)  # after the first scan step: the first frame reads no tables
+
+    def export(self) -> dict[str, object]:
+        s = self.session
+        h = s.img.header
+        out: dict[str, object] = {"view": self.VIEW_ID, "virtual-size": h.size, "file-size": s.img.file.size,
+                                  "disk-usage": s.img.file.allocated_size, "cluster-size": h.cluster_size,
+                                  "layers": [li.__dict__ for li in s.layer_infos()]}
+        if s.space is not None:
+            out["space"] = s.space.to_json()
+        if s.diagnosis is not None:
+            out["findings"] = [f.to_json() for f in s.diagnosis.findings]
+        return out
 
     # -- sections ------------------------------------------------------------------------------------
     def _image(self) -> RenderableType:
@@ -142,10 +162,10 @@ as the scans finish (`esc` cancels them, `r` resumes).
             enc += f": {lk.cipher_alg}-{lk.cipher_mode}, {lk.ivgen_alg}, {lk.hash_spec}, {active} key slot(s)"
         t.add_row("encryption", Text(enc, Style(color="#ff87af") if h.crypt_method else Style()))
         if h.has_data_file:
-            t.add_row("data file", Text(f"{h.data_file or '(not named; needs data-file=)'}"
-                                        f"{', raw' if h.data_file_raw else ''}"))
+            t.add_row("data file", Text(for_terminal(f"{h.data_file or '(not named; needs data-file=)'}"
+                                                     f"{', raw' if h.data_file_raw else ''}")))
         if h.backing_file is not None:
-            t.add_row("backing file", Text(f"{h.backing_file} ({h.backing_format or 'format probed'})"))
+            t.add_row("backing file", Text(for_terminal(f"{h.backing_file} ({h.backing_format or 'format probed'})")))
         state = []
         if h.dirty:
             state.append(Text("DIRTY", Style(color=WARN, bold=True)))
@@ -201,7 +221,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
             for col in ("id", "name", "date (UTC)", "vm state", "L1"):
                 t.add_column(col, no_wrap=True)
             for sn in img.snapshots[:20]:
-                t.add_row(Text(sn.id_str), Text(sn.name), utc(sn.date_sec),
+                t.add_row(Text(for_terminal(sn.id_str)), Text(for_terminal(sn.name)), utc(sn.date_sec),
                           fmt.size(sn.vm_state_size), fmt.hexoff(sn.l1_table_offset))
             parts += [title(f"Snapshots ({len(img.snapshots)})"), t]
             if len(img.snapshots) > 20:
@@ -213,7 +233,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
             for col in ("name", "granularity", "flags"):
                 t.add_column(col, no_wrap=True)
             for b in img.bitmaps:
-                t.add_row(Text(b.name), fmt.size(b.granularity),
+                t.add_row(Text(for_terminal(b.name)), fmt.size(b.granularity),
                           Text(",".join(b.flag_names) or "-", Style(color=ERROR) if b.in_use else Style()))
             head = f"Bitmaps ({len(img.bitmaps)})"
             if not img.header.bitmaps_consistent:
@@ -242,7 +262,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
                 n = int(totals[code]) if li.depth <= 5 else 0
                 colour = GUEST_COLOURS[code]
             provided = f"{fmt.size(n * cs)} {fmt.pct(n, gm.n_clusters):>5}"
-            name = Text(li.name)
+            name = Text(for_terminal(li.name))
             name.append(f"  {li.format}, {fmt.size(li.virtual_size)}, file {fmt.size(li.file_size)}", Style(color=DIM))
             t.add_row(Text("█", Style(color=colour)), name, provided)
         unalloc = int(totals[G.UNALLOCATED]) + int(totals[G.RESERVED])
@@ -262,27 +282,27 @@ as the scans finish (`esc` cancels them, `r` resumes).
         size = s.img.file.size
         head = title(f"Where the {fmt.size(size)} of the file go")
         if space is None:
-            if analysis("space") is None:
-                return Group(head, Text("the space analysis is not available", Style(color=DIM)))
-            why = "cancelled — press r to resume" if "layout" in s.cancelled else "waiting for the host layout scan…"
-            if "layout" in s.errors:
-                why = f"layout failed: {s.errors['layout']}"
+            why = "cancelled — press r to resume" if Step.LAYOUT in s.cancelled else \
+                "waiting for the host layout scan…" if s.scanning else "not computed (r runs the scans)"
+            if Step.LAYOUT in s.errors:
+                why = f"layout failed: {s.clean(s.errors[Step.LAYOUT])}"
             return Group(head, Text(why, Style(color=DIM)))
-        mod = analysis("space")
-        labels: dict[str, str] = getattr(mod, "PART_LABELS", {}) if mod is not None else {}
-        parts = [(labels.get(k, k), kind_colour(k), int(v)) for k, v in space.parts.items() if int(v) > 0]
+        from qinspect.analysis.space import PART_LABELS
+
+        # Parts that share a colour are one legend entry (its labels joined), so every two
+        # entries of the legend have colours that can be told apart.
+        merged: dict[str, tuple[list[str], int]] = {}
+        for k, v in space.parts.items():
+            if int(v) > 0:
+                labels, n = merged.get(kind_colour(k), ([], 0))
+                merged[kind_colour(k)] = ([*labels, PART_LABELS.get(k, k)], n + int(v))
+        parts = [(" + ".join(labels), colour, n) for colour, (labels, n) in merged.items()]
         parts.sort(key=lambda p: -p[2])
-        legend = Table.grid(padding=(0, 2))
-        cols = 3
-        for _ in range(cols):
-            legend.add_column(no_wrap=True)
         cells: list[Text] = []
         for label, colour, n in parts:
             cells.append(Text.assemble(("█ ", Style(color=colour)), f"{label} ",
                                        (f"{fmt.size(n)} {fmt.pct(n, size)}", Style(color=DIM))))
-        for i in range(0, len(cells), cols):
-            row = cells[i : i + cols]
-            legend.add_row(*(row + [Text()] * (cols - len(row))))
+        legend = Flow(cells)  # wraps between entries, never inside one: no number is cut
         total = sum(int(v) for v in space.parts.values())
         check = Text(f"parts add up to {fmt.count(total)} of {fmt.count(size)} bytes"
                      + ("" if total == size else " ✗"), Style(color=DIM if total == size else ERROR))
@@ -307,12 +327,18 @@ as the scans finish (`esc` cancels them, `r` resumes).
         parts: list[RenderableType] = [title("Top findings"), t]
         if len(items) > 6:
             parts.append(Text(f"… {len(items) - 6} more in view 6", Style(color=DIM)))
-        if s.diagnosis is None and analysis("diagnose") is not None and "diagnose" not in s.cancelled:
-            parts.append(Text("(full diagnosis still running)", Style(color=DIM)))
+        if s.diagnosis is None:
+            if s.scanning:
+                parts.append(Text("(full diagnosis still running)", Style(color=DIM)))
+            elif Step.DIAGNOSE in s.cancelled or Step.LAYOUT in s.cancelled:
+                parts.append(Text("(diagnosis cancelled: findings from the open checks only; r resumes)",
+                                  Style(color=WARN)))
+            else:
+                parts.append(Text("(findings from the open checks only; r runs the diagnosis)", Style(color=DIM)))
         return Group(*parts)
 
 
-def guest_totals_bytes(totals: Any, cluster_size: int) -> dict[str, int]:
+def guest_totals_bytes(totals: npt.ArrayLike, cluster_size: int) -> dict[str, int]:
     """Bytes of the guest view per state (for tests and the chain view)."""
     from qinspect.tui.palette import GUEST_NAMES
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widget import Widget
 from textual.widgets import Static, Tree
@@ -16,8 +17,11 @@ from textual.widgets.tree import TreeNode
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.fields import HEADER_V2_SIZE
+from qinspect.qcow2.l2 import ClusterType, classify_cluster, parse_compressed
+from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
-from qinspect.tui.messages import ShowGuest, ShowHost
+from qinspect.tui.messages import ShowGuest, ShowHost, ShowStructure
+from qinspect.tui.nav import Place
 from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS
 from qinspect.tui.session import Session
 from qinspect.tui.structs import (
@@ -38,9 +42,9 @@ MAX_CHILDREN = 4096
 def _label(text: str, kind: str, extra: str = "") -> Text:
     t = Text()
     t.append("■ ", Style(color=KIND_COLOURS.get(kind, KIND_COLOURS["unknown"])))
-    t.append(text)
+    t.append(for_terminal(text))  # names come from the file: escaped, and a Text (never markup)
     if extra:
-        t.append(f" {extra}", Style(color=DIM))
+        t.append(f" {for_terminal(extra)}", Style(color=DIM))
     return t
 
 
@@ -64,12 +68,21 @@ entries on the right and its bytes below, coloured by field.
 class StructuresView(View):
     """The tree, the entry table, the decoded entry and the hex view."""
 
+    VIEW_ID = "structures"
+    TITLE = "Structures"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("H", "to_host", "Host cluster", key_display="H"),
+    ]
+
     HELP = """
 ## Structures — entries
 
 - arrows / `jk`, `PgUp`/`PgDn`, `Home`/`End` move in the entry table
 - `enter` follows the entry: L1 → its L2 table, L2 entry → the guest map,
   refcount table → the block, refcount → the host layout, snapshot → its L1
+- `H` goes to the host cluster the entry points at (the L2 table of an L1
+  entry, the data of an L2 entry, the block of a refcount table entry)
+- `backspace` goes back; `c` copies the raw entry, `e` exports the table as JSON
 - the hex view below highlights the selected entry's bytes
 - `/` finds text in the rows, `g` goes to an entry number
 """
@@ -78,11 +91,12 @@ class StructuresView(View):
     find_prompt = "Find in this table (offset, value, name…)"
 
     DEFAULT_CSS = """
-    StructuresView StructureTree { width: 34; border-right: vkey $foreground 20%; overflow-x: hidden; }
+    StructuresView StructureTree { width: auto; min-width: 20; max-width: 30%; border-right: vkey $foreground 20%;
+                                   overflow-x: hidden; }
     StructuresView #st-right { width: 1fr; }
     StructuresView #st-title { height: 1; padding: 0 1; text-style: bold; }
     StructuresView #st-detail { height: 2; padding: 0 1; color: $text-muted; }
-    StructuresView HexView { height: 11; border-top: hkey $foreground 20%; }
+    StructuresView HexView { height: 11; max-height: 35%; border-top: hkey $foreground 20%; }
     """
 
     def __init__(self, session: Session, *, id: str | None = None) -> None:
@@ -272,7 +286,7 @@ class StructuresView(View):
             self.query_one(HexView).set_highlight(None)
             return
         i = event.row
-        self.query_one("#st-detail", Static).update(Text(model.detail(i), Style(color=DIM)))
+        self.query_one("#st-detail", Static).update(Text(for_terminal(model.detail(i)), Style(color=DIM)))
         self.query_one(HexView).set_highlight(model.span(i))
         if isinstance(model, L2Model) and model.owner < 0 and self.has_focus_within:
             self.post_message(ShowGuest(model.guest(i), switch=False))
@@ -281,14 +295,77 @@ class StructuresView(View):
         event.stop()
         if self.model is None:
             return
-        target: Any = self.model.target(event.row)
+        target = self.model.target(event.row)
         if isinstance(target, StructRef):
-            self.show_ref(target)
-            self.table.focus()
+            self.post_message(ShowStructure(target))  # through the screen: a link, remembered
         elif isinstance(target, GuestTarget):
             self.post_message(ShowGuest(target.offset))
         elif isinstance(target, HostTarget):
             self.post_message(ShowHost(target.offset))
+
+    def host_of(self, row: int) -> int | None:
+        """The host offset entry `row` points at (None when it points nowhere in the file)."""
+        model = self.model
+        if model is None or not len(model):
+            return None
+        if isinstance(model, L2Model):
+            e = int(model.entries[row])
+            if classify_cluster(e, model.fmt) == ClusterType.COMPRESSED:
+                return parse_compressed(e, model.fmt).coffset
+            off = e & C.L2E_OFFSET_MASK
+            return off or None
+        target = model.target(row)
+        if isinstance(target, HostTarget):
+            return target.offset
+        if isinstance(target, StructRef) and target.offset:
+            return target.offset
+        return None
+
+    def action_to_host(self) -> None:
+        if self.model is None:
+            return
+        off = self.host_of(self.table.cursor)
+        if off is None:
+            self.notify("this entry points at no host cluster", severity="warning", timeout=3)
+            return
+        self.post_message(ShowHost(off))
+
+    def place(self) -> Place:
+        ref = self.ref
+        if ref is None or self.model is None:
+            return Place(self.VIEW_ID, self.TITLE)
+        row = self.table.cursor
+        ref = StructRef(ref.kind, ref.index, ref.offset, ref.owner, row)
+        title = (self.model.title or ref.kind).split(" (")[0]
+        return Place(self.VIEW_ID, f"{title} [{row}]", (ref,))
+
+    def restore(self, place: Place) -> None:
+        if place.state and isinstance(place.state[0], StructRef):
+            self.show_ref(place.state[0])
+            self.table.focus()
+
+    def copy_value(self) -> tuple[str, str] | None:
+        model = self.model
+        if model is None or not len(model):
+            return None
+        row = self.table.cursor
+        cells = model.row(row)
+        raw = next((c for c, _colour in cells if len(c) == 16 and all(ch in "0123456789abcdef" for ch in c)), None)
+        if raw is not None:
+            return "raw entry", raw
+        span = model.span(row)
+        return ("entry offset", fmt.hexoff(span[0])) if span else None
+
+    def export(self) -> dict[str, object]:
+        model = self.model
+        if model is None:
+            return {"view": self.VIEW_ID}
+        n = len(model)
+        limit = 65536
+        return {"view": self.VIEW_ID, "structure": model.title, "kind": model.kind, "offset": model.start,
+                "length": model.length, "columns": [c for c, _w in model.columns],
+                "rows": [[c for c, _colour in model.row(i)] for i in range(min(n, limit))],
+                "rows-total": n, "selected": self.table.cursor}
 
     @property
     def has_focus_within(self) -> bool:

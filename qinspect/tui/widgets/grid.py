@@ -23,12 +23,12 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from qinspect.tui.fmt import short_size
+from qinspect.tui.fmt import hex_width
 from qinspect.tui.guestmap import GLYPHS
-from qinspect.tui.palette import DIM
+from qinspect.tui.palette import DIM, PaletteState
 
 U8 = npt.NDArray[np.uint8]
-LABEL_WIDTH = 9
+MARK_STYLE = Style(underline=True, bold=True)
 
 
 class GridSource(Protocol):
@@ -65,9 +65,9 @@ class ClusterGrid(ScrollView, can_focus=True):
         Binding("pagedown", "page(1)", "PgDn", show=False),
         Binding("home", "edge(-1)", "Home", show=False),
         Binding("end", "edge(1)", "End", show=False),
-        Binding("plus,equals_sign", "zoom(-1)", "Zoom in", key_display="+"),
-        Binding("minus", "zoom(1)", "Zoom out", key_display="-"),
-        Binding("enter", "activate", "Drill in", show=False),
+        Binding("plus,equals_sign", "zoom(-1)", "Zoom in", key_display="+", show=False),
+        Binding("minus", "zoom(1)", "Zoom out", key_display="-", show=False),
+        Binding("enter", "activate", "Follow", key_display="⏎"),
     ]
 
     DEFAULT_CSS = """
@@ -108,6 +108,9 @@ class ClusterGrid(ScrollView, can_focus=True):
         self._need: set[int] = set()
         self._need_posted = False
         self._fitted = False
+        self.letters = False  # draw each cell's letter (the source's `letter(code)`) instead of its glyph
+        self._highlight = np.zeros(0, dtype=np.int64)  # units drawn underlined (new in a followed image)
+        self._highlight_version = 0
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -126,11 +129,20 @@ class ClusterGrid(ScrollView, can_focus=True):
     def n_rows(self) -> int:
         return -(-self.n_cells // self.cols)
 
+    @property
+    def label_width(self) -> int:
+        """Row labels are exact hex offsets: as many digits as the largest one needs, and a space."""
+        return hex_width(max(1, self.source.n_units * self.source.unit_bytes - 1)) + 1
+
+    @property
+    def draws_letters(self) -> bool:
+        return (self.letters or PaletteState.letters) and hasattr(self.source, "letter")
+
     def _update_virtual_size(self) -> None:
-        self.virtual_size = Size(LABEL_WIDTH + self.cols * self.cell_w, self.n_rows)
+        self.virtual_size = Size(self.label_width + self.cols * self.cell_w, self.n_rows)
 
     def _cols_for(self, cell_w: int) -> int:
-        width = max(16, self.size.width - LABEL_WIDTH) // cell_w
+        width = max(16, self.size.width - self.label_width) // cell_w
         pow2 = 1 << (max(1, width).bit_length() - 1)
         return pow2 if pow2 >= width * 3 // 4 else max(8, width // 8 * 8)
 
@@ -174,6 +186,18 @@ class ClusterGrid(ScrollView, can_focus=True):
             self._fitted = True
             self.fit_zoom()
 
+    def set_highlight(self, units: set[int]) -> None:
+        """Units to mark (underlined, bold): what a followed image newly allocated."""
+        self._highlight = np.array(sorted(units), dtype=np.int64)
+        self._highlight_version += 1
+        self._cache.clear()
+        self.refresh()
+
+    def replace_source(self, source: GridSource) -> None:
+        """The same data, newer (a followed image): keep the cursor and the zoom."""
+        self.source = source
+        self.data_changed()
+
     def data_changed(self) -> None:
         self._cache.clear()
         self._styles.clear()
@@ -195,7 +219,8 @@ class ClusterGrid(ScrollView, can_focus=True):
             return Strip.blank(width, self.rich_style)
         cur = self.cursor_cell
         cur_in_row = cur - row * self.cols if row * self.cols <= cur < (row + 1) * self.cols else -1
-        key = (row, self.zoom, self.cols, self.cell_w, self.source.version, cur_in_row, width, int(self.has_focus))
+        key = (row, self.zoom, self.cols, self.cell_w, self.source.version, cur_in_row, width, int(self.has_focus),
+               self.draws_letters, self._highlight_version)
         strip = self._cache.get(key)
         if strip is not None:
             return strip
@@ -213,18 +238,25 @@ class ClusterGrid(ScrollView, can_focus=True):
             if not self._need_posted:
                 self._need_posted = True
                 self.call_after_refresh(self._post_need)
-        label = short_size(c0 * self.cpc * self.source.unit_bytes)
-        segs = [Segment(f"{label:>{LABEL_WIDTH - 1}} ", Style(color=DIM))]
+        lw = self.label_width
+        label = f"{c0 * self.cpc * self.source.unit_bytes:x}"
+        segs = [Segment(f"{label:>{lw - 1}} ", Style(color=DIM))]
+        letter = getattr(self.source, "letter", None) if self.draws_letters else None
         n = len(codes)
+        marked = np.zeros(n, dtype=np.int32)
+        if len(self._highlight) and n:
+            cells = (self._highlight >> self.zoom) - c0
+            cells = cells[(cells >= 0) & (cells < n)]
+            marked[cells] = 1
         if n:
-            keys = codes.astype(np.int32) * 8 + glyphs
+            keys = codes.astype(np.int32) * 8 + glyphs + (marked << 12)
             brk = np.flatnonzero(keys[1:] != keys[:-1]) + 1
             starts = [0, *brk.tolist()]
             ends = [*brk.tolist(), n]
             for s, e in zip(starts, ends, strict=True):
                 code, glyph = int(codes[s]), int(glyphs[s])
-                style = self._style(code)
-                cell = self._cell_text(glyph)
+                style = self._style(code) + (MARK_STYLE if marked[s] else Style())
+                cell = self._cell_text(glyph) if letter is None or glyph == 0 else self._letter_text(letter(code))
                 if s <= cur_in_row < e:
                     if cur_in_row > s:
                         segs.append(Segment(cell * (cur_in_row - s), style))
@@ -242,6 +274,11 @@ class ClusterGrid(ScrollView, can_focus=True):
         if self.cell_w >= 4:
             return g * (self.cell_w - 1) + " "
         return g * self.cell_w
+
+    def _letter_text(self, ch: str) -> str:
+        if self.cell_w >= 4:
+            return ch * (self.cell_w - 1) + " "
+        return ch * self.cell_w
 
     def _cursor_segment(self, code: int) -> Segment:
         """The cursor cell: a diamond on the cell's colour (hollow when the grid is not focused)."""
@@ -333,9 +370,9 @@ class ClusterGrid(ScrollView, can_focus=True):
         if offset is None:
             return
         x, y = offset
-        if x < LABEL_WIDTH:
+        if x < self.label_width:
             return
-        col = (x - LABEL_WIDTH) // self.cell_w
+        col = (x - self.label_width) // self.cell_w
         if col >= self.cols:
             return
         cell = (self.scroll_offset.y + y) * self.cols + col

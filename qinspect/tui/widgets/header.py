@@ -7,17 +7,44 @@ from rich.text import Text
 from textual.widgets import Static
 
 from qinspect.tui import fmt
+from qinspect.tui.flow import Flow
 from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, WARN, G
 from qinspect.tui.session import Session
 
 
-def header_text(s: Session, compressed_seen: bool = False) -> Text:
+def header_text(s: Session, compressed_seen: bool = False, changed: str | None = None,
+                following: bool = False) -> Flow:
+    """The header: one line where it fits, wrapped between items (never inside a number) where it
+    does not. The badges that change how every number on screen must be read (in use, changed on
+    disk, followed) come first."""
+    items: list[Text] = []
+    for part in _header_text(s, compressed_seen, changed, following).split(SEP):
+        if part.plain.strip():
+            items.append(part)
+    return Flow(items, gap=0, sep=Text(SEP, Style(color=DIM)))
+
+
+SEP = " │ "
+
+
+def _header_text(s: Session, compressed_seen: bool, changed: str | None, following: bool) -> Text:
     h = s.img.header
     t = Text(no_wrap=True, overflow="ellipsis")
     t.append(" qinspect ", Style(bold=True, reverse=True))
     t.append(" ")
-    t.append(s.name, Style(bold=True))
-    sep = Text(" │ ", Style(color=DIM))
+    t.append(s.name, Style(bold=True))  # escaped by the session (for_terminal), a Text: never markup
+    sep = Text(SEP, Style(color=DIM))
+    in_use = s.in_use
+    if in_use is not None:
+        t.append(" ")
+        t.append(f" in use ({in_use.value}): contents may be changing ", Style(bold=True, color="#000000",
+                                                                               bgcolor=WARN))
+    if changed:
+        t.append(" ")
+        t.append(f" {changed} ", Style(bold=True, color="#ffffff", bgcolor=ERROR))
+    if following:
+        t.append(" ")
+        t.append(" following ", Style(bold=True, reverse=True))
     t.append_text(sep)
     t.append(f"{fmt.size(h.size)} virtual")
     t.append_text(sep)
@@ -65,15 +92,28 @@ class HeaderBar(Static):
     """One line at the top; `compressed_seen` is set once the guest scan met compressed clusters."""
 
     DEFAULT_CSS = """
-    HeaderBar { height: 1; width: 1fr; background: $panel; }
+    HeaderBar { height: auto; max-height: 3; width: 1fr; background: $panel; }
     """
 
     def __init__(self, session: Session, *, id: str | None = None) -> None:
         super().__init__(header_text(session), id=id)
         self.session = session
         self.compressed_seen = False
+        self.changed: str | None = None
+        self.following = False
+
+    def refresh_text(self) -> None:
+        self.update(header_text(self.session, self.compressed_seen, self.changed, self.following))
 
     def set_compressed_seen(self) -> None:
         if not self.compressed_seen:
             self.compressed_seen = True
-            self.update(header_text(self.session, True))
+            self.refresh_text()
+
+    def set_changed(self, why: str | None) -> None:
+        self.changed = why
+        self.refresh_text()
+
+    def set_following(self, on: bool) -> None:
+        self.following = on
+        self.refresh_text()

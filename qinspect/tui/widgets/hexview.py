@@ -22,7 +22,8 @@ MAX_HEX = 64 << 20
 
 
 class HexView(ScrollView, can_focus=False):
-    """Offset, 16 hex bytes, ASCII; colours from the model, the highlighted span reversed."""
+    """Offset, 16 hex bytes (8 or 4 when the pane is narrower: rows are never cut), ASCII;
+    colours from the model, the highlighted span reversed."""
 
     DEFAULT_CSS = """
     HexView { height: 12; overflow-x: hidden; scrollbar-size-vertical: 1; }
@@ -38,19 +39,36 @@ class HexView(ScrollView, can_focus=False):
         self.base = 0
         self.length = 0
 
+    @property
+    def bpl(self) -> int:
+        """Bytes per line: as many of 16, 8, 4 as fit (offset 12 + 3 per byte + gaps + ASCII)."""
+        width = self.size.width or 80
+        for n in (16, 8):
+            if 12 + 4 * n + 2 <= width:
+                return n
+        return 4
+
+    def on_resize(self) -> None:
+        self._cache.clear()
+        self._layout()
+        self.refresh()
+
+    def _layout(self) -> None:
+        model = self.model
+        if model is None:
+            self.base, self.length = 0, 0
+        else:
+            self.base = model.start - model.start % BYTES_PER_LINE
+            self.length = min(model.start + model.length, model.start + MAX_HEX) - self.base
+        self.virtual_size = Size(12 + 4 * self.bpl + 2, -(-self.length // self.bpl))
+
     def set_model(self, model: TableModel | None) -> None:
         self.model = model
         self._gen += 1
         self._cache.clear()
         self._pages.clear()
         self.highlight = None
-        if model is None:
-            self.base, self.length = 0, 0
-        else:
-            self.base = model.start - model.start % BYTES_PER_LINE
-            self.length = min(model.start + model.length, model.start + MAX_HEX) - self.base
-        lines = -(-self.length // BYTES_PER_LINE)
-        self.virtual_size = Size(80, lines)
+        self._layout()
         self.scroll_to(0, 0, animate=False, immediate=True)
         self.refresh()
 
@@ -58,7 +76,7 @@ class HexView(ScrollView, can_focus=False):
         self.highlight = span
         self._cache.clear()
         if span is not None:
-            line = (span[0] - self.base) // BYTES_PER_LINE
+            line = (span[0] - self.base) // self.bpl
             top = int(self.scroll_offset.y)
             h = max(1, self.size.height)
             if not top <= line < top + h:
@@ -88,16 +106,17 @@ class HexView(ScrollView, can_focus=False):
     def render_line(self, y: int) -> Strip:
         width = self.size.width
         line = self.scroll_offset.y + y
-        n_lines = -(-self.length // BYTES_PER_LINE)
+        bpl = self.bpl
+        n_lines = -(-self.length // bpl)
         if self.model is None or line >= n_lines:
             return Strip.blank(width, self.rich_style)
-        key = (self._gen, line, width)
+        key = (self._gen, line, width, bpl)
         strip = self._cache.get(key)
         if strip is not None:
             return strip
         model = self.model
-        off = self.base + line * BYTES_PER_LINE
-        data = self._read(off, BYTES_PER_LINE)
+        off = self.base + line * bpl
+        data = self._read(off, bpl)
         colours = model.byte_colours(off, data)
         lo, hi = self.highlight if self.highlight is not None else (-1, -1)
         start, end = model.start, model.start + model.length
@@ -112,9 +131,9 @@ class HexView(ScrollView, can_focus=False):
             st = Style(color=colours[k]) if colours[k] else Style()
             if lo <= pos < hi:
                 st = st + Style(reverse=True, bold=True)
-            sep = " " if k != 7 else "  "
+            sep = "  " if k == 7 and bpl == 16 else " "
             segs.append(Segment(f"{b:02x}", st))
-            segs.append(Segment(sep, st if lo <= pos + 1 < hi and k != 15 else Style()))
+            segs.append(Segment(sep, st if lo <= pos + 1 < hi and k != bpl - 1 else Style()))
             asc.append(Segment(chr(b) if 32 <= b < 127 else ".", st))
         segs.append(Segment(" "))
         segs.extend(asc)

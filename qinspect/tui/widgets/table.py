@@ -20,6 +20,7 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from qinspect.termtext import for_terminal
 from qinspect.tui.palette import CURSOR_STYLE, DIM
 from qinspect.tui.structs import TableModel
 
@@ -66,13 +67,32 @@ class EntryTable(ScrollView, can_focus=True):
         self._gen += 1
         self._cache.clear()
         n = len(model) if model is not None else 0
-        width = sum(w + 1 for _t, w in model.columns) if model is not None else 0
+        self.widths = self._fit_widths(model)
+        width = sum(w + 1 for w in self.widths)
         self.virtual_size = Size(width, n + 1)
         self.scroll_to(0, 0, animate=False, immediate=True)
         self.set_reactive(EntryTable.cursor, max(0, min(row, n - 1)))
         self._scroll_cursor_visible()
         self.refresh()
         self.post_message(self.Highlighted(self, self.cursor))
+
+    @staticmethod
+    def _fit_widths(model: TableModel | None, sample: int = 256) -> list[int]:
+        """Column widths: the declared ones, widened to the longest value among the first and last
+        rows (offsets and counts are never cut; long names still are, with …)."""
+        if model is None:
+            return []
+        widths = [w for _t, w in model.columns]
+        n = len(model)
+        rows = list(range(min(n, sample))) + list(range(max(sample, n - sample), n))
+        for i in rows:
+            try:
+                cells = model.row(i)
+            except Exception:  # a row that cannot be decoded shows its error when drawn
+                continue
+            for k, (text, _c) in enumerate(cells[: len(widths)]):
+                widths[k] = min(max(widths[k], len(text)), 64)
+        return widths
 
     @property
     def n_rows(self) -> int:
@@ -81,7 +101,9 @@ class EntryTable(ScrollView, can_focus=True):
     def _line(self, cells: list[tuple[str, str | None]], style: Style | None = None) -> list[Segment]:
         assert self.model is not None
         segs: list[Segment] = []
-        for (text, colour), (_title, w) in zip(cells, self.model.columns, strict=False):
+        widths = getattr(self, "widths", None) or [w for _t, w in self.model.columns]
+        for (raw, colour), w in zip(cells, widths, strict=False):
+            text = for_terminal(raw)  # names come from the file: never control characters
             t = text if len(text) <= w else text[: max(0, w - 1)] + "…"
             st = Style(color=colour) if colour else Style()
             if style is not None:

@@ -1,0 +1,109 @@
+"""Following a live image (`f`): re-read what changed, never the whole image (no Textual here).
+
+Every second the main screen asks `refresh_changed`. When the file's size and mtime are what they
+were, nothing is read. Otherwise a fresh image is opened on the same file (a replaced file is
+reported, never mixed in), its L1 table is compared with the one shown, and these L2 tables are
+re-read and re-classified: those whose L1 entry changed (new, moved or freed tables) and a bounded
+round-robin slice of the others (a running VM writes into existing L2 tables, which the L1 table
+does not show). Clusters that became allocated are counted (and kept for highlighting). The
+analyses that depend on the whole file (layout, space, diagnosis, check) are dropped so that the
+scan pipeline recomputes them. Read-only as always.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from qinspect.qcow2 import constants as C
+from qinspect.tui.guestmap import GuestMap
+from qinspect.tui.palette import G
+from qinspect.tui.session import FileIdentity, FileReplaced, Session
+
+# L2 tables re-read per look besides those whose L1 entry changed (bounded work per second).
+RECHECK_TABLES = 64
+
+
+@dataclass
+class Changes:
+    """What one look at a followed image found."""
+
+    replaced: bool = False
+    resized: bool = False
+    tables: int = 0  # L2 tables re-read
+    new_clusters: int = 0  # clusters that were unallocated and now hold something
+
+
+def _allocated(states: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    out: npt.NDArray[np.bool_] = (states != G.UNALLOCATED) & (states != G.UNKNOWN)
+    return out
+
+
+def refresh_changed(s: Session) -> Changes | None:
+    """Look at the file; re-read what changed. None when nothing changed since the last look."""
+    now = FileIdentity.of_path(s.path)
+    if now is None:
+        return Changes(replaced=True)
+    seen = s.follow_seen or s.identity
+    if (now.dev, now.ino) != (seen.dev, seen.ino):
+        return Changes(replaced=True)
+    if (now.size, now.mtime_ns) == (seen.size, seen.mtime_ns):
+        return None
+    try:
+        fresh = s.pool.open()
+    except FileReplaced:
+        return Changes(replaced=True)
+    s.follow_seen = now
+    old_img, gm = s.img, s.guest
+    out = Changes(resized=now.size != seen.size)
+    old_l1, new_l1 = old_img.l1_table, fresh.l1_table
+    n = max(len(old_l1), len(new_l1))
+    a = np.zeros(n, dtype=np.uint64)
+    b = np.zeros(n, dtype=np.uint64)
+    a[: len(old_l1)] = old_l1
+    b[: len(new_l1)] = new_l1
+    changed = set(np.flatnonzero(a != b).tolist())
+    new_gm = gm
+    mask = np.uint64(C.L1E_OFFSET_MASK)
+    with_l2 = np.flatnonzero(b[: gm.n_tables] & mask)
+    if len(with_l2) and int(with_l2[-1]) >= gm.n_dense:
+        new_gm = GuestMap(fresh, max((layer.virtual_size for layer in s.layers[1:]), default=0))
+        k = min(gm.n_dense, new_gm.n_dense)
+        new_gm.counts[:k] = gm.counts[:k]
+        new_gm.scanned[:k] = gm.scanned[:k]
+        new_gm.backing_error = gm.backing_error
+    start = s.follow_cursor % max(1, new_gm.n_dense)
+    extra = [(start + i) % new_gm.n_dense for i in range(min(RECHECK_TABLES, new_gm.n_dense))]
+    s.follow_cursor = start + len(extra)
+    tables = sorted({t for t in changed if t < new_gm.n_dense} | set(extra))
+    for t in tables:
+        before = gm.chunk(t) if t < gm.n_dense else None
+        new_gm.compute(fresh, t, t + 1)
+        after = new_gm.chunk(t)
+        if after is None:
+            continue
+        if before is None:
+            became = _allocated(after)
+            if t < gm.n_dense and gm.scanned[t]:
+                # known only as counts: count the change, not the clusters
+                delta = int(after.size - np.count_nonzero(~became)) - int(
+                    gm.counts[t].sum() - gm.counts[t, G.UNALLOCATED])
+                out.new_clusters += max(0, delta)
+                continue
+        else:
+            became = _allocated(after) & ~_allocated(before[: len(after)])
+        idx = np.flatnonzero(became) + t * new_gm.l2_size
+        out.new_clusters += len(idx)
+        s.fresh_clusters.update(idx[: 10_000].tolist())
+    out.tables = len(tables)
+    s.retire(old_img)
+    s.img = fresh
+    s.guest = new_gm
+    s.pool.reset()
+    s.layout = s.check = s.diagnosis = s.space = None
+    return out
+
+
+__all__ = ["RECHECK_TABLES", "Changes", "refresh_changed"]
