@@ -96,7 +96,50 @@ def test_fifo(tmp_path: Path) -> None:
 
 
 def test_character_device() -> None:
-    assert_one_line(qinspect("info", "/dev/null"), "/dev/null", "character device")
+    # Read as QEMU's host_device driver does: its size is lseek(SEEK_END), 0, so no qcow2 header
+    # (qemu-img: "Image is not in qcow2 format"), and nothing is read from the device.
+    assert_one_line(qinspect("info", "/dev/null"), "/dev/null", "not a qcow2 image")
+
+
+def _run_both(cmd: str, image: Path, stdin: int | None) -> tuple[int, int]:
+    """(qinspect's exit code, qemu-img's) for `cmd --output=json image`, with the given stdin."""
+    assert QEMU_IMG is not None
+    theirs = subprocess.run([QEMU_IMG, cmd, "-U", "-f", "qcow2", "--output=json", str(image)], stdin=stdin,
+                            capture_output=True, timeout=60, check=False).returncode
+    env = {k: v for k, v in os.environ.items() if k != "QINSPECT_DEBUG"}
+    ours = subprocess.run([QINSPECT, cmd, "--output=json", str(image)], stdin=stdin, capture_output=True,
+                          timeout=60, env=env, check=False).returncode
+    return ours, theirs
+
+
+@needs_qemu
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null", "/dev/urandom", "/dev/stdin"])
+def test_character_device_backing_file_is_an_empty_raw_layer(tmp_path: Path, device: str) -> None:
+    """QEMU opens a character device named as a backing file with its host_device driver: a raw
+    layer of lseek(SEEK_END) bytes (0). Same exit codes as qemu-img (stdin: /dev/null)."""
+    img = tmp_path / "over.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", device, "-F", "raw", str(img), "1M"],
+                   check=True)
+    for cmd in ("info", "map", "check"):
+        with open(os.devnull, "rb") as null:
+            ours, theirs = _run_both(cmd, img, null.fileno())
+        assert ours == theirs == 0, (device, cmd, ours, theirs)
+
+
+@needs_qemu
+def test_pipe_backing_file_is_refused_like_qemu(tmp_path: Path) -> None:
+    """/dev/stdin on a pipe: QEMU's file driver requires a regular file (exit 1; info opens no backing)."""
+    img = tmp_path / "over.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", "/dev/stdin", "-F", "raw", str(img), "1M"],
+                   check=True)
+    for cmd, want in (("info", 0), ("map", 1), ("check", 1)):
+        r, w = os.pipe()
+        try:  # the write end stays open: reading the pipe would block, so nothing may read it
+            ours, theirs = _run_both(cmd, img, r)
+        finally:
+            os.close(r)
+            os.close(w)
+        assert ours == theirs == want, (cmd, ours, theirs)
 
 
 def test_permission_denied(tmp_path: Path, samples: Samples) -> None:

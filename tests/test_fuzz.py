@@ -16,6 +16,10 @@ assertion) and grow memory by less than a bound. The CLI runs with QINSPECT_DEBU
     QINSPECT_FUZZ_SEED=7 QINSPECT_FUZZ_START=5000 ...       # other cases
     QINSPECT_FUZZ_ONLY=1234 pytest tests/test_fuzz.py -k replay   # one case, in-process, with traceback
 
+Where qemu-img is installed, every eighth case (index % 8 == 3; QINSPECT_FUZZ_QEMU_EVERY) also
+compares the exit codes of info, map and check with live qemu-img's (three qemu-img runs in
+parallel); QINSPECT_FUZZ_QEMU=1 compares every case, QINSPECT_FUZZ_QEMU=0 none.
+
 Other knobs: QINSPECT_FUZZ_JOBS (workers, default: CPUs up to 4), QINSPECT_FUZZ_TIMEOUT (seconds
 per case, default 60), QINSPECT_FUZZ_MEMORY_MB (default 512), QINSPECT_FUZZ_TRACEMALLOC=1.
 Cases are deterministic in (seed, index); a failure prints the replay command.
@@ -91,11 +95,15 @@ def test_fuzz_cases(samples: Any, bases: list[runner.Base], tmp_path: Path, requ
     peak = max((o.peak for o in outcomes), default=0)
     slowest = max((o.seconds for o in outcomes), default=0.0)
     failures = sorted((o for o in outcomes if o.status != "ok"), key=lambda o: o.index)
+    compared = sum(1 for o in outcomes if o.compared)
+    disagree = sum(1 for o in outcomes if o.status == "disagree")
+    versus = (f"exit codes compared with {runner.QEMU_IMG} on {compared} cases, {disagree} disagreed"
+              if runner.QEMU_IMG is not None else "qemu-img not installed: no exit codes compared")
     _summary(request.config).lines.append(
         f"qinspect fuzz: {len(outcomes)} cases (seed {SEED}, cases {START}..{START + CASES - 1}) in {elapsed:.0f} s "
         f"on {JOBS} workers: {opened} opened, {len(outcomes) - opened} refused at open; "
         f"{len(failures)} failed {dict(status)}; slowest case {slowest:.1f} s, largest memory growth "
-        f"{peak >> 20} MiB")
+        f"{peak >> 20} MiB; {versus}")
     assert len(outcomes) == CASES
     assert not failures, _report(failures, bases)
 

@@ -134,13 +134,19 @@ class HostFile:
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
             raise Qcow2Error("is a directory, not an image file", path=path)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            # QEMU's file driver refuses these too ("'file' driver requires ... to be a regular file");
+            # QEMU blocks opening a named FIFO without a writer, which qinspect never does.
             os.close(fd)
-            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode) \
-                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file"
-            raise Qcow2Error(f"is {kind}, not an image file (only regular files and block devices are read)",
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) \
+                else "not a regular file"
+            raise Qcow2Error(f"is {kind}, not an image file (only regular files and devices are read)",
                              path=path)
-        os.set_blocking(fd, True)
+        if not stat.S_ISCHR(st.st_mode):
+            # A character device (/dev/zero, /dev/null, a terminal as /dev/stdin) stays non-blocking:
+            # QEMU's host_device driver opens it and takes its size from lseek(SEEK_END), 0 for
+            # these, so it is read as an empty raw file and never actually read from.
+            os.set_blocking(fd, True)
         self._fd: int | None = fd
         self._is_regular = stat.S_ISREG(st.st_mode)
         self.size = st.st_size if stat.S_ISREG(st.st_mode) else _device_size(fd)
@@ -377,7 +383,8 @@ def _one_range(size: int, kind: ExtentKind, method: ExtentMethod) -> HostExtents
 
 
 def _device_size(fd: int) -> int:
+    """A device's size as QEMU's raw_getlength takes it: lseek(SEEK_END); 0 where that fails."""
     try:
-        return os.lseek(fd, 0, os.SEEK_END)
+        return max(0, os.lseek(fd, 0, os.SEEK_END))
     except OSError:
         return 0
