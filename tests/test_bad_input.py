@@ -282,3 +282,30 @@ def test_hostile_header_fields(tmp_path: Path, samples: Samples, offset: int, fm
             assert r.stderr.splitlines()[-1] == "qinspect: Check failed: File too large"
             continue
         assert_one_line(qinspect(cmd, f), f, *fragments)
+
+
+@needs_qemu
+@pytest.mark.parametrize("in_use", [False, True])
+def test_bad_bitmap_table_entry_refused_only_when_not_in_use(tmp_path: Path, in_use: bool) -> None:
+    """load_bitmap skips an in-use bitmap's table at open ("Data is unusable"): a bad table entry
+    refuses the open only for a bitmap not in use. Same exit codes as qemu-img, both ways."""
+    from qinspect.qcow2.meta import open_meta
+
+    img = tmp_path / "bm.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    subprocess.run([QEMU_IMG, "bitmap", "--add", str(img), "b0"], check=True)
+    with open_meta(img) as m:
+        [bm] = m.bitmaps
+        entry, table = bm.entry_offset, bm.bitmap_table_offset
+    with open(img, "r+b") as f:
+        f.seek(table)
+        f.write(struct.pack(">Q", 0x10201))  # offset 0x10200: not cluster-aligned (check_table_entry)
+        if in_use:
+            f.seek(entry + 12)
+            flags = struct.unpack(">I", f.read(4))[0]
+            f.seek(entry + 12)
+            f.write(struct.pack(">I", flags | 1))  # BME_FLAG_IN_USE
+    for cmd in ("info", "map"):
+        with open(os.devnull, "rb") as null:
+            ours, theirs = _run_both(cmd, img, null.fileno())
+        assert ours == theirs == (0 if in_use else 1), (cmd, ours, theirs)

@@ -126,14 +126,18 @@ def read_bitmap_directory(
 
 def check_bitmap_tables(f: HostFile, bitmaps: list[Bitmap], cluster_size: int, problems: list[Problem],
                         virtual_size: int) -> None:
-    """qcow2_load_dirty_bitmaps at open: every bitmap's table is loaded (bitmap_table_load) and an
-    entry that check_table_entry refuses makes the open fail; for a bitmap not in use,
-    load_bitmap_data also wants exactly the table size the disk needs. Each distinct table is
-    read once (65,535 entries sharing one maximal table cost one read, not 65,535)."""
+    """qcow2_load_dirty_bitmaps at open: the table of every bitmap not in use is loaded
+    (bitmap_table_load) and an entry that check_table_entry refuses makes the open fail;
+    load_bitmap_data also wants exactly the table size the disk needs. In-use bitmaps are skipped.
+    Each distinct table is read once (65,535 entries sharing one maximal table cost one read)."""
     import numpy as np
 
     seen: dict[tuple[int, int], bool] = {}
     for bm in bitmaps:
+        if bm.in_use:
+            # load_bitmap: "Data is unusable, skip loading it" -- an in-use bitmap's table is not
+            # read at open (only `qemu-img check` walks it, for refcounts).
+            continue
         key = (bm.bitmap_table_offset, bm.bitmap_table_size)
         if key not in seen:
             if bm.bitmap_table_offset + bm.bitmap_table_size * 8 > C.BDRV_MAX_LENGTH:
@@ -148,15 +152,14 @@ def check_bitmap_tables(f: HostFile, bitmaps: list[Bitmap], cluster_size: int, p
                                     f"for bitmap '{bm.name}': Invalid argument", bm.bitmap_table_offset,
                                     qemu_refuses_open=True))
             return
-        if not bm.in_use:
-            # hbitmap serialization: one bit per granule, in 64-bit words, in whole clusters
-            bits = -(-virtual_size // bm.granularity)
-            need = -(-(-(-bits // 64) * 8) // cluster_size)
-            if need != bm.bitmap_table_size:
-                problems.append(Problem(Severity.ERROR, "bitmap table", f"Could not read bitmap '{bm.name}' from "
-                                        f"image: Invalid argument (its table has {bm.bitmap_table_size} entries, "
-                                        f"the disk needs {need})", bm.entry_offset, qemu_refuses_open=True))
-                return
+        # hbitmap serialization: one bit per granule, in 64-bit words, in whole clusters
+        bits = -(-virtual_size // bm.granularity)
+        need = -(-(-(-bits // 64) * 8) // cluster_size)
+        if need != bm.bitmap_table_size:
+            problems.append(Problem(Severity.ERROR, "bitmap table", f"Could not read bitmap '{bm.name}' from "
+                                    f"image: Invalid argument (its table has {bm.bitmap_table_size} entries, "
+                                    f"the disk needs {need})", bm.entry_offset, qemu_refuses_open=True))
+            return
 
 
 def read_bitmap_table(f: HostFile, bm: Bitmap) -> npt.NDArray[np.uint64]:
