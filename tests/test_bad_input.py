@@ -309,3 +309,40 @@ def test_bad_bitmap_table_entry_refused_only_when_not_in_use(tmp_path: Path, in_
         with open(os.devnull, "rb") as null:
             ours, theirs = _run_both(cmd, img, null.fileno())
         assert ours == theirs == (0 if in_use else 1), (cmd, ours, theirs)
+
+
+@needs_qemu
+@pytest.mark.parametrize("base", ["fid_norefcount_table.qcow2", "fid_snap_misaligned_empty.qcow2"])
+def test_check_opens_backing_files_with_check_rules(tmp_path: Path, samples: Samples, base: str) -> None:
+    """Backing files inherit BDRV_O_CHECK: qemu-img check opens an overlay whose backing file has
+    no refcount table or a bad snapshot table pointer (map refuses it). Same exit codes."""
+    shutil.copyfile(samples.dir / base, tmp_path / base)
+    img = tmp_path / "top.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", base, "-F", "qcow2", str(img), "1M"],
+                   check=True)
+    for cmd, want in (("map", 1), ("check", 0)):
+        ours, theirs = _run_both(cmd, img, subprocess.DEVNULL)
+        assert ours == theirs == want, (cmd, ours, theirs)
+
+
+@needs_qemu
+def test_backing_format_of_nul_bytes_is_probed_and_raw_self_backing_is_no_loop(tmp_path: Path) -> None:
+    """A backing format extension of NUL bytes is an empty C string to QEMU: the format is probed.
+    And an image that names itself as a raw backing file is no loop: its bytes are a raw layer."""
+    base = tmp_path / "base.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    top = tmp_path / "top.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top), "1M"],
+                   check=True)
+    data = bytearray(top.read_bytes())
+    at = data.index(b"qcow2", 72, 4096)  # the backing format extension's data
+    data[at : at + 5] = bytes(5)
+    assert b"base.qcow2" in data  # (the backing file name is untouched)
+    top.write_bytes(bytes(data))
+    raw_self = tmp_path / "self.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", "self.qcow2", "-F", "raw", str(raw_self),
+                    "1M"], check=True)
+    for img in (top, raw_self):
+        for cmd in ("info", "map", "check"):
+            ours, theirs = _run_both(cmd, img, subprocess.DEVNULL)
+            assert ours == theirs == 0, (img.name, cmd, ours, theirs)

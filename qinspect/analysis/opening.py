@@ -12,11 +12,12 @@ from qinspect.qcow2.meta import ImageMeta
 
 def require_files(img: ImageMeta, check: bool = False) -> None:
     """Raise `Qcow2Error` when a layer of `img`'s backing chain or an external data file cannot be
-    opened, as qemu-img map and check fail; with `check`, `img` itself is held to qemu-img check's
-    open rules (BDRV_O_CHECK), its backing files to a normal open's."""
-    for depth, layer in enumerate(img.chain()):
+    opened, as qemu-img map and check fail; with `check`, every layer is held to qemu-img check's
+    open rules (BDRV_O_CHECK, which the backing files inherit: qemu-img check opens an image whose
+    backing file has no refcount table or a bad snapshot table pointer, map does not)."""
+    for layer in img.chain():
         if isinstance(layer, ImageMeta):
-            layer.require_openable(check=check and depth == 0)
+            layer.require_openable(check=check)
             layer.data_file()
 
 

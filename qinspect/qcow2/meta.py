@@ -239,10 +239,11 @@ class ImageMeta:
             raise Qcow2Error("backing file name contains a NUL byte", self.header.backing_file_offset,
                              path=self.path)
         chain = [*self.parents, os.path.realpath(self.path)]
-        fmt = self.header.backing_format
+        # QEMU keeps the extension's bytes as a C string: up to the first NUL.
+        fmt = (self.header.backing_format or "").split("\0", 1)[0]
         if not fmt:  # none stored, or an empty backing format extension: QEMU probes
             fmt = probe_format(path, self.path)
-        if os.path.realpath(path) in chain:
+        if fmt != "raw" and os.path.realpath(path) in chain:  # (as raw, the file is just bytes: no loop)
             raise Qcow2Error(f"backing chain loops: {path} is already in the chain", self.header.backing_file_offset,
                              path=self.path)
         if len(chain) >= C.BACKING_CHAIN_MAX_DEPTH:
