@@ -346,3 +346,20 @@ def test_backing_format_of_nul_bytes_is_probed_and_raw_self_backing_is_no_loop(t
         for cmd in ("info", "map", "check"):
             ours, theirs = _run_both(cmd, img, subprocess.DEVNULL)
             assert ours == theirs == 0, (img.name, cmd, ours, theirs)
+
+
+@needs_qemu
+def test_check_takes_the_file_length_in_whole_sectors(tmp_path: Path) -> None:
+    """check's "exceeding the end of the file by one cluster or more" compares with bdrv_getlength,
+    the file's size rounded up to 512 bytes: a table starting one cluster minus 8 bytes past the
+    end is not counted as a corruption when the sector rounding brings it under one cluster."""
+    from qinspect.qcow2.meta import open_meta
+
+    img = tmp_path / "cut.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    with open_meta(img) as m:
+        l1, cs = m.header.l1_table_offset, m.cluster_size
+    for want_corrupt, size in ((False, l1 - cs + 8), (True, l1 - cs)):
+        os.truncate(img, size)
+        ours, theirs = _run_both("check", img, subprocess.DEVNULL)
+        assert ours == theirs == (2 if want_corrupt else 0), (size, ours, theirs)

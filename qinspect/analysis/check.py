@@ -454,7 +454,8 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     res.total_clusters = -(-(-(-h.size // 512) * 512) // cs)
     nb_file = -(-img.file.size // cs)
     rmax = (1 << h.refcount_bits) - 1
-    refs = _Refs(nb_file, rmax, res, cs, img.file.size)
+    # bdrv_getlength(bs->file) is total_sectors * 512: the file's size rounded up to whole sectors
+    refs = _Refs(nb_file, rmax, res, cs, -(-img.file.size // 512) * 512)
     fmt = img.l2_format
     stored_needed = nb_file
 
