@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 
 from qinspect.analysis import scan as scan_mod
-from qinspect.analysis.check import check_image
 from qinspect.analysis.diagnose import diagnose
 from qinspect.analysis.scan import InUse, find_images, scan_images
+from qinspect.analysis.walks import check_and_layout
 from qinspect.cli import main as cli_main
 from qinspect.qcow2.image import open_image
 
@@ -392,7 +392,7 @@ def test_file_changed_while_read_is_an_error(tree: Path, tmp_path: Path, monkeyp
                                              how: str) -> None:
     d = _copy_tree(tree, tmp_path)
     victim = d / "snap.qcow2"
-    real_check = check_image
+    real_check = check_and_layout
 
     def check_and_change(img: Any, *a: Any, **kw: Any) -> Any:
         if img.path == str(victim):
@@ -404,7 +404,7 @@ def test_file_changed_while_read_is_an_error(tree: Path, tmp_path: Path, monkeyp
                     f.write(b"\0" * 65536)
         return real_check(img, *a, **kw)
 
-    monkeypatch.setattr(scan_mod, "check_image", check_and_change)
+    monkeypatch.setattr(scan_mod, "check_and_layout", check_and_change)
     reps = {r.summary.path: r for r in scan_images(find_images([str(d)]), jobs=1)}
     err = reps[str(victim)].summary.error
     assert err is not None and err.startswith("changed during the scan") and "while it was read" in err
@@ -497,14 +497,14 @@ def test_a_worker_that_dies_costs_only_its_image(tree: Path, tmp_path: Path, mon
     for i in range(6):
         shutil.copyfile(tree / "plain.qcow2", d / f"more-{i}.qcow2")
     victim = str(d / "snap.qcow2")
-    real_check = check_image
+    real_check = check_and_layout
 
     def check_or_die(img: Any, *a: Any, **kw: Any) -> Any:
         if img.path == victim:
             os._exit(9)  # what the OOM killer leaves behind: no exception, no report
         return real_check(img, *a, **kw)
 
-    monkeypatch.setattr(scan_mod, "check_image", check_or_die)  # the forked workers inherit it
+    monkeypatch.setattr(scan_mod, "check_and_layout", check_or_die)  # the forked workers inherit it
     reps = {r.summary.path: r.summary for r in scan_images(find_images([str(d)]), jobs=2)}
     assert len(reps) == 9
     assert reps[victim].error == scan_mod.WORKER_DIED

@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from qinspect.analysis.check import check_image
 from qinspect.analysis.diagnose import SEVERITIES, Diagnosis, diagnose
 from qinspect.analysis.info import image_info
 from qinspect.analysis.opening import require_files
+from qinspect.analysis.walks import check_and_layout
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image, open_image
 
@@ -319,19 +319,20 @@ def _inspect_open(img: Image, deep: bool, s: ImageSummary, record: dict[str, obj
         record.update({"check": None, "findings": None, "space": None,
                        "skipped": "in use: a running QEMU holds the write lock; not checked nor diagnosed"})
         return
+    lay = None
     if chain_error is not None:
         s.chain_error = _error_message(chain_error, path)
         s.error = s.chain_error
         record["check"] = None
     else:
-        res = check_image(img, filename=path)
+        res, lay = check_and_layout(img, filename=path)  # one walk for check and the diagnosis
         s.leaks, s.corruptions, s.check_errors = res.leaks, res.corruptions, res.check_errors
         if res.failed is not None:  # qemu-img (and qinspect) check print no counts then
             s.error = f"check failed: {res.failed}"
             record["check"] = None
         else:
             record["check"] = {**res.to_json(), "in-use": state}
-    d = diagnose(img, deep=deep)
+    d = diagnose(img, deep=deep, layout=lay)
     _summarise(d, s)
     record.update(d.to_json())
     s.checked = chain_error is None and record["check"] is not None
