@@ -14,7 +14,9 @@ Behind the cursor:
   `gap_bytes` between two pieces is read through rather than skipped (a short gap costs less to read
   than a separate request), and a request never exceeds `MAX_REQUEST` bytes;
 - requests go to a small pool of threads calling `os.preadv` (which releases the GIL), so the
-  device sees several requests at once instead of one at a time;
+  device sees several requests at once instead of one at a time; a window that reads at most
+  `SYNC_BYTES` is read by the calling thread instead (a small image's few tables: the hand-off to
+  the pool cost more than the reads);
 - a walk that does not care about order (check and layout aggregate, then sort their messages)
   passes `order=HOST`: the whole walk then sweeps the file once, front to back.
 
