@@ -328,6 +328,17 @@ def test_compressed_and_small_clusters(samples: Samples, tmp_path: Path) -> None
         no_repeat(p, f)
 
 
+def test_narrow_refcount_amend(samples: Samples, tmp_path: Path) -> None:
+    """`qemu-img amend -o refcount_bits=16` grows the file by the new refcount table and blocks
+    that do not fit in its free clusters (qcow2_change_refcount_order), as predicted."""
+    src = samples.path("refcount1")
+    p = tmp_path / src.name
+    shutil.copyfile(src, p)
+    f = finding(diag(p), "narrow-refcount")
+    run_fix(f, p, 65536)
+    no_repeat(p, f)
+
+
 def test_long_chain_rebase(samples: Samples, tmp_path: Path) -> None:
     for k in range(5):
         shutil.copyfile(samples.path(f"longchain_{k}"), tmp_path / f"longchain_{k}.qcow2")

@@ -16,6 +16,7 @@ from qinspect.analysis.cache import cache_model, cow_amplification
 from qinspect.analysis.findings.common import path_arg, pct, plural, size_text
 from qinspect.analysis.findings.model import Category, Context, ConvertWish, Finding, Fix, Severity
 from qinspect.analysis.findings.registry import rule
+from qinspect.analysis.layout import Owner
 from qinspect.qcow2 import constants as C
 from qinspect.units import size_option
 
@@ -209,6 +210,26 @@ def v2(c: Context) -> Finding | None:
         Category.PERFORMANCE)
 
 
+def _refcount_order_growth(c: Context, new_bits: int) -> int:
+    """Bytes the file grows by when `qemu-img amend -o refcount_bits=N` rewrites the refcounts.
+
+    QEMU's qcow2_change_refcount_order allocates a complete new refcount table and new refcount
+    blocks for every cluster (counting its own new clusters), taking free clusters inside the file
+    first, then frees the old structures (QCOW2_DISCARD_OTHER: not punched, the file keeps them as
+    free space). The file grows by the new structures that do not fit in its free clusters.
+    """
+    cs = c.h.cluster_size
+    per_block = cs * 8 // new_bits
+    free = c.layout.counts().get(Owner.FREE, 0)
+    used = -(-c.file_size // cs)
+    blocks = table = 0
+    for _ in range(8):  # the new structures need refcounts too: iterate to the fixed point
+        total = used + max(0, blocks + table - free)
+        blocks = -(-total // per_block)
+        table = -(-(blocks * 8) // cs)
+    return max(0, blocks + table - free) * cs
+
+
 @rule("narrow-refcount")
 def narrow_refcount(c: Context) -> Finding | None:
     bits = c.h.refcount_bits
@@ -220,7 +241,7 @@ def narrow_refcount(c: Context) -> Finding | None:
     else:
         sev, what = Severity.INFO, (f"a cluster can be shared by at most {top} references, so more than {top - 1} "
                                     "internal snapshots overflow")
-    grow = c.layout.refcount_blocks * c.h.cluster_size * (16 // bits)
+    grow = _refcount_order_growth(c, 16)
     return Finding(
         "narrow-refcount", sev, f"{bits}-bit refcounts: at most {top} references per cluster",
         {"refcount-bits": bits, "max-refcount": top, "snapshots": len(c.img.snapshots)},
