@@ -352,6 +352,8 @@ def test_long_chain_rebase(samples: Samples, tmp_path: Path) -> None:
     subprocess.run(["bash", "-c", cmd], cwd=tmp_path, check=True, capture_output=True)
     st = os.stat(p)
     assert st.st_size <= int(f.fix.predicts["file-size-at-most"])
+    assert within(st.st_size, int(f.fix.predicts["file-size"]), 65536), (st.st_size, f.fix.predicts)
+    assert within(st.st_blocks * 512, int(f.fix.predicts["disk-usage"]), 65536), (st.st_blocks, f.fix.predicts)
     cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)],
                          capture_output=True, text=True)
     assert cmp.returncode == 0, cmp.stdout
