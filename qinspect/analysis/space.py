@@ -393,5 +393,24 @@ def compute_space(img: Image, layout: Layout | None = None, deep: DeepParts | No
                  extents=ext.to_json(), guest_clusters=data_clusters)
 
 
-__all__ = ["PARTS", "PART_LABELS", "DeepParts", "HoleMap", "Space", "compute_space", "file_holes",
-           "hole_bytes_per_cluster", "hole_map", "not_written"]
+def part_label(key: str, parts: dict[str, int]) -> str:
+    """A part's label; "guest data" reads "guest data in use by the guest" once the guest's own view
+    has split off what it freed (`guest-freed`)."""
+    if key == "guest-data" and "guest-freed" in parts:
+        return "guest data in use by the guest"
+    return PART_LABELS.get(key, key)
+
+
+__all__ = [
+    "PARTS",
+    "PART_LABELS",
+    "DeepParts",
+    "HoleMap",
+    "Space",
+    "compute_space",
+    "file_holes",
+    "hole_bytes_per_cluster",
+    "hole_map",
+    "not_written",
+    "part_label",
+]

@@ -22,7 +22,7 @@ from qinspect.analysis.diagnose import RULES, SEVERITY_RANK, Diagnosis, Finding,
 from qinspect.analysis.layout import Layout, Owner, compute_layout
 from qinspect.analysis.measure import MeasureResult, measure, parse_options
 from qinspect.analysis.progress import ProgressFn, no_progress
-from qinspect.analysis.space import PART_LABELS, Space
+from qinspect.analysis.space import PART_LABELS, Space, part_label
 from qinspect.cli.core_cmds import in_use, open_checked, print_json, warn_in_use
 from qinspect.cli.render import console, err_console, literal, table
 from qinspect.qcow2.errors import Qcow2Error
@@ -343,9 +343,9 @@ def _evidence_text(ev: dict[str, int | float | str]) -> str:
     """Evidence as `key value` pairs; byte counts in the one size format (units.format_size_exact)."""
     parts = []
     for k, v in ev.items():
-        if isinstance(v, int) and not isinstance(v, bool) and ("bytes" in k or "size" in k or "cache" in k
-                                                               or "reclaim" in k or k.startswith("cow-unit")
-                                                               or k.endswith("-end")):
+        sized = ("bytes" in k or "size" in k or "cache" in k or "reclaim" in k or k.endswith("usage")
+                 or k.startswith("cow-unit") or k.endswith("-end"))
+        if isinstance(v, int) and not isinstance(v, bool) and sized:
             parts.append(f"{k} {format_size_exact(v)}")
         elif isinstance(v, int) and "offset" in k:
             parts.append(f"{k} {v:#x}")
@@ -480,7 +480,9 @@ def _print_finding(f: Finding, sp: Space) -> None:
         for label, value in (("  cost", fix.cost), ("  loses", fix.loses), ("  note", fix.note)):
             if value:
                 grid.add_row(label, Text(for_terminal(value)))
-    c.print(grid)
+    with c.capture() as captured:  # a grid pads every cell to its column's width: no trailing blanks
+        c.print(grid)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
     if fix is None:
         return
     c.print(Text("  fix", style="dim"))
@@ -499,7 +501,7 @@ def _print_space(sp: Space) -> None:
               title=f"Where the {format_size_exact(sp.file_size)} of the file go")
     for k, v in sp.parts.items():
         if v:
-            t.add_row(PART_LABELS.get(k, k), format_size(v), _share(v, sp.file_size),
+            t.add_row(part_label(k, sp.parts), format_size(v), _share(v, sp.file_size),
                       format_size(sp.allocated_parts.get(k, 0)))
     fs = sp.allocated_parts.get("filesystem", 0)
     if fs:

@@ -73,9 +73,9 @@ _HOST = {
 }
 # Space-bar parts that are no host owner, set apart from the owners shown next to them.
 _SPACE_EXTRA = {
-    "dark": {"zero": "#22ffee", "preallocated": "#aa8822"},
-    "light": {"zero": "#22cccc", "preallocated": "#886600"},
-    "colour-blind": {"zero": "#22ffee", "preallocated": "#888844"},
+    "dark": {"zero": "#22ffee", "preallocated": "#aa8822", "guest_freed": "#559900"},
+    "light": {"zero": "#22cccc", "preallocated": "#886600", "guest_freed": "#882200"},
+    "colour-blind": {"zero": "#22ffee", "preallocated": "#888844", "guest_freed": "#ffccff"},
 }
 PALETTES = tuple(_GUEST)
 
@@ -148,6 +148,7 @@ def _kinds(name: str) -> dict[str, str]:
         "backing_dup": host["shared"],
         "snapshot_data": host["snapshot_table"],
         "preallocated": _SPACE_EXTRA[name]["preallocated"],
+        "guest_freed": _SPACE_EXTRA[name]["guest_freed"],
         "hole": host["free"],
         "tail": host["past_end"],
         "filesystem": host["past_end"],

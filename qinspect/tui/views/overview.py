@@ -287,7 +287,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
             if Step.LAYOUT in s.errors:
                 why = f"layout failed: {s.clean(s.errors[Step.LAYOUT])}"
             return Group(head, Text(why, Style(color=DIM)))
-        from qinspect.analysis.space import PART_LABELS
+        from qinspect.analysis.space import part_label
 
         # Parts that share a colour are one legend entry (its labels joined), so every two
         # entries of the legend have colours that can be told apart.
@@ -295,7 +295,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
         for k, v in space.parts.items():
             if int(v) > 0:
                 labels, n = merged.get(kind_colour(k), ([], 0))
-                merged[kind_colour(k)] = ([*labels, PART_LABELS.get(k, k)], n + int(v))
+                merged[kind_colour(k)] = ([*labels, part_label(k, space.parts)], n + int(v))
         parts = [(" + ".join(labels), colour, n) for colour, (labels, n) in merged.items()]
         parts.sort(key=lambda p: -p[2])
         cells: list[Text] = []
