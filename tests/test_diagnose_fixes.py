@@ -328,6 +328,17 @@ def test_compressed_and_small_clusters(samples: Samples, tmp_path: Path) -> None
         no_repeat(p, f)
 
 
+def test_narrow_refcount_amend(samples: Samples, tmp_path: Path) -> None:
+    """`qemu-img amend -o refcount_bits=16` grows the file by the new refcount table and blocks
+    that do not fit in its free clusters (qcow2_change_refcount_order), as predicted."""
+    src = samples.path("refcount1")
+    p = tmp_path / src.name
+    shutil.copyfile(src, p)
+    f = finding(diag(p), "narrow-refcount")
+    run_fix(f, p, 65536)
+    no_repeat(p, f)
+
+
 def test_long_chain_rebase(samples: Samples, tmp_path: Path) -> None:
     for k in range(5):
         shutil.copyfile(samples.path(f"longchain_{k}"), tmp_path / f"longchain_{k}.qcow2")
@@ -341,6 +352,8 @@ def test_long_chain_rebase(samples: Samples, tmp_path: Path) -> None:
     subprocess.run(["bash", "-c", cmd], cwd=tmp_path, check=True, capture_output=True)
     st = os.stat(p)
     assert st.st_size <= int(f.fix.predicts["file-size-at-most"])
+    assert within(st.st_size, int(f.fix.predicts["file-size"]), 65536), (st.st_size, f.fix.predicts)
+    assert within(st.st_blocks * 512, int(f.fix.predicts["disk-usage"]), 65536), (st.st_blocks, f.fix.predicts)
     cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(p)],
                          capture_output=True, text=True)
     assert cmp.returncode == 0, cmp.stdout

@@ -366,18 +366,9 @@ def cpu_count() -> int:
 
 
 def default_jobs() -> int:
-    """The CPU count, less the CPUs the load average says are busy (at least one), like `make -l`.
-
-    A scan runs on hosts whose CPUs belong to their VMs: when they are busy, more workers than
-    idle CPUs only add fork and hand-over costs (measured: slower than one worker at load 10 on two
-    CPUs) and take time from the guests.
-    """
-    cpus = cpu_count()
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return cpus
-    return max(1, min(cpus, int(cpus - busy + 0.5)))
+    """The CPUs this process may run on (issue 16: the default is the CPU count). On a host whose
+    CPUs are busy with its VMs, pass a smaller `--jobs` (or run the scan under `nice`)."""
+    return cpu_count()
 
 
 WORKER_DIED = "the worker process inspecting it died (killed, or out of memory?)"

@@ -192,7 +192,7 @@ def _guest(p: argparse.ArgumentParser) -> None:
 def _scan(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories to search")
     p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
-                   help="worker processes (default: the CPU count, fewer when the load average says CPUs are busy)")
+                   help="worker processes (default: the CPU count; fewer on a host whose CPUs its VMs need)")
     p.add_argument("--deep", action="store_true", help="also read every data cluster (slower)")
     p.add_argument("--output", choices=["human", "json", "prometheus"], default="human",
                    help="human table, JSON Lines (one object per image) or Prometheus text format")

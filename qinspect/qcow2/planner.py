@@ -14,7 +14,9 @@ Behind the cursor:
   `gap_bytes` between two pieces is read through rather than skipped (a short gap costs less to read
   than a separate request), and a request never exceeds `MAX_REQUEST` bytes;
 - requests go to a small pool of threads calling `os.preadv` (which releases the GIL), so the
-  device sees several requests at once instead of one at a time;
+  device sees several requests at once instead of one at a time; a window that reads at most
+  `SYNC_BYTES` is read by the calling thread instead (a small image's few tables: the hand-off to
+  the pool cost more than the reads);
 - a walk that does not care about order (check and layout aggregate, then sort their messages)
   passes `order=HOST`: the whole walk then sweeps the file once, front to back.
 
@@ -54,6 +56,10 @@ WINDOW_BYTES = 16 * 1024 * 1024
 """Memory held by one stream: two half-windows, the one being used and the one being read (in host
 order a half-window bounds the bytes its requests read, gaps included)."""
 WORKERS = int(os.environ.get("QINSPECT_IO_WORKERS", "4"))
+SYNC_BYTES = 1024 * 1024
+"""A window whose requests read at most this many bytes is read by the calling thread: handing a
+few small reads (a small image's L2 tables and refcount blocks) to the pool costs more in
+submission and thread wake-ups than the reads themselves."""
 ADVISE = os.environ.get("QINSPECT_IO_ADVISE", "1") != "0"
 """Read-ahead advice (POSIX_FADV_WILLNEED) for streams longer than a window; 0 turns it off (for A/B runs)."""
 
@@ -129,25 +135,30 @@ class _Window:
         self.a, self.b = a, b
         offs = stream.offsets[a:b]
         lens = stream.lengths[a:b]
-        order = np.argsort(offs, kind="stable")
-        s, e = offs[order], offs[order] + lens[order]
-        gap = stream.gap
-        rs, re_, preq = coalesce(s, e, gap, stream.max_request)
-        useful = int(lens.sum())
-        # Pieces spread thin over the file (a window of L2 tables in L1 order): reading through
-        # every gap would read the file many times over. Narrow the gap until at most as many
-        # bytes are read through as are wanted.
-        while gap and int((re_ - rs).sum()) > 2 * useful:
-            gap = gap // 4 if gap >= 16384 else 0
+        if b - a == 1 and int(lens[0]) <= stream.max_request:
+            # One piece (a small image's L2 table, one cluster): one request, nothing to sort.
+            rs, re_ = offs, offs + lens
+            self.piece_req = np.zeros(1, np.int64)
+        else:
+            order = np.argsort(offs, kind="stable")
+            s, e = offs[order], offs[order] + lens[order]
+            gap = stream.gap
             rs, re_, preq = coalesce(s, e, gap, stream.max_request)
+            useful = int(lens.sum())
+            # Pieces spread thin over the file (a window of L2 tables in L1 order): reading through
+            # every gap would read the file many times over. Narrow the gap until at most as many
+            # bytes are read through as are wanted.
+            while gap and int((re_ - rs).sum()) > 2 * useful:
+                gap = gap // 4 if gap >= 16384 else 0
+                rs, re_, preq = coalesce(s, e, gap, stream.max_request)
+            self.piece_req = np.empty(b - a, np.int64)
+            self.piece_req[order] = preq
         self.req_start = rs
-        self.piece_req = np.empty(b - a, np.int64)
-        self.piece_req[order] = preq
         # The requests in host order, cut into a few tasks of about equal bytes: each worker reads
         # its share in order (a future per request would cost more than a 4 KiB read).
         self.futures: list[Future[list[U8]]] = []
         ntask = min(len(rs), 2 * WORKERS) if WORKERS > 1 else 1
-        if ntask <= 1:
+        if ntask <= 1 or int((re_ - rs).sum()) <= SYNC_BYTES:
             f: Future[list[U8]] = Future()
             f.set_result(_read(stream.file, rs.tolist(), re_.tolist()))
             self.futures.append(f)
@@ -205,7 +216,8 @@ class PieceStream:
                  window_bytes: int = WINDOW_BYTES, gap: int = GAP_BYTES, max_request: int = MAX_REQUEST) -> None:
         self.file = file
         offs = np.asarray(offsets, dtype=np.int64)
-        lens = np.broadcast_to(np.asarray(lengths, dtype=np.int64), offs.shape)
+        lens = (np.full(offs.shape, lengths, np.int64) if isinstance(lengths, int)
+                else np.broadcast_to(np.asarray(lengths, dtype=np.int64), offs.shape))
         if order is Order.HOST:
             self.index: I64 = np.argsort(offs, kind="stable").astype(np.int64)
             offs, lens = offs[self.index], lens[self.index]
@@ -328,5 +340,5 @@ def read_pieces(file: HostFile, offsets: I64, lengths: I64 | int) -> U8:
         return s.take(len(offs))
 
 
-__all__ = ["GAP_BYTES", "MAX_REQUEST", "WINDOW_BYTES", "WORKERS", "Order", "PieceStream", "coalesce",
+__all__ = ["GAP_BYTES", "MAX_REQUEST", "SYNC_BYTES", "WINDOW_BYTES", "WORKERS", "Order", "PieceStream", "coalesce",
            "read_pieces"]

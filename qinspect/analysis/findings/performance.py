@@ -16,6 +16,7 @@ from qinspect.analysis.cache import cache_model, cow_amplification
 from qinspect.analysis.findings.common import path_arg, pct, plural, size_text
 from qinspect.analysis.findings.model import Category, Context, ConvertWish, Finding, Fix, Severity
 from qinspect.analysis.findings.registry import rule
+from qinspect.analysis.layout import Owner
 from qinspect.qcow2 import constants as C
 from qinspect.units import size_option
 
@@ -174,6 +175,31 @@ def compressed(c: Context) -> Finding | None:
         None, Category.PERFORMANCE, ConvertWish({}, "uncompressed clusters"))
 
 
+def _rebase_growth(c: Context, layers: int) -> int:
+    """Bytes `qemu-img rebase -b BOTTOM` adds to this image: every cluster of it whose guest data an
+    intermediate layer serves is copied in (a partly served cluster is allocated whole), plus an L2
+    table for each L1 entry that gets its first cluster. Data equal to the bottom's is not copied by
+    QEMU, so this is exact when the intermediate layers hold data of their own (the usual case)."""
+    from qinspect.analysis.map import iter_map
+
+    cs = c.h.cluster_size
+    per_l2 = c.h.l2_size
+    clusters = 0
+    tables: set[int] = set()
+    last = -1
+    for e in iter_map(c.img):
+        if not (e.data and 1 <= e.depth <= layers - 2):
+            continue
+        c0, c1 = max(e.start // cs, last + 1), -(-(e.start + e.length) // cs)
+        if c1 > c0:
+            clusters += c1 - c0
+            tables.update(range(c0 // per_l2, (c1 - 1) // per_l2 + 1))
+            last = c1 - 1
+    l1 = c.img.l1_table
+    new_tables = sum(1 for t in tables if t >= len(l1) or not int(l1[t]) & C.L1E_OFFSET_MASK)
+    return (clusters + new_tables) * cs
+
+
 @rule("long-chain")
 def long_chain(c: Context) -> Finding | None:
     if c.chain is None or len(c.chain) < LONG_CHAIN_LAYERS:
@@ -181,6 +207,7 @@ def long_chain(c: Context) -> Finding | None:
     bottom = c.chain[-1]
     rel = os.path.relpath(bottom.path, os.path.dirname(os.path.abspath(c.path)) or ".")
     middle = sum(getattr(getattr(layer, "file", None), "size", 0) for layer in c.chain[1:-1])
+    grow = _rebase_growth(c, len(c.chain))
     return Finding(
         "long-chain", Severity.WARNING if len(c.chain) >= 8 else Severity.INFO,
         f"Backing chain of {len(c.chain)} images",
@@ -188,10 +215,10 @@ def long_chain(c: Context) -> Finding | None:
         f"A read of data this image does not hold is looked up in up to {len(c.chain) - 1} backing files, each "
         "with its own L2 cache and file descriptor; every layer adds latency and memory.",
         Fix(["qemu-img", "rebase", "-f", "qcow2", "-b", path_arg(rel), "-F", bottom.format, path_arg(c.path)], True,
-            {"file-size-at-most": c.file_size + middle, "file-size": c.file_size + middle,
-             "disk-usage": c.disk_usage + middle, "layers": 2},
+            {"file-size-at-most": c.file_size + middle, "file-size": c.file_size + grow,
+             "disk-usage": c.disk_usage + grow, "layers": 2},
             note="pulls the intermediate layers' data into this image",
-            cost=f"this image grows by up to {size_text(middle)} (the intermediate layers' data)"),
+            cost=f"this image grows by about {size_text(grow)} (the intermediate layers' data it does not hold)"),
         Category.PERFORMANCE)
 
 
@@ -209,6 +236,26 @@ def v2(c: Context) -> Finding | None:
         Category.PERFORMANCE)
 
 
+def _refcount_order_growth(c: Context, new_bits: int) -> int:
+    """Bytes the file grows by when `qemu-img amend -o refcount_bits=N` rewrites the refcounts.
+
+    QEMU's qcow2_change_refcount_order allocates a complete new refcount table and new refcount
+    blocks for every cluster (counting its own new clusters), taking free clusters inside the file
+    first, then frees the old structures (QCOW2_DISCARD_OTHER: not punched, the file keeps them as
+    free space). The file grows by the new structures that do not fit in its free clusters.
+    """
+    cs = c.h.cluster_size
+    per_block = cs * 8 // new_bits
+    free = c.layout.counts().get(Owner.FREE, 0)
+    used = -(-c.file_size // cs)
+    blocks = table = 0
+    for _ in range(8):  # the new structures need refcounts too: iterate to the fixed point
+        total = used + max(0, blocks + table - free)
+        blocks = -(-total // per_block)
+        table = -(-(blocks * 8) // cs)
+    return max(0, blocks + table - free) * cs
+
+
 @rule("narrow-refcount")
 def narrow_refcount(c: Context) -> Finding | None:
     bits = c.h.refcount_bits
@@ -220,7 +267,7 @@ def narrow_refcount(c: Context) -> Finding | None:
     else:
         sev, what = Severity.INFO, (f"a cluster can be shared by at most {top} references, so more than {top - 1} "
                                     "internal snapshots overflow")
-    grow = c.layout.refcount_blocks * c.h.cluster_size * (16 // bits)
+    grow = _refcount_order_growth(c, 16)
     return Finding(
         "narrow-refcount", sev, f"{bits}-bit refcounts: at most {top} references per cluster",
         {"refcount-bits": bits, "max-refcount": top, "snapshots": len(c.img.snapshots)},

@@ -161,7 +161,7 @@ def ref_text(r: Reference, cs: int) -> Text:
 class RefsScreen(ModalScreen[int | None]):
     """The entries that point at one host cluster; enter follows one (dismisses with its index)."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,backspace", "cancel", "Back")]
     DEFAULT_CSS = """
     RefsScreen { align: center middle; }
     RefsScreen OptionList { width: 80%; max-width: 90; height: auto; max-height: 80%; border: round $primary; }
@@ -375,7 +375,8 @@ fragmentation are visible at a glance.
             if i is not None:
                 self.follow(refs[i], off)
 
-        self.app.push_screen(RefsScreen(f"{len(refs)} entries point at host {fmt.hexoff(off)}",
+        what = "1 entry points" if len(refs) == 1 else f"{len(refs)} entries point"
+        self.app.push_screen(RefsScreen(f"{what} at host {fmt.hexoff(off)}",
                                         [ref_text(r, cs) for r in refs]), chosen)
 
     def target_of(self, r: Reference, off: int) -> StructRef | int | None:
