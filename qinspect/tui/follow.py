@@ -5,7 +5,9 @@ were, nothing is read. Otherwise a fresh image is opened on the same file (a rep
 reported, never mixed in), its L1 table is compared with the one shown, and these L2 tables are
 re-read and re-classified: those whose L1 entry changed (new, moved or freed tables) and a bounded
 round-robin slice of the others (a running VM writes into existing L2 tables, which the L1 table
-does not show). Clusters that became allocated are counted (and kept for highlighting). The
+does not show). Clusters that became allocated are counted (and kept for highlighting). Host
+clusters in use when the first change is seen are remembered, so that once the host layout is
+rescanned `fresh_host_clusters` can say which ones were newly allocated (data and metadata). The
 analyses that depend on the whole file (layout, space, diagnosis, check) are dropped so that the
 scan pipeline recomputes them. Read-only as always.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from qinspect.analysis.layout import Layout, Owner
 from qinspect.qcow2 import constants as C
 from qinspect.tui.guestmap import GuestMap
 from qinspect.tui.palette import G
@@ -41,6 +44,25 @@ def _allocated(states: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
     return out
 
 
+def _host_in_use(layout: Layout) -> npt.NDArray[np.bool_]:
+    out: npt.NDArray[np.bool_] = (layout.owner != Owner.FREE) & (layout.owner != Owner.PAST_END)
+    return out
+
+
+def fresh_host_clusters(s: Session) -> npt.NDArray[np.int64]:
+    """Host clusters in use now (data or metadata) that were not when following saw its first
+    change; empty before the first change or while the host layout is not rescanned."""
+    base, lay = s.follow_host_base, s.layout
+    if base is None or lay is None:
+        return np.zeros(0, dtype=np.int64)
+    now = _host_in_use(lay)
+    was = np.zeros(len(now), dtype=np.bool_)
+    k = min(len(now), len(base))
+    was[:k] = base[:k]
+    out: npt.NDArray[np.int64] = np.flatnonzero(now & ~was).astype(np.int64)
+    return out
+
+
 def refresh_changed(s: Session) -> Changes | None:
     """Look at the file; re-read what changed. None when nothing changed since the last look."""
     now = FileIdentity.of_path(s.path)
@@ -56,6 +78,13 @@ def refresh_changed(s: Session) -> Changes | None:
     except FileReplaced:
         return Changes(replaced=True)
     s.follow_seen = now
+    if s.follow_host_base is None:
+        # what the host held before the first change: the layout if it was scanned, else the file
+        # as it was (clusters past its old end are new)
+        if s.layout is not None:
+            s.follow_host_base = _host_in_use(s.layout)
+        else:
+            s.follow_host_base = np.ones(-(-seen.size // s.img.cluster_size), dtype=np.bool_)
     old_img, gm = s.img, s.guest
     out = Changes(resized=now.size != seen.size)
     old_l1, new_l1 = old_img.l1_table, fresh.l1_table
@@ -106,4 +135,4 @@ def refresh_changed(s: Session) -> Changes | None:
     return out
 
 
-__all__ = ["RECHECK_TABLES", "Changes", "refresh_changed"]
+__all__ = ["RECHECK_TABLES", "Changes", "fresh_host_clusters", "refresh_changed"]

@@ -31,6 +31,9 @@ from qinspect.tui.fmt import display_name
 from qinspect.tui.guestmap import GuestMap, ImagePool
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from qinspect.analysis.check import CheckResult
     from qinspect.analysis.diagnose import Diagnosis
     from qinspect.analysis.layout import Layout
@@ -151,6 +154,8 @@ class Session:
         self.follow_seen: FileIdentity | None = None
         self.follow_cursor = 0
         self.fresh_clusters: set[int] = set()
+        # host clusters in use (any owner but free / past the end) when the first change was seen
+        self.follow_host_base: npt.NDArray[np.bool_] | None = None
         self._retired: list[Image] = []
 
     def clean(self, text: str, multiline: bool = False) -> str:

@@ -5,13 +5,15 @@ screen), the file bytes of each entry (for the hex view's highlight), a colour p
 field), and where `enter` on a row leads. Values come from the core (`Header`, `Snapshot`,
 `Bitmap`, `LuksHeader`, L1/L2/refcount arrays); the only layout knowledge here is the byte range
 of each documented field, used to colour the hex view.
+
+Rows, details and titles are display text: every string from the image is escaped here, once
+(`for_terminal`, at the point it is put into display text), and the widgets show them as they are.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +44,7 @@ from qinspect.qcow2.l2 import (
     uniform_bitmaps,
 )
 from qinspect.qcow2.refcount import refcount_entry_location
+from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.palette import DIM, FIELD_CYCLE, FLAG_BYTE, GUEST_COLOURS, KIND_COLOURS, G
 
@@ -103,6 +106,11 @@ _STATE_NAMES = {
     ClusterType.NORMAL: "normal",
     ClusterType.COMPRESSED: "compressed",
 }
+
+
+def quoted(text: str | None) -> str:
+    """A string from the image, in quotes and escaped for the terminal (\"none\" when absent)."""
+    return "none" if text is None else f"'{for_terminal(text)}'"
 
 
 def _dim_zero(colour: str | None, byte: int) -> str | None:
@@ -175,23 +183,29 @@ class HeaderModel(TableModel):
     def __len__(self) -> int:
         return len(self.fields)
 
-    def _value(self, attr: str) -> Any:
-        return getattr(self.img.header, attr) if attr else None
+    def _value(self, attr: str) -> int | None:
+        """The header's value of a numeric field; None for the text fields (no attribute)."""
+        if not attr:
+            return None
+        v = getattr(self.img.header, attr)
+        if not isinstance(v, int):
+            raise TypeError(f"header field {attr} is not a number")
+        return v
 
     def _meaning(self, name: str) -> str:
         h = self.img.header
         m: dict[str, str] = {
             "magic": "QFI\\xfb" if h.magic == C.QCOW_MAGIC else "bad magic",
             "version": f"qcow2 v{h.version} (compat {h.compat})",
-            "backing_file_offset": f"name: {h.backing_file}" if h.backing_file else "no backing file",
+            "backing_file_offset": f"name: {for_terminal(h.backing_file)}" if h.backing_file else "no backing file",
             "cluster_bits": f"{fmt.size(h.cluster_size)} clusters",
             "size": fmt.size(h.size),
             "crypt_method": {0: "none", 1: "AES (legacy)", 2: "LUKS"}.get(h.crypt_method, "unknown"),
             "l1_size": f"{h.l1_size_needed} needed; {fmt.size(h.l2_size * h.cluster_size)} per entry",
             "refcount_table_clusters": f"{h.refcount_table_entries} entries",
-            "incompatible_features": ", ".join(h.set_features(0)) or "none",
-            "compatible_features": ", ".join(h.set_features(1)) or "none",
-            "autoclear_features": ", ".join(h.set_features(2)) or "none",
+            "incompatible_features": ", ".join(map(for_terminal, h.set_features(0))) or "none",
+            "compatible_features": ", ".join(map(for_terminal, h.set_features(1))) or "none",
+            "autoclear_features": ", ".join(map(for_terminal, h.set_features(2))) or "none",
             "refcount_order": f"{h.refcount_bits}-bit refcounts",
             "compression_type": h.compression_name,
         }
@@ -264,9 +278,9 @@ class ExtensionsModel(TableModel):
         e = self.exts[i]
         h = self.img.header
         if e.magic == C.QCOW2_EXT_MAGIC_BACKING_FORMAT:
-            return repr(h.backing_format)
+            return quoted(h.backing_format)
         if e.magic == C.QCOW2_EXT_MAGIC_DATA_FILE:
-            return repr(h.data_file)
+            return quoted(h.data_file)
         if e.magic == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
             return f"{e.length // QCOW2_FEATURE.size} feature names"
         if e.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None:
@@ -324,7 +338,8 @@ class BackingNameModel(TableModel):
         h = img.header
         self.start = h.backing_file_offset
         self.length = h.backing_file_size
-        self.rows = [("name", h.backing_file or ""), ("format", h.backing_format or "(probed)"),
+        self.rows = [("name", for_terminal(h.backing_file or "")),
+                     ("format", for_terminal(h.backing_format or "(probed)")),
                      ("offset", str(h.backing_file_offset)), ("length", str(h.backing_file_size))]
 
     def __len__(self) -> int:
@@ -353,7 +368,7 @@ class L1Model(TableModel):
             sn = img.snapshots[owner]
             self.entries = img.snapshot_l1_table(owner, pad=True)
             self.start = sn.l1_table_offset
-            self.title = f"L1 table of snapshot {sn.id_str} '{sn.name}' ({sn.l1_size} entries)"
+            self.title = f"L1 table of snapshot {for_terminal(sn.id_str)} {quoted(sn.name)} ({sn.l1_size} entries)"
             self.kind = "snapshot_l1"
         self.owner = owner
         self.length = len(self.entries) * 8
@@ -442,7 +457,7 @@ class L2Model(TableModel):
         self.esize = h.l2_entry_size
         self.ext = h.extended_l2
         self.fmt = img.l2_format
-        whose = "active" if owner < 0 else f"snapshot {img.snapshots[owner].id_str}"
+        whose = "active" if owner < 0 else f"snapshot {for_terminal(img.snapshots[owner].id_str)}"
         self.title = f"L2 table {l1_index} ({whose}, {h.l2_size} entries)"
         if offset % h.cluster_size:
             self.error = f"L2 table offset {fmt.hexoff(offset)} is not cluster aligned: QEMU refuses to read it"
@@ -696,7 +711,8 @@ class SnapshotTableModel(TableModel):
 
     def row(self, i: int) -> list[Cell]:
         s = self.snaps[i]
-        return [(s.id_str, None), (s.name, KIND_COLOURS["snapshot_table"]), (fmt.hexoff(s.l1_table_offset), None),
+        return [(for_terminal(s.id_str), None), (for_terminal(s.name), KIND_COLOURS["snapshot_table"]),
+                (fmt.hexoff(s.l1_table_offset), None),
                 (str(s.l1_size), None), (utc(s.date_sec), None), (vm_clock(s.vm_clock_nsec), None),
                 (fmt.size(s.vm_state_size), None)]
 
@@ -706,7 +722,8 @@ class SnapshotTableModel(TableModel):
 
     def detail(self, i: int) -> str:
         s = self.snaps[i]
-        return (f"snapshot {s.id_str} '{s.name}': entry at {fmt.hexoff(s.entry_offset)} ({s.entry_size} bytes), "
+        return (f"snapshot {for_terminal(s.id_str)} {quoted(s.name)}: "
+                f"entry at {fmt.hexoff(s.entry_offset)} ({s.entry_size} bytes), "
                 f"disk size {fmt.size(s.disk_size or 0)}, extra data {s.extra_data_size} bytes"
                 + (f", icount {s.icount}" if s.icount is not None else ""))
 
@@ -749,7 +766,7 @@ class BitmapDirectoryModel(TableModel):
     def row(self, i: int) -> list[Cell]:
         b = self.bitmaps[i]
         flags = ",".join(b.flag_names) or "-"
-        return [(b.name, KIND_COLOURS["bitmap_directory"]), (fmt.size(b.granularity), None),
+        return [(for_terminal(b.name), KIND_COLOURS["bitmap_directory"]), (fmt.size(b.granularity), None),
                 (flags, KIND_COLOURS["leaked"] if b.in_use else None), (fmt.hexoff(b.bitmap_table_offset), None),
                 (str(b.bitmap_table_size), None), (fmt.hexoff(b.entry_offset), None)]
 
@@ -759,7 +776,7 @@ class BitmapDirectoryModel(TableModel):
 
     def detail(self, i: int) -> str:
         b = self.bitmaps[i]
-        s = f"bitmap '{b.name}': granularity {fmt.size(b.granularity)}, flags 0x{b.flags:x}"
+        s = f"bitmap {quoted(b.name)}: granularity {fmt.size(b.granularity)}, flags 0x{b.flags:x}"
         if b.in_use:
             s += " (in use: not saved cleanly, contents may be stale)"
         return s
@@ -796,7 +813,7 @@ class BitmapTableModel(TableModel):
         self.start = b.bitmap_table_offset
         self.length = len(self.entries) * 8
         self.per = img.cluster_size * 8 * b.granularity  # guest bytes per bitmap data cluster
-        self.title = f"Bitmap table of '{b.name}' ({len(self.entries)} entries)"
+        self.title = f"Bitmap table of {quoted(b.name)} ({len(self.entries)} entries)"
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -817,7 +834,7 @@ class BitmapTableModel(TableModel):
         return self.start + 8 * i, self.start + 8 * i + 8
 
     def detail(self, i: int) -> str:
-        return f"bitmap '{self.bitmap.name}' entry {i}: guest {fmt.hexoff(i * self.per)}.. " \
+        return f"bitmap {quoted(self.bitmap.name)} entry {i}: guest {fmt.hexoff(i * self.per)}.. " \
                f"({fmt.size(self.per)} of guest per data cluster)"
 
     def target(self, i: int) -> Target:
@@ -844,12 +861,12 @@ class LuksModel(TableModel):
         if lk is None:
             self.error = "no LUKS header could be read in the encryption region"
             return
-        vals = {"magic": "LUKS\\xba\\xbe", "version": str(lk.version), "cipher_name": lk.cipher_name,
-                "cipher_mode": lk.cipher_mode_spec, "hash_spec": lk.hash_spec,
+        vals = {"magic": "LUKS\\xba\\xbe", "version": str(lk.version), "cipher_name": for_terminal(lk.cipher_name),
+                "cipher_mode": for_terminal(lk.cipher_mode_spec), "hash_spec": for_terminal(lk.hash_spec),
                 "payload_offset_sector": f"{lk.payload_offset // 512} ({lk.payload_offset} bytes)",
-                "master_key_len": f"{lk.key_bytes} ({lk.cipher_alg})",
+                "master_key_len": f"{lk.key_bytes} ({for_terminal(lk.cipher_alg)})",
                 "master_key_digest": "…", "master_key_salt": "…", "master_key_iterations": str(lk.master_key_iters),
-                "uuid": lk.uuid}
+                "uuid": for_terminal(lk.uuid)}
         for name, off, size in LUKS_FIELDS:
             self.rows.append((name, off, size, vals.get(name, "")))
         for k, slot in enumerate(lk.slots):

@@ -67,12 +67,13 @@ class LayersModel(TableModel):
             n, colour = 0, GUEST_COLOURS[G.BACKING5]
         layer = s.layers[i]
         note = ""
-        if isinstance(layer, Image) and layer.header.backing_file is not None:
-            note = f"→ {layer.header.backing_file} ({layer.header.backing_format or 'probed'})"
+        if isinstance(layer, Image) and (backing := layer.header.backing_file) is not None:
+            note = f"→ {for_terminal(backing)} ({for_terminal(layer.header.backing_format or 'probed')})"
         provided = f"{fmt.size(n * gm.cluster_size)} {fmt.pct(n, gm.n_clusters)}"
         if li.depth > 5:
             provided = "(counted in layer 5)"
-        return [(str(li.depth), colour), (li.name, colour), (li.format, None), (fmt.size(li.virtual_size), None),
+        return [(str(li.depth), colour), (li.name, colour), (for_terminal(li.format), None),
+                (fmt.size(li.virtual_size), None),
                 (fmt.size(li.cluster_size) if li.cluster_size else "-", None), (fmt.size(li.file_size), None),
                 (provided, colour), (note, DIM)]
 
@@ -80,7 +81,7 @@ class LayersModel(TableModel):
         if i >= len(self.infos):
             return self.session.chain_error or ""
         li = self.infos[i]
-        return f"layer {li.depth}: {li.name}, {li.format}, {fmt.size(li.virtual_size)} virtual"
+        return f"layer {li.depth}: {li.name}, {for_terminal(li.format)}, {fmt.size(li.virtual_size)} virtual"
 
     def target(self, i: int) -> Target:
         if i == 0:
@@ -129,7 +130,7 @@ class SnapshotsModel(SnapshotTableModel):
         fr = self.frees(k)
         freed = (fmt.size(fr[0]), KIND_COLOURS["snapshot_data"]) if fr is not None else ("…", DIM)
         disk = (fmt.size(fr[1]), None) if fr is not None else ("…", DIM)
-        return [(sn.id_str, None), (for_terminal(sn.name), KIND_COLOURS["snapshot_table"]), freed, disk,
+        return [(for_terminal(sn.id_str), None), (for_terminal(sn.name), KIND_COLOURS["snapshot_table"]), freed, disk,
                 (utc(sn.date_sec), None), (fmt.size(sn.vm_state_size), None), (fmt.hexoff(sn.l1_table_offset), None)]
 
     def span(self, i: int) -> tuple[int, int] | None:
@@ -140,7 +141,7 @@ class SnapshotsModel(SnapshotTableModel):
         fr = self.frees(k)
         extra = f"; deleting it frees {fr[0]:,} bytes ({fr[1]:,} on disk)" if fr is not None else \
             "; what deleting it frees is known once the host layout is scanned"
-        return for_terminal(super().detail(k)) + extra
+        return super().detail(k) + extra
 
     def target(self, i: int) -> Target:
         return super().target(self.order[i])
@@ -219,8 +220,7 @@ class ChainView(View):
         event.stop()
         model = event.table.model
         if model is not None and len(model) and event.table.has_focus:
-            self.query_one("#ch-detail", Static).update(Text(for_terminal(model.detail(event.row)),
-                                                                Style(color=DIM)))
+            self.query_one("#ch-detail", Static).update(Text(model.detail(event.row), Style(color=DIM)))  # escaped
 
     def on_entry_table_activated(self, event: EntryTable.Activated) -> None:
         event.stop()

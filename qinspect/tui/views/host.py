@@ -21,6 +21,7 @@ from qinspect.analysis.layout import Owner, Reference
 from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.flow import Flow
+from qinspect.tui.follow import fresh_host_clusters
 from qinspect.tui.guestmap import GL_DARK, GL_EMPTY, GL_FULL, GL_LIGHT, GL_MEDIUM, GL_UNKNOWN
 from qinspect.tui.messages import ShowGuest, ShowStructure
 from qinspect.tui.nav import Place
@@ -209,6 +210,7 @@ fragmentation are visible at a glance.
 - `enter` follows the reference (guest map for active data, Structures for
   metadata); with several, `enter` or `R` lists every entry that points here
   and `enter` there follows one; `backspace` comes back
+- while following a live image (`f`), clusters newly allocated since are underlined
 - `c` copies the host offset, `e` exports the cursor's owner and references
 - `g` go to a host offset, `/` find an owner (`leaked`, `l2`, `free`, …)
 """
@@ -234,6 +236,8 @@ fragmentation are visible at a glance.
                 yield Static(self._legend(), id="hl-legend")
                 grid = ClusterGrid(self.source, id="hl-grid")
                 grid.letters = True
+                if self.session.follow_host_base is not None:  # views made after following began
+                    grid.set_highlight(fresh_host_clusters(self.session))
                 yield grid
             with VerticalScroll(id="hl-inspector"):
                 yield Static("", id="hl-inspect")
@@ -457,6 +461,7 @@ fragmentation are visible at a glance.
         grid = self.grid
         cursor = grid.cursor
         grid.set_source(self.source)
+        grid.set_highlight(fresh_host_clusters(s))  # a followed image: what it newly allocated
         grid.move_to(cursor)
         self.query_one("#hl-legend", Static).update(self._legend())
         self.update_inspector()

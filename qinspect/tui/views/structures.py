@@ -31,6 +31,7 @@ from qinspect.tui.structs import (
     StructRef,
     TableModel,
     model_for,
+    quoted,
 )
 from qinspect.tui.views.base import View
 from qinspect.tui.widgets.hexview import HexView
@@ -42,9 +43,9 @@ MAX_CHILDREN = 4096
 def _label(text: str, kind: str, extra: str = "") -> Text:
     t = Text()
     t.append("■ ", Style(color=KIND_COLOURS.get(kind, KIND_COLOURS["unknown"])))
-    t.append(for_terminal(text))  # names come from the file: escaped, and a Text (never markup)
+    t.append(text)  # display text (callers escape names from the file), and a Text: never markup
     if extra:
-        t.append(f" {for_terminal(extra)}", Style(color=DIM))
+        t.append(f" {extra}", Style(color=DIM))
     return t
 
 
@@ -144,7 +145,7 @@ class StructuresView(View):
         for i, e in enumerate(h.extensions):
             exts.add_leaf(_label(e.name, "extension", f"@{e.offset}"), data=StructRef("extensions", row=i))
         if h.backing_file_offset:
-            root.add_leaf(_label("Backing file name", "extension", repr(h.backing_file)),
+            root.add_leaf(_label("Backing file name", "extension", quoted(h.backing_file)),
                           data=StructRef("backing_name"))
         n_l2 = int(np.count_nonzero(img.l1_table & np.uint64(C.L1E_OFFSET_MASK)))
         root.add(_label("L1 table", "l1", f"{h.l1_size} → {n_l2} L2"),
@@ -157,13 +158,13 @@ class StructuresView(View):
             snaps = root.add(_label("Snapshot table", "snapshot_table", f"{len(img.snapshots)}"),
                              data=StructRef("snapshot_table", offset=h.snapshots_offset))
             for i, sn in enumerate(img.snapshots):
-                snaps.add(_label(f"snapshot {sn.id_str}", "snapshot_l1", repr(sn.name)),
+                snaps.add(_label(f"snapshot {for_terminal(sn.id_str)}", "snapshot_l1", quoted(sn.name)),
                           data=StructRef("snapshot_l1", owner=i, offset=sn.l1_table_offset))
         if h.bitmaps_ext is not None:
             bms = root.add(_label("Bitmap directory", "bitmap_directory", f"{len(img.bitmaps)}"),
                            data=StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset))
             for i, b in enumerate(img.bitmaps):
-                bms.add_leaf(_label(f"bitmap '{b.name}'", "bitmap_table", f"{b.bitmap_table_size} entries"),
+                bms.add_leaf(_label(f"bitmap {quoted(b.name)}", "bitmap_table", f"{b.bitmap_table_size} entries"),
                              data=StructRef("bitmap_table", index=i, offset=b.bitmap_table_offset))
         if h.crypto_ext is not None:
             root.add_leaf(_label("LUKS header", "luks", fmt.size(h.crypto_ext.length)),
@@ -286,7 +287,7 @@ class StructuresView(View):
             self.query_one(HexView).set_highlight(None)
             return
         i = event.row
-        self.query_one("#st-detail", Static).update(Text(for_terminal(model.detail(i)), Style(color=DIM)))
+        self.query_one("#st-detail", Static).update(Text(model.detail(i), Style(color=DIM)))  # escaped by the model
         self.query_one(HexView).set_highlight(model.span(i))
         if isinstance(model, L2Model) and model.owner < 0 and self.has_focus_within:
             self.post_message(ShowGuest(model.guest(i), switch=False))

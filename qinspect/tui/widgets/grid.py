@@ -186,9 +186,9 @@ class ClusterGrid(ScrollView, can_focus=True):
             self._fitted = True
             self.fit_zoom()
 
-    def set_highlight(self, units: set[int]) -> None:
+    def set_highlight(self, units: set[int] | npt.NDArray[np.int64]) -> None:
         """Units to mark (underlined, bold): what a followed image newly allocated."""
-        self._highlight = np.array(sorted(units), dtype=np.int64)
+        self._highlight = np.sort(units) if isinstance(units, np.ndarray) else np.array(sorted(units), dtype=np.int64)
         self._highlight_version += 1
         self._cache.clear()
         self.refresh()

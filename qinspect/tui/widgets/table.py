@@ -20,7 +20,6 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from qinspect.termtext import for_terminal
 from qinspect.tui.palette import CURSOR_STYLE, DIM
 from qinspect.tui.structs import TableModel
 
@@ -103,7 +102,7 @@ class EntryTable(ScrollView, can_focus=True):
         segs: list[Segment] = []
         widths = getattr(self, "widths", None) or [w for _t, w in self.model.columns]
         for (raw, colour), w in zip(cells, widths, strict=False):
-            text = for_terminal(raw)  # names come from the file: never control characters
+            text = raw  # display text: the model escaped what came from the file (for_terminal)
             t = text if len(text) <= w else text[: max(0, w - 1)] + "…"
             st = Style(color=colour) if colour else Style()
             if style is not None:
