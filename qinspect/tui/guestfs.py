@@ -13,6 +13,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +31,12 @@ from qinspect.qcow2.image import open_image
 from qinspect.tui.guestmap import GuestMap
 from qinspect.tui.session import Session
 from qinspect.tui.widgets.guestvolumes import describe_offset
+
+
+class _GuestFsListener(Protocol):
+    """What the guest map view offers this module (it is not imported here: it imports this)."""
+
+    def guest_fs_changed(self) -> None: ...
 
 U8 = npt.NDArray[np.uint8]
 FREED = 250  # a grid code outside the guest map's states
@@ -247,9 +254,7 @@ def start(host: Widget, session: Session) -> None:
             if isinstance(grid.source, FreedOverlay):
                 grid.data_changed()
         for view in screen.query("GuestMapView"):
-            view._last_inspected = None  # type: ignore[attr-defined]
-            view.update_inspector()  # type: ignore[attr-defined]
-            view.query_one("#gm-legend", Static).update(view._legend())  # type: ignore[attr-defined]
+            cast("_GuestFsListener", view).guest_fs_changed()
 
     last = [0.0]
 

@@ -345,6 +345,12 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         parts.append(kv("reads", reads_from(list(s.layers), guest, names, lk, s.chain_error)))
         return Group(*parts)
 
+    def guest_fs_changed(self) -> None:
+        """The guest filesystems' view (volumes, freed blocks, owners) grew: redraw what shows it."""
+        self._last_inspected = None
+        self.update_inspector()
+        self.query_one("#gm-legend", Static).update(self._legend())
+
     def update_inspector(self) -> None:
         grid = self.grid
         key = (grid.cursor, grid.zoom, self.sc, self.session.guest.version)
