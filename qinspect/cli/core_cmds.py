@@ -198,9 +198,12 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
         ft = table("format specific", "value")
         for k, v in fs["data"].items():
             if k == "bitmaps":
-                for b in v:
+                for b in v[:MAX_SNAPSHOT_ROWS]:  # a directory may name 65,535 bitmaps
                     flags = ", ".join(b["flags"]) or "-"
                     ft.add_row("bitmap", f"{b['name']}: granularity {format_size(b['granularity'])}, flags {flags}")
+                if len(v) > MAX_SNAPSHOT_ROWS:
+                    ft.add_row("bitmap", f"... and {len(v) - MAX_SNAPSHOT_ROWS} more bitmaps (--output=json lists "
+                                         "them all)")
             elif k == "encrypt":
                 ft.add_row("encrypt", _encrypt_summary(v))
             else:
@@ -306,8 +309,9 @@ def run_check(args: argparse.Namespace) -> int:
     # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
     # on stderr in both output formats (QEMU prints them from inside the check), every one of them.
     tail = [for_terminal(line) for line in res.final_lines()]  # "Check failed" comes last
-    # streamed, one line at a time: there may be millions
-    sys.stderr.writelines(for_terminal(line) + "\n" for line in res.iter_stderr_lines())
+    # streamed a block of lines at a time, in constant memory: there may be tens of millions
+    for block in res.iter_stderr_blocks(for_terminal):
+        sys.stderr.write(block)
     sys.stderr.flush()
     if res.failed is None:  # qemu-img prints no counts when the check itself failed
         if args.output == "json":
