@@ -181,7 +181,12 @@ def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -
     t.add_row(format_size(sum(s.reclaimable_bytes for s in rows)), "", format_size(sum(s.file_size for s in rows)),
               format_size(sum(s.disk_usage for s in rows)), format_size(sum(s.virtual_size for s in rows)),
               f"{sum(s.leaks for s in rows):,}", "", f"total of {len(rows)} images", style="bold")
-    console.print(t)
+    if console.is_terminal:
+        console.print(t)
+    else:  # a file or a pipe: no cell padding after the last column
+        with console.capture() as cap:
+            console.print(t)
+        console.file.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
     bad = sum(1 for s in rows if s.error is not None)
     busy = sum(1 for s in rows if s.in_use is InUse.WRITER)
     by_sev = {sev: sum(1 for s in rows if s.worst and s.worst[0] == sev and s.error is None) for sev in SEVERITIES}
