@@ -165,14 +165,27 @@ def find_images(paths: Iterable[str], follow_symlinks: bool = False) -> list[Can
             seen.add(key)
             out.append(Candidate(path, st.st_dev, st.st_ino))
 
-    def walk(directory: str) -> None:
+    def entries_of(directory: str) -> Iterator[os.DirEntry[str]]:
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
             out.append(Candidate(directory, error=f"cannot read directory: {e.strerror or e}"))
+            return iter(())
+        return iter(entries)
+
+    def walk(directory: str, st: os.stat_result) -> None:
+        """Depth first, in name order, with a stack rather than recursion (a tree may be deep)."""
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
             return
-        for entry in entries:
+        seen.add(key)
+        stack = [entries_of(directory)]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
             path = entry.path
             try:
                 if entry.is_symlink():
@@ -193,7 +206,7 @@ def find_images(paths: Iterable[str], follow_symlinks: bool = False) -> list[Can
                 key = (st.st_dev, st.st_ino)
                 if key not in seen:
                     seen.add(key)
-                    walk(path)
+                    stack.append(entries_of(path))
             elif stat.S_ISREG(st.st_mode):
                 add_file(path, st, named=False)
             elif path.endswith(IMAGE_SUFFIXES):  # a FIFO, socket or device named like an image
@@ -207,10 +220,7 @@ def find_images(paths: Iterable[str], follow_symlinks: bool = False) -> list[Can
             out.append(Candidate(root, error=why))
             continue
         if stat.S_ISDIR(st.st_mode):
-            key = (st.st_dev, st.st_ino)
-            if key not in seen:
-                seen.add(key)
-                walk(root)
+            walk(root, st)
         elif stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
             add_file(root, st, named=True)
         else:
