@@ -241,19 +241,30 @@ class _Refs:
         self.ranges.append((first, last))
         self.top = max(self.top, last + 1)
 
-    def add_run(self, first: int, count: int) -> None:
-        """One reference to each of the `count` clusters from `first` (a run of consecutive data
-        clusters: preallocated or sequentially written tables), without an index array."""
-        hi = first + count
-        limit = self.nb_file + DENSE_EXTRA_CLUSTERS
-        if hi > len(self.counts) or hi > limit:
-            self.add(np.arange(first, hi, dtype=np.int64))
+    def add_runs(self, clusters: I64, breaks: I64) -> None:
+        """One reference to each of `clusters`, which are runs of consecutive clusters starting at
+        indices 0 and `breaks` (ascending): a slice of the table per run, no index arithmetic per
+        cluster (a preallocated or sequentially written table is one run). Many short runs (a
+        fragmented table) go through `add`."""
+        if len(breaks) * 64 > len(clusters):
+            self.add(clusters)
+            return
+        starts = np.concatenate(([0], breaks))
+        ends = np.append(breaks, len(clusters))
+        firsts = clusters[starts]
+        hi = int((firsts + (ends - starts)).max())
+        if hi > len(self.counts) or hi > self.nb_file + DENSE_EXTRA_CLUSTERS:
+            self.add(clusters)  # past the end of the file: grown or sparse counts
             return
         self.top = max(self.top, hi)
-        seg = self.counts[first:hi]
-        seg += np.uint32(1)
-        if self.max < 0xFFFFFFFF and int(seg.max()) > self.max:
-            self.overflow(self.counts, np.arange(first, hi, dtype=np.int64))
+        over = False
+        for f, k in zip(firsts.tolist(), (ends - starts).tolist(), strict=True):
+            seg = self.counts[f : f + k]
+            seg += np.uint32(1)
+            if self.max < 0xFFFFFFFF and int(seg.max()) > self.max:
+                over = True
+        if over:
+            self.overflow(self.counts, clusters)
 
     def add(self, clusters: I64, weights: I64 | None = None) -> None:
         """Count one reference to each element of `clusters` (duplicates count once each), or
@@ -866,12 +877,13 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         # Fragmentation: an allocated entry not right after the previous one of its table.
         jump = np.diff(aoff) != cs  # (between tables too)
         jumps = int(np.count_nonzero(jump))
-        contiguous = jumps == 0 and not len(unal_k)  # one run of consecutive clusters
+        breaks = np.flatnonzero(jump) + 1 if jumps * 64 <= na else None  # where runs of clusters start
         if jumps and ntab > 1:
             # the first allocated entry of each table follows another table's: not a jump
             starts = np.arange(1, ntab, dtype=np.int64) * n
             firsts = np.searchsorted(apos, starts) if apos is not None else starts[starts < na]
-            firsts = np.unique(firsts[(firsts > 0) & (firsts < na)])
+            firsts = firsts[(firsts > 0) & (firsts < na)]  # ascending; each crossing once:
+            firsts = firsts[np.concatenate(([True], firsts[1:] != firsts[:-1]))] if len(firsts) else firsts
             jumps -= int(np.count_nonzero(jump[firsts - 1]))
             jump[firsts - 1] = False
         if a_one is not None:
@@ -895,8 +907,8 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
                 keep = _past_eof(refs, aoff, np.full(na, cs, np.int64), ai if ai is not None else
                                  np.arange(na, dtype=np.int64), note)
                 refs.add_regions(aoff[keep], cs, weights=None if w_one == 1 else w_tab[tables_of()[keep]])
-            elif contiguous and w_one == 1:
-                refs.add_run(int(cl[0]), na)  # one run of consecutive clusters, each referenced once
+            elif breaks is not None and w_one == 1 and not len(unal_k):
+                refs.add_runs(cl, breaks)  # a few runs of consecutive clusters, each referenced once
             elif not len(unal_k):
                 refs.add(cl, None if w_one == 1 else w_tab[tables_of()])
             else:

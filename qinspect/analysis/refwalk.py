@@ -55,6 +55,8 @@ SRC_ACTIVE = 0
 """Source of the active L1 tree; snapshot k's tree is source k + 1."""
 # Entries gathered per L2 batch: 64 Ki keeps the numpy temporaries in the CPU cache.
 L2_BATCH_ENTRIES = 1 << 16
+# At most this many bytes of (sparse) L2 tables per batch.
+L2_BATCH_BYTES = 2 << 20
 # Rank of a reference in QEMU's walk order: tree * RANK_TREE + L1 index (L1 index < 2^22).
 RANK_TREE = 1 << 23
 
@@ -175,6 +177,13 @@ class L2Batch:
     @cached_property
     def bitmaps(self) -> U64 | None:
         return self._raw[1::2].astype(np.uint64) if self.extended else None
+
+    def used_count(self) -> int:
+        """How many entries `used()` returns (counted without decoding them)."""
+        if self._used is not None:
+            return len(self._used[1])
+        w = self._swapped
+        return int(np.count_nonzero((w[0::2] != 0) | (w[1::2] != 0) if self.extended else w))
 
     def used(self) -> tuple[I64 | None, U64, U64 | None]:
         """(positions, entries, bitmaps) of the entries that are not all zeros, in batch order;
@@ -321,7 +330,8 @@ class RefWalk:
         np.add.at(active_refs, inv[act_sel], cnt_of[act_sel])
         # Distinct (table, group) pairs: snapshots reaching each table, the last of them.
         ng = max(1, len(self.groups))
-        key = np.unique(inv * ng + grp_of)
+        key = np.sort(inv * ng + grp_of)
+        key = key[np.concatenate(([True], key[1:] != key[:-1]))] if len(key) else key  # (np.unique: numpy.ma)
         pt, pg = key // ng, key % ng
         snapshots = np.zeros(n, np.int64)
         np.add.at(snapshots, pt, nsnap[pg])
@@ -354,11 +364,21 @@ class RefWalk:
         return PieceStream(img.file, self.tables.offsets[self._inside], img.header.cluster_size, Order.HOST)
 
     def _batches(self, stream: PieceStream, batch_entries: int = L2_BATCH_ENTRIES) -> Iterator[L2Batch]:
+        # About `batch_entries` entries in use per batch: sparse tables (a few entries used in each)
+        # come many to a batch, up to L2_BATCH_BYTES of tables, so that the per-batch cost is paid
+        # for entries that are there, not once per few tables.
         h = self.img.header
-        per = max(1, batch_entries // h.l2_size)
-        for which, raw in stream.batches(per):
-            ids = self._inside[which]
-            yield L2Batch(ids, self.tables.offsets[ids], raw, h.extended_l2)
+        base = max(1, batch_entries // h.l2_size)
+        most = max(base, L2_BATCH_BYTES // h.cluster_size)
+        per = base
+        while stream.pos < len(stream):
+            p0 = stream.pos
+            raw = stream.take(per)
+            ids = self._inside[stream.index[p0 : stream.pos]]
+            batch = L2Batch(ids, self.tables.offsets[ids], raw, h.extended_l2)
+            yield batch
+            used = batch.used_count()
+            per = most if used * most <= batch_entries else min(most, max(base, batch_entries * len(ids) // used))
 
     def run(self, consumers: list[BatchConsumer], progress: ProgressFn = no_progress,
             cancelled: CancelledFn = never_cancelled) -> list[object]:

@@ -56,8 +56,6 @@ WINDOW_BYTES = 16 * 1024 * 1024
 """Memory held by one stream: two half-windows, the one being used and the one being read (in host
 order a half-window bounds the bytes its requests read, gaps included)."""
 WORKERS = int(os.environ.get("QINSPECT_IO_WORKERS", "4"))
-THROUGH_FACTOR = float(os.environ.get("QINSPECT_IO_THROUGH", "2"))
-"""A window reads at most this many times the bytes its pieces need (gaps read through included)."""
 SYNC_BYTES = 1024 * 1024
 """A window whose requests read at most this many bytes is read by the calling thread: handing a
 few small reads (a small image's L2 tables and refcount blocks) to the pool costs more in
@@ -164,9 +162,11 @@ class _Window:
             rs, re_, preq = coalesce(s, e, gap, stream.max_request)
             useful = int(lens.sum())
             # Pieces spread thin over the file (a window of L2 tables in L1 order): reading through
-            # every gap would read the file many times over. Narrow the gap until at most as many
-            # bytes are read through as are wanted.
-            while gap and int((re_ - rs).sum()) > stream.through_factor * useful:
+            # every gap would read the file many times over, once per window. Narrow the gap until
+            # at most as many bytes are read through as are wanted. (In host order the windows are
+            # disjoint ranges of the file: read through, the stream reads each byte once at most.)
+            while (gap and not stream.host_order
+                   and int((re_ - rs).sum()) > 2 * useful):
                 gap = gap // 4 if gap >= 16384 else 0
                 rs, re_, preq = coalesce(s, e, gap, stream.max_request)
             self.piece_req = np.empty(b - a, np.int64)
@@ -192,7 +192,8 @@ class _Window:
         else:
             pool = _executor()
             cuts = np.searchsorted(cum, cum[-1] * np.arange(1, ntask) / ntask, side="left") + 1
-            bounds = np.unique(np.concatenate(([0], np.minimum(cuts, len(rs)), [len(rs)])))
+            bounds = np.concatenate(([0], np.minimum(cuts, len(rs)), [len(rs)]))  # ascending
+            bounds = bounds[np.concatenate(([True], bounds[1:] != bounds[:-1]))]  # (np.unique would import numpy.ma)
             for t0, t1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
                 self.futures.append(pool.submit(_read_into, stream.file, self.buf, rsl[t0:t1], rel[t0:t1],
                                                 pos[t0:t1]))
@@ -265,15 +266,14 @@ class PieceStream:
         self.lengths: I64 = np.ascontiguousarray(lens)
         self.gap = gap
         self.max_request = max_request
-        self.through_factor = THROUGH_FACTOR
         self.half = max(1, window_bytes // 2)
         self.pos = 0  # next piece to hand out
         self._cut = 0  # next piece not yet in a window
         self._windows: deque[_Window] = deque()
         self._ends = np.cumsum(self.lengths) if len(self.lengths) else np.zeros(0, np.int64)
-        self._host_order = order is Order.HOST
+        self.host_order = order is Order.HOST
         self._cost = self._ends
-        if self._host_order and len(offs) > 1:
+        if self.host_order and len(offs) > 1:
             reach = np.maximum.accumulate(self.offsets + self.lengths)
             gaps = self.offsets[1:] - reach[:-1]
             through = np.where((gaps > 0) & (gaps <= gap), gaps, 0)
@@ -282,7 +282,7 @@ class PieceStream:
         self._advice: Future[None] | None = None
         self._taken = threading.Condition()
         if ADVISE and len(offs) and int(self._ends[-1]) > self.half:
-            if not self._host_order:
+            if not self.host_order:
                 # Pieces wanted in the walk's order but spread over the file (L2 tables in L1 order):
                 # ask the kernel to read them ahead in host order, one sweep, while the windows are
                 # read and used (the page cache holds them, not this process).
@@ -334,7 +334,7 @@ class PieceStream:
         return len(self.offsets)
 
     def _next_cut(self, a: int) -> int:
-        if self._host_order:
+        if self.host_order:
             # Bound what the window's requests read: pieces and the gaps read through.
             base = int(self._cost[a - 1]) if a else 0
             b = int(np.searchsorted(self._cost, base + self.half, side="right"))
