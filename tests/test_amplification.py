@@ -35,7 +35,7 @@ CASES = {
     "shared_bitmap_tables": 1.0,
 }
 COMMANDS = [("info", "--output=json"), ("map", "--output=json"), ("check", "--output=json"), ("layout",),
-            ("diagnose", "--output=json")]
+            ("diagnose", "--output=json"), ("diagnose",)]
 # Answers that are huge by nature at full scale: run at a scale where they stay seconds.
 SMALLER = {("shared_l2", "check"): 0.05}
 

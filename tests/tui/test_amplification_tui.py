@@ -4,7 +4,7 @@ and quits within a bound, and (in a child process, measured by GNU time) its pea
 the engine's budget of 2 x metadata + 150 MiB (the file size stands in for the metadata).
 
 The in-process Pilot test uses small versions (counts scaled down, the same structure); the child
-process runs the attacks at the scale the CLI tests use where the TUI stays a few seconds.
+process runs somewhat larger ones (`CHILD_SCALE`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ SMALL = 0.02
 SCAN_WAIT = 60.0  # seconds the scans may take before the test cancels them (Escape)
 QUIT_BOUND = 10.0  # seconds from `q` to the app having exited
 GNU_TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
-# Full counts where the TUI's scans stay seconds; the shared L2 table behind 2 Mi L1 entries is a
-# 1 PiB disk whose guest map alone is millions of cells: a tenth of it (the CLI covers 2 Mi).
-CHILD_SCALE = {"shared_l2": 0.1, "shared_snapshots": 1.0, "snapshot_l1_copies": 1.0,
-               "alternating_extents": 1.0, "shared_bitmap_tables": 1.0}
+# Counts the child runs at: the same structure, scaled so that a loaded 2-core CI machine stays
+# within seconds per attack (the full-scale TUI figures are in the benchmark report).
+CHILD_SCALE = {"shared_l2": 0.01, "shared_snapshots": 0.05, "snapshot_l1_copies": 1.0,
+               "alternating_extents": 0.05, "shared_bitmap_tables": 0.05}
 
 ESC, BEL = "\x1b", "\x07"
 

@@ -232,13 +232,15 @@ as the scans finish (`esc` cancels them, `r` resumes).
             t = Table(box=None, padding=(0, 1), header_style=Style(color=DIM))
             for col in ("name", "granularity", "flags"):
                 t.add_column(col, no_wrap=True)
-            for b in img.bitmaps:
+            for b in img.bitmaps[:20]:  # a directory may name 65,535 (a table that size renders for minutes)
                 t.add_row(Text(for_terminal(b.name)), fmt.size(b.granularity),
                           Text(",".join(b.flag_names) or "-", Style(color=ERROR) if b.in_use else Style()))
             head = f"Bitmaps ({len(img.bitmaps)})"
             if not img.header.bitmaps_consistent:
                 head += " — inconsistent, QEMU ignores them"
             parts += [Text(), title(head), t]
+            if len(img.bitmaps) > 20:
+                parts.append(Text(f"… {len(img.bitmaps) - 20} more in view 7", Style(color=DIM)))
         else:
             parts.append(Text.assemble(title("Bitmaps"), (" none", Style(color=DIM))))
         return Group(*parts)
