@@ -71,7 +71,7 @@ def _run(args: list[str]) -> tuple[int, int, str]:
         return rc, peak, err.read(4096).decode(errors="replace")
 
 
-PAIRS = [pytest.param(g, c, id=f"{g}-{c[0]}") for g in CASES for c in COMMANDS]
+PAIRS = [pytest.param(g, c, id=f"{g}-{c[0]}{'-json' if '--output=json' in c else ''}") for g in CASES for c in COMMANDS]
 
 
 @pytest.mark.parametrize(("gen", "command"), PAIRS)

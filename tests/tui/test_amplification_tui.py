@@ -28,7 +28,7 @@ MiB = 1 << 20
 SCAN_WAIT = 60.0  # seconds the scans may take before the test cancels them (Escape)
 QUIT_BOUND = 10.0  # seconds from `q` to the app having exited
 GNU_TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
-CHILD_SCALE = {"shared_l2": 0.005, "shared_snapshots": 0.05, "snapshot_l1_copies": 1.0,
+CHILD_SCALE = {"shared_l2": 0.0005, "shared_snapshots": 0.05, "snapshot_l1_copies": 1.0,
                "alternating_extents": 0.05, "shared_bitmap_tables": 0.05}
 
 ESC, BEL = "\x1b", "\x07"
