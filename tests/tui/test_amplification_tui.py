@@ -19,19 +19,33 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import needs_qemu
 from fuzz.amplify import GENERATORS
+from textual.worker import WorkerState
 
 MiB = 1 << 20
 SCAN_WAIT = 60.0  # seconds the scans may take before the test cancels them (Escape)
 QUIT_BOUND = 10.0  # seconds from `q` to the app having exited
+CANCEL_BOUND = 20.0  # seconds from Escape to every scan having stopped
 GNU_TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
 CHILD_SCALE = {"shared_l2": 0.0005, "shared_snapshots": 0.05, "snapshot_l1_copies": 1.0,
                "alternating_extents": 0.05, "shared_bitmap_tables": 0.05}
 
 ESC, BEL = "\x1b", "\x07"
+_BUSY = (WorkerState.PENDING, WorkerState.RUNNING)
+
+
+async def _settled(app: Any, timeout: float) -> bool:
+    """True once no worker of the app is pending or running (finished, failed or cancelled)."""
+    deadline = time.monotonic() + timeout
+    while any(w.state in _BUSY for w in app.workers):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
 
 
 async def drive(path: str, scan_wait: float = SCAN_WAIT) -> dict[str, float | bool | str]:
@@ -56,12 +70,12 @@ async def drive(path: str, scan_wait: float = SCAN_WAIT) -> dict[str, float | bo
             await pilot.press(str(idx + 1))
             await pilot.pause()
             assert screen.active_view == vid, (vid, screen.active_view)
-        try:
-            await asyncio.wait_for(app.workers.wait_for_complete(), scan_wait)
+        if await _settled(app, scan_wait):
             out["scans"] = "finished"
-        except TimeoutError:
+        else:
+            # Still scanning: Escape must stop every scan (cancellable, not merely abandoned).
             await pilot.press("escape")
-            await asyncio.wait_for(app.workers.wait_for_complete(), 20)
+            assert await _settled(app, CANCEL_BOUND), [w.name for w in app.workers if w.state in _BUSY]
             out["scans"] = "cancelled"
         out["scan-seconds"] = time.monotonic() - t0
         await pilot.pause()
