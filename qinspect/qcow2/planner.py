@@ -146,9 +146,10 @@ class _Window:
             rs, re_, preq = coalesce(s, e, gap, stream.max_request)
             useful = int(lens.sum())
             # Pieces spread thin over the file (a window of L2 tables in L1 order): reading through
-            # every gap would read the file many times over. Narrow the gap until at most as many
-            # bytes are read through as are wanted.
-            while gap and int((re_ - rs).sum()) > 2 * useful:
+            # every gap would read the file many times over (each window sweeps it again). Narrow
+            # the gap until at most as many bytes are read through as are wanted. Host-order
+            # windows sweep disjoint parts of the file, so what they read through is read once.
+            while gap and not stream._host_order and int((re_ - rs).sum()) > 2 * useful:
                 gap = gap // 4 if gap >= 16384 else 0
                 rs, re_, preq = coalesce(s, e, gap, stream.max_request)
             self.piece_req = np.empty(b - a, np.int64)
@@ -186,6 +187,9 @@ class _Window:
             return self.out
         out = np.empty(total, dtype=np.uint8)
         within = offs - self.req_start[self.piece_req]
+        if _gather_rows(out, bufs, self.piece_req, within, lens):
+            self.out = out
+            return out
         dst = np.zeros(len(offs), np.int64)
         if len(offs) > 1:
             dst[1:] = np.cumsum(lens[:-1])
@@ -201,6 +205,34 @@ class _Window:
             out[int(dst[f0]) : int(dst[f0]) + n] = src[w0 : w0 + n]
         self.out = out
         return out
+
+
+GATHER_MIN_PIECES = 4
+"""Requests holding fewer pieces than this (on average) are copied piece by piece instead."""
+
+
+def _gather_rows(out: U8, bufs: list[U8], piece_req: I64, within: I64, lens: I64) -> bool:
+    """Copy pieces of one size L into `out` (stream order) as rows: one fancy-indexed copy per
+    request instead of one slice copy per piece. Only where every piece is L bytes at a multiple
+    of L inside its request and each request's pieces are consecutive in the stream (host-order
+    windows: a sweep of cluster-sized tables read through the gaps). False: nothing was copied."""
+    n = len(lens)
+    if n < GATHER_MIN_PIECES * len(bufs):
+        return False
+    size = int(lens[0])
+    if size <= 0 or not bool((lens == size).all()) or bool((within % size).any()):
+        return False
+    if n > 1 and bool((piece_req[1:] < piece_req[:-1]).any()):
+        return False
+    if any(len(b) % size for b in bufs):
+        return False
+    bounds = np.searchsorted(piece_req, np.arange(len(bufs) + 1))
+    rows = within // size
+    out2 = out.reshape(n, size)
+    for r, (p0, p1) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
+        if p1 > p0:
+            np.take(bufs[r].reshape(-1, size), rows[p0:p1], axis=0, out=out2[p0:p1], mode="clip")
+    return True
 
 
 class PieceStream:
