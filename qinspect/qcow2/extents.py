@@ -163,7 +163,8 @@ def iter_extents(img: L2Source, start: int, end: int, batch_entries: int = BATCH
     shared = np.zeros(len(present), dtype=bool)
     if not h.has_data_file and readable.any():
         srt = np.sort(offs_all[readable])
-        dup = np.unique(srt[1:][srt[1:] == srt[:-1]])
+        dup = srt[1:][srt[1:] == srt[:-1]]  # sorted: drop repeats without np.unique (it imports numpy.ma)
+        dup = dup[np.concatenate(([True], dup[1:] != dup[:-1]))] if len(dup) else dup
         del srt
         if len(dup):
             shared = readable & np.isin(offs_all, dup)
@@ -312,8 +313,64 @@ def _table_extents(img: L2Source, i0: int, i1: int, start: int, end: int, stream
     if c1 <= c0:
         return Extents.single(start, 0, SubclusterType.UNALLOCATED_PLAIN)
     if bitmaps is None:
-        return _standard_extents(img, i0, entries[c0:c1], bad_l2, c0, start, end)
+        e = entries[c0:c1]
+        runs = _continued_runs(img, e, bad_l2) if COLLAPSE else None
+        if runs is not None:
+            return _standard_extents(img, i0, e[runs], bad_l2, c0, start, end, runs + c0)
+        return _standard_extents(img, i0, e, bad_l2, c0, start, end)
     return _extended_extents(img, i0, entries[c0:c1], bitmaps[c0:c1], bad_l2, c0, start, end)
+
+
+COLLAPSE = True
+"""Collapse runs of entries that continue each other before classifying (`_continued_runs`)."""
+COLLAPSE_MIN_ENTRIES = 64
+COLLAPSE_MAX_RUNS = 1 / 8
+"""Collapse only when the runs are at most this fraction of the entries (else it does not pay)."""
+
+
+def _continued_runs(img: L2Source, e: U64, bad_l2: npt.NDArray[np.bool_]) -> I64 | None:
+    """The first entry of each run of standard L2 entries that continue each other, or None.
+
+    An entry continues the one before it when it is that entry plus one cluster (the next host
+    cluster, same flags: a preallocated or sequentially written image) or the same entry again
+    (unallocated, zero). Such a run is one item of one type, contiguous in host and guest, which
+    the classification then handles as a whole instead of entry by entry. None (classify every
+    entry) when the runs are too many to pay, or when a run would hide what QEMU checks per entry:
+    compressed entries, duplicated host offsets, unaligned offsets, zero flags in a v2 image,
+    unaligned tables, an external data file, or an offset that would carry out of its bits.
+    """
+    h = img.header
+    m = len(e)
+    if m < COLLAPSE_MIN_ENTRIES or h.has_data_file or bad_l2.any():
+        return None
+    cs = np.uint64(h.cluster_size)
+    d = e[1:] - e[:-1]
+    step = d == cs
+    brk = np.empty(m, dtype=bool)
+    brk[0] = True
+    np.not_equal(d, np.uint64(0), out=brk[1:])
+    brk[1:] &= ~step
+    brk[2:] |= step[1:] != step[:-1]  # a run keeps one kind of continuation
+    heads = np.flatnonzero(brk)
+    if len(heads) > COLLAPSE_MAX_RUNS * m:
+        return None
+    run_len = np.diff(np.append(heads, m))
+    multi = run_len > 1
+    if not multi.any():
+        return heads
+    mh = heads[multi]
+    he = e[mh]
+    off = he & np.uint64(C.L2E_OFFSET_MASK)
+    by_step = step[mh]
+    bad = (he & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+    bad |= by_step & ((off == 0) | ((off & (cs - np.uint64(1))) != 0)
+                      | (((off + (run_len[multi] - 1).astype(np.uint64) * cs) & ~np.uint64(C.L2E_OFFSET_MASK)) != 0))
+    bad |= ~by_step & (off != 0)
+    if h.version < 3:
+        bad |= (he & np.uint64(C.QCOW_OFLAG_ZERO)) != 0
+    if bad.any():
+        return None
+    return heads
 
 
 _IS_OFF = np.zeros(8, dtype=bool)

@@ -1,8 +1,9 @@
-"""The sparse path of the extent walk (L2 tables out of host order, read in one sweep, only their
-non-zero entries decoded) gives exactly the answers of the batch path and of qemu-img.
+"""The extent walk's fast paths give exactly the answers of the plain batch path and of qemu-img:
+the sparse path (L2 tables out of host order, read in one sweep, only their non-zero entries
+decoded) and the collapsed runs (entries that continue each other classified as one item).
 
-Three ways: every sample image with the sparse path forced (its thresholds lowered to nothing)
-against the goldens and against the batch path (whole disk and random sub-ranges); scattered
+Three ways: every sample image with each fast path forced (its thresholds lowered to nothing)
+against the goldens and against the plain batch path (whole disk and random sub-ranges); scattered
 4 KiB-cluster images made by qemu-io (plain, zero and compressed writes, discards, compat=0.10)
 where the sparse path is taken on its own, against a live `qemu-img map` and `qemu-img convert`;
 and the memory bound (too many non-zero entries: the batch path instead).
@@ -28,9 +29,20 @@ from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image, open_image
 
 
-def _force_sparse(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qext, "SPARSE_MIN_TABLES", 0)
-    monkeypatch.setattr(qext, "SPARSE_MIN_DESCENTS", 0)
+def _plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qext, "SPARSE_MIN_TABLES", 1 << 62)
+    monkeypatch.setattr(qext, "COLLAPSE", False)
+
+
+def _force(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    if mode == "sparse":
+        monkeypatch.setattr(qext, "SPARSE_MIN_TABLES", 0)
+        monkeypatch.setattr(qext, "SPARSE_MIN_DESCENTS", 0)
+    else:
+        monkeypatch.setattr(qext, "SPARSE_MIN_TABLES", 1 << 62)
+        monkeypatch.setattr(qext, "COLLAPSE", True)
+        monkeypatch.setattr(qext, "COLLAPSE_MIN_ENTRIES", 0)
+        monkeypatch.setattr(qext, "COLLAPSE_MAX_RUNS", 1.0)
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -78,10 +90,12 @@ def in_samples(samples: Samples, monkeypatch: pytest.MonkeyPatch) -> Samples:
     return samples
 
 
+@pytest.mark.parametrize("mode", ["sparse", "collapse"])
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
-def test_forced_sparse_matches_batches_and_golden(in_samples: Samples, name: str,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forced_path_matches_batches_and_golden(in_samples: Samples, name: str, mode: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     rel = in_samples.path(name).name
+    _plain(monkeypatch)
     exp_path = in_samples.golden(name, "map.json")
     with open_image(rel) as img:
         try:
@@ -97,7 +111,7 @@ def test_forced_sparse_matches_batches_and_golden(in_samples: Samples, name: str
         windows = [(rng.randrange(0, max(1, size)), rng.randrange(1, max(2, size // 3))) for _ in range(4)]
         batch_windows = [] if batch_err else [_runs(img, s, n) for s, n in windows]
         batch_ext = [] if batch_err else [_extents(img, s, min(size, s + n)) for s, n in windows]
-    _force_sparse(monkeypatch)
+    _force(monkeypatch, mode)
     with open_image(rel) as img:
         if batch_err is not None:
             with pytest.raises(Qcow2Error) as info:
@@ -191,3 +205,29 @@ def test_too_many_entries_fall_back_to_batches(tmp_path: Path, monkeypatch: pyte
     with open_image(str(path)) as img:
         assert _runs(img) == sparse
     assert not calls
+
+
+@needs_qemu
+@pytest.mark.parametrize("opts", ["preallocation=metadata", "preallocation=metadata,cluster_size=4096",
+                                  "preallocation=falloc,cluster_size=8192"])
+def test_preallocated_image_matches_qemu_img(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opts: str) -> None:
+    size = (1 << 30) if "falloc" not in opts else (64 << 20)
+    cs = int(opts.split("cluster_size=")[1]) if "cluster_size=" in opts else 65536
+    script = _script(random.Random(opts), size, 200, cs, False)
+    path = _scattered(tmp_path, "p.qcow2", opts, size, script)
+    collapsed: list[int] = []
+    real = qext._continued_runs
+
+    def spy(*a: Any) -> Any:
+        got = real(*a)
+        if got is not None:
+            collapsed.append(len(got))
+        return got
+
+    monkeypatch.setattr(qext, "_continued_runs", spy)
+    with open_image(str(path)) as img:
+        got = map_json(img)
+    assert collapsed, "no batch was collapsed"
+    for g in got:
+        g.pop("compressed")
+    assert got == qemu_img_json("map", "--output=json", str(path), cwd=tmp_path)
