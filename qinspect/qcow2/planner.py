@@ -37,8 +37,8 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from enum import Enum
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +63,32 @@ submission and thread wake-ups than the reads themselves."""
 ADVISE = os.environ.get("QINSPECT_IO_ADVISE", "1") != "0"
 """Read-ahead advice (POSIX_FADV_WILLNEED) for streams longer than a window; 0 turns it off (for A/B runs)."""
 
+if TYPE_CHECKING:  # the pool (and concurrent.futures, logging) is imported when first needed
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+T = TypeVar("T")
+
+
+class _Done(Generic[T]):
+    """A finished read done by the calling thread: what `_Window` asks of a Future, without the
+    pool's machinery (a small image's command never imports concurrent.futures)."""
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def result(self) -> T:
+        return self.value
+
+    def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self) -> BaseException | None:
+        return None
+
+
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -82,6 +108,8 @@ def _executor() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             _pool = ThreadPoolExecutor(max_workers=max(1, WORKERS), thread_name_prefix="qinspect-io")
         return _pool
 
@@ -157,12 +185,10 @@ class _Window:
         self.req_start = rs
         # The requests in host order, cut into a few tasks of about equal bytes: each worker reads
         # its share in order (a future per request would cost more than a 4 KiB read).
-        self.futures: list[Future[list[U8]]] = []
+        self.futures: list[Future[list[U8]] | _Done[list[U8]]] = []
         ntask = min(len(rs), 2 * WORKERS) if WORKERS > 1 else 1
         if ntask <= 1 or int((re_ - rs).sum()) <= SYNC_BYTES:
-            f: Future[list[U8]] = Future()
-            f.set_result(_read(stream.file, rs.tolist(), re_.tolist()))
-            self.futures.append(f)
+            self.futures.append(_Done(_read(stream.file, rs.tolist(), re_.tolist())))
         else:
             pool = _executor()
             cum = np.cumsum(re_ - rs)
