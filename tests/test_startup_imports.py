@@ -79,6 +79,13 @@ def test_small_map_imports_no_thread_pool_nor_masked_arrays() -> None:
     assert r.stdout.split("\n")[-2] == "0 []", r.stdout + r.stderr
 
 
+def test_human_check_off_a_terminal_imports_no_rich() -> None:
+    """Human `check` prints plain lines; off a terminal it writes them without Rich (as Rich would)."""
+    rc, tops, _ours = _modules_after(["check", str(IMAGE)])
+    assert rc == 0
+    assert "rich" not in tops
+
+
 def test_human_info_imports_rich_but_not_numpy() -> None:
     """Human `info` prints Rich tables (so imports Rich), and still reads no table needing numpy."""
     rc, tops, _ours = _modules_after(["info", str(IMAGE)])

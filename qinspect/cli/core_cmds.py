@@ -320,40 +320,61 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def _print_check(res: CheckResult, live: bool, path: str) -> None:
-    from qinspect.cli.render import console, literal
+    """qemu-img check's human report. Off a terminal it is written as plain lines (what Rich prints
+    there anyway: no colour, no wrapping), so a scripted `qinspect check` never imports Rich."""
+    lines = _check_lines(res, live, path)
+    if not sys.stdout.isatty():
+        sys.stdout.write("".join("".join(text for text, _style in line) + "\n" for line in lines))
+        return
+    from rich.text import Text
+
+    from qinspect.cli.render import console
 
     c = console()
+    for line in lines:
+        c.print(Text.assemble(*line))
+
+
+def _check_lines(res: CheckResult, live: bool, path: str) -> list[list[tuple[str, str]]]:
+    """The report as lines of (text, Rich style) segments; text from the image is escaped here."""
+    out: list[list[tuple[str, str]]] = []
+
+    def line(*segments: str | tuple[str, str]) -> None:
+        out.append([(x, "") if isinstance(x, str) else x for x in segments])
+
     if live:
-        c.print(f"\nSeen while another process is writing the image: {res.corruptions} refcount "
-                f"differences, {res.leaks} leaked clusters.\n"
-                "No verdict: the image is in use and its contents may be changing, so these counts can "
-                "be mid-update rather than corruption.\nCheck it again when the image is not in use "
-                "(qemu-img refuses to check it while it is: \"Failed to get shared 'write' lock\").")
+        line(f"\nSeen while another process is writing the image: {res.corruptions} refcount "
+             f"differences, {res.leaks} leaked clusters.\n"
+             "No verdict: the image is in use and its contents may be changing, so these counts can "
+             "be mid-update rather than corruption.\nCheck it again when the image is not in use "
+             "(qemu-img refuses to check it while it is: \"Failed to get shared 'write' lock\").")
     elif not (res.corruptions or res.leaks or res.check_errors):
-        c.print("No errors were found on the image.")
+        line("No errors were found on the image.")
     else:
         if res.corruptions and res.dirty:
-            c.print(f"\nThe image is [bold]dirty[/] (dirty bit set{', lazy refcounts' if res.lazy_refcounts else ''}): "
-                    f"{res.corruptions} refcount inconsistencies were found, as expected after an unclean shutdown.\n"
-                    "This is not corruption: QEMU rebuilds the refcounts on the next read-write open, "
-                    "or run 'qemu-img check -r all' now.")
+            line("\nThe image is ", ("dirty", "bold"),
+                 f" (dirty bit set{', lazy refcounts' if res.lazy_refcounts else ''}): "
+                 f"{res.corruptions} refcount inconsistencies were found, as expected after an unclean shutdown.\n"
+                 "This is not corruption: QEMU rebuilds the refcounts on the next read-write open, "
+                 "or run 'qemu-img check -r all' now.")
         elif res.corruptions:
-            c.print(f"\n{res.corruptions} errors were found on the image.\n"
-                    "Data may be corrupted, or further writes to the image may corrupt it.")
+            line(f"\n{res.corruptions} errors were found on the image.\n"
+                 "Data may be corrupted, or further writes to the image may corrupt it.")
         if res.leaks:
             try:
                 fix = "Fix: " + command_line(["qemu-img", "check", "-r", "leaks", path])
             except UnsafeArgument:
                 fix = "Fix: qemu-img check -r leaks on this file (its name cannot be pasted into a shell safely)"
-            c.print(f"\n{res.leaks} leaked clusters were found on the image.\n"
-                    "This means waste of disk space, but no harm to data.")
-            c.print(literal(fix))
+            line(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                 "This means waste of disk space, but no harm to data.")
+            line(for_terminal(fix))
         if res.check_errors:
-            c.print(f"\n{res.check_errors} internal errors have occurred during the check.")
+            line(f"\n{res.check_errors} internal errors have occurred during the check.")
     if res.total_clusters and res.allocated_clusters:
         a = res.allocated_clusters
-        c.print(f"{a}/{res.total_clusters} = {a * 100 / res.total_clusters:0.2f}% allocated, "
-                f"{res.fragmented_clusters * 100 / a:0.2f}% fragmented, "
-                f"{res.compressed_clusters * 100 / a:0.2f}% compressed clusters")
+        line(f"{a}/{res.total_clusters} = {a * 100 / res.total_clusters:0.2f}% allocated, "
+             f"{res.fragmented_clusters * 100 / a:0.2f}% fragmented, "
+             f"{res.compressed_clusters * 100 / a:0.2f}% compressed clusters")
     if res.image_end_offset:
-        c.print(f"Image end offset: {res.image_end_offset}")
+        line(f"Image end offset: {res.image_end_offset}")
+    return out
