@@ -345,15 +345,21 @@ def _continued_runs(img: L2Source, e: U64, bad_l2: npt.NDArray[np.bool_]) -> I64
         return None
     cs = np.uint64(h.cluster_size)
     d = e[1:] - e[:-1]
-    step = d == cs
-    brk = np.empty(m, dtype=bool)
-    brk[0] = True
-    np.not_equal(d, np.uint64(0), out=brk[1:])
-    brk[1:] &= ~step
-    brk[2:] |= step[1:] != step[:-1]  # a run keeps one kind of continuation
-    heads = np.flatnonzero(brk)
-    if len(heads) > COLLAPSE_MAX_RUNS * m:
-        return None
+    other = np.flatnonzero(d != cs)
+    if len(other) < COLLAPSE_MAX_RUNS * m:
+        # Only runs of consecutive host clusters (a preallocated image): two passes find them.
+        heads = np.concatenate((np.zeros(1, np.int64), other + 1))
+        step: npt.NDArray[np.bool_] | None = None
+    else:
+        step = d == cs
+        brk = np.empty(m, dtype=bool)
+        brk[0] = True
+        np.not_equal(d, np.uint64(0), out=brk[1:])
+        brk[1:] &= ~step
+        brk[2:] |= step[1:] != step[:-1]  # a run keeps one kind of continuation
+        heads = np.flatnonzero(brk)
+        if len(heads) > COLLAPSE_MAX_RUNS * m:
+            return None
     run_len = np.diff(np.append(heads, m))
     multi = run_len > 1
     if not multi.any():
@@ -361,7 +367,7 @@ def _continued_runs(img: L2Source, e: U64, bad_l2: npt.NDArray[np.bool_]) -> I64
     mh = heads[multi]
     he = e[mh]
     off = he & np.uint64(C.L2E_OFFSET_MASK)
-    by_step = step[mh]
+    by_step = np.ones(len(mh), dtype=bool) if step is None else step[mh]
     bad = (he & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
     bad |= by_step & ((off == 0) | ((off & (cs - np.uint64(1))) != 0)
                       | (((off + (run_len[multi] - 1).astype(np.uint64) * cs) & ~np.uint64(C.L2E_OFFSET_MASK)) != 0))
