@@ -540,7 +540,7 @@ def _extended_extents(img: L2Source, i0: int, entries: U64, bitmaps: U64, bad_l2
         item_c = np.repeat(np.arange(len(entries)), counts)
         first_item = np.cumsum(counts) - counts
         sc = np.zeros(len(item_c), dtype=np.int64)
-        pos_nu = np.flatnonzero(starts)  # row-major: the mixed clusters' items, in order
+        pos_nu = np.flatnonzero(starts != 0)  # row-major: the mixed clusters' items, in order
         cnt_nu = counts[nu]
         dest = np.repeat(first_item[nu], cnt_nu) + (np.arange(len(pos_nu)) - np.repeat(np.cumsum(cnt_nu) - cnt_nu,
                                                                                        cnt_nu))
