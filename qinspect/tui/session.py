@@ -286,14 +286,15 @@ class Session:
         from qinspect.analysis.walks import check_and_layout
 
         with self.pool.borrow() as img:
-            self.check, self.layout = check_and_layout(img, progress, cancelled)
+            check, layout = check_and_layout(img, progress, cancelled)
+        self.check, self.layout = compact_check(check), layout
         return self.layout
 
     def run_check(self, progress: ProgressFn, cancelled: CancelledFn) -> CheckResult:
         from qinspect.analysis.check import check_image
 
         with self.pool.borrow() as img:
-            self.check = check_image(img, progress, cancelled)
+            self.check = compact_check(check_image(img, progress, cancelled))
         return self.check
 
     def run_diagnose(self, progress: ProgressFn, cancelled: CancelledFn) -> Diagnosis:
@@ -335,6 +336,17 @@ class Session:
 
     def step_done(self, step: Step) -> bool:
         return step not in self.pending_steps()
+
+
+def compact_check(check: CheckResult) -> CheckResult:
+    """`check` without its per-host-cluster arrays (references and stored refcounts): no view
+    reads them (the layout has the same numbers, and the views read the layout's), and on a 1 TiB
+    image they take 96 MiB."""
+    import numpy as np
+
+    check.reference = np.zeros(0, np.uint32)
+    check.stored = np.zeros(0, check.stored.dtype)
+    return check
 
 
 def open_session(path: str, name: str | None = None) -> Session:

@@ -92,6 +92,24 @@ def view_class(vid: str) -> type[View]:
     raise KeyError(vid)
 
 
+# How much nicer than the app the scan threads run (the OS scheduler then gives the thread that
+# reads keys and draws the CPU first when the machine is busy).
+SCAN_NICE = 10
+
+
+def lower_priority() -> None:
+    """Lower the OS priority of the calling (worker) thread only: on Linux a thread's native id is
+    a task id `setpriority` accepts. Nowhere else it is possible, nothing is changed."""
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        if tid != os.getpid():  # never the whole process (the main thread's id is the pid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + SCAN_NICE))
+    except (OSError, AttributeError):
+        pass
+
+
 def export_path(session: Session, vid: str) -> str:
     """Where `e` writes: qinspect-<image>-<view>.json in the current directory (or /tmp when that
     is not writable); never over an existing file."""
@@ -445,10 +463,14 @@ class MainScreen(Screen[None]):
         def cancelled() -> bool:
             return worker.is_cancelled
 
+        lower_priority()
         for step in s.pending_steps():
             if cancelled():
                 self.post_message(ScanStepDone(step, cancelled=True))
                 break
+            if s.step_done(step):  # done by an earlier step (check by the layout's walk, space by diagnose)
+                self.post_message(ScanStepDone(step))
+                continue
             self.post_message(ScanProgress(step, 0, 1))
             try:
                 s.run(step, self._progress_fn(step), cancelled)
