@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
+from qinspect.qcow2.image import Image, Layer, RawLayer
 from qinspect.qcow2.l2 import SubclusterType
 from qinspect.tui.palette import GUEST_COLOURS, GUEST_LETTERS, NSTATES, G, backing_state
 
@@ -32,7 +31,7 @@ GL_UNKNOWN, GL_EMPTY, GL_LIGHT, GL_MEDIUM, GL_DARK, GL_FULL = range(6)
 
 # Per-cluster states kept in memory at most (bytes); older table chunks are dropped (their
 # per-table counts stay).
-CHUNK_BUDGET = 32 << 20
+CHUNK_BUDGET = 8 << 20  # a screenful at one cluster per cell is ~6,000 clusters; the rest is counts
 
 _SC_TO_G = np.zeros(8, dtype=np.uint8)
 _SC_TO_G[SubclusterType.UNALLOCATED_PLAIN] = G.UNALLOCATED
@@ -55,57 +54,6 @@ def majority(counts: npt.NDArray[np.int64]) -> U8:
     c[:, _ALLOC_COLS] *= 2
     out: U8 = np.argmax(c, axis=1).astype(np.uint8)
     return out
-
-
-class ImagePool:
-    """Images for worker threads. `Image` keeps LRU caches and is not thread-safe, so every
-    thread borrows an image of its own (opening one more when all are busy)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._free: list[Image] = []
-        self._all: list[Image] = []
-        self._lock = threading.Lock()
-        self._generation = 0
-
-    def open(self) -> Image:
-        """One more image of the file (subclasses check that it is still the same file)."""
-        return open_image(self.path)
-
-    @contextmanager
-    def borrow(self) -> Iterator[Image]:
-        with self._lock:
-            img = self._free.pop() if self._free else None
-            generation = self._generation
-        if img is None:
-            img = self.open()
-            with self._lock:
-                self._all.append(img)
-        try:
-            yield img
-        finally:
-            with self._lock:
-                if generation == self._generation:
-                    self._free.append(img)
-                else:
-                    img.close()
-                    self._all.remove(img)
-
-    def reset(self) -> None:
-        """Drop the idle images (the file changed: their caches are stale); busy ones go when returned."""
-        with self._lock:
-            for img in self._free:
-                img.close()
-                self._all.remove(img)
-            self._free.clear()
-            self._generation += 1
-
-    def close(self) -> None:
-        with self._lock:
-            for img in self._all:
-                img.close()
-            self._all.clear()
-            self._free.clear()
 
 
 def extents_to_clusters(guest: I64, length: I64, codes: U8, g0: int, n: int, cs: int, g_end: int) -> U8:

@@ -197,11 +197,25 @@ class MainScreen(Screen[None]):
         self.query_one(TabbedContent).query_one(Tabs).can_focus = False
         self.call_after_refresh(self._focus_current, self.initial_view)
         self.call_after_refresh(self.update_crumbs)
-        if self.autoscan:
-            # after the first frame is on screen: the scan threads would slow the first frame down
-            self.call_after_refresh(self.call_after_refresh, self.start_scans)
-        else:
+        # The first frame shows what the metadata says; the tables are read once it is on screen.
+        self.call_after_refresh(self._load_image)
+        if not self.autoscan:
             self.query_one(ScanStatus).idle("scans not started (r runs them)")
+
+    async def _load_image(self) -> None:
+        """After the first frame: read the image's tables, let the views fill in, start the scans."""
+        try:
+            self.session.load()
+        except (Qcow2Error, OSError) as e:
+            failed: Callable[[Screen[None], str, Exception], None] | None = getattr(self.app, "open_failed", None)
+            if failed is not None:
+                failed(self, self.session.name, e)
+            return
+        for view in self.built_views():
+            await view.session_loaded()
+        if self.autoscan:
+            # after the next frame: the scan threads would slow the views' filling in down
+            self.call_after_refresh(self.start_scans)
 
     # -- views ------------------------------------------------------------------------------------------
     def view(self, vid: str | None = None) -> View:
