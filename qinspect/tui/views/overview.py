@@ -114,10 +114,9 @@ as the scans finish (`esc` cancels them, `r` resumes).
 
     def on_mount(self) -> None:
         # The image's essentials (from the header) make the first frame; the other sections come
-        # once the session has read the tables (`session_loaded`, after the first frame).
+        # once the session has read the tables (`session_loaded`: after the first frame, or when
+        # the view is built later).
         self.query_one("#ov-image", Static).update(self._image())
-        if self.session.loaded:
-            self.call_after_refresh(self._fill_sections)
 
     async def session_loaded(self) -> None:
         await self._fill_sections()
