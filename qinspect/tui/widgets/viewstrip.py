@@ -42,12 +42,12 @@ class ViewStrip(Static):
             self.refresh()
 
     def render(self) -> Text:
-        accent = Color.parse(self.app.get_css_variables().get("accent", "#ffa62b")).rich_color
+        accent = Color.parse(self.app.get_css_variables().get("primary", "#0178d4")).rich_color
         muted = DIM
         width = max(1, self.size.width)
-        labels = Text(no_wrap=True, overflow="crop")
+        labels = Text(" ", no_wrap=True, overflow="crop")
         self._spans = []
-        col = 0
+        col = 1
         for vid, label in self.views:
             cell = f" {label} "
             on = vid == self._active
