@@ -24,6 +24,7 @@ The machine these numbers come from may be shared: quote ratios of interleaved r
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import subprocess
@@ -159,9 +160,9 @@ def rss_budget(image: str) -> tuple[float, float]:
     """The image's metadata (MiB: L1 + L2 tables + refcount table + allocated refcount blocks, as
     bench/run.py counts it) and the RSS budget, 2 x metadata + 150 MiB."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from run import metadata_bytes
+    run = importlib.import_module("run")  # bench/run.py: the one definition of "metadata"
 
-    md = metadata_bytes(Path(image))["total"] / MiB
+    md = float(run.metadata_bytes(Path(image))["total"]) / MiB
     return md, 2 * md + 150
 
 
@@ -171,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-latency", action="store_true")
     args = ap.parse_args(argv)
+    load_before = os.getloadavg()
     precompile()
     first_frame("qinspect", args.image)  # warm the page cache for both
     first_frame("bare", args.image)
@@ -211,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 p95 = lat[min(len(lat) - 1, int(len(lat) * 0.95))]
                 print(f"| {name} | {len(lat)} | {statistics.median(lat) * 1000:.0f} | {p95 * 1000:.0f} "
                       f"| {lat[-1] * 1000:.0f} |")
+    load_after = os.getloadavg()
+    print(f"\nload average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+          f"after: {', '.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} CPUs)")
     return 0
 
 

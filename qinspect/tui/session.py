@@ -1,5 +1,10 @@
 """One open image and everything computed about it so far (no Textual here).
 
+An image is opened in two steps: its metadata (`ImageMeta`: header, extensions, snapshots, LUKS,
+backing chain; no numpy) when the session is made, which is all the first frame shows, and its
+tables (`load()`: L1 and refcount tables, the guest map) once the first frame is on screen, or
+as soon as anything asks for `img`, `layers` or `guest`.
+
 The main thread uses `img` (lookups for the inspector, tables for the Structures view); every
 scan runs in a worker thread with an image of its own from `pool`. Results land here: the guest
 map fills in table by table, the other analyses are set when they finish (or stay None when
@@ -127,7 +132,12 @@ class Session:
         self._layers: list[Layer] = []
         self._guest: GuestMap | None = None
         if load:
-            self.load()
+            try:
+                self.load()
+            except BaseException:
+                self.pool.close()
+                self._meta.close()
+                raise
         self.layout: Layout | None = None
         self.check: CheckResult | None = None
         self.diagnosis: Diagnosis | None = None
