@@ -158,6 +158,29 @@ class GuestMap:
         self._lock = threading.Lock()
         self.version = 0
         self.backing_error: str | None = None
+        # L2 tables that several L1 entries point at (hostile images share one table millions of
+        # times): in an image without a backing file every full-size table with the same L2 table
+        # has the same states, so each distinct table is classified once and its counts copied
+        # (`_shared`: representative table -> the other tables pointing at its L2 table).
+        self._shared: dict[int, npt.NDArray[np.int32]] = {}
+        self._rep: npt.NDArray[np.int32] | None = None  # per table: its representative, or -1
+        if not self.has_backing:
+            k = min(n_l1, self.n_dense, self.n_clusters // self.l2_size)  # full-size tables only
+            offs = l1[:k] & np.uint64(C.L1E_OFFSET_MASK)
+            idx = np.flatnonzero(offs != 0)
+            if len(idx) > 1:
+                order = np.argsort(offs[idx], kind="stable")
+                sorted_offs = offs[idx][order]
+                starts = np.flatnonzero(np.r_[True, sorted_offs[1:] != sorted_offs[:-1]])
+                sizes = np.diff(np.r_[starts, len(order)])
+                groups = np.flatnonzero(sizes > 1)
+                rep_of = np.full(self.n_dense, -1, dtype=np.int32)
+                for g in groups.tolist():
+                    members = idx[order[starts[g] : starts[g] + sizes[g]]]  # ascending (stable sort)
+                    self._shared[int(members[0])] = members[1:].astype(np.int32)
+                    rep_of[members[1:]] = members[0]
+                if len(groups):
+                    self._rep = rep_of
         # Tables with no L2 table in an image without a backing file are known without any read.
         if not self.has_backing:
             dense_l2 = np.zeros(self.n_dense, dtype=bool)
@@ -211,11 +234,28 @@ class GuestMap:
         return int(self.scanned.sum()) + self.n_tables - self.n_dense
 
     # -- computing ----------------------------------------------------------------------------------
-    def compute(self, img: Image, t0: int, t1: int) -> None:
-        """Read and classify tables [t0, t1) with `img` (a worker's own image) and store them."""
+    def compute(self, img: Image, t0: int, t1: int, *, shared: bool = True) -> None:
+        """Read and classify tables [t0, t1) with `img` (a worker's own image) and store them; a
+        table sharing its L2 table with an earlier one gets that one's states (classified once).
+        `shared=False` reads every table of the range (a followed image's L1 may have changed)."""
         t1 = min(t1, self.n_dense)
         if t0 >= t1:
             return
+        if self._rep is None or not shared:
+            self._classify(img, t0, t1, shared)
+            return
+        reps = self._rep[t0:t1]
+        for r in np.unique(reps[reps >= 0]).tolist():
+            if not self.scanned[r]:
+                self._classify(img, r, r + 1)  # its copies get its states as it is stored
+        # runs of tables with an L2 table of their own, not classified yet
+        own = np.flatnonzero((reps < 0) & ~self.scanned[t0:t1])
+        if len(own):
+            cuts = np.flatnonzero(np.diff(own) != 1) + 1
+            for run in np.split(own, cuts):
+                self._classify(img, t0 + int(run[0]), t0 + int(run[-1]) + 1)
+
+    def _classify(self, img: Image, t0: int, t1: int, shared: bool = True) -> None:
         layers, err = img.open_chain()
         if err is not None:
             self.backing_error = str(err)
@@ -224,9 +264,9 @@ class GuestMap:
         g0 = c0 * self.cluster_size
         g1 = min(c1 * self.cluster_size, self.virtual_size)
         states = chain_states(layers, g0, g1, self.cluster_size)
-        self.store(t0, states)
+        self.store(t0, states, shared)
 
-    def store(self, t0: int, states: U8) -> None:
+    def store(self, t0: int, states: U8, shared: bool = True) -> None:
         n_t = min(-(-len(states) // self.l2_size), self.n_dense - t0)
         if n_t <= 0:
             return
@@ -236,6 +276,12 @@ class GuestMap:
         with self._lock:
             self.counts[t0 : t0 + n_t] = flat
             self.scanned[t0 : t0 + n_t] = True
+            if self._shared and shared:
+                for r in range(t0, t0 + n_t):
+                    others = self._shared.get(r)
+                    if others is not None:  # the same L2 table elsewhere: the same states
+                        self.counts[others] = self.counts[r]
+                        self.scanned[others] = True
             for k in range(n_t):
                 chunk = states[k * self.l2_size : (k + 1) * self.l2_size]
                 self._chunks[t0 + k] = chunk

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 # Clusters classified per worker step of the guest-map scan (a few L2 tables at a time): small
 # enough that one step holds the interpreter for a few milliseconds, so keys stay responsive.
 SCAN_STEP_CLUSTERS = 1 << 16
+# Tables looked at, at most, to find the next one still unknown (past runs of known tables).
+SKIP_AHEAD = 1 << 16
 
 
 class Step(StrEnum):
@@ -298,6 +300,8 @@ class Session:
     # -- scans (run in worker threads) --------------------------------------------------------------------
     def scan_guest(self, progress: ProgressFn, cancelled: CancelledFn, first: tuple[int, int] | None = None) -> None:
         """Classify every L2 table not yet known; tables [first) before the others."""
+        import numpy as np
+
         gm = self.guest
         step = max(1, SCAN_STEP_CLUSTERS // gm.l2_size)
         order: list[tuple[int, int]] = []
@@ -322,6 +326,9 @@ class Session:
                         gm.compute(img, a, b)
                         done += int(gm.scanned[t:end].sum()) - before
                     t += step
+                    if not todo:  # known already (tables sharing an L2 table scanned before): skip them
+                        ahead = ~gm.scanned[t : min(hi, gm.n_dense, t + SKIP_AHEAD)]
+                        t += int(np.argmax(ahead)) if ahead.any() else len(ahead)
                     progress(done, total)
                     time.sleep(0)  # let the main thread take the interpreter between two steps
         progress(total, total)
