@@ -172,31 +172,38 @@ class GuestMap:
         n_rows = self.n_dense
         if not self.has_backing:
             k = min(n_l1, self.n_dense, self.n_clusters // self.l2_size)  # full-size tables only
+            # Lean on purpose (the L1 table may have millions of entries): int32 table numbers,
+            # cluster numbers as uint32 where they fit, each temporary dropped once used.
             offs = l1[:k] & np.uint64(C.L1E_OFFSET_MASK)
-            idx = np.flatnonzero(offs != 0)
+            idx = np.flatnonzero(offs).astype(np.int32)
             if len(idx) > 1:
-                order = np.argsort(offs[idx], kind="stable")
-                sorted_offs = offs[idx][order]
-                starts = np.flatnonzero(np.r_[True, sorted_offs[1:] != sorted_offs[:-1]])
+                vals = offs[idx] >> np.uint64(h.cluster_bits)
+                del offs
+                if int(vals.max()) < 1 << 32:
+                    vals = vals.astype(np.uint32)
+                order = np.argsort(vals, kind="stable").astype(np.int32)
+                sorted_vals = vals[order]
+                del vals
+                starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
+                del sorted_vals
                 sizes = np.diff(np.r_[starts, len(order)])
                 groups = np.flatnonzero(sizes > 1)
                 if len(groups):
-                    row_of = np.arange(self.n_dense, dtype=np.int32)
-                    firsts: list[int] = []
+                    row_of = np.arange(self.n_dense, dtype=np.int32)  # first the group's first table
+                    members_of: dict[int, npt.NDArray[np.int32]] = {}
                     for g in groups.tolist():
                         members = idx[order[starts[g] : starts[g] + sizes[g]]]  # ascending (stable sort)
                         row_of[members[1:]] = members[0]
-                        firsts.append(int(members[0]))
-                    uniq, inv = np.unique(row_of, return_inverse=True)
-                    self._row_of = inv.astype(np.int32)
-                    self._row_rep = uniq.astype(np.int32)  # a group's first table is its smallest
-                    self._mult = np.bincount(self._row_of, minlength=len(uniq)).astype(np.int64)
-                    by_row = np.argsort(self._row_of, kind="stable").astype(np.int32)  # tables, by row
-                    bounds = np.r_[0, np.cumsum(self._mult)]
-                    for f in firsts:
-                        row = int(self._row_of[f])
-                        self._shared[row] = by_row[bounds[row] : bounds[row + 1]]
-                    n_rows = len(uniq)
+                        members_of[int(members[0])] = members[1:]
+                    del order, idx, starts, sizes
+                    is_first = row_of == np.arange(self.n_dense, dtype=np.int32)
+                    number = np.cumsum(is_first, dtype=np.int32) - 1  # the row of each group's first table
+                    self._row_of = number[row_of]
+                    del row_of, number
+                    self._row_rep = np.flatnonzero(is_first).astype(np.int32)
+                    self._mult = np.bincount(self._row_of, minlength=len(self._row_rep)).astype(np.int64)
+                    self._shared = {int(self._row_of[f]): m for f, m in members_of.items()}
+                    n_rows = len(self._row_rep)
         self.counts = np.zeros((n_rows, NSTATES), dtype=dtype)
         # Tables with no L2 table in an image without a backing file are known without any read.
         if not self.has_backing:
