@@ -16,9 +16,12 @@ assertion) and grow memory by less than a bound. The CLI runs with QINSPECT_DEBU
     QINSPECT_FUZZ_SEED=7 QINSPECT_FUZZ_START=5000 ...       # other cases
     QINSPECT_FUZZ_ONLY=1234 pytest tests/test_fuzz.py -k replay   # one case, in-process, with traceback
 
-Where qemu-img is installed, every eighth case (index % 8 == 3; QINSPECT_FUZZ_QEMU_EVERY) also
-compares the exit codes of info, map and check with live qemu-img's (three qemu-img runs in
-parallel); QINSPECT_FUZZ_QEMU=1 compares every case, QINSPECT_FUZZ_QEMU=0 none.
+Where qemu-img is installed, every case also compares the exit codes of info, map and check with
+live qemu-img's (the three qemu-img runs of a case in parallel, inside the worker; an encrypted
+image gets its key; qemu-img runs with 256 file descriptors so that a backing chain that loops
+ends, see runner.QEMU_NOFILE); QINSPECT_FUZZ_QEMU_EVERY=8 compares every eighth case (index % 8
+== 3), QINSPECT_FUZZ_QEMU=0 none. The summary line says how many were compared, how many
+disagreed (each a failure), and how many could not be compared, by reason.
 
 Other knobs: QINSPECT_FUZZ_JOBS (workers, default: CPUs up to 4), QINSPECT_FUZZ_TIMEOUT (seconds
 per case, default 60), QINSPECT_FUZZ_MEMORY_MB (default 512), QINSPECT_FUZZ_TRACEMALLOC=1.
@@ -97,7 +100,13 @@ def test_fuzz_cases(samples: Any, bases: list[runner.Base], tmp_path: Path, requ
     failures = sorted((o for o in outcomes if o.status != "ok"), key=lambda o: o.index)
     compared = sum(1 for o in outcomes if o.compared)
     disagree = sum(1 for o in outcomes if o.status == "disagree")
-    versus = (f"exit codes compared with {runner.QEMU_IMG} on {compared} cases, {disagree} disagreed"
+    meant = sum(1 for o in outcomes if runner.compares_with_qemu(o.index))
+    why = Counter(o.not_compared for o in outcomes if o.not_compared is not None)
+    # every bucket is printed, zeros too: 0 in each is the goal
+    buckets = "; ".join(f"{why.get(r, 0)} {r.value}" for r in runner.NotCompared)
+    others = meant - compared - sum(why.values())  # cases that crashed, hung or died before comparing
+    versus = (f"exit codes of info/map/check compared with {runner.QEMU_IMG} on {compared} of {meant} cases, "
+              f"{disagree} disagreed; not compared: {buckets}; {others} failed before comparing"
               if runner.QEMU_IMG is not None else "qemu-img not installed: no exit codes compared")
     _summary(request.config).lines.append(
         f"qinspect fuzz: {len(outcomes)} cases (seed {SEED}, cases {START}..{START + CASES - 1}) in {elapsed:.0f} s "
