@@ -187,7 +187,7 @@ def make_case(index: int, seed: int, image: str, data: bytes, t: Targets, image_
         _one_mutation(rng, case, buf, t, image_file, chain_tops)
     # Two mutations of the same bytes can cancel out: mutate again until something changed.
     for _ in range(4):
-        if case.truncate is not None or len(buf) != len(data) or buf != data or buf.far \
+        if case.truncate is not None or len(buf) != len(data) or memoryview(buf) != memoryview(data) or buf.far \
                 or all(s.startswith("(") for s in case.steps):
             break
         _one_mutation(rng, case, buf, t, image_file, chain_tops)

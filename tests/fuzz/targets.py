@@ -150,10 +150,10 @@ def _find(img: Image) -> Targets:
             if bitmaps is not None:
                 t.add(Field("L2 bitmap", f"L2@{l2_off:#x}[{k}].bitmap", l2_off + k * esize + 8, 8, "l2bm"))
             if kind == "cdesc":
-                d = parse_compressed(e, img.l2_format)
-                if d.coffset + 16 <= img.file.size:
-                    t.add(Field("compressed data", f"data of L2@{l2_off:#x}[{k}]", d.coffset,
-                                min(d.csize, img.file.size - d.coffset), "cdata"))
+                cd = parse_compressed(e, img.l2_format)
+                if cd.coffset + 16 <= img.file.size:
+                    t.add(Field("compressed data", f"data of L2@{l2_off:#x}[{k}]", cd.coffset,
+                                min(cd.csize, img.file.size - cd.coffset), "cdata"))
             elif e & C.L2E_OFFSET_MASK:
                 structs.add(e & C.L2E_OFFSET_MASK)
 
@@ -190,9 +190,9 @@ def _find(img: Image) -> Targets:
         structs.add(h.snapshots_offset)
 
     # Bitmap directory and bitmap tables.
-    ext = h.bitmaps_ext
-    if ext is not None:
-        structs.add(ext.bitmap_directory_offset)
+    bext = h.bitmaps_ext
+    if bext is not None:
+        structs.add(bext.bitmap_directory_offset)
         for bm in img.bitmaps[:MAX_ENTRIES_PER_TABLE]:
             for name, off, size, kind in _BITMAP_DIR_FIELDS:
                 t.add(Field("bitmap directory", f"bitmap '{bm.name}' {name}", bm.entry_offset + off, size, kind))
