@@ -21,7 +21,7 @@ from qinspect.qcow2 import constants as C
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import table_fits
 from qinspect.qcow2.image import Image
-from qinspect.qcow2.l2 import ClusterType, L2Format, classify_clusters
+from qinspect.qcow2.l2 import L2Format
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
@@ -241,6 +241,31 @@ class _Refs:
         self.ranges.append((first, last))
         self.top = max(self.top, last + 1)
 
+    def add_runs(self, clusters: I64, breaks: I64) -> None:
+        """One reference to each of `clusters`, which are runs of consecutive clusters starting at
+        indices 0 and `breaks` (ascending): a slice of the table per run, no index arithmetic per
+        cluster (a preallocated or sequentially written table is one run). Many short runs (a
+        fragmented table) go through `add`."""
+        if len(breaks) * 64 > len(clusters):
+            self.add(clusters)
+            return
+        starts = np.concatenate(([0], breaks))
+        ends = np.append(breaks, len(clusters))
+        firsts = clusters[starts]
+        hi = int((firsts + (ends - starts)).max())
+        if hi > len(self.counts) or hi > self.nb_file + DENSE_EXTRA_CLUSTERS:
+            self.add(clusters)  # past the end of the file: grown or sparse counts
+            return
+        self.top = max(self.top, hi)
+        over = False
+        for f, k in zip(firsts.tolist(), (ends - starts).tolist(), strict=True):
+            seg = self.counts[f : f + k]
+            seg += np.uint32(1)
+            if self.max < 0xFFFFFFFF and int(seg.max()) > self.max:
+                over = True
+        if over:
+            self.overflow(self.counts, clusters)
+
     def add(self, clusters: I64, weights: I64 | None = None) -> None:
         """Count one reference to each element of `clusters` (duplicates count once each), or
         `weights[k]` references to `clusters[k]`."""
@@ -351,30 +376,39 @@ class _Copied:
         self.found: dict[int, list[tuple[int, int, int]]] = {}
         self.later: list[tuple[I64, I64, I64, U64]] = []  # (table ids, L2 indices, clusters, l2 entries)
 
-    def batch(self, clusters: I64, l2e: U64, tids: I64, l2i: I64) -> None:
-        """Entries `l2e` (entry `l2i` of distinct table `tids`) pointing at host `clusters`."""
-        copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
+    def batch(self, clusters: I64, l2e: U64, where: Callable[[I64], tuple[I64, I64]]) -> None:
+        """Entries `l2e` pointing at host `clusters`; `where(k)` gives (distinct table ids, L2
+        indices) of entries k, asked only for the few entries that need it (wrong flags, clusters
+        past the stored refcounts)."""
         if self.img.header.has_data_file:
-            bad = np.flatnonzero(~copied)  # refcount 1 by definition
+            bad = np.flatnonzero(l2e < np.uint64(C.QCOW_OFLAG_COPIED))  # refcount 1 by definition
             rcs = np.ones(len(bad), dtype=np.uint64)
         else:
             n = len(self.stored)
-            inside = clusters < n
             if n == 0:
+                tids, l2i = where(np.arange(len(clusters), dtype=np.int64))
                 self.later.append((tids, l2i, clusters, l2e))
                 return
-            if not inside.all():
+            inside: npt.NDArray[np.bool_] | None = None
+            if int(clusters.max()) >= n:
+                inside = clusters < n
                 pos = np.flatnonzero(~inside)
-                self.later.append((tids[pos], l2i[pos], clusters[pos], l2e[pos]))
+                tids, l2i = where(pos)
+                self.later.append((tids, l2i, clusters[pos], l2e[pos]))
                 clusters = np.where(inside, clusters, 0)
             rc = self.stored[clusters]
-            wrong = (rc == np.uint64(1)) != copied
-            wrong &= inside
+            # COPIED (bit 63) must be set exactly where the refcount is 1
+            wrong = (rc == 1) != (l2e >= np.uint64(C.QCOW_OFLAG_COPIED))
+            if inside is not None:
+                wrong &= inside
             if self.unreadable is not None:
                 wrong &= ~self.unreadable[clusters]
             bad = np.flatnonzero(wrong)
             rcs = rc[bad]
-        for t, k, e, r in zip(tids[bad].tolist(), l2i[bad].tolist(), l2e[bad].tolist(), rcs.tolist(), strict=True):
+        if not len(bad):
+            return
+        tids, l2i = where(bad)
+        for t, k, e, r in zip(tids.tolist(), l2i.tolist(), l2e[bad].tolist(), rcs.tolist(), strict=True):
             self.found.setdefault(t, []).append((k, e, r))
 
     def report(self, res: CheckResult, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int,
@@ -717,27 +751,48 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
                     copied: _Copied, table_msgs: dict[int, list[tuple[int, int, str]]]) -> None:
     """check_refcounts_l2 for a batch of distinct tables: what each table points at counts once per
     L1 entry naming it, the active tree's counters once per active L1 entry naming it; messages
-    are kept per table (L2 index, step, text) and printed by the caller in walk order."""
+    are kept per table (L2 index, step, text) and printed by the caller in walk order.
+
+    Only the entries in use are looked at (`L2Batch.used`: all-zero entries point at nothing),
+    and the rare kinds (compressed, zero flag, reserved bits, unaligned offsets) are found with
+    one mask over all of them and handled on that subset: a batch of plain data clusters costs
+    a handful of passes over its entries."""
     h = img.header
     cs = h.cluster_size
     n = h.l2_size
-    entries, bitmaps = batch.entries, batch.bitmaps  # (standard entries: no bitmap checks at all)
+    pos, entries, bitmaps = batch.used()  # (standard entries: no bitmap checks at all)
+    m = len(entries)
+    if not m:
+        return
     w_tab = tables.refs[batch.ids]
     a_tab = tables.active_refs[batch.ids]
-    tab = np.arange(len(entries), dtype=np.int64) // n  # which table of the batch
+    std = not h.extended_l2
+
+    def positions(k: I64) -> I64:
+        """Batch positions (table in batch * n + L2 index) of used entries k."""
+        return k if pos is None else pos[k]
+
+    def pos_of(k: int) -> int:
+        return k if pos is None else int(pos[k])
 
     def note(k: int, step: int, text: str) -> None:
-        table_msgs.setdefault(int(batch.ids[k // n]), []).append((k % n, step, text))
+        p = pos_of(k)
+        table_msgs.setdefault(int(batch.ids[p // n]), []).append((p % n, step, text))
 
     bits = h.cluster_bits
-    ctypes = classify_clusters(entries, fmt)
-    comp = ctypes == ClusterType.COMPRESSED
-    reserved = ~comp & ((entries & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)
-    for k in np.flatnonzero(reserved).tolist():
+    unaligned_bits = C.L2E_OFFSET_MASK & (cs - 1)
+    rare = (C.QCOW_OFLAG_COMPRESSED | C.L2E_STD_RESERVED_MASK | unaligned_bits
+            | (C.QCOW_OFLAG_ZERO if std else 0))
+    flags = entries & np.uint64(rare)
+    flagged = np.flatnonzero(flags) if flags.any() else np.zeros(0, np.int64)
+    fe = entries[flagged]
+    comp_k = flagged[(fe & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0]
+    for k in flagged[((fe & np.uint64(C.QCOW_OFLAG_COMPRESSED)) == 0)
+                     & ((fe & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)].tolist():
         note(k, 0, f"ERROR found l2 entry with reserved bits set: {int(entries[k]):x}")
 
     # Compressed clusters.
-    ci = np.flatnonzero(comp)
+    ci = comp_k
     if len(ci):
         ce = entries[ci]
         with_copied = (ce & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
@@ -747,62 +802,123 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         ce = ce & ~np.uint64(C.QCOW_OFLAG_COPIED)
         if h.has_data_file:
             for k, e in zip(ci.tolist(), ce.tolist(), strict=True):
-                note(k, 2, f"ERROR compressed cluster {k % n} with data file, entry=0x{e:x}")
+                note(k, 2, f"ERROR compressed cluster {pos_of(k) % n} with data file, "
+                           f"entry=0x{e:x}")
             ci = ci[:0]
             ce = ce[:0]
         badbm = bitmaps[ci] != 0 if bitmaps is not None else np.zeros(len(ci), dtype=bool)
         for k, e in zip(ci[badbm].tolist(), ce[badbm].tolist(), strict=True):
-            note(k, 3, f"ERROR compressed cluster {k % n} with non-zero subcluster allocation bitmap, entry=0x{e:x}")
+            note(k, 3, f"ERROR compressed cluster {pos_of(k) % n} with non-zero "
+                       f"subcluster allocation bitmap, entry=0x{e:x}")
         ce = ce[~badbm]
         ci = ci[~badbm]
         coff = (ce & np.uint64(fmt.cluster_offset_mask)).astype(np.int64)
         nsec = ((ce >> np.uint64(fmt.csize_shift)) & np.uint64(fmt.csize_mask)).astype(np.int64) + 1
         csize = nsec * 512 - (coff & 511)
         keep = _past_eof(refs, coff, csize, ci, note)
-        refs.add_regions(coff[keep], csize[keep], weights=w_tab[tab[ci[keep]]])
-        act = int(a_tab[tab[ci]].sum())
+        refs.add_regions(coff[keep], csize[keep], weights=w_tab[positions(ci[keep]) // n])
+        act = int(a_tab[positions(ci) // n].sum())
         res.allocated_clusters += act
         res.compressed_clusters += act
         res.fragmented_clusters += act
 
-    # Standard allocated clusters (NORMAL and ZERO_ALLOC).
-    ai = np.flatnonzero((ctypes == ClusterType.NORMAL) | (ctypes == ClusterType.ZERO_ALLOC))
-    if len(ai):
-        ae = entries[ai]
-        off = (ae & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
-        ab = bitmaps[ai] if bitmaps is not None else None
+    # Standard allocated clusters (NORMAL and ZERO_ALLOC): not compressed, with an offset (or,
+    # with a data file, offset 0 and COPIED, unless the zero flag makes it ZERO_PLAIN).
+    off = (entries & np.uint64(C.L2E_OFFSET_MASK)).view(np.int64)  # (< 2^56)
+    alloc = off != 0
+    if h.has_data_file:
+        plain = entries >= np.uint64(C.QCOW_OFLAG_COPIED)
+        if std:
+            plain &= (entries & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
+        alloc |= plain
+    if len(comp_k):
+        alloc[comp_k] = False
+    na = int(np.count_nonzero(alloc))
+    ai: I64 | None = None if na == m else np.flatnonzero(alloc)  # None: every used entry
+    if na:
+        ae = entries if ai is None else entries[ai]
+        aoff = off if ai is None else off[ai]
+        apos = pos if ai is None else positions(ai)  # batch positions (None: 0..m-1, every entry)
+
+        def a_positions(k: I64) -> I64:
+            return k if apos is None else apos[k]
+
+        def a_note(k: int, step: int, text: str) -> None:
+            note(k if ai is None else int(ai[k]), step, text)
+
+        ab = (bitmaps if ai is None else bitmaps[ai]) if bitmaps is not None else None
         if ab is not None:
             corrupt_bm = ((ab >> np.uint64(32)) & ab) != 0
-            for k, o in zip(ai[corrupt_bm].tolist(), off[corrupt_bm].tolist(), strict=True):
-                note(k, 1, f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster allocation bitmap")
-        unal = (off & (cs - 1)) != 0
-        if unal.any():
+            for k, o in zip(np.flatnonzero(corrupt_bm).tolist(), aoff[corrupt_bm].tolist(), strict=True):
+                a_note(k, 1, f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster allocation bitmap")
+        unal_k = flagged[((fe & np.uint64(unaligned_bits)) != 0) & alloc[flagged]]
+        if len(unal_k):
+            ua = unal_k if ai is None else np.searchsorted(ai, unal_k)  # as indices into the allocated
             if ab is not None:
-                has_data = (ab & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0
+                has_data = (ab[ua] & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0
             else:
-                has_data = (ae & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
-            for k, o, d in zip(ai[unal].tolist(), off[unal].tolist(), has_data[unal].tolist(), strict=True):
+                has_data = (ae[ua] & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
+            for k, o, d in zip(ua.tolist(), aoff[ua].tolist(), has_data.tolist(), strict=True):
                 what = "Data cluster is not properly aligned" if d else "Preallocated cluster is not properly aligned"
-                note(k, 2, f"ERROR offset={o:x}: {what}; L2 entry corrupted.")
-        cl = off >> bits
-        t = tab[ai]
-        act_w = a_tab[t]
-        res.allocated_clusters += int(act_w.sum())
-        if len(ai) > 1:
-            jump = (t[1:] == t[:-1]) & (off[1:] != off[:-1] + cs)
-            res.fragmented_clusters += int((a_tab[t[1:]] * jump).sum())
+                a_note(k, 2, f"ERROR offset={o:x}: {what}; L2 entry corrupted.")
+        cl = aoff >> bits
+        ntab = len(batch.ids)
+        a_one = int(a_tab[0]) if bool((a_tab == a_tab[0]).all()) else None  # the usual: one weight for all
+        w_one = int(w_tab[0]) if bool((w_tab == w_tab[0]).all()) else None
+        ta: I64 | None = None  # table (in batch) of each allocated entry, computed when needed
+
+        def tables_of() -> I64:
+            nonlocal ta
+            if ta is None:
+                ta = a_positions(np.arange(na, dtype=np.int64)) // n
+            return ta
+
+        res.allocated_clusters += a_one * na if a_one is not None else int(a_tab[tables_of()].sum())
+        # Fragmentation: an allocated entry not right after the previous one of its table.
+        jump = np.diff(aoff) != cs  # (between tables too)
+        jumps = int(np.count_nonzero(jump))
+        breaks = np.flatnonzero(jump) + 1 if jumps * 64 <= na else None  # where runs of clusters start
+        if jumps and ntab > 1:
+            # the first allocated entry of each table follows another table's: not a jump
+            starts = np.arange(1, ntab, dtype=np.int64) * n
+            firsts = np.searchsorted(apos, starts) if apos is not None else starts[starts < na]
+            firsts = firsts[(firsts > 0) & (firsts < na)]  # ascending; each crossing once:
+            firsts = firsts[np.concatenate(([True], firsts[1:] != firsts[:-1]))] if len(firsts) else firsts
+            jumps -= int(np.count_nonzero(jump[firsts - 1]))
+            jump[firsts - 1] = False
+        if a_one is not None:
+            res.fragmented_clusters += a_one * jumps
+        else:
+            res.fragmented_clusters += int(a_tab[tables_of()[1:][jump]].sum())
         # check_oflag_copied (active tree only) skips L1 entries whose table offset is 0 (only COPIED set)
-        in_active = (act_w > 0) & (batch.offsets[t] != 0)
-        if in_active.any():
-            sel = np.flatnonzero(in_active)
-            copied.batch(cl[sel], ae[sel], batch.ids[t[sel]], ai[sel] % n)
+        act_tab = (a_tab > 0) & (batch.offsets != 0)
+
+        def where(k: I64, sel: I64 | None = None) -> tuple[I64, I64]:
+            p = a_positions(k if sel is None else sel[k])
+            return batch.ids[p // n], p % n
+
+        if act_tab.all():
+            copied.batch(cl, ae, where)
+        elif act_tab.any():
+            sel = np.flatnonzero(act_tab[tables_of()])
+            copied.batch(cl[sel], ae[sel], lambda k: where(k, sel))
         if not h.has_data_file:
-            keep = _past_eof(refs, off, np.full(len(off), cs, np.int64), ai, note)
-            refs.add_regions(off[keep], cs, weights=w_tab[t[keep]])
+            if int(aoff.max()) + cs - refs.file_len >= cs:
+                keep = _past_eof(refs, aoff, np.full(na, cs, np.int64), ai if ai is not None else
+                                 np.arange(na, dtype=np.int64), note)
+                refs.add_regions(aoff[keep], cs, weights=None if w_one == 1 else w_tab[tables_of()[keep]])
+            elif breaks is not None and w_one == 1 and not len(unal_k):
+                refs.add_runs(cl, breaks)  # a few runs of consecutive clusters, each referenced once
+            elif not len(unal_k):
+                refs.add(cl, None if w_one == 1 else w_tab[tables_of()])
+            else:
+                refs.add_regions(aoff, cs, weights=None if w_one == 1 else w_tab[tables_of()])
 
     # Unallocated clusters with allocation bits.
     if bitmaps is not None:
-        ui = (ctypes == ClusterType.UNALLOCATED) & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
+        ui = ~alloc & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
+        if len(comp_k):
+            ui[comp_k] = False
         for k in np.flatnonzero(ui).tolist():
             note(k, 5, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +43,7 @@ from qinspect.qcow2.planner import Order, PieceStream
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
+U8 = npt.NDArray[np.uint8]
 
 BatchConsumer = Generator[None, "L2Batch | None", object]
 """A consumer of the walk (check's, layout's): primed with next(), sent every L2 batch, then None;
@@ -53,6 +55,8 @@ SRC_ACTIVE = 0
 """Source of the active L1 tree; snapshot k's tree is source k + 1."""
 # Entries gathered per L2 batch: 64 Ki keeps the numpy temporaries in the CPU cache.
 L2_BATCH_ENTRIES = 1 << 16
+# At most this many bytes of (sparse) L2 tables per batch.
+L2_BATCH_BYTES = 2 << 20
 # Rank of a reference in QEMU's walk order: tree * RANK_TREE + L1 index (L1 index < 2^22).
 RANK_TREE = 1 << 23
 
@@ -143,14 +147,59 @@ class L2Tables:
         return np.searchsorted(self.offsets, offsets).astype(np.int64)
 
 
-@dataclass
 class L2Batch:
-    """Entries of some distinct L2 tables: `ids[k]`'s entries are entries[k*l2_size:(k+1)*l2_size]."""
+    """Entries of some distinct L2 tables: `ids[k]`'s entries are entries[k*l2_size:(k+1)*l2_size].
 
-    ids: I64
-    offsets: I64
-    entries: U64
-    bitmaps: U64 | None
+    The tables' bytes are kept as read (big-endian); `used()` finds the entries that are not all
+    zeros (an all-zero entry, bitmap included, is unallocated and points at nothing, so a consumer
+    that only counts references can skip it) and decodes only those: the work of a batch of
+    sparse tables is then proportional to the entries in use, not to the tables' size. `entries`
+    and `bitmaps` decode every entry, for consumers that look at each one.
+    """
+
+    def __init__(self, ids: I64, offsets: I64, raw: U8, extended: bool) -> None:
+        self.ids = ids
+        self.offsets = offsets
+        self.extended = extended
+        self._raw = raw.view(">u8")
+        self._swapped = raw.view(np.uint64)  # the same words unswapped: enough to tell zero from non-zero
+        self._used: tuple[I64 | None, U64, U64 | None] | None = None
+
+    def __len__(self) -> int:
+        """Entries in the batch (tables x l2_size)."""
+        return len(self._raw) // 2 if self.extended else len(self._raw)
+
+    @cached_property
+    def entries(self) -> U64:
+        words = self._raw[0::2] if self.extended else self._raw
+        return words.astype(np.uint64)
+
+    @cached_property
+    def bitmaps(self) -> U64 | None:
+        return self._raw[1::2].astype(np.uint64) if self.extended else None
+
+    def used_count(self) -> int:
+        """How many entries `used()` returns (counted without decoding them)."""
+        if self._used is not None:
+            return len(self._used[1])
+        w = self._swapped
+        return int(np.count_nonzero((w[0::2] != 0) | (w[1::2] != 0) if self.extended else w))
+
+    def used(self) -> tuple[I64 | None, U64, U64 | None]:
+        """(positions, entries, bitmaps) of the entries that are not all zeros, in batch order;
+        positions is None when every entry is used (dense tables: no index array)."""
+        if self._used is None:
+            e = self._raw[0::2] if self.extended else self._raw
+            b = self._raw[1::2] if self.extended else None
+            w = self._swapped
+            nz = (w[0::2] != 0) | (w[1::2] != 0) if self.extended else w
+            count = int(np.count_nonzero(nz))
+            if count == len(e):
+                self._used = (None, e.astype(np.uint64), b.astype(np.uint64) if b is not None else None)
+            else:
+                pos = np.flatnonzero(nz).astype(np.int64, copy=False)
+                self._used = (pos, e[pos].astype(np.uint64), b[pos].astype(np.uint64) if b is not None else None)
+        return self._used
 
 
 @dataclass
@@ -209,6 +258,7 @@ class RefWalk:
                 continue
             add_tree(k + 1, sn.l1_table_offset, sn.l1_size, None)
         self.tables = self._distinct_tables()
+        self._inside = np.zeros(0, np.int64)
 
         if img.snapshots:
             self.ranges.append(RangeRef(RefKind.SNAPSHOT_TABLE, h.snapshots_offset, img.snapshot_table.size))
@@ -280,7 +330,8 @@ class RefWalk:
         np.add.at(active_refs, inv[act_sel], cnt_of[act_sel])
         # Distinct (table, group) pairs: snapshots reaching each table, the last of them.
         ng = max(1, len(self.groups))
-        key = np.unique(inv * ng + grp_of)
+        key = np.sort(inv * ng + grp_of)
+        key = key[np.concatenate(([True], key[1:] != key[:-1]))] if len(key) else key  # (np.unique: numpy.ma)
         pt, pg = key // ng, key % ng
         snapshots = np.zeros(n, np.int64)
         np.add.at(snapshots, pt, nsnap[pg])
@@ -302,46 +353,62 @@ class RefWalk:
     def l2_batches(self, batch_entries: int = L2_BATCH_ENTRIES) -> Iterator[L2Batch]:
         """The distinct L2 tables inside the file, in host order, a batch at a time (tables at or past
         the end of the file read as zeros and point at nothing: they are not read or yielded)."""
+        with self._l2_stream() as stream:
+            yield from self._batches(stream, batch_entries)
+
+    def _l2_stream(self) -> PieceStream:
+        """The planner's stream of the distinct L2 tables inside the file, in host order (its first
+        reads start at once)."""
         img = self.img
-        h = img.header
-        cs = h.cluster_size
-        inside = np.flatnonzero(self.tables.offsets < img.file.size)
-        per = max(1, batch_entries // h.l2_size)
-        offs = self.tables.offsets[inside]
-        with PieceStream(img.file, offs, cs, Order.HOST) as stream:
-            for which, raw in stream.batches(per):
-                ids = inside[which]
-                words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-                if h.extended_l2:
-                    yield L2Batch(ids, self.tables.offsets[ids], words[0::2], words[1::2])
-                else:
-                    yield L2Batch(ids, self.tables.offsets[ids], words, None)
+        self._inside = np.flatnonzero(self.tables.offsets < img.file.size)
+        return PieceStream(img.file, self.tables.offsets[self._inside], img.header.cluster_size, Order.HOST)
+
+    def _batches(self, stream: PieceStream, batch_entries: int = L2_BATCH_ENTRIES) -> Iterator[L2Batch]:
+        # About `batch_entries` entries in use per batch: sparse tables (a few entries used in each)
+        # come many to a batch, up to L2_BATCH_BYTES of tables, so that the per-batch cost is paid
+        # for entries that are there, not once per few tables.
+        h = self.img.header
+        base = max(1, batch_entries // h.l2_size)
+        most = max(base, L2_BATCH_BYTES // h.cluster_size)
+        per = base
+        while stream.pos < len(stream):
+            p0 = stream.pos
+            raw = stream.take(per)
+            ids = self._inside[stream.index[p0 : stream.pos]]
+            batch = L2Batch(ids, self.tables.offsets[ids], raw, h.extended_l2)
+            yield batch
+            used = batch.used_count()
+            per = most if used * most <= batch_entries else min(most, max(base, batch_entries * len(ids) // used))
 
     def run(self, consumers: list[BatchConsumer], progress: ProgressFn = no_progress,
             cancelled: CancelledFn = never_cancelled) -> list[object]:
         """Feed one pass over the distinct L2 tables to every consumer and return their results
         (check and layout from one read of each table). `progress(done, total)` counts distinct
-        tables; `cancelled()` is polled between batches and raises `Cancelled`."""
+        tables; `cancelled()` is polled between batches and raises `Cancelled`.
+
+        The tables' reads start before the consumers are primed, so that what a consumer reads
+        first (check: the stored refcounts) and the tables are in flight together."""
         results: list[object] = [None] * len(consumers)
         live: list[int] = []
-        for k, c in enumerate(consumers):
-            try:
-                next(c)
-                live.append(k)
-            except StopIteration as e:  # finished before the walk (check that stops early)
-                results[k] = e.value
         total = len(self.tables)
         done = 0
-        if live:
-            for batch in self.l2_batches():
-                if cancelled():
+        with self._l2_stream() as stream:
+            for k, c in enumerate(consumers):
+                try:
+                    next(c)
+                    live.append(k)
+                except StopIteration as e:  # finished before the walk (check that stops early)
+                    results[k] = e.value
+            if live:
+                for batch in self._batches(stream):
+                    if cancelled():
+                        for k in live:
+                            consumers[k].close()
+                        raise Cancelled()
                     for k in live:
-                        consumers[k].close()
-                    raise Cancelled()
-                for k in live:
-                    consumers[k].send(batch)
-                done += len(batch.ids)
-                progress(done, total)
+                        consumers[k].send(batch)
+                    done += len(batch.ids)
+                    progress(done, total)
         progress(total, total)
         for k in live:
             try:

@@ -63,14 +63,23 @@ submission and thread wake-ups than the reads themselves."""
 ADVISE = os.environ.get("QINSPECT_IO_ADVISE", "1") != "0"
 """Read-ahead advice (POSIX_FADV_WILLNEED) for streams longer than a window; 0 turns it off (for A/B runs)."""
 
-_pool: ThreadPoolExecutor | None = None
+ADVISE_AHEAD = 64 * 1024 * 1024
+"""Advice runs at most this many bytes of pieces ahead of what the walk has taken (the page cache
+is not unbounded either)."""
+DENSE = 0.5
+"""A window whose requests cover at least this share of the host range they span is read in order
+by one thread (the kernel's own read-ahead streams it; several threads on one file's read-ahead
+only break its sequence up); sparser windows are spread over the pool."""
+
+_POOL_SIZES = {"read": max(1, WORKERS), "sweep": 1, "advice": 2}
+_pools: dict[str, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
 
 def _forget_pool() -> None:
-    # A forked child has the parent's pool object but none of its threads: start a new one.
-    global _pool, _pool_lock
-    _pool = None
+    # A forked child has the parent's pool objects but none of their threads: start new ones.
+    global _pool_lock
+    _pools.clear()
     _pool_lock = threading.Lock()
 
 
@@ -78,12 +87,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool
+def _executor(kind: str = "read") -> ThreadPoolExecutor:
+    """The pool of `kind`: "read" (sparse windows), "sweep" (dense windows, one thread, in order),
+    "advice" (POSIX_FADV_WILLNEED ahead of host-order streams)."""
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, WORKERS), thread_name_prefix="qinspect-io")
-        return _pool
+        pool = _pools.get(kind)
+        if pool is None:
+            pool = _pools[kind] = ThreadPoolExecutor(max_workers=_POOL_SIZES[kind],
+                                                     thread_name_prefix=f"qinspect-{kind}")
+        return pool
 
 
 class Order(Enum):
@@ -119,17 +131,21 @@ def coalesce(starts: I64, ends: I64, gap: int = GAP_BYTES, max_request: int = MA
     return req_start, req_end, req.astype(np.int64)
 
 
-def _read(file: HostFile, starts: list[int], ends: list[int]) -> list[U8]:
-    out = []
-    for start, end in zip(starts, ends, strict=True):
-        buf = np.empty(end - start, dtype=np.uint8)
-        file.read_into(start, memoryview(buf.data))
-        out.append(buf)
-    return out
+def _read_into(file: HostFile, buf: U8, starts: list[int], ends: list[int], at: list[int]) -> None:
+    """Requests [starts[k], ends[k]) of `file` into `buf` at `at[k]` (one window buffer, no copies)."""
+    mv = memoryview(buf.data)
+    for start, end, pos in zip(starts, ends, at, strict=True):
+        file.read_into(start, mv[pos : pos + end - start])
 
 
 class _Window:
-    """Pieces [a, b) of the stream, their requests submitted, and where each piece lands."""
+    """Pieces [a, b) of the stream, their requests submitted, and where each piece lands.
+
+    All requests of a window read into one buffer (`buf`, request after request in host order);
+    `assemble` then gathers the pieces out of it in stream order, with one vectorised copy when
+    the pieces have one length (the tables of a walk) and none when the window was one contiguous
+    run of pieces in order.
+    """
 
     def __init__(self, stream: PieceStream, a: int, b: int) -> None:
         self.a, self.b = a, b
@@ -146,59 +162,82 @@ class _Window:
             rs, re_, preq = coalesce(s, e, gap, stream.max_request)
             useful = int(lens.sum())
             # Pieces spread thin over the file (a window of L2 tables in L1 order): reading through
-            # every gap would read the file many times over. Narrow the gap until at most as many
-            # bytes are read through as are wanted.
-            while gap and int((re_ - rs).sum()) > 2 * useful:
+            # every gap would read the file many times over, once per window. Narrow the gap until
+            # at most as many bytes are read through as are wanted. (In host order the windows are
+            # disjoint ranges of the file: read through, the stream reads each byte once at most.)
+            while (gap and not stream.host_order
+                   and int((re_ - rs).sum()) > 2 * useful):
                 gap = gap // 4 if gap >= 16384 else 0
                 rs, re_, preq = coalesce(s, e, gap, stream.max_request)
             self.piece_req = np.empty(b - a, np.int64)
             self.piece_req[order] = preq
         self.req_start = rs
+        sizes = re_ - rs
+        cum = np.cumsum(sizes)
+        self.req_pos = cum - sizes  # where each request lands in `buf`
+        self.buf = np.empty(int(cum[-1]), dtype=np.uint8)
         # The requests in host order, cut into a few tasks of about equal bytes: each worker reads
         # its share in order (a future per request would cost more than a 4 KiB read).
-        self.futures: list[Future[list[U8]]] = []
+        self.futures: list[Future[None]] = []
         ntask = min(len(rs), 2 * WORKERS) if WORKERS > 1 else 1
-        if ntask <= 1 or int((re_ - rs).sum()) <= SYNC_BYTES:
-            f: Future[list[U8]] = Future()
-            f.set_result(_read(stream.file, rs.tolist(), re_.tolist()))
+        rsl, rel, pos = rs.tolist(), re_.tolist(), self.req_pos.tolist()
+        if ntask <= 1 or int(cum[-1]) <= SYNC_BYTES:
+            f: Future[None] = Future()
+            _read_into(stream.file, self.buf, rsl, rel, pos)
+            f.set_result(None)
             self.futures.append(f)
+        elif int(cum[-1]) >= DENSE * (int(re_[-1]) - int(rs[0])):
+            # Mostly contiguous: one sequential task, windows one after another on one thread.
+            self.futures.append(_executor("sweep").submit(_read_into, stream.file, self.buf, rsl, rel, pos))
         else:
             pool = _executor()
-            cum = np.cumsum(re_ - rs)
             cuts = np.searchsorted(cum, cum[-1] * np.arange(1, ntask) / ntask, side="left") + 1
-            bounds = np.unique(np.concatenate(([0], np.minimum(cuts, len(rs)), [len(rs)])))
+            bounds = np.concatenate(([0], np.minimum(cuts, len(rs)), [len(rs)]))  # ascending
+            bounds = bounds[np.concatenate(([True], bounds[1:] != bounds[:-1]))]  # (np.unique would import numpy.ma)
             for t0, t1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                self.futures.append(pool.submit(_read, stream.file, rs[t0:t1].tolist(), re_[t0:t1].tolist()))
+                self.futures.append(pool.submit(_read_into, stream.file, self.buf, rsl[t0:t1], rel[t0:t1],
+                                                pos[t0:t1]))
         self.out: U8 | None = None
 
     def assemble(self, stream: PieceStream) -> U8:
         """The window's pieces concatenated in stream order (waits for the reads)."""
         if self.out is not None:
             return self.out
-        bufs = [b for f in self.futures for b in f.result()]
+        for f in self.futures:
+            f.result()
         self.futures = []
         offs = stream.offsets[self.a : self.b]
         lens = stream.lengths[self.a : self.b]
+        n = len(offs)
+        # Where each piece starts in the window buffer.
+        at = self.req_pos[self.piece_req] + (offs - self.req_start[self.piece_req])
         total = int(lens.sum())
-        if len(bufs) == 1 and int(offs[0]) == int(self.req_start[0]) and len(bufs[0]) == total and (
-                len(offs) == 1 or bool((offs[1:] == offs[:-1] + lens[:-1]).all())):
-            self.out = bufs[0]  # one contiguous request in order: hand it over as is
+        if total == len(self.buf) and int(at[0]) == 0 and (
+                n == 1 or bool((at[1:] == at[:-1] + lens[:-1]).all())):
+            self.out = self.buf  # the pieces are the buffer, in order: hand it over as is
+            self.buf = np.zeros(0, np.uint8)
             return self.out
-        out = np.empty(total, dtype=np.uint8)
-        within = offs - self.req_start[self.piece_req]
-        dst = np.zeros(len(offs), np.int64)
-        if len(offs) > 1:
-            dst[1:] = np.cumsum(lens[:-1])
-        # Pieces consecutive in both the request and the output copy as one block.
-        brk = np.ones(len(offs), dtype=bool)
-        brk[1:] = (self.piece_req[1:] != self.piece_req[:-1]) | (within[1:] != within[:-1] + lens[:-1])
-        firsts = np.flatnonzero(brk)
-        lasts = np.append(firsts[1:], len(offs)) - 1
-        for f0, f1 in zip(firsts.tolist(), lasts.tolist(), strict=True):
-            src = bufs[int(self.piece_req[f0])]
-            w0 = int(within[f0])
-            n = int(dst[f1] + lens[f1] - dst[f0])
-            out[int(dst[f0]) : int(dst[f0]) + n] = src[w0 : w0 + n]
+        size = int(lens[0])
+        if n > 1 and bool((lens == size).all()):
+            # One length: view the buffer as overlapping records of `size` bytes starting at every
+            # byte, and take the records at the pieces' positions (one memcpy per piece, in C).
+            records = np.ndarray((len(self.buf) - size + 1,), np.dtype((np.void, size)), self.buf.data, 0, (1,))
+            out: U8 = records[at].view(np.uint8).reshape(-1)
+        else:
+            out = np.empty(total, dtype=np.uint8)
+            dst = np.zeros(n, np.int64)
+            if n > 1:
+                dst[1:] = np.cumsum(lens[:-1])
+            # Pieces consecutive in both the buffer and the output copy as one block.
+            brk = np.ones(n, dtype=bool)
+            brk[1:] = at[1:] != at[:-1] + lens[:-1]
+            firsts = np.flatnonzero(brk)
+            lasts = np.append(firsts[1:], n) - 1
+            for f0, f1 in zip(firsts.tolist(), lasts.tolist(), strict=True):
+                a0 = int(at[f0])
+                m = int(dst[f1] + lens[f1] - dst[f0])
+                out[int(dst[f0]) : int(dst[f0]) + m] = self.buf[a0 : a0 + m]
+        self.buf = np.zeros(0, np.uint8)
         self.out = out
         return out
 
@@ -232,22 +271,30 @@ class PieceStream:
         self._cut = 0  # next piece not yet in a window
         self._windows: deque[_Window] = deque()
         self._ends = np.cumsum(self.lengths) if len(self.lengths) else np.zeros(0, np.int64)
-        self._host_order = order is Order.HOST
+        self.host_order = order is Order.HOST
         self._cost = self._ends
-        if self._host_order and len(offs) > 1:
+        if self.host_order and len(offs) > 1:
             reach = np.maximum.accumulate(self.offsets + self.lengths)
             gaps = self.offsets[1:] - reach[:-1]
             through = np.where((gaps > 0) & (gaps <= gap), gaps, 0)
             self._cost = self._ends + np.concatenate(([0], np.cumsum(through)))
         self._closed = False
         self._advice: Future[None] | None = None
-        if ADVISE and not self._host_order and len(offs) and int(self._ends[-1]) > self.half:
-            # Pieces wanted in the walk's order but spread over the file (L2 tables in L1 order):
-            # ask the kernel to read them ahead in host order, one sweep, while the windows are read
-            # and used (the page cache holds them, not this process). For host-order streams the
-            # windows already sweep in order; advice there measured slower (1 TiB check, cold,
-            # median of 5: 1.74 s with, 1.36 s without).
-            self._advice = _executor().submit(self._advise)
+        self._taken = threading.Condition()
+        if ADVISE and len(offs) and int(self._ends[-1]) > self.half:
+            if not self.host_order:
+                # Pieces wanted in the walk's order but spread over the file (L2 tables in L1 order):
+                # ask the kernel to read them ahead in host order, one sweep, while the windows are
+                # read and used (the page cache holds them, not this process).
+                self._advice = _executor("advice").submit(self._advise)
+            else:
+                # Host order, sparse (the 1 TiB preallocated image's tables, 512 MiB apart): a
+                # window's few requests at a time leave the device idle between them; advice keeps
+                # many in flight, a bounded distance ahead of the walk. Dense streams are left to
+                # the kernel's read-ahead (advice there only competes with it).
+                span = int(self.offsets[-1] + self.lengths[-1]) - int(self.offsets[0])
+                if int(self._cost[-1]) < DENSE * span:
+                    self._advice = _executor("advice").submit(self._advise_ahead)
         self._fill()
 
     def _advise(self) -> None:
@@ -262,11 +309,32 @@ class PieceStream:
                 with contextlib.suppress(OSError):
                     os.posix_fadvise(fd, r0, min(r1, self.file.size) - r0, os.POSIX_FADV_WILLNEED)
 
+    def _advise_ahead(self) -> None:
+        # Host order: the pieces' own requests, each advised once the walk has taken all but
+        # ADVISE_AHEAD bytes of the pieces before it.
+        rs, re_, preq = coalesce(self.offsets, self.offsets + self.lengths, self.gap, self.max_request)
+        last = np.searchsorted(preq, np.arange(len(rs)), side="right") - 1
+        upto = self._ends[last]  # piece bytes up to the end of each request
+        fd = self.file.fd
+        size = self.file.size
+        for r0, r1, u in zip(rs.tolist(), re_.tolist(), upto.tolist(), strict=True):
+            with self._taken:
+                while not self._closed and u - self._taken_bytes() > ADVISE_AHEAD:
+                    self._taken.wait(0.05)
+            if self._closed:
+                return
+            if r0 < size:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, r0, min(r1, size) - r0, os.POSIX_FADV_WILLNEED)
+
+    def _taken_bytes(self) -> int:
+        return int(self._ends[self.pos - 1]) if self.pos else 0
+
     def __len__(self) -> int:
         return len(self.offsets)
 
     def _next_cut(self, a: int) -> int:
-        if self._host_order:
+        if self.host_order:
             # Bound what the window's requests read: pieces and the gaps read through.
             base = int(self._cost[a - 1]) if a else 0
             b = int(np.searchsorted(self._cost, base + self.half, side="right"))
@@ -299,6 +367,9 @@ class PieceStream:
             hi = int(self._ends[upto - 1]) - base
             parts.append(buf[lo:hi])
             self.pos = upto
+            if self._advice is not None:
+                with self._taken:
+                    self._taken.notify_all()
             if upto == w.b:
                 self._windows.popleft()
                 self._fill()
@@ -312,7 +383,9 @@ class PieceStream:
             yield self.index[p0 : self.pos], buf
 
     def close(self) -> None:
-        self._closed = True
+        with self._taken:
+            self._closed = True
+            self._taken.notify_all()
         if self._advice is not None:
             self._advice.cancel()
             if not self._advice.cancelled():
