@@ -209,9 +209,14 @@ def _find(img: Image) -> Targets:
     if h.crypto_ext is not None:
         lo = h.crypto_ext.offset
         structs.add(lo)
+        # every field QEMU checks at open (qcrypto_block_luks_check_header / _parse_header)
         for name, off, size, kind in (("magic", 0, 6, "bytes"), ("version", 6, 2, "int"),
-                                      ("cipher", 8, 32, "bytes"), ("payload_offset", 104, 4, "int"),
-                                      ("key_bytes", 108, 4, "int"), ("slot0 key_offset", 208 + 40, 4, "int")):
+                                      ("cipher", 8, 32, "bytes"), ("cipher mode", 40, 32, "bytes"),
+                                      ("hash spec", 72, 32, "bytes"), ("payload_offset", 104, 4, "int"),
+                                      ("key_bytes", 108, 4, "int"), ("master key iterations", 164, 4, "int"),
+                                      ("slot0 active", 208, 4, "int"), ("slot0 iterations", 208 + 4, 4, "int"),
+                                      ("slot0 key_offset", 208 + 40, 4, "int"), ("slot0 stripes", 208 + 44, 4, "int"),
+                                      ("slot1 key_offset", 256 + 40, 4, "int")):
             t.add(Field("LUKS header", name, lo + off, size, kind))
 
     t.structures = sorted(s for s in structs if 0 <= s < t.file_size)  # (a sample may point past its end)
