@@ -238,6 +238,33 @@ class NotCompared(enum.StrEnum):
 
     QEMU_TIMEOUT = "qemu-img did not answer in time"
     KEY_DOES_NOT_UNLOCK = "the passphrase no longer unlocks the damaged key material (qinspect reads no key)"
+    KEY_DERIVATION_TOO_LONG = "PBKDF2 iteration counts damaged to hours of work to try the key (qinspect reads no key)"
+
+
+# qemu-img's map and check try the passphrase on every active key slot, in order: PBKDF2 with the
+# slot's iteration count, then PBKDF2 with the master key's to verify the result (at some 10^6
+# iterations a second). A mutated count of 2^31 means an hour of hashing before the answer, which
+# is "Invalid password" anyway (any changed count derives another key); such cases are not run.
+KDF_ITERATION_BUDGET = 10_000_000
+
+
+def _kdf_iterations(path: str) -> int:
+    """The PBKDF2 iterations qemu-img would spend trying the key on every active slot (0 when
+    it refuses the LUKS header first). qcow2_read_extensions opens the LUKS header, key and all,
+    when it reaches the crypto extension, before it looks at any later extension: damage QEMU
+    refuses afterwards does not save the hashing."""
+    from qinspect.qcow2.image import open_image
+    from qinspect.qcow2.luks import luks_open_refusal
+
+    try:
+        with open_image(path) as img:
+            ch = img.header.crypto_ext
+            if ch is None or img.luks is None or luks_open_refusal(img.file, ch.offset, ch.length) is not None:
+                return 0
+            active = [s for s in img.luks.slots if s.active]
+            return sum(s.iterations + img.luks.master_key_iters for s in active)
+    except Qcow2Error:
+        return 0
 
 
 def compares_with_qemu(index: int) -> bool:
@@ -295,6 +322,8 @@ def _qemu_limits() -> None:
 def qemu_exit_codes(path: str) -> tuple[dict[str, int] | None, NotCompared | None]:
     """The exit codes of qemu-img info, map and check (--output=json) on the same file, run in
     parallel; or None and why they cannot be compared."""
+    if _encrypted(path) and _kdf_iterations(path) > KDF_ITERATION_BUDGET:
+        return None, NotCompared.KEY_DERIVATION_TOO_LONG
     # (cwd: QEMU 7.2 takes a relative data file name relative to the current directory)
     # stderr goes to files, not pipes: check on a damaged image may print thousands of lines
     codes: dict[str, int] = {}
