@@ -182,8 +182,16 @@ class L2Batch:
         """How many entries `used()` returns (counted without decoding them)."""
         if self._used is not None:
             return len(self._used[1])
+        return len(self) if self._dense() else int(np.count_nonzero(self._nonzero()))
+
+    def _dense(self) -> bool:
+        # Every entry non-zero (a minimum over the words: no temporary array)
+        e = self._swapped[0::2] if self.extended else self._swapped
+        return len(e) > 0 and int(e.min()) != 0
+
+    def _nonzero(self) -> npt.NDArray[np.bool_] | U64:
         w = self._swapped
-        return int(np.count_nonzero((w[0::2] != 0) | (w[1::2] != 0) if self.extended else w))
+        return (w[0::2] != 0) | (w[1::2] != 0) if self.extended else w
 
     def used(self) -> tuple[I64 | None, U64, U64 | None]:
         """(positions, entries, bitmaps) of the entries that are not all zeros, in batch order;
@@ -191,13 +199,10 @@ class L2Batch:
         if self._used is None:
             e = self._raw[0::2] if self.extended else self._raw
             b = self._raw[1::2] if self.extended else None
-            w = self._swapped
-            nz = (w[0::2] != 0) | (w[1::2] != 0) if self.extended else w
-            count = int(np.count_nonzero(nz))
-            if count == len(e):
+            if self._dense():
                 self._used = (None, e.astype(np.uint64), b.astype(np.uint64) if b is not None else None)
             else:
-                pos = np.flatnonzero(nz).astype(np.int64, copy=False)
+                pos = np.flatnonzero(self._nonzero()).astype(np.int64, copy=False)
                 self._used = (pos, e[pos].astype(np.uint64), b[pos].astype(np.uint64) if b is not None else None)
         return self._used
 
