@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SAMPLES
 
 from qinspect.analysis import scan as scan_mod
 from qinspect.analysis.diagnose import diagnose
@@ -220,6 +221,48 @@ def test_follow_symlinks_out_of_the_tree(tree: Path) -> None:
     assert str(tree / "sub/external.qcow2") in recs
     assert "info" in recs[str(tree / "sub/external.qcow2")]
     assert str(tree / "alias.qcow2") not in recs  # its target is in the tree: scanned once
+
+
+def test_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    """Directories nested past Python's recursion limit are walked (depth first, a stack, no
+    recursion), and the one image at the bottom is found."""
+    here = tmp_path
+    depth = sys.getrecursionlimit() + 100
+    old = os.getcwd()
+    try:  # relative mkdir: the whole path would pass PATH_MAX long before the depth we want
+        os.chdir(here)
+        for _ in range(depth):
+            os.mkdir("d")
+            os.chdir("d")
+        shutil.copy(SAMPLES / "basic64k.qcow2", "bottom.qcow2")
+    finally:
+        os.chdir(old)
+    try:
+        r = run_scan(".", "--output=json", "--jobs", "1", cwd=tmp_path)
+    finally:
+        _remove_deep(tmp_path / "d")  # pytest's own clean-up recurses and would fail on it later
+    assert r.returncode == 0, r.stderr
+    recs = records(r.stdout)
+    assert [p.count("/") for p in recs] == [depth + 1]
+    assert "Traceback" not in r.stderr and "RecursionError" not in r.stderr
+
+
+def _remove_deep(top: Path) -> None:
+    """Remove a chain of nested directories without recursion (each holds at most `d` and files)."""
+    old = os.getcwd()
+    try:
+        os.chdir(top.parent)
+        depth = 0
+        while os.path.isdir("d"):
+            os.chdir("d")
+            depth += 1
+        for _ in range(depth):
+            for name in os.listdir("."):
+                os.unlink(name)
+            os.chdir("..")
+            os.rmdir("d")
+    finally:
+        os.chdir(old)
 
 
 def test_deep_scan_finds_preallocated_space(tree: Path) -> None:

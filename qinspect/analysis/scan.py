@@ -35,6 +35,7 @@ from qinspect.analysis.info import image_info
 from qinspect.analysis.opening import require_files
 from qinspect.analysis.walks import check_and_layout
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.hostfile import FileIdentity
 from qinspect.qcow2.image import Image, open_image
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -164,14 +165,27 @@ def find_images(paths: Iterable[str], follow_symlinks: bool = False) -> list[Can
             seen.add(key)
             out.append(Candidate(path, st.st_dev, st.st_ino))
 
-    def walk(directory: str) -> None:
+    def entries_of(directory: str) -> Iterator[os.DirEntry[str]]:
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
             out.append(Candidate(directory, error=f"cannot read directory: {e.strerror or e}"))
+            return iter(())
+        return iter(entries)
+
+    def walk(directory: str, st: os.stat_result) -> None:
+        """Depth first, in name order, with a stack rather than recursion (a tree may be deep)."""
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
             return
-        for entry in entries:
+        seen.add(key)
+        stack = [entries_of(directory)]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
             path = entry.path
             try:
                 if entry.is_symlink():
@@ -192,7 +206,7 @@ def find_images(paths: Iterable[str], follow_symlinks: bool = False) -> list[Can
                 key = (st.st_dev, st.st_ino)
                 if key not in seen:
                     seen.add(key)
-                    walk(path)
+                    stack.append(entries_of(path))
             elif stat.S_ISREG(st.st_mode):
                 add_file(path, st, named=False)
             elif path.endswith(IMAGE_SUFFIXES):  # a FIFO, socket or device named like an image
@@ -206,10 +220,7 @@ def find_images(paths: Iterable[str], follow_symlinks: bool = False) -> list[Can
             out.append(Candidate(root, error=why))
             continue
         if stat.S_ISDIR(st.st_mode):
-            key = (st.st_dev, st.st_ino)
-            if key not in seen:
-                seen.add(key)
-                walk(root)
+            walk(root, st)
         elif stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
             add_file(root, st, named=True)
         else:
@@ -233,16 +244,6 @@ def _error_message(e: BaseException, path: str) -> str:
 def _severity_name(sev: object) -> str:
     value = getattr(sev, "value", sev)
     return str(value)
-
-
-def _changed(before: os.stat_result, after: os.stat_result) -> str | None:
-    if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
-        return "replaced by another file"
-    if before.st_size != after.st_size:
-        return f"size changed from {before.st_size} to {after.st_size} bytes"
-    if before.st_mtime_ns != after.st_mtime_ns:
-        return "modified"
-    return None
 
 
 def inspect_image(cand: Candidate, deep: bool = False, want_json: bool = True) -> ImageReport:
@@ -273,8 +274,8 @@ def _inspect_into(cand: Candidate, deep: bool, s: ImageSummary, record: dict[str
         s.error = "changed during the scan: replaced by another file after it was found"
         return
     with open_image(path) as img:
-        st_open = os.fstat(img.file.fd)
-        if (st_open.st_dev, st_open.st_ino) != (st_path.st_dev, st_path.st_ino):
+        opened = FileIdentity.of_fd(img.file.fd)
+        if not opened.same_file(FileIdentity.of_stat(st_path)):
             s.error = "changed during the scan: replaced by another file while it was opened"
             return
         img.require_openable()
@@ -282,12 +283,10 @@ def _inspect_into(cand: Candidate, deep: bool, s: ImageSummary, record: dict[str
         if s.in_use is InUse.WRITER:
             return  # a running VM writes it all the time; it was only described, not checked
         # Answers from a file that changed under us mix two states of it: say so, and only that.
-        why = _changed(st_open, os.fstat(img.file.fd))
+        why = FileIdentity.of_fd(img.file.fd).change_since(opened)
         if why is None:
-            try:
-                why = _changed(st_open, os.stat(path))
-            except FileNotFoundError:
-                why = "removed"
+            now = FileIdentity.of_path(path)
+            why = "removed" if now is None else now.change_since(opened)
         if why is not None:
             s.error = f"changed during the scan: {why} while it was read"
             record.clear()

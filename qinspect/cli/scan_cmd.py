@@ -143,6 +143,10 @@ def _chain_text(s: ImageSummary, bases: dict[str, list[str]]) -> str:
     return ", ".join(parts)
 
 
+def _count(n: int) -> str:
+    return f"{n:,} image" if n == 1 else f"{n:,} images"
+
+
 def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -> None:
     from rich.console import Console
     from rich.text import Text
@@ -180,13 +184,18 @@ def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -
                   f"{s.leaks:,}" if s.checked else "?", state, name)
     t.add_row(format_size(sum(s.reclaimable_bytes for s in rows)), "", format_size(sum(s.file_size for s in rows)),
               format_size(sum(s.disk_usage for s in rows)), format_size(sum(s.virtual_size for s in rows)),
-              f"{sum(s.leaks for s in rows):,}", "", f"total of {len(rows)} images", style="bold")
-    console.print(t)
+              f"{sum(s.leaks for s in rows):,}", "", f"total of {_count(len(rows))}", style="bold")
+    if console.is_terminal:
+        console.print(t)
+    else:  # a file or a pipe: no cell padding after the last column
+        with console.capture() as cap:
+            console.print(t)
+        console.file.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
     bad = sum(1 for s in rows if s.error is not None)
     busy = sum(1 for s in rows if s.in_use is InUse.WRITER)
     by_sev = {sev: sum(1 for s in rows if s.worst and s.worst[0] == sev and s.error is None) for sev in SEVERITIES}
     worst = ", ".join(f"{n} with {sev} at worst" for sev, n in by_sev.items() if n) or "no findings"
-    console.print(f"{len(rows)} images in {duration:.1f} s: {worst}; {bad} could not be fully inspected"
+    console.print(f"{_count(len(rows))} in {duration:.1f} s: {worst}; {bad} could not be fully inspected"
                   + (f"; {busy} in use by a running VM, not checked" if busy else "") + ".", soft_wrap=True)
     if any(s.worst for s in rows):
         console.print("Details of one image: qinspect diagnose IMAGE; of all: qinspect scan --output=json PATH...",

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from qinspect.qcow2.errors import EncryptedDataError, Problem, Qcow2Error, Severity
     from qinspect.qcow2.extents import ERROR_MESSAGES, ExtentError, Extents
     from qinspect.qcow2.header import BitmapsExtension, CryptoHeaderExtension, FeatureName, Header, HeaderExtension
-    from qinspect.qcow2.hostfile import HostFile
+    from qinspect.qcow2.hostfile import FileIdentity, HostFile
     from qinspect.qcow2.image import Image, L2Lookup, open_image
     from qinspect.qcow2.l2 import (
         ClusterType,
@@ -53,7 +53,7 @@ _WHERE: dict[str, str] = {
     "ERROR_MESSAGES": "extents", "ExtentError": "extents", "Extents": "extents",
     "BitmapsExtension": "header", "CryptoHeaderExtension": "header", "FeatureName": "header", "Header": "header",
     "HeaderExtension": "header",
-    "HostFile": "hostfile",
+    "FileIdentity": "hostfile", "HostFile": "hostfile",
     "Image": "image", "L2Lookup": "image", "open_image": "image",
     "ClusterType": "l2", "CompressedDescriptor": "l2", "L2Format": "l2", "SubclusterType": "l2",
     "classify_cluster": "l2", "classify_clusters": "l2", "classify_subcluster": "l2",
@@ -76,6 +76,7 @@ __all__ = [
     "ExtentError",
     "Extents",
     "FeatureName",
+    "FileIdentity",
     "Header",
     "HeaderExtension",
     "HostFile",

@@ -374,6 +374,50 @@ class HostFile:
         self.close()
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """What identifies a host file as it was seen (device, inode, size, mtime), to tell later whether
+    the path was replaced by another file or the file was changed, before answers from two states of
+    it are mixed (the TUI's reopen, the fleet scan)."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of_stat(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def of_fd(cls, fd: int) -> FileIdentity:
+        return cls.of_stat(os.fstat(fd))
+
+    @classmethod
+    def of_path(cls, path: str) -> FileIdentity | None:
+        """The identity of what `path` names now, or None if it names nothing."""
+        try:
+            return cls.of_stat(os.stat(path))
+        except OSError:
+            return None
+
+    def same_file(self, other: FileIdentity) -> bool:
+        return (self.dev, self.ino) == (other.dev, other.ino)
+
+    def change_since(self, earlier: FileIdentity | None) -> str | None:
+        """How this file differs from `earlier` (the identity seen first): "replaced by another file",
+        "size changed from A to B bytes" or "modified"; None when it is the same, unchanged file."""
+        if earlier is None:
+            return None
+        if not self.same_file(earlier):
+            return "replaced by another file"
+        if self.size != earlier.size:
+            return f"size changed from {earlier.size:,} to {self.size:,} bytes"
+        if self.mtime_ns != earlier.mtime_ns:
+            return "modified"
+        return None
+
+
 def _one_range(size: int, kind: ExtentKind, method: ExtentMethod) -> HostExtents:
     import numpy as np
 

@@ -21,9 +21,10 @@ import numpy.typing as npt
 
 from qinspect.analysis.layout import Layout, Owner
 from qinspect.qcow2 import constants as C
+from qinspect.qcow2.hostfile import FileIdentity
 from qinspect.tui.guestmap import GuestMap
 from qinspect.tui.palette import G
-from qinspect.tui.session import FileIdentity, FileReplaced, Session
+from qinspect.tui.session import FileReplaced, Session
 
 # L2 tables re-read per look besides those whose L1 entry changed (bounded work per second).
 RECHECK_TABLES = 64

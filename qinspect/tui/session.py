@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from qinspect.analysis.progress import CancelledFn, ProgressFn
 from qinspect.qcow2.errors import Problem, Qcow2Error
+from qinspect.qcow2.hostfile import FileIdentity
 from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
 from qinspect.termtext import for_terminal
 from qinspect.tui.fmt import display_name
@@ -69,29 +70,6 @@ class InUse(Enum):
     READ = "read"
 
 
-@dataclass(frozen=True)
-class FileIdentity:
-    """What identifies the file that was opened, and whether it changed since."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of_fd(cls, fd: int) -> FileIdentity:
-        st = os.fstat(fd)
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-    @classmethod
-    def of_path(cls, path: str) -> FileIdentity | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class FileReplaced(Qcow2Error):
     """The path names a different file than the one this session opened."""
 
@@ -119,7 +97,7 @@ class CheckedPool(ImagePool):
     def open(self) -> Image:
         img = open_image(self.path)
         now = FileIdentity.of_fd(img.file.fd)
-        if (now.dev, now.ino) != (self.identity.dev, self.identity.ino):
+        if not now.same_file(self.identity):
             img.close()
             raise FileReplaced("the file was replaced by another file since it was opened (r or R reopens it)",
                                path=self.path)
@@ -198,14 +176,8 @@ class Session:
         now = FileIdentity.of_path(self.path)
         if now is None:
             return "the file was removed or renamed since it was opened"
-        was = self.identity
-        if (now.dev, now.ino) != (was.dev, was.ino):
-            return "the file was replaced by another file since it was opened"
-        if now.size != was.size:
-            return f"the file changed size since it was opened ({was.size:,} → {now.size:,} bytes)"
-        if now.mtime_ns != was.mtime_ns:
-            return "the file was modified since it was opened"
-        return None
+        why = now.change_since(self.identity)
+        return None if why is None else f"the file was {why} since it was opened"
 
     def layer_infos(self) -> list[LayerInfo]:
         out = []
