@@ -110,7 +110,7 @@ def _executor(kind: str = "read") -> ThreadPoolExecutor:
         pool = _pools.get(kind)
         if pool is None:
             pool = _pools[kind] = ThreadPoolExecutor(max_workers=_POOL_SIZES[kind],
-                                                     thread_name_prefix=f"qinspect-{kind}")
+                                                     thread_name_prefix=f"qinspect-io-{kind}")
         return pool
 
 
@@ -234,7 +234,7 @@ class _Window:
             self.buf = np.zeros(0, np.uint8)
             return self.out
         size = int(lens[0])
-        if n > 1 and bool((lens == size).all()):
+        if n > 1 and size > 0 and bool((lens == size).all()):
             # One length: view the buffer as overlapping records of `size` bytes starting at every
             # byte, and take the records at the pieces' positions (one memcpy per piece, in C).
             records = np.ndarray((len(self.buf) - size + 1,), np.dtype((np.void, size)), self.buf.data, 0, (1,))
