@@ -172,3 +172,21 @@ def test_cluster_named_twice_in_a_run(tmp_path: Path, name: str) -> None:
     assert got == json.loads(q.stdout)
     assert i.stderr.splitlines() == _as_qinspect(q.stderr)
     assert got["corruptions"] and got["leaks"]
+
+
+@needs_qemu
+def test_active_tables_without_allocated_entries(tmp_path: Path) -> None:
+    # One batch holds the snapshot's table (one allocated entry) and the active table, whose only
+    # entry in use is a zero cluster without an offset: no allocated entry of the active tree to
+    # check COPIED flags on (this once raised on an empty array).
+    path = tmp_path / "z.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1G"], check=True)
+    subprocess.run(["qemu-io", "-c", "write 0 64k", str(path)], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "snapshot", "-c", "s", str(path)], check=True)
+    subprocess.run(["qemu-io", "-c", "write -z -u 0 64k", str(path)], check=True, capture_output=True)
+    q, i = _both(path)
+    assert i.returncode == q.returncode == 0, (i.stderr, q.stderr)
+    got = json.loads(i.stdout)
+    assert got.pop("in-use") is None
+    assert got == json.loads(q.stdout)
+    assert i.stderr == q.stderr == ""

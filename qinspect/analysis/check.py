@@ -404,7 +404,7 @@ class _Copied:
                 self.later.append((tids, l2i, clusters, l2e))
                 return
             inside: npt.NDArray[np.bool_] | None = None
-            if int(clusters.max()) >= n:
+            if len(clusters) and int(clusters.max()) >= n:
                 inside = clusters < n
                 pos = np.flatnonzero(~inside)
                 tids, l2i = where(pos)
@@ -933,7 +933,8 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
                 copied.batch(cl(), ae, where)
         elif act_tab.any():
             sel = np.flatnonzero(act_tab[tables_of()])
-            copied.batch(cl()[sel], ae[sel], lambda k: where(k, sel))
+            if len(sel):
+                copied.batch(cl()[sel], ae[sel], lambda k: where(k, sel))
         if not h.has_data_file:
             if int(aoff.max()) + cs - refs.file_len >= cs:
                 keep = _past_eof(refs, aoff, np.full(na, cs, np.int64), ai if ai is not None else
