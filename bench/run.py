@@ -246,9 +246,9 @@ def bytes_read_strace(cmd: Sequence[str], image: Path, cwd: Path) -> int | None:
             pending[pid] = m.group(2)
             continue
         path = pending.pop(pid, None) if "resumed>" in line else (m.group(2) if m else None)
-        r = re.search(r"= (\d+)$", line.rstrip())
-        if path is not None and r and os.path.realpath(path) == real:
-            total += int(r.group(1))
+        ret = re.search(r"= (\d+)$", line.rstrip())
+        if path is not None and ret and os.path.realpath(path) == real:
+            total += int(ret.group(1))
     return total
 
 
