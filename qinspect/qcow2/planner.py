@@ -78,11 +78,12 @@ apart: 9 ms read by the caller, 6 ms by the pool, medians of 5, loaded machine).
 ADVISE = os.environ.get("QINSPECT_IO_ADVISE", "1") != "0"
 """Read-ahead advice (POSIX_FADV_WILLNEED) for streams longer than a window; 0 turns it off (for A/B runs)."""
 
-ADVISE_AHEAD = int(os.environ.get("QINSPECT_IO_AHEAD", str(32 << 20)))
+ADVISE_AHEAD = int(os.environ.get("QINSPECT_IO_AHEAD", str(64 << 20)))
 """Advice runs at most this many bytes of pieces ahead of what the walk has taken (the page cache
 is not unbounded either). Measured on the 1 TiB preallocated image, cold, reading its refcount
-blocks and then its tables as check does (loaded machine, medians of 6): no advice 0.29 s; ahead
-by 4 MiB 0.28 s, 8 MiB 0.21 s, 16 MiB 0.17-0.23 s, 32 MiB 0.21 s, 64 MiB 0.22 s."""
+blocks and then its tables as check does: at load average 7-8 (medians of 6) no advice 0.29 s,
+ahead by 4 MiB 0.28 s, 8 MiB 0.21 s, 16 MiB 0.17-0.23 s, 32 MiB 0.21 s, 64 MiB 0.22 s; at load
+average 2.6, 6 interleaved runs: 32 MiB 0.157 s, 64 MiB 0.147 s, 128 MiB 0.160 s."""
 DENSE = 0.5
 """A window whose requests cover at least this share of the host range they span is read in order
 by one thread (the kernel's own read-ahead streams it; several threads on one file's read-ahead
