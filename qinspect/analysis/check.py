@@ -20,7 +20,7 @@ from qinspect.analysis.refwalk import BatchConsumer, L2Batch, L2Tables, RefKind,
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import table_fits
-from qinspect.qcow2.image import Image
+from qinspect.qcow2.image import Image, StoredRefcounts
 from qinspect.qcow2.l2 import L2Format
 
 I64 = npt.NDArray[np.int64]
@@ -31,6 +31,8 @@ Refcounts = npt.NDArray[np.unsignedinteger[Any]]
 # References past the end of the file are counted densely up to this many extra clusters and
 # sparsely beyond (QEMU grows its table; a hostile offset must not make us allocate terabytes).
 DENSE_EXTRA_CLUSTERS = 1 << 22
+# At most this many COPIED checks wait for the end of the L2 sweep (32 bytes each).
+DEFER_ENTRIES = 1 << 20
 
 
 # qcow2_inc_refcounts_imrt: the two lines printed for each reference past the refcount maximum.
@@ -357,14 +359,18 @@ class _Refs:
 
 class _Copied:
     """check_oflag_copied for data clusters, done during the L2 walk (no second walk, no list of
-    every allocated entry): refcounts of clusters inside the file come from the stored refcounts
-    read before the walk; the rare references past the end are kept and judged after it.
+    every allocated entry): refcounts of clusters inside the file come from the stored refcounts,
+    read as the walk needs them; the rare references past the end are kept and judged after it.
     Messages are kept to be reported after the refcount comparison, where QEMU prints them."""
 
-    def __init__(self, img: Image, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None) -> None:
+    def __init__(self, img: Image, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None,
+                 reader: StoredRefcounts) -> None:
         self.img = img
         self.stored = stored
         self.unreadable = unreadable
+        self.reader = reader  # reads the blocks of `stored` as they are needed
+        self.swept = 0  # how far the L2 sweep has read the file (host offset)
+        self.deferred = 0  # entries judged after the sweep (their refcount block lay ahead of it)
         # Per distinct table: (L2 index, l2 entry, refcount) of each wrong COPIED flag, printed for
         # every active L1 entry naming the table.
         self.found: dict[int, list[tuple[int, int, int]]] = {}
@@ -380,6 +386,11 @@ class _Copied:
         firsts, lengths = runs
         if int((firsts + lengths).max()) > len(self.stored):
             return False
+        ends = firsts + lengths - 1
+        if self.reader.unread_after(firsts, self.swept).any() or self.reader.unread_after(ends, self.swept).any():
+            return False  # a block ahead of the sweep: `batch` judges those entries after it
+        for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
+            self.reader.need(f, f + k)
         every, none = int(l2e.min()) >= C.QCOW_OFLAG_COPIED, int(l2e.max()) < C.QCOW_OFLAG_COPIED
         if not (every or none):
             return False
@@ -410,6 +421,21 @@ class _Copied:
                 tids, l2i = where(pos)
                 self.later.append((tids, l2i, clusters[pos], l2e[pos]))
                 clusters = np.where(inside, clusters, 0)
+            if len(clusters) and self.deferred + len(clusters) <= DEFER_ENTRIES:
+                # Entries whose refcount block lies ahead of the sweep are judged after it, with the
+                # others in `later` (reading that block now would leave it cached ahead of the sweep:
+                # see StoredRefcounts); memory for them is bounded by DEFER_ENTRIES.
+                ahead = self.reader.unread_after(clusters, self.swept)
+                if inside is not None:
+                    ahead &= inside
+                if ahead.any():
+                    pos = np.flatnonzero(ahead)
+                    tids, l2i = where(pos)
+                    self.later.append((tids, l2i, clusters[pos], l2e[pos]))
+                    self.deferred += len(pos)
+                    inside = ~ahead if inside is None else inside & ~ahead
+            if len(clusters):
+                self.reader.need_clusters(clusters if inside is None else clusters[inside])
             rc = self.stored[clusters]
             # COPIED (bit 63) must be set exactly where the refcount is 1
             wrong = (rc == 1) != (l2e >= np.uint64(C.QCOW_OFLAG_COPIED))
@@ -549,11 +575,12 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     for _src, off, size in walk.trees:  # every tree's L1 table (the active one as read)
         if size:
             refs.add_range(off, size * 8)
-    # The stored refcounts of the file's clusters, read first (in host order) so that the COPIED
-    # flags are checked during the one L2 walk.
+    # The stored refcounts of the file's clusters, read block by block as the COPIED checks of the
+    # one L2 walk need them (StoredRefcounts says why not all first), the rest after the walk.
     per = h.refcount_block_entries
-    stored, bad_blocks = img.stored_refcounts_compact(nb_file)
-    copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file))
+    stored_rc = img.stored_refcounts_lazy(nb_file)
+    stored, bad_blocks = stored_rc.values, stored_rc.bad
+    copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file), stored_rc)
     n = h.l2_size
     # 1. Every distinct L2 table once, in host order: what it points at counts once per L1 entry
     # naming it; its messages are kept per table and printed below at every entry naming it.
@@ -561,6 +588,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     table_msgs: dict[int, list[tuple[int, int, str]]] = {}
     while (batch := (yield)) is not None:
         _check_l2_batch(img, fmt, batch, tables, refs, res, copied, table_msgs)
+    stored_rc.read_all()
     # 2. check_refcounts_l1, tree by tree: each L1 entry's messages, its table's region, its table's
     # messages. Trees sharing one L1 table print the same lines: computed once, repeated.
     has_msgs = np.array(sorted(table_msgs), np.int64)
@@ -794,6 +822,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         table_msgs.setdefault(int(batch.ids[p // n]), []).append((p % n, step, text))
 
     bits = h.cluster_bits
+    copied.swept = int(batch.offsets.max()) + cs  # (host order: the sweep has read the file up to here)
     unaligned_bits = C.L2E_OFFSET_MASK & (cs - 1)
     rare = (C.QCOW_OFLAG_COMPRESSED | C.L2E_STD_RESERVED_MASK | unaligned_bits
             | (C.QCOW_OFLAG_ZERO if std else 0))
