@@ -190,3 +190,33 @@ def test_active_tables_without_allocated_entries(tmp_path: Path) -> None:
     assert got.pop("in-use") is None
     assert got == json.loads(q.stdout)
     assert i.stderr == q.stderr == ""
+
+
+@needs_qemu
+@pytest.mark.parametrize("damage", [False, True])
+def test_refcount_block_ahead_of_the_table(tmp_path: Path, damage: bool) -> None:
+    # The first L2 table's second entry names a data cluster written much later, so that its
+    # refcount block lies after the table in the file: check judges that entry's COPIED flag after
+    # its sweep (StoredRefcounts), and must still find it wrong when it is.
+    path = tmp_path / "ahead.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "1G"],
+                   check=True)
+    script = "write 0 4k\nwrite 512M 24M\nwrite 4k 4k\n"
+    subprocess.run(["qemu-io", "-t", "unsafe", str(path)], input=script, text=True, check=True, capture_output=True)
+    if damage:
+        with open(path, "r+b") as f:
+            h = f.read(104)
+            f.seek(struct.unpack(">Q", h[40:48])[0])
+            l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+            f.seek(l2 + 8)
+            e = struct.unpack(">Q", f.read(8))[0]
+            assert e & 0x00FFFFFFFFFFFE00 > l2 + (8 << 20)  # far after the table: another refcount block
+            f.seek(l2 + 8)
+            f.write(struct.pack(">Q", e & ~(1 << 63)))
+    q, i = _both(path)
+    assert i.returncode == q.returncode, (i.stderr, q.stderr)
+    got = json.loads(i.stdout)
+    assert got.pop("in-use") is None
+    assert got == json.loads(q.stdout)
+    assert i.stderr.splitlines() == _as_qinspect(q.stderr)
+    assert ("OFLAG_COPIED data cluster" in i.stderr) == damage
