@@ -198,10 +198,13 @@ def test_refcount_block_ahead_of_the_table(tmp_path: Path, damage: bool) -> None
     # The first L2 table's second entry names a data cluster written much later, so that its
     # refcount block lies after the table in the file: check judges that entry's COPIED flag after
     # its sweep (StoredRefcounts), and must still find it wrong when it is.
+    # 3000 tables, each followed by its one data cluster (a dense sweep, ~24 MB), then a cluster for
+    # the first table's entry 1 at the end, whose refcount block (8 MiB of 4 KiB clusters each) was
+    # allocated ahead of that table, inside the sweep.
     path = tmp_path / "ahead.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "1G"],
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "8G"],
                    check=True)
-    script = "write 0 4k\nwrite 512M 24M\nwrite 4k 4k\n"
+    script = "".join(f"write {k * 2}M 4k\n" for k in range(3000)) + "write 4k 4k\n"
     subprocess.run(["qemu-io", "-t", "unsafe", str(path)], input=script, text=True, check=True, capture_output=True)
     if damage:
         with open(path, "r+b") as f:
@@ -210,7 +213,7 @@ def test_refcount_block_ahead_of_the_table(tmp_path: Path, damage: bool) -> None
             l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
             f.seek(l2 + 8)
             e = struct.unpack(">Q", f.read(8))[0]
-            assert e & 0x00FFFFFFFFFFFE00 > l2 + (8 << 20)  # far after the table: another refcount block
+            assert e & 0x00FFFFFFFFFFFE00 > l2 + (16 << 20)  # far after the table: another refcount block
             f.seek(l2 + 8)
             f.write(struct.pack(">Q", e & ~(1 << 63)))
     q, i = _both(path)

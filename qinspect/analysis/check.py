@@ -579,6 +579,8 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     # one L2 walk need them (StoredRefcounts says why not all first), the rest after the walk.
     per = h.refcount_block_entries
     stored_rc = img.stored_refcounts_lazy(nb_file)
+    if not walk.l2_sweep_dense:
+        stored_rc.read_all()  # (a sparse sweep leans on no read-ahead: read them all, many at once)
     stored, bad_blocks = stored_rc.values, stored_rc.bad
     copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file), stored_rc)
     n = h.l2_size

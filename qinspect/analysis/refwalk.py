@@ -264,6 +264,9 @@ class RefWalk:
             add_tree(k + 1, sn.l1_table_offset, sn.l1_size, None)
         self.tables = self._distinct_tables()
         self._inside = np.zeros(0, np.int64)
+        self.l2_sweep_dense = False
+        """Whether `run`'s sweep of the L2 tables reads most of the file range it spans (set by run,
+        before the consumers start): then what else they read ahead of it slows it down."""
 
         if img.snapshots:
             self.ranges.append(RangeRef(RefKind.SNAPSHOT_TABLE, h.snapshots_offset, img.snapshot_table.size))
@@ -398,6 +401,7 @@ class RefWalk:
         total = len(self.tables)
         done = 0
         with self._l2_stream() as stream:
+            self.l2_sweep_dense = stream.dense
             for k, c in enumerate(consumers):
                 try:
                     next(c)

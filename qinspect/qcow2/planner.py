@@ -299,6 +299,10 @@ class PieceStream:
         self._closed = False
         self._advice: Future[None] | None = None
         self._taken = threading.Condition()
+        self.dense = bool(self.host_order and len(offs)) and int(self._cost[-1]) >= DENSE * (
+            int(self.offsets[-1] + self.lengths[-1]) - int(self.offsets[0]))
+        """A host-order sweep that reads most of the range it spans (through the gaps): it relies on
+        the kernel's read-ahead, which other reads ahead of it (cached pages) disturb."""
         if ADVISE and len(offs) and int(self._ends[-1]) > self.half:
             if not self.host_order:
                 # Pieces wanted in the walk's order but spread over the file (L2 tables in L1 order):
@@ -310,8 +314,7 @@ class PieceStream:
                 # window's few requests at a time leave the device idle between them; advice keeps
                 # many in flight, a bounded distance ahead of the walk. Dense streams are left to
                 # the kernel's read-ahead (advice there only competes with it).
-                span = int(self.offsets[-1] + self.lengths[-1]) - int(self.offsets[0])
-                if int(self._cost[-1]) < DENSE * span:
+                if not self.dense:
                     self._advice = _executor("advice").submit(self._advise_ahead)
         self._fill()
 
