@@ -10,9 +10,13 @@ medians and their ratio (target ≤ 1.5).
 
 Key latency: in one process the qinspect app opens IMAGE with its scans running; every 50 ms a
 key (`right` in the guest map) is pressed and the time until the grid's cursor has moved is
-taken, for as long as the scans run (at most 60 s), grouped by the scan step running. The report
-gives the median,
-95th percentile and maximum (target: ≤ 100 ms), and how many keys were pressed during the scans.
+taken, for as long as the scans run (at most 300 s), grouped by the scan step running. The report
+gives the median, 95th percentile and maximum (target: ≤ 100 ms), and how many keys were pressed
+during the scans.
+
+Peak RSS: the same process's VmHWM (/proc/self/status) once every scan has finished, next to the
+budget of issue 12: 2 x the image's metadata (L1 + L2 tables + refcount table + allocated refcount
+blocks, counted as bench/run.py counts them) + 150 MiB.
 
 The machine these numbers come from may be shared: quote ratios of interleaved runs.
 """
@@ -20,12 +24,19 @@ The machine these numbers come from may be shared: quote ratios of interleaved r
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1 << 20
+# Seconds the latency probe lets the scans run (then it cancels them and says so).
+SCAN_LIMIT = 300.0
 
 FRAME_PROBE = r"""
 import asyncio, os, sys, time
@@ -65,6 +76,7 @@ print(times["frame"] - t_launch)
 
 LATENCY_PROBE = r"""
 import asyncio, sys, time
+SCAN_LIMIT = float(sys.argv[2])
 from qinspect.tui.app import QInspectApp
 from qinspect.tui.screens.main import MainScreen
 async def main() -> None:
@@ -72,7 +84,8 @@ async def main() -> None:
     lat = []
     steps = []
     async with app.run_test(size=(140, 45)) as pilot:
-        t_end = time.time() + 60
+        t_start = time.time()
+        t_end = t_start + SCAN_LIMIT
         while not isinstance(app.screen, MainScreen) and time.time() < t_end:
             await pilot.pause(0.01)
         screen = app.screen
@@ -89,8 +102,14 @@ async def main() -> None:
             lat.append(time.perf_counter() - t0)
             steps.append(str(screen.query_one("#scan-label").render()).split(":")[0].strip("…") or "?")
             await asyncio.sleep(0.05)
+        finished = not screen.scanning
+        # every scan's result is held now: the peak RSS of the whole run (VmHWM) is the figure
+        await pilot.pause(0.2)
+        with open("/proc/self/status") as f:
+            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
         screen.scan_worker and screen.scan_worker.cancel()
         app.exit(0)
+    print(f"{hwm} {int(finished)} {time.time() - t_start:.1f}")
     print(" ".join(f"{x:.4f}" for x in lat))
     print("|".join(steps))
 asyncio.run(main())
@@ -117,14 +136,34 @@ def first_frame(kind: str, image: str) -> float:
     return float(r.stdout.split()[-1])
 
 
-def key_latency(image: str) -> tuple[list[float], list[str]]:
-    """Latencies (s) and the scan step running when each key was pressed."""
-    r = subprocess.run([sys.executable, "-c", LATENCY_PROBE, image], capture_output=True, text=True, check=True,
-                       timeout=180, env=CHILD_ENV)
-    lines = r.stdout.strip().splitlines()
-    if len(lines) < 2:
-        return [], []
-    return [float(x) for x in lines[-2].split()], lines[-1].split("|")
+@dataclass
+class LatencyRun:
+    """What one run of the latency probe measured."""
+
+    latencies: list[float]  # seconds, one per key
+    steps: list[str]  # the scan step running when each key was pressed
+    peak_rss: int  # VmHWM of the TUI process (bytes), read once every scan had finished
+    finished: bool  # the scans finished within the limit
+    seconds: float  # how long the scans ran
+
+
+def key_latency(image: str, limit: float = SCAN_LIMIT) -> LatencyRun:
+    r = subprocess.run([sys.executable, "-c", LATENCY_PROBE, image, str(limit)], capture_output=True, text=True,
+                       check=True, timeout=limit + 120, env=CHILD_ENV)
+    lines = r.stdout.splitlines()[-3:]
+    hwm, finished, seconds = lines[0].split()
+    return LatencyRun([float(x) for x in lines[1].split()], lines[2].split("|") if lines[2] else [], int(hwm),
+                      finished == "1", float(seconds))
+
+
+def rss_budget(image: str) -> tuple[float, float]:
+    """The image's metadata (MiB: L1 + L2 tables + refcount table + allocated refcount blocks, as
+    bench/run.py counts it) and the RSS budget, 2 x metadata + 150 MiB."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    run = importlib.import_module("run")  # bench/run.py: the one definition of "metadata"
+
+    md = float(run.metadata_bytes(Path(image))["total"]) / MiB
+    return md, 2 * md + 150
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-latency", action="store_true")
     args = ap.parse_args(argv)
+    load_before = os.getloadavg()
     precompile()
     first_frame("qinspect", args.image)  # warm the page cache for both
     first_frame("bare", args.image)
@@ -149,7 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"| bare Textual (Header, Static, Footer) | {mb:.3f} | 1.00 |")
     print(f"| qinspect {os.path.basename(args.image)} | {mq:.3f} | {mq / mb:.2f} |")
     if not args.no_latency:
-        raw, steps = key_latency(args.image)
+        run = key_latency(args.image)
+        raw, steps = run.latencies, run.steps
+        md, budget = rss_budget(args.image)
+        peak = run.peak_rss / MiB
+        print("\n## Peak RSS of the TUI after every scan (VmHWM), against its budget (2 x metadata + 150 MiB)\n")
+        print("| image | scans | metadata MiB | budget MiB | peak RSS MiB | within |")
+        print("|---|---|---:|---:|---:|---|")
+        scans = f"finished in {run.seconds:.1f} s" if run.finished else f"NOT finished in {run.seconds:.0f} s"
+        print(f"| {os.path.basename(args.image)} | {scans} | {md:.1f} | {budget:.0f} | {peak:.0f} "
+              f"| {'yes' if peak <= budget and run.finished else 'NO'} |")
         print("\n## Key latency while the full scans run (`right` in the guest map, every 50 ms)\n")
         if not raw:
             print("(the scans finished before a key could be pressed)")
@@ -164,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 p95 = lat[min(len(lat) - 1, int(len(lat) * 0.95))]
                 print(f"| {name} | {len(lat)} | {statistics.median(lat) * 1000:.0f} | {p95 * 1000:.0f} "
                       f"| {lat[-1] * 1000:.0f} |")
+    load_after = os.getloadavg()
+    print(f"\nload average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+          f"after: {', '.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} CPUs)")
     return 0
 
 

@@ -10,6 +10,8 @@ JSON output keeps the exact strings and does not use this.
 
 from __future__ import annotations
 
+import re
+
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 
 
@@ -24,9 +26,13 @@ def _escape_char(c: str) -> str:
     return c
 
 
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\ud800-\udfff]")
+"""What `_escape_char` changes: C0, DEL and C1 controls, the backslash, lone surrogates."""
+
+
 def needs_escape(text: str) -> bool:
     """True when `text` holds a control character, a backslash or a lone surrogate."""
-    return any(_escape_char(c) != c for c in text)
+    return _UNSAFE.search(text) is not None
 
 
 def for_terminal(text: str) -> str:
@@ -34,3 +40,17 @@ def for_terminal(text: str) -> str:
     if not needs_escape(text):
         return text
     return "".join(_escape_char(c) for c in text)
+
+
+LIST_LIMIT = 10
+"""Items of a list from an image that human output names before "… and N more"."""
+
+
+def bounded(items: list[str], limit: int = LIST_LIMIT, sep: str = ", ", total: int | None = None) -> str:
+    """The first `limit` of `items` (already escaped) joined by `sep`, then "… and N more" for the
+    rest of the `total` (default: `len(items)`): an image with 65,536 snapshots gives a line, not
+    a page. JSON output lists every item instead."""
+    total = len(items) if total is None else total
+    shown = items[:limit]
+    rest = total - len(shown)
+    return sep.join(shown) + (f"{sep if shown else ''}… and {rest:,} more" if rest > 0 else "")

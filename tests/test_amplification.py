@@ -35,7 +35,7 @@ CASES = {
     "shared_bitmap_tables": 1.0,
 }
 COMMANDS = [("info", "--output=json"), ("map", "--output=json"), ("check", "--output=json"), ("layout",),
-            ("diagnose", "--output=json")]
+            ("diagnose", "--output=json"), ("diagnose",)]
 # Answers that are huge by nature at full scale: run at a scale where they stay seconds.
 SMALLER = {("shared_l2", "check"): 0.05}
 
@@ -71,13 +71,7 @@ def _run(args: list[str]) -> tuple[int, int, str]:
         return rc, peak, err.read(4096).decode(errors="replace")
 
 
-# Known to exceed the budget, outside the engine (strict: the test fails once it is fixed).
-KNOWN = {("alternating_extents", "diagnose"): "diagnose's conversion estimate (analysis/deep.py predict_convert, "
-                                              "np.unique over every extent) peaks at ~180 MB and 6 s on a million "
-                                              "extents"}
-PAIRS = [pytest.param(g, c, id=f"{g}-{c[0]}",
-                      marks=[pytest.mark.xfail(strict=True, reason=KNOWN[(g, c[0])])] if (g, c[0]) in KNOWN else [])
-         for g in CASES for c in COMMANDS]
+PAIRS = [pytest.param(g, c, id=f"{g}-{c[0]}{'-json' if '--output=json' in c else ''}") for g in CASES for c in COMMANDS]
 
 
 @pytest.mark.parametrize(("gen", "command"), PAIRS)

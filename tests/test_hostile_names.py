@@ -189,3 +189,59 @@ def test_a_file_named_like_markup_is_named_exactly(hostile: dict[str, Path], mon
     assert main(["check", hostile_name]) == 3
     out = capsys.readouterr().out
     assert "Fix: qemu-img check -r leaks on this file (its name cannot be pasted" in out
+
+
+# -- every fix command survives the metacharacter test --------------------------------------------
+NASTY_NAME = "a b$(touch PWNED);c'd\"`touch PWNED2`[bold red]-rf *&|<x>.qcow2"
+# Every rule that prints a command (guest-freed needs a guest file system scan: tests/test_diagnose.py).
+FIX_RULES = {"backing-duplicates", "bitmap-in-use", "compressed", "corrupt-bit", "corruption", "cow-amplification",
+             "dirty", "fragmentation", "free-space", "invalid-subclusters", "l2-cache-coverage", "leaked-clusters",
+             "long-chain", "narrow-refcount", "preallocated-unused", "scattered-metadata", "small-clusters",
+             "snapshot-space", "truncated", "v2-no-zero", "zero-clusters"}
+
+
+def _assert_pasteable(cmd: str, cwd: Path) -> None:
+    # (A fix may be an option fragment for QEMU's command line, "-drive ...": parsed after printf.)
+    echo = "printf '%s\\0' " + cmd
+    assert subprocess.run(["bash", "-n", "-c", echo], cwd=cwd, capture_output=True).returncode == 0, cmd
+    # By substitution: bash hands each word to printf; the words must be exactly the argv.
+    words = subprocess.run(["bash", "-c", echo], cwd=cwd, capture_output=True, check=True).stdout.split(b"\0")[:-1]
+    assert [w.decode(errors="surrogateescape") for w in words] == shlex.split(cmd), cmd
+
+
+def test_every_fix_command_is_pasteable(samples: Samples, tmp_path: Path) -> None:
+    """Each sample under a file name full of shell syntax (plus an overlay whose backing file has
+    such a name), diagnosed with and without --deep: every printed fix (merged conversions
+    included) parses under `bash -n`, gives back its argv word for word, and runs nothing."""
+    from qinspect.analysis.diagnose import diagnose
+    from qinspect.qcow2.errors import Qcow2Error
+    from qinspect.qcow2.image import open_image
+
+    work = tmp_path / "w"
+    shutil.copytree(samples.dir, work)
+    base = work / f"base {NASTY_NAME}"
+    _qemu("create", "-q", "-f", "qcow2", str(base), "64M", cwd=work)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 8M", str(base)], check=True, capture_output=True)
+    over = work / "overlay.qcow2"
+    _qemu("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(over), "64M", cwd=work)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 4M", str(over)], check=True, capture_output=True)
+    paths = [over, *sorted(p for p in work.glob("*.qcow2") if p != over)]
+    seen: set[str] = set()
+    for src in paths:
+        p = src if src == over else work / (src.stem + NASTY_NAME)
+        if p != src:
+            shutil.copy(src, p)
+        for deep in (False, True):
+            try:
+                with open_image(p) as img:
+                    d = diagnose(img, deep=deep)
+            except Qcow2Error:
+                continue
+            for f in d.findings:
+                if f.fix is not None and f.fix.command is not None:
+                    _assert_pasteable(f.fix.command, work)
+                    seen.add(f.id)
+        if p != src:
+            p.unlink()
+    assert not (work / "PWNED").exists() and not (work / "PWNED2").exists()
+    assert seen >= FIX_RULES, sorted(FIX_RULES - seen)

@@ -65,6 +65,27 @@ def test_info_help_and_errors_import_no_numpy_nor_rich(args: list[str]) -> None:
     assert "qinspect.qcow2.image" not in ours.split(","), ours  # only the metadata was opened
 
 
+def test_small_map_imports_no_thread_pool_nor_masked_arrays() -> None:
+    """A small image's map reads in the calling thread (no concurrent.futures, which brings logging)
+    and the walk avoids np.unique (which imports numpy.ma): a few milliseconds of each start."""
+    code = (
+        "import io, sys, contextlib\n"
+        "from qinspect.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    rc = main(['map', '--output=json', sys.argv[1]])\n"
+        "print(rc, sorted(m for m in ('concurrent.futures', 'logging', 'numpy.ma') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(IMAGE)], capture_output=True, text=True, check=True)
+    assert r.stdout.split("\n")[-2] == "0 []", r.stdout + r.stderr
+
+
+def test_human_check_off_a_terminal_imports_no_rich() -> None:
+    """Human `check` prints plain lines; off a terminal it writes them without Rich (as Rich would)."""
+    rc, tops, _ours = _modules_after(["check", str(IMAGE)])
+    assert rc == 0
+    assert "rich" not in tops
+
+
 def test_human_info_imports_rich_but_not_numpy() -> None:
     """Human `info` prints Rich tables (so imports Rich), and still reads no table needing numpy."""
     rc, tops, _ours = _modules_after(["info", str(IMAGE)])

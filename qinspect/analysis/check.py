@@ -36,6 +36,9 @@ DEFER_ENTRIES = 1 << 20
 
 
 # qcow2_inc_refcounts_imrt: the two lines printed for each reference past the refcount maximum.
+BLOCK_LINES = 1 << 13
+"""Lines of check messages formatted and written at a time (see `CheckMessage.blocks`)."""
+
 OVERFLOW_HINT = ("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a "
                  "clean copy if the image cannot be opened for writing")
 
@@ -66,6 +69,44 @@ class CheckMessage:
             parts = text.split("\n")
             for _ in range(self.repeat):
                 yield from parts
+
+    def blocks(self, prog: str, escape: Callable[[str], str], max_lines: int = BLOCK_LINES) -> Iterator[str]:
+        """`lines()` as newline-terminated blocks of up to about `max_lines` lines, each line passed
+        through `escape` (for the terminal): a message repeated a million times, or a template
+        printed for a million L1 entries, is formatted a block at a time, not a line at a time."""
+        if self.indices is None:
+            text = f"{prog}: {self.text}" if self.kind == "report" else self.text
+            one = "".join(escape(part) + "\n" for part in text.split("\n"))
+            per = max(1, max_lines // (text.count("\n") + 1))
+            left = self.repeat
+            while left > 0:
+                k = min(per, left)
+                yield one * k
+                left -= k
+            return
+        head, sep, tail = self.text.partition("{}")
+        if not sep or "{" in head + tail or "}" in head + tail or self.repeat != 1:
+            # Not a plain one-field template: format each index (still written a block at a time).
+            chunk: list[str] = []
+            for line in self.lines(prog):
+                chunk.append(escape(line) + "\n")
+                if len(chunk) >= max_lines:
+                    yield "".join(chunk)
+                    chunk = []
+            if chunk:
+                yield "".join(chunk)
+            return
+        # One `{}` field filled with an integer: escape the two constant halves once and join the
+        # decimal indices between them (str.join over map(str): no Python call per line).
+        pre = f"{prog}: {head}" if self.kind == "report" else head
+        pre_e = "\n".join(escape(p) for p in pre.split("\n"))
+        tail_e = "\n".join(escape(p) for p in tail.split("\n"))
+        per = max(1, max_lines // (self.text.count("\n") + 1))
+        glue = tail_e + "\n" + pre_e
+        ix = self.indices
+        for a in range(0, len(ix), per):
+            part = ix[a : a + per]
+            yield pre_e + glue.join(map(str, part)) + tail_e + "\n"
 
 
 @dataclass
@@ -133,6 +174,11 @@ class CheckResult:
         memory), without the final "Check failed" line (`final_lines`)."""
         for m in self.messages:
             yield from m.lines(prog)
+
+    def iter_stderr_blocks(self, escape: Callable[[str], str], prog: str = "qinspect") -> Iterator[str]:
+        """`iter_stderr_lines` as blocks of escaped, newline-terminated lines, for writing."""
+        for m in self.messages:
+            yield from m.blocks(prog, escape)
 
     def final_lines(self, prog: str = "qinspect") -> list[str]:
         if self.failed is not None:

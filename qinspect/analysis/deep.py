@@ -37,6 +37,8 @@ from qinspect.qcow2.planner import Order, PieceStream
 
 I64 = npt.NDArray[np.int64]
 BATCH_BYTES = 8 << 20
+CHUNK = 1 << 16
+"""Ranges counted at a time by the conversion estimate."""
 
 
 @dataclass(frozen=True)
@@ -255,33 +257,214 @@ def convert_options(img: Image) -> MeasureOptions:
     return MeasureOptions(cluster_size=h.cluster_size, extended_l2=h.extended_l2, refcount_bits=h.refcount_bits)
 
 
-def _touched(guest: I64, length: I64, tcs: int) -> I64:
-    """Target clusters (of `tcs` bytes) that guest ranges touch, unique and sorted."""
-    if not len(guest):
-        return np.zeros(0, np.int64)
-    first = guest // tcs
-    cnt = (guest + length - 1) // tcs - first + 1
-    k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    return np.unique(np.repeat(first, cnt) + k)
+class _Distinct:
+    """How many distinct units (target clusters, L2 tables, file-system blocks) a stream of unit
+    intervals `[first, last]` names, in memory bounded by what is still open.
+
+    Intervals arrive a chunk at a time in guest order; `settle(frontier)` says that no later
+    interval starts below unit `frontier`, which closes every interval that ends before it. Only
+    the open ones (at most those that reach the frontier) are kept.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.max = -1
+        self._first = np.zeros(0, np.int64)
+        self._last = np.zeros(0, np.int64)
+
+    def add(self, first: I64, last: I64) -> None:
+        if not len(first):
+            return
+        f = np.concatenate((self._first, first))
+        l_ = np.concatenate((self._last, last))
+        order = np.argsort(f, kind="stable")
+        f, l_ = f[order], l_[order]
+        # Merge overlapping intervals (touching ones may stay apart: they share no unit).
+        reach = np.maximum.accumulate(l_)
+        brk = np.concatenate(([True], f[1:] > reach[:-1]))
+        idx = np.flatnonzero(brk)
+        self._first = f[idx]
+        self._last = np.maximum.reduceat(l_, idx)
+        self.max = max(self.max, int(self._last[-1]))
+
+    def settle(self, frontier: int | None) -> None:
+        k = len(self._last) if frontier is None else int(np.searchsorted(self._last, frontier, side="left"))
+        if k:
+            self.count += int((self._last[:k] - self._first[:k] + 1).sum())
+            self._first, self._last = self._first[k:], self._last[k:]
 
 
-def _covered(guest: I64, length: I64, tcs: int) -> I64:
-    """Target clusters that guest ranges cover entirely (ranges merged first)."""
-    if not len(guest):
-        return np.zeros(0, np.int64)
-    order = np.argsort(guest, kind="stable")
-    g, e = guest[order], guest[order] + length[order]
-    # Merge touching ranges.
-    run_end = np.maximum.accumulate(e)
-    brk = np.concatenate(([True], g[1:] > run_end[:-1]))
-    starts = g[brk]
-    ends = np.maximum.reduceat(e, np.flatnonzero(brk))
-    first = -(-starts // tcs)
-    last = ends // tcs  # exclusive
-    cnt = np.maximum(last - first, 0)
-    k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    out: I64 = (np.repeat(first, cnt) + k).astype(np.int64)
-    return out
+def _units(guest: I64, length: I64, unit: int) -> tuple[I64, I64]:
+    """The unit intervals `[first, last]` that guest ranges touch."""
+    return guest // unit, (guest + length - 1) // unit
+
+
+@dataclass
+class _Summary:
+    """What a conversion writes, counted in one pass over the ranges to copy (see `convert_estimate`)."""
+
+    data: _Distinct = field(default_factory=_Distinct)
+    """Target clusters written: data, compressed, and (overlays) those zeros cover in part."""
+    l2: _Distinct = field(default_factory=_Distinct)
+    """L2 tables those clusters and (overlays) the zero ranges need."""
+    plain: _Distinct = field(default_factory=_Distinct)
+    """Target clusters holding data or compressed clusters only."""
+    plain_l2: _Distinct = field(default_factory=_Distinct)
+    blocks: _Distinct = field(default_factory=_Distinct)
+    """File-system blocks (extended L2: written subclusters) holding data or compressed clusters."""
+    data_end: int = -1
+    """The end of the last data range."""
+    compressed_last: int = -1
+    """The last target cluster where a compressed cluster starts."""
+    has_data: bool = False
+    zero_carry: tuple[int, int] | None = None
+    """A run of zeros that may continue in the next chunk (not counted yet)."""
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    tcs: int
+    t_l2: int
+    cs: int
+    zero_unit: int
+    block_unit: int
+    with_zeros: bool
+
+
+def _geometry(img: Image, o: MeasureOptions) -> _Geometry:
+    tcs = o.cluster_size
+    return _Geometry(tcs, tcs // (16 if o.extended_l2 else 8), img.cluster_size,
+                     tcs // 32 if o.extended_l2 else tcs, max(tcs // 32, 4096), img.header.backing_file is not None)
+
+
+def _summarise_chunk(s: _Summary, g: _Geometry, dg: I64, dn: I64, comp: I64, zg: I64, zn: I64,
+                     bound: int | None) -> None:
+    """Count one chunk of ranges; `bound`: no later range starts below it (None: the last chunk)."""
+    tcs, t_l2 = g.tcs, g.t_l2
+    cg, cn = comp * g.cs, np.full(len(comp), g.cs, np.int64)
+    df, dl = _units(dg, dn, tcs)
+    cf, cl = _units(cg, cn, tcs)
+    pf, pl = np.concatenate((df, cf)), np.concatenate((dl, cl))
+    s.plain.add(pf, pl)
+    s.plain_l2.add(pf // t_l2, pl // t_l2)
+    bf, bl = [np.concatenate(x) for x in zip(_units(dg, dn, g.block_unit), _units(cg, cn, g.block_unit), strict=True)]
+    s.blocks.add(bf, bl)
+    if len(dg):
+        s.has_data = True
+        s.data_end = max(s.data_end, int((dg + dn).max()))
+    if len(comp):
+        s.compressed_last = max(s.compressed_last, int((cg // tcs).max()))
+    frontier = bound
+    af, al = pf, pl
+    zf, zl = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if g.with_zeros:
+        if s.zero_carry is not None:
+            zg = np.concatenate(([s.zero_carry[0]], zg))
+            zn = np.concatenate(([s.zero_carry[1] - s.zero_carry[0]], zn))
+            s.zero_carry = None
+        if len(zg):
+            # Merge touching zero ranges into runs: a unit is covered only by one run entirely.
+            order = np.argsort(zg, kind="stable")
+            zs, ze = zg[order], zg[order] + zn[order]
+            run_end = np.maximum.accumulate(ze)
+            brk = np.concatenate(([True], zs[1:] > run_end[:-1]))
+            idx = np.flatnonzero(brk)
+            starts, ends = zs[idx], np.maximum.reduceat(ze, idx)
+            if bound is not None and int(ends[-1]) >= bound:
+                # The last run may go on in the next chunk: count it there.
+                s.zero_carry = (int(starts[-1]), int(ends[-1]))
+                starts, ends = starts[:-1], ends[:-1]
+                frontier = min(bound, s.zero_carry[0])
+            u = g.zero_unit
+            # Units a run covers in part (its first and last, where it does not start/end on one)
+            # are allocated and copied on write.
+            partial = np.concatenate((starts[starts % u != 0] // u, (ends[ends % u != 0] - 1) // u)) * u // tcs
+            af, al = np.concatenate((pf, partial)), np.concatenate((pl, partial))
+            zf, zl = _units(starts, ends - starts, tcs)
+    s.data.add(af, al)
+    s.l2.add(np.concatenate((af, zf)) // t_l2, np.concatenate((al, zl)) // t_l2)
+    fu = None if frontier is None else frontier // tcs
+    fl2 = None if fu is None else fu // t_l2
+    s.data.settle(fu)
+    s.plain.settle(fu)
+    s.l2.settle(fl2)
+    s.plain_l2.settle(fl2)
+    s.blocks.settle(None if frontier is None else frontier // g.block_unit)
+
+
+def _summarise_arrays(img: Image, o: MeasureOptions, dg: I64, dn: I64, comp: I64, zg: I64 | None,
+                      zn: I64 | None) -> _Summary:
+    """The ranges given (in any order) counted in guest order, `CHUNK` ranges at a time."""
+    g = _geometry(img, o)
+    s = _Summary()
+    z = np.zeros(0, np.int64)
+    zg, zn = (zg, zn) if zg is not None and zn is not None else (z, z)
+    comp = np.sort(comp)
+    od, oz = np.argsort(dg, kind="stable"), np.argsort(zg, kind="stable")
+    dg, dn, zg, zn = dg[od], dn[od], zg[oz], zn[oz]
+    del od, oz
+    starts = np.sort(np.concatenate((dg, comp * g.cs, zg)))
+    bounds = [*starts[CHUNK::CHUNK].tolist(), None]
+    del starts
+    lo = (0, 0, 0)
+    for b in bounds:
+        hi = (len(dg), len(comp), len(zg)) if b is None else \
+            (int(np.searchsorted(dg, b)), int(np.searchsorted(comp * g.cs, b)), int(np.searchsorted(zg, b)))
+        _summarise_chunk(s, g, dg[lo[0]:hi[0]], dn[lo[0]:hi[0]], comp[lo[1]:hi[1]], zg[lo[2]:hi[2]],
+                         zn[lo[2]:hi[2]], b)
+        lo = hi
+    return s
+
+
+def _summarise_written(img: Image, o: MeasureOptions) -> _Summary:
+    """`written_ranges` counted a batch of extents at a time, never all at once (a million
+    alternating extents stay a few MiB)."""
+    g = _geometry(img, o)
+    s = _Summary()
+    ext = data_extents(img)
+    ws, we = ext.ranges(ExtentKind.DATA)
+    ns, ne = not_written(ext)
+    cs = img.cluster_size
+    zero_types = np.array([SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC], dtype=np.uint8)
+    pending: tuple[I64, I64, I64, I64, I64] | None = None
+    for ex in img.extents():
+        if not len(ex.guest):
+            continue
+        if pending is not None:
+            _summarise_chunk(s, g, *pending, int(ex.guest[0]))
+        normal = ex.sctype == SubclusterType.NORMAL
+        gg, hh, nn = ex.guest[normal], ex.host[normal].astype(np.int64), ex.length[normal]
+        dg, dn = _cut(gg, hh, nn, ws, we)
+        hg, hn = _cut(gg, hh, nn, ns, ne)
+        zero = np.isin(ex.sctype, zero_types)
+        comp = (ex.guest[ex.sctype == SubclusterType.COMPRESSED] // cs).astype(np.int64)
+        pending = (dg, dn, comp, np.concatenate((ex.guest[zero], hg)).astype(np.int64),
+                   np.concatenate((ex.length[zero], hn)).astype(np.int64))
+    if pending is not None:
+        _summarise_chunk(s, g, *pending, None)
+    else:
+        s.data.settle(None)  # nothing at all
+    return s
+
+
+def _estimate(img: Image, o: MeasureOptions, s: _Summary) -> int:
+    tcs = o.cluster_size
+    t_l2 = tcs // (16 if o.extended_l2 else 8)
+    data_c, l2_tables = s.data.count, s.l2.count
+    l1_entries = -(-img.virtual_size // (tcs * t_l2))
+    l1_clusters = -(-l1_entries * 8 // tcs)
+    clusters = 1 + l1_clusters + l2_tables + data_c
+    size = clusters * tcs + refcount_metadata_size(clusters, tcs, o.refcount_bits.bit_length() - 1)
+    if not data_c and not l2_tables:
+        size -= l1_clusters * tcs - l1_entries * 8  # qemu-img leaves the file ending at the L1 table
+    elif o.extended_l2 and data_c and s.has_data:
+        # The last data cluster is written only up to its last written subcluster.
+        sub = tcs // 32
+        last = s.data.max
+        if s.data_end > last * tcs and s.compressed_last != last:
+            end_in = min(s.data_end - last * tcs, tcs)
+            size -= tcs - -(-end_in // sub) * sub
+    return size
 
 
 def convert_estimate(img: Image, data_guest: I64, data_length: I64, compressed_clusters: I64,
@@ -298,38 +481,9 @@ def convert_estimate(img: Image, data_guest: I64, data_length: I64, compressed_c
     clusters are written (copy-on-write). The file ends right after the L1 table when nothing else
     is written.
     """
-    h = img.header
     o = options or convert_options(img)
-    tcs = o.cluster_size
-    t_l2 = tcs // (16 if o.extended_l2 else 8)
-    cs = h.cluster_size
-    data_c = np.unique(np.concatenate((_touched(data_guest, data_length, tcs),
-                                       _touched(compressed_clusters * cs, np.full(len(compressed_clusters), cs), tcs))))
-    l2_of = data_c // t_l2
-    if h.backing_file is not None and zero_guest is not None and zero_length is not None and len(zero_guest):
-        # Zeros are written: whole target clusters (whole subclusters with extended L2) become
-        # zero entries, partly covered ones are allocated and copied on write.
-        unit = tcs // 32 if o.extended_l2 else tcs
-        partial = np.setdiff1d(_touched(zero_guest, zero_length, unit), _covered(zero_guest, zero_length, unit))
-        data_c = np.union1d(data_c, partial * unit // tcs)
-        l2_of = np.concatenate((data_c // t_l2, _touched(zero_guest, zero_length, tcs) // t_l2))
-    l2_tables = len(np.unique(l2_of))
-    l1_entries = -(-img.virtual_size // (tcs * t_l2))
-    l1_clusters = -(-l1_entries * 8 // tcs)
-    clusters = 1 + l1_clusters + l2_tables + len(data_c)
-    size = clusters * tcs + refcount_metadata_size(clusters, tcs, o.refcount_bits.bit_length() - 1)
-    if not len(data_c) and not l2_tables:
-        size -= l1_clusters * tcs - l1_entries * 8  # qemu-img leaves the file ending at the L1 table
-    elif o.extended_l2 and len(data_c) and len(data_guest):
-        # The last data cluster is written only up to its last written subcluster.
-        sub = tcs // 32
-        last = int(data_c[-1])
-        ends = data_guest + data_length
-        inside = (ends > last * tcs) & (data_guest < (last + 1) * tcs)
-        if inside.any() and not np.isin(last, compressed_clusters * cs // tcs):
-            end_in = min(int(ends[inside].max()) - last * tcs, tcs)
-            size -= tcs - -(-end_in // sub) * sub
-    return size
+    return _estimate(img, o, _summarise_arrays(img, o, data_guest, data_length, compressed_clusters,
+                                               zero_guest, zero_length))
 
 
 @dataclass(frozen=True)
@@ -387,31 +541,31 @@ def predict_convert(img: Image, options: MeasureOptions, deep: DeepScan | None =
     hold data are written (4 KiB file-system blocks), the others stay holes.
     """
     if deep is not None and deep.nonzero_guest is not None and deep.nonzero_length is not None:
-        dg, dn = deep.nonzero_guest, deep.nonzero_length
-        ex = _active_extents(img)
-        comp = ex.compressed
-        zg = deep.zero_guest if deep.zero_guest is not None else np.zeros(0, np.int64)
-        zn = deep.zero_length if deep.zero_length is not None else np.zeros(0, np.int64)
+        summary = _summarise_arrays(img, options, deep.nonzero_guest, deep.nonzero_length, _compressed(img),
+                                    deep.zero_guest, deep.zero_length)
     else:
-        dg, dn, comp, zg, zn = written_ranges(img)
-    size = convert_estimate(img, dg, dn, comp, zg, zn, options)
+        summary = _summarise_written(img, options)
+    size = _estimate(img, options, summary)
     tcs = options.cluster_size
-    cs = img.cluster_size
-    data_c = np.unique(np.concatenate((_touched(dg, dn, tcs), _touched(comp * cs, np.full(len(comp), cs), tcs))))
+    data_c = summary.plain.count
     t_l2 = tcs // (16 if options.extended_l2 else 8)
     l1_entries = -(-img.virtual_size // (tcs * t_l2))
     l1_clusters = -(-l1_entries * 8 // tcs)
     l1_written = -(-l1_entries * 8 // 4096) * 4096
     disk = size
-    if len(data_c):
+    if data_c:
         disk -= max(0, l1_clusters * tcs - l1_written)
         if options.extended_l2:
             unit = max(tcs // 32, 4096)
-            blocks = np.unique(np.concatenate((_touched(dg, dn, unit),
-                                               _touched(comp * cs, np.full(len(comp), cs), unit))))
-            disk -= len(data_c) * tcs - len(blocks) * unit
-    l2 = len(np.unique(data_c // t_l2)) if len(data_c) else 0
-    return ConvertPrediction(size, max(0, min(disk, size)), len(data_c), l2)
+            disk -= data_c * tcs - summary.blocks.count * unit
+    return ConvertPrediction(size, max(0, min(disk, size)), data_c, summary.plain_l2.count)
+
+
+def _compressed(img: Image) -> I64:
+    """Guest cluster indices of the active layer's compressed clusters."""
+    cs = img.cluster_size
+    parts = [ex.guest[ex.sctype == SubclusterType.COMPRESSED] // cs for ex in img.extents()]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 __all__ = ["ConvertPrediction", "DeepScan", "convert_estimate", "convert_options", "deep_scan", "predict_convert",

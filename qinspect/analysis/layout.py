@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +39,8 @@ from qinspect.qcow2.snapshots import Snapshot
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
+# The references counted per cluster saturate here (32-bit counts, as check's).
+COUNT_MAX = 0xFFFFFFFF
 U32 = npt.NDArray[np.uint32]
 U8 = npt.NDArray[np.uint8]
 BoolArray = npt.NDArray[np.bool_]
@@ -161,7 +164,7 @@ class Layout:
     kind: U8
     flags: U8
     reference: U32
-    stored_refcount: U64
+    stored_refcount: npt.NDArray[np.unsignedinteger[Any]]  # in the image's refcount width
     image_end_offset: int
     snapshot_ids: list[str]
     snapshot_count: npt.NDArray[np.uint16] | None
@@ -465,7 +468,9 @@ class _Walker:
             self.shared = np.zeros(self.nb, dtype=bool)
         self.conflict = np.zeros(self.nb, dtype=bool)
         self.flags = np.zeros(self.nb, dtype=np.uint8)
-        self.counts = np.zeros(self.nb, dtype=np.int64)  # references to clusters inside the file
+        # references to clusters inside the file, 32-bit as check counts them (2^32 references to
+        # one cluster would take 32 GiB of L2 tables); half the memory of 64-bit on big files
+        self.counts = np.zeros(self.nb, dtype=np.uint32)
         self.far: list[I64] = []  # referenced clusters past the end of the file (one per reference)
         self.top = 0  # highest referenced cluster + 1
         self.anomalies: dict[str, int] = {}
@@ -491,11 +496,17 @@ class _Walker:
                 lo, hi = int(c_in.min()), int(c_in.max()) + 1
                 if hi - lo <= 4 * len(c_in) + 65536:
                     seg = self.counts[lo:hi]
-                    np.add(seg, np.bincount(c_in - lo, weights=w_in, minlength=hi - lo).astype(np.int64), out=seg)
-                elif w_in is None:
+                    add = np.bincount(c_in - lo, weights=w_in, minlength=hi - lo)
+                    if int(seg.max()) + int(add.max()) < COUNT_MAX:
+                        np.add(seg, add.astype(seg.dtype), out=seg)
+                    else:  # as check does: summed in 64 bits, saturated into the 32-bit counts
+                        seg[:] = np.minimum(seg.astype(np.int64) + add.astype(np.int64), COUNT_MAX)
+                elif w_in is None and int(self.counts[c_in].max()) + len(c_in) < COUNT_MAX:
                     np.add.at(self.counts, c_in, 1)
                 else:
-                    np.add.at(self.counts, c_in, w_in)
+                    u, inv = np.unique(c_in, return_inverse=True)
+                    tot = np.bincount(inv.reshape(-1), weights=None if w_in is None else w_in.astype(np.float64))
+                    self.counts[u] = np.minimum(self.counts[u].astype(np.int64) + tot.astype(np.int64), COUNT_MAX)
             if not inside.all():
                 out = ~inside
                 self.far.append(clusters[out] if weights is None else np.repeat(clusters[out], weights[out]))
@@ -727,13 +738,14 @@ def layout_consumer(img: Image, walk: RefWalk) -> BatchConsumer:
     np.add.at(counts, rb_in, 1)
     w.claim(rb_clusters, Owner.REFCOUNT_BLOCK, SRC_NONE, count_ref=False)
     # qcow2_inc_refcounts_imrt never counts past the refcount maximum (check reports the overflow).
-    if h.refcount_bits < 63:
+    if h.refcount_bits < 32:  # (a wider maximum is past what the 32-bit counts hold)
         np.minimum(counts, (1 << h.refcount_bits) - 1, out=counts)
 
     # Stored refcounts and the image end (check's compare_refcounts).
-    stored, bad_blocks = img.stored_refcounts(nb_counted)
+    # in the image's refcount width (uint16 by default): a quarter of uint64's memory on big files
+    stored, bad_blocks = img.stored_refcounts_compact(nb_counted)
     per = h.refcount_block_entries
-    counts_u = counts.view(np.uint64)  # counts are never negative
+    counts_u = counts
     in_use = (stored > 0) | (counts_u > 0)
     over = stored > counts_u
     under = stored < counts_u
@@ -744,12 +756,17 @@ def layout_consumer(img: Image, walk: RefWalk) -> BatchConsumer:
         in_use &= readable
         over &= readable
         under &= readable
-    used = np.flatnonzero(in_use)
-    highest = int(used[-1]) if len(used) else 0
+    # the last cluster in use, without listing them all (16 Mi indices on a preallocated 1 TiB image)
+    highest = len(in_use) - 1 - int(np.argmax(in_use[::-1])) if in_use.any() else 0
     image_end = (highest + 1) * cs
     leaks = int(np.count_nonzero(over))
     errors = int(np.count_nonzero(under))
-    del in_use, over, under, used
+    del in_use, over, under
+    # The references per cluster, as the layout keeps them; the 64-bit counts go now, before the
+    # owner arrays below are built (peak memory on big files).
+    reference = counts[: w.nb]  # already 32-bit: no copy
+    del counts, counts_u
+    w.counts = np.zeros(0, np.uint32)
 
     # Final owners.
     nb = w.nb
@@ -778,7 +795,6 @@ def layout_consumer(img: Image, walk: RefWalk) -> BatchConsumer:
         keep = pc < nb
         pc, pb = pc[keep], pb[keep]
 
-    reference = counts[:nb].astype(np.uint32)
     return Layout(
         path=img.path, cluster_size=cs, file_size=img.file.size, owner=owner, kind=kind, flags=flags,
         reference=reference, stored_refcount=st, image_end_offset=image_end,

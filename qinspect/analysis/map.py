@@ -317,7 +317,7 @@ def _qcow2_runs(img: Image, start: int, end: int, probe: _HostProbe | None, dept
         return runs
 
     for ex in img.extents(start, end):
-        bad = np.flatnonzero(ex.error)
+        bad = np.flatnonzero(ex.error != 0)
         stop = int(bad[0]) if len(bad) else len(ex)
         if stop:
             flags = _FLAGS_BY_TYPE[ex.sctype[:stop]]

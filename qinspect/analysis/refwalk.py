@@ -189,9 +189,10 @@ class L2Batch:
         e = self._swapped[0::2] if self.extended else self._swapped
         return len(e) > 0 and int(e.min()) != 0
 
-    def _nonzero(self) -> npt.NDArray[np.bool_] | U64:
+    def _nonzero(self) -> npt.NDArray[np.bool_]:
+        # (a boolean array: np.flatnonzero on it is several times faster than on the words)
         w = self._swapped
-        return (w[0::2] != 0) | (w[1::2] != 0) if self.extended else w
+        return (w[0::2] != 0) | (w[1::2] != 0) if self.extended else w != 0
 
     def used(self) -> tuple[I64 | None, U64, U64 | None]:
         """(positions, entries, bitmaps) of the entries that are not all zeros, in batch order;

@@ -28,7 +28,7 @@ from qinspect.cli.render import console, err_console, literal, table
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image
 from qinspect.shellquote import UnsafeArgument, command_line
-from qinspect.termtext import for_terminal
+from qinspect.termtext import LIST_LIMIT, bounded, for_terminal
 from qinspect.units import format_size, format_size_exact
 
 # -- shared -------------------------------------------------------------------------------------------
@@ -353,7 +353,8 @@ def _evidence_text(ev: dict[str, int | float | str]) -> str:
             parts.append(f"{k} {v:g}")
         else:
             parts.append(f"{k} {for_terminal(str(v))}")
-    return ", ".join(parts)
+    # Evidence naming every snapshot of 65,536 stays a line here (--output=json has every pair).
+    return bounded(parts, limit=2 * LIST_LIMIT)
 
 
 def _prediction_text(fix: Fix, sp: Space) -> str:
@@ -519,10 +520,17 @@ def _print_space(sp: Space) -> None:
                      f"reserved as zeroed space (unwritten extents), {format_size(gc.get('hole', 0))} holes "
                      f"(host extents by {how})."))
     if sp.snapshots:
+        items = list(sp.snapshots.items())
+        if len(items) > LIST_LIMIT:  # the ones freeing the most, in table order (--output=json: all)
+            keep = {s for s, _b in sorted(items, key=lambda kv: -kv[1])[:LIST_LIMIT]}
+            items = [kv for kv in items if kv[0] in keep]
         st = table("snapshot", "name", "deleting it frees#")
-        for sid, b in sp.snapshots.items():
+        for sid, b in items:
             st.add_row(sid, sp.snapshot_names.get(sid, ""), format_size(b))  # table() escapes the name
         c.print(st)
+        if len(sp.snapshots) > len(items):
+            c.print(Text(f"… and {len(sp.snapshots) - len(items):,} more snapshots (the {len(items)} freeing the most "
+                         "are shown; --output=json lists all)"))
 
 
 __all__ = ["file_map", "layout_json", "run_cache", "run_diagnose", "run_layout", "run_measure"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -38,16 +39,22 @@ MAX_SNAPSHOT_ROWS = 500
 IN_USE_JSON = {"writer": "write", "reader": "read"}
 
 
-def open_checked(path: str, need_files: bool = False, check: bool = False) -> Image:
+def open_checked(path: str, need_files: bool = False, check: bool = False, prefetch: bool = False) -> Image:
     """Open like qemu-img does: fail on anything QEMU would refuse to open.
 
     With `need_files` (map, check), also fail when a backing file or the external data file cannot
     be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
-    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
+    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK). With `prefetch` (a
+    walk of every table follows), a file that is mostly metadata is read ahead (`prefetch_metadata`).
     """
     # The metadata first: a file that is missing or not an image QEMU opens fails here, before the
     # tables' machinery (numpy) is imported; then the image itself (its header is read again).
-    open_checked_meta(path, check=check).close()
+    meta = open_checked_meta(path, check=check)
+    try:
+        if prefetch:
+            prefetch_metadata(meta)
+    finally:
+        meta.close()
     from qinspect.qcow2.image import open_image
 
     img = open_image(path)
@@ -59,6 +66,28 @@ def open_checked(path: str, need_files: bool = False, check: bool = False) -> Im
         img.close()
         raise
     return img
+
+
+PREFETCH = os.environ.get("QINSPECT_PREFETCH", "1") != "0"
+"""Read-ahead of metadata-heavy files before numpy is imported; 0 turns it off (for A/B runs)."""
+PREFETCH_MAX_BYTES = 1 << 30
+PREFETCH_METADATA_SHARE = 2
+"""Prefetch a file only when its allocated bytes are at most this many times the largest its L2
+tables can be (L1 entries x cluster size): then the walk reads most of the file anyway."""
+
+
+def prefetch_metadata(meta: ImageMeta) -> bool:
+    """Start the kernel reading an image file that is mostly metadata (a sparsely written image
+    with small clusters, a metadata-preallocated one) while this process imports numpy: a whole
+    map or check reads nearly all of such a file anyway, and its disk time then overlaps the
+    interpreter's start-up. A file holding much data besides is left alone (reading its data
+    would be waste). Returns whether advice was started."""
+    h = meta.header
+    f = meta.file
+    tables = h.l1_size * h.cluster_size
+    if not PREFETCH or f.allocated_size > min(PREFETCH_MAX_BYTES, PREFETCH_METADATA_SHARE * tables):
+        return False
+    return f.prefetch(f.allocated_size)
 
 
 def open_checked_meta(path: str, check: bool = False) -> ImageMeta:
@@ -198,9 +227,12 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
         ft = table("format specific", "value")
         for k, v in fs["data"].items():
             if k == "bitmaps":
-                for b in v:
+                for b in v[:MAX_SNAPSHOT_ROWS]:  # a directory may name 65,535 bitmaps
                     flags = ", ".join(b["flags"]) or "-"
                     ft.add_row("bitmap", f"{b['name']}: granularity {format_size(b['granularity'])}, flags {flags}")
+                if len(v) > MAX_SNAPSHOT_ROWS:
+                    ft.add_row("bitmap", f"... and {len(v) - MAX_SNAPSHOT_ROWS} more bitmaps (--output=json lists "
+                                         "them all)")
             elif k == "encrypt":
                 ft.add_row("encrypt", _encrypt_summary(v))
             else:
@@ -250,7 +282,8 @@ def _or_empty_entry(runs: Iterator[MapRuns], start: int) -> Iterator[MapRuns]:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    with open_checked(args.image, need_files=True) as img:
+    whole = args.start_offset == 0 and args.max_length is None
+    with open_checked(args.image, need_files=True, prefetch=whole) as img:
         from qinspect.analysis.map import iter_map_runs, write_map_json_runs
         from qinspect.cli.map_output import write_qemu_human, write_table
         from qinspect.malloc import tune_for_bulk_work
@@ -290,7 +323,7 @@ def run_check(args: argparse.Namespace) -> int:
             cmd = f"run qemu-img check -r {for_terminal(args.repair)} on it (its name cannot be pasted safely)"
         raise Qcow2Error(f"qinspect never writes to an image, so it does not repair; to repair it, {cmd}",
                          path=args.image)
-    with open_checked(args.image, need_files=True, check=True) as img:
+    with open_checked(args.image, need_files=True, check=True, prefetch=True) as img:
         from qinspect.analysis.check import check_image
         from qinspect.malloc import tune_for_bulk_work
 
@@ -306,8 +339,9 @@ def run_check(args: argparse.Namespace) -> int:
     # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
     # on stderr in both output formats (QEMU prints them from inside the check), every one of them.
     tail = [for_terminal(line) for line in res.final_lines()]  # "Check failed" comes last
-    # streamed, one line at a time: there may be millions
-    sys.stderr.writelines(for_terminal(line) + "\n" for line in res.iter_stderr_lines())
+    # streamed a block of lines at a time, in constant memory: there may be tens of millions
+    for block in res.iter_stderr_blocks(for_terminal):
+        sys.stderr.write(block)
     sys.stderr.flush()
     if res.failed is None:  # qemu-img prints no counts when the check itself failed
         if args.output == "json":
@@ -320,40 +354,61 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def _print_check(res: CheckResult, live: bool, path: str) -> None:
-    from qinspect.cli.render import console, literal
+    """qemu-img check's human report. Off a terminal it is written as plain lines (what Rich prints
+    there anyway: no colour, no wrapping), so a scripted `qinspect check` never imports Rich."""
+    lines = _check_lines(res, live, path)
+    if not sys.stdout.isatty():
+        sys.stdout.write("".join("".join(text for text, _style in line) + "\n" for line in lines))
+        return
+    from rich.text import Text
+
+    from qinspect.cli.render import console
 
     c = console()
+    for line in lines:
+        c.print(Text.assemble(*line))
+
+
+def _check_lines(res: CheckResult, live: bool, path: str) -> list[list[tuple[str, str]]]:
+    """The report as lines of (text, Rich style) segments; text from the image is escaped here."""
+    out: list[list[tuple[str, str]]] = []
+
+    def line(*segments: str | tuple[str, str]) -> None:
+        out.append([(x, "") if isinstance(x, str) else x for x in segments])
+
     if live:
-        c.print(f"\nSeen while another process is writing the image: {res.corruptions} refcount "
-                f"differences, {res.leaks} leaked clusters.\n"
-                "No verdict: the image is in use and its contents may be changing, so these counts can "
-                "be mid-update rather than corruption.\nCheck it again when the image is not in use "
-                "(qemu-img refuses to check it while it is: \"Failed to get shared 'write' lock\").")
+        line(f"\nSeen while another process is writing the image: {res.corruptions} refcount "
+             f"differences, {res.leaks} leaked clusters.\n"
+             "No verdict: the image is in use and its contents may be changing, so these counts can "
+             "be mid-update rather than corruption.\nCheck it again when the image is not in use "
+             "(qemu-img refuses to check it while it is: \"Failed to get shared 'write' lock\").")
     elif not (res.corruptions or res.leaks or res.check_errors):
-        c.print("No errors were found on the image.")
+        line("No errors were found on the image.")
     else:
         if res.corruptions and res.dirty:
-            c.print(f"\nThe image is [bold]dirty[/] (dirty bit set{', lazy refcounts' if res.lazy_refcounts else ''}): "
-                    f"{res.corruptions} refcount inconsistencies were found, as expected after an unclean shutdown.\n"
-                    "This is not corruption: QEMU rebuilds the refcounts on the next read-write open, "
-                    "or run 'qemu-img check -r all' now.")
+            line("\nThe image is ", ("dirty", "bold"),
+                 f" (dirty bit set{', lazy refcounts' if res.lazy_refcounts else ''}): "
+                 f"{res.corruptions} refcount inconsistencies were found, as expected after an unclean shutdown.\n"
+                 "This is not corruption: QEMU rebuilds the refcounts on the next read-write open, "
+                 "or run 'qemu-img check -r all' now.")
         elif res.corruptions:
-            c.print(f"\n{res.corruptions} errors were found on the image.\n"
-                    "Data may be corrupted, or further writes to the image may corrupt it.")
+            line(f"\n{res.corruptions} errors were found on the image.\n"
+                 "Data may be corrupted, or further writes to the image may corrupt it.")
         if res.leaks:
             try:
                 fix = "Fix: " + command_line(["qemu-img", "check", "-r", "leaks", path])
             except UnsafeArgument:
                 fix = "Fix: qemu-img check -r leaks on this file (its name cannot be pasted into a shell safely)"
-            c.print(f"\n{res.leaks} leaked clusters were found on the image.\n"
-                    "This means waste of disk space, but no harm to data.")
-            c.print(literal(fix))
+            line(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                 "This means waste of disk space, but no harm to data.")
+            line(for_terminal(fix))
         if res.check_errors:
-            c.print(f"\n{res.check_errors} internal errors have occurred during the check.")
+            line(f"\n{res.check_errors} internal errors have occurred during the check.")
     if res.total_clusters and res.allocated_clusters:
         a = res.allocated_clusters
-        c.print(f"{a}/{res.total_clusters} = {a * 100 / res.total_clusters:0.2f}% allocated, "
-                f"{res.fragmented_clusters * 100 / a:0.2f}% fragmented, "
-                f"{res.compressed_clusters * 100 / a:0.2f}% compressed clusters")
+        line(f"{a}/{res.total_clusters} = {a * 100 / res.total_clusters:0.2f}% allocated, "
+             f"{res.fragmented_clusters * 100 / a:0.2f}% fragmented, "
+             f"{res.compressed_clusters * 100 / a:0.2f}% compressed clusters")
     if res.image_end_offset:
-        c.print(f"Image end offset: {res.image_end_offset}")
+        line(f"Image end offset: {res.image_end_offset}")
+    return out

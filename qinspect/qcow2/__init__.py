@@ -7,7 +7,8 @@ and the metadata path (`open_meta`, `ImageMeta`, `fields`, `constants`) never im
 - Opening: `open_image` / `Image` (tables, guest reads, extents), `open_meta` / `ImageMeta` (what
   `qemu-img info` reads, and the backing chain), `Layer`, `MetaLayer`, `RawLayer`.
 - Readers on `Image`: `read_table` (L1, refcount table), `snapshot_l1_table`, `read_l2_table`,
-  `read_l2_batch` (the L2 tables of a range of L1 entries), `read_l2_tables` (L2 tables at given
+  `read_l2_batch` (the L2 tables of a range of L1 entries), `read_l2_nonzero` (the non-zero
+  entries of many L2 tables, read in one host-order sweep), `read_l2_tables` (L2 tables at given
   offsets), `refcount_block`, `stored_refcounts`, `extents`, `lookup`, `read`.
 - Records: `Header`, `HeaderExtension`, `Snapshot`, `Bitmap`, `LuksHeader`, ...; their byte
   layouts in `fields`, the format's constants (QEMU's names) in `constants`.

@@ -55,11 +55,23 @@ class L2Source(Protocol):
     def read_l2_batch(self, i0: int, i1: int, stream: PieceStream | None = None
                       ) -> tuple[U64, U64 | None, npt.NDArray[np.bool_]]: ...
 
+    def read_l2_nonzero(self, l1_indices: I64, max_entries: int) -> tuple[I64, U64] | None: ...
+
 MAX_L1_ENTRIES = C.QCOW_MAX_L1_SIZE // C.L1E_SIZE
 
 # Entries gathered per batch: 64 Ki entries (512 KiB of standard L2 tables) keep every temporary
 # array in the CPU cache, which makes the numpy passes 2-3x faster than with 1 Mi-entry batches.
 BATCH_ENTRIES = 1 << 16
+
+# The sparse path (`_sparse_extents`): L2 tables named out of host order (a file written at random)
+# are read in one host-order sweep and only their non-zero entries decoded, when there are at least
+# SPARSE_MIN_TABLES of them, at least SPARSE_MIN_DESCENTS of consecutive tables (in L1 order) go
+# backwards in the file, and at most SPARSE_MAX_ENTRIES entries are non-zero (else: batches).
+SPARSE_MIN_TABLES = 64
+SPARSE_MIN_DESCENTS = 1 / 8
+SPARSE_MAX_ENTRIES = 1 << 22
+SPARSE_CHUNK = 1 << 16
+"""Non-zero entries decoded per yielded batch on the sparse path."""
 
 OFFSET_TYPES = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC)
 
@@ -151,7 +163,8 @@ def iter_extents(img: L2Source, start: int, end: int, batch_entries: int = BATCH
     shared = np.zeros(len(present), dtype=bool)
     if not h.has_data_file and readable.any():
         srt = np.sort(offs_all[readable])
-        dup = np.unique(srt[1:][srt[1:] == srt[:-1]])
+        dup = srt[1:][srt[1:] == srt[:-1]]  # sorted: drop repeats without np.unique (it imports numpy.ma)
+        dup = dup[np.concatenate(([True], dup[1:] != dup[:-1]))] if len(dup) else dup
         del srt
         if len(dup):
             shared = readable & np.isin(offs_all, dup)
@@ -163,9 +176,22 @@ def iter_extents(img: L2Source, start: int, end: int, batch_entries: int = BATCH
     cat = np.where(shared, 2, np.where(present, 1, 0)).astype(np.int8)
     cuts = (np.flatnonzero(cat[1:] != cat[:-1]) + 1 + first).tolist()
     cache: dict[int, Extents] = {}
+    ordinary = readable & (cat == 1)
+    sparse = _read_sparse(img, first, offs_all, ordinary, (cat == 1) & (offs_all != 0) & ~readable)
+    if sparse is not None:
+        for i, j in zip([first, *cuts], [*cuts, last + 1], strict=True):
+            kind = int(cat[i - first])
+            s, e = max(start, i * span), min(end, j * span)
+            if kind == 0:
+                yield Extents.single(s, e - s, SubclusterType.UNALLOCATED_PLAIN)
+            elif kind == 2:
+                yield from _shared_extents(img, i, offs_all[i - first : j - first], span, cache)
+            else:
+                yield from _sparse_extents(img, sparse, s, e)
+        return
     # One read-ahead stream over the tables of the ordinary batches, in L1 order (the planner reads
     # each window in host order with several requests in flight while the batches are classified).
-    with PieceStream(img.file, offs_all[readable & (cat == 1)], cs, Order.GIVEN) as stream:
+    with PieceStream(img.file, offs_all[ordinary], cs, Order.GIVEN) as stream:
         for i, j in zip([first, *cuts], [*cuts, last + 1], strict=True):
             kind = int(cat[i - first])
             if kind == 0:
@@ -180,6 +206,65 @@ def iter_extents(img: L2Source, start: int, end: int, batch_entries: int = BATCH
             for b in range(i, j, per_batch):
                 b1 = min(j, b + per_batch)
                 yield _table_extents(img, b, b1, max(start, b * span), min(end, b1 * span), stream)
+
+
+def _read_sparse(img: L2Source, first: int, offs: I64, ordinary: npt.NDArray[np.bool_],
+                 unreadable: npt.NDArray[np.bool_]) -> tuple[I64, U64] | None:
+    """The non-zero entries of the ordinary tables (L1 entries first.. where `ordinary`), when the
+    sparse path applies (see SPARSE_MIN_TABLES); None: read them batch by batch."""
+    h = img.header
+    if h.extended_l2 or unreadable.any():
+        return None  # subcluster bitmaps and unaligned tables: the batch path's per-item errors
+    k = np.flatnonzero(ordinary)
+    if len(k) < SPARSE_MIN_TABLES:
+        return None
+    o = offs[k]
+    if int(np.count_nonzero(o[1:] < o[:-1])) < SPARSE_MIN_DESCENTS * (len(k) - 1):
+        return None  # tables in host order already: the batches read them in one sweep
+    return img.read_l2_nonzero(k + first, SPARSE_MAX_ENTRIES)
+
+
+def _sparse_extents(img: L2Source, sparse: tuple[I64, U64], start: int, end: int) -> Iterator[Extents]:
+    """Extents of guest [start, end) from the non-zero entries (guest cluster, entry) of its tables
+    (every other entry is zero: unallocated), SPARSE_CHUNK entries per batch."""
+    cs = img.header.cluster_size
+    n = img.header.l2_size
+    cluster, entries = sparse
+    c_start, c_end = start // cs, -(-end // cs)
+    a = int(np.searchsorted(cluster, c_start, side="left"))
+    b = int(np.searchsorted(cluster, c_end, side="left"))
+    pos = start
+    while True:
+        k = min(b, a + SPARSE_CHUNK)
+        stop = end if k >= b else int(cluster[k]) * cs
+        i0 = (pos // cs) // n
+        base = i0 * n
+        c0 = pos // cs - base
+        c1 = -(-stop // cs) - base
+        r = cluster[a:k] - base
+        m0 = k - a
+        # Items: each non-zero entry, and one zero item for every run of zero entries (before the
+        # first, between two, after the last); an item spans the clusters up to the next item.
+        if m0 == 0:
+            ci = np.array([c0], np.int64)
+            e = np.zeros(1, np.uint64)
+        else:
+            lead = 1 if int(r[0]) > c0 else 0
+            after = np.empty(m0, dtype=bool)
+            after[:-1] = r[1:] > r[:-1] + 1
+            after[-1] = int(r[-1]) + 1 < c1
+            at = np.arange(m0, dtype=np.int64) + lead + np.cumsum(after) - after
+            ci = np.empty(m0 + lead + int(np.count_nonzero(after)), np.int64)
+            e = np.zeros(len(ci), np.uint64)
+            ci[at] = r
+            e[at] = entries[a:k]
+            ci[at[after] + 1] = r[after] + 1
+            if lead:
+                ci[0] = c0
+        yield _standard_extents(img, i0, e, np.zeros(0, dtype=bool), c0, pos, stop, ci)
+        if k >= b:
+            return
+        a, pos = k, stop
 
 
 SHARED_CHUNK = 1 << 16
@@ -228,8 +313,70 @@ def _table_extents(img: L2Source, i0: int, i1: int, start: int, end: int, stream
     if c1 <= c0:
         return Extents.single(start, 0, SubclusterType.UNALLOCATED_PLAIN)
     if bitmaps is None:
-        return _standard_extents(img, i0, entries[c0:c1], bad_l2, c0, start, end)
+        e = entries[c0:c1]
+        runs = _continued_runs(img, e, bad_l2) if COLLAPSE else None
+        if runs is not None:
+            return _standard_extents(img, i0, e[runs], bad_l2, c0, start, end, runs + c0)
+        return _standard_extents(img, i0, e, bad_l2, c0, start, end)
     return _extended_extents(img, i0, entries[c0:c1], bitmaps[c0:c1], bad_l2, c0, start, end)
+
+
+COLLAPSE = True
+"""Collapse runs of entries that continue each other before classifying (`_continued_runs`)."""
+COLLAPSE_MIN_ENTRIES = 64
+COLLAPSE_MAX_RUNS = 1 / 8
+"""Collapse only when the runs are at most this fraction of the entries (else it does not pay)."""
+
+
+def _continued_runs(img: L2Source, e: U64, bad_l2: npt.NDArray[np.bool_]) -> I64 | None:
+    """The first entry of each run of standard L2 entries that continue each other, or None.
+
+    An entry continues the one before it when it is that entry plus one cluster (the next host
+    cluster, same flags: a preallocated or sequentially written image) or the same entry again
+    (unallocated, zero). Such a run is one item of one type, contiguous in host and guest, which
+    the classification then handles as a whole instead of entry by entry. None (classify every
+    entry) when the runs are too many to pay, or when a run would hide what QEMU checks per entry:
+    compressed entries, duplicated host offsets, unaligned offsets, zero flags in a v2 image,
+    unaligned tables, an external data file, or an offset that would carry out of its bits.
+    """
+    h = img.header
+    m = len(e)
+    if m < COLLAPSE_MIN_ENTRIES or h.has_data_file or bad_l2.any():
+        return None
+    cs = np.uint64(h.cluster_size)
+    d = e[1:] - e[:-1]
+    other = np.flatnonzero(d != cs)
+    if len(other) < COLLAPSE_MAX_RUNS * m:
+        # Only runs of consecutive host clusters (a preallocated image): two passes find them.
+        heads = np.concatenate((np.zeros(1, np.int64), other + 1))
+        step: npt.NDArray[np.bool_] | None = None
+    else:
+        step = d == cs
+        brk = np.empty(m, dtype=bool)
+        brk[0] = True
+        np.not_equal(d, np.uint64(0), out=brk[1:])
+        brk[1:] &= ~step
+        brk[2:] |= step[1:] != step[:-1]  # a run keeps one kind of continuation
+        heads = np.flatnonzero(brk)
+        if len(heads) > COLLAPSE_MAX_RUNS * m:
+            return None
+    run_len = np.diff(np.append(heads, m))
+    multi = run_len > 1
+    if not multi.any():
+        return heads
+    mh = heads[multi]
+    he = e[mh]
+    off = he & np.uint64(C.L2E_OFFSET_MASK)
+    by_step = np.ones(len(mh), dtype=bool) if step is None else step[mh]
+    bad = (he & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+    bad |= by_step & ((off == 0) | ((off & (cs - np.uint64(1))) != 0)
+                      | (((off + (run_len[multi] - 1).astype(np.uint64) * cs) & ~np.uint64(C.L2E_OFFSET_MASK)) != 0))
+    bad |= ~by_step & (off != 0)
+    if h.version < 3:
+        bad |= (he & np.uint64(C.QCOW_OFLAG_ZERO)) != 0
+    if bad.any():
+        return None
+    return heads
 
 
 _IS_OFF = np.zeros(8, dtype=bool)
@@ -237,8 +384,11 @@ _IS_OFF[list(OFFSET_TYPES)] = True
 
 
 def _standard_extents(img: L2Source, i0: int, e: U64, bad_l2: npt.NDArray[np.bool_], c0: int,
-                      start: int, end: int) -> Extents:
-    """One item per cluster: classify with a lookup table, cut where type or contiguity changes."""
+                      start: int, end: int, ci: I64 | None = None) -> Extents:
+    """One item per cluster: classify with a lookup table, cut where type or contiguity changes.
+
+    Item k is cluster c0 + k of the batch (of L1 entry i0 on); with `ci`, item k is cluster ci[k]
+    of the batch and spans the clusters up to the next item's (the sparse path's zero items)."""
     h = img.header
     cs = h.cluster_size
     fmt = img.l2_format
@@ -270,7 +420,8 @@ def _standard_extents(img: L2Source, i0: int, e: U64, bad_l2: npt.NDArray[np.boo
     if fmt.has_data_file:
         if compressed.any():
             _err()[compressed] = ExtentError.COMPRESSED_WITH_DATA_FILE
-        guest_u = (np.arange(m, dtype=np.uint64) + np.uint64(cidx0)) * np.uint64(cs)
+        guest_u = ((np.arange(m, dtype=np.uint64) + np.uint64(cidx0)) if ci is None
+                   else (ci + i0 * n).astype(np.uint64)) * np.uint64(cs)
         mism = is_off & (host != guest_u)
         if mism.any():
             _err()[mism] = ExtentError.DATA_FILE_OFFSET_MISMATCH
@@ -280,7 +431,7 @@ def _standard_extents(img: L2Source, i0: int, e: U64, bad_l2: npt.NDArray[np.boo
         if unal.any():
             _err()[unal] = ExtentError.UNALIGNED_DATA
     if bad_l2.any():
-        tables = (np.arange(m, dtype=np.int64) + c0) // n
+        tables = (np.arange(m, dtype=np.int64) + c0 if ci is None else ci) // n
         bad_items = bad_l2[tables]
         if bad_items.any():
             _err()[bad_items] = ExtentError.UNALIGNED_L2
@@ -293,7 +444,8 @@ def _standard_extents(img: L2Source, i0: int, e: U64, bad_l2: npt.NDArray[np.boo
         brk = np.empty(m, dtype=bool)
         brk[0] = True
         np.not_equal(types[1:], types[:-1], out=brk[1:])
-        gap = (host[1:] - host[:-1]) != np.uint64(cs)
+        gap = (host[1:] - host[:-1]) != (np.uint64(cs) if ci is None
+                                         else (ci[1:] - ci[:-1]).astype(np.uint64) * np.uint64(cs))
         gap &= is_off[1:]
         brk[1:] |= gap
         brk[1:] |= compressed[1:]
@@ -304,13 +456,20 @@ def _standard_extents(img: L2Source, i0: int, e: U64, bad_l2: npt.NDArray[np.boo
     else:
         idx = np.zeros(1, dtype=np.int64)
     nxt = np.empty(len(idx), dtype=np.int64)
-    nxt[:-1] = idx[1:]
-    nxt[-1] = m
-    guest = (idx + cidx0) * cs
-    length = (nxt - idx) * cs
+    if ci is None:
+        nxt[:-1] = idx[1:]
+        nxt[-1] = m
+        first_c = idx + c0
+        nxt += c0
+    else:
+        first_c = ci[idx]
+        nxt[:-1] = first_c[1:]
+        nxt[-1] = -(-end // cs) - i0 * n
+    guest = (first_c + i0 * n) * cs
+    length = (nxt - first_c) * cs
     ex_err = err[idx] if err is not None else np.zeros(len(idx), dtype=np.uint8)
     ex = Extents(guest.astype(np.int64), length.astype(np.int64), types[idx], host[idx], ex_err,
-                 _where(img, i0, idx + c0, ex_err))
+                 _where(img, i0, first_c, ex_err))
     _clip(ex, start, end)
     return ex
 
@@ -381,7 +540,7 @@ def _extended_extents(img: L2Source, i0: int, entries: U64, bitmaps: U64, bad_l2
         item_c = np.repeat(np.arange(len(entries)), counts)
         first_item = np.cumsum(counts) - counts
         sc = np.zeros(len(item_c), dtype=np.int64)
-        pos_nu = np.flatnonzero(starts)  # row-major: the mixed clusters' items, in order
+        pos_nu = np.flatnonzero(starts != 0)  # row-major: the mixed clusters' items, in order
         cnt_nu = counts[nu]
         dest = np.repeat(first_item[nu], cnt_nu) + (np.arange(len(pos_nu)) - np.repeat(np.cumsum(cnt_nu) - cnt_nu,
                                                                                        cnt_nu))

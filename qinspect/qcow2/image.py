@@ -38,8 +38,11 @@ from qinspect.qcow2.planner import Order, PieceStream, read_pieces
 from qinspect.qcow2.refcount import decode_refcount_block
 
 U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
 L2Stream = PieceStream
 CACHE_BYTES = 32 * 1024 * 1024
+NONZERO_TAKE_BYTES = 1024 * 1024
+"""Bytes of tables filtered per pass by `read_l2_nonzero` (its temporaries stay this small)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,51 @@ class Image(ImageMeta):
         if self.header.extended_l2:
             return words[0::2], words[1::2], unaligned
         return words, None, unaligned
+
+    def read_l2_nonzero(self, l1_indices: npt.NDArray[np.int64], max_entries: int
+                        ) -> tuple[npt.NDArray[np.int64], U64] | None:
+        """The non-zero entries of the L2 tables of the given L1 entries (ascending; each with an
+        aligned table offset), as (guest cluster index, entry), in guest order.
+
+        The tables are read in host order, one sweep of the file through the planner, whatever
+        order the L1 table names them in, and only their non-zero entries are kept: a sparsely
+        used image scattered over its file (4 KiB clusters, random writes: thousands of tables of
+        a few entries each) is read as fast as the file and decoded in one pass. Standard L2 only.
+        None when more than `max_entries` entries are non-zero (memory is bounded; read such
+        tables with `read_l2_batch`).
+        """
+        n = self.header.l2_size
+        shift = n.bit_length() - 1  # l2_size is a power of two
+        idx1 = np.asarray(l1_indices, dtype=np.int64)
+        offs = (self.l1_table[idx1] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+        counts = np.zeros(len(idx1), np.int64)  # non-zero entries per table, in L1 order
+        parts: list[tuple[I64, npt.NDArray[np.uint16], npt.NDArray[np.uint64]]] = []
+        total = 0
+        with PieceStream(self.file, offs, self.cluster_size, Order.HOST) as stream:
+            for pieces, buf in stream.batches(max(1, NONZERO_TAKE_BYTES // self.cluster_size)):
+                words = buf.view(np.uint64)  # still big-endian: zero or not is the same
+                nz = np.flatnonzero(words != 0)  # (6x faster than on the words themselves)
+                total += len(nz)
+                if total > max_entries:
+                    return None
+                tab = nz >> shift
+                counts[pieces] = np.bincount(tab, minlength=len(pieces))
+                parts.append((pieces[tab], (nz & (n - 1)).astype(np.uint16), words[nz]))
+        # Entries in guest order without a sort: each table's entries are in order already, and
+        # each table's first entry goes where the tables before it (in L1 order) end.
+        first = np.cumsum(counts) - counts
+        cluster = np.empty(total, np.int64)
+        entries = np.empty(total, np.uint64)
+        for piece, pos, vals in parts:
+            k = np.arange(len(piece), dtype=np.int64)
+            head = np.flatnonzero(np.concatenate(([True], piece[1:] != piece[:-1]))) if len(piece) else k
+            rank = k - np.repeat(head, np.diff(np.append(head, len(piece))))
+            dest = first[piece] + rank
+            cluster[dest] = (idx1[piece] << shift) + pos
+            entries[dest] = vals
+        if sys.byteorder == "little":
+            entries.byteswap(inplace=True)
+        return cluster, entries
 
     def _l2_offsets(self, i0: int, i1: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_],
                                                       npt.NDArray[np.bool_]]:

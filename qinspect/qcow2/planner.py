@@ -48,8 +48,8 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -90,6 +90,10 @@ by one thread (the kernel's own read-ahead streams it; several threads on one fi
 only break its sequence up); sparser windows are spread over the pool."""
 
 _POOL_SIZES = {"read": max(1, WORKERS), "sweep": 1, "advice": 2}
+if TYPE_CHECKING:  # imported with the first pool: a small image's command (all reads in the calling
+    # thread) never loads concurrent.futures, nor the logging it imports
+    from concurrent.futures import Future, ThreadPoolExecutor
+
 _pools: dict[str, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
@@ -111,6 +115,8 @@ def _executor(kind: str = "read") -> ThreadPoolExecutor:
     with _pool_lock:
         pool = _pools.get(kind)
         if pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             pool = _pools[kind] = ThreadPoolExecutor(max_workers=_POOL_SIZES[kind],
                                                      thread_name_prefix=f"qinspect-io-{kind}")
         return pool
@@ -200,10 +206,7 @@ class _Window:
         ntask = min(len(rs), 2 * WORKERS) if WORKERS > 1 else 1
         rsl, rel, pos = rs.tolist(), re_.tolist(), self.req_pos.tolist()
         if ntask <= 1 or (len(rs) <= SYNC_REQUESTS and int(cum[-1]) <= SYNC_BYTES):
-            f: Future[None] = Future()
-            _read_into(stream.file, self.buf, rsl, rel, pos)
-            f.set_result(None)
-            self.futures.append(f)
+            _read_into(stream.file, self.buf, rsl, rel, pos)  # read now: nothing to wait for
         elif int(cum[-1]) >= DENSE * (int(re_[-1]) - int(rs[0])):
             # Mostly contiguous: one sequential task, windows one after another on one thread.
             self.futures.append(_executor("sweep").submit(_read_into, stream.file, self.buf, rsl, rel, pos))

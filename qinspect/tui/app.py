@@ -91,11 +91,11 @@ class QInspectApp(App[int]):
         """Open an image and show it (or the error screen)."""
         name = self.display_as if path == self.path and self.display_as else display_name(path)
         try:
-            session = open_session(path, name)
+            # The overview's first frame needs the metadata only (no numpy, no tables); the other
+            # views read tables as they are built.
+            session = open_session(path, name, load=self.start_view != "overview")
         except Qcow2Error as e:
-            where = f" (offset {e.offset})" if e.offset is not None else ""
-            error_screen = ErrorScreen(for_terminal(name), for_terminal(e.message + where))
-            self.push_screen(error_screen, self._error_done)
+            self.push_screen(ErrorScreen(for_terminal(name), for_terminal(error_text(e))), self._error_done)
             return
         else:
             if self.session is not None:
@@ -109,6 +109,15 @@ class QInspectApp(App[int]):
             self.switch_screen(screen)
         else:
             self.push_screen(screen)
+
+    def open_failed(self, screen: Screen[None], name: str, error: Exception) -> None:
+        """The image's tables could not be read after its first frame: its screen gives way to
+        the error screen."""
+        text = error_text(error) if isinstance(error, Qcow2Error) else (
+            error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+        if self.screen is screen and len(self.screen_stack) > 1:
+            self.pop_screen()
+        self.push_screen(ErrorScreen(name, for_terminal(text)), self._error_done)
 
     def _error_done(self, result: str | None) -> None:
         """The error screen closed: `open` shows the picker, `back` the screen below, else quit."""
@@ -141,6 +150,11 @@ class QInspectApp(App[int]):
     def on_unmount(self) -> None:
         if self.session is not None:
             self.session.close()
+
+
+def error_text(e: Qcow2Error) -> str:
+    """What the error screen says about an image that cannot be opened."""
+    return e.message + (f" (offset {e.offset})" if e.offset is not None else "")
 
 
 def run_app(path: str | None) -> int:

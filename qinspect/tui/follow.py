@@ -110,7 +110,7 @@ def refresh_changed(s: Session) -> Changes | None:
     tables = sorted({t for t in changed if t < new_gm.n_dense} | set(extra))
     for t in tables:
         before = gm.chunk(t) if t < gm.n_dense else None
-        new_gm.compute(fresh, t, t + 1)
+        new_gm.compute(fresh, t, t + 1, shared=False)  # this table as it is now
         after = new_gm.chunk(t)
         if after is None:
             continue

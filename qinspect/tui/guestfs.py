@@ -66,8 +66,11 @@ class GuestFs:
         try:
             with open_image(self.path) as img:
                 view = inspect_guest(img, cancelled=cancelled)
-                freed = np.zeros(n_clusters, dtype=np.uint8)
-                for s, e in view.reclaimable.pairs():
+                # one byte per guest cluster, only when the guest freed something (16 MiB on 1 TiB)
+                pairs = list(view.reclaimable.pairs())
+                freed = np.zeros(n_clusters, dtype=np.uint8) if pairs else None
+                for s, e in pairs:
+                    assert freed is not None
                     freed[s // cluster_size : min(n_clusters, e // cluster_size)] = 1
                 with self._lock:
                     self.view, self._freed, self.ready = view, freed, True

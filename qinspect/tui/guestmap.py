@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 
 from qinspect.qcow2 import constants as C
-from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
+from qinspect.qcow2.image import Image, Layer, RawLayer
 from qinspect.qcow2.l2 import SubclusterType
 from qinspect.tui.palette import GUEST_COLOURS, GUEST_LETTERS, NSTATES, G, backing_state
 
@@ -32,7 +31,7 @@ GL_UNKNOWN, GL_EMPTY, GL_LIGHT, GL_MEDIUM, GL_DARK, GL_FULL = range(6)
 
 # Per-cluster states kept in memory at most (bytes); older table chunks are dropped (their
 # per-table counts stay).
-CHUNK_BUDGET = 32 << 20
+CHUNK_BUDGET = 8 << 20  # a screenful at one cluster per cell is ~6,000 clusters; the rest is counts
 
 _SC_TO_G = np.zeros(8, dtype=np.uint8)
 _SC_TO_G[SubclusterType.UNALLOCATED_PLAIN] = G.UNALLOCATED
@@ -55,57 +54,6 @@ def majority(counts: npt.NDArray[np.int64]) -> U8:
     c[:, _ALLOC_COLS] *= 2
     out: U8 = np.argmax(c, axis=1).astype(np.uint8)
     return out
-
-
-class ImagePool:
-    """Images for worker threads. `Image` keeps LRU caches and is not thread-safe, so every
-    thread borrows an image of its own (opening one more when all are busy)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._free: list[Image] = []
-        self._all: list[Image] = []
-        self._lock = threading.Lock()
-        self._generation = 0
-
-    def open(self) -> Image:
-        """One more image of the file (subclasses check that it is still the same file)."""
-        return open_image(self.path)
-
-    @contextmanager
-    def borrow(self) -> Iterator[Image]:
-        with self._lock:
-            img = self._free.pop() if self._free else None
-            generation = self._generation
-        if img is None:
-            img = self.open()
-            with self._lock:
-                self._all.append(img)
-        try:
-            yield img
-        finally:
-            with self._lock:
-                if generation == self._generation:
-                    self._free.append(img)
-                else:
-                    img.close()
-                    self._all.remove(img)
-
-    def reset(self) -> None:
-        """Drop the idle images (the file changed: their caches are stale); busy ones go when returned."""
-        with self._lock:
-            for img in self._free:
-                img.close()
-                self._all.remove(img)
-            self._free.clear()
-            self._generation += 1
-
-    def close(self) -> None:
-        with self._lock:
-            for img in self._all:
-                img.close()
-            self._all.clear()
-            self._free.clear()
 
 
 def extents_to_clusters(guest: I64, length: I64, codes: U8, g0: int, n: int, cs: int, g_end: int) -> U8:
@@ -210,6 +158,29 @@ class GuestMap:
         self._lock = threading.Lock()
         self.version = 0
         self.backing_error: str | None = None
+        # L2 tables that several L1 entries point at (hostile images share one table millions of
+        # times): in an image without a backing file every full-size table with the same L2 table
+        # has the same states, so each distinct table is classified once and its counts copied
+        # (`_shared`: representative table -> the other tables pointing at its L2 table).
+        self._shared: dict[int, npt.NDArray[np.int32]] = {}
+        self._rep: npt.NDArray[np.int32] | None = None  # per table: its representative, or -1
+        if not self.has_backing:
+            k = min(n_l1, self.n_dense, self.n_clusters // self.l2_size)  # full-size tables only
+            offs = l1[:k] & np.uint64(C.L1E_OFFSET_MASK)
+            idx = np.flatnonzero(offs != 0)
+            if len(idx) > 1:
+                order = np.argsort(offs[idx], kind="stable")
+                sorted_offs = offs[idx][order]
+                starts = np.flatnonzero(np.r_[True, sorted_offs[1:] != sorted_offs[:-1]])
+                sizes = np.diff(np.r_[starts, len(order)])
+                groups = np.flatnonzero(sizes > 1)
+                rep_of = np.full(self.n_dense, -1, dtype=np.int32)
+                for g in groups.tolist():
+                    members = idx[order[starts[g] : starts[g] + sizes[g]]]  # ascending (stable sort)
+                    self._shared[int(members[0])] = members[1:].astype(np.int32)
+                    rep_of[members[1:]] = members[0]
+                if len(groups):
+                    self._rep = rep_of
         # Tables with no L2 table in an image without a backing file are known without any read.
         if not self.has_backing:
             dense_l2 = np.zeros(self.n_dense, dtype=bool)
@@ -263,11 +234,28 @@ class GuestMap:
         return int(self.scanned.sum()) + self.n_tables - self.n_dense
 
     # -- computing ----------------------------------------------------------------------------------
-    def compute(self, img: Image, t0: int, t1: int) -> None:
-        """Read and classify tables [t0, t1) with `img` (a worker's own image) and store them."""
+    def compute(self, img: Image, t0: int, t1: int, *, shared: bool = True) -> None:
+        """Read and classify tables [t0, t1) with `img` (a worker's own image) and store them; a
+        table sharing its L2 table with an earlier one gets that one's states (classified once).
+        `shared=False` reads every table of the range (a followed image's L1 may have changed)."""
         t1 = min(t1, self.n_dense)
         if t0 >= t1:
             return
+        if self._rep is None or not shared:
+            self._classify(img, t0, t1, shared)
+            return
+        reps = self._rep[t0:t1]
+        for r in np.unique(reps[reps >= 0]).tolist():
+            if not self.scanned[r]:
+                self._classify(img, r, r + 1)  # its copies get its states as it is stored
+        # runs of tables with an L2 table of their own, not classified yet
+        own = np.flatnonzero((reps < 0) & ~self.scanned[t0:t1])
+        if len(own):
+            cuts = np.flatnonzero(np.diff(own) != 1) + 1
+            for run in np.split(own, cuts):
+                self._classify(img, t0 + int(run[0]), t0 + int(run[-1]) + 1)
+
+    def _classify(self, img: Image, t0: int, t1: int, shared: bool = True) -> None:
         layers, err = img.open_chain()
         if err is not None:
             self.backing_error = str(err)
@@ -276,9 +264,9 @@ class GuestMap:
         g0 = c0 * self.cluster_size
         g1 = min(c1 * self.cluster_size, self.virtual_size)
         states = chain_states(layers, g0, g1, self.cluster_size)
-        self.store(t0, states)
+        self.store(t0, states, shared)
 
-    def store(self, t0: int, states: U8) -> None:
+    def store(self, t0: int, states: U8, shared: bool = True) -> None:
         n_t = min(-(-len(states) // self.l2_size), self.n_dense - t0)
         if n_t <= 0:
             return
@@ -288,6 +276,12 @@ class GuestMap:
         with self._lock:
             self.counts[t0 : t0 + n_t] = flat
             self.scanned[t0 : t0 + n_t] = True
+            if self._shared and shared:
+                for r in range(t0, t0 + n_t):
+                    others = self._shared.get(r)
+                    if others is not None:  # the same L2 table elsewhere: the same states
+                        self.counts[others] = self.counts[r]
+                        self.scanned[others] = True
             for k in range(n_t):
                 chunk = states[k * self.l2_size : (k + 1) * self.l2_size]
                 self._chunks[t0 + k] = chunk

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.message import Message
 
 from qinspect.tui.session import Step
-from qinspect.tui.structs import StructRef
+
+if TYPE_CHECKING:  # the structure models import numpy: not needed to start the app
+    from qinspect.tui.structs import StructRef
 
 
 class ShowGuest(Message):

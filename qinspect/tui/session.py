@@ -1,5 +1,10 @@
 """One open image and everything computed about it so far (no Textual here).
 
+An image is opened in two steps: its metadata (`ImageMeta`: header, extensions, snapshots, LUKS,
+backing chain; no numpy) when the session is made, which is all the first frame shows, and its
+tables (`load()`: L1 and refcount tables, the guest map) once the first frame is on screen, or
+as soon as anything asks for `img`, `layers` or `guest`.
+
 The main thread uses `img` (lookups for the inspector, tables for the Structures view); every
 scan runs in a worker thread with an image of its own from `pool`. Results land here: the guest
 map fills in table by table, the other analyses are set when they finish (or stay None when
@@ -21,15 +26,15 @@ import shlex
 import time
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from qinspect.analysis.progress import CancelledFn, ProgressFn
 from qinspect.qcow2.errors import Problem, Qcow2Error
 from qinspect.qcow2.hostfile import FileIdentity
-from qinspect.qcow2.image import Image, Layer, RawLayer, open_image
+from qinspect.qcow2.meta import ImageMeta
 from qinspect.termtext import for_terminal
 from qinspect.tui.fmt import display_name
-from qinspect.tui.guestmap import GuestMap, ImagePool
+from qinspect.tui.pool import ImagePool
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,10 +44,14 @@ if TYPE_CHECKING:
     from qinspect.analysis.diagnose import Diagnosis
     from qinspect.analysis.layout import Layout
     from qinspect.analysis.space import Space
+    from qinspect.qcow2.image import Image, Layer
+    from qinspect.tui.guestmap import GuestMap
 
 # Clusters classified per worker step of the guest-map scan (a few L2 tables at a time): small
 # enough that one step holds the interpreter for a few milliseconds, so keys stay responsive.
 SCAN_STEP_CLUSTERS = 1 << 16
+# Tables looked at, at most, to find the next one still unknown (past runs of known tables).
+SKIP_AHEAD = 1 << 16
 
 
 class Step(StrEnum):
@@ -95,6 +104,8 @@ class CheckedPool(ImagePool):
         self.identity = identity
 
     def open(self) -> Image:
+        from qinspect.qcow2.image import open_image
+
         img = open_image(self.path)
         now = FileIdentity.of_fd(img.file.fd)
         if not now.same_file(self.identity):
@@ -107,19 +118,28 @@ class CheckedPool(ImagePool):
 class Session:
     """The open image, its worker pool and the analyses' results."""
 
-    def __init__(self, path: str, name: str | None = None) -> None:
+    def __init__(self, path: str, name: str | None = None, *, load: bool = True) -> None:
         self.path = path
         self.name = for_terminal(name or display_name(path))
-        self.img: Image = open_image(path)
-        self.identity = FileIdentity.of_fd(self.img.file.fd)
+        # The metadata (header, extensions, snapshots, LUKS, backing chain) is read now: it is what
+        # the first frame shows, and what makes a file that is not a usable image fail here. The
+        # tables (and numpy) come with `load()`, after the first frame unless `load`.
+        self._meta: ImageMeta | None = ImageMeta(path)
+        self.identity = FileIdentity.of_fd(self._meta.file.fd)
         self.pool = CheckedPool(path, self.identity)
-        layers, chain_error = self.img.open_chain()
-        self.layers: list[Layer] = layers
-        backing_size = max((layer.virtual_size for layer in self.layers[1:]), default=0)
-        self.guest = GuestMap(self.img, backing_size)
+        meta_layers, chain_error = self._meta.open_chain()
+        self._depth = len(meta_layers)
         self.chain_error = self.clean(str(chain_error)) if chain_error is not None else None
-        if self.chain_error:
-            self.guest.backing_error = self.chain_error
+        self._img: Image | None = None
+        self._layers: list[Layer] = []
+        self._guest: GuestMap | None = None
+        if load:
+            try:
+                self.load()
+            except BaseException:
+                self.pool.close()
+                self._meta.close()
+                raise
         self.layout: Layout | None = None
         self.check: CheckResult | None = None
         self.diagnosis: Diagnosis | None = None
@@ -135,6 +155,73 @@ class Session:
         # host clusters in use (any owner but free / past the end) when the first change was seen
         self.follow_host_base: npt.NDArray[np.bool_] | None = None
         self._retired: list[Image] = []
+
+    # -- the image's tables, opened after the first frame -------------------------------------------
+    def load(self) -> None:
+        """Open the image with its tables, its backing chain and the guest map (imports numpy).
+        Raises `Qcow2Error` (or `OSError`) when they cannot be read; a no-op once loaded."""
+        if self._img is not None:
+            return
+        from qinspect.tui.guestmap import GuestMap
+
+        img = self.pool.open()  # the same file as the metadata's (refused if replaced since)
+        try:
+            layers, chain_error = img.open_chain()
+            backing_size = max((layer.virtual_size for layer in layers[1:]), default=0)
+            guest = GuestMap(img, backing_size)
+        except BaseException:
+            img.close()
+            raise
+        self._img, self._layers, self._guest = img, layers, guest
+        self._depth = len(layers)
+        self.chain_error = self.clean(str(chain_error)) if chain_error is not None else None
+        if self.chain_error:
+            guest.backing_error = self.chain_error
+        if self._meta is not None:
+            self._meta.close()
+            self._meta = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._img is not None
+
+    @property
+    def img(self) -> Image:
+        """The image with its tables (opened now if it was not)."""
+        self.load()
+        assert self._img is not None
+        return self._img
+
+    @img.setter
+    def img(self, img: Image) -> None:
+        self.load()
+        self._img = img
+
+    @property
+    def layers(self) -> list[Layer]:
+        self.load()
+        return self._layers
+
+    @property
+    def guest(self) -> GuestMap:
+        self.load()
+        assert self._guest is not None
+        return self._guest
+
+    @guest.setter
+    def guest(self, guest: GuestMap) -> None:
+        self.load()
+        self._guest = guest
+
+    @property
+    def meta(self) -> ImageMeta:
+        """The image's metadata (header, file, LUKS): what the first frame shows, before `load()`."""
+        return self._img if self._img is not None else cast(ImageMeta, self._meta)
+
+    @property
+    def depth(self) -> int:
+        """Layers in the backing chain that can be opened, this image included."""
+        return self._depth
 
     def clean(self, text: str, multiline: bool = False) -> str:
         """`text` with this image's path shown as on screen (no absolute, machine-specific paths),
@@ -159,7 +246,10 @@ class Session:
 
     def close(self) -> None:
         self.pool.close()
-        self.img.close()
+        if self._img is not None:
+            self._img.close()
+        if self._meta is not None:
+            self._meta.close()
         for img in self._retired:
             img.close()
         self._retired.clear()
@@ -168,7 +258,7 @@ class Session:
     @property
     def in_use(self) -> InUse | None:
         """Whether a running QEMU holds the image's locks (asked now; never takes a lock)."""
-        state = self.img.file.lock_state()
+        state = self.meta.file.lock_state()
         return InUse.WRITE if state == "writer" else InUse.READ if state == "reader" else None
 
     def changed(self) -> str | None:
@@ -180,6 +270,8 @@ class Session:
         return None if why is None else f"the file was {why} since it was opened"
 
     def layer_infos(self) -> list[LayerInfo]:
+        from qinspect.qcow2.image import Image, RawLayer
+
         out = []
         for depth, layer in enumerate(self.layers):
             if depth == 0:
@@ -208,6 +300,8 @@ class Session:
     # -- scans (run in worker threads) --------------------------------------------------------------------
     def scan_guest(self, progress: ProgressFn, cancelled: CancelledFn, first: tuple[int, int] | None = None) -> None:
         """Classify every L2 table not yet known; tables [first) before the others."""
+        import numpy as np
+
         gm = self.guest
         step = max(1, SCAN_STEP_CLUSTERS // gm.l2_size)
         order: list[tuple[int, int]] = []
@@ -232,6 +326,9 @@ class Session:
                         gm.compute(img, a, b)
                         done += int(gm.scanned[t:end].sum()) - before
                     t += step
+                    if not todo:  # known already (tables sharing an L2 table scanned before): skip them
+                        ahead = ~gm.scanned[t : min(hi, gm.n_dense, t + SKIP_AHEAD)]
+                        t += int(np.argmax(ahead)) if ahead.any() else len(ahead)
                     progress(done, total)
                     time.sleep(0)  # let the main thread take the interpreter between two steps
         progress(total, total)
@@ -258,14 +355,15 @@ class Session:
         from qinspect.analysis.walks import check_and_layout
 
         with self.pool.borrow() as img:
-            self.check, self.layout = check_and_layout(img, progress, cancelled)
+            check, layout = check_and_layout(img, progress, cancelled)
+        self.check, self.layout = compact_check(check), layout
         return self.layout
 
     def run_check(self, progress: ProgressFn, cancelled: CancelledFn) -> CheckResult:
         from qinspect.analysis.check import check_image
 
         with self.pool.borrow() as img:
-            self.check = check_image(img, progress, cancelled)
+            self.check = compact_check(check_image(img, progress, cancelled))
         return self.check
 
     def run_diagnose(self, progress: ProgressFn, cancelled: CancelledFn) -> Diagnosis:
@@ -309,9 +407,21 @@ class Session:
         return step not in self.pending_steps()
 
 
-def open_session(path: str, name: str | None = None) -> Session:
-    """Open `path` (raises `Qcow2Error` when it is not a usable qcow2 image)."""
+def compact_check(check: CheckResult) -> CheckResult:
+    """`check` without its per-host-cluster arrays (references and stored refcounts): no view
+    reads them (the layout has the same numbers, and the views read the layout's), and on a 1 TiB
+    image they take 96 MiB."""
+    import numpy as np
+
+    check.reference = np.zeros(0, np.uint32)
+    check.stored = np.zeros(0, check.stored.dtype)
+    return check
+
+
+def open_session(path: str, name: str | None = None, *, load: bool = True) -> Session:
+    """Open `path` (raises `Qcow2Error` when it is not a usable qcow2 image); without `load`, only
+    its metadata is read now (`Session.load()` reads the tables)."""
     try:
-        return Session(path, name)
+        return Session(path, name, load=load)
     except OSError as e:
         raise Qcow2Error(e.strerror or str(e), path=path) from None

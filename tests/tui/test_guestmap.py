@@ -145,3 +145,29 @@ def test_majority_ties_go_to_what_is_allocated() -> None:
     c[1, G.UNALLOCATED], c[1, G.DATA] = 8, 8
     c[2, G.ZERO_PLAIN], c[2, G.DATA], c[2, G.UNALLOCATED] = 5, 4, 7
     assert majority(c).tolist() == [G.UNALLOCATED, G.DATA, G.UNALLOCATED]
+
+
+def test_tables_sharing_one_l2_table_are_classified_once(tmp_path: Any) -> None:
+    """A hostile image (one L2 table behind every L1 entry) maps in bounded time, and the counts
+    copied from the shared table are the ones classifying every table gives."""
+    import shutil
+    import time
+
+    from fuzz.amplify import GENERATORS
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("needs qemu-img")
+    path = GENERATORS["shared_l2"](tmp_path, 0.02)
+    with open_image(str(path)) as img:
+        gm = GuestMap(img)
+        assert gm._shared, "the generator's L1 entries share an L2 table"
+        t0 = time.monotonic()
+        gm.compute(img, 0, gm.n_dense)
+        took = time.monotonic() - t0
+        assert gm.complete
+        slow = GuestMap(img)
+        some = sorted({0, 1, gm.n_dense // 2, gm.n_dense - 1})
+        for t in some:  # each table on its own, without the sharing
+            slow.compute(img, t, t + 1, shared=False)
+            assert (slow.counts[t] == gm.counts[t]).all(), t
+    assert took < 10, took

@@ -11,7 +11,7 @@ from __future__ import annotations
 from qinspect.analysis.findings.common import path_arg, pct, plural, size_text
 from qinspect.analysis.findings.model import Category, Context, ConvertWish, Finding, Fix, Severity
 from qinspect.analysis.findings.registry import rule
-from qinspect.termtext import for_terminal
+from qinspect.termtext import LIST_LIMIT, bounded, for_terminal
 
 SPACE_MIN_BYTES = 1 << 20
 SPACE_MIN_SHARE = 0.10
@@ -165,7 +165,13 @@ def snapshot_space(c: Context) -> Finding | None:
     sid, _b = max(sp.snapshots.items(), key=lambda kv: kv[1])
     name = sp.snapshot_names.get(sid, sid)
     frees_disk = sp.snapshot_disk.get(sid, 0)
-    per = ", ".join(f"'{for_terminal(sp.snapshot_names.get(s, s))}' {size_text(b)}" for s, b in sp.snapshots.items())
+    # Named in table order; past LIST_LIMIT only those freeing the most (the evidence has every one).
+    items = list(sp.snapshots.items())
+    if len(items) > LIST_LIMIT:
+        keep = {s for s, _b in sorted(items, key=lambda kv: -kv[1])[:LIST_LIMIT]}
+        items = [kv for kv in items if kv[0] in keep]
+    per = bounded([f"'{for_terminal(sp.snapshot_names.get(s, s))}' {size_text(b)}" for s, b in items],
+                  total=len(sp.snapshots))
     return Finding(
         "snapshot-space", severity(held, c.file_size),
         f"{plural(len(c.img.snapshots), 'internal snapshot')} hold {size_text(held)} the current disk no longer uses",

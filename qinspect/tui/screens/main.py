@@ -22,10 +22,11 @@ from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.containers import Container
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Footer, Static, TabbedContent, TabPane, Tabs
+from textual.widgets import ContentSwitcher, Footer, Static
 from textual.worker import Worker, get_current_worker
 
 from qinspect.analysis.progress import Cancelled
@@ -47,6 +48,7 @@ from qinspect.tui.session import Session, Step
 from qinspect.tui.views.base import View
 from qinspect.tui.widgets.header import HeaderBar
 from qinspect.tui.widgets.status import ScanStatus
+from qinspect.tui.widgets.viewstrip import ViewStrip
 
 # (id, tab label): labels short enough that all seven tabs fit in 80 columns.
 VIEWS: tuple[tuple[str, str], ...] = (
@@ -92,6 +94,24 @@ def view_class(vid: str) -> type[View]:
     raise KeyError(vid)
 
 
+# How much nicer than the app the scan threads run (the OS scheduler then gives the thread that
+# reads keys and draws the CPU first when the machine is busy).
+SCAN_NICE = 10
+
+
+def lower_priority() -> None:
+    """Lower the OS priority of the calling (worker) thread only: on Linux a thread's native id is
+    a task id `setpriority` accepts. Nowhere else it is possible, nothing is changed."""
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        if tid != os.getpid():  # never the whole process (the main thread's id is the pid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + SCAN_NICE))
+    except (OSError, AttributeError):
+        pass
+
+
 def export_path(session: Session, vid: str) -> str:
     """Where `e` writes: qinspect-<image>-<view>.json in the current directory (or /tmp when that
     is not writable); never over an existing file."""
@@ -104,18 +124,6 @@ def export_path(session: Session, vid: str) -> str:
         n += 1
         path = os.path.join(d, f"qinspect-{safe}-{vid}-{n}.json")
     return path
-
-
-class ViewTabs(TabbedContent):
-    """The views' tabs. A pane is activated by focus only while the focused widget is still in it:
-    a focus that arrives after a link switched views must not switch back."""
-
-    def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
-        focused = self.screen.focused
-        if focused is None or event.tab_pane not in focused.ancestors_with_self:
-            event.stop()
-            return
-        super()._on_tab_pane_focused(event)
 
 
 class MainScreen(Screen[None]):
@@ -166,29 +174,40 @@ class MainScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield HeaderBar(self.session, id="header")
         yield Static("", id="crumbs")
-        with ViewTabs(initial=self.initial_view, id="tabs"):
-            for vid, label in VIEWS:
-                with TabPane(label, id=vid):
-                    if vid == self.initial_view:  # the other views are built when first shown
-                        yield view_class(vid)(self.session, id=f"view-{vid}")
+        yield ViewStrip(VIEWS, self.initial_view, id="view-strip")
+        # One pane per view, mounted (with its view) when the view is first shown.
+        with ContentSwitcher(initial=self.initial_view, id="tabs"), Container(id=self.initial_view):
+            yield view_class(self.initial_view)(self.session, id=f"view-{self.initial_view}")
         yield ScanStatus(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        # The tab strip is driven by the number keys; tab moves between the widgets of a view.
-        self.query_one(TabbedContent).query_one(Tabs).can_focus = False
         self.call_after_refresh(self._focus_current, self.initial_view)
         self.call_after_refresh(self.update_crumbs)
-        if self.autoscan:
-            # after the first frame is on screen: the scan threads would slow the first frame down
-            self.call_after_refresh(self.call_after_refresh, self.start_scans)
-        else:
+        # The first frame shows what the metadata says; the tables are read once it is on screen.
+        self.call_after_refresh(self._load_image)
+        if not self.autoscan:
             self.query_one(ScanStatus).idle("scans not started (r runs them)")
+
+    async def _load_image(self) -> None:
+        """After the first frame: read the image's tables, let the views fill in, start the scans."""
+        try:
+            self.session.load()
+        except (Qcow2Error, OSError) as e:
+            failed: Callable[[Screen[None], str, Exception], None] | None = getattr(self.app, "open_failed", None)
+            if failed is not None:
+                failed(self, self.session.name, e)
+            return
+        for view in self.built_views():
+            await view.session_loaded()
+        if self.autoscan:
+            # after the next frame: the scan threads would slow the views' filling in down
+            self.call_after_refresh(self.start_scans)
 
     # -- views ------------------------------------------------------------------------------------------
     def view(self, vid: str | None = None) -> View:
         """A view (the active one by default); it must have been shown (built) already."""
-        vid = vid or self.query_one(TabbedContent).active
+        vid = vid or self.active_view
         return self.query_one(f"#view-{vid}", View)
 
     def built_views(self) -> list[View]:
@@ -202,12 +221,20 @@ class MainScreen(Screen[None]):
             assert isinstance(view, View)
             return view
         view = view_class(vid)(self.session, id=f"view-{vid}")
-        await self.query_one(f"TabPane#{vid}", TabPane).mount(view)
+        panes = self.query(f"#tabs > #{vid}")
+        if panes:
+            pane = panes.first()
+        else:
+            pane = Container(id=vid)
+            await self.query_one("#tabs", ContentSwitcher).mount(pane)
+        await pane.mount(view)
+        if self.session.loaded:
+            await view.session_loaded()
         return view
 
     @property
     def active_view(self) -> str:
-        return self.query_one(TabbedContent).active
+        return self.query_one("#tabs", ContentSwitcher).current or self.initial_view
 
     def _focus_current(self, vid: str | None = None) -> None:
         """Focus the view `vid` once it is shown (a focus scheduled for a view that is no longer the
@@ -250,25 +277,18 @@ class MainScreen(Screen[None]):
         self.query_one("#crumbs", Static).update(t)
 
     async def action_view(self, vid: str) -> None:
-        tabs = self.query_one(TabbedContent)
-        if tabs.active != vid:
+        switcher = self.query_one("#tabs", ContentSwitcher)
+        if switcher.current != vid:
             self.remember()
-        await self.ensure_view(vid)
-        if tabs.active != vid:
-            self.set_focus(None)  # nothing in the pane left behind may pull the tabs back to it
-            tabs.active = vid  # TabActivated focuses the view
-        else:
-            self.call_after_refresh(self._focus_current, vid)
-        self.call_after_refresh(self.update_crumbs)
-
-    async def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        vid = event.pane.id
-        if vid:
-            view = await self.ensure_view(vid)
+        view = await self.ensure_view(vid)
+        if switcher.current != vid:
+            self.set_focus(None)  # nothing in the pane left behind keeps the focus
+            switcher.current = vid
+            self.query_one(ViewStrip).active = vid
             if view.stale:
                 view.stale = False
                 view.data_changed(None)
-        self.refresh_bindings()
+            self.refresh_bindings()
         self.call_after_refresh(self._focus_current, vid)
         self.call_after_refresh(self.update_crumbs)
 
@@ -445,10 +465,14 @@ class MainScreen(Screen[None]):
         def cancelled() -> bool:
             return worker.is_cancelled
 
+        lower_priority()
         for step in s.pending_steps():
             if cancelled():
                 self.post_message(ScanStepDone(step, cancelled=True))
                 break
+            if s.step_done(step):  # done by an earlier step (check by the layout's walk, space by diagnose)
+                self.post_message(ScanStepDone(step))
+                continue
             self.post_message(ScanProgress(step, 0, 1))
             try:
                 s.run(step, self._progress_fn(step), cancelled)

@@ -25,6 +25,9 @@ class View(Container):
         self.session = session
         self.stale = False  # data changed while the view was hidden: refreshed when shown
 
+    async def session_loaded(self) -> None:
+        """The session's tables were read (after the first frame): fill in what needs them."""
+
     def main_widget(self) -> Widget | None:
         """The widget that gets the focus when the view is shown."""
         return None

@@ -16,7 +16,7 @@ from textual.widget import Widget
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from qinspect.termtext import for_terminal
+from qinspect.termtext import LIST_LIMIT, for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.messages import FindIn, ShowHost, ShowStructure, ShowView
 from qinspect.tui.nav import Place
@@ -78,11 +78,15 @@ def _text(v: object) -> str:
         return ""
     if isinstance(v, dict):
         lines = []
-        for k, val in v.items():
+        items = list(v.items())
+        limit = 2 * LIST_LIMIT  # evidence naming each of 65,536 snapshots: a screenful, not a book
+        for k, val in items[:limit]:
             if isinstance(val, int) and not isinstance(val, bool) and str(k).endswith("bytes") and val >= 1024:
                 lines.append(f"{k}: {val:,} ({fmt.size(val)})")
             else:
                 lines.append(f"{k}: {val}")
+        if len(items) > limit:
+            lines.append(f"… and {len(items) - limit:,} more (qinspect diagnose --output=json lists all)")
         return "\n".join(lines)
     if isinstance(v, list | tuple):
         return "\n".join(str(x) for x in v)

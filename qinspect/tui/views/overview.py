@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
+
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.style import Style
 from rich.table import Table
@@ -15,14 +15,19 @@ from textual.widgets import Static
 
 from qinspect.qcow2 import constants as C
 from qinspect.termtext import for_terminal
-from qinspect.tui import fmt, guestfs
+from qinspect.tui import fmt
 from qinspect.tui.flow import Flow
 from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, SEVERITY_COLOURS, WARN, G, kind_colour
 from qinspect.tui.session import Step
-from qinspect.tui.structs import ExtensionsModel, HeaderModel, utc
 from qinspect.tui.views.base import View
-from qinspect.tui.views.diagnostics import SEVERITY_ORDER, items_from_core, items_from_diagnosis
 from qinspect.tui.widgets.guestvolumes import GuestVolumes
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+# The first frame draws the "Image" section from the header alone: the modules the other sections
+# need (numpy, the structure models, the findings, the guest filesystems) are imported when those
+# sections are filled, after the first frame.
 
 LAYER0_STATES = (G.DATA, G.ZERO_PLAIN, G.ZERO_ALLOC, G.COMPRESSED, G.PARTIAL, G.INVALID)
 
@@ -86,29 +91,40 @@ as the scans finish (`esc` cancels them, `r` resumes).
     """
 
     def compose(self) -> ComposeResult:
+        # What the first frame draws: the (empty) space bar's line and the image's essentials. The
+        # other sections are empty until the session has read the tables, and are mounted then
+        # (`_mount_sections`): every widget costs the first frame its styles, layout and render.
         with VerticalScroll(id="ov-scroll"):
             yield Static(id="ov-space")
-            yield GuestVolumes(id="ov-guest")
-            with Horizontal(id="ov-cols"):
-                with Vertical(id="ov-left"):
-                    yield Static(id="ov-image")
-                    yield Static(id="ov-chain")
-                    yield Static(id="ov-snapshots")
-                    yield Static(id="ov-extensions")
-                with Vertical(id="ov-right"):
-                    yield Static(id="ov-findings")
-                    yield Static(id="ov-features")
-                    yield Static(id="ov-header")
+            with Horizontal(id="ov-cols"), Vertical(id="ov-left"):
+                yield Static(id="ov-image")
+
+    async def _mount_sections(self) -> None:
+        if self.query("#ov-right"):
+            return
+        await self.query_one("#ov-scroll").mount(GuestVolumes(id="ov-guest"), after="#ov-space")
+        await self.query_one("#ov-left").mount_all([Static(id="ov-chain"), Static(id="ov-snapshots"),
+                                                    Static(id="ov-extensions")])
+        right = Vertical(id="ov-right")
+        await self.query_one("#ov-cols").mount(right)
+        await right.mount_all([Static(id="ov-findings"), Static(id="ov-features"), Static(id="ov-header")])
 
     def main_widget(self) -> Widget | None:
         return self.query_one("#ov-scroll", VerticalScroll)
 
     def on_mount(self) -> None:
-        # The image's essentials make the first frame; the other sections come with the next one.
+        # The image's essentials (from the header) make the first frame; the other sections come
+        # once the session has read the tables (`session_loaded`: after the first frame, or when
+        # the view is built later).
         self.query_one("#ov-image", Static).update(self._image())
-        self.call_after_refresh(self._fill_sections)
 
-    def _fill_sections(self) -> None:
+    async def session_loaded(self) -> None:
+        await self._fill_sections()
+
+    async def _fill_sections(self) -> None:
+        from qinspect.tui import guestfs
+
+        await self._mount_sections()
         self.query_one("#ov-features", Static).update(self._features())
         self.query_one("#ov-header", Static).update(self._header())
         self.query_one("#ov-extensions", Static).update(self._extensions())
@@ -117,11 +133,17 @@ as the scans finish (`esc` cancels them, `r` resumes).
         guestfs.show_known(self, self.session)
 
     def refresh_dynamic(self) -> None:
+        if not self.query("#ov-right"):  # the sections are not mounted yet: they fill in when they are
+            return
         self.query_one("#ov-space", Static).update(self._space())
         self.query_one("#ov-chain", Static).update(self._chain())
         self.query_one("#ov-findings", Static).update(self._findings())
 
     def data_changed(self, step: Step | None) -> None:
+        from qinspect.tui import guestfs
+
+        if not self.query("#ov-right"):
+            return
         self.refresh_dynamic()
         guestfs.start(self, self.session)  # after the first scan step: the first frame reads no tables
 
@@ -140,7 +162,7 @@ as the scans finish (`esc` cancels them, `r` resumes).
     # -- sections ------------------------------------------------------------------------------------
     def _image(self) -> RenderableType:
         s = self.session
-        img = s.img
+        img = s.meta  # the header and the LUKS header only: the tables are read after the first frame
         h = img.header
         t = kv_table()
         t.add_row("file", Text(s.name))  # names from the file are never Rich markup
@@ -189,6 +211,8 @@ as the scans finish (`esc` cancels them, `r` resumes).
         return Group(title("Features"), t)
 
     def _header(self) -> RenderableType:
+        from qinspect.tui.structs import HeaderModel
+
         m = HeaderModel(self.session.img)
         t = Table(box=None, padding=(0, 1), show_header=False)
         t.add_column(no_wrap=True)
@@ -203,6 +227,8 @@ as the scans finish (`esc` cancels them, `r` resumes).
         return Group(title("Header fields"), t)
 
     def _extensions(self) -> RenderableType:
+        from qinspect.tui.structs import ExtensionsModel
+
         m = ExtensionsModel(self.session.img)
         t = Table(box=None, padding=(0, 1), show_header=False)
         t.add_column(style=Style(color=DIM), justify="right", no_wrap=True)
@@ -214,6 +240,8 @@ as the scans finish (`esc` cancels them, `r` resumes).
         return Group(title(f"Header extensions ({len(m)})"), t)
 
     def _snapshots_bitmaps(self) -> RenderableType:
+        from qinspect.tui.structs import utc
+
         img = self.session.img
         parts: list[RenderableType] = []
         if img.snapshots:
@@ -232,13 +260,15 @@ as the scans finish (`esc` cancels them, `r` resumes).
             t = Table(box=None, padding=(0, 1), header_style=Style(color=DIM))
             for col in ("name", "granularity", "flags"):
                 t.add_column(col, no_wrap=True)
-            for b in img.bitmaps:
+            for b in img.bitmaps[:20]:  # a directory may name 65,535 (a table that size renders for minutes)
                 t.add_row(Text(for_terminal(b.name)), fmt.size(b.granularity),
                           Text(",".join(b.flag_names) or "-", Style(color=ERROR) if b.in_use else Style()))
             head = f"Bitmaps ({len(img.bitmaps)})"
             if not img.header.bitmaps_consistent:
                 head += " — inconsistent, QEMU ignores them"
             parts += [Text(), title(head), t]
+            if len(img.bitmaps) > 20:
+                parts.append(Text(f"… {len(img.bitmaps) - 20} more in view 7", Style(color=DIM)))
         else:
             parts.append(Text.assemble(title("Bitmaps"), (" none", Style(color=DIM))))
         return Group(*parts)
@@ -313,6 +343,8 @@ as the scans finish (`esc` cancels them, `r` resumes).
         return Group(head, SpaceBar(parts, size), legend, *extra)
 
     def _findings(self) -> RenderableType:
+        from qinspect.tui.views.diagnostics import SEVERITY_ORDER, items_from_core, items_from_diagnosis
+
         s = self.session
         items = items_from_diagnosis(s.diagnosis, s) if s.diagnosis is not None else items_from_core(s)
         items.sort(key=lambda it: SEVERITY_ORDER.get(it.severity, 5))
@@ -340,6 +372,8 @@ as the scans finish (`esc` cancels them, `r` resumes).
 
 def guest_totals_bytes(totals: npt.ArrayLike, cluster_size: int) -> dict[str, int]:
     """Bytes of the guest view per state (for tests and the chain view)."""
+    import numpy as np
+
     from qinspect.tui.palette import GUEST_NAMES
 
     return {GUEST_NAMES[i]: int(v) * cluster_size for i, v in enumerate(np.asarray(totals)) if v}

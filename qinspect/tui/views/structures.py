@@ -287,6 +287,8 @@ class StructuresView(View):
             self.query_one(HexView).set_highlight(None)
             return
         i = event.row
+        if not 0 <= i < len(model):  # a highlight posted for the table shown before this one
+            return
         self.query_one("#st-detail", Static).update(Text(model.detail(i), Style(color=DIM)))  # escaped by the model
         self.query_one(HexView).set_highlight(model.span(i))
         if isinstance(model, L2Model) and model.owner < 0 and self.has_focus_within:

@@ -7,13 +7,17 @@ the block is free and whether the image still holds it ("freed by the guest").
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.text import Text
 from textual.widgets import Static
 
-from qinspect.guest.model import GuestView
-from qinspect.guest.owners import OwnerMap
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size
+
+if TYPE_CHECKING:  # the guest package imports numpy: not before the first frame, where this widget is
+    from qinspect.guest.model import GuestView
+    from qinspect.guest.owners import OwnerMap
 
 BAR = 30
 USED, FREED, FREE = "█", "▓", "░"

@@ -28,7 +28,7 @@ SEP = " │ "
 
 
 def _header_text(s: Session, compressed_seen: bool, changed: str | None, following: bool) -> Text:
-    h = s.img.header
+    h = s.meta.header
     t = Text(no_wrap=True, overflow="ellipsis")
     t.append(" qinspect ", Style(bold=True, reverse=True))
     t.append(" ")
@@ -48,7 +48,7 @@ def _header_text(s: Session, compressed_seen: bool, changed: str | None, followi
     t.append_text(sep)
     t.append(f"{fmt.size(h.size)} virtual")
     t.append_text(sep)
-    t.append(f"{fmt.size(s.img.file.size)} file")
+    t.append(f"{fmt.size(s.meta.file.size)} file")
     t.append_text(sep)
     t.append(f"cluster {fmt.size(h.cluster_size)}")
     if h.extended_l2:
@@ -66,19 +66,19 @@ def _header_text(s: Session, compressed_seen: bool, changed: str | None, followi
         flags.append(("EXT-L2", GUEST_COLOURS[G.PARTIAL]))
     if compressed_seen or h.compression_type != 0:
         flags.append(("COMPRESSED", GUEST_COLOURS[G.COMPRESSED]))
-    if s.img.encrypted:
+    if s.meta.encrypted:
         flags.append(("ENCRYPTED", "#ff87af"))
     if h.lazy_refcounts:
         flags.append(("LAZY-RC", DIM))
     if h.has_data_file:
         flags.append(("DATA-FILE", "#87d7d7"))
     if h.backing_file is not None:
-        flags.append((f"BACKED×{len(s.layers) - 1}" if not s.chain_error else "BACKING MISSING",
+        flags.append((f"BACKED×{s.depth - 1}" if not s.chain_error else "BACKING MISSING",
                        ERROR if s.chain_error else GUEST_COLOURS[G.BACKING1]))
-    if s.img.snapshots:
-        flags.append((f"SNAP×{len(s.img.snapshots)}", "#af87ff"))
-    if s.img.header.bitmaps_ext is not None:
-        flags.append((f"BITMAP×{s.img.header.bitmaps_ext.nb_bitmaps}", "#ffff5f"))
+    if s.meta.snapshots:
+        flags.append((f"SNAP×{len(s.meta.snapshots)}", "#af87ff"))
+    if s.meta.header.bitmaps_ext is not None:
+        flags.append((f"BITMAP×{s.meta.header.bitmaps_ext.nb_bitmaps}", "#ffff5f"))
     if flags:
         t.append_text(sep)
         for i, (name, colour) in enumerate(flags):

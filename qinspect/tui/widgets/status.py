@@ -24,22 +24,30 @@ class ScanStatus(Horizontal):
 
     def compose(self) -> ComposeResult:
         yield Label("", id="scan-label")
-        yield ProgressBar(total=100, show_eta=False, show_percentage=True)
-        yield Label("", id="scan-hint")
+        yield Label("", id="scan-hint")  # the progress bar goes before it when a scan first reports
 
     def on_mount(self) -> None:
         self.add_class("-idle")
 
+    def _bar(self) -> ProgressBar:
+        """The progress bar, mounted on first use (not in the first frame: nothing runs yet)."""
+        found = self.query(ProgressBar)
+        if found:
+            return found.first()
+        bar = ProgressBar(total=100, show_eta=False, show_percentage=True)
+        self.mount(bar, before=self.query_one("#scan-hint"))
+        return bar
+
     def start(self, label: str) -> None:
         self.remove_class("-idle")
         self.query_one("#scan-label", Label).update(label)
-        self.query_one(ProgressBar).update(total=100, progress=0)
+        self._bar().update(total=100, progress=0)
         self.query_one("#scan-hint", Label).update(Text("esc cancels · partial results stay usable", style=DIM))
 
     def advance(self, label: str, done: int, total: int) -> None:
         self.remove_class("-idle")
         self.query_one("#scan-label", Label).update(label)
-        self.query_one(ProgressBar).update(total=max(1, total), progress=min(done, total))
+        self._bar().update(total=max(1, total), progress=min(done, total))
 
     def idle(self, text: str, warn: bool = False) -> None:
         self.add_class("-idle")
