@@ -192,7 +192,8 @@ class L2Batch:
     def _nonzero(self) -> npt.NDArray[np.bool_]:
         # (a boolean array: np.flatnonzero on it is several times faster than on the words)
         w = self._swapped
-        return (w[0::2] != 0) | (w[1::2] != 0) if self.extended else w != 0
+        nz: npt.NDArray[np.bool_] = (w[0::2] != 0) | (w[1::2] != 0) if self.extended else np.not_equal(w, 0)
+        return nz
 
     def used(self) -> tuple[I64 | None, U64, U64 | None]:
         """(positions, entries, bitmaps) of the entries that are not all zeros, in batch order;
