@@ -246,9 +246,9 @@ def bytes_read_strace(cmd: Sequence[str], image: Path, cwd: Path) -> int | None:
             pending[pid] = m.group(2)
             continue
         path = pending.pop(pid, None) if "resumed>" in line else (m.group(2) if m else None)
-        r = re.search(r"= (\d+)$", line.rstrip())
-        if path is not None and r and os.path.realpath(path) == real:
-            total += int(r.group(1))
+        ret = re.search(r"= (\d+)$", line.rstrip())
+        if path is not None and ret and os.path.realpath(path) == real:
+            total += int(ret.group(1))
     return total
 
 
@@ -399,6 +399,29 @@ def floor_read(path: Path) -> float:
     return time.perf_counter() - t0
 
 
+# Issue 12's targets for the engine table: (image, command, cache) -> (most x qemu-img, most x floor).
+ENGINE_TARGETS: dict[tuple[str, str, str], tuple[float, float | None]] = {
+    ("scatter-4k-100g", "check", "cold"): (0.25, 2.0),
+    ("scatter-4k-100g", "map", "cold"): (0.25, 2.0),
+    ("scatter-4k-100g", "check", "warm"): (0.5, None),
+    ("scatter-4k-100g", "map", "warm"): (0.5, None),
+    ("prealloc-1t", "check", "cold"): (0.35, 2.0),
+    ("prealloc-1t", "check", "warm"): (0.5, None),
+    ("prealloc-1t", "map", "warm"): (0.25, None),
+}
+
+
+def target_verdict(key: tuple[str, str, str], q: float, i: float, floor: float) -> str:
+    """"met"/"MISSED" against ENGINE_TARGETS, with the limits, or "" where there is no target."""
+    t = ENGINE_TARGETS.get(key)
+    if t is None:
+        return ""
+    most_q, most_floor = t
+    ok = i <= most_q * q and (most_floor is None or i <= most_floor * floor)
+    limit = f"<= {most_q}x qemu-img" + (f" and <= {most_floor:g}x floor" if most_floor is not None else "")
+    return f"{'met' if ok else 'MISSED'} ({limit})"
+
+
 def engine_bench(small: bool, runs: int, wd: Path) -> list[str]:
     """Cold (evicted before each run) and warm check/map, qemu-img and qinspect interleaved, and
     the floor; returns mismatches."""
@@ -407,8 +430,8 @@ def engine_bench(small: bool, runs: int, wd: Path) -> list[str]:
     print("Cold: the image is evicted from the page cache (POSIX_FADV_DONTNEED) before every run. Floor: "
           "reading the file's allocated extents once, in order, cold.\n")
     print("| image | command | cache | qemu-img s | qinspect s | ratio | floor s | qinspect / floor "
-          "| qemu-img RSS MB | qinspect RSS MB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| qemu-img RSS MB | qinspect RSS MB | target |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for spec in engine_specs(small):
         path = make_image(spec, wd)
         floors = []
@@ -438,8 +461,9 @@ def engine_bench(small: bool, runs: int, wd: Path) -> list[str]:
                 q, i = row.med(row.q), row.med(row.i)
                 fl = f"{floor:.3f}" if cache == "cold" else ""
                 rel = f"{i / floor:.2f}" if cache == "cold" and floor > 0 else ""
+                verdict = target_verdict((spec.name, command, cache), q, i, floor)
                 print(f"| {spec.name} | {command} | {cache} | {q:.3f} | {i:.3f} | {i / q:.2f} | {fl} | {rel} "
-                      f"| {row.rss(row.q):.0f} | {row.rss(row.i):.0f} |", flush=True)
+                      f"| {row.rss(row.q):.0f} | {row.rss(row.i):.0f} | {verdict} |", flush=True)
     return bad
 
 
@@ -461,7 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     wd.mkdir(parents=True, exist_ok=True)
     precompile()
     if args.engine:
+        load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
         bad = engine_bench(args.small, args.runs, wd)
+        print(f"\nLoad average (1, 5, 15 min): {load0} at the start, "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end ({os.cpu_count()} CPUs).")
         for b in bad:
             print(f"MISMATCH {b}")
         return 1 if bad else 0

@@ -425,7 +425,8 @@ mk big_empty.qcow2 1T
 cat >"$WORK/fidpatch.py" <<'PY'
 """fidpatch FILE OP...: byte patches for the issue-9 images. OPs: u32@OFF=V, u64@OFF=V (V may be
 an expression of l1 / rt / size / L1[i] / RT[i] / L2E(guest)), append@HEX, truncate@N, copy-l2e@A:B
-(guest cluster A's L2 entry := B's), feat@I=TYPE:BIT:NAME (feature table entry I), ext-magic@OLD=NEW."""
+(guest cluster A's L2 entry := B's), feat@I=TYPE:BIT:NAME (feature table entry I), ext-magic@OLD=NEW,
+luks-u32@REL=V (a field of the LUKS header, REL bytes into it)."""
 import os
 import struct
 import sys
@@ -484,6 +485,12 @@ for op in ops:
         assert (int(i) + 1) * 48 <= length
         f.seek(off + 8 + 48 * int(i))
         f.write(bytes([int(typ), int(bit)]) + name.encode().ljust(46, b"\0"))
+    elif kind == "luks-u32":  # a 32-bit field of the LUKS header, at REL bytes into it
+        rel, val = (int(x, 0) for x in arg.split("=", 1))
+        [off] = [x[0] for x in exts() if x[1] == 0x0537BE77]
+        f.seek(off + 8)
+        f.seek(struct.unpack(">Q", f.read(8))[0] + rel)
+        f.write(struct.pack(">I", val))
     elif kind == "ext-magic":
         old, new = (int(x, 0) for x in arg.split("="))
         [off] = [x[0] for x in exts() if x[1] == old]
@@ -580,6 +587,15 @@ rm fid_data_file_unnamed.data
 # 8000000000000000".
 mk fid_features_named.qcow2 16M
 fp fid_features_named.qcow2 "u64@72=0xE000000000000000" "feat@0=0:61:test1" "feat@1=0:62:test2"
+
+# luks_keyslot_corrupt (found by the fuzz comparison): a copy of luks.qcow2 whose key slot 0 has
+# its anti-forensic stripe count PATCHED from 4000 to 3999 (key slot 0 starts at byte 208 of the
+# LUKS header; stripes is its last field, at +44). qcrypto_block_luks_check_header refuses it at
+# open, with or without the key: info (BDRV_O_NO_IO: no key needed) fails with "Keyslot 0 is
+# corrupted (stripes 3999 != 4000)"; map and check without the key fail earlier, on the missing
+# key. Listed in catalog.d/fidelity_luks.json (not a fid_ name: its check golden is keyless).
+cp luks.qcow2 luks_keyslot_corrupt.qcow2
+fp luks_keyslot_corrupt.qcow2 "luks-u32@252=3999"
 
 # ---------------------------------------------------------------------------------------------
 # issue 10: hostile images and names

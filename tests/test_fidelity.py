@@ -289,6 +289,41 @@ def test_shared_bitmap_table_is_read_once(samples: Samples, tmp_path: Path, monk
         assert _run(["qemu-img", "info", p.name], tmp_path).returncode == 0
 
 
+def _two_bitmaps_one_name(tmp_path: Path, in_use: tuple[bool, bool]) -> Path:
+    """qemu-img's image with bitmaps 'a' and 'b', the second renamed 'a' (a byte patch) and the
+    in-use flags set as asked (what QEMU leaves when it stops while the bitmap is in use)."""
+    p = tmp_path / f"dup-{int(in_use[0])}{int(in_use[1])}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), "16M"], check=True)
+    for name in ("a", "b"):
+        subprocess.run(["qemu-img", "bitmap", "--add", str(p), name], check=True)
+    with open_image(p) as img:
+        entries = [(bm.entry_offset, bm.flags) for bm in img.bitmaps]
+    assert len(entries) == 2
+    with open(p, "r+b") as f:
+        f.seek(entries[1][0] + 24)
+        f.write(b"a")
+        for (at, flags), used in zip(entries, in_use, strict=True):
+            f.seek(at + 12)
+            f.write(struct.pack(">I", flags | (1 if used else 0)))
+    return p
+
+
+@needs_qemu
+@pytest.mark.parametrize("in_use", [(False, False), (True, False), (False, True), (True, True)])
+def test_two_bitmaps_of_one_name(tmp_path: Path, in_use: tuple[bool, bool]) -> None:
+    """bdrv_create_dirty_bitmap refuses a name it has ("Bitmap already exists"), unless the second
+    one is in use (qcow2_load_dirty_bitmaps passes over it): info and check, as qemu-img."""
+    p = _two_bitmaps_one_name(tmp_path, in_use)
+    for cmd in (["info"], ["check"], ["check", "--output=json"]):
+        q = _run(["qemu-img", *cmd, p.name], tmp_path)
+        r = _run([QINSPECT, *cmd, p.name], tmp_path)
+        assert r.returncode == q.returncode, (cmd, q.stderr, r.stderr)
+        refused = "Bitmap already exists: a" in q.stderr
+        assert refused == (not in_use[1])
+        assert ("Bitmap already exists: a" in r.stderr) == refused
+        assert "Traceback" not in r.stderr
+
+
 def test_compressed_cluster_past_eof_says_so(samples: Samples, tmp_path: Path) -> None:
     size = samples.path("zlib").stat().st_size
     p = _patched(samples, tmp_path, "zlib", (0x40000, ">Q", (1 << 62) | (3 << 54) | (size + 65536)))

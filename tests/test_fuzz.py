@@ -16,9 +16,12 @@ assertion) and grow memory by less than a bound. The CLI runs with QINSPECT_DEBU
     QINSPECT_FUZZ_SEED=7 QINSPECT_FUZZ_START=5000 ...       # other cases
     QINSPECT_FUZZ_ONLY=1234 pytest tests/test_fuzz.py -k replay   # one case, in-process, with traceback
 
-Where qemu-img is installed, every eighth case (index % 8 == 3; QINSPECT_FUZZ_QEMU_EVERY) also
-compares the exit codes of info, map and check with live qemu-img's (three qemu-img runs in
-parallel); QINSPECT_FUZZ_QEMU=1 compares every case, QINSPECT_FUZZ_QEMU=0 none.
+Where qemu-img is installed, every case also compares the exit codes of info, map and check with
+live qemu-img's (the three qemu-img runs of a case in parallel, inside the worker; an encrypted
+image gets its key; qemu-img runs with 256 file descriptors so that a backing chain that loops
+ends, see runner.QEMU_NOFILE); QINSPECT_FUZZ_QEMU_EVERY=8 compares every eighth case (index % 8
+== 3), QINSPECT_FUZZ_QEMU=0 none. The summary line says how many were compared, how many
+disagreed (each a failure), and how many could not be compared, by reason.
 
 Other knobs: QINSPECT_FUZZ_JOBS (workers, default: CPUs up to 4), QINSPECT_FUZZ_TIMEOUT (seconds
 per case, default 60), QINSPECT_FUZZ_MEMORY_MB (default 512), QINSPECT_FUZZ_TRACEMALLOC=1.
@@ -28,7 +31,9 @@ Cases are deterministic in (seed, index); a failure prints the replay command.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -97,7 +102,13 @@ def test_fuzz_cases(samples: Any, bases: list[runner.Base], tmp_path: Path, requ
     failures = sorted((o for o in outcomes if o.status != "ok"), key=lambda o: o.index)
     compared = sum(1 for o in outcomes if o.compared)
     disagree = sum(1 for o in outcomes if o.status == "disagree")
-    versus = (f"exit codes compared with {runner.QEMU_IMG} on {compared} cases, {disagree} disagreed"
+    meant = sum(1 for o in outcomes if runner.compares_with_qemu(o.index))
+    why = Counter(o.not_compared for o in outcomes if o.not_compared is not None)
+    # every bucket is printed, zeros too: 0 in each is the goal
+    buckets = "; ".join(f"{why.get(r, 0)} {r.value}" for r in runner.NotCompared)
+    others = meant - compared - sum(why.values())  # cases that crashed, hung or died before comparing
+    versus = (f"exit codes of info/map/check compared with {runner.QEMU_IMG} on {compared} of {meant} cases, "
+              f"{disagree} disagreed; not compared: {buckets}; {others} failed before comparing"
               if runner.QEMU_IMG is not None else "qemu-img not installed: no exit codes compared")
     _summary(request.config).lines.append(
         f"qinspect fuzz: {len(outcomes)} cases (seed {SEED}, cases {START}..{START + CASES - 1}) in {elapsed:.0f} s "
@@ -183,3 +194,135 @@ def test_harness_reports_memory_growth(monkeypatch: pytest.MonkeyPatch, samples:
 
     o = _harness(monkeypatch, samples, bases, tmp_path, hog)
     assert o.status == "memory"
+
+
+# -- regressions found by the exit-code comparison (issue 9) ------------------------------------------
+def test_patches_past_the_end_stay_small(bases: list[runner.Base]) -> None:
+    """fid_snap_past_eof points its snapshot table at 1 GiB: a mutation there used to grow the
+    case's buffer (and its patch, and the image copy) to a gigabyte; cases 1375 and 1429 then took
+    more than the time bound on a loaded machine and counted as hangs. Far writes stay sparse now."""
+    for i in (131, 1375, 1429):
+        base, case = case_for(i, SEED, bases)
+        assert base.name == "fid_snap_past_eof"
+        assert sum(len(b) for _, b in case.patches) < 4096, case.describe()
+        assert any(off >= 1 << 30 for off, _ in case.patches), case.describe()
+
+
+# Damage to the LUKS header, each refused by qcrypto_block_luks_check_header / _parse_header (or
+# qcow2's read function) in QEMU's own words; (field offset in the LUKS header, bytes) patches.
+def _u32(v: int) -> bytes:
+    return v.to_bytes(4, "big")
+
+
+_SLOT = 208  # key slot 0; 48 bytes each: active, iterations, salt[32], key_offset_sector, stripes
+LUKS_DAMAGE: list[tuple[str, list[tuple[int, bytes]], str | None]] = [
+    ("magic", [(0, b"LUKZ")], "Volume is not in LUKS format"),
+    ("version 2", [(6, b"\0\2")], "LUKS version 2 is not supported"),
+    ("cipher name without NUL", [(8, b"a" * 32)], "LUKS header cipher name is not NUL terminated"),
+    ("cipher mode without NUL", [(40, b"b" * 32)], "LUKS header cipher mode is not NUL terminated"),
+    ("hash spec without NUL", [(72, b"c" * 32)], "LUKS header hash spec is not NUL terminated"),
+    ("payload in the header", [(104, _u32(7))], "LUKS payload is overlapping with the header"),
+    ("master key iterations 0", [(164, _u32(0))], "LUKS key iteration count is zero"),
+    ("slot 0 stripes", [(_SLOT + 44, _u32(0xFFFFFFFF))], "Keyslot 0 is corrupted (stripes -1 != 4000)"),
+    ("slot 1 state", [(_SLOT + 48, _u32(5))], "Keyslot 1 state (active/disable) is corrupted"),
+    ("slot 0 iterations 0", [(_SLOT + 4, _u32(0))], "Keyslot 0 iteration count is zero"),
+    ("slot 2 on slot 0", [(_SLOT + 96 + 40, _u32(9))], "Keyslots 0 and 2 are overlapping in the header"),
+    ("slot 0 in the header", [(_SLOT + 40, _u32(1))], "Keyslot 0 is overlapping with the LUKS header"),
+    ("slot into the payload", [(_SLOT + 7 * 48 + 40, _u32(0x10000))],
+     "Keyslot 7 is overlapping with the encrypted payload"),
+    ("slot end wraps at 2^32 sectors", [(_SLOT + 7 * 48 + 40, _u32(0xFFFFFF00))], None),  # QEMU's unsigned sum
+    ("key bytes 2^30", [(108, _u32(1 << 30))], "Algorithm 'aes' with key size 536870912 bytes not supported"),
+    ("key bytes 48 (xts: aes-192)", [(108, _u32(48))], None),
+    ("mode without IV generator", [(40, b"xts".ljust(32, b"\0"))], "Unexpected cipher mode string format 'xts'"),
+    ("mode in capitals", [(40, b"XTS-plain64".ljust(32, b"\0"))], "Cipher mode 'XTS' not supported"),
+    ("unknown IV generator", [(40, b"xts-foo".ljust(32, b"\0"))], "IV generator 'foo' not supported"),
+    ("unknown IV hash", [(40, b"xts-plain:bar".ljust(32, b"\0"))], "Hash algorithm 'bar' not supported"),
+    ("IV hash ignored by plain", [(40, b"xts-plain:sha1".ljust(32, b"\0"))], None),
+    ("cbc with xts's key size", [(40, b"cbc-plain64".ljust(32, b"\0"))],
+     "Algorithm 'aes' with key size 64 bytes not supported"),
+    ("essiv without hash", [(40, b"cbc-essiv".ljust(32, b"\0")), (108, _u32(32))],
+     "Missing IV generator hash specification"),
+    ("essiv:md5 (aes-128)", [(40, b"xts-essiv:md5".ljust(32, b"\0"))], None),
+    ("essiv:sha512", [(40, b"xts-essiv:sha512".ljust(32, b"\0"))], "No AES cipher with key size 64 available"),
+    ("hash in capitals", [(72, b"SHA256".ljust(32, b"\0"))], "Hash algorithm 'SHA256' not supported"),
+    ("cast5 with essiv", [(8, b"cast5".ljust(32, b"\0")), (40, b"cbc-essiv:sha256".ljust(32, b"\0")), (108, _u32(16))],
+     "Cipher cast5-128 not supported with essiv"),
+]
+
+
+def _luks_copy(samples: Any, tmp_path: Path, patches: list[tuple[int, bytes]]) -> Path:
+    from qinspect.qcow2.image import open_image
+
+    src = samples.path("luks")
+    with open_image(str(src)) as img:
+        assert img.header.crypto_ext is not None
+        lo = img.header.crypto_ext.offset
+    data = bytearray(src.read_bytes())
+    for off, b in patches:
+        data[lo + off : lo + off + len(b)] = b
+    out = tmp_path / "damaged.qcow2"
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize(("what", "patches", "reason"), LUKS_DAMAGE, ids=[d[0] for d in LUKS_DAMAGE])
+def test_luks_header_refused_like_qemu(samples: Any, tmp_path: Path, what: str,
+                                       patches: list[tuple[int, bytes]], reason: str | None) -> None:
+    """qinspect refuses a damaged LUKS header at open (every command) for QEMU's reason, and
+    qemu-img info, which needs no key, says the same where it is installed."""
+    from qinspect.qcow2.errors import Qcow2Error
+    from qinspect.qcow2.image import open_image
+
+    path = _luks_copy(samples, tmp_path, patches)
+    with open_image(str(path)) as img:
+        if reason is None:
+            img.require_openable()
+        else:
+            with pytest.raises(Qcow2Error, match=re.escape(reason)):
+                img.require_openable()
+    if runner.QEMU_IMG is not None:
+        r = subprocess.run([runner.QEMU_IMG, "info", "-U", "-f", "qcow2", path.name], cwd=tmp_path,
+                           capture_output=True, text=True, check=False)
+        assert (r.returncode, r.stderr.strip().split("': ", 1)[-1] if r.returncode else None) == \
+            (0 if reason is None else 1, reason)
+        ours, (theirs, why) = runner.qinspect_exit_codes(str(path)), runner.qemu_exit_codes(str(path))
+        if why is runner.NotCompared.KEY_DOES_NOT_UNLOCK:
+            # a valid header whose cipher parameters changed: the passphrase derives another key,
+            # which qemu-img's map and check need and qinspect does not; info needs none either way
+            assert reason is None and ours["info"] == 0
+        else:
+            assert why is None and ours == theirs
+
+
+def test_luks_keyslot_corrupt_golden(samples: Any) -> None:
+    """The sample for the rule: qinspect's refusal is qemu-img info's golden line."""
+    from qinspect.qcow2.errors import Qcow2Error
+    from qinspect.qcow2.image import open_image
+
+    golden = samples.golden("luks_keyslot_corrupt", "info.stderr").read_text().strip()
+    reason = golden.split("': ", 1)[1]
+    with open_image(str(samples.path("luks_keyslot_corrupt"))) as img, \
+            pytest.raises(Qcow2Error, match=re.escape(reason)):
+        img.require_openable()
+
+
+@pytest.mark.skipif(runner.QEMU_IMG is None, reason="qemu-img not installed")
+def test_qemu_img_answers_on_a_backing_loop(samples: Any, tmp_path: Path) -> None:
+    """An image that is its own backing file: qemu-img recurses until a resource runs out; with
+    runner.QEMU_NOFILE descriptors it answers at once ("Too many open files", exit 1), and
+    qinspect (which detects the loop) agrees. info does not open the backing chain: exit 0."""
+    src = samples.path("dup_base")
+    path = tmp_path / src.name
+    data = bytearray(src.read_bytes())
+    name = path.name.encode()
+    off = 0x800  # past the header extensions of the sample
+    assert not any(data[off : off + len(name)])
+    data[off : off + len(name)] = name
+    data[8:16] = off.to_bytes(8, "big")
+    data[16:20] = len(name).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    t0 = time.monotonic()
+    theirs, why = runner.qemu_exit_codes(str(path))
+    assert why is None and theirs == {"info": 0, "map": 1, "check": 1}
+    assert time.monotonic() - t0 < 10
+    assert runner.qinspect_exit_codes(str(path)) == theirs

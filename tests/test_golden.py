@@ -128,6 +128,8 @@ def _check_with_key(samples: Samples, rel: str) -> tuple[Any, Any]:
     r = subprocess.run(["qemu-img", "check", "--output=json", "--object", f"secret,id=sec0,data={LUKS_SECRET}",
                         "--image-opts", f"driver=qcow2,file.filename={rel},encrypt.key-secret=sec0"],
                        cwd=samples.dir, capture_output=True, text=True, check=False)
+    if not r.stdout.strip():  # refused at open even with the key (a damaged LUKS header)
+        return None, str(r.returncode)
     exp = json.loads(r.stdout)
     exp["filename"] = rel
     return exp, str(r.returncode)

@@ -20,7 +20,7 @@ from qinspect.analysis.refwalk import BatchConsumer, L2Batch, L2Tables, RefKind,
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import table_fits
-from qinspect.qcow2.image import Image
+from qinspect.qcow2.image import Image, StoredRefcounts
 from qinspect.qcow2.l2 import L2Format
 
 I64 = npt.NDArray[np.int64]
@@ -31,6 +31,8 @@ Refcounts = npt.NDArray[np.unsignedinteger[Any]]
 # References past the end of the file are counted densely up to this many extra clusters and
 # sparsely beyond (QEMU grows its table; a hostile offset must not make us allocate terabytes).
 DENSE_EXTRA_CLUSTERS = 1 << 22
+# At most this many COPIED checks wait for the end of the L2 sweep (32 bytes each).
+DEFER_ENTRIES = 1 << 20
 
 
 # qcow2_inc_refcounts_imrt: the two lines printed for each reference past the refcount maximum.
@@ -287,30 +289,24 @@ class _Refs:
         self.ranges.append((first, last))
         self.top = max(self.top, last + 1)
 
-    def add_runs(self, clusters: I64, breaks: I64) -> None:
-        """One reference to each of `clusters`, which are runs of consecutive clusters starting at
-        indices 0 and `breaks` (ascending): a slice of the table per run, no index arithmetic per
-        cluster (a preallocated or sequentially written table is one run). Many short runs (a
-        fragmented table) go through `add`."""
-        if len(breaks) * 64 > len(clusters):
-            self.add(clusters)
-            return
-        starts = np.concatenate(([0], breaks))
-        ends = np.append(breaks, len(clusters))
-        firsts = clusters[starts]
-        hi = int((firsts + (ends - starts)).max())
+    def add_runs(self, firsts: I64, lengths: I64) -> None:
+        """One reference to each cluster of the runs [firsts[k], firsts[k] + lengths[k]): a slice of
+        the table per run, no index per cluster (a preallocated or sequentially written table is
+        one run)."""
+        hi = int((firsts + lengths).max())
         if hi > len(self.counts) or hi > self.nb_file + DENSE_EXTRA_CLUSTERS:
-            self.add(clusters)  # past the end of the file: grown or sparse counts
+            # past the end of the file: grown or sparse counts
+            self.add(_expand_runs(firsts, lengths))
             return
         self.top = max(self.top, hi)
         over = False
-        for f, k in zip(firsts.tolist(), (ends - starts).tolist(), strict=True):
+        for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
             seg = self.counts[f : f + k]
             seg += np.uint32(1)
             if self.max < 0xFFFFFFFF and int(seg.max()) > self.max:
                 over = True
         if over:
-            self.overflow(self.counts, clusters)
+            self.overflow(self.counts, _expand_runs(firsts, lengths))
 
     def add(self, clusters: I64, weights: I64 | None = None) -> None:
         """Count one reference to each element of `clusters` (duplicates count once each), or
@@ -409,18 +405,47 @@ class _Refs:
 
 class _Copied:
     """check_oflag_copied for data clusters, done during the L2 walk (no second walk, no list of
-    every allocated entry): refcounts of clusters inside the file come from the stored refcounts
-    read before the walk; the rare references past the end are kept and judged after it.
+    every allocated entry): refcounts of clusters inside the file come from the stored refcounts,
+    read as the walk needs them; the rare references past the end are kept and judged after it.
     Messages are kept to be reported after the refcount comparison, where QEMU prints them."""
 
-    def __init__(self, img: Image, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None) -> None:
+    def __init__(self, img: Image, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None,
+                 reader: StoredRefcounts) -> None:
         self.img = img
         self.stored = stored
         self.unreadable = unreadable
+        self.reader = reader  # reads the blocks of `stored` as they are needed
+        self.swept = 0  # how far the L2 sweep has read the file (host offset)
+        self.deferred = 0  # entries judged after the sweep (their refcount block lay ahead of it)
         # Per distinct table: (L2 index, l2 entry, refcount) of each wrong COPIED flag, printed for
         # every active L1 entry naming the table.
         self.found: dict[int, list[tuple[int, int, int]]] = {}
         self.later: list[tuple[I64, I64, I64, U64]] = []  # (table ids, L2 indices, clusters, l2 entries)
+
+    def none_wrong(self, runs: tuple[I64, I64], l2e: U64) -> bool:
+        """True when no entry `l2e`, pointing at the runs of consecutive clusters `runs` (first,
+        length), can have a wrong COPIED flag: every entry has it and every refcount is 1, or none
+        has it and no refcount is 1. Answered with reductions over the refcounts (no per-entry
+        gather); False means "look entry by entry" (`batch`)."""
+        if self.img.header.has_data_file or self.unreadable is not None:
+            return False
+        firsts, lengths = runs
+        if int((firsts + lengths).max()) > len(self.stored):
+            return False
+        ends = firsts + lengths - 1
+        if self.reader.unread_after(firsts, self.swept).any() or self.reader.unread_after(ends, self.swept).any():
+            return False  # a block ahead of the sweep: `batch` judges those entries after it
+        for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
+            self.reader.need(f, f + k)
+        every, none = int(l2e.min()) >= C.QCOW_OFLAG_COPIED, int(l2e.max()) < C.QCOW_OFLAG_COPIED
+        if not (every or none):
+            return False
+        for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
+            seg = self.stored[f : f + k]
+            lo, hi = int(seg.min()), int(seg.max())
+            if (every and not lo == hi == 1) or (none and lo <= 1 <= hi):
+                return False
+        return True
 
     def batch(self, clusters: I64, l2e: U64, where: Callable[[I64], tuple[I64, I64]]) -> None:
         """Entries `l2e` pointing at host `clusters`; `where(k)` gives (distinct table ids, L2
@@ -436,12 +461,27 @@ class _Copied:
                 self.later.append((tids, l2i, clusters, l2e))
                 return
             inside: npt.NDArray[np.bool_] | None = None
-            if int(clusters.max()) >= n:
+            if len(clusters) and int(clusters.max()) >= n:
                 inside = clusters < n
                 pos = np.flatnonzero(~inside)
                 tids, l2i = where(pos)
                 self.later.append((tids, l2i, clusters[pos], l2e[pos]))
                 clusters = np.where(inside, clusters, 0)
+            if len(clusters) and self.deferred + len(clusters) <= DEFER_ENTRIES:
+                # Entries whose refcount block lies ahead of the sweep are judged after it, with the
+                # others in `later` (reading that block now would leave it cached ahead of the sweep:
+                # see StoredRefcounts); memory for them is bounded by DEFER_ENTRIES.
+                ahead = self.reader.unread_after(clusters, self.swept)
+                if inside is not None:
+                    ahead &= inside
+                if ahead.any():
+                    pos = np.flatnonzero(ahead)
+                    tids, l2i = where(pos)
+                    self.later.append((tids, l2i, clusters[pos], l2e[pos]))
+                    self.deferred += len(pos)
+                    inside = ~ahead if inside is None else inside & ~ahead
+            if len(clusters):
+                self.reader.need_clusters(clusters if inside is None else clusters[inside])
             rc = self.stored[clusters]
             # COPIED (bit 63) must be set exactly where the refcount is 1
             wrong = (rc == 1) != (l2e >= np.uint64(C.QCOW_OFLAG_COPIED))
@@ -581,11 +621,14 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     for _src, off, size in walk.trees:  # every tree's L1 table (the active one as read)
         if size:
             refs.add_range(off, size * 8)
-    # The stored refcounts of the file's clusters, read first (in host order) so that the COPIED
-    # flags are checked during the one L2 walk.
+    # The stored refcounts of the file's clusters, read block by block as the COPIED checks of the
+    # one L2 walk need them (StoredRefcounts says why not all first), the rest after the walk.
     per = h.refcount_block_entries
-    stored, bad_blocks = img.stored_refcounts_compact(nb_file)
-    copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file))
+    stored_rc = img.stored_refcounts_lazy(nb_file)
+    if not walk.l2_sweep_dense:
+        stored_rc.read_all()  # (a sparse sweep leans on no read-ahead: read them all, many at once)
+    stored, bad_blocks = stored_rc.values, stored_rc.bad
+    copied = _Copied(img, stored, _unreadable(bad_blocks, per, nb_file), stored_rc)
     n = h.l2_size
     # 1. Every distinct L2 table once, in host order: what it points at counts once per L1 entry
     # naming it; its messages are kept per table and printed below at every entry naming it.
@@ -593,6 +636,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     table_msgs: dict[int, list[tuple[int, int, str]]] = {}
     while (batch := (yield)) is not None:
         _check_l2_batch(img, fmt, batch, tables, refs, res, copied, table_msgs)
+    stored_rc.read_all()
     # 2. check_refcounts_l1, tree by tree: each L1 entry's messages, its table's region, its table's
     # messages. Trees sharing one L1 table print the same lines: computed once, repeated.
     has_msgs = np.array(sorted(table_msgs), np.int64)
@@ -826,11 +870,15 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         table_msgs.setdefault(int(batch.ids[p // n]), []).append((p % n, step, text))
 
     bits = h.cluster_bits
+    copied.swept = int(batch.offsets.max()) + cs  # (host order: the sweep has read the file up to here)
     unaligned_bits = C.L2E_OFFSET_MASK & (cs - 1)
     rare = (C.QCOW_OFLAG_COMPRESSED | C.L2E_STD_RESERVED_MASK | unaligned_bits
             | (C.QCOW_OFLAG_ZERO if std else 0))
-    flags = entries & np.uint64(rare)
-    flagged = np.flatnonzero(flags) if flags.any() else np.zeros(0, np.int64)
+    # (an OR over all entries says at once whether any has a rare bit: usually none does)
+    if int(np.bitwise_or.reduce(entries)) & rare:
+        flagged = np.flatnonzero(entries & np.uint64(rare))
+    else:
+        flagged = np.zeros(0, np.int64)
     fe = entries[flagged]
     comp_k = flagged[(fe & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0]
     for k in flagged[((fe & np.uint64(C.QCOW_OFLAG_COMPRESSED)) == 0)
@@ -871,16 +919,18 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
     # Standard allocated clusters (NORMAL and ZERO_ALLOC): not compressed, with an offset (or,
     # with a data file, offset 0 and COPIED, unless the zero flag makes it ZERO_PLAIN).
     off = (entries & np.uint64(C.L2E_OFFSET_MASK)).view(np.int64)  # (< 2^56)
-    alloc = off != 0
-    if h.has_data_file:
-        plain = entries >= np.uint64(C.QCOW_OFLAG_COPIED)
-        if std:
-            plain &= (entries & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
-        alloc |= plain
-    if len(comp_k):
-        alloc[comp_k] = False
-    na = int(np.count_nonzero(alloc))
-    ai: I64 | None = None if na == m else np.flatnonzero(alloc)  # None: every used entry
+    alloc: npt.NDArray[np.bool_] | None = None  # None: every used entry is allocated
+    if h.has_data_file or len(comp_k) or int(off.min()) == 0:
+        alloc = off != 0
+        if h.has_data_file:
+            plain = entries >= np.uint64(C.QCOW_OFLAG_COPIED)
+            if std:
+                plain &= (entries & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
+            alloc |= plain
+        if len(comp_k):
+            alloc[comp_k] = False
+    na = m if alloc is None else int(np.count_nonzero(alloc))
+    ai: I64 | None = None if na == m or alloc is None else np.flatnonzero(alloc)  # None: every used entry
     if na:
         ae = entries if ai is None else entries[ai]
         aoff = off if ai is None else off[ai]
@@ -897,7 +947,9 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
             corrupt_bm = ((ab >> np.uint64(32)) & ab) != 0
             for k, o in zip(np.flatnonzero(corrupt_bm).tolist(), aoff[corrupt_bm].tolist(), strict=True):
                 a_note(k, 1, f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster allocation bitmap")
-        unal_k = flagged[((fe & np.uint64(unaligned_bits)) != 0) & alloc[flagged]]
+        unal_k = flagged[(fe & np.uint64(unaligned_bits)) != 0]
+        if alloc is not None:
+            unal_k = unal_k[alloc[unal_k]]
         if len(unal_k):
             ua = unal_k if ai is None else np.searchsorted(ai, unal_k)  # as indices into the allocated
             if ab is not None:
@@ -907,7 +959,14 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
             for k, o, d in zip(ua.tolist(), aoff[ua].tolist(), has_data.tolist(), strict=True):
                 what = "Data cluster is not properly aligned" if d else "Preallocated cluster is not properly aligned"
                 a_note(k, 2, f"ERROR offset={o:x}: {what}; L2 entry corrupted.")
-        cl = aoff >> bits
+        clusters: I64 | None = None
+
+        def cl() -> I64:
+            nonlocal clusters
+            if clusters is None:
+                clusters = aoff >> bits
+            return clusters
+
         ntab = len(batch.ids)
         a_one = int(a_tab[0]) if bool((a_tab == a_tab[0]).all()) else None  # the usual: one weight for all
         w_one = int(w_tab[0]) if bool((w_tab == w_tab[0]).all()) else None
@@ -923,7 +982,10 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         # Fragmentation: an allocated entry not right after the previous one of its table.
         jump = np.diff(aoff) != cs  # (between tables too)
         jumps = int(np.count_nonzero(jump))
-        breaks = np.flatnonzero(jump) + 1 if jumps * 64 <= na else None  # where runs of clusters start
+        runs: tuple[I64, I64] | None = None  # (first cluster, length) of each run of consecutive clusters
+        if jumps * 64 <= na and not len(unal_k):
+            starts = np.concatenate(([0], np.flatnonzero(jump) + 1))
+            runs = (aoff[starts] >> bits, np.diff(np.append(starts, na)))
         if jumps and ntab > 1:
             # the first allocated entry of each table follows another table's: not a jump
             starts = np.arange(1, ntab, dtype=np.int64) * n
@@ -944,29 +1006,39 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
             return batch.ids[p // n], p % n
 
         if act_tab.all():
-            copied.batch(cl, ae, where)
+            if runs is None or not copied.none_wrong(runs, ae):
+                copied.batch(cl(), ae, where)
         elif act_tab.any():
             sel = np.flatnonzero(act_tab[tables_of()])
-            copied.batch(cl[sel], ae[sel], lambda k: where(k, sel))
+            if len(sel):
+                copied.batch(cl()[sel], ae[sel], lambda k: where(k, sel))
         if not h.has_data_file:
             if int(aoff.max()) + cs - refs.file_len >= cs:
                 keep = _past_eof(refs, aoff, np.full(na, cs, np.int64), ai if ai is not None else
                                  np.arange(na, dtype=np.int64), note)
                 refs.add_regions(aoff[keep], cs, weights=None if w_one == 1 else w_tab[tables_of()[keep]])
-            elif breaks is not None and w_one == 1 and not len(unal_k):
-                refs.add_runs(cl, breaks)  # a few runs of consecutive clusters, each referenced once
+            elif runs is not None and w_one == 1:
+                refs.add_runs(*runs)  # a few runs of consecutive clusters, each referenced once
             elif not len(unal_k):
-                refs.add(cl, None if w_one == 1 else w_tab[tables_of()])
+                refs.add(cl(), None if w_one == 1 else w_tab[tables_of()])
             else:
                 refs.add_regions(aoff, cs, weights=None if w_one == 1 else w_tab[tables_of()])
 
     # Unallocated clusters with allocation bits.
     if bitmaps is not None:
-        ui = ~alloc & ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
+        ui = ((bitmaps & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0) if alloc is not None else np.zeros(m, bool)
+        if alloc is not None:
+            ui &= ~alloc
         if len(comp_k):
             ui[comp_k] = False
         for k in np.flatnonzero(ui).tolist():
             note(k, 5, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
+
+
+def _expand_runs(firsts: I64, lengths: I64) -> I64:
+    """Every cluster of the runs [firsts[k], firsts[k] + lengths[k])."""
+    return np.repeat(firsts, lengths) + (np.arange(int(lengths.sum()), dtype=np.int64)
+                                         - np.repeat(np.cumsum(lengths) - lengths, lengths))
 
 
 def _past_eof(refs: _Refs, offs: I64, sizes: I64, pos: I64,

@@ -182,8 +182,18 @@ class L2Batch:
         """How many entries `used()` returns (counted without decoding them)."""
         if self._used is not None:
             return len(self._used[1])
+        return len(self) if self._dense() else int(np.count_nonzero(self._nonzero()))
+
+    def _dense(self) -> bool:
+        # Every entry non-zero (a minimum over the words: no temporary array)
+        e = self._swapped[0::2] if self.extended else self._swapped
+        return len(e) > 0 and int(e.min()) != 0
+
+    def _nonzero(self) -> npt.NDArray[np.bool_]:
+        # (a boolean array: np.flatnonzero on it is several times faster than on the words)
         w = self._swapped
-        return int(np.count_nonzero((w[0::2] != 0) | (w[1::2] != 0) if self.extended else w))
+        nz: npt.NDArray[np.bool_] = (w[0::2] != 0) | (w[1::2] != 0) if self.extended else np.not_equal(w, 0)
+        return nz
 
     def used(self) -> tuple[I64 | None, U64, U64 | None]:
         """(positions, entries, bitmaps) of the entries that are not all zeros, in batch order;
@@ -191,13 +201,10 @@ class L2Batch:
         if self._used is None:
             e = self._raw[0::2] if self.extended else self._raw
             b = self._raw[1::2] if self.extended else None
-            w = self._swapped
-            nz = (w[0::2] != 0) | (w[1::2] != 0) if self.extended else w
-            count = int(np.count_nonzero(nz))
-            if count == len(e):
+            if self._dense():
                 self._used = (None, e.astype(np.uint64), b.astype(np.uint64) if b is not None else None)
             else:
-                pos = np.flatnonzero(nz).astype(np.int64, copy=False)
+                pos = np.flatnonzero(self._nonzero()).astype(np.int64, copy=False)
                 self._used = (pos, e[pos].astype(np.uint64), b[pos].astype(np.uint64) if b is not None else None)
         return self._used
 
@@ -259,6 +266,9 @@ class RefWalk:
             add_tree(k + 1, sn.l1_table_offset, sn.l1_size, None)
         self.tables = self._distinct_tables()
         self._inside = np.zeros(0, np.int64)
+        self.l2_sweep_dense = False
+        """Whether `run`'s sweep of the L2 tables reads most of the file range it spans (set by run,
+        before the consumers start): then what else they read ahead of it slows it down."""
 
         if img.snapshots:
             self.ranges.append(RangeRef(RefKind.SNAPSHOT_TABLE, h.snapshots_offset, img.snapshot_table.size))
@@ -393,6 +403,7 @@ class RefWalk:
         total = len(self.tables)
         done = 0
         with self._l2_stream() as stream:
+            self.l2_sweep_dense = stream.dense
             for k, c in enumerate(consumers):
                 try:
                     next(c)

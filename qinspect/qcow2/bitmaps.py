@@ -36,6 +36,8 @@ class Bitmap:
     granularity_bits: int
     name: str
     extra_data_size: int
+    name_bytes: bytes = b""
+    """The name as QEMU holds it (`g_strndup` of the name field: up to its first NUL), for comparing."""
 
     @property
     def granularity(self) -> int:
@@ -96,7 +98,8 @@ def read_bitmap_directory(
         if pos + esize > size:
             return refuse(f"Broken bitmap directory (entry {len(out)}, {esize} bytes with its name and extra "
                           f"data, runs past its end, {size} bytes)", pos)
-        name = raw[pos + _DIR.size + extra : pos + _DIR.size + extra + name_size].decode("utf-8", "replace")
+        name_field = raw[pos + _DIR.size + extra : pos + _DIR.size + extra + name_size]
+        name = name_field.decode("utf-8", "replace")
         if extra:
             return refuse(f"Bitmap extra data is not supported (bitmap '{name}', {extra} bytes)", pos)
         bad = []  # check_dir_entry
@@ -117,7 +120,8 @@ def read_bitmap_directory(
             bad.append(f"a table of {tbl_size} clusters cannot cover the {virtual_size}-byte disk")
         if bad:
             return refuse(f"Bitmap '{name}' doesn't satisfy the constraints ({', '.join(bad)})", pos)
-        out.append(Bitmap(offset + pos, esize, tbl_off, tbl_size, flags, typ, gran, name, extra))
+        out.append(Bitmap(offset + pos, esize, tbl_off, tbl_size, flags, typ, gran, name, extra,
+                          name_field.split(b"\0", 1)[0]))
         pos += esize
     if len(out) != count:
         return refuse(f"Less bitmaps found than specified in header extension ({len(out)} of {count})", 0)
@@ -126,14 +130,26 @@ def read_bitmap_directory(
 
 def check_bitmap_tables(f: HostFile, bitmaps: list[Bitmap], cluster_size: int, problems: list[Problem],
                         virtual_size: int) -> None:
-    """qcow2_load_dirty_bitmaps at open: the table of every bitmap not in use is loaded
+    """qcow2_load_dirty_bitmaps at open: a second bitmap of one name is refused ("Bitmap already
+    exists"), and the table of every bitmap not in use is loaded
     (bitmap_table_load) and an entry that check_table_entry refuses makes the open fail;
     load_bitmap_data also wants exactly the table size the disk needs. In-use bitmaps are skipped.
     Each distinct table is read once (65,535 entries sharing one maximal table cost one read)."""
     import numpy as np
 
     seen: dict[tuple[int, int], bool] = {}
+    names: set[bytes] = set()
     for bm in bitmaps:
+        # qcow2_load_dirty_bitmaps: an in-use bitmap whose name is loaded already is passed over;
+        # load_bitmap then creates the BdrvDirtyBitmap first (bdrv_create_dirty_bitmap refuses a
+        # name it has), before an in-use bitmap is skipped and before its table is read.
+        if bm.name_bytes in names:
+            if bm.in_use:
+                continue
+            problems.append(Problem(Severity.ERROR, "bitmap directory", f"Bitmap already exists: {bm.name}",
+                                    bm.entry_offset, qemu_refuses_open=True))
+            return
+        names.add(bm.name_bytes)
         if bm.in_use:
             # load_bitmap: "Data is unusable, skip loading it" -- an in-use bitmap's table is not
             # read at open (only `qemu-img check` walks it, for refcounts).

@@ -26,6 +26,7 @@ from qinspect.qcow2.fields import (
     QCOW_SNAPSHOT_HEADER,
 )
 from qinspect.qcow2.hostfile import HostFile
+from qinspect.qcow2.luks import luks_open_refusal
 
 _V2 = QCOW_HEADER.struct(None, HEADER_V2_LAST)
 _MAGIC_VERSION = QCOW_HEADER.struct(None, "version")
@@ -467,11 +468,11 @@ def _read_extensions(h: Header, f: HostFile, problems: list[Problem]) -> None:
         if magic in seen and magic in C.EXTENSION_NAMES:
             _warn(problems, "header extensions", f"{ext.name} extension appears more than once", off)
         seen.add(magic)
-        _apply_extension(h, ext, problems)
+        _apply_extension(h, ext, problems, f)
         off = ext.end
 
 
-def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -> None:
+def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem], f: HostFile) -> None:
     data, off = ext.data, ext.offset
     if ext.magic == C.QCOW2_EXT_MAGIC_BACKING_FORMAT:
         if ext.length > C.BACKING_FORMAT_MAX:
@@ -508,7 +509,8 @@ def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -
                     at + bx.offset("bitmap_directory_offset"))
         h.bitmaps_ext = bm
     elif ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
-        if h.crypt_method != C.QCOW_CRYPT_LUKS:
+        refused = h.crypt_method != C.QCOW_CRYPT_LUKS
+        if refused:
             _refuse(problems, "encryption header", "crypto header extension only expected with LUKS encryption", off)
         cx = QCOW2_CRYPTO_HEADER_EXT
         if ext.length != cx.size:
@@ -517,9 +519,15 @@ def _apply_extension(h: Header, ext: HeaderExtension, problems: list[Problem]) -
             return
         ch = CryptoHeaderExtension(*cx.struct().unpack(data))
         if ch.offset % h.cluster_size:
+            refused = True
             _refuse(problems, "encryption header", "crypto header offset is not cluster aligned",
                     ext.data_offset + cx.offset("offset"))
         h.crypto_ext = ch
+        # qcow2_read_extensions opens the LUKS header right here (qcrypto_block_open), without a
+        # key for info: a header QEMU cannot parse refuses the image for every command.
+        why = None if refused else luks_open_refusal(f, ch.offset, ch.length)
+        if why is not None:
+            _refuse(problems, "LUKS header", why, ch.offset)
     elif ext.magic == C.QCOW2_EXT_MAGIC_DATA_FILE:
         h.data_file = data.decode("utf-8", "replace")
 

@@ -2,12 +2,19 @@
 
 Only the header is decoded (cipher, mode, IV generator, hash, UUID, payload offset, key slots), as
 `qemu-img info` shows it without a key. Key material is never touched.
+
+`luks_open_refusal` applies the rules QEMU checks when it opens the header, even without a key
+(`qemu-img info` opens with BDRV_O_NO_IO, which skips only the unlocking): the qcow2 read function's
+bounds (`qcow2_crypto_hdr_read_func`), then `qcrypto_block_luks_check_header` and
+`qcrypto_block_luks_parse_header` (crypto/block-luks.c). An image failing them is refused by every
+qemu-img command.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qinspect.qcow2.constants import BDRV_MAX_LENGTH
 from qinspect.qcow2.errors import Problem, Severity
 from qinspect.qcow2.fields import QCRYPTO_BLOCK_LUKS_HEADER as HDR
 from qinspect.qcow2.fields import QCRYPTO_BLOCK_LUKS_KEY_SLOT as SLOT
@@ -18,6 +25,18 @@ LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_PHDR_SIZE = HDR.size  # 592
 LUKS_KEY_SLOT_ENABLED = 0x00AC71F3
 LUKS_SECTOR_SIZE = 512
+LUKS_KEY_SLOT_DISABLED = 0x0000DEAD
+LUKS_VERSION = 1
+LUKS_STRIPES = 4000
+LUKS_KEY_SLOT_OFFSET = 4096
+_HEADER_SECTORS = LUKS_KEY_SLOT_OFFSET // LUKS_SECTOR_SIZE
+
+# QEMU's name tables (qapi enums, matched case-sensitively; crypto/block-luks.c's cipher map).
+_HASH_DIGEST_LEN = {"md5": 16, "sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48, "sha512": 64, "ripemd160": 20}
+_CIPHER_MODES = ("ecb", "cbc", "xts", "ctr")
+_IVGEN_ALGS = ("plain", "plain64", "essiv")
+_CIPHER_KEY_BYTES = {"aes": (16, 24, 32), "cast5": (16,), "serpent": (16, 24, 32), "twofish": (16, 24, 32)}
+_ESSIV_FAMILY = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}
 
 
 @dataclass(frozen=True)
@@ -118,3 +137,118 @@ def read_luks_header(f: HostFile, offset: int, length: int, problems: list[Probl
         problems.append(Problem(Severity.WARNING, "LUKS header",
                                 f"LUKS payload offset {hdr.payload_offset} exceeds the region length {length}", offset))
     return hdr
+
+
+def _u32(v: int) -> int:
+    return v & 0xFFFFFFFF
+
+
+def _splitkeylen_sectors(key_bytes: int, stripes: int) -> int:
+    """qcrypto_block_luks_splitkeylen_sectors: (key_bytes * stripes, a 32-bit product) in sectors,
+    rounded up to whole header-sized units."""
+    split = _u32(key_bytes * stripes)
+    sectors = -(-split // LUKS_SECTOR_SIZE)
+    return -(-sectors // _HEADER_SECTORS) * _HEADER_SECTORS
+
+
+def _ranges_overlap(first1: int, len1: int, first2: int, len2: int) -> bool:
+    m = (1 << 64) - 1
+    last1, last2 = (first1 + len1 - 1) & m, (first2 + len2 - 1) & m
+    return not (last2 < first1 or last1 < first2)
+
+
+def _nul_terminated(raw: bytes) -> str | None:
+    """The string before the first NUL, or None when there is none (QEMU refuses that)."""
+    if b"\0" not in raw:
+        return None
+    return raw.split(b"\0", 1)[0].decode("latin-1")
+
+
+def _check_header(raw: bytes) -> str | None:
+    """qcrypto_block_luks_check_header, rule by rule in QEMU's order."""
+    if HDR["magic"].raw(raw) != LUKS_MAGIC:
+        return "Volume is not in LUKS format"
+    version = HDR["version"].get(raw)
+    if version != LUKS_VERSION:
+        return f"LUKS version {version} is not supported"
+    for name, what in (("cipher_name", "cipher name"), ("cipher_mode", "cipher mode"), ("hash_spec", "hash spec")):
+        if _nul_terminated(HDR[name].raw(raw)) is None:
+            return f"LUKS header {what} is not NUL terminated"
+    payload = HDR["payload_offset_sector"].get(raw)
+    if payload < _HEADER_SECTORS:
+        return "LUKS payload is overlapping with the header"
+    if HDR["master_key_iterations"].get(raw) == 0:
+        return "LUKS key iteration count is zero"
+    key_bytes = HDR["master_key_len"].get(raw)
+    slots = [(SLOT["active"].get(raw, key_slot_offset(i)), SLOT["iterations"].get(raw, key_slot_offset(i)),
+              SLOT["key_offset_sector"].get(raw, key_slot_offset(i)), SLOT["stripes"].get(raw, key_slot_offset(i)))
+             for i in range(QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS)]
+    for i, (active, iterations, start1, stripes) in enumerate(slots):
+        len1 = _splitkeylen_sectors(key_bytes, stripes)
+        if stripes != LUKS_STRIPES:
+            return f"Keyslot {i} is corrupted (stripes {stripes - (1 << 32) if stripes >> 31 else stripes} " \
+                   f"!= {LUKS_STRIPES})"
+        if active not in (LUKS_KEY_SLOT_DISABLED, LUKS_KEY_SLOT_ENABLED):
+            return f"Keyslot {i} state (active/disable) is corrupted"
+        if active == LUKS_KEY_SLOT_ENABLED and iterations == 0:
+            return f"Keyslot {i} iteration count is zero"
+        if start1 < _HEADER_SECTORS:
+            return f"Keyslot {i} is overlapping with the LUKS header"
+        if _u32(start1 + len1) > payload:
+            return f"Keyslot {i} is overlapping with the encrypted payload"
+        for j in range(i + 1, QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS):
+            start2, len2 = slots[j][2], _splitkeylen_sectors(key_bytes, slots[j][3])
+            if _ranges_overlap(start1, len1, start2, len2):
+                return f"Keyslots {i} and {j} are overlapping in the header"
+    return None
+
+
+def _parse_header(raw: bytes) -> str | None:
+    """qcrypto_block_luks_parse_header: the cipher mode spec, cipher, hash and IV generator names."""
+    spec = _nul_terminated(HDR["cipher_mode"].raw(raw)) or ""
+    if "-" not in spec:
+        return f"Unexpected cipher mode string format '{spec}'"
+    mode, ivgen = spec.split("-", 1)
+    ivhash: str | None = None
+    if ":" in ivgen:
+        ivgen, ivhash = ivgen.split(":", 1)
+        if ivhash not in _HASH_DIGEST_LEN:
+            return f"Hash algorithm '{ivhash}' not supported"
+    if mode not in _CIPHER_MODES:
+        return f"Cipher mode '{mode}' not supported"
+    cipher = _nul_terminated(HDR["cipher_name"].raw(raw)) or ""
+    key_bytes = HDR["master_key_len"].get(raw)
+    if mode == "xts":
+        key_bytes //= 2
+    if key_bytes not in _CIPHER_KEY_BYTES.get(cipher, ()):
+        return f"Algorithm '{cipher}' with key size {key_bytes} bytes not supported"
+    hash_spec = _nul_terminated(HDR["hash_spec"].raw(raw)) or ""
+    if hash_spec not in _HASH_DIGEST_LEN:
+        return f"Hash algorithm '{hash_spec}' not supported"
+    if ivgen not in _IVGEN_ALGS:
+        return f"IV generator '{ivgen}' not supported"
+    if ivgen == "essiv":
+        if ivhash is None:
+            return "Missing IV generator hash specification"
+        digest = _HASH_DIGEST_LEN[ivhash]
+        if digest != key_bytes:  # qcrypto_block_luks_essiv_cipher: a cipher of the digest's key size
+            family = _ESSIV_FAMILY.get(cipher)
+            if family is None:
+                return f"Cipher {cipher}-{key_bytes * 8} not supported with essiv"
+            if digest not in _CIPHER_KEY_BYTES[cipher]:
+                return f"No {family} cipher with key size {digest} available"
+    return None
+
+
+def luks_open_refusal(f: HostFile, offset: int, length: int) -> str | None:
+    """Why QEMU refuses to open the LUKS header at `offset` (region `length` bytes), or None.
+
+    Bytes past the end of the file read as zeros (the block layer's rule), so a header there is
+    "not in LUKS format"; a read ending past the block layer's maximum length fails.
+    """
+    if length < LUKS_PHDR_SIZE:
+        return "Request for data outside of extension header"
+    if offset + LUKS_PHDR_SIZE > BDRV_MAX_LENGTH:
+        return "Could not read encryption header: Input/output error"
+    raw = f.pread(offset, LUKS_PHDR_SIZE)
+    return _check_header(raw) or _parse_header(raw)

@@ -137,7 +137,8 @@ def alternating_extents(tmp: Path, scale: float = 1.0) -> Path:
 
 
 def shared_bitmap_tables(tmp: Path, scale: float = 1.0) -> Path:
-    """A bitmap directory of 65,535 entries (at scale 1), every one naming the same bitmap table."""
+    """A bitmap directory of 65,535 entries (at scale 1), each of its own name, every one naming the
+    same bitmap table."""
     n = max(1024, int(65535 * scale))
     path = tmp / "shared_bitmaps.qcow2"
     _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), "1G")
@@ -148,7 +149,11 @@ def shared_bitmap_tables(tmp: Path, scale: float = 1.0) -> Path:
         raw = img.file.pread(ext.bitmap_directory_offset, ext.bitmap_directory_size)
         ext_off = next(e.offset for e in img.header.extensions if e.magic == 0x23852875)
         end = -(-img.file.size // 65536) * 65536
-    directory = raw * n
+    # Each entry its own name ("00000" .. "0fffe"): bitmaps of one name are refused at open
+    # ("Bitmap already exists"), and the attack is the table they all share.
+    head = bytearray(raw[:24])
+    struct.pack_into(">H", head, 18, 5)  # name_size
+    directory = b"".join(bytes(head) + f"{i:05x}".encode() + b"\0" * 3 for i in range(n))
     with open(path, "r+b") as f:
         f.seek(end)
         f.write(directory)

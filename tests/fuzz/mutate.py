@@ -36,7 +36,17 @@ def _mask(size: int) -> int:
     return (1 << (8 * size)) - 1
 
 
+class _Buf(bytearray):
+    """The image's bytes being mutated, plus writes that start past their end (`far`), kept apart:
+    a sample may point at structures far past its end (a snapshot table at 1 GiB) and extending
+    the buffer to there would cost a gigabyte; written to the file they make it sparse instead."""
+
+    far: dict[int, bytes]
+
+
 def _get(data: bytes | bytearray, f: Field) -> int:
+    if isinstance(data, _Buf) and f.offset in data.far and len(data.far[f.offset]) >= f.size:
+        return int.from_bytes(data.far[f.offset][: f.size], "big")
     return int.from_bytes(data[f.offset : f.offset + f.size], "big") if f.offset + f.size <= len(data) else 0
 
 
@@ -171,12 +181,13 @@ def make_case(index: int, seed: int, image: str, data: bytes, t: Targets, image_
     rng = random.Random(f"{seed}:{index}:{image}")
     case = Case(index, image)
     nmut = rng.choice([1, 1, 1, 1, 2, 2, 3])
-    buf = bytearray(data)
+    buf = _Buf(data)
+    buf.far = {}
     for _ in range(nmut):
         _one_mutation(rng, case, buf, t, image_file, chain_tops)
     # Two mutations of the same bytes can cancel out: mutate again until something changed.
     for _ in range(4):
-        if case.truncate is not None or len(buf) != len(data) or buf != data \
+        if case.truncate is not None or len(buf) != len(data) or memoryview(buf) != memoryview(data) or buf.far \
                 or all(s.startswith("(") for s in case.steps):
             break
         _one_mutation(rng, case, buf, t, image_file, chain_tops)
@@ -185,6 +196,7 @@ def make_case(index: int, seed: int, image: str, data: bytes, t: Targets, image_
     case.patches = _runs(buf, _changed(data, buf, lim))
     if len(buf) > len(data):
         case.patches.append((len(data), bytes(buf[len(data):])))
+    case.patches.extend(sorted(buf.far.items()))
     return case
 
 
@@ -212,7 +224,14 @@ def _runs(buf: bytearray, idx: list[int]) -> list[tuple[int, bytes]]:
     return out
 
 
+_FAR_LIMIT = 1 << 40
+
+
 def _write(buf: bytearray, off: int, b: bytes) -> None:
+    if isinstance(buf, _Buf) and off > len(buf):
+        if off + len(b) <= _FAR_LIMIT:  # (beyond it, no file system could hold the write)
+            buf.far[off] = b
+        return
     if off + len(b) > len(buf):
         buf.extend(bytes(off + len(b) - len(buf)))
     buf[off : off + len(b)] = b

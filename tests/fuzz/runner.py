@@ -15,6 +15,7 @@ An operation may end in a result or a `Qcow2Error` (or subclass); anything else 
 from __future__ import annotations
 
 import contextlib
+import enum
 import io
 import json
 import multiprocessing as mp
@@ -23,6 +24,7 @@ import random
 import resource
 import shutil
 import subprocess
+import tempfile
 import time
 import traceback
 import tracemalloc
@@ -71,7 +73,8 @@ class Outcome:
     status: str = "ok"
     detail: str = ""
     ops: dict[str, str] = field(default_factory=dict)
-    compared: bool = False  # exit codes compared with qemu-img's (which finished in time)
+    compared: bool = False  # exit codes compared with qemu-img's
+    not_compared: NotCompared | None = None  # why they could not be, when the case was meant to be
     peak: int = 0
     seconds: float = 0.0
 
@@ -207,14 +210,62 @@ def _cli_commands(path: str) -> list[list[str]]:
 
 
 # -- exit codes against qemu-img ----------------------------------------------------------------------
-# Where qemu-img is installed, a deterministic subset of the cases (every QEMU_EVERY-th) also
-# compares the exit codes of info, map and check with live qemu-img's; QINSPECT_FUZZ_QEMU=1
-# compares every case, QINSPECT_FUZZ_QEMU=0 none. The three qemu-img runs of a case go in parallel.
+# Where qemu-img is installed, every case compares the exit codes of info, map and check with live
+# qemu-img's (QINSPECT_FUZZ_QEMU_EVERY=N compares every N-th case only, QINSPECT_FUZZ_QEMU=0 none).
+# The three qemu-img runs of a case go in parallel, inside the worker, so the pool of workers keeps
+# both CPUs busy with qinspect and qemu-img alike. Nothing is cached between runs.
 _QEMU_MODE = os.environ.get("QINSPECT_FUZZ_QEMU", "")
 QEMU_IMG = shutil.which("qemu-img") if _QEMU_MODE != "0" else None
-QEMU_EVERY = 1 if _QEMU_MODE not in ("", "0") else int(os.environ.get("QINSPECT_FUZZ_QEMU_EVERY", "8"))
-QEMU_OFFSET = 3  # the subset is not the CLI_EVERY subset (index % 8 == 0), which runs the CLI in-process
+QEMU_EVERY = 1 if _QEMU_MODE not in ("", "0") else int(os.environ.get("QINSPECT_FUZZ_QEMU_EVERY", "1"))
+QEMU_OFFSET = 3  # with QEMU_EVERY 8: not the CLI_EVERY subset (index % 8 == 0), which runs the CLI in-process
 EXIT_COMMANDS = ("info", "map", "check")
+# The sample LUKS image's passphrase (sample_images/README.md): qemu-img's map and check unlock the
+# key (info opens with BDRV_O_NO_IO and does not); qinspect reads metadata only and needs none. With
+# the right key both read the same metadata; header rules are checked by both without one.
+LUKS_SECRET = "qinspect"
+# qemu-img has no loop check when it opens a backing chain (bdrv_open_backing_file recurses, one
+# file descriptor and ~135 KiB per layer, and each layer costs more than the last): an image that
+# is its own backing file is opened again and again until a resource runs out. Measured (QEMU 7.2,
+# loaded machine): with 20000 descriptors `qemu-img map` gave up after 1290 s and 2.6 GB at 19991
+# layers, "Too many open files", exit 1; with 1000/2000/4000, after 1.1/2.8/9.5 s, the same
+# answer. A limit of 256 descriptors, 16x what the longest sample chain needs (it opens with 16),
+# makes it give that answer at ~250 layers in 0.1 s, and changes nothing for real chains.
+QEMU_NOFILE = 256
+QEMU_TIMEOUT = float(os.environ.get("QINSPECT_FUZZ_QEMU_TIMEOUT", "30"))  # a hang detector: they take ms
+
+
+class NotCompared(enum.StrEnum):
+    """Why a case's exit codes could not be compared with qemu-img's (counted apart in the summary)."""
+
+    QEMU_TIMEOUT = "qemu-img did not answer in time"
+    KEY_DOES_NOT_UNLOCK = "the passphrase no longer unlocks the damaged key material (qinspect reads no key)"
+    KEY_DERIVATION_TOO_LONG = "PBKDF2 iteration counts damaged to hours of work to try the key (qinspect reads no key)"
+
+
+# qemu-img's map and check try the passphrase on every active key slot, in order: PBKDF2 with the
+# slot's iteration count, then PBKDF2 with the master key's to verify the result (at some 10^6
+# iterations a second). A mutated count of 2^31 means an hour of hashing before the answer, which
+# is "Invalid password" anyway (any changed count derives another key); such cases are not run.
+KDF_ITERATION_BUDGET = 10_000_000
+
+
+def _kdf_iterations(path: str) -> int:
+    """The PBKDF2 iterations qemu-img would spend trying the key on every active slot (0 when
+    it refuses the LUKS header first). qcow2_read_extensions opens the LUKS header, key and all,
+    when it reaches the crypto extension, before it looks at any later extension: damage QEMU
+    refuses afterwards does not save the hashing."""
+    from qinspect.qcow2.image import open_image
+    from qinspect.qcow2.luks import luks_open_refusal
+
+    try:
+        with open_image(path) as img:
+            ch = img.header.crypto_ext
+            if ch is None or img.luks is None or luks_open_refusal(img.file, ch.offset, ch.length) is not None:
+                return 0
+            active = [s for s in img.luks.slots if s.active]
+            return sum(s.iterations + img.luks.master_key_iters for s in active)
+    except Qcow2Error:
+        return 0
 
 
 def compares_with_qemu(index: int) -> bool:
@@ -245,38 +296,69 @@ def qinspect_exit_codes(path: str) -> dict[str, int]:
     return codes
 
 
-QEMU_TIMEOUT = 15.0
-
-
-def _not_encrypted(path: Path) -> bool:
-    """crypt_method is 0: qemu-img can check and map the image without a key (qinspect can either way)."""
+def _encrypted(path: str) -> bool:
+    """crypt_method is not 0: qemu-img's map and check need the key."""
     with open(path, "rb") as f:
         head = f.read(36)
-    return len(head) < 36 or head[32:36] == bytes(4)
+    return len(head) >= 36 and head[32:36] != bytes(4)
 
 
-def qemu_exit_codes(path: str) -> dict[str, int] | None:
+def qemu_argv(cmd: str, path: str) -> list[str]:
+    """qemu-img CMD on the image (named relative to its directory, the cwd of the run).
+
+    -U: no locks are taken against the fuzzer's own open files. The top image's format is given:
+    qinspect reads qcow2 only, and qemu-img's probe would take a damaged magic for a raw disk. An
+    encrypted image gets the key, as tests/test_golden.py gives it."""
+    name = os.path.basename(path)
+    if _encrypted(path):
+        return [str(QEMU_IMG), cmd, "-U", "--output=json", "--object", f"secret,id=sec0,data={LUKS_SECRET}",
+                "--image-opts", f"driver=qcow2,file.filename={name},encrypt.key-secret=sec0"]
+    return [str(QEMU_IMG), cmd, "-U", "-f", "qcow2", "--output=json", name]
+
+
+def _limited(argv: list[str]) -> list[str]:
+    """argv under the descriptor limit, set by a shell (`ulimit -n`) rather than a preexec_fn: a
+    preexec_fn makes Python fork the whole worker (its pristine images included) instead of
+    vfork, which cost 35 ms a case, more than qemu-img's three runs themselves."""
+    return ["/bin/sh", "-c", f'ulimit -n {QEMU_NOFILE} && exec "$0" "$@"', *argv]
+
+
+def qemu_exit_codes(path: str, meanwhile: Callable[[], object] | None = None
+                    ) -> tuple[dict[str, int] | None, NotCompared | None]:
     """The exit codes of qemu-img info, map and check (--output=json) on the same file, run in
-    parallel (they only read; -U: no locks are taken against the fuzzer's own open files). The
-    top image's format is given (-f qcow2): qinspect reads qcow2 only, and qemu-img's probe would
-    take a damaged magic for a raw disk. None when qemu-img itself does not finish in time."""
+    parallel; or None and why they cannot be compared. `meanwhile` runs while they do."""
+    if _encrypted(path) and _kdf_iterations(path) > KDF_ITERATION_BUDGET:
+        if meanwhile is not None:
+            meanwhile()
+        return None, NotCompared.KEY_DERIVATION_TOO_LONG
     # (cwd: QEMU 7.2 takes a relative data file name relative to the current directory)
-    procs = {cmd: subprocess.Popen([str(QEMU_IMG), cmd, "-U", "-f", "qcow2", "--output=json", path],
-                                   cwd=os.path.dirname(path) or None, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL) for cmd in EXIT_COMMANDS}
-    codes: dict[str, int] | None = {}
-    deadline = time.monotonic() + QEMU_TIMEOUT
-    for cmd, p in procs.items():
-        try:
-            rc = p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            if codes is not None:
-                codes[cmd] = rc
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            codes = None
-    return codes
+    # stderr goes to files, not pipes: check on a damaged image may print thousands of lines
+    codes: dict[str, int] = {}
+    errors: dict[str, bytes] = {}
+    why: NotCompared | None = None
+    with contextlib.ExitStack() as stack:
+        errs = {cmd: stack.enter_context(tempfile.TemporaryFile()) for cmd in EXIT_COMMANDS}
+        procs = {cmd: subprocess.Popen(_limited(qemu_argv(cmd, path)), cwd=os.path.dirname(path) or None,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errs[cmd])
+                 for cmd in EXIT_COMMANDS}
+        deadline = time.monotonic() + QEMU_TIMEOUT
+        if meanwhile is not None:
+            meanwhile()
+        for cmd, p in procs.items():
+            try:
+                codes[cmd] = p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                why = NotCompared.QEMU_TIMEOUT
+        for cmd, f in errs.items():
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            errors[cmd] = f.read()
+    if why is not None:
+        return None, why
+    if codes["info"] == 0 and any(b"Invalid password, cannot unlock any keyslot" in e for e in errors.values()):
+        return None, NotCompared.KEY_DOES_NOT_UNLOCK
+    return codes, None
 
 
 # -- the worker -------------------------------------------------------------------------------------
@@ -351,8 +433,10 @@ def _run_one(index: int, workdir: Path, bases: list[Base], seed: int, private: s
     meter = _Meter()
     try:
         out.ops = exercise(str(target), with_cli=index % CLI_EVERY == 0)
-        if compares_with_qemu(index) and _not_encrypted(target):  # (qemu-img needs an encrypted one's key)
-            ours, theirs = qinspect_exit_codes(str(target)), qemu_exit_codes(str(target))
+        if compares_with_qemu(index):
+            ours: dict[str, int] = {}
+            theirs, out.not_compared = qemu_exit_codes(
+                str(target), meanwhile=lambda: ours.update(qinspect_exit_codes(str(target))))
             out.compared = theirs is not None
             if theirs is not None and ours != theirs:
                 out.status = "disagree"

@@ -150,10 +150,10 @@ def _find(img: Image) -> Targets:
             if bitmaps is not None:
                 t.add(Field("L2 bitmap", f"L2@{l2_off:#x}[{k}].bitmap", l2_off + k * esize + 8, 8, "l2bm"))
             if kind == "cdesc":
-                d = parse_compressed(e, img.l2_format)
-                if d.coffset + 16 <= img.file.size:
-                    t.add(Field("compressed data", f"data of L2@{l2_off:#x}[{k}]", d.coffset,
-                                min(d.csize, img.file.size - d.coffset), "cdata"))
+                cd = parse_compressed(e, img.l2_format)
+                if cd.coffset + 16 <= img.file.size:
+                    t.add(Field("compressed data", f"data of L2@{l2_off:#x}[{k}]", cd.coffset,
+                                min(cd.csize, img.file.size - cd.coffset), "cdata"))
             elif e & C.L2E_OFFSET_MASK:
                 structs.add(e & C.L2E_OFFSET_MASK)
 
@@ -190,9 +190,9 @@ def _find(img: Image) -> Targets:
         structs.add(h.snapshots_offset)
 
     # Bitmap directory and bitmap tables.
-    ext = h.bitmaps_ext
-    if ext is not None:
-        structs.add(ext.bitmap_directory_offset)
+    bext = h.bitmaps_ext
+    if bext is not None:
+        structs.add(bext.bitmap_directory_offset)
         for bm in img.bitmaps[:MAX_ENTRIES_PER_TABLE]:
             for name, off, size, kind in _BITMAP_DIR_FIELDS:
                 t.add(Field("bitmap directory", f"bitmap '{bm.name}' {name}", bm.entry_offset + off, size, kind))
@@ -209,9 +209,14 @@ def _find(img: Image) -> Targets:
     if h.crypto_ext is not None:
         lo = h.crypto_ext.offset
         structs.add(lo)
+        # every field QEMU checks at open (qcrypto_block_luks_check_header / _parse_header)
         for name, off, size, kind in (("magic", 0, 6, "bytes"), ("version", 6, 2, "int"),
-                                      ("cipher", 8, 32, "bytes"), ("payload_offset", 104, 4, "int"),
-                                      ("key_bytes", 108, 4, "int"), ("slot0 key_offset", 208 + 40, 4, "int")):
+                                      ("cipher", 8, 32, "bytes"), ("cipher mode", 40, 32, "bytes"),
+                                      ("hash spec", 72, 32, "bytes"), ("payload_offset", 104, 4, "int"),
+                                      ("key_bytes", 108, 4, "int"), ("master key iterations", 164, 4, "int"),
+                                      ("slot0 active", 208, 4, "int"), ("slot0 iterations", 208 + 4, 4, "int"),
+                                      ("slot0 key_offset", 208 + 40, 4, "int"), ("slot0 stripes", 208 + 44, 4, "int"),
+                                      ("slot1 key_offset", 256 + 40, 4, "int")):
             t.add(Field("LUKS header", name, lo + off, size, kind))
 
     t.structures = sorted(s for s in structs if 0 <= s < t.file_size)  # (a sample may point past its end)
