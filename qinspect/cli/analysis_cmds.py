@@ -19,6 +19,7 @@ from rich.text import Text
 
 from qinspect.analysis.cache import CacheModel, cache_model, cache_table
 from qinspect.analysis.diagnose import RULES, SEVERITY_RANK, Diagnosis, Finding, Fix, diagnose, size_option
+from qinspect.analysis.findings.model import EvidenceUnit, evidence_unit
 from qinspect.analysis.layout import Layout, Owner, compute_layout
 from qinspect.analysis.measure import MeasureResult, measure, parse_options
 from qinspect.analysis.progress import ProgressFn, no_progress
@@ -343,13 +344,12 @@ def _evidence_text(ev: dict[str, int | float | str]) -> str:
     """Evidence as `key value` pairs; byte counts in the one size format (units.format_size_exact)."""
     parts = []
     for k, v in ev.items():
-        sized = ("bytes" in k or "size" in k or "cache" in k or "reclaim" in k or k.endswith("usage")
-                 or k.startswith("cow-unit") or k.endswith("-end"))
-        if isinstance(v, int) and not isinstance(v, bool) and sized:
-            parts.append(f"{k} {format_size_exact(v)}")
-        elif isinstance(v, int) and "offset" in k:
-            parts.append(f"{k} {v:#x}")
-        elif isinstance(v, float):
+        unit = evidence_unit(k, v)
+        if unit is EvidenceUnit.BYTES:
+            parts.append(f"{k} {format_size_exact(int(v))}")
+        elif unit is EvidenceUnit.OFFSET:
+            parts.append(f"{k} {int(v):#x}")
+        elif unit is EvidenceUnit.RATIO:
             parts.append(f"{k} {v:g}")
         else:
             parts.append(f"{k} {for_terminal(str(v))}")
