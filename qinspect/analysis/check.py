@@ -247,6 +247,7 @@ class _Refs:
         # References past refcount_max per cluster: counted as corruptions here; their messages are
         # printed afterwards at their places in QEMU's walk (`_Replay`).
         self.excess: dict[int, int] = {}
+        self.overflows = 0  # their sum
 
     def beyond_eof(self, offset: int, size: int, key: int | None = None) -> bool:
         """QEMU refuses to count a region ending a cluster or more past the end of the file."""
@@ -385,6 +386,7 @@ class _Refs:
         for cl, n in zip(u.tolist(), (counts[u].astype(np.int64) - self.max).tolist(), strict=True):
             self.res.corruptions += n
             self.excess[cl] = self.excess.get(cl, 0) + n
+            self.overflows += n
         counts[u] = self.max
 
     def finish(self) -> tuple[U32, dict[int, int], int]:
@@ -885,7 +887,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
             if l1_size and l1_off + l1_size * 8 - refs.file_len < cs:  # (past the end: counted as the first)
                 refs.add_range(l1_off, l1_size * 8)
             continue
-        before_c = res.corruptions
+        before_c, before_o = res.corruptions, refs.overflows
         grp = walk.groups[g]
         res.ordered(True)
         if l1_size:
@@ -909,7 +911,8 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
             res.add("error", f"ERROR l2_offset={int(l2o[k]):x}: Table is not cluster aligned; L1 entry corrupted",
                     key=walk_key(int(l1i[k]), -1, 2, n))
             blocked.add(int(l1i[k]))
-        group_l1[g] = (res.take_keyed(), res.corruptions - before_c, blocked)
+        # (the overflows are counted once for all the trees, by the weights: not repeated per tree)
+        group_l1[g] = (res.take_keyed(), res.corruptions - before_c - (refs.overflows - before_o), blocked)
 
     for rr in walk.ranges:
         if rr.kind in (RefKind.SNAPSHOT_TABLE, RefKind.REFCOUNT_TABLE, RefKind.LUKS):
