@@ -670,8 +670,8 @@ class _Replay:
                 return True
         t = self.group_touch.get(g)
         if t is None:
-            _l1i, l2o = self.walk.groups[g].l2_offsets()
-            t = self.group_touch[g] = bool(np.isin(self.walk.tables.id_of(l2o), self.ev_tables).any())
+            t = self.group_touch[g] = any(bool(np.isin(self.walk.tables.id_of(l2o), self.ev_tables).any())
+                                          for _l1i, l2o in _l1_chunks(self.walk.groups[g]))
         return t
 
     def note_corruptions(self, g: int, n: int) -> None:
@@ -697,23 +697,34 @@ class _Replay:
 
     def tree(self, res: CheckResult, grp: L1Group, blocked: set[int]) -> None:
         """The messages of a tree's L2 tables (and the overflows of its references), keyed."""
-        l1i, l2o = grp.l2_offsets()
-        tids = self.walk.tables.id_of(l2o)
-        sel = np.zeros(len(l1i), dtype=bool)
-        if len(self.has_msgs):
-            sel |= np.isin(tids, self.has_msgs) & (l2o < self.file_size)
-        if len(self.ev_tables):
-            sel |= np.isin(tids, self.ev_tables)
-        idx = np.flatnonzero(sel)
-        if not len(idx):
-            return
-        li, ti, lo = l1i[idx], tids[idx], l2o[idx]
-        bl = np.isin(li, np.array(sorted(blocked), np.int64)) if blocked else np.zeros(len(li), dtype=bool)
-        brk = (ti[1:] != ti[:-1]) | (li[1:] != li[:-1] + 1) | bl[1:] | bl[:-1]
-        starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
-        ends = np.append(starts[1:], len(li))
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            self._run(res, int(li[a]), int(ti[a]), int(lo[a]), b - a)
+        blocked_a = np.array(sorted(blocked), np.int64)
+        pending: tuple[int, int, int, int] | None = None  # (first L1 index, table, offset, entries): a run
+        for l1i, l2o in _l1_chunks(grp):  # (bounded temporaries for an L1 table of millions of entries)
+            tids = self.walk.tables.id_of(l2o)
+            sel = np.zeros(len(l1i), dtype=bool)
+            if len(self.has_msgs):
+                sel |= np.isin(tids, self.has_msgs) & (l2o < self.file_size)
+            if len(self.ev_tables):
+                sel |= np.isin(tids, self.ev_tables)
+            idx = np.flatnonzero(sel)
+            if not len(idx):
+                continue
+            li, ti, lo = l1i[idx], tids[idx], l2o[idx]
+            bl = np.isin(li, blocked_a) if blocked else np.zeros(len(li), dtype=bool)
+            brk = (ti[1:] != ti[:-1]) | (li[1:] != li[:-1] + 1) | bl[1:] | bl[:-1]
+            starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+            ends = np.append(starts[1:], len(li))
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                run = (int(li[a]), int(ti[a]), int(lo[a]), b - a)
+                if (pending is not None and a == 0 and not bl[0] and pending[1] == run[1]
+                        and pending[0] + pending[3] == run[0] and pending[0] not in blocked):
+                    pending = (pending[0], pending[1], pending[2], pending[3] + run[3])  # across chunks
+                    continue
+                if pending is not None:
+                    self._run(res, *pending)
+                pending = run
+        if pending is not None:
+            self._run(res, *pending)
 
     def _run(self, res: CheckResult, li0: int, tid: int, l2_offset: int, r: int) -> None:
         """r consecutive L1 entries from li0 naming table tid."""
@@ -780,6 +791,14 @@ class _Replay:
             left = self.excess[int(self.ov[j])] - int(self.emitted[j])
             if left > 0:
                 res.add("error", self.text(j), int(self.ov[j]), left)
+
+
+def _l1_chunks(grp: L1Group, step: int = 1 << 18) -> Iterator[tuple[I64, I64]]:
+    """`grp.l2_offsets()` a chunk of L1 entries at a time."""
+    for c0 in range(0, len(grp.entries), step):
+        chunk = grp.entries[c0 : c0 + step]
+        idx = np.flatnonzero(chunk)
+        yield (c0 + idx).astype(np.int64), (chunk[idx] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
 
 
 def _emit_runs(res: CheckResult, l1_idx: I64, tids: I64, n: int,
