@@ -324,6 +324,27 @@ def test_two_bitmaps_of_one_name(tmp_path: Path, in_use: tuple[bool, bool]) -> N
         assert "Traceback" not in r.stderr
 
 
+@needs_qemu
+@pytest.mark.parametrize("flags", [0x4, 0x5, 0x6, 0x8])
+def test_bitmap_flag_bits_qemu_has_not(samples: Samples, tmp_path: Path, flags: int) -> None:
+    """BME_RESERVED_FLAGS is every flag but in-use and auto (bit 2, the specification's
+    extra_data_compatible, included): such a bitmap is refused at open, as qemu-img does."""
+    p = tmp_path / "flags.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), "16M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(p), "b0"], check=True)
+    with open_image(p) as img:
+        at = img.bitmaps[0].entry_offset
+    with open(p, "r+b") as f:
+        f.seek(at + 12)
+        f.write(struct.pack(">I", flags))
+    for cmd in ("info", "check"):
+        q = _run(["qemu-img", cmd, p.name], tmp_path)
+        r = _run([QINSPECT, cmd, p.name], tmp_path)
+        assert q.returncode == r.returncode == 1, (cmd, q.stderr, r.stderr)
+        assert "Bitmap 'b0' doesn't satisfy the constraints" in q.stderr
+        assert "Bitmap 'b0' doesn't satisfy the constraints" in r.stderr
+
+
 def test_compressed_cluster_past_eof_says_so(samples: Samples, tmp_path: Path) -> None:
     size = samples.path("zlib").stat().st_size
     p = _patched(samples, tmp_path, "zlib", (0x40000, ">Q", (1 << 62) | (3 << 54) | (size + 65536)))
