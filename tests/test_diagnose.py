@@ -204,3 +204,17 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert main([cmd, str(bogus)]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"qinspect: {bogus}") and err.count("\n") == 1
+
+
+def test_evidence_units() -> None:
+    """One rule says which evidence values are bytes, offsets or counts (the CLI and the TUI print by it);
+    a count of offsets is a count, not an offset."""
+    from qinspect.analysis.findings.model import EvidenceUnit, evidence_unit
+
+    cases = {("granularity", 65536): EvidenceUnit.BYTES, ("span-bytes", 1): EvidenceUnit.BYTES,
+             ("cluster-size", 512): EvidenceUnit.BYTES, ("snapshot 1 exclusive-bytes", 0): EvidenceUnit.BYTES,
+             ("image-end-offset", 0x30000): EvidenceUnit.OFFSET,
+             ("unaligned data cluster offsets", 8): EvidenceUnit.COUNT, ("l2-tables", 3): EvidenceUnit.COUNT,
+             ("ratio", 0.5): EvidenceUnit.RATIO, ("compression-type", "zlib"): EvidenceUnit.TEXT}
+    for (key, value), unit in cases.items():
+        assert evidence_unit(key, value) is unit, key

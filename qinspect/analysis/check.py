@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled, no_progress
-from qinspect.analysis.refwalk import BatchConsumer, L2Batch, L2Tables, RefKind, RefWalk
+from qinspect.analysis.refwalk import BatchConsumer, L1Group, L2Batch, L2Tables, RefKind, RefWalk
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import table_fits
@@ -38,6 +38,8 @@ DEFER_ENTRIES = 1 << 20
 
 
 # qcow2_inc_refcounts_imrt: the two lines printed for each reference past the refcount maximum.
+L1_TABLE_KEY = -1
+"""Key of the messages about a tree's L1 table itself: before those of its entries (see walk_key)."""
 BLOCK_LINES = 1 << 13
 """Lines of check messages formatted and written at a time (see `CheckMessage.blocks`)."""
 
@@ -184,6 +186,19 @@ class CheckResult:
         self._last_key = max(self._last_key, key)
         self._keyed.append(key, msg)
 
+    def take_keyed(self) -> list[tuple[int, int, CheckMessage]]:
+        """End a block of keyed messages without printing them: they are returned, to be given to
+        `add_keyed` in another block (the same messages for every tree sharing an L1 table)."""
+        out, self._keyed = self._keyed or [], None
+        return out
+
+    def add_keyed(self, items: list[tuple[int, int, CheckMessage]]) -> None:
+        """Put messages taken with `take_keyed` into the current block (their keys kept)."""
+        assert self._keyed is not None
+        self._keyed.extend(items)
+        if items:
+            self._last_key = max(self._last_key, max(k for k, _i, _m in items))
+
     def messages_last_indices(self, indices: range) -> None:
         """Make the message just added a template printed once per index (see CheckMessage)."""
         if self._keyed is not None and self._keyed.msgs:
@@ -264,6 +279,10 @@ class _Refs:
         self.top = 0  # highest cluster referenced + 1
         self.far: list[I64] = []
         self.ranges: list[tuple[int, int]] = []  # (first, last) cluster ranges, applied in finish()
+        # References past refcount_max per cluster: counted as corruptions here; their messages are
+        # printed afterwards at their places in QEMU's walk (`_Replay`).
+        self.excess: dict[int, int] = {}
+        self.overflows = 0  # their sum
 
     def beyond_eof(self, offset: int, size: int, key: int | None = None) -> bool:
         """QEMU refuses to count a region ending a cluster or more past the end of the file."""
@@ -304,8 +323,8 @@ class _Refs:
             more = np.repeat(start, cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt))
             self.add(more, np.repeat(weights[sel], cnt) if weights is not None else None)
 
-    def add_range(self, offset: int, size: int) -> None:
-        if size <= 0 or self.beyond_eof(offset, size):
+    def add_range(self, offset: int, size: int, key: int | None = None) -> None:
+        if size <= 0 or self.beyond_eof(offset, size, key):
             return
         first, last = offset // self.cs, (offset + size - 1) // self.cs
         limit = self.nb_file + DENSE_EXTRA_CLUSTERS
@@ -401,7 +420,8 @@ class _Refs:
         u = np.unique(idx[over])
         for cl, n in zip(u.tolist(), (counts[u].astype(np.int64) - self.max).tolist(), strict=True):
             self.res.corruptions += n
-            self.res.add("error", f"ERROR: overflow cluster offset=0x{cl * self.cs:x}\n{OVERFLOW_HINT}", cl, n)
+            self.excess[cl] = self.excess.get(cl, 0) + n
+            self.overflows += n
         counts[u] = self.max
 
     def finish(self) -> tuple[U32, dict[int, int], int]:
@@ -565,6 +585,257 @@ class _Copied:
                     for t, v in texts.items()}, blocked)
 
 
+class _Replay:
+    """The overflow messages of qcow2_inc_refcounts_imrt at their places in QEMU's walk.
+
+    The counts are summed order-free (`_Refs`, which records how many references each cluster
+    has past refcount_max: `excess`). Which references overflow depends on the order: the
+    (refcount_max + 1)-th reference to a cluster and every later one, in the order
+    check_refcounts_l1/_l2 meet them. So the walk is replayed for the overflowing clusters only:
+    per distinct L2 table, the references it makes to them (its own cluster when named, then its
+    entries' clusters in L2 index order, read once more, once per table); per tree, the runs of
+    consecutive L1 entries naming one table are replayed as a whole (a reference's running count
+    grows by a constant per entry, so each one's first overflowing entry is computed, and a run
+    prints a few blocks repeated, not one line per entry).
+    """
+
+    def __init__(self, img: Image, walk: RefWalk, refs: _Refs, fmt: L2Format,
+                 table_msgs: dict[int, list[tuple[int, int, str]]]) -> None:
+        self.walk = walk
+        self.res = refs.res
+        self.cs = refs.cs
+        self.bits = refs.cs.bit_length() - 1
+        self.n = img.header.l2_size
+        self.rmax = refs.max
+        self.file_len = refs.file_len
+        self.file_size = img.file.size
+        self.table_msgs = table_msgs
+        self.has_msgs = np.array(sorted(table_msgs), np.int64)
+        self.excess = refs.excess
+        self.ov = np.array(sorted(refs.excess), np.int64)  # the overflowing clusters
+        self.cnt = np.zeros(len(self.ov), np.int64)  # their running counts
+        self.emitted = np.zeros(len(self.ov), np.int64)
+        self.texts: dict[int, str] = {}
+        # per table id: (L2 index, -1 for the table itself; step; index into ov) of its references
+        self.events: dict[int, tuple[I64, I64, I64]] = {}
+        self.ev_tables = np.zeros(0, np.int64)
+        self.group_touch: dict[int, bool] = {}
+        self.group_corr: dict[int, int] = {}
+        if len(self.ov):
+            self._collect(img, fmt)
+
+    def _oidx(self, clusters: I64) -> tuple[I64, npt.NDArray[np.bool_]]:
+        j = np.minimum(np.searchsorted(self.ov, clusters), len(self.ov) - 1)
+        return j, self.ov[j] == clusters
+
+    def _collect(self, img: Image, fmt: L2Format) -> None:
+        tables = self.walk.tables
+        cs, bits, n = self.cs, self.bits, self.n
+        parts: list[tuple[I64, I64, I64, I64]] = []  # (table ids, L2 index, step, ov index)
+        offs = tables.offsets
+        ok = offs + cs - self.file_len < cs
+        for second, c in ((False, offs >> bits), (True, (offs + cs - 1) >> bits)):
+            j, hit = self._oidx(c)
+            hit &= ok
+            if second:
+                hit &= (offs & (cs - 1)) != 0  # (an aligned table is one cluster)
+            t = np.flatnonzero(hit)
+            parts.append((t, np.full(len(t), -1, np.int64), np.full(len(t), 1, np.int64), j[t]))
+        h = img.header
+        if not h.has_data_file:  # (with a data file the L2 entries count nothing)
+            for batch in self.walk.l2_batches():
+                pos, entries, bitmaps = batch.used()
+                m = len(entries)
+                if not m:
+                    continue
+                p = np.arange(m, dtype=np.int64) if pos is None else pos
+                comp = (entries & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+                off = (entries & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+                alloc = ~comp & (off != 0)
+                ro, rs, rp = [off[alloc]], [np.full(int(np.count_nonzero(alloc)), cs, np.int64)], [p[alloc]]
+                if comp.any():
+                    ci = np.flatnonzero(comp)
+                    if bitmaps is not None:
+                        ci = ci[bitmaps[ci] == 0]
+                    ce = entries[ci] & ~np.uint64(C.QCOW_OFLAG_COPIED)
+                    coff = (ce & np.uint64(fmt.cluster_offset_mask)).astype(np.int64)
+                    nsec = ((ce >> np.uint64(fmt.csize_shift)) & np.uint64(fmt.csize_mask)).astype(np.int64) + 1
+                    ro.append(coff)
+                    rs.append(nsec * 512 - (coff & 511))
+                    rp.append(p[ci])
+                o, sz, pp = np.concatenate(ro), np.concatenate(rs), np.concatenate(rp)
+                keep = o + sz - self.file_len < cs
+                o, sz, pp = o[keep], sz[keep], pp[keep]
+                srt = np.argsort(pp, kind="stable")
+                o, sz, pp = o[srt], sz[srt], pp[srt]
+                first = o >> bits
+                cnt = ((o + sz - 1) >> bits) - first + 1
+                if len(cnt) and int(cnt.max()) > 1:
+                    first = _expand_runs(first, cnt)
+                    pp = np.repeat(pp, cnt)
+                j, hit = self._oidx(first)
+                pp = pp[hit]
+                parts.append((batch.ids[pp // n], pp % n, np.full(len(pp), 4, np.int64), j[hit]))
+        t = np.concatenate([q[0] for q in parts])
+        l2 = np.concatenate([q[1] for q in parts])
+        st = np.concatenate([q[2] for q in parts])
+        jj = np.concatenate([q[3] for q in parts])
+        srt = np.lexsort((l2, t))  # (stable: a region's clusters stay in ascending order)
+        t, l2, st, jj = t[srt], l2[srt], st[srt], jj[srt]
+        u, start = np.unique(t, return_index=True)
+        ends = np.append(start[1:], len(t))
+        for tid, a, b in zip(u.tolist(), start.tolist(), ends.tolist(), strict=True):
+            self.events[tid] = (l2[a:b], st[a:b], jj[a:b])
+        self.ev_tables = u.astype(np.int64)
+
+    def text(self, j: int) -> str:
+        t = self.texts.get(j)
+        if t is None:
+            t = self.texts[j] = f"ERROR: overflow cluster offset=0x{int(self.ov[j]) * self.cs:x}\n{OVERFLOW_HINT}"
+        return t
+
+    def touches(self, g: int, tree: tuple[int, int, int]) -> bool:
+        """Whether tree `tree` (of L1 group g) makes a reference to an overflowing cluster."""
+        if not len(self.ov):
+            return False
+        _src, off, size = tree
+        if size:
+            lo, hi = np.searchsorted(self.ov, [off >> self.bits, ((off + size * 8 - 1) >> self.bits) + 1])
+            if hi > lo:
+                return True
+        t = self.group_touch.get(g)
+        if t is None:
+            t = self.group_touch[g] = any(bool(np.isin(self.walk.tables.id_of(l2o), self.ev_tables).any())
+                                          for _l1i, l2o in _l1_chunks(self.walk.groups[g]))
+        return t
+
+    def note_corruptions(self, g: int, n: int) -> None:
+        self.group_corr[g] = n
+
+    def corruptions_of(self, g: int) -> int:
+        return self.group_corr.get(g, 0)
+
+    def bump(self, offset: int, size: int, key: int | None = None, keyed: bool = False) -> None:
+        """One reference to each cluster of a region (qcow2_inc_refcounts_imrt), in order."""
+        if not len(self.ov) or size <= 0 or offset + size - self.file_len >= self.cs:
+            return
+        lo, hi = np.searchsorted(self.ov, [offset >> self.bits, ((offset + size - 1) >> self.bits) + 1])
+        for j in range(int(lo), int(hi)):
+            self._one(j, key if keyed else None)
+
+    def _one(self, j: int, key: int | None) -> None:
+        if self.cnt[j] >= self.rmax:
+            self.res.add("error", self.text(j), int(self.ov[j]), key=key)
+            self.emitted[j] += 1
+        else:
+            self.cnt[j] += 1
+
+    def tree(self, res: CheckResult, grp: L1Group, blocked: set[int]) -> None:
+        """The messages of a tree's L2 tables (and the overflows of its references), keyed."""
+        blocked_a = np.array(sorted(blocked), np.int64)
+        pending: tuple[int, int, int, int] | None = None  # (first L1 index, table, offset, entries): a run
+        for l1i, l2o in _l1_chunks(grp):  # (bounded temporaries for an L1 table of millions of entries)
+            tids = self.walk.tables.id_of(l2o)
+            sel = np.zeros(len(l1i), dtype=bool)
+            if len(self.has_msgs):
+                sel |= np.isin(tids, self.has_msgs) & (l2o < self.file_size)
+            if len(self.ev_tables):
+                sel |= np.isin(tids, self.ev_tables)
+            idx = np.flatnonzero(sel)
+            if not len(idx):
+                continue
+            li, ti, lo = l1i[idx], tids[idx], l2o[idx]
+            bl = np.isin(li, blocked_a) if blocked else np.zeros(len(li), dtype=bool)
+            brk = (ti[1:] != ti[:-1]) | (li[1:] != li[:-1] + 1) | bl[1:] | bl[:-1]
+            starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+            ends = np.append(starts[1:], len(li))
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                run = (int(li[a]), int(ti[a]), int(lo[a]), b - a)
+                if (pending is not None and a == 0 and not bl[0] and pending[1] == run[1]
+                        and pending[0] + pending[3] == run[0] and pending[0] not in blocked):
+                    pending = (pending[0], pending[1], pending[2], pending[3] + run[3])  # across chunks
+                    continue
+                if pending is not None:
+                    self._run(res, *pending)
+                pending = run
+        if pending is not None:
+            self._run(res, *pending)
+
+    def _run(self, res: CheckResult, li0: int, tid: int, l2_offset: int, r: int) -> None:
+        """r consecutive L1 entries from li0 naming table tid."""
+        msgs = self.table_msgs.get(tid, []) if l2_offset < self.file_size else []
+        res.corruptions += len(msgs) * r
+        ev = self.events.get(tid)
+        if ev is None:
+            self._block(res, li0, r, msgs)
+            return
+        l2s, steps, js = ev
+        uj, inv, kc = np.unique(js, return_inverse=True, return_counts=True)
+        inv = inv.reshape(-1)
+        # occurrence of each reference among those of its cluster within one entry
+        srt = np.argsort(inv, kind="stable")
+        occ = np.empty(len(js), np.int64)
+        occ[srt] = np.arange(len(js)) - np.repeat(np.cumsum(kc) - kc, kc)
+        k = kc[inv]
+        need = self.rmax - self.cnt[js] - occ
+        first_over = np.maximum(0, -(-need // k))  # the first entry of the run where it overflows
+        self.cnt[uj] = np.minimum(self.rmax, self.cnt[uj] + kc * r)
+        cuts = np.unique(np.concatenate(([0], first_over[first_over < r], [r])))
+        l2l, stl, jl = l2s.tolist(), steps.tolist(), js.tolist()
+        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+            over = np.flatnonzero(first_over <= a)
+            np.add.at(self.emitted, js[over], b - a)
+            block = sorted(msgs + [(l2l[p], stl[p], self.text(jl[p])) for p in over.tolist()],
+                           key=lambda m: (m[0], m[1]))
+            self._block(res, li0 + a, b - a, block)
+
+    def _block(self, res: CheckResult, li: int, r: int, block: list[tuple[int, int, str]]) -> None:
+        if not block:
+            return
+        if r == 1:
+            for l2, step, text in block:
+                res.add("error", text, key=int(walk_key(li, l2, step, self.n)))
+        else:
+            res.add("error", "\n".join(t for _l2, _s, t in block), repeat=r,
+                    key=int(walk_key(li, block[0][0], block[0][1], self.n)))
+
+    def bitmaps(self) -> None:
+        """qcow2_check_bitmaps_refcounts' references: the directory, then per bitmap its table and
+        the clusters it names."""
+        if not len(self.ov):
+            return
+        walk = self.walk
+        tables = [rr for rr in walk.ranges if rr.kind == RefKind.BITMAP_TABLE]
+        for rr in walk.ranges:
+            if rr.kind == RefKind.BITMAP_DIRECTORY:
+                self.bump(rr.offset, rr.size)
+        for bi, t in enumerate(walk.bitmap_of):
+            if bi < len(tables):
+                self.bump(tables[bi].offset, tables[bi].size)
+            table = walk.bitmap_tables[t].table
+            offs = (table & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)).astype(np.int64)
+            offs = offs[offs != 0]
+            j, hit = self._oidx(offs >> self.bits)
+            for jj in j[hit].tolist():
+                self._one(int(jj), None)
+
+    def leftover(self, res: CheckResult) -> None:
+        """Overflows the replay did not meet (none, when it models the walk exactly): printed
+        after the walk, so that every one is printed once."""
+        for j in range(len(self.ov)):
+            left = self.excess[int(self.ov[j])] - int(self.emitted[j])
+            if left > 0:
+                res.add("error", self.text(j), int(self.ov[j]), left)
+
+
+def _l1_chunks(grp: L1Group, step: int = 1 << 18) -> Iterator[tuple[I64, I64]]:
+    """`grp.l2_offsets()` a chunk of L1 entries at a time."""
+    for c0 in range(0, len(grp.entries), step):
+        chunk = grp.entries[c0 : c0 + step]
+        idx = np.flatnonzero(chunk)
+        yield (c0 + idx).astype(np.int64), (chunk[idx] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+
+
 def _emit_runs(res: CheckResult, l1_idx: I64, tids: I64, n: int,
                texts: dict[int, list[tuple[int, int, str]]], blocked: set[int] | None = None) -> None:
     """The messages of each table (L2 index, step, text) at every L1 entry naming it, keyed in walk
@@ -641,21 +912,8 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
             res.add("error", f"ERROR snapshot table entry {sn.index} is incomplete")
 
     refs.add_range(0, cs)  # header
-    if h.has_data_file and img.snapshots:
-        res.corruptions += 1
-        res.add("error", f"ERROR {len(img.snapshots)} snapshots in image with data file")
-    for k, why in walk.bad_snapshots:
-        sn = img.snapshots[k]
-        res.corruptions += 1
-        if why == "unaligned":
-            res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
-                             "L1 table is not cluster aligned; snapshot table entry corrupted")
-        else:
-            res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
-                             "L1 table is too large; snapshot table entry corrupted")
-    for _src, off, size in walk.trees:  # every tree's L1 table (the active one as read)
-        if size:
-            refs.add_range(off, size * 8)
+    # (the L1 tables, the snapshot errors and the data-file error are counted and printed tree by
+    # tree after the L2 sweep, where check_refcounts_l1 meets them)
     # The stored refcounts of the file's clusters, read block by block as the COPIED checks of the
     # one L2 walk need them (StoredRefcounts says why not all first), the rest after the walk.
     per = h.refcount_block_entries
@@ -672,19 +930,22 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     while (batch := (yield)) is not None:
         _check_l2_batch(img, fmt, batch, tables, refs, res, copied, table_msgs)
     stored_rc.read_all()
-    # 2. check_refcounts_l1, tree by tree: each L1 entry's messages, its table's region, its table's
-    # messages. Trees sharing one L1 table print the same lines: computed once, repeated.
-    has_msgs = np.array(sorted(table_msgs), np.int64)
-    done_groups: dict[int, tuple[list[CheckMessage], int]] = {}
-    for g in walk.tree_group:
-        if g in done_groups:
-            msgs, corr = done_groups[g]
-            res.messages.extend(msgs)  # the same message objects again: no copies
-            res.corruptions += corr
+    # 2. check_refcounts_l1, per distinct L1 table: its own region and each entry's L2 table region
+    # are counted for every tree using it; the messages of its entries (not yet those of its L2
+    # tables) are kept keyed, to be printed for each tree below.
+    file_size = img.file.size
+    group_l1: dict[int, tuple[list[tuple[int, int, CheckMessage]], int, set[int]]] = {}
+    for t, g in enumerate(walk.tree_group):
+        _src, l1_off, l1_size = walk.trees[t]
+        if g in group_l1:
+            if l1_size and l1_off + l1_size * 8 - refs.file_len < cs:  # (past the end: counted as the first)
+                refs.add_range(l1_off, l1_size * 8)
             continue
-        before_n, before_c = len(res.messages), res.corruptions
+        before_c, before_o = res.corruptions, refs.overflows
         grp = walk.groups[g]
         res.ordered(True)
+        if l1_size:
+            refs.add_range(l1_off, l1_size * 8, key=L1_TABLE_KEY)
         l1 = grp.entries
         nz = np.flatnonzero(l1)  # an entry of 0 is skipped; any other is followed, even to offset 0
         blocked: set[int] = set()
@@ -693,29 +954,78 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
             res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}", key=walk_key(i, -1, 0, n))
             blocked.add(i)
         l1i, l2o = grp.l2_offsets()
-        # the L2 tables themselves (an unaligned one touches two clusters), once per entry
-        past = l2o + cs - img.file.size >= cs
+        # the L2 tables themselves (an unaligned one touches two clusters), once per entry and tree
+        past = l2o + cs - file_size >= cs
         blocked.update(l1i[past].tolist())
-        refs.add_regions(l2o, cs, walk_key(l1i, -1, 1, n))
+        ntrees = len(grp.sources)
+        refs.add_regions(l2o, cs, walk_key(l1i, -1, 1, n),
+                         weights=np.full(len(l2o), ntrees, np.int64) if ntrees > 1 else None)
         for k in np.flatnonzero((l2o % cs) != 0).tolist():
             res.corruptions += 1
             res.add("error", f"ERROR l2_offset={int(l2o[k]):x}: Table is not cluster aligned; L1 entry corrupted",
                     key=walk_key(int(l1i[k]), -1, 2, n))
             blocked.add(int(l1i[k]))
-        if len(has_msgs):
-            tids = tables.id_of(l2o)
-            hit = np.isin(tids, has_msgs) & (l2o < img.file.size)
-            _emit_runs(res, l1i[hit], tids[hit], n, table_msgs, blocked)
-        res.ordered(False)
-        done_groups[g] = (res.messages[before_n:], res.corruptions - before_c)
+        # (the overflows are counted once for all the trees, by the weights: not repeated per tree)
+        group_l1[g] = (res.take_keyed(), res.corruptions - before_c - (refs.overflows - before_o), blocked)
 
     for rr in walk.ranges:
         if rr.kind in (RefKind.SNAPSHOT_TABLE, RefKind.REFCOUNT_TABLE, RefKind.LUKS):
             refs.add_range(rr.offset, rr.size)
-    if not _bitmap_refs(img, walk, refs, res):
-        return res  # calculate_refcounts fails: no refcount comparison, no counts printed
-
+    bitmaps_ok = _bitmap_refs(img, walk, refs, res)
     counts, sparse, nb = refs.finish()
+    # 3. The messages of the walk in QEMU's order, tree by tree (overflows replayed from the
+    # counts: `_Replay`), then those of the structures counted after the trees.
+    replay = _Replay(img, walk, refs, fmt, table_msgs)
+    replay.bump(0, cs)  # the header
+    order: list[tuple[int, int]] = [(0, -1)]  # (tree index or -1, snapshot index or -1)
+    tree_of = {src: t for t, (src, _o, _s) in enumerate(walk.trees)}
+    bad_sn = dict(walk.bad_snapshots)
+    for k in range(len(img.snapshots)):
+        order.append((tree_of.get(k + 1, -1), k))
+    done_groups: dict[int, list[CheckMessage]] = {}
+    seen_groups: set[int] = set()
+    for t, k in order:
+        if k == 0 and h.has_data_file and img.snapshots:
+            res.corruptions += 1
+            res.add("error", f"ERROR {len(img.snapshots)} snapshots in image with data file")
+        if t < 0:
+            sn = img.snapshots[k]
+            res.corruptions += 1
+            if bad_sn.get(k) == "unaligned":
+                res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
+                                 "L1 table is not cluster aligned; snapshot table entry corrupted")
+            else:
+                res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
+                                 "L1 table is too large; snapshot table entry corrupted")
+            continue
+        g = walk.tree_group[t]
+        keyed, corr, blocked = group_l1[g]
+        if g in seen_groups:
+            res.corruptions += corr
+        seen_groups.add(g)
+        if g in done_groups and not replay.touches(g, walk.trees[t]):
+            res.messages.extend(done_groups[g])  # the same message objects again: no copies
+            res.corruptions += replay.corruptions_of(g)
+            continue
+        before_n, before_c = len(res.messages), res.corruptions
+        res.ordered(True)
+        res.add_keyed(keyed)
+        _src, l1_off, l1_size = walk.trees[t]
+        if l1_size and l1_off + l1_size * 8 - refs.file_len < cs:
+            replay.bump(l1_off, l1_size * 8, key=L1_TABLE_KEY, keyed=True)
+        replay.tree(res, walk.groups[g], blocked)
+        res.ordered(False)
+        if not replay.touches(g, walk.trees[t]):
+            done_groups[g] = res.messages[before_n:]
+            replay.note_corruptions(g, res.corruptions - before_c)
+    for rr in walk.ranges:
+        if rr.kind in (RefKind.SNAPSHOT_TABLE, RefKind.REFCOUNT_TABLE, RefKind.LUKS):
+            replay.bump(rr.offset, rr.size)
+    if not bitmaps_ok:
+        return res  # calculate_refcounts fails: no refcount comparison, no counts printed
+    replay.bitmaps()
+    replay.leftover(res)
+
     # Refcount blocks (check_refblocks): each counted once more and expected to be referenced once.
     rt = img.refcount_table
     nzr = np.flatnonzero(rt)

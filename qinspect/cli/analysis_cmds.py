@@ -19,6 +19,7 @@ from rich.text import Text
 
 from qinspect.analysis.cache import CacheModel, cache_model, cache_table
 from qinspect.analysis.diagnose import RULES, SEVERITY_RANK, Diagnosis, Finding, Fix, diagnose, size_option
+from qinspect.analysis.findings.model import EvidenceUnit, evidence_unit
 from qinspect.analysis.layout import Layout, Owner, compute_layout
 from qinspect.analysis.measure import MeasureResult, measure, parse_options
 from qinspect.analysis.progress import ProgressFn, no_progress
@@ -343,13 +344,12 @@ def _evidence_text(ev: dict[str, int | float | str]) -> str:
     """Evidence as `key value` pairs; byte counts in the one size format (units.format_size_exact)."""
     parts = []
     for k, v in ev.items():
-        sized = ("bytes" in k or "size" in k or "cache" in k or "reclaim" in k or k.endswith("usage")
-                 or k.startswith("cow-unit") or k.endswith("-end"))
-        if isinstance(v, int) and not isinstance(v, bool) and sized:
-            parts.append(f"{k} {format_size_exact(v)}")
-        elif isinstance(v, int) and "offset" in k:
-            parts.append(f"{k} {v:#x}")
-        elif isinstance(v, float):
+        unit = evidence_unit(k, v)
+        if unit is EvidenceUnit.BYTES:
+            parts.append(f"{k} {format_size_exact(int(v))}")
+        elif unit is EvidenceUnit.OFFSET:
+            parts.append(f"{k} {int(v):#x}")
+        elif unit is EvidenceUnit.RATIO:
             parts.append(f"{k} {v:g}")
         else:
             parts.append(f"{k} {for_terminal(str(v))}")
@@ -449,8 +449,12 @@ def _print_diagnosis(d: Diagnosis, filename: str) -> None:
                      "in use: a running QEMU has the image open read-only", style="yellow"))
     if d.deep is not None and d.deep.skipped:
         c.print(Text(f"Deep scan skipped: {for_terminal(d.deep.skipped)}", style="yellow"))
+    first_with: dict[str, str] = {}  # a command (the merged conversion) -> the finding that printed it
     for f in d.findings:
-        _print_finding(f, d.space)
+        cmd = f.fix.command if f.fix is not None else None
+        _print_finding(f, d.space, first_with.get(cmd) if cmd else None)
+        if cmd:
+            first_with.setdefault(cmd, f.id)
     _print_space(d.space)
     m = d.cache
     c.print(f"\nL2 cache: the whole disk needs {format_size(m.max_l2_cache)}; QEMU's default "
@@ -462,7 +466,9 @@ def _print_diagnosis(d: Diagnosis, filename: str) -> None:
                 f"{format_size(dd.convert_size)} ({format_size(dd.convert_reclaim)} less than now).")
 
 
-def _print_finding(f: Finding, sp: Space) -> None:
+def _print_finding(f: Finding, sp: Space, same_fix_as: str | None = None) -> None:
+    """One finding; `same_fix_as` names the finding above that printed the same command (one merged
+    conversion answers several findings): its prediction and command are not repeated."""
     c = console()
     c.print()
     head = Text()
@@ -476,6 +482,9 @@ def _print_finding(f: Finding, sp: Space) -> None:
     grid.add_row("  evidence", Text(_evidence_text(f.evidence)))
     grid.add_row("  impact", Text(for_terminal(f.impact)))
     fix = f.fix
+    if fix is not None and same_fix_as is not None:
+        grid.add_row("  fix", Text(f"the same command as {same_fix_as}'s, above (one conversion for both)"))
+        fix = None
     if fix is not None:
         grid.add_row("  predicts", Text(_prediction_text(fix, sp)))
         for label, value in (("  cost", fix.cost), ("  loses", fix.loses), ("  note", fix.note)):

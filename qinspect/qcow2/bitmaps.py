@@ -23,7 +23,7 @@ BME_MAX_TABLE_SIZE = 0x8000000
 BME_MAX_PHYS_SIZE = 0x20000000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Bitmap:
     """One bitmap directory entry."""
 

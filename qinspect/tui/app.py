@@ -14,6 +14,7 @@ from textual.screen import Screen
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.termtext import for_terminal
 from qinspect.tui.fmt import display_name
+from qinspect.tui.heap import return_freed_memory
 from qinspect.tui.screens.error import ErrorScreen
 from qinspect.tui.screens.main import MainScreen
 from qinspect.tui.session import Session, open_session
@@ -42,6 +43,7 @@ class QInspectApp(App[int]):
     def __init__(self, path: str | None = None, *, scan: bool = True, name: str | None = None,
                  view: str = "overview", root: str = ".") -> None:
         super().__init__()
+        return_freed_memory()  # the scans' big temporaries go back to the system when freed
         self.path = path
         self.autoscan = scan
         self.display_as = name

@@ -101,8 +101,7 @@ def refresh_changed(s: Session) -> Changes | None:
     if len(with_l2) and int(with_l2[-1]) >= gm.n_dense:
         new_gm = GuestMap(fresh, max((layer.virtual_size for layer in s.layers[1:]), default=0))
         k = min(gm.n_dense, new_gm.n_dense)
-        new_gm.counts[:k] = gm.counts[:k]
-        new_gm.scanned[:k] = gm.scanned[:k]
+        new_gm.copy_known(gm, k)
         new_gm.backing_error = gm.backing_error
     start = s.follow_cursor % max(1, new_gm.n_dense)
     extra = [(start + i) % new_gm.n_dense for i in range(min(RECHECK_TABLES, new_gm.n_dense))]
@@ -118,8 +117,8 @@ def refresh_changed(s: Session) -> Changes | None:
             became = _allocated(after)
             if t < gm.n_dense and gm.scanned[t]:
                 # known only as counts: count the change, not the clusters
-                delta = int(after.size - np.count_nonzero(~became)) - int(
-                    gm.counts[t].sum() - gm.counts[t, G.UNALLOCATED])
+                known = gm.table_counts(t)
+                delta = int(after.size - np.count_nonzero(~became)) - int(known.sum() - known[G.UNALLOCATED])
                 out.new_clusters += max(0, delta)
                 continue
         else:

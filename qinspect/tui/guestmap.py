@@ -31,7 +31,9 @@ GL_UNKNOWN, GL_EMPTY, GL_LIGHT, GL_MEDIUM, GL_DARK, GL_FULL = range(6)
 
 # Per-cluster states kept in memory at most (bytes); older table chunks are dropped (their
 # per-table counts stay).
-CHUNK_BUDGET = 8 << 20  # a screenful at one cluster per cell is ~6,000 clusters; the rest is counts
+CHUNK_BUDGET = 8 << 20
+# Tables aggregated at a time for coarse cells (bounds the int64 temporaries to ~7 MiB).
+COARSE_BLOCK = 1 << 16  # a screenful at one cluster per cell is ~6,000 clusters; the rest is counts
 
 _SC_TO_G = np.zeros(8, dtype=np.uint8)
 _SC_TO_G[SubclusterType.UNALLOCATED_PLAIN] = G.UNALLOCATED
@@ -152,7 +154,6 @@ class GuestMap:
         self.n_dense = max(1, min(self.n_tables, max(last, back_tables)))
         self.dense_end = min(self.n_dense * self.l2_size, self.n_clusters)  # first cluster past it
         dtype = np.uint8 if self.l2_size < 256 else np.uint16 if self.l2_size < 65536 else np.uint32
-        self.counts = np.zeros((self.n_dense, NSTATES), dtype=dtype)
         self.scanned = np.zeros(self.n_dense, dtype=bool)
         self._chunks: OrderedDict[int, U8] = OrderedDict()
         self._lock = threading.Lock()
@@ -160,27 +161,50 @@ class GuestMap:
         self.backing_error: str | None = None
         # L2 tables that several L1 entries point at (hostile images share one table millions of
         # times): in an image without a backing file every full-size table with the same L2 table
-        # has the same states, so each distinct table is classified once and its counts copied
-        # (`_shared`: representative table -> the other tables pointing at its L2 table).
+        # has the same states, so each distinct table is classified once and its state counts are
+        # held once. `counts` has a row per distinct table; `_row_of` maps a table to its row
+        # (None: one row per table), `_row_rep` a row to its first table (the one classified),
+        # `_mult` a row to how many tables share it, `_shared` a row to its tables (until stored).
         self._shared: dict[int, npt.NDArray[np.int32]] = {}
-        self._rep: npt.NDArray[np.int32] | None = None  # per table: its representative, or -1
+        self._row_of: npt.NDArray[np.int32] | None = None
+        self._row_rep: npt.NDArray[np.int32] | None = None
+        self._mult: npt.NDArray[np.int64] | None = None
+        n_rows = self.n_dense
         if not self.has_backing:
             k = min(n_l1, self.n_dense, self.n_clusters // self.l2_size)  # full-size tables only
+            # Lean on purpose (the L1 table may have millions of entries): int32 table numbers,
+            # cluster numbers as uint32 where they fit, each temporary dropped once used.
             offs = l1[:k] & np.uint64(C.L1E_OFFSET_MASK)
-            idx = np.flatnonzero(offs != 0)
+            idx = np.flatnonzero(offs).astype(np.int32)
             if len(idx) > 1:
-                order = np.argsort(offs[idx], kind="stable")
-                sorted_offs = offs[idx][order]
-                starts = np.flatnonzero(np.r_[True, sorted_offs[1:] != sorted_offs[:-1]])
+                vals = offs[idx] >> np.uint64(h.cluster_bits)
+                del offs
+                if int(vals.max()) < 1 << 32:
+                    vals = vals.astype(np.uint32)
+                order = np.argsort(vals, kind="stable").astype(np.int32)
+                sorted_vals = vals[order]
+                del vals
+                starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
+                del sorted_vals
                 sizes = np.diff(np.r_[starts, len(order)])
                 groups = np.flatnonzero(sizes > 1)
-                rep_of = np.full(self.n_dense, -1, dtype=np.int32)
-                for g in groups.tolist():
-                    members = idx[order[starts[g] : starts[g] + sizes[g]]]  # ascending (stable sort)
-                    self._shared[int(members[0])] = members[1:].astype(np.int32)
-                    rep_of[members[1:]] = members[0]
                 if len(groups):
-                    self._rep = rep_of
+                    row_of = np.arange(self.n_dense, dtype=np.int32)  # first the group's first table
+                    members_of: dict[int, npt.NDArray[np.int32]] = {}
+                    for g in groups.tolist():
+                        members = idx[order[starts[g] : starts[g] + sizes[g]]]  # ascending (stable sort)
+                        row_of[members[1:]] = members[0]
+                        members_of[int(members[0])] = members[1:]
+                    del order, idx, starts, sizes
+                    is_first = row_of == np.arange(self.n_dense, dtype=np.int32)
+                    number = np.cumsum(is_first, dtype=np.int32) - 1  # the row of each group's first table
+                    self._row_of = number[row_of]
+                    del row_of, number
+                    self._row_rep = np.flatnonzero(is_first).astype(np.int32)
+                    self._mult = np.bincount(self._row_of, minlength=len(self._row_rep)).astype(np.int64)
+                    self._shared = {int(self._row_of[f]): m for f, m in members_of.items()}
+                    n_rows = len(self._row_rep)
+        self.counts = np.zeros((n_rows, NSTATES), dtype=dtype)
         # Tables with no L2 table in an image without a backing file are known without any read.
         if not self.has_backing:
             dense_l2 = np.zeros(self.n_dense, dtype=bool)
@@ -188,8 +212,41 @@ class GuestMap:
             dense_l2[:k] = has_l2[:k]
             empty = np.flatnonzero(~dense_l2)
             if len(empty):
-                self.counts[empty, G.UNALLOCATED] = self._table_sizes(empty)
+                self.counts[self._rows(empty), G.UNALLOCATED] = self._table_sizes(empty)
                 self.scanned[empty] = True
+
+    # -- tables and their rows of state counts --------------------------------------------------------
+    def _rows(self, tables: npt.NDArray[np.integer] | slice) -> npt.NDArray[np.integer] | slice:
+        """The rows of `counts` of these tables (the tables themselves when none share a row)."""
+        if self._row_of is None:
+            return tables
+        return self._row_of[tables].astype(np.intp)
+
+    def _row(self, t: int) -> int:
+        return t if self._row_of is None else int(self._row_of[t])
+
+    def table_counts(self, t: int) -> npt.NDArray[np.int64]:
+        """Clusters per state of dense table `t` (zeros while it is not scanned)."""
+        with self._lock:
+            out: npt.NDArray[np.int64] = self.counts[self._row(t)].astype(np.int64)
+        return out
+
+    def copy_known(self, other: GuestMap, k: int) -> None:
+        """Take the first `k` tables' states from `other` (the same image before it grew)."""
+        with other._lock:
+            rows = other.counts[other._rows(slice(0, k))] if other._row_of is not None else other.counts[:k]
+            scanned = other.scanned[:k].copy()
+        with self._lock:
+            self._unshare()
+            self.counts[:k] = rows
+            self.scanned[:k] = scanned
+
+    def _unshare(self) -> None:
+        """One row per table again (a followed table is re-read alone: it may no longer share)."""
+        if self._row_of is not None:
+            self.counts = self.counts[self._row_of]
+            self._row_of = self._row_rep = self._mult = None
+            self._shared.clear()
 
     # -- the grid's view of it (GridSource) ------------------------------------------------------------
     @property
@@ -241,15 +298,16 @@ class GuestMap:
         t1 = min(t1, self.n_dense)
         if t0 >= t1:
             return
-        if self._rep is None or not shared:
+        if self._row_of is None or self._row_rep is None or not shared:
             self._classify(img, t0, t1, shared)
             return
-        reps = self._rep[t0:t1]
-        for r in np.unique(reps[reps >= 0]).tolist():
+        reps = self._row_rep[self._row_of[t0:t1]]
+        mine = reps == np.arange(t0, t1)
+        for r in np.unique(reps[~mine]).tolist():
             if not self.scanned[r]:
                 self._classify(img, r, r + 1)  # its copies get its states as it is stored
-        # runs of tables with an L2 table of their own, not classified yet
-        own = np.flatnonzero((reps < 0) & ~self.scanned[t0:t1])
+        # runs of tables with an L2 table of their own (or the first of a group), not classified yet
+        own = np.flatnonzero(mine & ~self.scanned[t0:t1])
         if len(own):
             cuts = np.flatnonzero(np.diff(own) != 1) + 1
             for run in np.split(own, cuts):
@@ -274,14 +332,20 @@ class GuestMap:
         rows = np.repeat(np.arange(n_t, dtype=np.int64), self.l2_size)[: len(states)]
         flat = np.bincount(rows * NSTATES + states, minlength=n_t * NSTATES).reshape(n_t, NSTATES)
         with self._lock:
-            self.counts[t0 : t0 + n_t] = flat
+            if self._row_of is not None and self._mult is not None:
+                rows = self._row_of[t0 : t0 + n_t].astype(np.intp)
+                if not shared and bool((self._mult[rows] > 1).any()):
+                    self._unshare()  # re-read alone: its L2 table may have changed
+                    self.counts[t0 : t0 + n_t] = flat
+                else:
+                    self.counts[rows] = flat
+                    for r in rows.tolist():
+                        others = self._shared.pop(r, None)
+                        if others is not None:  # the same L2 table elsewhere: the same states
+                            self.scanned[others] = True
+            else:
+                self.counts[t0 : t0 + n_t] = flat
             self.scanned[t0 : t0 + n_t] = True
-            if self._shared and shared:
-                for r in range(t0, t0 + n_t):
-                    others = self._shared.get(r)
-                    if others is not None:  # the same L2 table elsewhere: the same states
-                        self.counts[others] = self.counts[r]
-                        self.scanned[others] = True
             for k in range(n_t):
                 chunk = states[k * self.l2_size : (k + 1) * self.l2_size]
                 self._chunks[t0 + k] = chunk
@@ -301,7 +365,7 @@ class GuestMap:
                 self._chunks.move_to_end(t)
                 return c
             if self.scanned[t]:
-                nz = np.flatnonzero(self.counts[t])
+                nz = np.flatnonzero(self.counts[self._row(t)])
                 if len(nz) == 1:
                     lo, hi = self.table_range(t)
                     return np.full(hi - lo, nz[0], dtype=np.uint8)
@@ -312,7 +376,7 @@ class GuestMap:
         if t >= self.n_dense:
             return G.UNALLOCATED in states
         with self._lock:
-            return bool(self.scanned[t]) and bool(self.counts[t, states].any())
+            return bool(self.scanned[t]) and bool(self.counts[self._row(t), states].any())
 
     def unscanned(self, t0: int, t1: int) -> list[int]:
         t0, t1 = max(0, t0), min(t1, self.n_dense)
@@ -352,15 +416,21 @@ class GuestMap:
         agg = np.zeros((n, NSTATES), dtype=np.int64)
         todo = np.zeros(n, dtype=np.int64)
         t0, t1 = c0 * tpc, min(c1 * tpc, self.n_dense)
-        if t0 < t1:
-            starts = np.arange(t0, t1, tpc, dtype=np.int64) - t0
+        # In blocks of tables: the whole map at the coarsest zoom is millions of tables, and their
+        # counts as int64 would be 14 x 8 bytes each at once.
+        for b0 in range(t0, t1, COARSE_BLOCK):
+            b1 = min(t1, b0 + COARSE_BLOCK)
+            rel = np.arange(b0, b1, dtype=np.int64) - t0
+            starts = np.flatnonzero(rel % tpc == 0)
+            if not len(starts) or starts[0] != 0:
+                starts = np.r_[0, starts]
+            cell = (b0 - t0 + starts) // tpc
             with self._lock:
-                part = self.counts[t0:t1].astype(np.int64)
-                unscanned = (~self.scanned[t0:t1]).astype(np.int64)
-            k = len(starts)
-            agg[:k] = np.add.reduceat(part, starts, axis=0)
-            todo[:k] = np.add.reduceat(unscanned, starts)
-            agg[:k, G.UNKNOWN] += np.add.reduceat(unscanned * self._table_sizes(np.arange(t0, t1)), starts)
+                part = self.counts[self._rows(slice(b0, b1))].astype(np.int64)
+                unscanned = (~self.scanned[b0:b1]).astype(np.int64)
+            agg[cell] += np.add.reduceat(part, starts, axis=0)
+            todo[cell] += np.add.reduceat(unscanned, starts)
+            agg[cell, G.UNKNOWN] += np.add.reduceat(unscanned * self._table_sizes(np.arange(b0, b1)), starts)
         # clusters past the dense range are unallocated
         first = np.arange(c0, c1, dtype=np.int64) * cpc
         last = np.minimum(first + cpc, self.n_clusters)
@@ -431,7 +501,10 @@ class GuestMap:
     def totals(self) -> npt.NDArray[np.int64]:
         """Clusters per state over the tables scanned so far (and the space past the dense range)."""
         with self._lock:
-            out: npt.NDArray[np.int64] = self.counts.sum(axis=0, dtype=np.int64)
+            if self._mult is None:
+                out: npt.NDArray[np.int64] = self.counts.sum(axis=0, dtype=np.int64)
+            else:  # a row shared by several tables counts once per table
+                out = (self.counts.astype(np.int64) * self._mult[:, None]).sum(axis=0)
         out[G.UNALLOCATED] += self.n_clusters - self.dense_end
         return out
 
@@ -456,7 +529,7 @@ class GuestMap:
             return start - 1
         while 0 <= t < self.n_dense:
             with self._lock:
-                has = bool(self.scanned[t]) and bool(self.counts[t, want].any())
+                has = bool(self.scanned[t]) and bool(self.counts[self._row(t), want].any())
             if has:
                 chunk = self.chunk(t)
                 if chunk is None and load is not None:

@@ -25,7 +25,7 @@ if SVGImageExtension is not None:
     def _dirname(cls: type, *, test_location: object) -> str:
         return str(SNAPSHOT_ROOT / test_location.basename)  # type: ignore[attr-defined]
 
-    SVGImageExtension.dirname = classmethod(_dirname)  # type: ignore[assignment,method-assign]
+    SVGImageExtension.dirname = classmethod(_dirname)
 
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,

@@ -24,6 +24,36 @@ from qinspect.units import format_size
 Evidence = dict[str, int | float | str]
 
 
+class EvidenceUnit(StrEnum):
+    """What an evidence value counts, for printing it (JSON keeps the plain number)."""
+
+    BYTES = "bytes"
+    OFFSET = "offset"
+    COUNT = "count"
+    RATIO = "ratio"
+    TEXT = "text"
+
+
+BYTE_KEYS = frozenset({"granularity", "cow-unit", "cow-unit-after-fix", "default-l2-cache", "l2-cache-needed",
+                       "l2-cache-needed-at-64k", "bytes-per-4k-write", "bytes-per-4k-write-after-fix",
+                       "convert-reclaim", "referenced-end", "disk-usage", "file-size-at-most"})
+"""Evidence keys that hold byte counts without saying so by a `-bytes` or `-size` ending."""
+
+
+def evidence_unit(key: str, value: int | float | str) -> EvidenceUnit:
+    """The unit of one evidence value: the one rule the CLI and the TUI print evidence by. Byte
+    counts end in `-bytes` or `-size` or are listed in `BYTE_KEYS`; offsets name one."""
+    if isinstance(value, str | bool):
+        return EvidenceUnit.TEXT
+    if isinstance(value, float):
+        return EvidenceUnit.RATIO
+    if key.endswith(("-bytes", "-size")) or key in BYTE_KEYS:
+        return EvidenceUnit.BYTES
+    if key.endswith("offset"):
+        return EvidenceUnit.OFFSET
+    return EvidenceUnit.COUNT
+
+
 class Severity(StrEnum):
     """error: data at risk or the image does not open; warning: a cost above a stated threshold;
     info: worth knowing."""

@@ -80,9 +80,14 @@ def _text(v: object) -> str:
         lines = []
         items = list(v.items())
         limit = 2 * LIST_LIMIT  # evidence naming each of 65,536 snapshots: a screenful, not a book
+        from qinspect.analysis.findings.model import EvidenceUnit, evidence_unit  # (numpy-heavy: not at start-up)
+
         for k, val in items[:limit]:
-            if isinstance(val, int) and not isinstance(val, bool) and str(k).endswith("bytes") and val >= 1024:
+            unit = evidence_unit(str(k), val) if isinstance(val, int | float | str) else EvidenceUnit.TEXT
+            if unit is EvidenceUnit.BYTES and isinstance(val, int) and val >= 1024:
                 lines.append(f"{k}: {val:,} ({fmt.size(val)})")
+            elif unit is EvidenceUnit.OFFSET and isinstance(val, int):
+                lines.append(f"{k}: {val:#x}")
             else:
                 lines.append(f"{k}: {val}")
         if len(items) > limit:

@@ -49,6 +49,12 @@ def _label(text: str, kind: str, extra: str = "") -> Text:
     return t
 
 
+def _more(node: TreeNode[StructRef], total: int, how: str) -> None:
+    """The leaf saying how many children past MAX_CHILDREN the tree leaves out, and how to reach them."""
+    if total > MAX_CHILDREN:
+        node.add_leaf(Text(f"… {total - MAX_CHILDREN} more ({how})", Style(color=DIM)))
+
+
 def _same(a: StructRef, b: StructRef) -> bool:
     return (a.kind, a.index, a.offset, a.owner) == (b.kind, b.index, b.offset, b.owner)
 
@@ -157,15 +163,19 @@ class StructuresView(View):
         if img.snapshots:
             snaps = root.add(_label("Snapshot table", "snapshot_table", f"{len(img.snapshots)}"),
                              data=StructRef("snapshot_table", offset=h.snapshots_offset))
-            for i, sn in enumerate(img.snapshots):
+            # At most MAX_CHILDREN nodes (a hostile table lists 65,536 snapshots: a tree node each
+            # would hold tens of MiB); the snapshot table's entry table lists them all, lazily.
+            for i, sn in enumerate(img.snapshots[:MAX_CHILDREN]):
                 snaps.add(_label(f"snapshot {for_terminal(sn.id_str)}", "snapshot_l1", quoted(sn.name)),
                           data=StructRef("snapshot_l1", owner=i, offset=sn.l1_table_offset))
+            _more(snaps, len(img.snapshots), "enter on a row of the snapshot table")
         if h.bitmaps_ext is not None:
             bms = root.add(_label("Bitmap directory", "bitmap_directory", f"{len(img.bitmaps)}"),
                            data=StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset))
-            for i, b in enumerate(img.bitmaps):
+            for i, b in enumerate(img.bitmaps[:MAX_CHILDREN]):
                 bms.add_leaf(_label(f"bitmap {quoted(b.name)}", "bitmap_table", f"{b.bitmap_table_size} entries"),
                              data=StructRef("bitmap_table", index=i, offset=b.bitmap_table_offset))
+            _more(bms, len(img.bitmaps), "enter on a row of the bitmap directory")
         if h.crypto_ext is not None:
             root.add_leaf(_label("LUKS header", "luks", fmt.size(h.crypto_ext.length)),
                           data=StructRef("luks", offset=h.crypto_ext.offset))
