@@ -114,24 +114,36 @@ class CheckMessage:
 
 
 class _KeyedMessages:
-    """The messages of an `ordered()` block with their keys: 16 bytes a message (a key in an
-    array, a reference to a shared `CheckMessage`), sorted by key, stably, when the block ends."""
+    """The messages of an `ordered()` block with their keys: 24 bytes a message (a key and a
+    sequence number in arrays, a reference to a shared `CheckMessage`), sorted by (key, sequence
+    number) when the block ends."""
 
-    __slots__ = ("keys", "msgs")
+    __slots__ = ("keys", "msgs", "seqs")
 
     def __init__(self) -> None:
         self.keys = array("q")
+        self.seqs = array("q")
         self.msgs: list[CheckMessage] = []
 
     def append(self, key: int, msg: CheckMessage) -> None:
         self.keys.append(key)
+        self.seqs.append(len(self.msgs))
         self.msgs.append(msg)
 
+    def extend(self, other: _KeyedMessages) -> None:
+        """Take in another block's messages, their keys and sequence numbers kept."""
+        self.keys.extend(other.keys)
+        self.seqs.extend(other.seqs)
+        self.msgs.extend(other.msgs)
+
+    def max_key(self) -> int:
+        return max(self.keys) if self.keys else -1
+
     def sorted_into(self, out: list[CheckMessage]) -> None:
-        """Append the messages to `out` in key order (equal keys in the order they came)."""
+        """Append the messages to `out` in (key, sequence number) order."""
         if not self.msgs:
             return
-        order = np.argsort(np.frombuffer(self.keys, dtype=np.int64), kind="stable")
+        order = np.lexsort((np.frombuffer(self.seqs, dtype=np.int64), np.frombuffer(self.keys, dtype=np.int64)))
         msgs = self.msgs
         for a in range(0, len(order), 1 << 16):  # (a million Python ints at once would be 30 MiB)
             out.extend(map(msgs.__getitem__, order[a : a + (1 << 16)].tolist()))
@@ -186,18 +198,17 @@ class CheckResult:
         self._last_key = max(self._last_key, key)
         self._keyed.append(key, msg)
 
-    def take_keyed(self) -> list[tuple[int, int, CheckMessage]]:
+    def take_keyed(self) -> _KeyedMessages:
         """End a block of keyed messages without printing them: they are returned, to be given to
         `add_keyed` in another block (the same messages for every tree sharing an L1 table)."""
-        out, self._keyed = self._keyed or [], None
+        out, self._keyed = self._keyed or _KeyedMessages(), None
         return out
 
-    def add_keyed(self, items: list[tuple[int, int, CheckMessage]]) -> None:
+    def add_keyed(self, items: _KeyedMessages) -> None:
         """Put messages taken with `take_keyed` into the current block (their keys kept)."""
         assert self._keyed is not None
         self._keyed.extend(items)
-        if items:
-            self._last_key = max(self._last_key, max(k for k, _i, _m in items))
+        self._last_key = max(self._last_key, items.max_key())
 
     def messages_last_indices(self, indices: range) -> None:
         """Make the message just added a template printed once per index (see CheckMessage)."""
@@ -934,7 +945,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     # are counted for every tree using it; the messages of its entries (not yet those of its L2
     # tables) are kept keyed, to be printed for each tree below.
     file_size = img.file.size
-    group_l1: dict[int, tuple[list[tuple[int, int, CheckMessage]], int, set[int]]] = {}
+    group_l1: dict[int, tuple[_KeyedMessages, int, set[int]]] = {}
     for t, g in enumerate(walk.tree_group):
         _src, l1_off, l1_size = walk.trees[t]
         if g in group_l1:
