@@ -94,27 +94,12 @@ def load_bases(sample_dir: Path, catalog: list[dict[str, Any]], names: Iterable[
     return bases
 
 
-FOCUS_EVERY = 4
-"""Every FOCUS_EVERY-th case (index % FOCUS_EVERY == 0) mutates a region chosen in turn, on an
-image that has it: a region only one or two samples have (a LUKS header, compressed data) is
-reached every FOCUS_EVERY * (number of regions) cases whatever the seed, not when the random
-image picks happen to land on those samples."""
-
-
 def case_for(index: int, seed: int, bases: list[Base]) -> tuple[Base, Case]:
     """The image and the mutation of case `index` (deterministic in seed and index)."""
     rng = random.Random(f"pick:{seed}:{index}")
-    focus: str | None = None
-    if index % FOCUS_EVERY == 0:
-        regions = sorted({r for b in bases for r in b.targets.regions})
-        turn = index // FOCUS_EVERY + random.Random(f"turn:{seed}").randrange(len(regions))
-        focus = regions[turn % len(regions)]
-        having = [b for b in bases if focus in b.targets.regions]
-        base = having[rng.randrange(len(having))]
-    else:
-        base = bases[rng.randrange(len(bases))]
+    base = bases[rng.randrange(len(bases))]
     chain_tops = base.tops + [b.file for b in bases if b.tops and b.file != base.file][:3]
-    case = make_case(index, seed, base.name, base.data, base.targets, base.file, chain_tops, focus)
+    case = make_case(index, seed, base.name, base.data, base.targets, base.file, chain_tops)
     if base.tops and rng.random() < 0.25:
         case.steps.append(f"then inspect {rng.choice(base.tops)}, which has it below")
     return base, case
