@@ -326,3 +326,49 @@ def test_qemu_img_answers_on_a_backing_loop(samples: Any, tmp_path: Path) -> Non
     assert why is None and theirs == {"info": 0, "map": 1, "check": 1}
     assert time.monotonic() - t0 < 10
     assert runner.qinspect_exit_codes(str(path)) == theirs
+
+
+# -- memory regressions (issue 10) ---------------------------------------------------------------------
+def _peak_rss_mib(argv: list[str], cwd: Path) -> tuple[int, str]:
+    """Peak RSS of a child process (MiB) and its stderr: the child's own maximum, via wait4."""
+    p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read() if p.stderr is not None else ""
+    _pid, _status, usage = os.wait4(p.pid, 0)
+    p.returncode = 0
+    return usage.ru_maxrss >> 10, err
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
+                    reason="qemu-img/qemu-io not installed")
+def test_check_memory_follows_distinct_messages(tmp_path: Path) -> None:
+    """Seed 23 case 38: l1_size 0x1 -> 0x100001 on an image with 1 MiB clusters makes the L1 table
+    run over data clusters written with one byte pattern; QEMU opens it (l1_size <= 4 Mi entries)
+    and its check prints several lines per garbage L1 entry, most of them equal. qinspect's check
+    kept one message object (and one text) per line: 688 MiB of growth for an 8 MiB file. Equal
+    messages are one shared object now; the lines printed are unchanged (qemu-img's, where the
+    comparison is made)."""
+    import struct
+    import sys
+
+    path = tmp_path / "l1_over_data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=1M", str(path), "16M"],
+                   check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xc3 1M 1M", str(path)], check=True,
+                   capture_output=True)
+    clean = tmp_path / "clean.qcow2"
+    shutil.copyfile(path, clean)
+    with open(path, "r+b") as f:
+        f.seek(36)
+        assert struct.unpack(">I", f.read(4)) == (1,)
+        f.seek(36)
+        f.write(struct.pack(">I", 0x100001))
+    cmd = [sys.executable, "-c", "import sys; from qinspect.cli import main; sys.exit(main())", "check"]
+    base, _ = _peak_rss_mib([*cmd, clean.name], tmp_path)
+    peak, err = _peak_rss_mib([*cmd, path.name], tmp_path)
+    lines = err.splitlines()
+    assert len(lines) > 500_000  # ~4 lines per garbage L1 entry (128 Ki of them)
+    budget = 2 * (path.stat().st_size >> 20) + 150  # issue 10: 2 x metadata + 150 MiB
+    assert peak - base < budget, f"check grew by {peak - base} MiB (budget {budget} MiB)"
+    theirs = subprocess.run(["qemu-img", "check", path.name], cwd=tmp_path, capture_output=True, text=True,
+                            check=False)
+    assert [ln.replace("qinspect: ", "qemu-img: ", 1) for ln in lines] == theirs.stderr.splitlines()

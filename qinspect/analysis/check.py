@@ -8,8 +8,10 @@ messages, but each L2 table batch is one set of numpy operations.
 
 from __future__ import annotations
 
+import sys
+from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -111,6 +113,42 @@ class CheckMessage:
             yield pre_e + glue.join(map(str, part)) + tail_e + "\n"
 
 
+class _KeyedMessages:
+    """The messages of an `ordered()` block with their keys: 24 bytes a message (a key and a
+    sequence number in arrays, a reference to a shared `CheckMessage`), sorted by (key, sequence
+    number) when the block ends."""
+
+    __slots__ = ("keys", "msgs", "seqs")
+
+    def __init__(self) -> None:
+        self.keys = array("q")
+        self.seqs = array("q")
+        self.msgs: list[CheckMessage] = []
+
+    def append(self, key: int, msg: CheckMessage) -> None:
+        self.keys.append(key)
+        self.seqs.append(len(self.msgs))
+        self.msgs.append(msg)
+
+    def extend(self, other: _KeyedMessages) -> None:
+        """Take in another block's messages, their keys and sequence numbers kept."""
+        self.keys.extend(other.keys)
+        self.seqs.extend(other.seqs)
+        self.msgs.extend(other.msgs)
+
+    def max_key(self) -> int:
+        return max(self.keys) if self.keys else -1
+
+    def sorted_into(self, out: list[CheckMessage]) -> None:
+        """Append the messages to `out` in (key, sequence number) order."""
+        if not self.msgs:
+            return
+        order = np.lexsort((np.frombuffer(self.seqs, dtype=np.int64), np.frombuffer(self.keys, dtype=np.int64)))
+        msgs = self.msgs
+        for a in range(0, len(order), 1 << 16):  # (a million Python ints at once would be 30 MiB)
+            out.extend(map(msgs.__getitem__, order[a : a + (1 << 16)].tolist()))
+
+
 @dataclass
 class CheckResult:
     """The counts of `qemu-img check --output=json` plus the messages and per-cluster arrays."""
@@ -127,7 +165,8 @@ class CheckResult:
     messages: list[CheckMessage] = field(default_factory=list)
     # Why the check itself stopped (QEMU's "Check failed: <strerror>"); no counts are printed then.
     failed: str | None = None
-    _keyed: list[tuple[int, int, CheckMessage]] | None = field(default=None, repr=False)
+    _keyed: _KeyedMessages | None = field(default=None, repr=False)
+    _interned: dict[tuple[str, str, int | None, int], CheckMessage] = field(default_factory=dict, repr=False)
     _last_key: int = field(default=-1, repr=False)
     dirty: bool = False
     lazy_refcounts: bool = False
@@ -142,42 +181,49 @@ class CheckResult:
         Inside `ordered()`, `key` is the message's place in QEMU's walk (L1 index, L2 index, step
         within the entry; see `walk_key`): the vectorised walk finds messages kind by kind, and
         they are put back in QEMU's entry-by-entry order when the block ends.
+
+        Equal messages are one shared object (`messages` holds a reference per line printed): a
+        garbage L1 table whose million entries repeat one value makes a million equal messages,
+        and memory follows the distinct ones, not the count (issue 10).
         """
-        msg = CheckMessage(kind, text, cluster, repeat)
+        ident = (kind, text, cluster, repeat)
+        msg = self._interned.get(ident)
+        if msg is None:
+            msg = self._interned[ident] = CheckMessage(kind, text, cluster, repeat)
         if self._keyed is None:
             self.messages.append(msg)
             return
         if key is None:
             key = self._last_key
         self._last_key = max(self._last_key, key)
-        self._keyed.append((key, len(self._keyed), msg))
+        self._keyed.append(key, msg)
 
-    def take_keyed(self) -> list[tuple[int, int, CheckMessage]]:
+    def take_keyed(self) -> _KeyedMessages:
         """End a block of keyed messages without printing them: they are returned, to be given to
         `add_keyed` in another block (the same messages for every tree sharing an L1 table)."""
-        out, self._keyed = self._keyed or [], None
+        out, self._keyed = self._keyed or _KeyedMessages(), None
         return out
 
-    def add_keyed(self, items: list[tuple[int, int, CheckMessage]]) -> None:
+    def add_keyed(self, items: _KeyedMessages) -> None:
         """Put messages taken with `take_keyed` into the current block (their keys kept)."""
         assert self._keyed is not None
         self._keyed.extend(items)
-        if items:
-            self._last_key = max(self._last_key, max(k for k, _i, _m in items))
+        self._last_key = max(self._last_key, items.max_key())
 
     def messages_last_indices(self, indices: range) -> None:
         """Make the message just added a template printed once per index (see CheckMessage)."""
-        last = self._keyed[-1][2] if self._keyed else self.messages[-1]
-        last.indices = indices
+        if self._keyed is not None and self._keyed.msgs:
+            self._keyed.msgs[-1] = replace(self._keyed.msgs[-1], indices=indices)  # (unshared)
+        else:
+            self.messages[-1] = replace(self.messages[-1], indices=indices)
 
     def ordered(self, on: bool) -> None:
         """Start (True) or end (False) a block of keyed messages; ending it sorts them in."""
         if on:
-            self._keyed, self._last_key = [], -1
+            self._keyed, self._last_key = _KeyedMessages(), -1
             return
-        if self._keyed:
-            self._keyed.sort(key=lambda t: (t[0], t[1]))
-            self.messages.extend(m for _k, _i, m in self._keyed)
+        if self._keyed is not None:
+            self._keyed.sorted_into(self.messages)
         self._keyed = None
 
     def stderr_lines(self, prog: str = "qinspect") -> list[str]:
@@ -899,7 +945,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     # are counted for every tree using it; the messages of its entries (not yet those of its L2
     # tables) are kept keyed, to be printed for each tree below.
     file_size = img.file.size
-    group_l1: dict[int, tuple[list[tuple[int, int, CheckMessage]], int, set[int]]] = {}
+    group_l1: dict[int, tuple[_KeyedMessages, int, set[int]]] = {}
     for t, g in enumerate(walk.tree_group):
         _src, l1_off, l1_size = walk.trees[t]
         if g in group_l1:
@@ -1177,7 +1223,8 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
 
     def note(k: int, step: int, text: str) -> None:
         p = pos_of(k)
-        table_msgs.setdefault(int(batch.ids[p // n]), []).append((p % n, step, text))
+        # (interned: a garbage table repeating one entry value holds one string, not one per entry)
+        table_msgs.setdefault(int(batch.ids[p // n]), []).append((p % n, step, sys.intern(text)))
 
     bits = h.cluster_bits
     copied.swept = int(batch.offsets.max()) + cs  # (host order: the sweep has read the file up to here)

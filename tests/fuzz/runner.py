@@ -240,6 +240,8 @@ class NotCompared(enum.StrEnum):
     QEMU_TIMEOUT = "qemu-img did not answer in time"
     KEY_DOES_NOT_UNLOCK = "the passphrase no longer unlocks the damaged key material (qinspect reads no key)"
     KEY_DERIVATION_TOO_LONG = "PBKDF2 iteration counts damaged to hours of work to try the key (qinspect reads no key)"
+    KEY_MATERIAL_OUTSIDE = ("a key slot's material moved outside the crypto header extension, which QEMU reads "
+                            "only to unlock (qinspect reads no key)")
 
 
 # qemu-img's map and check try the passphrase on every active key slot, in order: PBKDF2 with the
@@ -358,6 +360,9 @@ def qemu_exit_codes(path: str, meanwhile: Callable[[], object] | None = None
         return None, why
     if codes["info"] == 0 and any(b"Invalid password, cannot unlock any keyslot" in e for e in errors.values()):
         return None, NotCompared.KEY_DOES_NOT_UNLOCK
+    if codes["info"] == 0 and any(b"Request for data outside of extension header" in e for k, e in errors.items()
+                                  if k != "info"):
+        return None, NotCompared.KEY_MATERIAL_OUTSIDE
     return codes, None
 
 
