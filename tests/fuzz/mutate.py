@@ -176,15 +176,16 @@ def _backing_name(rng: random.Random, t: Targets, image_file: str, chain_tops: l
 
 
 def make_case(index: int, seed: int, image: str, data: bytes, t: Targets, image_file: str,
-              chain_tops: list[str]) -> Case:
-    """The deterministic case `index` for `image` (pristine bytes `data`, targets `t`)."""
+              chain_tops: list[str], focus: str | None = None) -> Case:
+    """The deterministic case `index` for `image` (pristine bytes `data`, targets `t`); with
+    `focus` (one of `t.regions`), the first mutation changes a field of that region."""
     rng = random.Random(f"{seed}:{index}:{image}")
     case = Case(index, image)
     nmut = rng.choice([1, 1, 1, 1, 2, 2, 3])
     buf = _Buf(data)
     buf.far = {}
-    for _ in range(nmut):
-        _one_mutation(rng, case, buf, t, image_file, chain_tops)
+    for m in range(nmut):
+        _one_mutation(rng, case, buf, t, image_file, chain_tops, focus if m == 0 else None)
     # Two mutations of the same bytes can cancel out: mutate again until something changed.
     for _ in range(4):
         if case.truncate is not None or len(buf) != len(data) or memoryview(buf) != memoryview(data) or buf.far \
@@ -238,12 +239,12 @@ def _write(buf: bytearray, off: int, b: bytes) -> None:
 
 
 def _one_mutation(rng: random.Random, case: Case, buf: bytearray, t: Targets, image_file: str,
-                  chain_tops: list[str]) -> None:
+                  chain_tops: list[str], focus: str | None = None) -> None:
     regions = sorted(t.regions)
     special = ["truncate", "fill structure", "flip bits in structure", "backing name", "table near INT64_MAX",
                "misaligned empty table", "truncate inside an entry", "short extension area"]
     # Weight real fields over the special operations.
-    pick = rng.choice(regions * 3 + special)
+    pick = focus if focus is not None else rng.choice(regions * 3 + special)
     if pick == "truncate":
         cut = rng.choice([0, 4, 71, 72, 103, 104, 512, t.cluster_size - 1, t.cluster_size,
                           *t.structures, *(s + 8 for s in t.structures), t.file_size - 1,

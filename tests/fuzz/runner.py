@@ -94,12 +94,27 @@ def load_bases(sample_dir: Path, catalog: list[dict[str, Any]], names: Iterable[
     return bases
 
 
+FOCUS_EVERY = 4
+"""Every FOCUS_EVERY-th case (index % FOCUS_EVERY == 0) mutates a region chosen in turn, on an
+image that has it: a region only one or two samples have (a LUKS header, compressed data) is
+reached every FOCUS_EVERY * (number of regions) cases whatever the seed, not when the random
+image picks happen to land on those samples."""
+
+
 def case_for(index: int, seed: int, bases: list[Base]) -> tuple[Base, Case]:
     """The image and the mutation of case `index` (deterministic in seed and index)."""
     rng = random.Random(f"pick:{seed}:{index}")
-    base = bases[rng.randrange(len(bases))]
+    focus: str | None = None
+    if index % FOCUS_EVERY == 0:
+        regions = sorted({r for b in bases for r in b.targets.regions})
+        turn = index // FOCUS_EVERY + random.Random(f"turn:{seed}").randrange(len(regions))
+        focus = regions[turn % len(regions)]
+        having = [b for b in bases if focus in b.targets.regions]
+        base = having[rng.randrange(len(having))]
+    else:
+        base = bases[rng.randrange(len(bases))]
     chain_tops = base.tops + [b.file for b in bases if b.tops and b.file != base.file][:3]
-    case = make_case(index, seed, base.name, base.data, base.targets, base.file, chain_tops)
+    case = make_case(index, seed, base.name, base.data, base.targets, base.file, chain_tops, focus)
     if base.tops and rng.random() < 0.25:
         case.steps.append(f"then inspect {rng.choice(base.tops)}, which has it below")
     return base, case
@@ -238,6 +253,7 @@ class NotCompared(enum.StrEnum):
     """Why a case's exit codes could not be compared with qemu-img's (counted apart in the summary)."""
 
     QEMU_TIMEOUT = "qemu-img did not answer in time"
+    QEMU_CRASHED = "qemu-img crashed (killed by a signal: its bug, no exit code to compare)"
     KEY_DOES_NOT_UNLOCK = "the passphrase no longer unlocks the damaged key material (qinspect reads no key)"
     KEY_DERIVATION_TOO_LONG = "PBKDF2 iteration counts damaged to hours of work to try the key (qinspect reads no key)"
     KEY_MATERIAL_OUTSIDE = ("a key slot's material moved outside the crypto header extension, which QEMU reads "
@@ -358,6 +374,8 @@ def qemu_exit_codes(path: str, meanwhile: Callable[[], object] | None = None
             errors[cmd] = f.read()
     if why is not None:
         return None, why
+    if any(code < 0 for code in codes.values()):
+        return None, NotCompared.QEMU_CRASHED
     if codes["info"] == 0 and any(b"Invalid password, cannot unlock any keyslot" in e for e in errors.values()):
         return None, NotCompared.KEY_DOES_NOT_UNLOCK
     if codes["info"] == 0 and any(b"Request for data outside of extension header" in e for k, e in errors.items()
