@@ -24,7 +24,6 @@ The machine these numbers come from may be shared: quote ratios of interleaved r
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
 import subprocess
@@ -116,17 +115,7 @@ asyncio.run(main())
 """
 
 
-# Children run as a user's would: with cached bytecode (some sandboxes set PYTHONDONTWRITEBYTECODE,
-# which would make every run compile qinspect's modules again).
-CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
-
-def precompile() -> None:
-    """Write the bytecode caches once, before anything is timed."""
-    code = "import os, qinspect; print(os.path.dirname(qinspect.__file__))"
-    pkg = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=CHILD_ENV).stdout.strip()
-    subprocess.run([sys.executable, "-m", "compileall", "-q", pkg], capture_output=True, check=False, env=CHILD_ENV)
+from run import CHILD_ENV, metadata_bytes, precompile  # noqa: E402  (bench/run.py: one definition of each)
 
 
 def first_frame(kind: str, image: str) -> float:
@@ -159,10 +148,7 @@ def key_latency(image: str, limit: float = SCAN_LIMIT) -> LatencyRun:
 def rss_budget(image: str) -> tuple[float, float]:
     """The image's metadata (MiB: L1 + L2 tables + refcount table + allocated refcount blocks, as
     bench/run.py counts it) and the RSS budget, 2 x metadata + 150 MiB."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    run = importlib.import_module("run")  # bench/run.py: the one definition of "metadata"
-
-    md = float(run.metadata_bytes(Path(image))["total"]) / MiB
+    md = float(metadata_bytes(Path(image))["total"]) / MiB
     return md, 2 * md + 150
 
 

@@ -231,11 +231,14 @@ class GuestMap:
             out: npt.NDArray[np.int64] = self.counts[self._row(t)].astype(np.int64)
         return out
 
+    def first_tables(self, k: int) -> tuple[npt.NDArray[np.integer], npt.NDArray[np.bool_]]:
+        """Copies of the first `k` tables' state counts (one row per table) and scanned flags."""
+        with self._lock:
+            return self.counts[self._rows(slice(0, k))].copy(), self.scanned[:k].copy()
+
     def copy_known(self, other: GuestMap, k: int) -> None:
         """Take the first `k` tables' states from `other` (the same image before it grew)."""
-        with other._lock:
-            rows = other.counts[other._rows(slice(0, k))] if other._row_of is not None else other.counts[:k]
-            scanned = other.scanned[:k].copy()
+        rows, scanned = other.first_tables(k)
         with self._lock:
             self._unshare()
             self.counts[:k] = rows
