@@ -20,6 +20,7 @@ point here" without re-reading the image's L2 tables.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -193,7 +194,7 @@ class Layout:
     _compressed: _Compressed = field(default_factory=lambda: _Compressed.empty(), repr=False)
     _comp_per_table: I64 = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     _header: Header | None = field(default=None, repr=False)
-    _snapshots: list[Snapshot] = field(default_factory=list, repr=False)
+    _snapshots: Sequence[Snapshot] = field(default_factory=list, repr=False)
     _snapshot_table_size: int = field(default=0, repr=False)
     _refcount_table: U64 = field(default_factory=lambda: np.zeros(0, np.uint64), repr=False)
     _bitmaps: list[Bitmap] = field(default_factory=list, repr=False)
@@ -803,7 +804,7 @@ def layout_consumer(img: Image, walk: RefWalk) -> BatchConsumer:
         l2_reads=walk.l1_entries(), refcount_blocks=int(np.count_nonzero(rt_ok)), leaks=leaks, refcount_errors=errors,
         anomalies=w.anomalies, refs_past_eof=refs_past_eof, refs_end=w.top * cs,
         _walk=walk, _runs=runs, _compressed=comps, _comp_per_table=comp_per_table, _header=h,
-        _snapshots=list(img.snapshots), _snapshot_table_size=img.snapshot_table.size,
+        _snapshots=img.snapshots, _snapshot_table_size=img.snapshot_table.size,
         _refcount_table=img.refcount_table, _bitmaps=list(img.bitmaps) if h.bitmaps_ext is not None else [],
         _bitmap_tables=bitmap_tables,
     )

@@ -5,7 +5,9 @@ are internal. Names are loaded on first use (PEP 562), so `import qinspect.qcow2
 and the metadata path (`open_meta`, `ImageMeta`, `fields`, `constants`) never imports numpy.
 
 - Opening: `open_image` / `Image` (tables, guest reads, extents), `open_meta` / `ImageMeta` (what
-  `qemu-img info` reads, and the backing chain), `Layer`, `MetaLayer`, `RawLayer`.
+  `qemu-img info` reads, and the backing chain), `Layer`, `MetaLayer`, `RawLayer`. More images of
+  one file (one per thread) share one parse: `img.reopen()`, or `open_image(path, metadata=
+  img.shared_metadata())` (`SharedMetadata`; a replaced or changed file is parsed afresh).
 - Readers on `Image`: `read_table` (L1, refcount table), `snapshot_l1_table`, `read_l2_table`,
   `read_l2_batch` (the L2 tables of a range of L1 entries), `read_l2_nonzero` (the non-zero
   entries of many L2 tables, read in one host-order sweep), `read_l2_tables` (L2 tables at given
@@ -43,7 +45,15 @@ if TYPE_CHECKING:
         uniform_bitmaps,
     )
     from qinspect.qcow2.luks import LuksHeader, LuksKeySlot
-    from qinspect.qcow2.meta import ImageMeta, Layer, MetaLayer, RawLayer, open_meta, resolve_backing_path
+    from qinspect.qcow2.meta import (
+        ImageMeta,
+        Layer,
+        MetaLayer,
+        RawLayer,
+        SharedMetadata,
+        open_meta,
+        resolve_backing_path,
+    )
     from qinspect.qcow2.refcount import decode_refcount_block, refcount_entry_location
     from qinspect.qcow2.snapshots import Snapshot, SnapshotTable
 
@@ -60,7 +70,8 @@ _WHERE: dict[str, str] = {
     "classify_cluster": "l2", "classify_clusters": "l2", "classify_subcluster": "l2",
     "classify_subclusters_at": "l2", "invalid_bitmaps": "l2", "parse_compressed": "l2", "uniform_bitmaps": "l2",
     "LuksHeader": "luks", "LuksKeySlot": "luks",
-    "ImageMeta": "meta", "Layer": "meta", "MetaLayer": "meta", "RawLayer": "meta", "open_meta": "meta",
+    "ImageMeta": "meta", "Layer": "meta", "MetaLayer": "meta", "RawLayer": "meta", "SharedMetadata": "meta",
+    "open_meta": "meta",
     "resolve_backing_path": "meta",
     "decode_refcount_block": "refcount", "refcount_entry_location": "refcount",
     "Snapshot": "snapshots", "SnapshotTable": "snapshots",
@@ -93,6 +104,7 @@ __all__ = [
     "Qcow2Error",
     "RawLayer",
     "Severity",
+    "SharedMetadata",
     "Snapshot",
     "SnapshotTable",
     "SubclusterType",

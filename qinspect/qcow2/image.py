@@ -33,7 +33,7 @@ from qinspect.qcow2.l2 import (
     classify_subcluster,
     parse_compressed,
 )
-from qinspect.qcow2.meta import ImageMeta, Layer, MetaLayer, RawLayer, resolve_backing_path
+from qinspect.qcow2.meta import ImageMeta, Layer, MetaLayer, RawLayer, SharedMetadata, resolve_backing_path
 from qinspect.qcow2.planner import Order, PieceStream, read_pieces
 from qinspect.qcow2.refcount import decode_refcount_block
 
@@ -41,6 +41,8 @@ U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 L2Stream = PieceStream
 CACHE_BYTES = 32 * 1024 * 1024
+TABLES = "l1-and-refcount-tables"
+"""The key of the open tables in a `SharedMetadata`."""
 NONZERO_TAKE_BYTES = 1024 * 1024
 """Bytes of tables filtered per pass by `read_l2_nonzero` (its temporaries stay this small)."""
 
@@ -70,13 +72,33 @@ class Image(ImageMeta):
     context manager). Its backing layers are `Image`s too."""
 
     def _open_tables(self) -> None:
-        h = self.header
-        self.l1_table = self.read_table(h.l1_table_offset, h.l1_size, C.QCOW_MAX_L1_SIZE // C.L1E_SIZE)
-        self.refcount_table = self.read_table(h.refcount_table_offset, h.refcount_table_entries,
-                                              C.QCOW_MAX_REFTABLE_SIZE // C.REFTABLE_ENTRY_SIZE)
+        if self.reuses_metadata:  # the same file, unchanged: the same tables (read by the first image)
+            self.l1_table, self.refcount_table = super().shared_metadata().once(TABLES, self._read_shared_tables)
+        else:
+            self.l1_table, self.refcount_table = self._read_open_tables()
         self._l2_cache: OrderedDict[int, tuple[U64, U64 | None]] = OrderedDict()
         self._rb_cache: OrderedDict[int, U64] = OrderedDict()
         self._last_compressed: tuple[int, bytes] | None = None
+
+    def _read_open_tables(self) -> tuple[U64, U64]:
+        h = self.header
+        l1 = self.read_table(h.l1_table_offset, h.l1_size, C.QCOW_MAX_L1_SIZE // C.L1E_SIZE)
+        reftable = self.read_table(h.refcount_table_offset, h.refcount_table_entries,
+                                   C.QCOW_MAX_REFTABLE_SIZE // C.REFTABLE_ENTRY_SIZE)
+        return l1, reftable
+
+    def _read_shared_tables(self) -> tuple[U64, U64]:
+        l1, reftable = self._read_open_tables()
+        l1.flags.writeable = reftable.flags.writeable = False
+        return l1, reftable
+
+    def shared_metadata(self) -> SharedMetadata:
+        """`ImageMeta.shared_metadata`, with this image's L1 and refcount tables: the images opened
+        with it use the same arrays (made read-only here; no reader writes to them)."""
+        m = super().shared_metadata()
+        self.l1_table.flags.writeable = self.refcount_table.flags.writeable = False
+        m.once(TABLES, lambda: (self.l1_table, self.refcount_table))
+        return m
 
     # -- the backing chain, as layers whose data can be read --------------------------------------------
     def backing(self) -> Layer | None:
@@ -464,10 +486,12 @@ class StoredRefcounts:
                     out[lo:hi] = vals[j * per : j * per + (hi - lo)]
 
 
-def open_image(path: str | os.PathLike[str]) -> Image:
-    """Open a qcow2 image read-only. Raises `Qcow2Error` when it is not a usable qcow2 file."""
-    return Image(os.fspath(path))
+def open_image(path: str | os.PathLike[str], *, metadata: SharedMetadata | None = None) -> Image:
+    """Open a qcow2 image read-only. Raises `Qcow2Error` when it is not a usable qcow2 file. With
+    `metadata` (from `shared_metadata()` of an image of the same file), reuse that parse and those
+    tables if `path` is still that file, unchanged (see `SharedMetadata`); else parse it afresh."""
+    return Image(os.fspath(path), metadata=metadata)
 
 
 __all__ = ["Image", "ImageMeta", "L2Lookup", "Layer", "MetaLayer", "Problem", "RawLayer", "Severity",
-           "StoredRefcounts", "open_image", "resolve_backing_path"]
+           "SharedMetadata", "StoredRefcounts", "open_image", "resolve_backing_path"]

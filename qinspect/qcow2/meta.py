@@ -9,17 +9,18 @@ error path start fast. `qinspect.qcow2.image.Image` extends it with the tables a
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, TypeVar
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import Bitmap, check_bitmap_tables, read_bitmap_directory
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
 from qinspect.qcow2.fields import QCOW_HEADER, QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import Header, read_header, table_fits
-from qinspect.qcow2.hostfile import HostFile
+from qinspect.qcow2.hostfile import FileIdentity, HostFile
 from qinspect.qcow2.luks import LuksHeader, read_luks_header
 from qinspect.qcow2.snapshots import Snapshot, SnapshotTable, read_snapshot_table
 
@@ -62,6 +63,53 @@ class RawLayer:
         self.file.close()
 
 
+T = TypeVar("T")
+
+
+class SharedMetadata:
+    """One parse of an image's immutable metadata, for every image opened on one state of one file.
+
+    What QEMU's open parses (the header and its extensions, the snapshot table, the bitmap
+    directory, the LUKS header) and the problems found doing so, plus, once an image of this state
+    has opened it, its backing layer's own `SharedMetadata` (`backing`), and what a subclass keeps
+    with `once` (`Image`: its L1 and refcount tables, as read-only arrays). A hostile image's
+    65,536 snapshots or 65,535 bitmaps are then parsed and held once, not once per open image (the
+    TUI opens one for the main thread and one per worker thread).
+
+    An image opened with it (`ImageMeta(path, metadata=m)`, `open_image(path, metadata=m)`,
+    `reopen()`) has a file descriptor of its own and reuses it only when the file it opened has
+    `identity` (device, inode, size, mtime, from fstat of the new descriptor): a file replaced or
+    changed since is parsed afresh, so that metadata of one file never describes another.
+    """
+
+    def __init__(self, identity: FileIdentity, header: Header, snapshot_table: SnapshotTable,
+                 bitmaps: list[Bitmap], luks: LuksHeader | None, problems: tuple[Problem, ...],
+                 host_at: int) -> None:
+        self.identity = identity
+        self.header = header
+        self.snapshot_table = snapshot_table
+        self.bitmaps = bitmaps
+        self.luks = luks
+        self.problems = problems
+        """The problems of the parse; those about the host files (locks, a missing data or backing
+        file) are not among them: each open looks again, and puts its own at `host_at`."""
+        self.host_at = host_at
+        self.backing: SharedMetadata | None = None
+        self._lock = threading.Lock()
+        self._memo: dict[str, object] = {}
+
+    def once(self, key: str, make: Callable[[], T]) -> T:
+        """The value kept under `key`, made by `make()` the first time it is asked for (thread-safe)."""
+        with self._lock:
+            if key not in self._memo:
+                self._memo[key] = make()
+            return self._memo[key]  # type: ignore[return-value]
+
+    def matches(self, identity: FileIdentity) -> bool:
+        """Whether a file seen as `identity` is the file, in the state, this metadata was parsed from."""
+        return identity.change_since(self.identity) is None
+
+
 def resolve_backing_path(image_path: str, name: str) -> str:
     """The backing file's path as QEMU resolves it: relative names are relative to the image's dir."""
     if os.path.isabs(name) or (":" in name.split("/", 1)[0] and not os.path.exists(name)):
@@ -74,28 +122,75 @@ class ImageMeta:
 
     format = "qcow2"
 
-    def __init__(self, path: str, *, parents: tuple[str, ...] = ()) -> None:
-        """Open `path`; `parents` are the real paths of the layers above it (for the loop check)."""
+    def __init__(self, path: str, *, parents: tuple[str, ...] = (), metadata: SharedMetadata | None = None) -> None:
+        """Open `path`; `parents` are the real paths of the layers above it (for the loop check).
+        With `metadata` (another image's `shared_metadata()`), reuse its parse when `path` is still
+        that file, unchanged; otherwise (replaced, resized, modified) parse the file afresh."""
         self.path = path
         self.parents = parents
         self.problems: list[Problem] = []
         self.file = HostFile(path)
+        self._backing: MetaLayer | None = None
+        self._backing_opened = False
+        self._data_file: HostFile | None = None
         try:
-            self.header: Header = read_header(self.file, self.problems)
-            self.snapshot_table = self._read_snapshots()
+            self.identity = FileIdentity.of_fd(self.file.fd)
+            if metadata is not None and not metadata.matches(self.identity):
+                metadata = None
+            self._metadata = metadata
+            self._reused = metadata is not None
+            if metadata is not None:
+                self.header: Header = metadata.header
+                self.snapshot_table = metadata.snapshot_table
+                self.__dict__["bitmaps"] = metadata.bitmaps
+                self.__dict__["luks"] = metadata.luks
+                self.problems = list(metadata.problems[: metadata.host_at])
+            else:
+                self.header = read_header(self.file, self.problems)
+                self.snapshot_table = self._read_snapshots()
             self._open_tables()
         except Qcow2Error as e:
             self.file.close()
             if e.path is None:
                 e.path = path
             raise
-        self._backing: MetaLayer | None = None
-        self._backing_opened = False
-        self._data_file: HostFile | None = None
-        if self.header.bitmaps_ext is not None and self.header.bitmaps_consistent and not self.open_refusals:
+        except OSError:
+            self.file.close()
+            raise
+        if metadata is None and self.header.bitmaps_ext is not None and self.header.bitmaps_consistent \
+                and not self.open_refusals:
             # qcow2_load_dirty_bitmaps reads the directory and every bitmap table at open (and may refuse them)
             check_bitmap_tables(self.file, self.bitmaps, self.cluster_size, self.problems, self.header.size)
+        self._host_at = len(self.problems)
         self._check_host_files()
+        self._host_count = len(self.problems) - self._host_at
+        if metadata is not None:
+            self.problems.extend(metadata.problems[metadata.host_at :])
+
+    @property
+    def reuses_metadata(self) -> bool:
+        """Whether this image reuses another's parse (see `SharedMetadata`) rather than its own."""
+        return self._reused
+
+    def shared_metadata(self) -> SharedMetadata:
+        """This image's parsed metadata, to open more images of the same file without parsing it
+        again (`reopen`, `open_image(path, metadata=...)`). Made on first call (the bitmap
+        directory and LUKS header are parsed then if they were not yet); the same object after."""
+        if self._metadata is None:
+            bitmaps, luks = self.bitmaps, self.luks  # (parsed now if not yet: their problems come first)
+            at, n = self._host_at, self._host_count
+            problems = tuple(self.problems[:at] + self.problems[at + n :])
+            self._metadata = SharedMetadata(self.identity, self.header, self.snapshot_table, bitmaps, luks,
+                                            problems, at)
+            if isinstance(self._backing, ImageMeta):  # opened already: its images share its parse too
+                self._metadata.backing = self._backing.shared_metadata()
+        return self._metadata
+
+    def reopen(self) -> Self:
+        """Another image of this file, with a file descriptor (and caches) of its own, sharing this
+        one's parsed metadata while the file is unchanged (parsed afresh if it was replaced or
+        changed since this one was opened). For another thread: images are not thread-safe."""
+        return type(self)(self.path, parents=self.parents, metadata=self.shared_metadata())
 
     def _open_tables(self) -> None:
         """What a subclass reads at open beyond the metadata (nothing here)."""
@@ -143,7 +238,7 @@ class ImageMeta:
         return self.header.cluster_bits
 
     @property
-    def snapshots(self) -> list[Snapshot]:
+    def snapshots(self) -> Sequence[Snapshot]:
         return self.snapshot_table.snapshots
 
     @property
@@ -252,8 +347,13 @@ class ImageMeta:
             if fmt == "raw":
                 return RawLayer(path)
             if fmt == "qcow2":
-                # A layer of the same class as this one: metadata opens metadata, images images.
-                return type(self)(path, parents=tuple(chain))
+                # A layer of the same class as this one: metadata opens metadata, images images;
+                # when this image shares its metadata, the backing layer shares its own too.
+                shared = self._metadata
+                layer = type(self)(path, parents=tuple(chain), metadata=shared.backing if shared else None)
+                if shared is not None and shared.backing is None:
+                    shared.backing = layer.shared_metadata()
+                return layer
         except Qcow2Error as e:
             raise Qcow2Error(f"cannot open backing file {path}: {e.message}", e.offset,
                              path=self.path) from None
@@ -320,9 +420,11 @@ def probe_format(path: str, parent: str) -> str:
 
 
 
-def open_meta(path: str | os.PathLike[str]) -> ImageMeta:
-    """Open a qcow2 image's metadata read-only (no tables, no numpy). Raises `Qcow2Error`."""
-    return ImageMeta(os.fspath(path))
+def open_meta(path: str | os.PathLike[str], *, metadata: SharedMetadata | None = None) -> ImageMeta:
+    """Open a qcow2 image's metadata read-only (no tables, no numpy). Raises `Qcow2Error`. With
+    `metadata`, reuse that parse if `path` is still the file it was parsed from, unchanged."""
+    return ImageMeta(os.fspath(path), metadata=metadata)
 
 
-__all__ = ["ImageMeta", "Layer", "MetaLayer", "RawLayer", "open_meta", "probe_format", "resolve_backing_path"]
+__all__ = ["ImageMeta", "Layer", "MetaLayer", "RawLayer", "SharedMetadata", "open_meta", "probe_format",
+           "resolve_backing_path"]

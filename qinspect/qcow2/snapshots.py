@@ -1,8 +1,16 @@
-"""The internal snapshot table: entries with their extra data, read like QEMU reads them."""
+"""The internal snapshot table: entries with their extra data, read like QEMU reads them.
+
+The entries are held compactly (`SnapshotList`: one array of integers and one of name bytes, about
+100 bytes an entry) and a `Snapshot` is made when one is looked at: a hostile table of 65,536
+entries costs a few MiB, not the 25 MiB of 65,536 objects with their own ints and strings.
+"""
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Severity
@@ -39,11 +47,71 @@ class Snapshot:
     unknown_extra_data: bytes
 
 
+_NO_ICOUNT = (1 << 64) - 1  # QEMU's -1: no icount (what an absent field means too)
+_ROW = 14  # integers per entry in SnapshotList._ints
+
+
+class SnapshotList(Sequence[Snapshot]):
+    """The snapshot table's entries, stored compactly; indexing makes the `Snapshot`."""
+
+    def __init__(self) -> None:
+        # per entry: entry_offset, entry_size, l1_table_offset, l1_size, date_sec, date_nsec,
+        # vm_clock_nsec, vm_state_size, extra_data_size, disk_size, icount, and where its id, name
+        # and unknown extra data are in _text (start, id and name lengths; the extra data follows)
+        self._ints = array("Q")
+        self._text = bytearray()
+
+    def append(self, entry_offset: int, entry_size: int, l1_table_offset: int, l1_size: int, date_sec: int,
+               date_nsec: int, vm_clock_nsec: int, vm_state_size: int, extra_data_size: int, disk_size: int,
+               icount: int | None, id_bytes: bytes, name_bytes: bytes, unknown_extra_data: bytes) -> None:
+        start = len(self._text)
+        self._text += id_bytes
+        self._text += name_bytes
+        self._text += unknown_extra_data
+        self._ints.extend((entry_offset, entry_size, l1_table_offset, l1_size, date_sec, date_nsec, vm_clock_nsec,
+                           vm_state_size, extra_data_size, disk_size, _NO_ICOUNT if icount is None else icount,
+                           start, len(id_bytes), len(name_bytes)))
+
+    def _make(self, i: int) -> Snapshot:
+        r = self._ints[i * _ROW : (i + 1) * _ROW]
+        start, id_len, name_len = r[11], r[12], r[13]
+        a, b = start + id_len, start + id_len + name_len
+        end = self._ints[(i + 1) * _ROW + 11] if (i + 1) * _ROW < len(self._ints) else len(self._text)
+        text = self._text
+        return Snapshot(i, r[0], r[1], r[2], r[3], text[start:a].decode("utf-8", "replace"),
+                        text[a:b].decode("utf-8", "replace"), r[4], r[5], r[6], r[7], r[8], r[9],
+                        None if r[10] == _NO_ICOUNT else r[10], bytes(text[b:end]))
+
+    def __len__(self) -> int:
+        return len(self._ints) // _ROW
+
+    @overload
+    def __getitem__(self, index: int) -> Snapshot: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Snapshot]: ...
+    def __getitem__(self, index: int | slice) -> Snapshot | list[Snapshot]:
+        n = len(self)
+        if isinstance(index, slice):
+            return [self._make(i) for i in range(*index.indices(n))]
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("snapshot index out of range")
+        return self._make(index)
+
+    def __iter__(self) -> Iterator[Snapshot]:
+        for i in range(len(self)):
+            yield self._make(i)
+
+    def __repr__(self) -> str:
+        return f"<SnapshotList of {len(self)} snapshots>"
+
+
 @dataclass(frozen=True)
 class SnapshotTable:
     """All snapshots and the table's byte length (QEMU's `snapshots_size`)."""
 
-    snapshots: list[Snapshot]
+    snapshots: Sequence[Snapshot]
     size: int
     # Why qcow2_read_snapshots fails, in QEMU's words: (error, hint); qemu-img check prints them.
     qemu_error: tuple[str, str] | None = None
@@ -53,7 +121,7 @@ def read_snapshot_table(
     f: HostFile, offset: int, count: int, version: int, virtual_size: int, problems: list[Problem]
 ) -> SnapshotTable:
     """Read `count` entries from `offset`, stopping (with a problem) where QEMU would fail."""
-    snaps: list[Snapshot] = []
+    snaps = SnapshotList()
     pos = offset
     table_length = 0
     count = min(count, C.QCOW_MAX_SNAPSHOTS)
@@ -86,8 +154,8 @@ def read_snapshot_table(
                                     "read as zeros", pos))
             # From here on every entry is 40 zero bytes: an empty snapshot (made without 65,536 reads).
             n = count - i
-            snaps.extend(Snapshot(k, pos + (k - i) * _SN.size, _SN.size, 0, 0, "", "", 0, 0, 0, 0, 0, virtual_size,
-                                  None, b"") for k in range(i, count))
+            for k in range(i, count):
+                snaps.append(pos + (k - i) * _SN.size, _SN.size, 0, 0, 0, 0, 0, 0, 0, virtual_size, None, b"", b"", b"")
             table_length += n * _SN.size
             if version >= 3:
                 problems.append(Problem(Severity.ERROR, "snapshot table", f"snapshot table entries {i}..{count - 1} "
@@ -116,9 +184,11 @@ def read_snapshot_table(
         if extra_size >= EXTRA["icount"].end:
             ic = EXTRA["icount"].get(extra)
             icount = None if ic == 0xFFFFFFFFFFFFFFFF else ic
-        id_str = pread(pos, id_size).decode("utf-8", "replace")
+        id_bytes = pread(pos, id_size)
+        id_str = id_bytes.decode("utf-8", "replace")
         pos += id_size
-        name = pread(pos, name_size).decode("utf-8", "replace")
+        name_bytes = pread(pos, name_size)
+        name = name_bytes.decode("utf-8", "replace")
         pos += name_size
         entry_end = pos
         size = _SN.size + extra_size + id_size + name_size
@@ -132,9 +202,9 @@ def read_snapshot_table(
                                     f"snapshot {id_str} ({name}): invalid L1 table "
                                     f"(offset {l1_off}, {l1_size} entries)",
                                     entry_start))
-        snaps.append(Snapshot(i, entry_start, size, l1_off, l1_size, id_str, name, date_sec, date_nsec,
-                              vm_clock, vm_state_size, extra_size, disk_size if disk_size is not None else virtual_size,
-                              icount, extra[EXTRA.size:]))
+        snaps.append(entry_start, size, l1_off, l1_size, date_sec, date_nsec, vm_clock, vm_state_size, extra_size,
+                     disk_size if disk_size is not None else virtual_size, icount, id_bytes, name_bytes,
+                     extra[EXTRA.size:])
         if table_length > C.QCOW_MAX_SNAPSHOTS_SIZE:
             problems.append(Problem(Severity.ERROR, "snapshot table", "snapshot table is too big",
                                     offset, qemu_refuses_open=True, check_opens=True))

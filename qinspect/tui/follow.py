@@ -130,7 +130,7 @@ def refresh_changed(s: Session) -> Changes | None:
     s.retire(old_img)
     s.img = fresh
     s.guest = new_gm
-    s.pool.reset()
+    s.pool.reset(fresh.shared_metadata())  # the file as it is now
     s.layout = s.check = s.diagnosis = s.space = None
     return out
 

@@ -27,7 +27,6 @@ from qinspect.guest.disk import DiskReader
 from qinspect.guest.model import GuestError, GuestView, VolumeKind
 from qinspect.guest.owners import TSK_FILESYSTEMS, OwnerMap, build_owner_map
 from qinspect.qcow2.errors import Qcow2Error
-from qinspect.qcow2.image import open_image
 from qinspect.tui.guestmap import GuestMap
 from qinspect.tui.session import Session
 from qinspect.tui.widgets.guestvolumes import describe_offset
@@ -50,6 +49,7 @@ class GuestFs:
 
     def __init__(self, session: Session) -> None:
         self.path = session.img.path
+        self._pool = session.pool  # an image of the session's pool: one parse of the metadata for all
         self.view: GuestView | None = None
         self.owners: dict[int, OwnerMap] = {}
         self.error: str | None = None
@@ -64,7 +64,7 @@ class GuestFs:
             cancelled: Callable[[], bool]) -> None:
         """Worker body: the guest view, then the file maps (each step reports through `progress`)."""
         try:
-            with open_image(self.path) as img:
+            with self._pool.borrow() as img:
                 view = inspect_guest(img, cancelled=cancelled)
                 # one byte per guest cluster, only when the guest freed something (16 MiB on 1 TiB)
                 pairs = list(view.reclaimable.pairs())

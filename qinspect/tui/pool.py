@@ -1,4 +1,9 @@
-"""Images for worker threads (imports no numpy: the session holds a pool before the first frame)."""
+"""Images for worker threads (imports no numpy: the session holds a pool before the first frame).
+
+Every image of the pool shares one parse of the file's metadata (`SharedMetadata`: header,
+snapshot table, bitmap directory, backing chain, L1 and refcount tables) and has a file descriptor
+and caches of its own; an image opened after the file was replaced or changed parses it afresh.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qinspect.qcow2.image import Image
+    from qinspect.qcow2.meta import SharedMetadata
 
 
 class ImagePool:
     """Images for worker threads. `Image` keeps LRU caches and is not thread-safe, so every
-    thread borrows an image of its own (opening one more when all are busy)."""
+    thread borrows an image of its own (opening one more when all are busy), sharing `metadata`."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, metadata: SharedMetadata | None = None) -> None:
         self.path = path
+        self.metadata = metadata
         self._free: list[Image] = []
         self._all: list[Image] = []
         self._lock = threading.Lock()
@@ -26,7 +33,7 @@ class ImagePool:
         """One more image of the file (subclasses check that it is still the same file)."""
         from qinspect.qcow2.image import open_image
 
-        return open_image(self.path)
+        return open_image(self.path, metadata=self.metadata)
 
     @contextmanager
     def borrow(self) -> Iterator[Image]:
@@ -47,9 +54,11 @@ class ImagePool:
                     img.close()
                     self._all.remove(img)
 
-    def reset(self) -> None:
-        """Drop the idle images (the file changed: their caches are stale); busy ones go when returned."""
+    def reset(self, metadata: SharedMetadata | None = None) -> None:
+        """Drop the idle images (the file changed: their caches are stale); busy ones go when returned.
+        Images opened from now on share `metadata` (that of the file as it is now)."""
         with self._lock:
+            self.metadata = metadata
             for img in self._free:
                 img.close()
                 self._all.remove(img)

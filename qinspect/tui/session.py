@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, cast
 from qinspect.analysis.progress import CancelledFn, ProgressFn
 from qinspect.qcow2.errors import Problem, Qcow2Error
 from qinspect.qcow2.hostfile import FileIdentity
-from qinspect.qcow2.meta import ImageMeta
+from qinspect.qcow2.meta import ImageMeta, SharedMetadata
 from qinspect.termtext import for_terminal
 from qinspect.tui.fmt import display_name
 from qinspect.tui.pool import ImagePool
@@ -99,16 +99,13 @@ class LayerInfo:
 class CheckedPool(ImagePool):
     """The worker pool, refusing to hand out an image of a file other than the session's."""
 
-    def __init__(self, path: str, identity: FileIdentity) -> None:
-        super().__init__(path)
+    def __init__(self, path: str, identity: FileIdentity, metadata: SharedMetadata | None = None) -> None:
+        super().__init__(path, metadata)
         self.identity = identity
 
     def open(self) -> Image:
-        from qinspect.qcow2.image import open_image
-
-        img = open_image(self.path)
-        now = FileIdentity.of_fd(img.file.fd)
-        if not now.same_file(self.identity):
+        img = super().open()
+        if not img.identity.same_file(self.identity):
             img.close()
             raise FileReplaced("the file was replaced by another file since it was opened (r or R reopens it)",
                                path=self.path)
@@ -125,8 +122,9 @@ class Session:
         # the first frame shows, and what makes a file that is not a usable image fail here. The
         # tables (and numpy) come with `load()`, after the first frame unless `load`.
         self._meta: ImageMeta | None = ImageMeta(path)
-        self.identity = FileIdentity.of_fd(self._meta.file.fd)
-        self.pool = CheckedPool(path, self.identity)
+        self.identity = self._meta.identity
+        # Every image of the session (the main thread's, the workers') shares this one parse.
+        self.pool = CheckedPool(path, self.identity, self._meta.shared_metadata())
         meta_layers, chain_error = self._meta.open_chain()
         self._depth = len(meta_layers)
         self.chain_error = self.clean(str(chain_error)) if chain_error is not None else None
