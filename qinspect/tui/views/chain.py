@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from typing import ClassVar
 
 from rich.style import Style
@@ -101,7 +103,8 @@ class SnapshotsModel(SnapshotTableModel):
         super().__init__(session.img)
         self.session = session
         self.sort = "table"
-        self.order = list(range(len(self.snaps)))
+        # table order is a range, a sort an array: no list of 65,536 ints for a hostile table
+        self.order: Sequence[int] = range(len(self.snaps))
         self.columns = (("id", 4), ("name", 14), ("frees if deleted", 16), ("on disk", 10), ("date (UTC)", 19),
                         ("vm state", 9), ("L1 table", 10))
 
@@ -116,13 +119,13 @@ class SnapshotsModel(SnapshotTableModel):
         self.sort = sort or self.sort
         n = len(self.snaps)
         if self.sort == "name":
-            self.order = sorted(range(n), key=lambda i: self.snaps[i].name)
+            self.order = array("q", sorted(range(n), key=lambda i: self.snaps[i].name))
         elif self.sort == "date":
-            self.order = sorted(range(n), key=lambda i: self.snaps[i].date_sec)
+            self.order = array("q", sorted(range(n), key=lambda i: self.snaps[i].date_sec))
         elif self.sort == "frees":
-            self.order = sorted(range(n), key=lambda i: -((self.frees(i) or (0, 0))[0]))
+            self.order = array("q", sorted(range(n), key=lambda i: -((self.frees(i) or (0, 0))[0])))
         else:
-            self.order = list(range(n))
+            self.order = range(n)
 
     def row(self, i: int) -> list[Cell]:
         k = self.order[i]
