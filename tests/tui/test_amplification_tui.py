@@ -5,10 +5,12 @@ the engine's budget of 2 x metadata + 150 MiB (the file size stands in for the m
 
 Each attack runs in its own child process (Pilot, `App.run_test`, headless), at the counts of
 `CHILD_SCALE`: full scale where the TUI stays within the budget there, scaled down (the same
-structure, fewer entries) where it does not yet: `shared_l2` (the refcount check's arrays per L1
-entry, 16 MiB each at 2 Mi entries), `shared_snapshots` and `shared_bitmap_tables` (65,536 parsed
-snapshot or bitmap entries in each open image: the main thread's, the scans' and the guest
-filesystems' worker's; at full scale the bitmaps fit only when the last two do not overlap).
+structure, fewer entries) where it does not yet. Full scale: `shared_snapshots` (65,536 snapshots
+on one L1 table) and `shared_bitmap_tables` (65,535 bitmaps): every image the TUI opens (the main
+thread's, the scans' pool's, the guest filesystems' worker's) shares one parse of the snapshot
+table and bitmap directory (`SharedMetadata`), and the snapshot table is stored compactly; also
+`snapshot_l1_copies` and `alternating_extents`. Scaled down: `shared_l2` (one L2 table behind
+2 Mi L1 entries: the refcount check's arrays per L1 entry, 16 MiB each at 2 Mi entries).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ SCAN_WAIT = 60.0  # seconds the scans may take before the test cancels them (Esc
 QUIT_BOUND = 10.0  # seconds from `q` to the app having exited
 CANCEL_BOUND = 20.0  # seconds from Escape to every scan having stopped
 GNU_TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
-CHILD_SCALE = {"shared_l2": 0.25, "shared_snapshots": 0.5, "snapshot_l1_copies": 1.0,
-               "alternating_extents": 1.0, "shared_bitmap_tables": 0.5}
+CHILD_SCALE = {"shared_l2": 0.25, "shared_snapshots": 1.0, "snapshot_l1_copies": 1.0,
+               "alternating_extents": 1.0, "shared_bitmap_tables": 1.0}
 
 ESC, BEL = "\x1b", "\x07"
 _BUSY = (WorkerState.PENDING, WorkerState.RUNNING)
