@@ -1,8 +1,10 @@
 """Read-ahead of metadata-heavy files before numpy is imported (`HostFile.prefetch`,
-`cli.core_cmds.prefetch_metadata`): advice only, on the right files, never leaking a descriptor.
+`cli.core_cmds.prefetch_metadata`): on the right files only, their data extents and never their
+holes, never leaking a descriptor.
 
-The page cache itself cannot be observed portably from Python (no mincore), so these tests check
-what the advice is given for and that it is harmless; the benefit is measured in bench/run.py.
+The page cache itself cannot be observed portably from Python (no mincore); what the prefetch
+thread reads is counted by the kernel (/proc/self/io `rchar`). The benefit is measured in
+bench/run.py.
 """
 
 from __future__ import annotations
@@ -50,6 +52,29 @@ def test_prefetch_closes_its_descriptor(tmp_path: Path, layout: str) -> None:
     assert _open_fds() == before
 
 
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs /proc/self/io")
+def test_prefetch_reads_the_data_extents_not_the_holes(tmp_path: Path) -> None:
+    # 8 data extents of 256 KiB, 64 MiB apart: 2 MiB of data in a 448 MiB file.
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        for k in range(8):
+            f.seek(k * (64 << 20))
+            f.write(b"d" * (256 << 10))
+    with HostFile(str(path)) as host:
+        if host.allocated_size > (4 << 20):
+            pytest.skip("this file system does not keep holes")
+        before = _rchar()
+        assert host.prefetch(host.allocated_size)
+        _wait_for_prefetch()
+        got = _rchar() - before
+    assert 8 * (256 << 10) <= got < 8 * (256 << 10) + (1 << 20), got
+
+
 def test_prefetch_of_a_device_is_refused() -> None:
     with HostFile("/dev/null") as host:
         assert not host.prefetch(1 << 20)
@@ -69,10 +94,17 @@ def test_prefetch_only_metadata_heavy_files(tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(full), "1G"], check=True)
     subprocess.run(["qemu-io", "-t", "unsafe", "-f", "qcow2", "-c", "write -P 3 0 64M", str(full)], check=True,
                    stdout=subprocess.DEVNULL)
+    # The same 64 MiB of data in a 1 TiB image: its L1 table could name 128 MiB of L2 tables, but
+    # one table is in use, so the file is still mostly data.
+    wide = tmp_path / "wide.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(wide), "1T"], check=True)
+    subprocess.run(["qemu-io", "-t", "unsafe", "-f", "qcow2", "-c", "write -P 3 0 64M", str(wide)], check=True,
+                   stdout=subprocess.DEVNULL)
     with open_meta(str(sparse)) as meta:
         assert core_cmds.prefetch_metadata(meta)
-    with open_meta(str(full)) as meta:
-        assert not core_cmds.prefetch_metadata(meta)
+    for data_heavy in (full, wide):
+        with open_meta(str(data_heavy)) as meta:
+            assert not core_cmds.prefetch_metadata(meta), data_heavy.name
     _wait_for_prefetch()
 
 

@@ -71,21 +71,37 @@ def open_checked(path: str, need_files: bool = False, check: bool = False, prefe
 PREFETCH = os.environ.get("QINSPECT_PREFETCH", "1") != "0"
 """Read-ahead of metadata-heavy files before numpy is imported; 0 turns it off (for A/B runs)."""
 PREFETCH_MAX_BYTES = 1 << 30
-PREFETCH_METADATA_SHARE = 2
-"""Prefetch a file only when its allocated bytes are at most this many times the largest its L2
-tables can be (L1 entries x cluster size): then the walk reads most of the file anyway."""
+PREFETCH_L1_MAX_BYTES = 4 << 20
+"""The L1 table is read (to count the L2 tables in use) only up to this size; a bigger one (or one
+claimed bigger) is not prefetched: the walk's own planner reads such a file."""
 
 
 def prefetch_metadata(meta: ImageMeta) -> bool:
-    """Start the kernel reading an image file that is mostly metadata (a sparsely written image
-    with small clusters, a metadata-preallocated one) while this process imports numpy: a whole
-    map or check reads nearly all of such a file anyway, and its disk time then overlaps the
-    interpreter's start-up. A file holding much data besides is left alone (reading its data
-    would be waste). Returns whether advice was started."""
+    """Start reading an image file that is mostly metadata (a sparsely written image with small
+    clusters, a metadata-preallocated one) into the page cache while this process imports numpy:
+    a whole map or check reads nearly all of such a file anyway, and its disk time then overlaps
+    the interpreter's start-up. "Mostly metadata": the file's allocated bytes per L2 table in use
+    are at most a cluster and a read-through gap (`planner.GAP_BYTES`), so the walk, which reads
+    through such gaps, reads about every allocated byte. A file holding much data besides is left
+    alone (reading its data would be waste, and would compete with the walk's own reads).
+    Returns whether the read was started."""
+    from array import array
+
+    from qinspect.qcow2.constants import L1E_SIZE
+    from qinspect.qcow2.errors import Qcow2Error
+    from qinspect.qcow2.hostfile import GAP_BYTES
+
     h = meta.header
     f = meta.file
-    tables = h.l1_size * h.cluster_size
-    if not PREFETCH or f.allocated_size > min(PREFETCH_MAX_BYTES, PREFETCH_METADATA_SHARE * tables):
+    l1_bytes = h.l1_size * L1E_SIZE
+    if not PREFETCH or not 0 < l1_bytes <= PREFETCH_L1_MAX_BYTES or f.allocated_size > PREFETCH_MAX_BYTES:
+        return False
+    try:
+        l1 = array("Q", f.pread(h.l1_table_offset, l1_bytes))
+    except Qcow2Error:
+        return False  # the walk will say what is wrong
+    tables = len(l1) - l1.count(0)
+    if not tables or f.allocated_size > tables * (h.cluster_size + GAP_BYTES):
         return False
     return f.prefetch(f.allocated_size)
 
