@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -39,22 +38,16 @@ MAX_SNAPSHOT_ROWS = 500
 IN_USE_JSON = {"writer": "write", "reader": "read"}
 
 
-def open_checked(path: str, need_files: bool = False, check: bool = False, prefetch: bool = False) -> Image:
+def open_checked(path: str, need_files: bool = False, check: bool = False) -> Image:
     """Open like qemu-img does: fail on anything QEMU would refuse to open.
 
     With `need_files` (map, check), also fail when a backing file or the external data file cannot
     be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
-    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK). With `prefetch` (a
-    walk of every table follows), a file that is mostly metadata is read ahead (`prefetch_metadata`).
+    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
     """
     # The metadata first: a file that is missing or not an image QEMU opens fails here, before the
     # tables' machinery (numpy) is imported; then the image itself (its header is read again).
-    meta = open_checked_meta(path, check=check)
-    try:
-        if prefetch:
-            prefetch_metadata(meta)
-    finally:
-        meta.close()
+    open_checked_meta(path, check=check).close()
     from qinspect.qcow2.image import open_image
 
     img = open_image(path)
@@ -66,44 +59,6 @@ def open_checked(path: str, need_files: bool = False, check: bool = False, prefe
         img.close()
         raise
     return img
-
-
-PREFETCH = os.environ.get("QINSPECT_PREFETCH", "1") != "0"
-"""Read-ahead of metadata-heavy files before numpy is imported; 0 turns it off (for A/B runs)."""
-PREFETCH_MAX_BYTES = 1 << 30
-PREFETCH_L1_MAX_BYTES = 4 << 20
-"""The L1 table is read (to count the L2 tables in use) only up to this size; a bigger one (or one
-claimed bigger) is not prefetched: the walk's own planner reads such a file."""
-
-
-def prefetch_metadata(meta: ImageMeta) -> bool:
-    """Start reading an image file that is mostly metadata (a sparsely written image with small
-    clusters, a metadata-preallocated one) into the page cache while this process imports numpy:
-    a whole map or check reads nearly all of such a file anyway, and its disk time then overlaps
-    the interpreter's start-up. "Mostly metadata": the file's allocated bytes per L2 table in use
-    are at most a cluster and a read-through gap (`planner.GAP_BYTES`), so the walk, which reads
-    through such gaps, reads about every allocated byte. A file holding much data besides is left
-    alone (reading its data would be waste, and would compete with the walk's own reads).
-    Returns whether the read was started."""
-    from array import array
-
-    from qinspect.qcow2.constants import L1E_SIZE
-    from qinspect.qcow2.errors import Qcow2Error
-    from qinspect.qcow2.hostfile import GAP_BYTES
-
-    h = meta.header
-    f = meta.file
-    l1_bytes = h.l1_size * L1E_SIZE
-    if not PREFETCH or not 0 < l1_bytes <= PREFETCH_L1_MAX_BYTES or f.allocated_size > PREFETCH_MAX_BYTES:
-        return False
-    try:
-        l1 = array("Q", f.pread(h.l1_table_offset, l1_bytes))
-    except Qcow2Error:
-        return False  # the walk will say what is wrong
-    tables = len(l1) - l1.count(0)
-    if not tables or f.allocated_size > tables * (h.cluster_size + GAP_BYTES):
-        return False
-    return f.prefetch(f.allocated_size)
 
 
 def open_checked_meta(path: str, check: bool = False) -> ImageMeta:
@@ -298,8 +253,7 @@ def _or_empty_entry(runs: Iterator[MapRuns], start: int) -> Iterator[MapRuns]:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    whole = args.start_offset == 0 and args.max_length is None
-    with open_checked(args.image, need_files=True, prefetch=whole) as img:
+    with open_checked(args.image, need_files=True) as img:
         from qinspect.analysis.map import iter_map_runs, write_map_json_runs
         from qinspect.cli.map_output import write_qemu_human, write_table
         from qinspect.malloc import tune_for_bulk_work
@@ -339,7 +293,7 @@ def run_check(args: argparse.Namespace) -> int:
             cmd = f"run qemu-img check -r {for_terminal(args.repair)} on it (its name cannot be pasted safely)"
         raise Qcow2Error(f"qinspect never writes to an image, so it does not repair; to repair it, {cmd}",
                          path=args.image)
-    with open_checked(args.image, need_files=True, check=True, prefetch=True) as img:
+    with open_checked(args.image, need_files=True, check=True) as img:
         from qinspect.analysis.check import check_image
         from qinspect.malloc import tune_for_bulk_work
 

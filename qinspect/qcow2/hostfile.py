@@ -360,30 +360,6 @@ class HostFile:
             return False, data
         return True, hole
 
-    def prefetch(self, max_bytes: int) -> bool:
-        """Start reading the file's data extents (at most `max_bytes` of them, from the front) into
-        the page cache, from a background thread, and return at once.
-
-        For a walk that will read most of a small, metadata-heavy file anyway (`map` and `check`
-        of an image whose file is mostly L2 tables): the disk works while the interpreter is still
-        importing numpy, instead of after. The thread really reads (sending the extents to
-        /dev/null: see `_read_data`); POSIX_FADV_WILLNEED is no substitute, because the kernel cuts
-        each call to its read-ahead size (8 MiB on the development machine). The pages land in the
-        page cache, where the walk finds them; nothing is copied into this process and nothing is
-        written to the image. False when not a regular file or nothing is to be read.
-        """
-        if not self._is_regular or max_bytes <= 0:
-            return False
-        try:
-            fd = os.dup(self.fd)  # the thread's own descriptor: closing this file does not cut it short
-        except OSError:
-            return False
-        import threading
-
-        threading.Thread(target=_read_data, args=(fd, self.size, max_bytes), name="qinspect-prefetch",
-                         daemon=True).start()
-        return True
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -456,73 +432,3 @@ def _device_size(fd: int) -> int:
         return max(0, os.lseek(fd, 0, os.SEEK_END))
     except OSError:
         return 0
-
-
-GAP_BYTES = 32 * 1024
-"""The planner reads through gaps up to this size between the pieces a walk wants (measured: see
-qcow2/planner.py's docstring). Here because the prefetch, which runs before numpy (and so the
-planner) is imported, judges by it what the walk will read."""
-PREFETCH_EXTENTS = 64
-"""At most this many data extents are read: each costs the thread a turn of the interpreter lock,
-which the main thread holds while it imports (a file of thousands of small extents, such as a
-metadata-preallocated image's tables, is left to the planner's own advice during the walk)."""
-PREFETCH_CHUNK = 4 << 20
-"""Bytes per read where the file cannot be sent to /dev/null (see `_read_data`): each read gives the
-interpreter lock back and waits for it again (up to the switch interval, 5 ms, while the main
-thread imports), and reads of a few MiB keep the disk streaming."""
-
-
-def _read_data(fd: int, size: int, max_bytes: int) -> None:
-    """Read the data extents of `fd` (SEEK_DATA/SEEK_HOLE) up to `max_bytes` into the page cache,
-    then close `fd`. Holes are never read (that would fill the page cache with zeros); a file
-    without holes (`max_bytes` covers it) is read from 0 to the end.
-
-    The extents are sent to /dev/null (`sendfile`): the kernel reads them into the page cache and
-    copies nothing out, in one call per extent, without the interpreter lock. Measured on the
-    4 KiB-cluster 100 GiB image (327 MB, cold, a numpy import on the main thread then a sequential
-    read of the whole file, quiet machine, 3 rounds): no prefetch 0.142-0.151 s; one WILLNEED on the whole file
-    0.150-0.163 s (the kernel reads its first 8 MiB: `force_page_cache_ra` cuts each call to the
-    read-ahead size); WILLNEED 2 or 8 MiB at a time 0.21-0.38 s (a turn of the lock per call);
-    reading it 4 MiB at a time into a buffer 0.123-0.211 s; sent to /dev/null 0.100-0.138 s.
-    Where sendfile cannot do it (not Linux), the extent is read into a buffer."""
-    null = -1
-    scratch: memoryview | None = None
-    try:
-        with contextlib.suppress(OSError):
-            null = os.open(os.devnull, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-        pos, left = 0, max_bytes
-        for _ in range(PREFETCH_EXTENTS):
-            if pos >= size or left <= 0:
-                break
-            if max_bytes >= size:
-                data, hole = 0, size
-            else:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                    hole = os.lseek(fd, data, os.SEEK_HOLE)
-                except OSError:
-                    break  # ENXIO: no data after pos; or no SEEK_DATA here (then nothing is read)
-            end = data + min(hole - data, left)
-            at = data
-            while at < end:
-                n = 0
-                if null >= 0 and hasattr(os, "sendfile"):
-                    try:
-                        n = os.sendfile(null, fd, at, end - at)
-                    except OSError:
-                        os.close(null)
-                        null = -1
-                if not n and null < 0:
-                    scratch = scratch or memoryview(bytearray(PREFETCH_CHUNK))
-                    n = os.preadv(fd, [scratch[: min(PREFETCH_CHUNK, end - at)]], at)
-                if n <= 0:
-                    break
-                at += n
-            left -= at - data
-            pos = max(hole, data + 1)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-        if null >= 0:
-            os.close(null)

@@ -54,11 +54,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from qinspect.qcow2.hostfile import GAP_BYTES, HostFile
+from qinspect.qcow2.hostfile import HostFile
 
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 
+GAP_BYTES = 32 * 1024
+"""Read through gaps up to this size (measured: see the module docstring)."""
 MAX_REQUEST = 4 * 1024 * 1024
 """No single request is larger (keeps several in flight and the read-through waste bounded)."""
 WINDOW_BYTES = 16 * 1024 * 1024
