@@ -18,8 +18,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pasteable import NASTY_NAME, assert_pasteable
 from conftest import Samples
+from pasteable import NASTY_NAME, assert_pasteable
 
 from qinspect.cli import COMMANDS, main
 
