@@ -586,14 +586,17 @@ class _Copied:
         n = self.img.header.l2_size
         texts = {t: sorted(v) for t, v in found.items()}
         active = walk.groups[walk.tree_group[0]]
-        idx, offs = active.l2_offsets()
-        keep = offs != 0  # check_oflag_copied skips L1 entries whose table offset is 0
-        idx, offs = idx[keep], offs[keep]
-        tids = walk.tables.id_of(offs)
-        hit = np.isin(tids, np.array(list(texts), np.int64))
-        _emit_runs(res, idx[hit], tids[hit], n,
-                   {t: [(k, 0, f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}") for k, e, r in v]
-                    for t, v in texts.items()}, blocked)
+        with_texts = np.array(sorted(texts), np.int64)
+        msgs = {t: [(k, 0, f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}") for k, e, r in v]
+                for t, v in texts.items()}
+        runs = _Runs(res, n, msgs, blocked)
+        for idx, offs in active.l2_offset_chunks():
+            keep = offs != 0  # check_oflag_copied skips L1 entries whose table offset is 0
+            idx, offs = idx[keep], offs[keep]
+            tids = walk.tables.id_of(offs)
+            hit = np.isin(tids, with_texts)
+            runs.add(idx[hit], tids[hit])
+        runs.flush()
 
 
 class _Replay:
@@ -717,7 +720,7 @@ class _Replay:
         t = self.group_touch.get(g)
         if t is None:
             t = self.group_touch[g] = any(bool(np.isin(self.walk.tables.id_of(l2o), self.ev_tables).any())
-                                          for _l1i, l2o in _l1_chunks(self.walk.groups[g]))
+                                          for _l1i, l2o in self.walk.groups[g].l2_offset_chunks())
         return t
 
     def note_corruptions(self, g: int, n: int) -> None:
@@ -745,7 +748,7 @@ class _Replay:
         """The messages of a tree's L2 tables (and the overflows of its references), keyed."""
         blocked_a = np.array(sorted(blocked), np.int64)
         pending: tuple[int, int, int, int] | None = None  # (first L1 index, table, offset, entries): a run
-        for l1i, l2o in _l1_chunks(grp):  # (bounded temporaries for an L1 table of millions of entries)
+        for l1i, l2o in grp.l2_offset_chunks():  # (bounded temporaries for an L1 table of millions of entries)
             tids = self.walk.tables.id_of(l2o)
             sel = np.zeros(len(l1i), dtype=bool)
             if len(self.has_msgs):
@@ -839,37 +842,53 @@ class _Replay:
                 res.add("error", self.text(j), int(self.ov[j]), left)
 
 
-def _l1_chunks(grp: L1Group, step: int = 1 << 18) -> Iterator[tuple[I64, I64]]:
-    """`grp.l2_offsets()` a chunk of L1 entries at a time."""
-    for c0 in range(0, len(grp.entries), step):
-        chunk = grp.entries[c0 : c0 + step]
-        idx = np.flatnonzero(chunk)
-        yield (c0 + idx).astype(np.int64), (chunk[idx] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-
-
-def _emit_runs(res: CheckResult, l1_idx: I64, tids: I64, n: int,
-               texts: dict[int, list[tuple[int, int, str]]], blocked: set[int] | None = None) -> None:
+class _Runs:
     """The messages of each table (L2 index, step, text) at every L1 entry naming it, keyed in walk
-    order. Consecutive L1 entries naming the same table (and with no message of their own,
-    `blocked`) become one message printed that many times: a table named by a million entries
-    costs its messages once, not a million CheckMessages."""
-    k = 0
-    m = len(l1_idx)
-    li, ti = l1_idx.tolist(), tids.tolist()
-    while k < m:
-        j = k + 1
-        while (j < m and ti[j] == ti[k] and li[j] == li[j - 1] + 1
-               and (blocked is None or li[j] not in blocked)):
-            j += 1
-        msgs = texts[ti[k]]
-        res.corruptions += len(msgs) * (j - k)
-        if j - k == 1:
+    order, fed a chunk of L1 entries at a time (`add`, then `flush`). Consecutive L1 entries naming
+    the same table (and with no message of their own, `blocked`) become one message printed that
+    many times: a table named by a million entries costs its messages once, not a million
+    CheckMessages, and no list of the million entries is made."""
+
+    def __init__(self, res: CheckResult, n: int, texts: dict[int, list[tuple[int, int, str]]],
+                 blocked: set[int] | None = None) -> None:
+        self.res = res
+        self.n = n
+        self.texts = texts
+        self.blocked = blocked or set()
+        self.blocked_a = np.array(sorted(self.blocked), np.int64)
+        self.pending: tuple[int, int, int] | None = None  # (first L1 index, table id, entries)
+
+    def add(self, l1_idx: I64, tids: I64) -> None:
+        """Entries `l1_idx` (ascending, after those already given) naming tables `tids`."""
+        if not len(l1_idx):
+            return
+        brk = (tids[1:] != tids[:-1]) | (l1_idx[1:] != l1_idx[:-1] + 1)
+        if len(self.blocked_a):
+            brk |= np.isin(l1_idx[1:], self.blocked_a)
+        starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+        ends = np.append(starts[1:], len(l1_idx))
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            li0, tid = int(l1_idx[a]), int(tids[a])
+            p = self.pending
+            if a == 0 and p is not None and p[1] == tid and p[0] + p[2] == li0 and li0 not in self.blocked:
+                self.pending = (p[0], tid, p[2] + b - a)  # a run across chunks
+                continue
+            self.flush()
+            self.pending = (li0, tid, b - a)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        li0, tid, r = self.pending
+        self.pending = None
+        msgs = self.texts[tid]
+        self.res.corruptions += len(msgs) * r
+        if r == 1:
             for l2, step, text in msgs:
-                res.add("error", text, key=int(walk_key(li[k], l2, step, n)))
+                self.res.add("error", text, key=int(walk_key(li0, l2, step, self.n)))
         else:
-            res.add("error", "\n".join(t for _l2, _s, t in msgs), repeat=j - k,
-                    key=int(walk_key(li[k], msgs[0][0], msgs[0][1], n)))
-        k = j
+            self.res.add("error", "\n".join(t for _l2, _s, t in msgs), repeat=r,
+                         key=int(walk_key(li0, msgs[0][0], msgs[0][1], self.n)))
 
 
 def check_image(img: Image, progress: ProgressFn = no_progress,
@@ -958,24 +977,27 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
         if l1_size:
             refs.add_range(l1_off, l1_size * 8, key=L1_TABLE_KEY)
         l1 = grp.entries
-        nz = np.flatnonzero(l1)  # an entry of 0 is skipped; any other is followed, even to offset 0
         blocked: set[int] = set()
-        for i in nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0].tolist():
-            res.corruptions += 1
-            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}", key=walk_key(i, -1, 0, n))
-            blocked.add(i)
-        l1i, l2o = grp.l2_offsets()
-        # the L2 tables themselves (an unaligned one touches two clusters), once per entry and tree
-        past = l2o + cs - file_size >= cs
-        blocked.update(l1i[past].tolist())
         ntrees = len(grp.sources)
-        refs.add_regions(l2o, cs, walk_key(l1i, -1, 1, n),
-                         weights=np.full(len(l2o), ntrees, np.int64) if ntrees > 1 else None)
-        for k in np.flatnonzero((l2o % cs) != 0).tolist():
-            res.corruptions += 1
-            res.add("error", f"ERROR l2_offset={int(l2o[k]):x}: Table is not cluster aligned; L1 entry corrupted",
-                    key=walk_key(int(l1i[k]), -1, 2, n))
-            blocked.add(int(l1i[k]))
+        # A chunk of L1 entries at a time (the messages are keyed: their order is the walk's anyway).
+        # An entry of 0 is skipped; any other is followed, even to offset 0.
+        for l1i, l2o in grp.l2_offset_chunks():
+            for i in l1i[(l1[l1i] & np.uint64(C.L1E_RESERVED_MASK)) != 0].tolist():
+                res.corruptions += 1
+                res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}",
+                        key=walk_key(i, -1, 0, n))
+                blocked.add(i)
+            # the L2 tables themselves (an unaligned one touches two clusters), once per entry and tree
+            past = l2o + cs - file_size >= cs
+            if past.any():
+                blocked.update(l1i[past].tolist())
+            refs.add_regions(l2o, cs, walk_key(l1i, -1, 1, n),
+                             weights=np.full(len(l2o), ntrees, np.int64) if ntrees > 1 else None)
+            for k in np.flatnonzero((l2o & (cs - 1)) != 0).tolist():
+                res.corruptions += 1
+                res.add("error", f"ERROR l2_offset={int(l2o[k]):x}: Table is not cluster aligned; L1 entry corrupted",
+                        key=walk_key(int(l1i[k]), -1, 2, n))
+                blocked.add(int(l1i[k]))
         # (the overflows are counted once for all the trees, by the weights: not repeated per tree)
         group_l1[g] = (res.take_keyed(), res.corruptions - before_c - (refs.overflows - before_o), blocked)
 
