@@ -8,10 +8,10 @@ messages, but each L2 table batch is one set of numpy operations.
 
 from __future__ import annotations
 
-import sys
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from enum import IntEnum
 from typing import Any
 
 import numpy as np
@@ -113,6 +113,183 @@ class CheckMessage:
             yield pre_e + glue.join(map(str, part)) + tail_e + "\n"
 
 
+class L2Message(IntEnum):
+    """What a message about an L2 entry (or a reference it makes) says; its text is rebuilt from
+    the kind and two numbers (`_Rows.text`) when it is printed."""
+
+    RESERVED = 0  # a: the l2 entry
+    COMPRESSED_COPIED = 1  # a: the compressed cluster's offset
+    COMPRESSED_DATA_FILE = 2  # a: the l2 entry without COPIED
+    COMPRESSED_BITMAP = 3  # a: the l2 entry without COPIED
+    PAST_EOF = 4  # a: offset, b: size of the region
+    CORRUPT_BITMAP = 5  # a: the cluster's offset
+    UNALIGNED_DATA = 6  # a: the cluster's offset
+    UNALIGNED_PREALLOC = 7  # a: the cluster's offset
+    UNALLOC_BITMAP = 8
+    OVERFLOW = 9  # a: the overflowing cluster's offset
+    COPIED = 10  # a: the l2 entry, b: the refcount
+
+
+def _l2_text(kind: int, l2: int, a: int, b: int) -> str:
+    """The text (one or more lines) of a message about L2 entry `l2` (see `L2Message`)."""
+    if kind == L2Message.PAST_EOF:
+        return ("ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
+                f"offset {a:#x} size {b:#x}")
+    if kind == L2Message.COMPRESSED_COPIED:
+        return f"ERROR: coffset=0x{a:x}: copied flag must never be set for compressed clusters"
+    if kind == L2Message.RESERVED:
+        return f"ERROR found l2 entry with reserved bits set: {a:x}"
+    if kind == L2Message.COMPRESSED_DATA_FILE:
+        return f"ERROR compressed cluster {l2} with data file, entry=0x{a:x}"
+    if kind == L2Message.COMPRESSED_BITMAP:
+        return f"ERROR compressed cluster {l2} with non-zero subcluster allocation bitmap, entry=0x{a:x}"
+    if kind == L2Message.CORRUPT_BITMAP:
+        return f"ERROR offset={a:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+    if kind == L2Message.UNALIGNED_DATA:
+        return f"ERROR offset={a:x}: Data cluster is not properly aligned; L2 entry corrupted."
+    if kind == L2Message.UNALIGNED_PREALLOC:
+        return f"ERROR offset={a:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+    if kind == L2Message.UNALLOC_BITMAP:
+        return "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+    if kind == L2Message.OVERFLOW:
+        return f"ERROR: overflow cluster offset=0x{a:x}\n{OVERFLOW_HINT}"
+    return f"ERROR OFLAG_COPIED data cluster: l2_entry={a:x} refcount={b}"
+
+
+class _Rows:
+    """The messages about one L2 table's entries as numbers, in walk order (L2 index, step within
+    the entry): 22 bytes a message, not a tuple and a string (a table of 128 Ki garbage entries
+    makes 256 Ki messages, printed again at every L1 entry naming it)."""
+
+    __slots__ = ("a", "b", "kind", "l2", "step")
+
+    def __init__(self, l2: npt.NDArray[np.int32], step: npt.NDArray[np.int8], kind: npt.NDArray[np.uint8],
+                 a: U64, b: U64) -> None:
+        self.l2, self.step, self.kind, self.a, self.b = l2, step, kind, a, b
+
+    def __len__(self) -> int:
+        return len(self.l2)
+
+    @staticmethod
+    def sorted_of(parts: list[_Rows]) -> _Rows:
+        """The rows of `parts` in walk order (stable: equal places keep their order in `parts`)."""
+        one = parts[0] if len(parts) == 1 else _Rows(*(np.concatenate([getattr(q, f) for q in parts])
+                                                      for f in ("l2", "step", "kind", "a", "b")))
+        o = np.lexsort((one.step, one.l2))
+        if bool((o[1:] > o[:-1]).all()):
+            return one
+        return _Rows(one.l2[o], one.step[o], one.kind[o], one.a[o], one.b[o])
+
+    def key_of(self, k: int) -> tuple[int, int]:
+        return int(self.l2[k]), int(self.step[k])
+
+    def texts(self, lo: int = 0, hi: int | None = None) -> Iterator[str]:
+        """The texts of rows [lo, hi), a chunk at a time."""
+        hi = len(self) if hi is None else hi
+        for c in range(lo, hi, 1 << 12):
+            e = min(hi, c + (1 << 12))
+            yield from map(_l2_text, self.kind[c:e].tolist(), self.l2[c:e].tolist(), self.a[c:e].tolist(),
+                           self.b[c:e].tolist())
+
+
+class _TableRowsBuilder:
+    """`_Rows` per distinct L2 table, gathered as arrays (table id, L2 index, step, kind, a, b) and
+    sorted into walk order a batch at a time (`end_batch`): what is kept is the rows, 22 bytes each,
+    and the temporaries are a batch's."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[I64, npt.NDArray[np.int32], npt.NDArray[np.int8], npt.NDArray[np.uint8], U64, U64]] = []
+        self.rows: dict[int, _Rows] = {}
+
+    def add(self, tids: I64, l2: I64, step: int, kind: L2Message, a: Any = 0, b: Any = 0) -> None:
+        m = len(tids)
+        if not m:
+            return
+        self.parts.append((tids.astype(np.int64), l2.astype(np.int32), np.full(m, step, np.int8),
+                           np.full(m, int(kind), np.uint8), np.broadcast_to(np.asarray(a, np.uint64), (m,)).copy(),
+                           np.broadcast_to(np.asarray(b, np.uint64), (m,)).copy()))
+
+    def end_batch(self) -> None:
+        """Sort the rows added since the last call into their tables."""
+        if not self.parts:
+            return
+        parts, self.parts = self.parts, []
+
+        def cat(f: int) -> Any:
+            return np.concatenate([q[f] for q in parts]) if len(parts) > 1 else parts[0][f]
+
+        t: I64 = cat(0)
+        l2: npt.NDArray[np.int32] = cat(1)
+        st: npt.NDArray[np.int8] = cat(2)
+        o = np.lexsort((st, l2, t))  # (stable: the order they were found in, at equal places)
+        t, l2, st = t[o], l2[o], st[o]
+        kd: npt.NDArray[np.uint8] = cat(3)[o]
+        a: U64 = cat(4)[o]
+        b: U64 = cat(5)[o]
+        parts = []
+        u, first = np.unique(t, return_index=True)
+        ends = np.append(first[1:], len(t))
+        own = len(u) > 1  # (own arrays then: a slice would keep the whole batch's alive)
+        for tid, i, j in zip(u.tolist(), first.tolist(), ends.tolist(), strict=True):
+            rows = _Rows(l2[i:j], st[i:j], kd[i:j], a[i:j], b[i:j]) if not own else \
+                _Rows(l2[i:j].copy(), st[i:j].copy(), kd[i:j].copy(), a[i:j].copy(), b[i:j].copy())
+            old = self.rows.get(tid)
+            self.rows[tid] = rows if old is None else _Rows.sorted_of([old, rows])
+
+    def finish(self) -> dict[int, _Rows]:
+        self.end_batch()
+        return self.rows
+
+
+class TableBlock:
+    """The messages of one L2 table's entries (`_Rows` from `start` on) as printed at one L1 entry
+    naming it, `repeat` times (at that many consecutive entries): one object, however many lines,
+    its text rebuilt when printed. Reads like a `CheckMessage` (kind, text, lines, blocks)."""
+
+    __slots__ = ("_text", "repeat", "rows", "start")
+    kind = "error"
+    cluster = None
+    indices = None
+
+    def __init__(self, rows: _Rows, start: int = 0, repeat: int = 1) -> None:
+        self.rows, self.start, self.repeat = rows, start, repeat
+        self._text: str | None = None
+
+    @property
+    def text(self) -> str:
+        """Every line of one repetition (built and kept when asked: the CLI never asks)."""
+        if self._text is None:
+            self._text = "\n".join(self.rows.texts(self.start))
+        return self._text
+
+    def lines(self, prog: str) -> Iterator[str]:
+        for _ in range(self.repeat):
+            for text in self.rows.texts(self.start):
+                yield from text.split("\n")
+
+    def blocks(self, prog: str, escape: Callable[[str], str], max_lines: int = BLOCK_LINES) -> Iterator[str]:
+        """`lines()` as newline-terminated blocks of about `max_lines` lines (escaped): a small table's
+        block is formatted once and repeated, a big one formatted chunk by chunk each time."""
+        n = len(self.rows) - self.start
+        if n <= max_lines:
+            one = "".join(escape(part) + "\n" for t in self.rows.texts(self.start) for part in t.split("\n"))
+            per = max(1, max_lines // (one.count("\n") or 1))
+            left = self.repeat
+            while left > 0:
+                k = min(per, left)
+                yield one * k
+                left -= k
+            return
+        for _ in range(self.repeat):
+            for c in range(self.start, len(self.rows), max_lines):
+                yield "".join(escape(part) + "\n" for t in self.rows.texts(c, min(len(self.rows), c + max_lines))
+                              for part in t.split("\n"))
+
+
+Message = CheckMessage | TableBlock
+"""A message of `CheckResult.messages`: lines as QEMU prints them."""
+
+
 class _KeyedMessages:
     """The messages of an `ordered()` block with their keys: 24 bytes a message (a key and a
     sequence number in arrays, a reference to a shared `CheckMessage`), sorted by (key, sequence
@@ -123,9 +300,9 @@ class _KeyedMessages:
     def __init__(self) -> None:
         self.keys = array("q")
         self.seqs = array("q")
-        self.msgs: list[CheckMessage] = []
+        self.msgs: list[Message] = []
 
-    def append(self, key: int, msg: CheckMessage) -> None:
+    def append(self, key: int, msg: Message) -> None:
         self.keys.append(key)
         self.seqs.append(len(self.msgs))
         self.msgs.append(msg)
@@ -139,7 +316,7 @@ class _KeyedMessages:
     def max_key(self) -> int:
         return max(self.keys) if self.keys else -1
 
-    def sorted_into(self, out: list[CheckMessage]) -> None:
+    def sorted_into(self, out: list[Message]) -> None:
         """Append the messages to `out` in (key, sequence number) order."""
         if not self.msgs:
             return
@@ -162,7 +339,7 @@ class CheckResult:
     allocated_clusters: int = 0
     fragmented_clusters: int = 0
     compressed_clusters: int = 0
-    messages: list[CheckMessage] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
     # Why the check itself stopped (QEMU's "Check failed: <strerror>"); no counts are printed then.
     failed: str | None = None
     _keyed: _KeyedMessages | None = field(default=None, repr=False)
@@ -198,6 +375,12 @@ class CheckResult:
         self._last_key = max(self._last_key, key)
         self._keyed.append(key, msg)
 
+    def add_message(self, msg: TableBlock, key: int) -> None:
+        """Record a block of messages built by the walk (`TableBlock`), at `key` inside `ordered()`."""
+        assert self._keyed is not None
+        self._last_key = max(self._last_key, key)
+        self._keyed.append(key, msg)
+
     def take_keyed(self) -> _KeyedMessages:
         """End a block of keyed messages without printing them: they are returned, to be given to
         `add_keyed` in another block (the same messages for every tree sharing an L1 table)."""
@@ -213,9 +396,13 @@ class CheckResult:
     def messages_last_indices(self, indices: range) -> None:
         """Make the message just added a template printed once per index (see CheckMessage)."""
         if self._keyed is not None and self._keyed.msgs:
-            self._keyed.msgs[-1] = replace(self._keyed.msgs[-1], indices=indices)  # (unshared)
+            last = self._keyed.msgs[-1]
+            assert isinstance(last, CheckMessage)
+            self._keyed.msgs[-1] = replace(last, indices=indices)  # (unshared)
         else:
-            self.messages[-1] = replace(self.messages[-1], indices=indices)
+            last = self.messages[-1]
+            assert isinstance(last, CheckMessage)
+            self.messages[-1] = replace(last, indices=indices)
 
     def ordered(self, on: bool) -> None:
         """Start (True) or end (False) a block of keyed messages; ending it sorts them in."""
@@ -483,9 +670,9 @@ class _Copied:
         self.reader = reader  # reads the blocks of `stored` as they are needed
         self.swept = 0  # how far the L2 sweep has read the file (host offset)
         self.deferred = 0  # entries judged after the sweep (their refcount block lay ahead of it)
-        # Per distinct table: (L2 index, l2 entry, refcount) of each wrong COPIED flag, printed for
-        # every active L1 entry naming the table.
-        self.found: dict[int, list[tuple[int, int, int]]] = {}
+        # Per distinct table: (L2 index, l2 entry, refcount) of each wrong COPIED flag, as numbers,
+        # printed for every active L1 entry naming the table.
+        self.found = _TableRowsBuilder()
         self.later: list[tuple[I64, I64, I64, U64]] = []  # (table ids, L2 indices, clusters, l2 entries)
 
     def none_wrong(self, runs: tuple[I64, I64], l2e: U64) -> bool:
@@ -560,14 +747,12 @@ class _Copied:
         if not len(bad):
             return
         tids, l2i = where(bad)
-        for t, k, e, r in zip(tids.tolist(), l2i.tolist(), l2e[bad].tolist(), rcs.tolist(), strict=True):
-            self.found.setdefault(t, []).append((k, e, r))
+        self.found.add(tids, l2i, 0, L2Message.COPIED, l2e[bad], rcs)
 
-    def report(self, res: CheckResult, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int,
-               walk: RefWalk, blocked: set[int]) -> None:
-        """Add the corruptions and messages (keyed: call inside res.ordered) once the final stored
-        refcounts are known: each table's, at every active L1 entry naming it."""
-        found = {t: list(v) for t, v in self.found.items()}
+    def judge(self, stored: Refcounts, unreadable: npt.NDArray[np.bool_] | None, nb: int) -> dict[int, _Rows]:
+        """The wrong COPIED flags per table (`_Rows`, walk order) once the final stored refcounts are
+        known: those found during the sweep and the entries judged after it."""
+        found = self.found
         for tids, l2i, clusters, l2e in self.later:
             rcs = np.zeros(len(clusters), dtype=np.uint64)
             inside = clusters < len(stored)
@@ -579,21 +764,28 @@ class _Copied:
                 inb = clusters < nb
                 ok[inb] = ~unreadable[clusters[inb]]
             copied = (l2e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-            for kk in np.flatnonzero(ok & ((rcs == 1) != copied)).tolist():
-                found.setdefault(int(tids[kk]), []).append((int(l2i[kk]), int(l2e[kk]), int(rcs[kk])))
-        if not found:
+            kk = np.flatnonzero(ok & ((rcs == 1) != copied))
+            found.add(tids[kk], l2i[kk], 0, L2Message.COPIED, l2e[kk], rcs[kk])
+        self.later = []
+        return found.finish()
+
+    def report(self, res: CheckResult, msgs: dict[int, _Rows], walk: RefWalk, blocked: I64) -> None:
+        """Add the corruptions and messages `msgs` (from `judge`; keyed: call inside res.ordered):
+        each table's, at every active L1 entry naming it; `blocked` (sorted): the L1 entries with
+        messages of their own."""
+        if not msgs:
             return
         n = self.img.header.l2_size
-        texts = {t: sorted(v) for t, v in found.items()}
         active = walk.groups[walk.tree_group[0]]
-        idx, offs = active.l2_offsets()
-        keep = offs != 0  # check_oflag_copied skips L1 entries whose table offset is 0
-        idx, offs = idx[keep], offs[keep]
-        tids = walk.tables.id_of(offs)
-        hit = np.isin(tids, np.array(list(texts), np.int64))
-        _emit_runs(res, idx[hit], tids[hit], n,
-                   {t: [(k, 0, f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}") for k, e, r in v]
-                    for t, v in texts.items()}, blocked)
+        with_texts = np.array(sorted(msgs), np.int64)
+        runs = _Runs(res, n, msgs, blocked)
+        for idx, offs in active.l2_offset_chunks():
+            keep = offs != 0  # check_oflag_copied skips L1 entries whose table offset is 0
+            idx, offs = idx[keep], offs[keep]
+            tids = walk.tables.id_of(offs)
+            hit = np.isin(tids, with_texts)
+            runs.add(idx[hit], tids[hit])
+        runs.flush()
 
 
 class _Replay:
@@ -610,8 +802,7 @@ class _Replay:
     prints a few blocks repeated, not one line per entry).
     """
 
-    def __init__(self, img: Image, walk: RefWalk, refs: _Refs, fmt: L2Format,
-                 table_msgs: dict[int, list[tuple[int, int, str]]]) -> None:
+    def __init__(self, img: Image, walk: RefWalk, refs: _Refs, fmt: L2Format, table_msgs: dict[int, _Rows]) -> None:
         self.walk = walk
         self.res = refs.res
         self.cs = refs.cs
@@ -627,6 +818,8 @@ class _Replay:
         self.cnt = np.zeros(len(self.ov), np.int64)  # their running counts
         self.emitted = np.zeros(len(self.ov), np.int64)
         self.texts: dict[int, str] = {}
+        self.blocks: dict[tuple[int, bytes], _Rows] = {}  # per (table id, overflows in it): its rows
+        self.shared: dict[tuple[int, int, int], TableBlock] = {}  # (rows id, start, repeat): one object
         # per table id: (L2 index, -1 for the table itself; step; index into ov) of its references
         self.events: dict[int, tuple[I64, I64, I64]] = {}
         self.ev_tables = np.zeros(0, np.int64)
@@ -717,7 +910,7 @@ class _Replay:
         t = self.group_touch.get(g)
         if t is None:
             t = self.group_touch[g] = any(bool(np.isin(self.walk.tables.id_of(l2o), self.ev_tables).any())
-                                          for _l1i, l2o in _l1_chunks(self.walk.groups[g]))
+                                          for _l1i, l2o in self.walk.groups[g].l2_offset_chunks())
         return t
 
     def note_corruptions(self, g: int, n: int) -> None:
@@ -741,11 +934,11 @@ class _Replay:
         else:
             self.cnt[j] += 1
 
-    def tree(self, res: CheckResult, grp: L1Group, blocked: set[int]) -> None:
-        """The messages of a tree's L2 tables (and the overflows of its references), keyed."""
-        blocked_a = np.array(sorted(blocked), np.int64)
+    def tree(self, res: CheckResult, grp: L1Group, blocked: I64) -> None:
+        """The messages of a tree's L2 tables (and the overflows of its references), keyed; `blocked`
+        (sorted): the L1 entries with messages of their own."""
         pending: tuple[int, int, int, int] | None = None  # (first L1 index, table, offset, entries): a run
-        for l1i, l2o in _l1_chunks(grp):  # (bounded temporaries for an L1 table of millions of entries)
+        for l1i, l2o in grp.l2_offset_chunks():  # (bounded temporaries for an L1 table of millions of entries)
             tids = self.walk.tables.id_of(l2o)
             sel = np.zeros(len(l1i), dtype=bool)
             if len(self.has_msgs):
@@ -756,14 +949,14 @@ class _Replay:
             if not len(idx):
                 continue
             li, ti, lo = l1i[idx], tids[idx], l2o[idx]
-            bl = np.isin(li, blocked_a) if blocked else np.zeros(len(li), dtype=bool)
+            bl = np.isin(li, blocked) if len(blocked) else np.zeros(len(li), dtype=bool)
             brk = (ti[1:] != ti[:-1]) | (li[1:] != li[:-1] + 1) | bl[1:] | bl[:-1]
             starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
             ends = np.append(starts[1:], len(li))
             for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
                 run = (int(li[a]), int(ti[a]), int(lo[a]), b - a)
                 if (pending is not None and a == 0 and not bl[0] and pending[1] == run[1]
-                        and pending[0] + pending[3] == run[0] and pending[0] not in blocked):
+                        and pending[0] + pending[3] == run[0] and not _has(blocked, pending[0])):
                     pending = (pending[0], pending[1], pending[2], pending[3] + run[3])  # across chunks
                     continue
                 if pending is not None:
@@ -774,8 +967,8 @@ class _Replay:
 
     def _run(self, res: CheckResult, li0: int, tid: int, l2_offset: int, r: int) -> None:
         """r consecutive L1 entries from li0 naming table tid."""
-        msgs = self.table_msgs.get(tid, []) if l2_offset < self.file_size else []
-        res.corruptions += len(msgs) * r
+        msgs = self.table_msgs.get(tid) if l2_offset < self.file_size else None
+        res.corruptions += (len(msgs) if msgs is not None else 0) * r
         ev = self.events.get(tid)
         if ev is None:
             self._block(res, li0, r, msgs)
@@ -792,23 +985,43 @@ class _Replay:
         first_over = np.maximum(0, -(-need // k))  # the first entry of the run where it overflows
         self.cnt[uj] = np.minimum(self.rmax, self.cnt[uj] + kc * r)
         cuts = np.unique(np.concatenate(([0], first_over[first_over < r], [r])))
-        l2l, stl, jl = l2s.tolist(), steps.tolist(), js.tolist()
         for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
             over = np.flatnonzero(first_over <= a)
             np.add.at(self.emitted, js[over], b - a)
-            block = sorted(msgs + [(l2l[p], stl[p], self.text(jl[p])) for p in over.tolist()],
-                           key=lambda m: (m[0], m[1]))
-            self._block(res, li0 + a, b - a, block)
+            self._block(res, li0 + a, b - a, self._with_overflows(tid, msgs, l2s[over], steps[over], js[over]))
 
-    def _block(self, res: CheckResult, li: int, r: int, block: list[tuple[int, int, str]]) -> None:
-        if not block:
+    def _with_overflows(self, tid: int, msgs: _Rows | None, l2s: I64, steps: I64, js: I64) -> _Rows | None:
+        """The table's rows with the overflow messages of references `js` (at L2 index, step) merged
+        in walk order (the table's first at equal places), made once per table and set of overflows."""
+        if not len(js):
+            return msgs
+        key = (tid, js.astype(np.int64).tobytes() + l2s.astype(np.int64).tobytes())
+        rows = self.blocks.get(key)
+        if rows is None:
+            m = len(js)
+            ov = _Rows(l2s.astype(np.int32), steps.astype(np.int8), np.full(m, int(L2Message.OVERFLOW), np.uint8),
+                       (self.ov[js] * self.cs).astype(np.uint64), np.zeros(m, np.uint64))
+            rows = self.blocks[key] = _Rows.sorted_of([msgs, ov] if msgs is not None else [ov])
+        return rows
+
+    def _block(self, res: CheckResult, li: int, r: int, block: _Rows | None) -> None:
+        """The messages `block` at L1 entry li, r times (at r consecutive entries). At one entry, the
+        table's own overflows (L2 index -1) are messages apart: the entry's own messages come between
+        them and those of the table's entries (walk_key)."""
+        if block is None or not len(block):
             return
+        start = 0
         if r == 1:
-            for l2, step, text in block:
-                res.add("error", text, key=int(walk_key(li, l2, step, self.n)))
-        else:
-            res.add("error", "\n".join(t for _l2, _s, t in block), repeat=r,
-                    key=int(walk_key(li, block[0][0], block[0][1], self.n)))
+            start = int(np.searchsorted(block.l2, 0))
+            for text, k in zip(block.texts(0, start), range(start), strict=True):
+                res.add("error", text, key=int(walk_key(li, -1, int(block.step[k]), self.n)))
+            if start == len(block):
+                return
+        ident = (id(block), start, r)
+        msg = self.shared.get(ident)
+        if msg is None:
+            msg = self.shared[ident] = TableBlock(block, start, r)
+        res.add_message(msg, int(walk_key(li, *block.key_of(start), self.n)))
 
     def bitmaps(self) -> None:
         """qcow2_check_bitmaps_refcounts' references: the directory, then per bitmap its table and
@@ -839,37 +1052,50 @@ class _Replay:
                 res.add("error", self.text(j), int(self.ov[j]), left)
 
 
-def _l1_chunks(grp: L1Group, step: int = 1 << 18) -> Iterator[tuple[I64, I64]]:
-    """`grp.l2_offsets()` a chunk of L1 entries at a time."""
-    for c0 in range(0, len(grp.entries), step):
-        chunk = grp.entries[c0 : c0 + step]
-        idx = np.flatnonzero(chunk)
-        yield (c0 + idx).astype(np.int64), (chunk[idx] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-
-
-def _emit_runs(res: CheckResult, l1_idx: I64, tids: I64, n: int,
-               texts: dict[int, list[tuple[int, int, str]]], blocked: set[int] | None = None) -> None:
+class _Runs:
     """The messages of each table (L2 index, step, text) at every L1 entry naming it, keyed in walk
-    order. Consecutive L1 entries naming the same table (and with no message of their own,
-    `blocked`) become one message printed that many times: a table named by a million entries
-    costs its messages once, not a million CheckMessages."""
-    k = 0
-    m = len(l1_idx)
-    li, ti = l1_idx.tolist(), tids.tolist()
-    while k < m:
-        j = k + 1
-        while (j < m and ti[j] == ti[k] and li[j] == li[j - 1] + 1
-               and (blocked is None or li[j] not in blocked)):
-            j += 1
-        msgs = texts[ti[k]]
-        res.corruptions += len(msgs) * (j - k)
-        if j - k == 1:
-            for l2, step, text in msgs:
-                res.add("error", text, key=int(walk_key(li[k], l2, step, n)))
-        else:
-            res.add("error", "\n".join(t for _l2, _s, t in msgs), repeat=j - k,
-                    key=int(walk_key(li[k], msgs[0][0], msgs[0][1], n)))
-        k = j
+    order, fed a chunk of L1 entries at a time (`add`, then `flush`). Consecutive L1 entries naming
+    the same table (and with no message of their own, `blocked`) become one message printed that
+    many times: a table named by a million entries costs its messages once, not a million
+    CheckMessages, and no list of the million entries is made."""
+
+    def __init__(self, res: CheckResult, n: int, texts: dict[int, _Rows], blocked: I64 | None = None) -> None:
+        self.res = res
+        self.n = n
+        self.texts = texts
+        self.blocked_a = blocked if blocked is not None else np.zeros(0, np.int64)  # (sorted)
+        self.pending: tuple[int, int, int] | None = None  # (first L1 index, table id, entries)
+        self.shared: dict[tuple[int, int], TableBlock] = {}  # (table id, repeat): one object
+
+    def add(self, l1_idx: I64, tids: I64) -> None:
+        """Entries `l1_idx` (ascending, after those already given) naming tables `tids`."""
+        if not len(l1_idx):
+            return
+        brk = (tids[1:] != tids[:-1]) | (l1_idx[1:] != l1_idx[:-1] + 1)
+        if len(self.blocked_a):
+            brk |= np.isin(l1_idx[1:], self.blocked_a)
+        starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+        ends = np.append(starts[1:], len(l1_idx))
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            li0, tid = int(l1_idx[a]), int(tids[a])
+            p = self.pending
+            if a == 0 and p is not None and p[1] == tid and p[0] + p[2] == li0 and not _has(self.blocked_a, li0):
+                self.pending = (p[0], tid, p[2] + b - a)  # a run across chunks
+                continue
+            self.flush()
+            self.pending = (li0, tid, b - a)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        li0, tid, r = self.pending
+        self.pending = None
+        msgs = self.texts[tid]
+        self.res.corruptions += len(msgs) * r
+        msg = self.shared.get((tid, r))
+        if msg is None:
+            msg = self.shared[(tid, r)] = TableBlock(msgs, 0, r)
+        self.res.add_message(msg, int(walk_key(li0, *msgs.key_of(0), self.n)))
 
 
 def check_image(img: Image, progress: ProgressFn = no_progress,
@@ -937,15 +1163,18 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     # 1. Every distinct L2 table once, in host order: what it points at counts once per L1 entry
     # naming it; its messages are kept per table and printed below at every entry naming it.
     tables = walk.tables
-    table_msgs: dict[int, list[tuple[int, int, str]]] = {}
+    found = _TableRowsBuilder()
     while (batch := (yield)) is not None:
-        _check_l2_batch(img, fmt, batch, tables, refs, res, copied, table_msgs)
+        _check_l2_batch(img, fmt, batch, tables, refs, res, copied, found)
+        found.end_batch()
+        copied.found.end_batch()
+    table_msgs = found.finish()
     stored_rc.read_all()
     # 2. check_refcounts_l1, per distinct L1 table: its own region and each entry's L2 table region
     # are counted for every tree using it; the messages of its entries (not yet those of its L2
     # tables) are kept keyed, to be printed for each tree below.
     file_size = img.file.size
-    group_l1: dict[int, tuple[_KeyedMessages, int, set[int]]] = {}
+    group_l1: dict[int, tuple[_KeyedMessages, int, I64]] = {}
     for t, g in enumerate(walk.tree_group):
         _src, l1_off, l1_size = walk.trees[t]
         if g in group_l1:
@@ -958,24 +1187,29 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
         if l1_size:
             refs.add_range(l1_off, l1_size * 8, key=L1_TABLE_KEY)
         l1 = grp.entries
-        nz = np.flatnonzero(l1)  # an entry of 0 is skipped; any other is followed, even to offset 0
-        blocked: set[int] = set()
-        for i in nz[(l1[nz] & np.uint64(C.L1E_RESERVED_MASK)) != 0].tolist():
-            res.corruptions += 1
-            res.add("error", f"ERROR found L1 entry with reserved bits set: {int(l1[i]):x}", key=walk_key(i, -1, 0, n))
-            blocked.add(i)
-        l1i, l2o = grp.l2_offsets()
-        # the L2 tables themselves (an unaligned one touches two clusters), once per entry and tree
-        past = l2o + cs - file_size >= cs
-        blocked.update(l1i[past].tolist())
+        blocked_parts: list[I64] = []
         ntrees = len(grp.sources)
-        refs.add_regions(l2o, cs, walk_key(l1i, -1, 1, n),
-                         weights=np.full(len(l2o), ntrees, np.int64) if ntrees > 1 else None)
-        for k in np.flatnonzero((l2o % cs) != 0).tolist():
-            res.corruptions += 1
-            res.add("error", f"ERROR l2_offset={int(l2o[k]):x}: Table is not cluster aligned; L1 entry corrupted",
-                    key=walk_key(int(l1i[k]), -1, 2, n))
-            blocked.add(int(l1i[k]))
+        # A chunk of L1 entries at a time (the messages are keyed: their order is the walk's anyway).
+        # An entry of 0 is skipped; any other is followed, even to offset 0.
+        for l1i, l2o in grp.l2_offset_chunks():
+            rsv = l1i[(l1[l1i] & np.uint64(C.L1E_RESERVED_MASK)) != 0]
+            for i, e in zip(rsv.tolist(), l1[rsv].tolist(), strict=True):
+                res.corruptions += 1
+                res.add("error", f"ERROR found L1 entry with reserved bits set: {e:x}", key=walk_key(i, -1, 0, n))
+            blocked_parts.append(rsv)
+            # the L2 tables themselves (an unaligned one touches two clusters), once per entry and tree
+            past = l2o + cs - file_size >= cs
+            if past.any():
+                blocked_parts.append(l1i[past])
+            refs.add_regions(l2o, cs, walk_key(l1i, -1, 1, n),
+                             weights=np.full(len(l2o), ntrees, np.int64) if ntrees > 1 else None)
+            unal = np.flatnonzero((l2o & (cs - 1)) != 0)
+            for i, o in zip(l1i[unal].tolist(), l2o[unal].tolist(), strict=True):
+                res.corruptions += 1
+                res.add("error", f"ERROR l2_offset={o:x}: Table is not cluster aligned; L1 entry corrupted",
+                        key=walk_key(i, -1, 2, n))
+            blocked_parts.append(l1i[unal])
+        blocked = _sorted_unique(blocked_parts)
         # (the overflows are counted once for all the trees, by the weights: not repeated per tree)
         group_l1[g] = (res.take_keyed(), res.corruptions - before_c - (refs.overflows - before_o), blocked)
 
@@ -993,7 +1227,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     bad_sn = dict(walk.bad_snapshots)
     for k in range(len(img.snapshots)):
         order.append((tree_of.get(k + 1, -1), k))
-    done_groups: dict[int, list[CheckMessage]] = {}
+    done_groups: dict[int, list[Message]] = {}
     seen_groups: set[int] = set()
     for t, k in order:
         if k == 0 and h.has_data_file and img.snapshots:
@@ -1027,7 +1261,8 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
         replay.tree(res, walk.groups[g], blocked)
         res.ordered(False)
         if not replay.touches(g, walk.trees[t]):
-            done_groups[g] = res.messages[before_n:]
+            if len(walk.groups[g].sources) > 1:  # (kept for the other trees using the table)
+                done_groups[g] = res.messages[before_n:]
             replay.note_corruptions(g, res.corruptions - before_c)
     for rr in walk.ranges:
         if rr.kind in (RefKind.SNAPSHOT_TABLE, RefKind.REFCOUNT_TABLE, RefKind.LUKS):
@@ -1117,7 +1352,9 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     res.ordered(True)
     l1 = img.l1_table
     step = 1 << 18  # bounded temporaries for an L1 table of millions of entries
-    l1_msgs: set[int] = set()
+    l1_msgs: list[I64] = []
+    copied_msgs = copied.judge(stored, unreadable, nb)
+    with_msgs = np.array(sorted(copied_msgs), np.int64)
     for c0 in range(0, len(l1), step):
         nzi = c0 + np.flatnonzero(l1[c0 : c0 + step] & np.uint64(C.L1E_OFFSET_MASK))
         l1e = l1[nzi]
@@ -1134,28 +1371,47 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
         wrong = keep & ((rcs == 1) != ((l1e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0))
         bad = np.flatnonzero(wrong)
         res.corruptions += len(bad)
-        bi, be, br = nzi[bad].tolist(), l1e[bad].tolist(), rcs[bad].tolist()
-        k = 0
-        while k < len(bi):
-            j = k + 1  # a run of consecutive entries with the same value and refcount: one message
-            while j < len(bi) and bi[j] == bi[j - 1] + 1 and be[j] == be[k] and br[j] == br[k]:
-                j += 1
+        if not len(bad):
+            continue
+        wi, be, br = nzi[bad].astype(np.int64), l1e[bad], rcs[bad]
+        l1_msgs.append(wi)
+        # Runs of consecutive entries with the same value and refcount: one message each. An entry
+        # whose table has messages of its own (printed after the entry's) is a run by itself.
+        brk = (wi[1:] != wi[:-1] + 1) | (be[1:] != be[:-1]) | (br[1:] != br[:-1])
+        if len(with_msgs):
+            offs = (be & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+            j = np.minimum(np.searchsorted(walk.tables.offsets, offs), max(0, len(walk.tables) - 1))
+            own = np.isin(j, with_msgs) & (walk.tables.offsets[j] == offs) if len(walk.tables) else offs < 0
+            brk |= own[1:] | own[:-1]
+        starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+        ends = np.append(starts[1:], len(wi))
+        for k, j, i0, i1, e, r in zip(starts.tolist(), ends.tolist(), wi[starts].tolist(), wi[ends - 1].tolist(),
+                                      be[starts].tolist(), br[starts].tolist(), strict=True):
             if j - k == 1:
-                res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={bi[k]} l1_entry={be[k]:x} "
-                                 f"refcount={br[k]}", key=walk_key(bi[k], -1, 0, n))
+                res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={i0} l1_entry={e:x} refcount={r}",
+                        key=walk_key(i0, -1, 0, n))
             else:
-                res.add("error", "ERROR OFLAG_COPIED L2 cluster: l1_index={} " + f"l1_entry={be[k]:x} refcount={br[k]}",
-                        key=walk_key(bi[k], -1, 0, n))
-                res.messages_last_indices(range(bi[k], bi[j - 1] + 1))
-            l1_msgs.update(bi[k:j])
-            k = j
-    copied.report(res, stored, unreadable, nb, walk, l1_msgs)
+                res.add("error", "ERROR OFLAG_COPIED L2 cluster: l1_index={} " + f"l1_entry={e:x} refcount={r}",
+                        key=walk_key(i0, -1, 0, n))
+                res.messages_last_indices(range(i0, i1 + 1))
+    copied.report(res, copied_msgs, walk, _sorted_unique(l1_msgs))
     res.ordered(False)
 
     res.image_end_offset = (highest + 1) * cs
     res.reference = counts
     res.stored = stored
     return res
+
+
+def _sorted_unique(parts: list[I64]) -> I64:
+    """The distinct values of `parts`, ascending (a set of L1 indices as an array, 8 bytes each)."""
+    parts = [q for q in parts if len(q)]
+    return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _has(sorted_values: I64, x: int) -> bool:
+    i = int(np.searchsorted(sorted_values, x))
+    return i < len(sorted_values) and int(sorted_values[i]) == x
 
 
 def walk_key(l1_index: Any, l2_index: Any, step: int, l2_size: int) -> Any:
@@ -1194,10 +1450,10 @@ def _highest_used(stored: Refcounts, counts: U32, unreadable: npt.NDArray[np.boo
 
 
 def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables, refs: _Refs, res: CheckResult,
-                    copied: _Copied, table_msgs: dict[int, list[tuple[int, int, str]]]) -> None:
+                    copied: _Copied, table_msgs: _TableRowsBuilder) -> None:
     """check_refcounts_l2 for a batch of distinct tables: what each table points at counts once per
     L1 entry naming it, the active tree's counters once per active L1 entry naming it; messages
-    are kept per table (L2 index, step, text) and printed by the caller in walk order.
+    are kept per table as numbers (`_Rows`) and printed by the caller in walk order.
 
     Only the entries in use are looked at (`L2Batch.used`: all-zero entries point at nothing),
     and the rare kinds (compressed, zero flag, reserved bits, unaligned offsets) are found with
@@ -1218,13 +1474,11 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         """Batch positions (table in batch * n + L2 index) of used entries k."""
         return k if pos is None else pos[k]
 
-    def pos_of(k: int) -> int:
-        return k if pos is None else int(pos[k])
-
-    def note(k: int, step: int, text: str) -> None:
-        p = pos_of(k)
-        # (interned: a garbage table repeating one entry value holds one string, not one per entry)
-        table_msgs.setdefault(int(batch.ids[p // n]), []).append((p % n, step, sys.intern(text)))
+    def note(k: I64, step: int, kind: L2Message, a: Any = 0, b: Any = 0) -> None:
+        """Messages of kind `kind` about used entries `k` (kept as numbers: no text per entry)."""
+        if len(k):
+            p = positions(k)
+            table_msgs.add(batch.ids[p // n], p % n, step, kind, a, b)
 
     bits = h.cluster_bits
     copied.swept = int(batch.offsets.max()) + cs  # (host order: the sweep has read the file up to here)
@@ -1238,29 +1492,22 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         flagged = np.zeros(0, np.int64)
     fe = entries[flagged]
     comp_k = flagged[(fe & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0]
-    for k in flagged[((fe & np.uint64(C.QCOW_OFLAG_COMPRESSED)) == 0)
-                     & ((fe & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)].tolist():
-        note(k, 0, f"ERROR found l2 entry with reserved bits set: {int(entries[k]):x}")
+    rk = flagged[((fe & np.uint64(C.QCOW_OFLAG_COMPRESSED)) == 0) & ((fe & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)]
+    note(rk, 0, L2Message.RESERVED, entries[rk])
 
     # Compressed clusters.
     ci = comp_k
     if len(ci):
         ce = entries[ci]
         with_copied = (ce & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-        for k, e in zip(ci[with_copied].tolist(), ce[with_copied].tolist(), strict=True):
-            note(k, 1, f"ERROR: coffset=0x{e & fmt.cluster_offset_mask:x}: copied flag must never be set "
-                       "for compressed clusters")
+        note(ci[with_copied], 1, L2Message.COMPRESSED_COPIED, ce[with_copied] & np.uint64(fmt.cluster_offset_mask))
         ce = ce & ~np.uint64(C.QCOW_OFLAG_COPIED)
         if h.has_data_file:
-            for k, e in zip(ci.tolist(), ce.tolist(), strict=True):
-                note(k, 2, f"ERROR compressed cluster {pos_of(k) % n} with data file, "
-                           f"entry=0x{e:x}")
+            note(ci, 2, L2Message.COMPRESSED_DATA_FILE, ce)
             ci = ci[:0]
             ce = ce[:0]
         badbm = bitmaps[ci] != 0 if bitmaps is not None else np.zeros(len(ci), dtype=bool)
-        for k, e in zip(ci[badbm].tolist(), ce[badbm].tolist(), strict=True):
-            note(k, 3, f"ERROR compressed cluster {pos_of(k) % n} with non-zero "
-                       f"subcluster allocation bitmap, entry=0x{e:x}")
+        note(ci[badbm], 3, L2Message.COMPRESSED_BITMAP, ce[badbm])
         ce = ce[~badbm]
         ci = ci[~badbm]
         coff = (ce & np.uint64(fmt.cluster_offset_mask)).astype(np.int64)
@@ -1296,14 +1543,13 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         def a_positions(k: I64) -> I64:
             return k if apos is None else apos[k]
 
-        def a_note(k: int, step: int, text: str) -> None:
-            note(k if ai is None else int(ai[k]), step, text)
+        def a_note(k: I64, step: int, kind: L2Message, a: Any = 0) -> None:
+            note(k if ai is None else ai[k], step, kind, a)
 
         ab = (bitmaps if ai is None else bitmaps[ai]) if bitmaps is not None else None
         if ab is not None:
             corrupt_bm = ((ab >> np.uint64(32)) & ab) != 0
-            for k, o in zip(np.flatnonzero(corrupt_bm).tolist(), aoff[corrupt_bm].tolist(), strict=True):
-                a_note(k, 1, f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster allocation bitmap")
+            a_note(np.flatnonzero(corrupt_bm), 1, L2Message.CORRUPT_BITMAP, aoff[corrupt_bm])
         unal_k = flagged[(fe & np.uint64(unaligned_bits)) != 0]
         if alloc is not None:
             unal_k = unal_k[alloc[unal_k]]
@@ -1313,9 +1559,8 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
                 has_data = (ab[ua] & np.uint64(C.QCOW_L2_BITMAP_ALL_ALLOC)) != 0
             else:
                 has_data = (ae[ua] & np.uint64(C.QCOW_OFLAG_ZERO)) == 0
-            for k, o, d in zip(ua.tolist(), aoff[ua].tolist(), has_data.tolist(), strict=True):
-                what = "Data cluster is not properly aligned" if d else "Preallocated cluster is not properly aligned"
-                a_note(k, 2, f"ERROR offset={o:x}: {what}; L2 entry corrupted.")
+            a_note(ua[has_data], 2, L2Message.UNALIGNED_DATA, aoff[ua[has_data]])
+            a_note(ua[~has_data], 2, L2Message.UNALIGNED_PREALLOC, aoff[ua[~has_data]])
         clusters: I64 | None = None
 
         def cl() -> I64:
@@ -1388,8 +1633,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
             ui &= ~alloc
         if len(comp_k):
             ui[comp_k] = False
-        for k in np.flatnonzero(ui).tolist():
-            note(k, 5, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
+        note(np.flatnonzero(ui), 5, L2Message.UNALLOC_BITMAP)
 
 
 def _expand_runs(firsts: I64, lengths: I64) -> I64:
@@ -1399,13 +1643,12 @@ def _expand_runs(firsts: I64, lengths: I64) -> I64:
 
 
 def _past_eof(refs: _Refs, offs: I64, sizes: I64, pos: I64,
-              note: Callable[[int, int, str], None]) -> npt.NDArray[np.bool_]:
+              note: Callable[[I64, int, L2Message, Any, Any], None]) -> npt.NDArray[np.bool_]:
     """Regions a cluster or more past the end of the file become messages of their table (printed
     at each reference, in walk order); returns the mask of the others, which are counted."""
     past = offs + sizes - refs.file_len >= refs.cs
-    for k, o, n in zip(pos[past].tolist(), offs[past].tolist(), sizes[past].tolist(), strict=True):
-        note(k, 4, "ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
-                   f"offset {o:#x} size {n:#x}")
+    if past.any():
+        note(pos[past], 4, L2Message.PAST_EOF, offs[past], sizes[past])
     return ~past
 
 
