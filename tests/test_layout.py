@@ -249,3 +249,22 @@ def test_flag_only_l1_entry_counts_like_check(tmp_path: Path) -> None:
     assert np.array_equal(lay.reference.astype(np.uint64), res.reference[:n])
     assert lay.owner_at(0) == Owner.CONFLICT
     assert any(r.kind == "l1-entry" and r.entry_index == 1 for r in lay.references(0))
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_active_seeks_is_the_same_in_chunks(samples: Samples, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`active_seeks` walks the L1 entries in chunks (bounded temporaries): any chunk length gives
+    the answer of one pass over all entries, the boundaries between chunks included."""
+    import qinspect.analysis.layout as layout_module
+
+    try:
+        with open_image(samples.path(name)) as img:
+            lay = compute_layout(img)
+    except Exception:  # (an image that does not open or lay out is covered elsewhere)
+        pytest.skip("no layout")
+    for skip in (0, 65536, 1 << 20):
+        monkeypatch.setattr(layout_module, "SEEK_CHUNK", 1 << 40)
+        whole = lay.active_seeks(skip)
+        for chunk in (1, 2, 3):
+            monkeypatch.setattr(layout_module, "SEEK_CHUNK", chunk)
+            assert lay.active_seeks(skip) == whole, (name, skip, chunk)

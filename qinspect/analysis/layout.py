@@ -42,6 +42,8 @@ I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 # The references counted per cluster saturate here (32-bit counts, as check's).
 COUNT_MAX = 0xFFFFFFFF
+SEEK_CHUNK = 1 << 16
+"""L1 entries per pass of `Layout.active_seeks` (its temporaries per entry stay this long)."""
 U32 = npt.NDArray[np.uint32]
 U8 = npt.NDArray[np.uint8]
 BoolArray = npt.NDArray[np.bool_]
@@ -314,7 +316,8 @@ class Layout:
         Computed per distinct table (inside each table) plus at each boundary between consecutive
         L1 entries: bounded by what is distinct, not by how often a table is named."""
         r = self._runs
-        l1_idx, ids = self._tree_tables(SRC_ACTIVE)
+        _idx, ids = self._tree_tables(SRC_ACTIVE)
+        del _idx  # one int64 per L1 entry, not needed here (16 MiB at 2 Mi entries)
         if not len(r.host) or not len(ids):
             return 0, 0, 0
         cs = self.cluster_size
@@ -341,16 +344,24 @@ class Layout:
         first_host[has] = host[start[:-1][has]]
         last_end[has] = ends[start[1:][has] - 1]
         last_start[has] = host[start[1:][has] - 1]
-        seq = ids[has[ids]]  # the active entries whose table has data, in guest order
-        clusters = int(t_len[seq].sum())
-        seeks = int(t_seeks[seq].sum())
-        backward = int(t_back[seq].sum())
-        if len(seq) > 1:
-            a, b = seq[:-1], seq[1:]
-            bgap = first_host[b] - last_end[a]
-            seeks += int(np.count_nonzero((bgap < 0) | (bgap * cs > skip_bytes)))
-            backward += int(np.count_nonzero(first_host[b] < last_start[a]))
-        del l1_idx
+        clusters = seeks = backward = 0
+        prev = np.zeros(0, np.int64)  # the last entry with data before this chunk
+        # The L1 entries in chunks: the temporaries per entry stay SEEK_CHUNK long, not 2 Mi.
+        for lo in range(0, len(ids), SEEK_CHUNK):
+            part = ids[lo : lo + SEEK_CHUNK]
+            seq = part[has[part]]  # the active entries whose table has data, in guest order
+            if not len(seq):
+                continue
+            clusters += int(t_len[seq].sum())
+            seeks += int(t_seeks[seq].sum())
+            backward += int(t_back[seq].sum())
+            pairs = np.concatenate((prev, seq))
+            if len(pairs) > 1:
+                a, b = pairs[:-1], pairs[1:]
+                bgap = first_host[b] - last_end[a]
+                seeks += int(np.count_nonzero((bgap < 0) | (bgap * cs > skip_bytes)))
+                backward += int(np.count_nonzero(first_host[b] < last_start[a]))
+            prev = seq[-1:]
         return clusters, seeks, backward
 
     def compressed_count(self, source: int = SRC_ACTIVE) -> int:

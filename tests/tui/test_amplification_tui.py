@@ -3,14 +3,14 @@ renders (or shows an error view), the scans finish or are cancelled, the app kee
 and quits within a bound, and (in a child process, measured by GNU time) its peak RSS stays within
 the engine's budget of 2 x metadata + 150 MiB (the file size stands in for the metadata).
 
-Each attack runs in its own child process (Pilot, `App.run_test`, headless), at the counts of
-`CHILD_SCALE`: full scale where the TUI stays within the budget there, scaled down (the same
-structure, fewer entries) where it does not yet. Full scale: `shared_snapshots` (65,536 snapshots
-on one L1 table) and `shared_bitmap_tables` (65,535 bitmaps): every image the TUI opens (the main
-thread's, the scans' pool's, the guest filesystems' worker's) shares one parse of the snapshot
-table and bitmap directory (`SharedMetadata`), and the snapshot table is stored compactly; also
-`snapshot_l1_copies` and `alternating_extents`. Scaled down: `shared_l2` (one L2 table behind
-2 Mi L1 entries: the refcount check's arrays per L1 entry, 16 MiB each at 2 Mi entries).
+Each attack runs in its own child process (Pilot, `App.run_test`, headless), at full scale (the
+counts of tests/fuzz/amplify.py; `CHILD_SCALE` can scale one down, the same structure with fewer
+entries). What keeps each within the budget: `shared_snapshots` (65,536 snapshots on one L1 table)
+and `shared_bitmap_tables` (65,535 bitmaps): every image the TUI opens (the main thread's, the
+scans' pool's, the guest filesystems' worker's) shares one parse of the snapshot table and bitmap
+directory (`SharedMetadata`), the snapshot table stored compactly; `shared_l2` (one L2 table behind
+2 Mi L1 entries): the check's and layout's work per L1 entry is done in bounded chunks, and the
+L1 table is read once for all open images.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ SCAN_WAIT = 60.0  # seconds the scans may take before the test cancels them (Esc
 QUIT_BOUND = 10.0  # seconds from `q` to the app having exited
 CANCEL_BOUND = 20.0  # seconds from Escape to every scan having stopped
 GNU_TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
-CHILD_SCALE = {"shared_l2": 0.25, "shared_snapshots": 1.0, "snapshot_l1_copies": 1.0,
+CHILD_SCALE = {"shared_l2": 1.0, "shared_snapshots": 1.0, "snapshot_l1_copies": 1.0,
                "alternating_extents": 1.0, "shared_bitmap_tables": 1.0}
 
 ESC, BEL = "\x1b", "\x07"
