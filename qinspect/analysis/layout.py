@@ -432,10 +432,11 @@ class Layout:
             return None if src == SRC_ACTIVE else self.snapshot_ids[src - 1]
 
         for grp in w.groups:
-            idx, l2o = grp.l2_offsets()
-            for i in idx[(l2o < hi) & (l2o + cs > lo)].tolist():
-                for src in grp.sources:
-                    out.append(Reference("l1-entry", grp.offset, i, grp.offset + 8 * i, i * l2_size * cs, sid_of(src)))
+            for idx, l2o in grp.l2_offset_chunks():  # (temporaries of a chunk, not of 2 Mi L1 entries)
+                for i in idx[(l2o < hi) & (l2o + cs > lo)].tolist():
+                    for src in grp.sources:
+                        out.append(Reference("l1-entry", grp.offset, i, grp.offset + 8 * i, i * l2_size * cs,
+                                             sid_of(src)))
         found: list[tuple[int, int, int]] = []  # (source, guest cluster, table offset)
         hits: list[tuple[int, int]] = []  # (table id, entry index)
         r = self._runs
