@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Samples
+from pasteable import NASTY_NAME, assert_pasteable
 
 from qinspect.cli import COMMANDS, main
 
@@ -192,21 +193,11 @@ def test_a_file_named_like_markup_is_named_exactly(hostile: dict[str, Path], mon
 
 
 # -- every fix command survives the metacharacter test --------------------------------------------
-NASTY_NAME = "a b$(touch PWNED);c'd\"`touch PWNED2`[bold red]-rf *&|<x>.qcow2"
-# Every rule that prints a command (guest-freed needs a guest file system scan: tests/test_diagnose.py).
+# Every rule that prints a command (guest-freed needs a guest file system: tests/guest/test_guest_diagnose.py).
 FIX_RULES = {"backing-duplicates", "bitmap-in-use", "compressed", "corrupt-bit", "corruption", "cow-amplification",
              "dirty", "fragmentation", "free-space", "invalid-subclusters", "l2-cache-coverage", "leaked-clusters",
              "long-chain", "narrow-refcount", "preallocated-unused", "scattered-metadata", "small-clusters",
              "snapshot-space", "truncated", "v2-no-zero", "zero-clusters"}
-
-
-def _assert_pasteable(cmd: str, cwd: Path) -> None:
-    # (A fix may be an option fragment for QEMU's command line, "-drive ...": parsed after printf.)
-    echo = "printf '%s\\0' " + cmd
-    assert subprocess.run(["bash", "-n", "-c", echo], cwd=cwd, capture_output=True).returncode == 0, cmd
-    # By substitution: bash hands each word to printf; the words must be exactly the argv.
-    words = subprocess.run(["bash", "-c", echo], cwd=cwd, capture_output=True, check=True).stdout.split(b"\0")[:-1]
-    assert [w.decode(errors="surrogateescape") for w in words] == shlex.split(cmd), cmd
 
 
 def test_every_fix_command_is_pasteable(samples: Samples, tmp_path: Path) -> None:
@@ -239,7 +230,7 @@ def test_every_fix_command_is_pasteable(samples: Samples, tmp_path: Path) -> Non
                 continue
             for f in d.findings:
                 if f.fix is not None and f.fix.command is not None:
-                    _assert_pasteable(f.fix.command, work)
+                    assert_pasteable(f.fix.command, work)
                     seen.add(f.id)
         if p != src:
             p.unlink()

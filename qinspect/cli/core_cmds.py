@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -39,22 +38,16 @@ MAX_SNAPSHOT_ROWS = 500
 IN_USE_JSON = {"writer": "write", "reader": "read"}
 
 
-def open_checked(path: str, need_files: bool = False, check: bool = False, prefetch: bool = False) -> Image:
+def open_checked(path: str, need_files: bool = False, check: bool = False) -> Image:
     """Open like qemu-img does: fail on anything QEMU would refuse to open.
 
     With `need_files` (map, check), also fail when a backing file or the external data file cannot
     be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
-    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK). With `prefetch` (a
-    walk of every table follows), a file that is mostly metadata is read ahead (`prefetch_metadata`).
+    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
     """
     # The metadata first: a file that is missing or not an image QEMU opens fails here, before the
     # tables' machinery (numpy) is imported; then the image itself (its header is read again).
-    meta = open_checked_meta(path, check=check)
-    try:
-        if prefetch:
-            prefetch_metadata(meta)
-    finally:
-        meta.close()
+    open_checked_meta(path, check=check).close()
     from qinspect.qcow2.image import open_image
 
     img = open_image(path)
@@ -66,28 +59,6 @@ def open_checked(path: str, need_files: bool = False, check: bool = False, prefe
         img.close()
         raise
     return img
-
-
-PREFETCH = os.environ.get("QINSPECT_PREFETCH", "1") != "0"
-"""Read-ahead of metadata-heavy files before numpy is imported; 0 turns it off (for A/B runs)."""
-PREFETCH_MAX_BYTES = 1 << 30
-PREFETCH_METADATA_SHARE = 2
-"""Prefetch a file only when its allocated bytes are at most this many times the largest its L2
-tables can be (L1 entries x cluster size): then the walk reads most of the file anyway."""
-
-
-def prefetch_metadata(meta: ImageMeta) -> bool:
-    """Start the kernel reading an image file that is mostly metadata (a sparsely written image
-    with small clusters, a metadata-preallocated one) while this process imports numpy: a whole
-    map or check reads nearly all of such a file anyway, and its disk time then overlaps the
-    interpreter's start-up. A file holding much data besides is left alone (reading its data
-    would be waste). Returns whether advice was started."""
-    h = meta.header
-    f = meta.file
-    tables = h.l1_size * h.cluster_size
-    if not PREFETCH or f.allocated_size > min(PREFETCH_MAX_BYTES, PREFETCH_METADATA_SHARE * tables):
-        return False
-    return f.prefetch(f.allocated_size)
 
 
 def open_checked_meta(path: str, check: bool = False) -> ImageMeta:
@@ -282,8 +253,7 @@ def _or_empty_entry(runs: Iterator[MapRuns], start: int) -> Iterator[MapRuns]:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    whole = args.start_offset == 0 and args.max_length is None
-    with open_checked(args.image, need_files=True, prefetch=whole) as img:
+    with open_checked(args.image, need_files=True) as img:
         from qinspect.analysis.map import iter_map_runs, write_map_json_runs
         from qinspect.cli.map_output import write_qemu_human, write_table
         from qinspect.malloc import tune_for_bulk_work
@@ -323,7 +293,7 @@ def run_check(args: argparse.Namespace) -> int:
             cmd = f"run qemu-img check -r {for_terminal(args.repair)} on it (its name cannot be pasted safely)"
         raise Qcow2Error(f"qinspect never writes to an image, so it does not repair; to repair it, {cmd}",
                          path=args.image)
-    with open_checked(args.image, need_files=True, check=True, prefetch=True) as img:
+    with open_checked(args.image, need_files=True, check=True) as img:
         from qinspect.analysis.check import check_image
         from qinspect.malloc import tune_for_bulk_work
 

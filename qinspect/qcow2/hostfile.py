@@ -360,27 +360,6 @@ class HostFile:
             return False, data
         return True, hole
 
-    def prefetch(self, max_bytes: int) -> bool:
-        """Ask the kernel to start reading the file's data extents (at most `max_bytes` of them,
-        from the front) into the page cache, from a background thread, and return at once.
-
-        For a walk that will read most of a small, metadata-heavy file anyway (`map` and `check`
-        of an image whose file is mostly L2 tables): the disk works while the interpreter is still
-        importing numpy, instead of after. Advice only (POSIX_FADV_WILLNEED): nothing is read into
-        this process, nothing is written. False when not a regular file or advice is unsupported.
-        """
-        if not self._is_regular or not hasattr(os, "posix_fadvise") or max_bytes <= 0:
-            return False
-        try:
-            fd = os.dup(self.fd)  # the thread's own descriptor: closing this file does not cut it short
-        except OSError:
-            return False
-        import threading
-
-        threading.Thread(target=_advise_data, args=(fd, self.size, max_bytes), name="qinspect-prefetch",
-                         daemon=True).start()
-        return True
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -453,37 +432,3 @@ def _device_size(fd: int) -> int:
         return max(0, os.lseek(fd, 0, os.SEEK_END))
     except OSError:
         return 0
-
-
-PREFETCH_EXTENTS = 64
-"""At most this many data extents are advised: each costs the thread a turn of the interpreter
-lock, which the main thread holds while it imports (a file of thousands of small extents, such as
-a metadata-preallocated image's tables, is left to the planner's own advice during the walk)."""
-
-
-def _advise_data(fd: int, size: int, max_bytes: int) -> None:
-    """POSIX_FADV_WILLNEED on the data extents of `fd` (SEEK_DATA/SEEK_HOLE) up to `max_bytes`;
-    closes `fd`. Holes are never advised (read-ahead would fill the page cache with zeros); a file
-    without holes (`max_bytes` covers it) is advised in one call."""
-    try:
-        if max_bytes >= size:
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
-            return
-        pos, left = 0, max_bytes
-        for _ in range(PREFETCH_EXTENTS):
-            if pos >= size or left <= 0:
-                break
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-                hole = os.lseek(fd, data, os.SEEK_HOLE)
-            except OSError:
-                break  # ENXIO: no data after pos; or no SEEK_DATA here (then nothing is advised)
-            n = min(hole - data, left)
-            if n > 0:
-                os.posix_fadvise(fd, data, n, os.POSIX_FADV_WILLNEED)
-                left -= n
-            pos = max(hole, data + 1)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -52,3 +53,30 @@ def test_guest_freed_finding_and_its_fix(guest_samples: GuestSamples, tmp_path: 
     assert 0 <= after - online["predicts"]["disk-usage"] <= slack
     with open_image(copy) as img:
         assert all(x.id != "guest-freed" for x in diagnose(img).findings)
+
+
+def test_guest_freed_fix_survives_the_metacharacter_test(guest_samples: GuestSamples, tmp_path: Path) -> None:
+    """The guest-freed finding under a file name full of shell syntax: its command (`fstrim -av`,
+    run in the guest) and the offline alternative in its note (`virt-sparsify --in-place IMAGE`)
+    parse under `bash -n`, give back their argv word for word, and run nothing; a name that cannot
+    be pasted (a newline) gets no offline command at all."""
+    from pasteable import NASTY_NAME, assert_pasteable
+
+    nasty = tmp_path / ("cloud " + NASTY_NAME)
+    subprocess.run(["cp", "--sparse=always", str(guest_samples.image("cloud")), str(nasty)], check=True)
+    with open_image(nasty) as img:
+        (f,) = [f for f in diagnose(img).findings if f.id == "guest-freed"]
+    assert f.fix is not None and f.fix.command == "fstrim -av"
+    assert_pasteable(f.fix.command, tmp_path)
+    assert f.fix.note is not None
+    offline = f.fix.note.split("offline alternative, VM stopped: ", 1)[1]
+    assert_pasteable(offline, tmp_path)
+    assert shlex.split(offline) == ["virt-sparsify", "--in-place", str(nasty)]
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED2").exists()
+
+    newline = tmp_path / "cloud\nrm -rf ~.qcow2"
+    nasty.rename(newline)
+    with open_image(newline) as img:
+        (f,) = [f for f in diagnose(img).findings if f.id == "guest-freed"]
+    assert f.fix is not None and f.fix.note is not None
+    assert "rename the image first" in f.fix.note and "rm -rf" not in f.fix.note
