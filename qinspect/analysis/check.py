@@ -117,7 +117,7 @@ class CheckMessage:
 
 class L2Message(IntEnum):
     """What a message about an L2 entry (or a reference it makes) says; its text is rebuilt from
-    the kind and two numbers (`_Rows.text`) when it is printed."""
+    the kind and two numbers (`_Rows.texts`) when it is printed."""
 
     RESERVED = 0  # a: the l2 entry
     COMPRESSED_COPIED = 1  # a: the compressed cluster's offset
