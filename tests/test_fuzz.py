@@ -196,6 +196,24 @@ def test_harness_reports_memory_growth(monkeypatch: pytest.MonkeyPatch, samples:
     assert o.status == "memory"
 
 
+def test_harness_keeps_no_copy_of_the_output() -> None:
+    """Seed 31 case 656 (snapshot 0's l1_size 0x1 -> 0x10001 on diag_snapshots): `check` prints
+    647 K lines, 78 MB, and stays at 67 MiB in its own process; the harness kept its stderr in a
+    StringIO and counted 237 MiB of growth for the case. The in-process CLI's output now goes to a
+    sink that keeps a tail and still sees a crash marker anywhere, even cut between two writes."""
+    sink = runner._Sink(keep=100)
+    for _ in range(10_000):
+        sink.write("ERROR: counting reference for region exceeding the end of the file\n")
+    assert not sink.crashed and len(sink.getvalue()) == 100
+    sink.write("qinspect: internal err")
+    sink.write("or: boom\n")
+    assert sink.crashed
+    tb = runner._Sink()
+    tb.write("Trace")
+    tb.write("back (most recent call last):\n")
+    assert tb.crashed
+
+
 # -- regressions found by the exit-code comparison (issue 9) ------------------------------------------
 def test_patches_past_the_end_stay_small(bases: list[runner.Base]) -> None:
     """fid_snap_past_eof points its snapshot table at 1 GiB: a mutation there used to grow the

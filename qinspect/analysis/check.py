@@ -42,6 +42,8 @@ L1_TABLE_KEY = -1
 """Key of the messages about a tree's L1 table itself: before those of its entries (see walk_key)."""
 BLOCK_LINES = 1 << 13
 """Lines of check messages formatted and written at a time (see `CheckMessage.blocks`)."""
+TEXT_MESSAGES = 64
+"""Messages of a `TableBlock` in its `text` (a table of garbage has a million)."""
 
 OVERFLOW_HINT = ("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a "
                  "clean copy if the image cannot be opened for writing")
@@ -115,7 +117,7 @@ class CheckMessage:
 
 class L2Message(IntEnum):
     """What a message about an L2 entry (or a reference it makes) says; its text is rebuilt from
-    the kind and two numbers (`_Rows.text`) when it is printed."""
+    the kind and two numbers (`_Rows.texts`) when it is printed."""
 
     RESERVED = 0  # a: the l2 entry
     COMPRESSED_COPIED = 1  # a: the compressed cluster's offset
@@ -257,9 +259,12 @@ class TableBlock:
 
     @property
     def text(self) -> str:
-        """Every line of one repetition (built and kept when asked: the CLI never asks)."""
+        """The messages of one repetition, the first TEXT_MESSAGES of them and a count of the others
+        (a view's evidence, built once when asked: the CLI prints `blocks()` and never asks)."""
         if self._text is None:
-            self._text = "\n".join(self.rows.texts(self.start))
+            n = len(self.rows) - self.start
+            head = "\n".join(self.rows.texts(self.start, self.start + min(n, TEXT_MESSAGES)))
+            self._text = head if n <= TEXT_MESSAGES else f"{head}\n... and {n - TEXT_MESSAGES} more messages"
         return self._text
 
     def lines(self, prog: str) -> Iterator[str]:
