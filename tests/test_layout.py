@@ -268,3 +268,32 @@ def test_active_seeks_is_the_same_in_chunks(samples: Samples, name: str, monkeyp
         for chunk in (1, 2, 3):
             monkeypatch.setattr(layout_module, "SEEK_CHUNK", chunk)
             assert lay.active_seeks(skip) == whole, (name, skip, chunk)
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_references_counted_limited_and_chunked(samples: Samples, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`count_references` counts what `iter_references` yields, `references(off, k)` is its first
+    k, and walking the L1 entries a few at a time (bounded temporaries) gives the same references
+    in the same order as one pass: tree by tree, guest cluster by guest cluster."""
+    from qinspect.analysis.refwalk import L1Group
+
+    try:
+        with open_image(samples.path(name)) as img:
+            lay = compute_layout(img)
+    except Exception:  # (an image that does not open or lay out is covered elsewhere)
+        pytest.skip("no layout")
+    cs = lay.cluster_size
+    offsets = [hc * cs for hc in range(min(lay.nb_clusters + 1, 4000))]
+    whole = {off: lay.references(off) for off in offsets}
+    tree = {sid: k + 1 for k, sid in reversed(list(enumerate(lay.snapshot_ids)))}
+    for off in offsets:
+        assert lay.count_references(off) == len(whole[off]), (name, off)
+        assert lay.references(off, 2) == whole[off][:2], (name, off)
+        l2 = [(0 if r.snapshot is None else tree[r.snapshot], r.guest_offset, r.table_offset)
+              for r in whole[off] if r.kind == "l2-entry"]
+        assert l2 == sorted(l2), (name, off)  # tree by tree, then by guest offset
+    chunked = L1Group.l2_offset_chunks
+    monkeypatch.setattr(L1Group, "l2_offset_chunks", lambda self, step=1: chunked(self, 1))
+    for off in offsets:
+        assert lay.references(off) == whole[off], (name, off)
+        assert lay.count_references(off) == len(whole[off]), (name, off)

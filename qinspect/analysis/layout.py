@@ -20,9 +20,10 @@ point here" without re-reading the image's L2 tables.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -370,62 +371,45 @@ class Layout:
         return int(self._comp_per_table[ids].sum()) if len(ids) and len(self._comp_per_table) else 0
 
     # -- reverse lookup --------------------------------------------------------------------------------
-    def references(self, host_offset: int) -> list[Reference]:
-        """Every table entry or header field that points into the cluster holding `host_offset`.
+    def references(self, host_offset: int, limit: int | None = None) -> list[Reference]:
+        """The table entries and header fields that point into the cluster holding `host_offset`,
+        the first `limit` of them (all with None: see `iter_references` for the order)."""
+        return list(islice(self.iter_references(host_offset), limit))
 
-        Answered from what the layout walk kept in memory: no I/O, safe from any thread.
-        """
+    def count_references(self, host_offset: int) -> int:
+        """How many references `iter_references` yields, counted without making them (one L2 table
+        named by 2 Mi L1 entries has 2 Mi references, and the data it maps as many)."""
+        cs = self.cluster_size
+        hc = host_offset // cs
+        if self._header is None or host_offset < 0:
+            return 0
+        n = sum(1 for _ in self._structure_references(hc))
+        w = self._walk
+        if w is None:
+            return n
+        lo, hi = hc * cs, (hc + 1) * cs
+        for grp in w.groups:
+            for _idx, l2o in grp.l2_offset_chunks():
+                n += int(np.count_nonzero((l2o < hi) & (l2o + cs > lo))) * len(grp.sources)
+        return n + sum(int(w.tables.refs[tid]) for tid, _ei in self._l2_hits(hc))
+
+    def iter_references(self, host_offset: int) -> Iterator[Reference]:
+        """Every table entry or header field that points into the cluster holding `host_offset`:
+        header fields, snapshot table entries, header extensions, refcount table entries, bitmap
+        directory and table entries, then L1 entries (by L1 table, index, tree) and L2 entries (by
+        tree, guest cluster). Answered from what the layout walk kept in memory (no I/O, safe from
+        any thread), a chunk of L1 entries at a time: memory stays bounded however many entries
+        name one table."""
         cs = self.cluster_size
         hc = host_offset // cs
         h = self._header
-        out: list[Reference] = []
         if h is None or host_offset < 0:
-            return out
-        snapshots = self._snapshots
-        lo, hi = hc * cs, (hc + 1) * cs
-
-        def covers(off: int, length: int) -> bool:
-            return length > 0 and off < hi and off + length > lo
-
-        if covers(h.l1_table_offset, h.l1_size * 8):
-            out.append(Reference("header-field", 0, 0, QCOW_HEADER.offset("l1_table_offset")))
-        if covers(h.refcount_table_offset, h.refcount_table_entries * 8):
-            out.append(Reference("header-field", 0, 0, QCOW_HEADER.offset("refcount_table_offset")))
-        if snapshots and covers(h.snapshots_offset, self._snapshot_table_size):
-            out.append(Reference("header-field", 0, 0, QCOW_HEADER.offset("snapshots_offset")))
-        for sn in snapshots:
-            if covers(sn.l1_table_offset, sn.l1_size * 8):
-                out.append(Reference("snapshot-table-entry", h.snapshots_offset, sn.index, sn.entry_offset,
-                                     None, sn.id_str))
-        for ext in h.extensions:
-            if ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None and covers(
-                    h.bitmaps_ext.bitmap_directory_offset, h.bitmaps_ext.bitmap_directory_size):
-                out.append(Reference("header-extension", ext.offset, 0,
-                                     ext.data_offset + QCOW2_BITMAP_HEADER_EXT.offset("bitmap_directory_offset")))
-            if ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER and h.crypto_ext is not None and covers(
-                    h.crypto_ext.offset, h.crypto_ext.length):
-                out.append(Reference("header-extension", ext.offset, 0,
-                                     ext.data_offset + QCOW2_CRYPTO_HEADER_EXT.offset("offset")))
-        rt = self._refcount_table
-        if len(rt):
-            offs = rt & np.uint64(C.REFT_OFFSET_MASK)
-            for i in np.flatnonzero((offs // np.uint64(cs)) == np.uint64(hc)):
-                if int(offs[i]):
-                    out.append(Reference("refcount-table-entry", h.refcount_table_offset, int(i),
-                                         h.refcount_table_offset + 8 * int(i)))
-        if h.bitmaps_ext is not None and h.bitmaps_consistent:
-            for bi, bm in enumerate(self._bitmaps):
-                if covers(bm.bitmap_table_offset, bm.bitmap_table_size * 8):
-                    out.append(Reference("bitmap-directory-entry", h.bitmaps_ext.bitmap_directory_offset, bi,
-                                         bm.entry_offset))
-                if bi < len(self._bitmap_tables):
-                    t = self._bitmap_tables[bi] & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
-                    for j in np.flatnonzero((t != 0) & ((t // np.uint64(cs)) == np.uint64(hc))):
-                        out.append(Reference("bitmap-table-entry", bm.bitmap_table_offset, int(j),
-                                             bm.bitmap_table_offset + 8 * int(j)))
+            return
+        yield from self._structure_references(hc)
         w = self._walk
         if w is None:
-            return out
+            return
+        lo, hi = hc * cs, (hc + 1) * cs
         l2_size, l2e = h.l2_size, h.l2_entry_size
 
         def sid_of(src: int) -> str | None:
@@ -435,10 +419,84 @@ class Layout:
             for idx, l2o in grp.l2_offset_chunks():  # (temporaries of a chunk, not of 2 Mi L1 entries)
                 for i in idx[(l2o < hi) & (l2o + cs > lo)].tolist():
                     for src in grp.sources:
-                        out.append(Reference("l1-entry", grp.offset, i, grp.offset + 8 * i, i * l2_size * cs,
-                                             sid_of(src)))
-        found: list[tuple[int, int, int]] = []  # (source, guest cluster, table offset)
-        hits: list[tuple[int, int]] = []  # (table id, entry index)
+                        yield Reference("l1-entry", grp.offset, i, grp.offset + 8 * i, i * l2_size * cs, sid_of(src))
+        hits = self._l2_hits(hc)
+        if not hits:
+            return
+        # The L2 entries mapping this cluster, from every L1 entry naming their tables, in the
+        # order (tree, guest cluster, table): tree by tree, and within a tree a chunk of L1
+        # entries at a time (the guest clusters of one chunk all come before the next chunk's).
+        hit_off = np.array([int(w.tables.offsets[tid]) for tid, _ei in hits], np.int64)
+        hit_ei = np.array([ei for _tid, ei in hits], np.int64)
+        order = np.argsort(hit_off, kind="stable")
+        hit_off, hit_ei = hit_off[order], hit_ei[order]
+        uniq = np.unique(hit_off)
+        trees = sorted((src, g) for g, grp in enumerate(w.groups) for src in grp.sources)
+        for src, g in trees:
+            grp = w.groups[g]
+            for idx, l2o in grp.l2_offset_chunks():
+                sel = np.flatnonzero(np.isin(l2o, uniq))
+                if not len(sel):
+                    continue
+                rows: list[tuple[int, int]] = []  # (guest cluster, table)
+                for li, t in zip(idx[sel].tolist(), l2o[sel].tolist(), strict=True):
+                    k0, k1 = np.searchsorted(hit_off, [t, t + 1])
+                    rows.extend((li * l2_size + ei, t) for ei in hit_ei[k0:k1].tolist())
+                for gc, table in sorted(rows):
+                    ei = gc % l2_size
+                    yield Reference("l2-entry", table, ei, table + ei * l2e, gc * cs, sid_of(src))
+
+    def _structure_references(self, hc: int) -> Iterator[Reference]:
+        """The references to host cluster `hc` from the header, the snapshot table, the header
+        extensions, the refcount table and the bitmaps (not from L1 or L2 tables)."""
+        cs = self.cluster_size
+        h = self._header
+        assert h is not None
+        snapshots = self._snapshots
+        lo, hi = hc * cs, (hc + 1) * cs
+
+        def covers(off: int, length: int) -> bool:
+            return length > 0 and off < hi and off + length > lo
+
+        if covers(h.l1_table_offset, h.l1_size * 8):
+            yield Reference("header-field", 0, 0, QCOW_HEADER.offset("l1_table_offset"))
+        if covers(h.refcount_table_offset, h.refcount_table_entries * 8):
+            yield Reference("header-field", 0, 0, QCOW_HEADER.offset("refcount_table_offset"))
+        if snapshots and covers(h.snapshots_offset, self._snapshot_table_size):
+            yield Reference("header-field", 0, 0, QCOW_HEADER.offset("snapshots_offset"))
+        for sn in snapshots:
+            if covers(sn.l1_table_offset, sn.l1_size * 8):
+                yield Reference("snapshot-table-entry", h.snapshots_offset, sn.index, sn.entry_offset, None, sn.id_str)
+        for ext in h.extensions:
+            if ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None and covers(
+                    h.bitmaps_ext.bitmap_directory_offset, h.bitmaps_ext.bitmap_directory_size):
+                yield Reference("header-extension", ext.offset, 0,
+                                ext.data_offset + QCOW2_BITMAP_HEADER_EXT.offset("bitmap_directory_offset"))
+            if ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER and h.crypto_ext is not None and covers(
+                    h.crypto_ext.offset, h.crypto_ext.length):
+                yield Reference("header-extension", ext.offset, 0,
+                                ext.data_offset + QCOW2_CRYPTO_HEADER_EXT.offset("offset"))
+        rt = self._refcount_table
+        if len(rt):
+            offs = rt & np.uint64(C.REFT_OFFSET_MASK)
+            for i in np.flatnonzero((offs // np.uint64(cs)) == np.uint64(hc)):
+                if int(offs[i]):
+                    yield Reference("refcount-table-entry", h.refcount_table_offset, int(i),
+                                    h.refcount_table_offset + 8 * int(i))
+        if h.bitmaps_ext is not None and h.bitmaps_consistent:
+            for bi, bm in enumerate(self._bitmaps):
+                if covers(bm.bitmap_table_offset, bm.bitmap_table_size * 8):
+                    yield Reference("bitmap-directory-entry", h.bitmaps_ext.bitmap_directory_offset, bi,
+                                    bm.entry_offset)
+                if bi < len(self._bitmap_tables):
+                    t = self._bitmap_tables[bi] & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
+                    for j in np.flatnonzero((t != 0) & ((t // np.uint64(cs)) == np.uint64(hc))):
+                        yield Reference("bitmap-table-entry", bm.bitmap_table_offset, int(j),
+                                        bm.bitmap_table_offset + 8 * int(j))
+
+    def _l2_hits(self, hc: int) -> list[tuple[int, int]]:
+        """(table id, L2 index) of every distinct L2 table entry mapping host cluster `hc`."""
+        hits: list[tuple[int, int]] = []
         r = self._runs
         if len(r.host):
             if r.disjoint:
@@ -453,14 +511,7 @@ class Layout:
         c = self._compressed
         for k in np.flatnonzero((c.first <= hc) & (c.last >= hc)).tolist():
             hits.append((int(c.table[k]), int(c.guest[k])))
-        for tid, ei in hits:
-            table = int(w.tables.offsets[tid])
-            for src, _l1_off, li in w.references_to_table(tid):
-                found.append((src, li * l2_size + ei, table))
-        for src, gc, table in sorted(found):
-            ei = gc % l2_size
-            out.append(Reference("l2-entry", table, ei, table + ei * l2e, gc * cs, sid_of(src)))
-        return out
+        return hits
 
 
 # -- the walk ------------------------------------------------------------------------------------------

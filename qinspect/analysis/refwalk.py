@@ -441,18 +441,6 @@ class RefWalk:
                 raise RuntimeError("walk consumer did not finish")
         return results
 
-    def references_to_table(self, table_id: int) -> Iterator[tuple[int, int, int]]:
-        """(source, L1 table offset, L1 index) of every L1 entry naming table `table_id`."""
-        pt, pg = self.tables.group_pairs
-        lo, hi = np.searchsorted(pt, [table_id, table_id + 1])
-        off = int(self.tables.offsets[table_id])
-        for g in pg[lo:hi].tolist():
-            grp = self.groups[g]
-            hit = np.concatenate([idx[offs == off] for idx, offs in grp.l2_offset_chunks()] or [np.zeros(0, np.int64)])
-            for src in grp.sources:
-                for i in hit.tolist():
-                    yield src, grp.offset, int(i)
-
 
 __all__ = [
     "L1_CHUNK_ENTRIES",

@@ -173,18 +173,21 @@ def _print_lookup(lay: Layout, offset: int, as_json: bool, state: str | None = N
     cs = lay.cluster_size
     owner = lay.owner_at(offset)
     kind = lay.kind_at(offset)
-    refs = lay.references(offset)
+    total = lay.count_references(offset)  # (one table can be named by millions of entries)
     cl = offset // cs
     stored = int(lay.stored_refcount[cl]) if 0 <= cl < len(lay.stored_refcount) else 0
     reference = int(lay.reference[cl]) if 0 <= cl < len(lay.reference) else 0
     if as_json:
+        # every reference, encoded as it is made: the list is streamed, not built
+        refs_json = _Streamed(total, ({"kind": r.kind, "table-offset": r.table_offset, "entry-index": r.entry_index,
+                                       "entry-offset": r.entry_file_offset, "guest-offset": r.guest_offset,
+                                       "snapshot": r.snapshot} for r in lay.iter_references(offset)))
         print_json({"offset": offset, "cluster": cl, "cluster-offset": cl * cs,
                     "owner": owner.name.lower().replace("_", "-"), "kind": kind.name.lower().replace("_", "-"),
                     "refcount": stored, "references-counted": reference,
-                    "references": [{"kind": r.kind, "table-offset": r.table_offset, "entry-index": r.entry_index,
-                                    "entry-offset": r.entry_file_offset, "guest-offset": r.guest_offset,
-                                    "snapshot": r.snapshot} for r in refs], "in-use": state})
+                    "references": refs_json, "in-use": state})
         return 0
+    refs = lay.references(offset, MAX_LOOKUP_ROWS)
     c = console()
     what = owner.label if kind == owner else f"{owner.label}: {kind.label}"
     c.print(f"Offset {offset:#x} is in host cluster {cl} ({cl * cs:#x}..{(cl + 1) * cs - 1:#x}): [bold]{what}[/]")
@@ -197,7 +200,34 @@ def _print_lookup(lay: Layout, offset: int, as_json: bool, state: str | None = N
         t.add_row(r.kind, f"{r.entry_file_offset:#x}", f"{r.table_offset:#x}", str(r.entry_index),
                   f"{r.guest_offset:#x}" if r.guest_offset is not None else "", r.snapshot or "")
     c.print(t)
+    if total > len(refs):
+        c.print(f"... and {total - len(refs)} more references (--output=json lists them all)")
     return 0
+
+
+MAX_LOOKUP_ROWS = 500
+"""References in the human lookup table (a table of millions of rows takes minutes to render)."""
+
+
+class _Streamed(list[dict[str, object]]):
+    """A JSON array whose items are made while it is encoded: `json`'s encoder (with an indent, as
+    `print_json` uses) asks a list whether it is empty and then iterates it, so this one answers
+    from a count and iterates a generator, and the references of a table named by millions of
+    entries are never all in memory at once."""
+
+    def __init__(self, count: int, items: Iterator[dict[str, object]]) -> None:
+        super().__init__()
+        self._count = count
+        self._items = items
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        return self._items
 
 
 # -- measure ------------------------------------------------------------------------------------------

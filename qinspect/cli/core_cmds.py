@@ -46,11 +46,13 @@ def open_checked(path: str, need_files: bool = False, check: bool = False) -> Im
     With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
     """
     # The metadata first: a file that is missing or not an image QEMU opens fails here, before the
-    # tables' machinery (numpy) is imported; then the image itself (its header is read again).
-    open_checked_meta(path, check=check).close()
+    # tables' machinery (numpy) is imported; then the image itself, on the same parse (parsed
+    # again only if the file changed in between).
+    with open_checked_meta(path, check=check) as meta:
+        shared = meta.shared_metadata()
     from qinspect.qcow2.image import open_image
 
-    img = open_image(path)
+    img = open_image(path, metadata=shared)
     try:
         img.require_openable(check=check)
         if need_files:

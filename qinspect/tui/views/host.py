@@ -158,6 +158,12 @@ def ref_text(r: Reference, cs: int) -> Text:
     return t
 
 
+INSPECTOR_REFS = 40
+"""References drawn in the inspector panel (the rest are counted)."""
+LISTED_REFS = 1000
+"""References listed by `R` and exported by `e` (the rest are counted; the CLI lists them all)."""
+
+
 class RefsScreen(ModalScreen[int | None]):
     """The entries that point at one host cluster; enter follows one (dismisses with its index)."""
 
@@ -316,14 +322,15 @@ fragmentation are visible at a glance.
             if stored != ref:
                 rc.append("  ✗ mismatch", Style(color=ERROR if stored < ref else WARN))
             parts.append(kv("refcount", rc))
-        refs = lay.references(off)
+        total = lay.count_references(off)  # (one table can be named by millions of entries)
+        refs = lay.references(off, INSPECTOR_REFS)
         parts.append(Text())
-        parts.append(rule(f"pointed at by {len(refs)}" + (" (enter/R lists them)" if len(refs) > 1 else
-                                                           " (enter follows)" if refs else "")))
-        for r in refs[:40]:
+        parts.append(rule(f"pointed at by {fmt.count(total)}" + (" (enter/R lists them)" if total > 1 else
+                                                                  " (enter follows)" if total else "")))
+        for r in refs:
             parts.append(ref_text(r, cs))
-        if len(refs) > 40:
-            parts.append(Text(f"… {len(refs) - 40} more", Style(color=DIM)))
+        if total > len(refs):
+            parts.append(Text(f"… {fmt.count(total - len(refs))} more", Style(color=DIM)))
         if not refs:
             if owner == Owner.LEAKED:
                 parts.append(Text("nothing points here, yet its refcount is not 0: a leak "
@@ -348,7 +355,7 @@ fragmentation are visible at a glance.
             self.notify("the host layout is not known yet", severity="warning", timeout=3)
             return
         off = event.unit * self.session.img.cluster_size
-        refs = lay.references(off)
+        refs = lay.references(off, 2)
         if len(refs) > 1:
             self.action_references()
         elif refs:
@@ -366,18 +373,22 @@ fragmentation are visible at a glance.
             return
         cs = self.session.img.cluster_size
         off = self.grid.cursor * cs
-        refs = lay.references(off)
+        refs = lay.references(off, LISTED_REFS)
         if not refs:
             self.notify("nothing points at this cluster", timeout=3)
             return
+        total = lay.count_references(off)
+        rows = [ref_text(r, cs) for r in refs]
+        if total > len(refs):
+            rows.append(Text(f"… and {fmt.count(total - len(refs))} more (qinspect layout --offset "
+                             f"{fmt.hexoff(off)} --output=json lists them all)", Style(color=DIM)))
 
         def chosen(i: int | None) -> None:
-            if i is not None:
+            if i is not None and i < len(refs):
                 self.follow(refs[i], off)
 
-        what = "1 entry points" if len(refs) == 1 else f"{len(refs)} entries point"
-        self.app.push_screen(RefsScreen(f"{what} at host {fmt.hexoff(off)}",
-                                        [ref_text(r, cs) for r in refs]), chosen)
+        what = "1 entry points" if total == 1 else f"{fmt.count(total)} entries point"
+        self.app.push_screen(RefsScreen(f"{what} at host {fmt.hexoff(off)}", rows), chosen)
 
     def target_of(self, r: Reference, off: int) -> StructRef | int | None:
         """Where a reference leads: the entry that points here, in its table (an L2 entry's row
@@ -448,7 +459,8 @@ fragmentation are visible at a glance.
             out["counts"] = {o.label: int(n) for o, n in lay.counts().items() if n}
             out["references"] = [{"kind": r.kind, "table-offset": r.table_offset, "entry-index": r.entry_index,
                                   "entry-offset": r.entry_file_offset, "guest-offset": r.guest_offset,
-                                  "snapshot": r.snapshot} for r in lay.references(off)]
+                                  "snapshot": r.snapshot} for r in lay.references(off, LISTED_REFS)]
+            out["references-total"] = lay.count_references(off)
         return out
 
     def data_changed(self, step: Step | None) -> None:
