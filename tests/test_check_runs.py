@@ -110,6 +110,18 @@ def _as_qinspect(text: str) -> list[str]:
     return [("qinspect: " + ln[len("qemu-img: "):]) if ln.startswith("qemu-img: ") else ln for ln in text.splitlines()]
 
 
+def _same_as_qemu(path: Path) -> tuple[dict[str, object], subprocess.CompletedProcess[str]]:
+    """Check `path` with both tools: the same exit code, JSON (but for "in-use") and stderr lines
+    (in QEMU's walk order). Returns qinspect's JSON and run."""
+    q, i = _both(path)
+    assert i.returncode == q.returncode, (i.stderr, q.stderr)
+    got = json.loads(i.stdout)
+    assert got.pop("in-use") is None
+    assert got == json.loads(q.stdout)
+    assert i.stderr.splitlines() == _as_qinspect(q.stderr)
+    return got, i
+
+
 @needs_qemu
 @pytest.mark.parametrize("damaged", [False, True])
 @pytest.mark.parametrize("name", sorted(IMAGES))
@@ -119,13 +131,8 @@ def test_check_agrees_with_qemu_img(tmp_path: Path, name: str, damaged: bool) ->
     path = _make(tmp_path, name)
     if damaged:
         _damage(path)
-    q, i = _both(path)
-    assert i.returncode == q.returncode, (i.stderr, q.stderr)
-    got = json.loads(i.stdout)
-    assert got.pop("in-use") is None
-    assert got == json.loads(q.stdout)
     # in QEMU's walk order, overflows of a doubly named cluster (prealloc_rc1, damaged) included
-    assert i.stderr.splitlines() == _as_qinspect(q.stderr)
+    got, _ = _same_as_qemu(path)
     if damaged:
         assert got["corruptions"] and got["leaks"]
 
@@ -138,12 +145,7 @@ def test_copied_flags_against_changed_refcounts(tmp_path: Path, name: str, value
     # otherwise: the reductions must send that run to the entry-by-entry check.
     path = _make(tmp_path, name)
     _set_refcount(path, 100, value)
-    q, i = _both(path)
-    assert i.returncode == q.returncode, (i.stderr, q.stderr)
-    got = json.loads(i.stdout)
-    assert got.pop("in-use") is None
-    assert got == json.loads(q.stdout)
-    assert i.stderr.splitlines() == _as_qinspect(q.stderr)
+    _, i = _same_as_qemu(path)
     assert "OFLAG_COPIED data cluster" in i.stderr
 
 
@@ -161,12 +163,7 @@ def test_cluster_named_twice_in_a_run(tmp_path: Path, name: str) -> None:
         e41 = f.read(8)
         f.seek(l2 + 8 * 40)
         f.write(e41)
-    q, i = _both(path)
-    assert i.returncode == q.returncode, (i.stderr, q.stderr)
-    got = json.loads(i.stdout)
-    assert got.pop("in-use") is None
-    assert got == json.loads(q.stdout)
-    assert i.stderr.splitlines() == _as_qinspect(q.stderr)
+    got, _ = _same_as_qemu(path)
     assert got["corruptions"] and got["leaks"]
 
 
@@ -212,10 +209,5 @@ def test_refcount_block_ahead_of_the_table(tmp_path: Path, damage: bool) -> None
             assert e & 0x00FFFFFFFFFFFE00 > l2 + (16 << 20)  # far after the table: another refcount block
             f.seek(l2 + 8)
             f.write(struct.pack(">Q", e & ~(1 << 63)))
-    q, i = _both(path)
-    assert i.returncode == q.returncode, (i.stderr, q.stderr)
-    got = json.loads(i.stdout)
-    assert got.pop("in-use") is None
-    assert got == json.loads(q.stdout)
-    assert i.stderr.splitlines() == _as_qinspect(q.stderr)
+    _, i = _same_as_qemu(path)
     assert ("OFLAG_COPIED data cluster" in i.stderr) == damage

@@ -132,30 +132,30 @@ class L2Message(IntEnum):
     COPIED = 10  # a: the l2 entry, b: the refcount
 
 
+_L2_TEXTS: dict[int, str] = {
+    L2Message.RESERVED: "ERROR found l2 entry with reserved bits set: {a:x}",
+    L2Message.COMPRESSED_COPIED: ("ERROR: coffset=0x{a:x}: copied flag must never be set for compressed "
+                                  "clusters"),
+    L2Message.COMPRESSED_DATA_FILE: "ERROR compressed cluster {l2} with data file, entry=0x{a:x}",
+    L2Message.COMPRESSED_BITMAP: ("ERROR compressed cluster {l2} with non-zero subcluster allocation bitmap, "
+                                  "entry=0x{a:x}"),
+    L2Message.PAST_EOF: ("ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
+                         "offset {a:#x} size {b:#x}"),
+    L2Message.CORRUPT_BITMAP: "ERROR offset={a:x}: Allocated cluster has corrupted subcluster allocation bitmap",
+    L2Message.UNALIGNED_DATA: "ERROR offset={a:x}: Data cluster is not properly aligned; L2 entry corrupted.",
+    L2Message.UNALIGNED_PREALLOC: ("ERROR offset={a:x}: Preallocated cluster is not properly aligned; L2 entry "
+                                   "corrupted."),
+    L2Message.UNALLOC_BITMAP: "ERROR: Unallocated cluster has non-zero subcluster allocation map",
+    L2Message.OVERFLOW: "ERROR: overflow cluster offset=0x{a:x}\n" + OVERFLOW_HINT,  # (the hint has no braces)
+    L2Message.COPIED: "ERROR OFLAG_COPIED data cluster: l2_entry={a:x} refcount={b}",
+}
+"""QEMU's text of each `L2Message` (one or more lines), to be formatted with the L2 index and the
+message's two numbers."""
+
+
 def _l2_text(kind: int, l2: int, a: int, b: int) -> str:
     """The text (one or more lines) of a message about L2 entry `l2` (see `L2Message`)."""
-    if kind == L2Message.PAST_EOF:
-        return ("ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
-                f"offset {a:#x} size {b:#x}")
-    if kind == L2Message.COMPRESSED_COPIED:
-        return f"ERROR: coffset=0x{a:x}: copied flag must never be set for compressed clusters"
-    if kind == L2Message.RESERVED:
-        return f"ERROR found l2 entry with reserved bits set: {a:x}"
-    if kind == L2Message.COMPRESSED_DATA_FILE:
-        return f"ERROR compressed cluster {l2} with data file, entry=0x{a:x}"
-    if kind == L2Message.COMPRESSED_BITMAP:
-        return f"ERROR compressed cluster {l2} with non-zero subcluster allocation bitmap, entry=0x{a:x}"
-    if kind == L2Message.CORRUPT_BITMAP:
-        return f"ERROR offset={a:x}: Allocated cluster has corrupted subcluster allocation bitmap"
-    if kind == L2Message.UNALIGNED_DATA:
-        return f"ERROR offset={a:x}: Data cluster is not properly aligned; L2 entry corrupted."
-    if kind == L2Message.UNALIGNED_PREALLOC:
-        return f"ERROR offset={a:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
-    if kind == L2Message.UNALLOC_BITMAP:
-        return "ERROR: Unallocated cluster has non-zero subcluster allocation map"
-    if kind == L2Message.OVERFLOW:
-        return f"ERROR: overflow cluster offset=0x{a:x}\n{OVERFLOW_HINT}"
-    return f"ERROR OFLAG_COPIED data cluster: l2_entry={a:x} refcount={b}"
+    return _L2_TEXTS[kind].format(l2=l2, a=a, b=b)
 
 
 class _Rows:

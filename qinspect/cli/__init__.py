@@ -301,9 +301,7 @@ def run() -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except BrokenPipeError:
-            rc = rc or 1  # as `guarded` answers a reader that went away
-        except OSError:
+        except OSError:  # a reader that went away (as `guarded` answers it), a full disk
             rc = rc or 1
     os._exit(rc)
 
