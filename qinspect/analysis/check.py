@@ -680,11 +680,11 @@ class _Copied:
         self.found = _TableRowsBuilder()
         self.later: list[tuple[I64, I64, I64, U64]] = []  # (table ids, L2 indices, clusters, l2 entries)
 
-    def none_wrong(self, runs: tuple[I64, I64], l2e: U64) -> bool:
-        """True when no entry `l2e`, pointing at the runs of consecutive clusters `runs` (first,
-        length), can have a wrong COPIED flag: every entry has it and every refcount is 1, or none
-        has it and no refcount is 1. Answered with reductions over the refcounts (no per-entry
-        gather); False means "look entry by entry" (`batch`)."""
+    def none_wrong(self, runs: tuple[I64, I64], l2e: U64 | tuple[int, int]) -> bool:
+        """True when no entry `l2e` (or: entries from l2e[0] to l2e[1]), pointing at the runs of
+        consecutive clusters `runs` (first, length), can have a wrong COPIED flag: every entry has
+        it and every refcount is 1, or none has it and no refcount is 1. Answered with reductions
+        over the refcounts (no per-entry gather); False means "look entry by entry" (`batch`)."""
         if self.img.header.has_data_file or self.unreadable is not None:
             return False
         firsts, lengths = runs
@@ -695,7 +695,8 @@ class _Copied:
             return False  # a block ahead of the sweep: `batch` judges those entries after it
         for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
             self.reader.need(f, f + k)
-        every, none = int(l2e.min()) >= C.QCOW_OFLAG_COPIED, int(l2e.max()) < C.QCOW_OFLAG_COPIED
+        lowest, highest = l2e if isinstance(l2e, tuple) else (int(l2e.min()), int(l2e.max()))
+        every, none = lowest >= C.QCOW_OFLAG_COPIED, highest < C.QCOW_OFLAG_COPIED
         if not (every or none):
             return False
         for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
@@ -1467,6 +1468,8 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
     h = img.header
     cs = h.cluster_size
     n = h.l2_size
+    if not h.has_data_file and _check_l2_run(img, batch, tables, refs, res, copied):
+        return
     pos, entries, bitmaps = batch.used()  # (standard entries: no bitmap checks at all)
     m = len(entries)
     if not m:
@@ -1639,6 +1642,59 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         if len(comp_k):
             ui[comp_k] = False
         note(np.flatnonzero(ui), 5, L2Message.UNALLOC_BITMAP)
+
+
+def _check_l2_run(img: Image, batch: L2Batch, tables: L2Tables, refs: _Refs, res: CheckResult,
+                  copied: _Copied) -> bool:
+    """`_check_l2_batch` for a batch whose every table maps one run of consecutive host clusters
+    with the same flags in each entry (`L2Batch.table_runs`: a preallocated image, 8 Ki entries a
+    table), when there is nothing to report: no rare bit, nothing past the end of the file, no
+    wrong COPIED flag, each table named once. What the entry-by-entry path would find then follows
+    from each table's first and last entries: every entry is allocated, none is fragmented (a
+    jump between two tables is not), each run is counted once. Returns False, having counted
+    nothing, when the batch is not such a batch; the caller then looks entry by entry."""
+    h = img.header
+    cs = h.cluster_size
+    n = h.l2_size
+    firsts_e = batch.table_runs(cs)
+    if firsts_e is None:
+        return False
+    rare = (C.QCOW_OFLAG_COMPRESSED | C.L2E_STD_RESERVED_MASK | (C.L2E_OFFSET_MASK & (cs - 1))
+            | (0 if h.extended_l2 else C.QCOW_OFLAG_ZERO))
+    span = (n - 1) * cs
+    firsts = firsts_e.tolist()
+    for first in firsts:
+        # the same flags in each entry of the table (the offsets did not carry into them), none rare
+        if first & rare or not first & C.L2E_OFFSET_MASK or (first ^ (first + span)) & ~C.L2E_OFFSET_MASK:
+            return False
+    if (max(firsts) & C.L2E_OFFSET_MASK) + span + cs - refs.file_len >= cs:
+        return False  # past the end of the file: messages
+    w_tab = tables.refs[batch.ids]
+    if not bool((w_tab == 1).all()):
+        return False  # a table named by several L1 entries: weighted counts
+    a_tab = tables.active_refs[batch.ids]
+    act_tab = (a_tab > 0) & (batch.offsets != 0)
+    # Runs of consecutive clusters (tables one after another on the host join up).
+    bits = h.cluster_bits
+    run_first: list[int] = []
+    run_len: list[int] = []
+    for first in firsts:
+        c = (first & C.L2E_OFFSET_MASK) >> bits
+        if run_first and run_first[-1] + run_len[-1] == c:
+            run_len[-1] += n
+        else:
+            run_first.append(c)
+            run_len.append(n)
+    runs = (np.array(run_first, np.int64), np.array(run_len, np.int64))
+    copied.swept = int(batch.offsets.max()) + cs  # (as the entry-by-entry path sets it)
+    if act_tab.all():
+        if not copied.none_wrong(runs, (min(firsts), max(firsts) + span)):
+            return False
+    elif act_tab.any():
+        return False
+    res.allocated_clusters += int(a_tab.sum()) * n
+    refs.add_runs(*runs)
+    return True
 
 
 def _expand_runs(firsts: I64, lengths: I64) -> I64:

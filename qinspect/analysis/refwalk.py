@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -175,6 +175,7 @@ class L2Batch:
         self._raw = raw.view(">u8")
         self._swapped = raw.view(np.uint64)  # the same words unswapped: enough to tell zero from non-zero
         self._used: tuple[I64 | None, U64, U64 | None] | None = None
+        self._dense_known = False  # every entry non-zero (found by `table_runs`)
 
     def __len__(self) -> int:
         """Entries in the batch (tables x l2_size)."""
@@ -195,8 +196,37 @@ class L2Batch:
             return len(self._used[1])
         return len(self) if self._dense() else int(np.count_nonzero(self._nonzero()))
 
+    def table_runs(self, step: int) -> U64 | None:
+        """The first entry `e` of each table when every table's entries are e, e + step,
+        e + 2 * step, ... in order (standard entries only; None otherwise, and for extended ones).
+
+        With `step` the cluster size: tables each mapping consecutive host clusters with the same
+        flags in every entry (a preallocated or sequentially written image), which a consumer can
+        then judge from two numbers a table instead of entry by entry. The answer costs one
+        comparison of the bytes as read with the runs they would be (nothing decoded); most other
+        batches are told apart by each table's last entry alone."""
+        raw = self._raw
+        ntab = len(self.ids)
+        if self.extended or not len(raw) or not ntab or len(raw) % ntab:
+            return None
+        n = len(raw) // ntab
+        tabs = raw.reshape(ntab, n)
+        firsts = tabs[:, 0].astype(np.uint64)
+        span = (n - 1) * step
+        for first, last in zip(firsts.tolist(), tabs[:, n - 1].tolist(), strict=True):
+            if first + span != last:  # (nor can a run wrap past 2^64)
+                return None
+        expect = np.empty((ntab, n), ">u8")  # the runs, big-endian like the bytes read
+        np.add(firsts[:, None], _multiples(n, step)[None, :], out=expect)
+        if not np.array_equal(expect.view(np.uint64), self._swapped.reshape(ntab, n)):
+            return None
+        self._dense_known = bool(firsts.all())  # (increasing from a non-zero first entry: none is zero)
+        return firsts
+
     def _dense(self) -> bool:
         # Every entry non-zero (a minimum over the words: no temporary array)
+        if self._dense_known:
+            return True
         e = self._swapped[0::2] if self.extended else self._swapped
         return len(e) > 0 and int(e.min()) != 0
 
@@ -218,6 +248,14 @@ class L2Batch:
                 pos = np.flatnonzero(self._nonzero()).astype(np.int64, copy=False)
                 self._used = (pos, e[pos].astype(np.uint64), b[pos].astype(np.uint64) if b is not None else None)
         return self._used
+
+
+@lru_cache(maxsize=4)
+def _multiples(m: int, step: int) -> U64:
+    """0, step, 2 * step, ... (m of them), read-only: the same few batch sizes come back at every batch."""
+    out = np.arange(m, dtype=np.uint64) * np.uint64(step)
+    out.flags.writeable = False
+    return out
 
 
 @dataclass
