@@ -480,6 +480,7 @@ class _Refs:
         # of indices and a sort): dense up to nb_file + DENSE_EXTRA_CLUSTERS, sparse past it.
         self.counts = np.zeros(nb_clusters, dtype=np.uint32)  # (2^32 references would take 32 GiB of L2)
         self.top = 0  # highest cluster referenced + 1
+        self.clean_from = 0  # no cluster from here on is counted yet (the dense counts there are 0)
         self.far: list[I64] = []
         self.ranges: list[tuple[int, int]] = []  # (first, last) cluster ranges, applied in finish()
         # References past refcount_max per cluster: counted as corruptions here; their messages are
@@ -559,7 +560,15 @@ class _Refs:
         over = False
         for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
             seg = self.counts[f : f + k]
+            if f >= self.clean_from:
+                # Nothing counted there yet (runs come in host order): 1 each, written without being
+                # read (fresh pages are faulted in once, not read as zeros first), and no refcount
+                # maximum is below 1.
+                seg.fill(1)
+                self.clean_from = f + k
+                continue
             seg += np.uint32(1)
+            self.clean_from = max(self.clean_from, f + k)
             if self.max < 0xFFFFFFFF and int(seg.max()) > self.max:
                 over = True
         if over:
@@ -589,6 +598,7 @@ class _Refs:
             grown = np.zeros(min(limit, max(hi, 2 * len(self.counts))), dtype=np.uint32)
             grown[: len(self.counts)] = self.counts
             self.counts = grown
+        self.clean_from = max(self.clean_from, hi)
         if weights is not None:
             # Many references at once (a shared table): summed in int64, saturated into uint32
             # (the overflow check below brings them back to refcount_max with one message each).
@@ -693,13 +703,33 @@ class _Copied:
         ends = firsts + lengths - 1
         if self.reader.unread_after(firsts, self.swept).any() or self.reader.unread_after(ends, self.swept).any():
             return False  # a block ahead of the sweep: `batch` judges those entries after it
-        for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
-            self.reader.need(f, f + k)
+        fl, ll = firsts.tolist(), lengths.tolist()
+        # Runs in ascending order with no refcount block between two of them (a batch of tables
+        # each followed by its clusters): their blocks are those of the span they cover, and their
+        # refcounts are reduced over that span at once (np.*.reduceat), not run by run.
+        per = self.img.header.refcount_block_entries
+        joined = all(0 <= fl[i] - fl[i - 1] - ll[i - 1] < per for i in range(1, len(fl)))
+        lo_c, hi_c = fl[0], fl[-1] + ll[-1]
+        if joined:
+            self.reader.need(lo_c, hi_c)
+        else:
+            for f, k in zip(fl, ll, strict=True):
+                self.reader.need(f, f + k)
         lowest, highest = l2e if isinstance(l2e, tuple) else (int(l2e.min()), int(l2e.max()))
         every, none = lowest >= C.QCOW_OFLAG_COPIED, highest < C.QCOW_OFLAG_COPIED
         if not (every or none):
             return False
-        for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
+        if joined and len(fl) > 1 and hi_c - lo_c <= 2 * sum(ll):
+            seg = self.stored[lo_c:hi_c]
+            at = np.empty(2 * len(fl) - 1, np.int64)  # each run, then the gap after it
+            at[0::2] = firsts - lo_c
+            at[1::2] = (firsts + lengths)[:-1] - lo_c
+            mins = np.minimum.reduceat(seg, at)[0::2]
+            maxs = np.maximum.reduceat(seg, at)[0::2]
+            if every:
+                return int(mins.min()) == int(maxs.max()) == 1
+            return not bool(((mins <= 1) & (maxs >= 1)).any())
+        for f, k in zip(fl, ll, strict=True):
             seg = self.stored[f : f + k]
             lo, hi = int(seg.min()), int(seg.max())
             if (every and not lo == hi == 1) or (none and lo <= 1 <= hi):
@@ -1328,7 +1358,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     unreadable = _unreadable(bad_blocks, per, nb)
     if len(stored) > nb:
         stored = stored[:nb]
-    diff = np.flatnonzero(stored != counts)
+    diff = _differing(stored, counts)
     if unreadable is not None:
         diff = diff[~unreadable[diff]]
     highest = _highest_used(stored, counts, unreadable)
@@ -1439,6 +1469,22 @@ def _unreadable(bad_blocks: list[int], per: int, nb: int) -> npt.NDArray[np.bool
     for bi in bad_blocks:
         out[bi * per : min((bi + 1) * per, nb)] = True
     return out
+
+
+def _differing(stored: Refcounts, counts: U32, step: int = 1 << 20) -> I64:
+    """Clusters whose stored refcount is not their count (`stored` and `counts` of one length), a
+    chunk at a time: one small mask reused, not one the size of the image (16 MiB of fresh pages
+    at 1 TiB)."""
+    found: list[I64] = []
+    mask = np.empty(min(step, len(counts)), dtype=bool)
+    for lo in range(0, len(counts), step):
+        hi = min(lo + step, len(counts))
+        part = mask[: hi - lo]
+        np.not_equal(stored[lo:hi], counts[lo:hi], out=part)
+        nz = np.flatnonzero(part)
+        if len(nz):
+            found.append(nz + lo)
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def _highest_used(stored: Refcounts, counts: U32, unreadable: npt.NDArray[np.bool_] | None) -> int:
