@@ -557,8 +557,19 @@ class _Refs:
             self.add(_expand_runs(firsts, lengths))
             return
         self.top = max(self.top, hi)
+        fl, ll = firsts.tolist(), lengths.tolist()
+        lo = fl[0]
+        if len(fl) > 1 and lo >= self.clean_from and hi - lo <= 2 * sum(ll) and all(
+                fl[i] >= fl[i - 1] + ll[i - 1] for i in range(1, len(fl))):
+            # Ascending runs a little apart (tables each followed by their clusters) in fresh
+            # territory: the span written as 1 at once, the gaps between the runs back to 0.
+            self.counts[lo:hi].fill(1)
+            for i in range(1, len(fl)):
+                self.counts[fl[i - 1] + ll[i - 1] : fl[i]] = 0
+            self.clean_from = hi
+            return
         over = False
-        for f, k in zip(firsts.tolist(), lengths.tolist(), strict=True):
+        for f, k in zip(fl, ll, strict=True):
             seg = self.counts[f : f + k]
             if f >= self.clean_from:
                 # Nothing counted there yet (runs come in host order): 1 each, written without being

@@ -55,7 +55,7 @@ SRC_ACTIVE = 0
 """Source of the active L1 tree; snapshot k's tree is source k + 1."""
 # Entries gathered per L2 batch: 64 Ki keeps the numpy temporaries in the CPU cache.
 L2_BATCH_ENTRIES = 1 << 16
-# At most this many bytes of (sparse) L2 tables per batch.
+# At most this many bytes of (sparse, or run by run) L2 tables per batch.
 L2_BATCH_BYTES = 2 << 20
 # L1 entries handled at a time where a consumer looks at every entry (2 MiB per int64 array).
 L1_CHUNK_ENTRIES = 1 << 18
@@ -176,6 +176,9 @@ class L2Batch:
         self._swapped = raw.view(np.uint64)  # the same words unswapped: enough to tell zero from non-zero
         self._used: tuple[I64 | None, U64, U64 | None] | None = None
         self._dense_known = False  # every entry non-zero (found by `table_runs`)
+        self.runs_found = False
+        """Whether a consumer found every table a run (`table_runs`): the walk then makes the next
+        batches as large as it may (their cost is per batch, not per entry)."""
 
     def __len__(self) -> int:
         """Entries in the batch (tables x l2_size)."""
@@ -221,6 +224,7 @@ class L2Batch:
         if not np.array_equal(expect.view(np.uint64), self._swapped.reshape(ntab, n)):
             return None
         self._dense_known = bool(firsts.all())  # (increasing from a non-zero first entry: none is zero)
+        self.runs_found = True
         return firsts
 
     def _dense(self) -> bool:
@@ -436,6 +440,9 @@ class RefWalk:
             ids = self._inside[stream.index[p0 : stream.pos]]
             batch = L2Batch(ids, self.tables.offsets[ids], raw, h.extended_l2)
             yield batch
+            if batch.runs_found:  # tables of runs (a preallocated image): judged a table at a time
+                per = most
+                continue
             used = batch.used_count()
             per = most if used * most <= batch_entries else min(most, max(base, batch_entries * len(ids) // used))
 
