@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def test_table_runs_finds_each_tables_run() -> None:
     b = _batch(tables)
     firsts = b.table_runs(step)
     assert firsts is not None and firsts.tolist() == [t[0] for t in tables]
-    assert b.runs_found and b.used_count() == 24
+    assert b.used_count() == 24
     pos, entries, _ = b.used()
     assert pos is None and entries.tolist() == [e for t in tables for e in t]
 
@@ -49,13 +50,13 @@ def test_table_runs_finds_each_tables_run() -> None:
 @pytest.mark.parametrize("where", [1, 3, 6, 7])
 def test_table_runs_sees_one_entry_out_of_its_run(where: int) -> None:
     step = 1 << 16
-    for change in (lambda e: e ^ (1 << 9), lambda e: e ^ 1, lambda e: e ^ COPIED, lambda e: e + step,
-                   lambda e: e - step):
+    changes: list[Callable[[int], int]] = [lambda e: e ^ (1 << 9), lambda e: e ^ 1, lambda e: e ^ COPIED,
+                                           lambda e: e + step, lambda e: e - step]
+    for change in changes:
         t = _run(COPIED | (5 << 16), 8, step)
         t[where] = change(t[where])
         b = _batch([_run(COPIED | (100 << 16), 8, step), t])
         assert b.table_runs(step) is None
-        assert not b.runs_found
 
 
 def test_table_runs_edge_cases() -> None:
@@ -89,13 +90,13 @@ def _l2_offsets(path: Path) -> list[int]:
         return [e & OFFSET_MASK for e in struct.unpack(f">{l1_size}Q", f.read(8 * l1_size))]
 
 
-def _edit(path: Path, table: int, index: int, fn: object) -> None:
+def _edit(path: Path, table: int, index: int, fn: Callable[[int], int]) -> None:
     l2 = _l2_offsets(path)[table]
     with open(path, "r+b") as f:
         f.seek(l2 + 8 * index)
         e = struct.unpack(">Q", f.read(8))[0]
         f.seek(l2 + 8 * index)
-        f.write(struct.pack(">Q", fn(e)))  # type: ignore[operator]
+        f.write(struct.pack(">Q", fn(e)))
 
 
 @needs_qemu
@@ -216,3 +217,29 @@ def test_snapshot_only_run_past_the_end_of_the_file(tmp_path: Path) -> None:
         f.write(t.astype(">u8").tobytes())
     got, i = _same_as_qemu(path)
     assert got["corruptions"] and i.stderr.count("exceeding the end of the file") == 512
+
+
+@needs_qemu
+def test_walk_hands_out_larger_batches_after_runs(tmp_path: Path) -> None:
+    # 24 tables of runs: batches of 8 tables (64 Ki entries) until check has judged one by its runs,
+    # then as large as L2_BATCH_BYTES allows; a walk without check keeps to 8.
+    from qinspect.analysis.check import check_consumer
+    from qinspect.analysis.refwalk import BatchConsumer, RefWalk
+    from qinspect.qcow2.image import open_image
+
+    path = _create(tmp_path / "b.qcow2", "12G")
+
+    def sizes(out: list[int]) -> BatchConsumer:
+        while (batch := (yield)) is not None:
+            out.append(len(batch.ids))
+        return None
+
+    with open_image(str(path)) as img:
+        alone: list[int] = []
+        RefWalk(img).run([sizes(alone)])
+        with_check: list[int] = []
+        walk = RefWalk(img)
+        res = walk.run([check_consumer(img, walk), sizes(with_check)])[0]
+    assert alone == [8, 8, 8]
+    assert with_check == [8, 16]
+    assert res.exit_code == 0 and res.allocated_clusters == 24 * 8192  # type: ignore[attr-defined]

@@ -1751,6 +1751,7 @@ def _check_l2_run(img: Image, batch: L2Batch, tables: L2Tables, refs: _Refs, res
         return False
     res.allocated_clusters += int(a_tab.sum()) * n
     refs.add_runs(*runs)
+    batch.by_runs = True
     return True
 
 

@@ -176,9 +176,10 @@ class L2Batch:
         self._swapped = raw.view(np.uint64)  # the same words unswapped: enough to tell zero from non-zero
         self._used: tuple[I64 | None, U64, U64 | None] | None = None
         self._dense_known = False  # every entry non-zero (found by `table_runs`)
-        self.runs_found = False
-        """Whether a consumer found every table a run (`table_runs`): the walk then makes the next
-        batches as large as it may (their cost is per batch, not per entry)."""
+        self.by_runs = False
+        """Set by a consumer that judged the batch from its tables' runs (`table_runs`) rather than
+        entry by entry: the walk then makes the next batches as large as it may (their cost is per
+        batch, not per entry)."""
 
     def __len__(self) -> int:
         """Entries in the batch (tables x l2_size)."""
@@ -224,7 +225,6 @@ class L2Batch:
         if not np.array_equal(expect.view(np.uint64), self._swapped.reshape(ntab, n)):
             return None
         self._dense_known = bool(firsts.all())  # (increasing from a non-zero first entry: none is zero)
-        self.runs_found = True
         return firsts
 
     def _dense(self) -> bool:
@@ -440,7 +440,7 @@ class RefWalk:
             ids = self._inside[stream.index[p0 : stream.pos]]
             batch = L2Batch(ids, self.tables.offsets[ids], raw, h.extended_l2)
             yield batch
-            if batch.runs_found:  # tables of runs (a preallocated image): judged a table at a time
+            if batch.by_runs:  # tables of runs (a preallocated image), judged a table at a time
                 per = most
                 continue
             used = batch.used_count()
