@@ -237,22 +237,20 @@ class _Window:
         gaps = np.zeros(n, np.int64)
         gaps[1:] = s[1:] - (s[:-1] + s_len[:-1])
         gaps[first] = 0
+        # (built by C loops: a Python statement per piece would cost ~0.3 us x 25,600 tables; a
+        # piece without a gap before it gets an empty gap buffer, which preadv skips)
         mv = memoryview(out.data)
-        scratch = memoryview(bytearray(int(gaps.max()) if n else 0))
-        gap_views: dict[int, memoryview] = {}
+        pieces = list(map(mv.__getitem__, map(slice, at.tolist(), (at + s_len).tolist())))
+        gap_l = gaps.tolist()
+        scratch = memoryview(bytearray(max(gap_l, default=0)))
+        gap_view = {g: scratch[:g] for g in set(gap_l)}
+        gap_bufs = list(map(gap_view.__getitem__, gap_l))
         starts = np.flatnonzero(first).tolist()
-        at_l, end_l, gap_l = at.tolist(), (at + s_len).tolist(), gaps.tolist()
         requests: list[tuple[int, list[memoryview]]] = []
         for r, (j0, j1) in enumerate(zip(starts, [*starts[1:], n], strict=True)):
-            bufs: list[memoryview] = []
-            for j in range(j0, j1):
-                g = gap_l[j]
-                if g:
-                    v = gap_views.get(g)
-                    if v is None:
-                        v = gap_views[g] = scratch[:g]
-                    bufs.append(v)
-                bufs.append(mv[at_l[j] : end_l[j]])
+            bufs = pieces[j0:j1] * 2
+            bufs[0::2] = gap_bufs[j0:j1]
+            bufs[1::2] = pieces[j0:j1]
             requests.append((int(rs[r]), bufs))
         return requests
 
