@@ -243,3 +243,29 @@ def test_walk_hands_out_larger_batches_after_runs(tmp_path: Path) -> None:
     assert alone == [8, 8, 8]
     assert with_check == [8, 16]
     assert res.exit_code == 0 and res.allocated_clusters == 24 * 8192  # type: ignore[attr-defined]
+
+
+@needs_qemu
+def test_sixteen_bit_refcount_maximum(tmp_path: Path) -> None:
+    # 16-bit refcounts, counted in uint16: a count reaching 65535 must not wrap on the next
+    # reference. Nine tables (two batches); the first one named by 65535 L1 entries, so its data
+    # cluster reaches the maximum in the first batch, and the ninth table (second batch) names that
+    # cluster once more: one overflow, at its place in QEMU's walk.
+    path = _create(tmp_path / "m.qcow2", "33T", "cluster_size=65536")
+    script = "".join(f"write -P {k + 1} {k * 512}M 64k\n" for k in range(9))
+    subprocess.run(["qemu-io", str(path)], input=script, text=True, check=True, capture_output=True)
+    with open(path, "r+b") as f:
+        h = f.read(104)
+        l1 = struct.unpack(">Q", h[40:48])[0]
+        f.seek(l1)
+        e0 = f.read(8)
+        f.seek(l1 + 8 * 9)
+        f.write(e0 * 65534)
+    t0 = _l2_offsets(path)[0]
+    with open(path, "rb") as f:
+        f.seek(t0)
+        d = struct.unpack(">Q", f.read(8))[0]
+    _edit(path, 8, 0, lambda e: d)
+    _, i = _same_as_qemu(path)
+    assert i.stderr.count("ERROR: overflow cluster") == 1
+    assert "refcount=1 reference=65535" in i.stderr

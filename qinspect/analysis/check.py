@@ -28,6 +28,8 @@ from qinspect.qcow2.l2 import L2Format
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]
+Counts = npt.NDArray[np.unsignedinteger[Any]]
+"""Recomputed references per host cluster: uint16 up to 16-bit refcounts, uint32 above (`_Refs`)."""
 # Stored refcounts, in the narrowest dtype of the image's refcount width (uint16 by default).
 Refcounts = npt.NDArray[np.unsignedinteger[Any]]
 # References past the end of the file are counted densely up to this many extra clusters and
@@ -354,7 +356,7 @@ class CheckResult:
     lazy_refcounts: bool = False
     leaked_clusters: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
     corrupt_clusters: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
-    reference: U32 = field(default_factory=lambda: np.zeros(0, np.uint32))  # references per host cluster
+    reference: Counts = field(default_factory=lambda: np.zeros(0, np.uint32))  # references per host cluster
     stored: Refcounts = field(default_factory=lambda: np.zeros(0, np.uint64))  # stored refcount per cluster
 
     def add(self, kind: str, text: str, cluster: int | None = None, repeat: int = 1, key: int | None = None) -> None:
@@ -477,8 +479,13 @@ class _Refs:
         self.res = res
         self.cs = cs
         # Counted as they come (no list of every reference: 16 Mi data clusters would take 128 MiB
-        # of indices and a sort): dense up to nb_file + DENSE_EXTRA_CLUSTERS, sparse past it.
-        self.counts = np.zeros(nb_clusters, dtype=np.uint32)  # (2^32 references would take 32 GiB of L2)
+        # of indices and a sort): dense up to nb_file + DENSE_EXTRA_CLUSTERS, sparse past it. A
+        # count never stays above refcount_max (`settle`, `overflow`), so up to 16-bit refcounts
+        # uint16 holds it (32 MiB at 1 TiB, not 64: fewer fresh pages); wider refcounts take uint32
+        # (2^32 references would take 32 GiB of L2). +1 is added where no count is at the maximum
+        # yet (uint16 would wrap past 65535), other additions are made in int64 (`settle`).
+        dtype = np.uint16 if refcount_max <= 0xFFFF else np.uint32
+        self.counts: Counts = np.zeros(nb_clusters, dtype=dtype)
         self.top = 0  # highest cluster referenced + 1
         self.clean_from = 0  # no cluster from here on is counted yet (the dense counts there are 0)
         self.far: list[I64] = []
@@ -568,7 +575,6 @@ class _Refs:
                 self.counts[fl[i - 1] + ll[i - 1] : fl[i]] = 0
             self.clean_from = hi
             return
-        over = False
         for f, k in zip(fl, ll, strict=True):
             seg = self.counts[f : f + k]
             if f >= self.clean_from:
@@ -578,12 +584,8 @@ class _Refs:
                 seg.fill(1)
                 self.clean_from = f + k
                 continue
-            seg += np.uint32(1)
             self.clean_from = max(self.clean_from, f + k)
-            if self.max < 0xFFFFFFFF and int(seg.max()) > self.max:
-                over = True
-        if over:
-            self.overflow(self.counts, _expand_runs(firsts, lengths))
+            self.bump(self.counts, f, f + k)
 
     def add(self, clusters: I64, weights: I64 | None = None) -> None:
         """Count one reference to each element of `clusters` (duplicates count once each), or
@@ -606,74 +608,88 @@ class _Refs:
                 return
             lo, hi = int(idx.min()), int(idx.max()) + 1
         if hi > len(self.counts):  # references past the end of the file: grow (bounded by limit)
-            grown = np.zeros(min(limit, max(hi, 2 * len(self.counts))), dtype=np.uint32)
+            grown = np.zeros(min(limit, max(hi, 2 * len(self.counts))), dtype=self.counts.dtype)
             grown[: len(self.counts)] = self.counts
             self.counts = grown
         self.clean_from = max(self.clean_from, hi)
         if weights is not None:
-            # Many references at once (a shared table): summed in int64, saturated into uint32
-            # (the overflow check below brings them back to refcount_max with one message each).
+            # Many references at once (a shared table): summed in int64, saturated at 2^32 - 1, and
+            # brought back to refcount_max with one message each (`settle`).
             u, inv = np.unique(idx, return_inverse=True)
             tot = np.bincount(inv.reshape(-1), weights=weights.astype(np.float64)).astype(np.int64)
-            new = np.minimum(self.counts[u].astype(np.int64) + tot, np.iinfo(np.uint32).max)
-            self.counts[u] = new.astype(np.uint32)
-            self.overflow(self.counts, u)
+            self.settle(self.counts, u, np.minimum(self.counts[u].astype(np.int64) + tot, np.iinfo(np.uint32).max))
             return
         if len(idx) == 1 or bool((idx[1:] > idx[:-1]).all()):  # no duplicates (the usual case)
-            if hi - lo == len(idx):
-                seg = self.counts[lo:hi]  # consecutive clusters (preallocation, sequential writes)
-                seg += np.uint32(1)
+            if hi - lo == len(idx):  # consecutive clusters (preallocation, sequential writes)
+                self.bump(self.counts, lo, hi)
             else:
-                self.counts[idx] += np.uint32(1)
-        elif hi - lo <= 4 * len(idx) + 65536:
+                cur = self.counts[idx]
+                if int(cur.max()) >= self.max:
+                    self.settle(self.counts, idx, cur.astype(np.int64) + 1)
+                else:
+                    self.counts[idx] = cur + 1  # (none was at the maximum: none passes it)
+            return
+        if hi - lo <= 4 * len(idx) + 65536:
             seg = self.counts[lo:hi]
-            np.add(seg, np.bincount(idx - lo, minlength=hi - lo), out=seg, casting="unsafe")
+            inc = np.bincount(idx - lo, minlength=hi - lo)
+            nz = np.flatnonzero(inc)
+            self.settle(self.counts, lo + nz, seg[nz].astype(np.int64) + inc[nz])
+            return
+        u, c = np.unique(idx, return_counts=True)
+        self.settle(self.counts, u, self.counts[u].astype(np.int64) + c)
+
+    def bump(self, counts: Counts, lo: int, hi: int) -> None:
+        """One reference to each cluster of [lo, hi): +1 in place where no count there is at the
+        maximum yet (then none passes it, and uint16 does not wrap), in int64 otherwise."""
+        seg = counts[lo:hi]
+        if int(seg.max()) >= self.max:
+            self.settle(counts, np.arange(lo, hi, dtype=np.int64), seg.astype(np.int64) + 1)
         else:
-            u, c = np.unique(idx, return_counts=True)
-            self.counts[u] += c.astype(np.uint32)
-        self.overflow(self.counts, idx)
+            seg += 1
 
-    def overflow(self, counts: U32, idx: I64) -> None:
-        """qcow2_inc_refcounts_imrt never counts past refcount_max: each reference beyond it is
-        "ERROR: overflow cluster offset=..." (two lines) and a corruption, and is not counted."""
-        if self.max >= 0xFFFFFFFF or not len(idx):  # 32/64-bit refcounts: uint32 counts cannot get there
-            return
-        over = counts[idx] > self.max
-        if not over.any():
-            return
-        u = np.unique(idx[over])
-        for cl, n in zip(u.tolist(), (counts[u].astype(np.int64) - self.max).tolist(), strict=True):
-            self.res.corruptions += n
-            self.excess[cl] = self.excess.get(cl, 0) + n
-            self.overflows += n
-        counts[u] = self.max
+    def settle(self, counts: Counts, idx: I64, new: I64) -> None:
+        """Store the new counts `new` (exact, int64) of the distinct clusters `idx`.
 
-    def finish(self) -> tuple[U32, dict[int, int], int]:
+        qcow2_inc_refcounts_imrt never counts past refcount_max: each reference beyond it is
+        "ERROR: overflow cluster offset=..." (two lines) and a corruption, and is not counted. So a
+        count past the maximum is stored as the maximum, and what is beyond it is recorded
+        (`excess`, printed at its places in the walk by `_Replay`). 32/64-bit refcounts: uint32
+        counts cannot get there."""
+        if self.max < 0xFFFFFFFF:
+            over = new > self.max
+            if over.any():
+                for cl, n in zip(idx[over].tolist(), (new[over] - self.max).tolist(), strict=True):
+                    self.res.corruptions += n
+                    self.excess[cl] = self.excess.get(cl, 0) + n
+                    self.overflows += n
+                new = np.minimum(new, self.max)
+        counts[idx] = new
+
+    def finish(self) -> tuple[Counts, dict[int, int], int]:
         """Dense counts over [0, nb), sparse counts past it, and nb (QEMU's grown table size)."""
         nb = self.nb_file
         if self.top > nb:
             nb = min(self.top, nb + DENSE_EXTRA_CLUSTERS)
         counts = self.counts
         if len(counts) != nb:
-            counts = np.zeros(nb, dtype=np.uint32)
+            counts = np.zeros(nb, dtype=self.counts.dtype)
             k = min(nb, len(self.counts))
             counts[:k] = self.counts[:k]
-        self.counts = np.zeros(0, dtype=np.uint32)
+        self.counts = np.zeros(0, dtype=counts.dtype)
         if self.ranges:  # every range ends below min(top, limit) = nb
             r = np.array(self.ranges, dtype=np.int64)
             self.ranges = []
             if int((r[:, 1] - r[:, 0]).sum()) <= (1 << 22):
                 for a, b in r.tolist():  # the usual few short ranges: no array the size of the file
-                    counts[a : b + 1] += np.uint32(1)
-                    self.overflow(counts, np.arange(a, b + 1, dtype=np.int64))
+                    self.bump(counts, a, b + 1)
             else:  # many or long ranges: a difference array over the span they cover
                 lo, hi = int(r[:, 0].min()), int(r[:, 1].max()) + 1
                 d = np.zeros(hi - lo + 1, dtype=np.int32)
                 np.add.at(d, r[:, 0] - lo, 1)
                 np.add.at(d, r[:, 1] + 1 - lo, -1)
-                seg = counts[lo:hi]
-                np.add(seg, np.cumsum(d[:-1], dtype=np.int32), out=seg, casting="unsafe")
-                self.overflow(counts, np.arange(lo, hi, dtype=np.int64))
+                inc = np.cumsum(d[:-1], dtype=np.int32)
+                nz = np.flatnonzero(inc)
+                self.settle(counts, lo + nz, counts[lo:hi][nz].astype(np.int64) + inc[nz])
         sparse: dict[int, int] = {}
         if self.far:
             u, c = np.unique(np.concatenate(self.far), return_counts=True)
@@ -1343,7 +1359,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
                 res.corruptions += 1
                 res.add("error", f"ERROR: overflow cluster offset=0x{off:x}\n{OVERFLOW_HINT}", cl)
             else:
-                counts[cl] += np.uint32(1)
+                counts[cl] += 1
             if int(counts[cl]) != 1:
                 res.corruptions += 1
                 res.add("error", f"ERROR refcount block {int(i)} refcount={int(counts[cl])}")
@@ -1482,7 +1498,7 @@ def _unreadable(bad_blocks: list[int], per: int, nb: int) -> npt.NDArray[np.bool
     return out
 
 
-def _differing(stored: Refcounts, counts: U32, step: int = 1 << 20) -> I64:
+def _differing(stored: Refcounts, counts: Counts, step: int = 1 << 20) -> I64:
     """Clusters whose stored refcount is not their count (`stored` and `counts` of one length), a
     chunk at a time: one small mask reused, not one the size of the image (16 MiB of fresh pages
     at 1 TiB)."""
@@ -1498,7 +1514,7 @@ def _differing(stored: Refcounts, counts: U32, step: int = 1 << 20) -> I64:
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
-def _highest_used(stored: Refcounts, counts: U32, unreadable: npt.NDArray[np.bool_] | None) -> int:
+def _highest_used(stored: Refcounts, counts: Counts, unreadable: npt.NDArray[np.bool_] | None) -> int:
     """The highest cluster with a stored refcount or a reference (0 if none), scanning from the end."""
     step = 1 << 20
     for hi in range(len(counts), 0, -step):
