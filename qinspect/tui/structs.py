@@ -13,7 +13,9 @@ Rows, details and titles are display text: every string from the image is escape
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +33,7 @@ from qinspect.qcow2.fields import (
     QCOW_SNAPSHOT_HEADER,
     QCRYPTO_BLOCK_LUKS_HEADER,
     QCRYPTO_BLOCK_LUKS_KEY_SLOT,
+    Record,
     key_slot_offset,
 )
 from qinspect.qcow2.image import Image
@@ -83,8 +86,6 @@ Target = StructRef | GuestTarget | HostTarget | None
 # size, Header attribute); padding has no attribute.
 HEADER_FIELDS: tuple[tuple[str, int, int, str], ...] = tuple(
     (f.name, f.offset, f.size, "" if f.text else f.name) for f in QCOW_HEADER)
-SNAPSHOT_FIELDS = tuple((f.offset, f.size) for f in QCOW_SNAPSHOT_HEADER)
-BITMAP_FIELDS = tuple((f.offset, f.size) for f in QCOW2_BITMAP_DIR_ENTRY)
 # The LUKS1 header's fields before the key slots (each slot gets a row of its own).
 LUKS_FIELDS: tuple[tuple[str, int, int], ...] = tuple(
     (f.name, f.offset, f.size) for f in QCRYPTO_BLOCK_LUKS_HEADER if f.name != "key_slots")
@@ -115,6 +116,54 @@ def quoted(text: str | None) -> str:
 
 def _dim_zero(colour: str | None, byte: int) -> str | None:
     return DIM if byte == 0 else colour
+
+
+def field_colour(index: int) -> str:
+    """The colour of a structure's field number `index` (in its table and its hex bytes)."""
+    return FIELD_CYCLE[index % len(FIELD_CYCLE)]
+
+
+def field_colours(off: int, data: bytes, fields: Sequence[tuple[int, int]], base: int = 0) -> list[str | None]:
+    """A colour per byte of `data` (read at file offset `off`) of a structure at `base` whose fields
+    are (offset, size) ranges: each field its `field_colour`, bytes outside every field none."""
+    out: list[str | None] = []
+    for k, b in enumerate(data):
+        rel = off + k - base
+        colour = None
+        for i, (fo, fs) in enumerate(fields):
+            if fo <= rel < fo + fs:
+                colour = field_colour(i)
+                break
+        out.append(_dim_zero(colour, b))
+    return out
+
+
+class DirectoryEntry(Protocol):
+    """An entry of a snapshot table or bitmap directory: a fixed record, then extra data and names."""
+
+    @property
+    def entry_offset(self) -> int: ...
+
+    @property
+    def entry_size(self) -> int: ...
+
+
+def entry_colours(off: int, data: bytes, entries: Sequence[DirectoryEntry], record: Record,
+                  colour: str) -> list[str | None]:
+    """A colour per byte of `data` (read at file offset `off`) of a table of variable-size entries
+    that each start with `record`: the record's fields by `field_colour`, the rest of an entry
+    (extra data, id, name) `colour`, bytes between entries none."""
+    out: list[str | None] = []
+    for k, b in enumerate(data):
+        pos = off + k
+        c = None
+        for e in entries:
+            if e.entry_offset <= pos < e.entry_offset + e.entry_size:
+                i = record.field_at(pos - e.entry_offset)
+                c = colour if i is None else field_colour(i)
+                break
+        out.append(_dim_zero(c, b))
+    return out
 
 
 class TableModel:
@@ -177,6 +226,7 @@ class HeaderModel(TableModel):
         self.fields = [f for f in HEADER_FIELDS if f[1] + f[2] <= last]
         if h.version == 3 and h.header_length > QCOW_HEADER.size:
             self.fields.append(("unknown header fields", QCOW_HEADER.size, h.header_length - QCOW_HEADER.size, ""))
+        self.spans = [(fo, fs) for _n, fo, fs, _a in self.fields]
         self.start = 0
         self.length = HEADER_V2_SIZE if h.version == 2 else h.header_length
 
@@ -222,7 +272,7 @@ class HeaderModel(TableModel):
             val = ""
         else:
             val = str(v)
-        return [(name, FIELD_CYCLE[i % len(FIELD_CYCLE)]), (str(off), None), (str(size), None), (val, None),
+        return [(name, field_colour(i)), (str(off), None), (str(size), None), (val, None),
                 (self._meaning(name), DIM)]
 
     def span(self, i: int) -> tuple[int, int] | None:
@@ -234,16 +284,7 @@ class HeaderModel(TableModel):
         return f"{name}: bytes {off}..{off + size - 1}  {self._meaning(name)}"
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, b in enumerate(data):
-            pos = off + k
-            colour = None
-            for i, (_n, fo, fs, _a) in enumerate(self.fields):
-                if fo <= pos < fo + fs:
-                    colour = FIELD_CYCLE[i % len(FIELD_CYCLE)]
-                    break
-            out.append(_dim_zero(colour, b))
-        return out
+        return field_colours(off, data, self.spans)
 
     def target(self, i: int) -> Target:
         name = self.fields[i][0]
@@ -294,7 +335,7 @@ class ExtensionsModel(TableModel):
 
     def row(self, i: int) -> list[Cell]:
         e = self.exts[i]
-        colour = FIELD_CYCLE[i % len(FIELD_CYCLE)]
+        colour = field_colour(i)
         return [(str(i), None), (str(e.offset), None), (f"{e.magic:08x}", colour), (str(e.length), None),
                 (e.name, colour), (self._content(i), DIM)]
 
@@ -313,7 +354,7 @@ class ExtensionsModel(TableModel):
             colour = None
             for i, e in enumerate(self.exts):
                 if e.offset <= pos < e.data_offset + e.length:
-                    colour = FLAG_BYTE if pos < e.data_offset else FIELD_CYCLE[i % len(FIELD_CYCLE)]
+                    colour = FLAG_BYTE if pos < e.data_offset else field_colour(i)
                     break
             out.append(_dim_zero(colour, b))
         return out
@@ -731,20 +772,7 @@ class SnapshotTableModel(TableModel):
         return StructRef("snapshot_l1", owner=i, offset=self.snaps[i].l1_table_offset)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, b in enumerate(data):
-            pos = off + k
-            colour = None
-            for s in self.snaps:
-                if s.entry_offset <= pos < s.entry_offset + s.entry_size:
-                    rel = pos - s.entry_offset
-                    colour = KIND_COLOURS["snapshot_table"]
-                    for j, (fo, fs) in enumerate(SNAPSHOT_FIELDS):
-                        if fo <= rel < fo + fs:
-                            colour = FIELD_CYCLE[j % len(FIELD_CYCLE)]
-                    break
-            out.append(_dim_zero(colour, b))
-        return out
+        return entry_colours(off, data, self.snaps, QCOW_SNAPSHOT_HEADER, KIND_COLOURS["snapshot_table"])
 
 
 class BitmapDirectoryModel(TableModel):
@@ -785,20 +813,7 @@ class BitmapDirectoryModel(TableModel):
         return StructRef("bitmap_table", index=i, offset=self.bitmaps[i].bitmap_table_offset)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, byte in enumerate(data):
-            pos = off + k
-            colour = None
-            for b in self.bitmaps:
-                if b.entry_offset <= pos < b.entry_offset + b.entry_size:
-                    rel = pos - b.entry_offset
-                    colour = KIND_COLOURS["bitmap_directory"]
-                    for j, (fo, fs) in enumerate(BITMAP_FIELDS):
-                        if fo <= rel < fo + fs:
-                            colour = FIELD_CYCLE[j % len(FIELD_CYCLE)]
-                    break
-            out.append(_dim_zero(colour, byte))
-        return out
+        return entry_colours(off, data, self.bitmaps, QCOW2_BITMAP_DIR_ENTRY, KIND_COLOURS["bitmap_directory"])
 
 
 class BitmapTableModel(TableModel):
@@ -873,29 +888,21 @@ class LuksModel(TableModel):
             state = f"active, {slot.iterations} iterations, {slot.stripes} stripes" if slot.active else "inactive"
             self.rows.append((f"key slot {k}", key_slot_offset(k), QCRYPTO_BLOCK_LUKS_KEY_SLOT.size,
                               f"{state}, key material at +{slot.key_offset}"))
+        self.spans = [(fo, fs) for _n, fo, fs, _v in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def row(self, i: int) -> list[Cell]:
         name, off, _size, val = self.rows[i]
-        return [(name, FIELD_CYCLE[i % len(FIELD_CYCLE)]), (str(off), None), (val, None)]
+        return [(name, field_colour(i)), (str(off), None), (val, None)]
 
     def span(self, i: int) -> tuple[int, int] | None:
         _n, off, size, _v = self.rows[i]
         return self.start + off, self.start + off + size
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, b in enumerate(data):
-            rel = off + k - self.start
-            colour = None
-            for i, (_n, fo, fs, _v) in enumerate(self.rows):
-                if fo <= rel < fo + fs:
-                    colour = FIELD_CYCLE[i % len(FIELD_CYCLE)]
-                    break
-            out.append(_dim_zero(colour, b))
-        return out
+        return field_colours(off, data, self.spans, self.start)
 
 
 def model_for(img: Image, ref: StructRef) -> TableModel:
