@@ -1,0 +1,49 @@
+"""The base of the Line-API widgets (grid, entry table, hex view): rendered lines kept as Strips.
+
+`render_line` is called for every visible line on every refresh; drawing a line means formatting
+entries or counting cells, so each widget keeps the Strips it drew in a bounded LRU cache, keyed
+by everything the line's look depends on (row, scroll, width, cursor, focus, data version). This
+class owns that cache; a widget says how many lines it keeps and what a line's key is.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import ClassVar
+
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+
+class CachedLineView(ScrollView):
+    """A `ScrollView` whose lines are drawn once per key and then served from a cache."""
+
+    MAX_CACHED_LINES: ClassVar[int] = 300
+
+    def __init__(self, *, name: str | None = None, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(name=name, id=id, classes=classes)
+        self._lines: OrderedDict[tuple[int, ...], Strip] = OrderedDict()
+
+    def cached_line(self, key: tuple[int, ...], draw: Callable[[], Strip]) -> Strip:
+        """The line drawn for `key`: from the cache, or drawn now and kept (the oldest dropped)."""
+        strip = self._lines.get(key)
+        if strip is None:
+            strip = draw()
+            self._lines[key] = strip
+            while len(self._lines) > self.MAX_CACHED_LINES:
+                self._lines.popitem(last=False)
+        return strip
+
+    def forget_lines(self) -> None:
+        """Drop every cached line (the data, the layout or the look changed)."""
+        self._lines.clear()
+
+    def on_focus(self) -> None:
+        # The cursor is drawn differently with and without the focus.
+        self.forget_lines()
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.forget_lines()
+        self.refresh()
