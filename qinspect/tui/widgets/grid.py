@@ -24,7 +24,7 @@ from textual.strip import Strip
 from qinspect.tui.fmt import hex_width
 from qinspect.tui.guestmap import GLYPHS
 from qinspect.tui.palette import DIM, PaletteState
-from qinspect.tui.widgets.lineview import CachedLineView
+from qinspect.tui.widgets.lineview import PAGE_KEYS, CachedLineView
 
 U8 = npt.NDArray[np.uint8]
 MARK_STYLE = Style(underline=True, bold=True)
@@ -60,10 +60,7 @@ class ClusterGrid(CachedLineView, can_focus=True):
         Binding("right,l", "move(1, 0)", "→", show=False),
         Binding("up,k", "move(0, -1)", "↑", show=False),
         Binding("down,j", "move(0, 1)", "↓", show=False),
-        Binding("pageup", "page(-1)", "PgUp", show=False),
-        Binding("pagedown", "page(1)", "PgDn", show=False),
-        Binding("home", "edge(-1)", "Home", show=False),
-        Binding("end", "edge(1)", "End", show=False),
+        *PAGE_KEYS,
         Binding("plus,equals_sign", "zoom(-1)", "Zoom in", key_display="+", show=False),
         Binding("minus", "zoom(1)", "Zoom out", key_display="-", show=False),
         Binding("enter", "activate", "Follow", key_display="⏎"),

@@ -12,8 +12,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import ClassVar
 
+from textual.binding import Binding
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
+
+PAGE_KEYS = (
+    Binding("pageup", "page(-1)", "PgUp", show=False),
+    Binding("pagedown", "page(1)", "PgDn", show=False),
+    Binding("home", "edge(-1)", "Home", show=False),
+    Binding("end", "edge(1)", "End", show=False),
+)
+"""Paging and the jumps to either end: the same keys in every widget with a cursor (each has
+`action_page(direction)` and `action_edge(direction)`)."""
 
 
 class CachedLineView(ScrollView):

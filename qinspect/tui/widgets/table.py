@@ -20,7 +20,7 @@ from textual.strip import Strip
 
 from qinspect.tui.palette import CURSOR_STYLE, DIM
 from qinspect.tui.structs import TableModel
-from qinspect.tui.widgets.lineview import CachedLineView
+from qinspect.tui.widgets.lineview import PAGE_KEYS, CachedLineView
 
 
 class EntryTable(CachedLineView, can_focus=True):
@@ -29,10 +29,7 @@ class EntryTable(CachedLineView, can_focus=True):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("up,k", "move(-1)", "↑", show=False),
         Binding("down,j", "move(1)", "↓", show=False),
-        Binding("pageup", "page(-1)", "PgUp", show=False),
-        Binding("pagedown", "page(1)", "PgDn", show=False),
-        Binding("home", "edge(-1)", "Home", show=False),
-        Binding("end", "edge(1)", "End", show=False),
+        *PAGE_KEYS,
         Binding("enter", "activate", "Follow"),
     ]
 
