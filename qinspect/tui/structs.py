@@ -195,7 +195,8 @@ class TableModel:
         return None
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        """A colour per byte of `data` (read at file offset `off`)."""
+        """A colour per byte of `data` (read at file offset `off`; the hex view draws only the bytes
+        of the structure, `start` .. `start + length`): by default the structure's colour."""
         colour = KIND_COLOURS.get(self.kind)
         return [_dim_zero(colour, b) for b in data]
 
@@ -659,16 +660,6 @@ class RefcountTableModel(TableModel):
         off = int(self.offsets[i])
         return StructRef("refblock", index=i, offset=off) if off else None
 
-    def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, b in enumerate(data):
-            i = (off + k - self.start) // 8
-            if not 0 <= i < len(self.entries):
-                out.append(None)
-                continue
-            out.append(_dim_zero(KIND_COLOURS["refcount_table"], b))
-        return out
-
 
 class RefblockModel(TableModel):
     columns = (("#", 7), ("host cluster", 14), ("refcount", 10), ("", 30))
@@ -717,9 +708,6 @@ class RefblockModel(TableModel):
 
     def target(self, i: int) -> Target:
         return HostTarget((self.base + i) * self.img.cluster_size)
-
-    def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        return [_dim_zero(KIND_COLOURS["refcount_block"], b) for b in data]
 
 
 # -- snapshots, bitmaps, LUKS -------------------------------------------------------------------------
@@ -855,9 +843,6 @@ class BitmapTableModel(TableModel):
     def target(self, i: int) -> Target:
         off = int(self.entries[i]) & C.BME_TABLE_ENTRY_OFFSET_MASK
         return HostTarget(off) if off else None
-
-    def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        return [_dim_zero(KIND_COLOURS["bitmap_table"], b) for b in data]
 
 
 class LuksModel(TableModel):
