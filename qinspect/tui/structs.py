@@ -394,56 +394,76 @@ class BackingNameModel(TableModel):
         return self.start, self.start + self.length
 
 
-# -- L1 and L2 tables -------------------------------------------------------------------------------
-class L1Model(TableModel):
-    columns = (("#", 7), ("guest from", 14), ("raw entry", 17), ("L2 table", 12), ("flags", 16))
-    kind = "l1"
+# -- the first level of the two-level tables --------------------------------------------------------
+class PointerTableModel(TableModel):
+    """A table of 8-byte entries that each point at one cluster or at nothing: the L1 table (at L2
+    tables) and the refcount table (at refcount blocks). A row is the entry's index, where what it
+    covers starts, the raw entry, the cluster it points at and its flags."""
 
-    def __init__(self, img: Image, owner: int = -1) -> None:
+    points_to = "unknown"  # palette kind of the clusters the entries point at
+    reserved_mask = 0
+
+    def __init__(self, img: Image, start: int, entries: U64, offset_mask: int, per: int) -> None:
         super().__init__(img)
-        h = img.header
-        if owner < 0:
-            self.entries = img.l1_table
-            self.start = h.l1_table_offset
-            self.title = f"Active L1 table ({h.l1_size} entries)"
-        else:
-            sn = img.snapshots[owner]
-            self.entries = img.snapshot_l1_table(owner, pad=True)
-            self.start = sn.l1_table_offset
-            self.title = f"L1 table of snapshot {for_terminal(sn.id_str)} {quoted(sn.name)} ({sn.l1_size} entries)"
-            self.kind = "snapshot_l1"
-        self.owner = owner
-        self.length = len(self.entries) * 8
-        self.span_bytes = h.l2_size * h.cluster_size
-        self.offsets = (self.entries & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+        self.start = start
+        self.entries = entries
+        self.length = len(entries) * 8
+        self.per = per  # bytes (of the guest or of the file) that one entry covers
+        self.offsets = (entries & np.uint64(offset_mask)).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def row(self, i: int) -> list[Cell]:
-        e = int(self.entries[i])
-        off = int(self.offsets[i])
+    def flags(self, e: int, off: int) -> list[str]:
+        """The flags column of an entry `e` pointing at `off`."""
         flags = []
-        if e & C.QCOW_OFLAG_COPIED:
-            flags.append("COPIED")
-        if e & C.L1E_RESERVED_MASK:
+        if e & self.reserved_mask:
             flags.append("RESERVED!")
         if off % self.img.cluster_size:
             flags.append("UNALIGNED!")
-        colour = KIND_COLOURS["l2"] if off else DIM
-        return [(str(i), None), (fmt.hexoff(i * self.span_bytes), None), (f"{e:016x}", colour),
-                (fmt.hexoff(off) if off else "-", colour), (" ".join(flags), None)]
+        return flags
+
+    def row(self, i: int) -> list[Cell]:
+        e = int(self.entries[i])
+        off = int(self.offsets[i])
+        colour = KIND_COLOURS[self.points_to] if off else DIM
+        return [(str(i), None), (fmt.hexoff(i * self.per), None), (f"{e:016x}", colour),
+                (fmt.hexoff(off) if off else "-", colour), (" ".join(self.flags(e, off)), None)]
 
     def span(self, i: int) -> tuple[int, int] | None:
         return self.start + 8 * i, self.start + 8 * i + 8
 
+
+# -- L1 and L2 tables -------------------------------------------------------------------------------
+class L1Model(PointerTableModel):
+    columns = (("#", 7), ("guest from", 14), ("raw entry", 17), ("L2 table", 12), ("flags", 16))
+    kind = "l1"
+    points_to = "l2"
+    reserved_mask = C.L1E_RESERVED_MASK
+
+    def __init__(self, img: Image, owner: int = -1) -> None:
+        h = img.header
+        if owner < 0:
+            super().__init__(img, h.l1_table_offset, img.l1_table, C.L1E_OFFSET_MASK, h.l2_size * h.cluster_size)
+            self.title = f"Active L1 table ({h.l1_size} entries)"
+        else:
+            sn = img.snapshots[owner]
+            super().__init__(img, sn.l1_table_offset, img.snapshot_l1_table(owner, pad=True), C.L1E_OFFSET_MASK,
+                             h.l2_size * h.cluster_size)
+            self.title = f"L1 table of snapshot {for_terminal(sn.id_str)} {quoted(sn.name)} ({sn.l1_size} entries)"
+            self.kind = "snapshot_l1"
+        self.owner = owner
+
+    def flags(self, e: int, off: int) -> list[str]:
+        return (["COPIED"] if e & C.QCOW_OFLAG_COPIED else []) + super().flags(e, off)
+
     def detail(self, i: int) -> str:
         e = int(self.entries[i])
         off = int(self.offsets[i])
-        guest = i * self.span_bytes
+        guest = i * self.per
         where = f"L2 table at {fmt.hexoff(off)}" if off else "no L2 table (all unallocated)"
         return (f"L1[{i}] at {fmt.hexoff(self.start + 8 * i)} = {e:016x}: guest {fmt.hexoff(guest)}.."
-                f"{fmt.hexoff(guest + self.span_bytes - 1)} → {where}"
+                f"{fmt.hexoff(guest + self.per - 1)} → {where}"
                 f"{', COPIED' if e & C.QCOW_OFLAG_COPIED else ''}")
 
     def target(self, i: int) -> Target:
@@ -617,38 +637,18 @@ class L2Model(TableModel):
 
 
 # -- refcounts ---------------------------------------------------------------------------------------
-class RefcountTableModel(TableModel):
+class RefcountTableModel(PointerTableModel):
     columns = (("#", 7), ("covers host from", 16), ("raw entry", 17), ("block", 12), ("flags", 12))
     kind = "refcount_table"
+    points_to = "refcount_block"
+    reserved_mask = C.REFT_RESERVED_MASK
 
     def __init__(self, img: Image) -> None:
-        super().__init__(img)
         h = img.header
-        self.entries = img.refcount_table
-        self.start = h.refcount_table_offset
-        self.length = len(self.entries) * 8
-        self.per = h.refcount_block_entries * h.cluster_size
-        self.offsets = (self.entries & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64)
+        super().__init__(img, h.refcount_table_offset, img.refcount_table, C.REFT_OFFSET_MASK,
+                         h.refcount_block_entries * h.cluster_size)
         self.used = int(np.count_nonzero(self.offsets))
         self.title = f"Refcount table ({len(self.entries)} entries, {self.used} blocks)"
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def row(self, i: int) -> list[Cell]:
-        e = int(self.entries[i])
-        off = int(self.offsets[i])
-        colour = KIND_COLOURS["refcount_block"] if off else DIM
-        flags = []
-        if e & C.REFT_RESERVED_MASK:
-            flags.append("RESERVED!")
-        if off % self.img.cluster_size:
-            flags.append("UNALIGNED!")
-        return [(str(i), None), (fmt.hexoff(i * self.per), None), (f"{e:016x}", colour),
-                (fmt.hexoff(off) if off else "-", colour), (" ".join(flags), None)]
-
-    def span(self, i: int) -> tuple[int, int] | None:
-        return self.start + 8 * i, self.start + 8 * i + 8
 
     def detail(self, i: int) -> str:
         off = int(self.offsets[i])
