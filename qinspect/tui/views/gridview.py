@@ -79,6 +79,10 @@ class GridView(View):
         """The legend above the grid."""
         raise NotImplementedError
 
+    def _inspect(self) -> RenderableType:
+        """The inspector panel: what is under the cursor (it starts with `inspector_head`)."""
+        raise NotImplementedError
+
     @property
     def grid(self) -> ClusterGrid:
         return self.query_one(ClusterGrid)

@@ -1,9 +1,10 @@
 """The base of the Line-API widgets (grid, entry table, hex view): rendered lines kept as Strips.
 
 `render_line` is called for every visible line on every refresh; drawing a line means formatting
-entries or counting cells, so each widget keeps the Strips it drew in a bounded LRU cache, keyed
-by everything the line's look depends on (row, scroll, width, cursor, focus, data version). This
-class owns that cache; a widget says how many lines it keeps and what a line's key is.
+entries or counting cells, so each widget keeps the Strips it drew in a bounded cache (the first
+kept is dropped first), keyed by everything the line's look depends on (row, scroll, width,
+cursor, focus, data version). This class owns that cache; a widget says how many lines it keeps
+and what a line's key is. The widgets with a cursor share their paging keys (`PAGE_KEYS`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class CachedLineView(ScrollView):
         self._lines: OrderedDict[tuple[int, ...], Strip] = OrderedDict()
 
     def cached_line(self, key: tuple[int, ...], draw: Callable[[], Strip]) -> Strip:
-        """The line drawn for `key`: from the cache, or drawn now and kept (the oldest dropped)."""
+        """The line drawn for `key`: from the cache, or drawn now and kept (the first kept is dropped
+        when the cache is full)."""
         strip = self._lines.get(key)
         if strip is None:
             strip = draw()
