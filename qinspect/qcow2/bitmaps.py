@@ -6,8 +6,7 @@ table imports it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Severity
@@ -23,8 +22,7 @@ BME_MAX_TABLE_SIZE = 0x8000000
 BME_MAX_PHYS_SIZE = 0x20000000
 
 
-@dataclass(frozen=True, slots=True)
-class Bitmap:
+class Bitmap(NamedTuple):
     """One bitmap directory entry."""
 
     entry_offset: int

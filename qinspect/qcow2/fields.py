@@ -7,20 +7,20 @@ them and the layout's reverse lookup names the header field that points at a clu
 field's offset lives here and nowhere else. Integers are big-endian (as qcow2 and LUKS store
 them); `Field.text` marks character arrays and byte blobs.
 
-This module imports only the standard library (`info` and error paths use it at start-up).
+This module imports only the standard library (`info` and error paths use it at start-up); its
+records are `NamedTuple`s, not dataclasses (`dataclasses` imports `inspect`: milliseconds of a start).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     """One field of a record: its name, byte offset in the record and size in bytes."""
 
     name: str

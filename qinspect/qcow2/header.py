@@ -8,7 +8,7 @@ impossible cluster size or header length) and records everything else QEMU would
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
@@ -39,8 +39,7 @@ def _at(name: str) -> int:
     return QCOW_HEADER.offset(name)
 
 
-@dataclass(frozen=True)
-class HeaderExtension:
+class HeaderExtension(NamedTuple):
     """One header extension: its file offset (of the type field), magic and raw data."""
 
     offset: int
@@ -63,8 +62,7 @@ class HeaderExtension:
         return self.data_offset + ((self.length + 7) & ~7)
 
 
-@dataclass(frozen=True)
-class FeatureName:
+class FeatureName(NamedTuple):
     """An entry of the feature name table: (type 0/1/2, bit) → name."""
 
     type: int
@@ -72,8 +70,7 @@ class FeatureName:
     name: str
 
 
-@dataclass(frozen=True)
-class BitmapsExtension:
+class BitmapsExtension(NamedTuple):
     """The bitmaps header extension: where the bitmap directory is."""
 
     nb_bitmaps: int
@@ -82,46 +79,67 @@ class BitmapsExtension:
     bitmap_directory_offset: int
 
 
-@dataclass(frozen=True)
-class CryptoHeaderExtension:
+class CryptoHeaderExtension(NamedTuple):
     """The full disk encryption header pointer (LUKS region in the image file)."""
 
     offset: int
     length: int
 
 
-@dataclass
 class Header:
-    """Every header field, the parsed extensions and the values QEMU derives from them."""
+    """Every header field, the parsed extensions and the values QEMU derives from them.
 
-    magic: int
-    version: int
-    backing_file_offset: int
-    backing_file_size: int
-    cluster_bits: int
-    size: int
-    crypt_method: int
-    l1_size: int
-    l1_table_offset: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    nb_snapshots: int
-    snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = HEADER_V2_SIZE
-    compression_type: int = C.COMPRESSION_TYPE_ZLIB
-    extensions: list[HeaderExtension] = field(default_factory=list)
-    extension_area_end: int = 0
-    backing_file: str | None = None
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: list[FeatureName] = field(default_factory=list)
-    bitmaps_ext: BitmapsExtension | None = None
-    crypto_ext: CryptoHeaderExtension | None = None
-    unknown_header_bytes: bytes = b""
+    `read_header` fills it in as it parses (the v3 fields, the extensions, the names), so it is a
+    mutable record: a plain class with `__slots__` rather than a dataclass (`dataclasses` imports
+    `inspect`, milliseconds of every `qinspect info`). Nothing compares or hashes headers.
+    """
+
+    __slots__ = ("autoclear_features", "backing_file", "backing_file_offset", "backing_file_size", "backing_format",
+                 "bitmaps_ext", "cluster_bits", "compatible_features", "compression_type", "crypt_method",
+                 "crypto_ext", "data_file", "extension_area_end", "extensions", "feature_names", "header_length",
+                 "incompatible_features", "l1_size", "l1_table_offset", "magic", "nb_snapshots", "refcount_order",
+                 "refcount_table_clusters", "refcount_table_offset", "size", "snapshots_offset",
+                 "unknown_header_bytes", "version")
+
+    def __init__(self, magic: int, version: int, backing_file_offset: int, backing_file_size: int,
+                 cluster_bits: int, size: int, crypt_method: int, l1_size: int, l1_table_offset: int,
+                 refcount_table_offset: int, refcount_table_clusters: int, nb_snapshots: int,
+                 snapshots_offset: int) -> None:
+        """The v2 fields, in their on-disk order; `read_header` sets the rest."""
+        self.magic = magic
+        self.version = version
+        self.backing_file_offset = backing_file_offset
+        self.backing_file_size = backing_file_size
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.crypt_method = crypt_method
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        # version 3 and later (v2 headers: QEMU's implied values)
+        self.incompatible_features = 0
+        self.compatible_features = 0
+        self.autoclear_features = 0
+        self.refcount_order = 4
+        self.header_length = HEADER_V2_SIZE
+        self.compression_type = C.COMPRESSION_TYPE_ZLIB
+        # the extension area and what it names
+        self.extensions: list[HeaderExtension] = []
+        self.extension_area_end = 0
+        self.backing_file: str | None = None
+        self.backing_format: str | None = None
+        self.data_file: str | None = None
+        self.feature_names: list[FeatureName] = []
+        self.bitmaps_ext: BitmapsExtension | None = None
+        self.crypto_ext: CryptoHeaderExtension | None = None
+        self.unknown_header_bytes = b""
+
+    def __repr__(self) -> str:
+        return (f"<Header v{self.version}, {self.size} bytes, cluster_bits {self.cluster_bits}, "
+                f"{len(self.extensions)} extensions>")
 
     # -- geometry -------------------------------------------------------------------------------
     @property

@@ -25,10 +25,9 @@ import os
 import stat
 import struct
 import sys
-from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from qinspect.qcow2.errors import Qcow2Error
 
@@ -82,8 +81,7 @@ class ExtentMethod(IntEnum):
         return ("fiemap", "seek-hole", "none")[self.value]
 
 
-@dataclass(frozen=True)
-class HostExtents:
+class HostExtents(NamedTuple):
     """The file `[0, size)` cut into consecutive ranges `[start, end)` of one `ExtentKind` each."""
 
     start: I64
@@ -374,8 +372,7 @@ class HostFile:
         self.close()
 
 
-@dataclass(frozen=True)
-class FileIdentity:
+class FileIdentity(NamedTuple):
     """What identifies a host file as it was seen (device, inode, size, mtime), to tell later whether
     the path was replaced by another file or the file was changed, before answers from two states of
     it are mixed (the TUI's reopen, the fleet scan)."""

@@ -12,7 +12,7 @@ qemu-img command.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from qinspect.qcow2.constants import BDRV_MAX_LENGTH
 from qinspect.qcow2.errors import Problem, Severity
@@ -39,8 +39,7 @@ _CIPHER_KEY_BYTES = {"aes": (16, 24, 32), "cast5": (16,), "serpent": (16, 24, 32
 _ESSIV_FAMILY = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}
 
 
-@dataclass(frozen=True)
-class LuksKeySlot:
+class LuksKeySlot(NamedTuple):
     """One of the 8 LUKS1 key slots."""
 
     active: bool
@@ -49,8 +48,7 @@ class LuksKeySlot:
     stripes: int
 
 
-@dataclass(frozen=True)
-class LuksHeader:
+class LuksHeader(NamedTuple):
     """The LUKS1 partition header, with names the way qemu-img info reports them."""
 
     version: int
