@@ -119,23 +119,19 @@ def run_info(args: argparse.Namespace) -> int:
                 info["in-use"] = state
             print_json(infos if args.backing_chain else infos[0])
             return 0
-        from qinspect.cli.render import console, err_console, literal
+        from qinspect.cli.render import print_lines
 
         for i, info in enumerate(infos):
             if args.backing_chain:
                 what = "the image" if i == 0 else f"backing file of layer {i - 1}"
-                title = literal(f"-- layer {i}: ", "bold")
-                title.append_text(literal(info["filename"], "bold"))
-                title.append(f" ({what}) --", "bold")
-                console().print(title)
+                print_lines([[(f"-- layer {i}: ", "bold"), (for_terminal(str(info["filename"])), "bold"),
+                              (f" ({what}) --", "bold")]])
             _print_info(info, states[i])
-        err = err_console()
-        for p in img.problems[:MAX_WARNINGS]:
-            line = literal("warning: ", "yellow")
-            line.append_text(literal(p))  # names come from the file
-            err.print(line, soft_wrap=True)
+        # names come from the file: escaped
+        warnings = [[("warning: ", "yellow"), (for_terminal(str(p)), "")] for p in img.problems[:MAX_WARNINGS]]
         if len(img.problems) > MAX_WARNINGS:
-            err.print(literal(f"warning: ... and {len(img.problems) - MAX_WARNINGS} more problems", "yellow"))
+            warnings.append([(f"warning: ... and {len(img.problems) - MAX_WARNINGS} more problems", "yellow")])
+        print_lines(warnings, sys.stderr)
     return 0
 
 
@@ -154,9 +150,8 @@ def _chain_in_use(img: ImageMeta, n: int) -> list[str | None]:
 def _print_info(info: dict[str, object], state: str | None) -> None:
     from datetime import UTC, datetime
 
-    from qinspect.cli.render import console, table
+    from qinspect.cli.render import print_lines, print_table, table
 
-    c = console()
     vs = int(info["virtual-size"])  # type: ignore[call-overload]
     rows: list[tuple[str, str]] = [
         ("image", str(info["filename"])),
@@ -182,7 +177,7 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
     t = table("field", "value")
     for k, v in rows:
         t.add_row(k, v)
-    c.print(t)
+    print_table(t)
     snaps = info.get("snapshots")
     if isinstance(snaps, list) and snaps:
         st = table("ID", "TAG", "VM SIZE#", "DATE", "VM CLOCK", "ICOUNT#", title="Snapshot list")
@@ -192,9 +187,10 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
             clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 1_000_000:03d}"
             st.add_row(s["id"], s["name"], format_size(s["vm-state-size"]), date, clock,
                        str(s["icount"]) if "icount" in s else "")
-        c.print(st)
+        print_table(st)
         if len(snaps) > MAX_SNAPSHOT_ROWS:
-            c.print(f"... and {len(snaps) - MAX_SNAPSHOT_ROWS} more snapshots (--output=json lists them all)")
+            print_lines([[(f"... and {len(snaps) - MAX_SNAPSHOT_ROWS} more snapshots (--output=json lists them all)",
+                           "")]])
     fs = info.get("format-specific")
     if isinstance(fs, dict):
         ft = table("format specific", "value")
@@ -210,7 +206,7 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
                 ft.add_row("encrypt", _encrypt_summary(v))
             else:
                 ft.add_row(k, json.dumps(v) if isinstance(v, bool) else str(v))
-        c.print(ft)
+        print_table(ft)
 
 
 def _encrypt_summary(enc: dict[str, object]) -> str:
@@ -328,17 +324,9 @@ def run_check(args: argparse.Namespace) -> int:
 def _print_check(res: CheckResult, live: bool, path: str) -> None:
     """qemu-img check's human report. Off a terminal it is written as plain lines (what Rich prints
     there anyway: no colour, no wrapping), so a scripted `qinspect check` never imports Rich."""
-    lines = _check_lines(res, live, path)
-    if not sys.stdout.isatty():
-        sys.stdout.write("".join("".join(text for text, _style in line) + "\n" for line in lines))
-        return
-    from rich.text import Text
+    from qinspect.cli.render import print_lines
 
-    from qinspect.cli.render import console
-
-    c = console()
-    for line in lines:
-        c.print(Text.assemble(*line))
+    print_lines(_check_lines(res, live, path))
 
 
 def _check_lines(res: CheckResult, live: bool, path: str) -> list[list[tuple[str, str]]]:
