@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -222,9 +221,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and each command's parser, by name. With `only`, just that command's
-    options are declared (the others keep their name and help): what running one command needs
-    (argparse's help strings cost start-up time)."""
+    """The top-level parser and each command's parser, by name. With `only` a command's name, just
+    that command's parser (what running it needs: every parser argparse makes costs start-up time);
+    with `only=""`, every command's name and help but none of their options (the top-level --help)."""
     parser = _Parser(
         prog="qinspect",
         description="See where a qcow2 image's bytes are and why it is slow. "
@@ -238,6 +237,8 @@ def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dic
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parsers: dict[str, argparse.ArgumentParser] = {}
     for name, cmd in COMMANDS.items():
+        if only and name != only:
+            continue
         p = sub.add_parser(name, help=cmd.help_text, description=cmd.help_text,
                            epilog=f"example:\n  {cmd.example}\n\n{EXIT_CODES}", formatter_class=_Formatter)
         if only is None or name == only:
@@ -264,10 +265,9 @@ def synopsis() -> str:
 
 
 def _resolve(target: str) -> Handler:
-    import importlib
-
     mod, func = target.split(":")
-    handler: Handler = getattr(importlib.import_module(mod), func)
+    __import__(mod)  # (importlib itself is an import more at every start)
+    handler: Handler = getattr(sys.modules[mod], func)
     return handler
 
 
@@ -282,6 +282,12 @@ def suggest(word: str) -> str | None:
     prefix = [n for n in names if n.startswith(word)] if len(word) >= 2 else []
     if len(prefix) == 1:
         return prefix[0]
+    # difflib's first bound (real_quick_ratio: 2 * shorter length / both lengths) rules out a word
+    # far longer than every command, such as an image's path, without importing difflib.
+    if not any(2 * min(len(word), len(n)) >= 0.6 * (len(word) + len(n)) for n in names):
+        return None
+    import difflib  # (only for a word that may be a mistyped command: not at every start)
+
     close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
     return close[0] if close else None
 

@@ -9,7 +9,6 @@ qemu-img's "check not completed" (qemu-img itself refuses to open it).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -18,7 +17,6 @@ from qinspect.analysis.info import chain_info, image_info
 from qinspect.analysis.opening import require_files
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.meta import ImageMeta, MetaLayer, open_meta
-from qinspect.shellquote import UnsafeArgument, command_line
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size, format_size_exact
 
@@ -28,8 +26,8 @@ if TYPE_CHECKING:
     from qinspect.qcow2.image import Image
 
 # Start-up is most of a small command's time, so this module imports only what `info` needs (the
-# metadata: no numpy). `map` and `check` import the walks (and numpy) when they run; Rich
-# (qinspect.cli.render) is imported only for human output.
+# metadata: no numpy). `map` and `check` import the walks (and numpy) when they run, JSON output
+# the json module, and human output qinspect.cli.render (which imports Rich only on a terminal).
 
 # Bounds on human output: a hostile image can carry 65536 snapshots and as many problems.
 MAX_WARNINGS = 50
@@ -100,6 +98,8 @@ def print_json(obj: object) -> None:
     """JSON the way qemu-img pretty-prints it (4-space indent); strings stay exact (escaped by
     JSON). Written as it is encoded: 65,536 snapshots must not cost a string of the whole answer
     and millions of pieces at once."""
+    import json  # (human output needs none of it)
+
     out: list[str] = []
     for piece in json.JSONEncoder(indent=4).iterencode(obj):
         out.append(piece)
@@ -148,8 +148,6 @@ def _chain_in_use(img: ImageMeta, n: int) -> list[str | None]:
 
 
 def _print_info(info: dict[str, object], state: str | None) -> None:
-    from datetime import UTC, datetime
-
     from qinspect.cli.render import print_lines, print_table, table
 
     vs = int(info["virtual-size"])  # type: ignore[call-overload]
@@ -180,6 +178,8 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
     print_table(t)
     snaps = info.get("snapshots")
     if isinstance(snaps, list) and snaps:
+        from datetime import UTC, datetime  # (only for snapshots: not at every start)
+
         st = table("ID", "TAG", "VM SIZE#", "DATE", "VM CLOCK", "ICOUNT#", title="Snapshot list")
         for s in snaps[:MAX_SNAPSHOT_ROWS]:  # a table of 65536 rows takes minutes to render
             date = datetime.fromtimestamp(s["date-sec"], UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -205,7 +205,7 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
             elif k == "encrypt":
                 ft.add_row("encrypt", _encrypt_summary(v))
             else:
-                ft.add_row(k, json.dumps(v) if isinstance(v, bool) else str(v))
+                ft.add_row(k, ("true" if v else "false") if isinstance(v, bool) else str(v))  # as JSON spells them
         print_table(ft)
 
 
@@ -277,6 +277,8 @@ def run_map(args: argparse.Namespace) -> int:
 # -- check --------------------------------------------------------------------------------------------
 def repair_command(args: argparse.Namespace) -> str:
     """The qemu-img command that does the repair qinspect refuses to do (one pasteable line)."""
+    from qinspect.shellquote import command_line
+
     argv = ["qemu-img", "check", "-r", args.repair]
     if args.format:
         argv += ["-f", args.format]
@@ -284,6 +286,8 @@ def repair_command(args: argparse.Namespace) -> str:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from qinspect.shellquote import UnsafeArgument
+
     if args.repair is not None:
         try:
             cmd = f"run: {repair_command(args)}"
@@ -331,6 +335,8 @@ def _print_check(res: CheckResult, live: bool, path: str) -> None:
 
 def _check_lines(res: CheckResult, live: bool, path: str) -> list[list[tuple[str, str]]]:
     """The report as lines of (text, Rich style) segments; text from the image is escaped here."""
+    from qinspect.shellquote import UnsafeArgument, command_line
+
     out: list[list[tuple[str, str]]] = []
 
     def line(*segments: str | tuple[str, str]) -> None:

@@ -20,7 +20,6 @@ and the metadata path (`open_meta`, `ImageMeta`, `fields`, `constants`) never im
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -130,6 +129,8 @@ def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'qinspect.qcow2' has no attribute {name!r}")
+    import importlib  # (here, not at the top: `info` imports this package and never needs it)
+
     if where == "":
         return importlib.import_module(f"qinspect.qcow2.{name}")
     value = getattr(importlib.import_module(f"qinspect.qcow2.{where}"), name)

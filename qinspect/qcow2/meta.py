@@ -9,7 +9,7 @@ error path start fast. `qinspect.qcow2.image.Image` extends it with the tables a
 from __future__ import annotations
 
 import os
-import threading
+from _thread import allocate_lock  # (threading's Lock, without importing threading at start-up)
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from types import TracebackType
@@ -95,7 +95,7 @@ class SharedMetadata:
         file) are not among them: each open looks again, and puts its own at `host_at`."""
         self.host_at = host_at
         self.backing: SharedMetadata | None = None
-        self._lock = threading.Lock()
+        self._lock = allocate_lock()
         self._memo: dict[str, object] = {}
 
     def once(self, key: str, make: Callable[[], T]) -> T:
