@@ -15,25 +15,32 @@ and the error paths import neither numpy nor Rich (tests/test_startup_imports.py
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, NoReturn
 
 from qinspect import __version__
 from qinspect.termtext import for_terminal
 from qinspect.units import SizeError, parse_size
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 Handler = Callable[[argparse.Namespace], int]
 Configure = Callable[[argparse.ArgumentParser], None]
 
 
-class Command(NamedTuple):
-    help_text: str
-    configure: Configure
-    target: str  # "module:function" that runs it
-    example: str
+class Command:
+    """A subcommand as declared: its help, what adds its options, what runs it, an example."""
+
+    __slots__ = ("configure", "example", "help_text", "target")
+
+    def __init__(self, help_text: str, configure: Configure, target: str, example: str) -> None:
+        self.help_text = help_text
+        self.configure = configure
+        self.target = target  # "module:function" that runs it
+        self.example = example
 
 
 COMMANDS: dict[str, Command] = {}
@@ -398,6 +405,8 @@ def guarded(handler: Handler, args: argparse.Namespace, image: str | None) -> in
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        import contextlib
+
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 1

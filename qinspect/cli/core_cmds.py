@@ -11,19 +11,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from qinspect.analysis.info import chain_info, image_info
 from qinspect.analysis.opening import require_files
 from qinspect.qcow2.errors import Qcow2Error
-from qinspect.qcow2.meta import ImageMeta, MetaLayer, open_meta
+from qinspect.qcow2.meta import ImageMeta, open_meta
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size, format_size_exact
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:
     from qinspect.analysis.check import CheckResult
     from qinspect.analysis.map import MapRuns
     from qinspect.qcow2.image import Image
+    from qinspect.qcow2.meta import MetaLayer
 
 # Start-up is most of a small command's time, so this module imports only what `info` needs (the
 # metadata: no numpy). `map` and `check` import the walks (and numpy) when they run, JSON output

@@ -19,11 +19,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING, Literal, NamedTuple
 
 from qinspect.termtext import for_terminal
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:  # Rich is imported where it draws: on a terminal, or for a table only it can lay out
+    from typing import IO, Literal
+
     from rich.console import Console
     from rich.style import StyleType
     from rich.table import Table as RichTable
@@ -103,10 +105,13 @@ def _plain_line(text: str) -> bool:
 
 
 # -- tables -------------------------------------------------------------------------------------------
-class Styled(NamedTuple):
+class Styled:
     """A table cell of styled segments, shown as given (the caller escapes text from an image)."""
 
-    segments: tuple[tuple[str, str], ...]
+    __slots__ = ("segments",)
+
+    def __init__(self, segments: tuple[tuple[str, str], ...]) -> None:
+        self.segments = segments
 
     @property
     def plain(self) -> str:

@@ -20,9 +20,10 @@ and the metadata path (`open_meta`, `ImageMeta`, `fields`, `constants`) never im
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:
+    from typing import Any
+
     from qinspect.qcow2 import constants, fields
     from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_table
     from qinspect.qcow2.errors import EncryptedDataError, Problem, Qcow2Error, Severity

@@ -8,8 +8,6 @@ impossible cluster size or header length) and records everything else QEMU would
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
 from qinspect.qcow2.fields import (
@@ -39,13 +37,20 @@ def _at(name: str) -> int:
     return QCOW_HEADER.offset(name)
 
 
-class HeaderExtension(NamedTuple):
+# The records are `__slots__` classes (see `qinspect.qcow2.errors.Problem`), read-only by convention.
+class HeaderExtension:
     """One header extension: its file offset (of the type field), magic and raw data."""
 
-    offset: int
-    magic: int
-    length: int
-    data: bytes
+    __slots__ = ("data", "length", "magic", "offset")
+
+    def __init__(self, offset: int, magic: int, length: int, data: bytes) -> None:
+        self.offset = offset
+        self.magic = magic
+        self.length = length
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"HeaderExtension(offset={self.offset}, magic={self.magic:#x}, length={self.length})"
 
     @property
     def name(self) -> str:
@@ -62,28 +67,49 @@ class HeaderExtension(NamedTuple):
         return self.data_offset + ((self.length + 7) & ~7)
 
 
-class FeatureName(NamedTuple):
+class FeatureName:
     """An entry of the feature name table: (type 0/1/2, bit) → name."""
 
-    type: int
-    bit: int
-    name: str
+    __slots__ = ("bit", "name", "type")
+
+    def __init__(self, type: int, bit: int, name: str) -> None:
+        self.type = type
+        self.bit = bit
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"FeatureName(type={self.type}, bit={self.bit}, name={self.name!r})"
 
 
-class BitmapsExtension(NamedTuple):
+class BitmapsExtension:
     """The bitmaps header extension: where the bitmap directory is."""
 
-    nb_bitmaps: int
-    reserved: int
-    bitmap_directory_size: int
-    bitmap_directory_offset: int
+    __slots__ = ("bitmap_directory_offset", "bitmap_directory_size", "nb_bitmaps", "reserved")
+
+    def __init__(self, nb_bitmaps: int, reserved: int, bitmap_directory_size: int,
+                 bitmap_directory_offset: int) -> None:
+        self.nb_bitmaps = nb_bitmaps
+        self.reserved = reserved
+        self.bitmap_directory_size = bitmap_directory_size
+        self.bitmap_directory_offset = bitmap_directory_offset
+
+    def __repr__(self) -> str:
+        return (f"BitmapsExtension(nb_bitmaps={self.nb_bitmaps}, reserved={self.reserved}, "
+                f"bitmap_directory_size={self.bitmap_directory_size}, "
+                f"bitmap_directory_offset={self.bitmap_directory_offset})")
 
 
-class CryptoHeaderExtension(NamedTuple):
+class CryptoHeaderExtension:
     """The full disk encryption header pointer (LUKS region in the image file)."""
 
-    offset: int
-    length: int
+    __slots__ = ("length", "offset")
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+
+    def __repr__(self) -> str:
+        return f"CryptoHeaderExtension(offset={self.offset}, length={self.length})"
 
 
 class Header:

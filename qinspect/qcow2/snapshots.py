@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple, overload
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Severity
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_EXTRA_DATA as EXTRA
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER as SN
 from qinspect.qcow2.hostfile import HostFile
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
+if TYPE_CHECKING:
+    from typing import overload
 
 _SN = SN.struct()  # 40 bytes
 _EXTRA_DATA_SIZE_AT = SN.offset("extra_data_size")
@@ -27,9 +30,8 @@ class Snapshot:
     `entry_offset`/`entry_size` locate the table entry in the file (size without padding).
     `icount` is None when QEMU would treat it as -1 (absent or disabled).
 
-    An immutable value (compared and hashed by its fields), written out rather than a dataclass
-    (`dataclasses` imports `inspect`, milliseconds of every `qinspect info`) and not a `NamedTuple`
-    (its `index` field would hide `tuple.index`).
+    An immutable value, compared and hashed by its fields (a `__slots__` record: see
+    `qinspect.qcow2.errors.Problem`).
     """
 
     __slots__ = ("date_nsec", "date_sec", "disk_size", "entry_offset", "entry_size", "extra_data_size", "icount",
@@ -139,10 +141,12 @@ class SnapshotList(Sequence[Snapshot]):
     def __len__(self) -> int:
         return len(self._ints) // _ROW
 
-    @overload
-    def __getitem__(self, index: int) -> Snapshot: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Snapshot]: ...
+    if TYPE_CHECKING:
+        @overload
+        def __getitem__(self, index: int) -> Snapshot: ...
+        @overload
+        def __getitem__(self, index: slice) -> list[Snapshot]: ...
+
     def __getitem__(self, index: int | slice) -> Snapshot | list[Snapshot]:
         n = len(self)
         if isinstance(index, slice):
@@ -161,13 +165,19 @@ class SnapshotList(Sequence[Snapshot]):
         return f"<SnapshotList of {len(self)} snapshots>"
 
 
-class SnapshotTable(NamedTuple):
-    """All snapshots and the table's byte length (QEMU's `snapshots_size`)."""
+class SnapshotTable:
+    """All snapshots and the table's byte length (QEMU's `snapshots_size`); read-only by convention."""
 
-    snapshots: Sequence[Snapshot]
-    size: int
-    # Why qcow2_read_snapshots fails, in QEMU's words: (error, hint); qemu-img check prints them.
-    qemu_error: tuple[str, str] | None = None
+    __slots__ = ("qemu_error", "size", "snapshots")
+
+    def __init__(self, snapshots: Sequence[Snapshot], size: int, qemu_error: tuple[str, str] | None = None) -> None:
+        self.snapshots = snapshots
+        self.size = size
+        self.qemu_error = qemu_error
+        """Why qcow2_read_snapshots fails, in QEMU's words: (error, hint); qemu-img check prints them."""
+
+    def __repr__(self) -> str:
+        return f"SnapshotTable({len(self.snapshots)} snapshots, size={self.size}, qemu_error={self.qemu_error!r})"
 
 
 def read_snapshot_table(
