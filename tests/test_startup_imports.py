@@ -49,9 +49,10 @@ def _modules_after(args: list[str], env: dict[str, str] | None = None) -> tuple[
     return int(rc), set(tops.split(",")), ours
 
 
-SLOW_TO_IMPORT = {"numpy", "rich", "textual", "inspect", "dataclasses", "difflib"}
-"""Modules the small commands must not import: numpy and the UI toolkits, and `dataclasses`
-(which imports `inspect`, ~5 ms) and `difflib` (only for "did you mean")."""
+SLOW_TO_IMPORT = {"numpy", "rich", "textual", "inspect", "dataclasses", "typing", "difflib"}
+"""Modules the small commands must not import: numpy and the UI toolkits, `dataclasses` (which
+imports `inspect`, ~5 ms), `typing` (~3 ms: the metadata records are `__slots__` classes, not
+NamedTuples) and `difflib` (only for "did you mean")."""
 
 
 @pytest.mark.parametrize("args", [

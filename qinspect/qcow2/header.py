@@ -116,8 +116,8 @@ class Header:
     """Every header field, the parsed extensions and the values QEMU derives from them.
 
     `read_header` fills it in as it parses (the v3 fields, the extensions, the names), so it is a
-    mutable record: a plain class with `__slots__` rather than a dataclass (`dataclasses` imports
-    `inspect`, milliseconds of every `qinspect info`). Nothing compares or hashes headers.
+    mutable record, a `__slots__` class (see `qinspect.qcow2.errors.Problem` on why not a
+    dataclass). Nothing compares or hashes headers.
     """
 
     __slots__ = ("autoclear_features", "backing_file", "backing_file_offset", "backing_file_size", "backing_format",
