@@ -164,17 +164,18 @@ def table(*columns: str, title: str | None = None) -> Table:
     return Table(*columns, title=title)
 
 
-def print_table(t: Table, c: Console | None = None) -> None:
-    """Print `t` on stdout, or on the Rich console `c`: plain lines off a terminal (`plain_lines`,
-    without importing Rich), Rich's table on one or where only Rich can lay it out."""
-    out: IO[str] = sys.stdout if c is None else c.file
-    if not on_terminal(out):
-        lines = plain_lines(t, PIPE_WIDTH if c is None else c.width)
+def print_table(t: Table) -> None:
+    """Print `t` on stdout: plain lines off a terminal (`plain_lines`, without importing Rich),
+    Rich's table on one, or where only Rich can lay it out. (`scan`, which writes to a file of
+    its choosing, calls `plain_lines` and `to_rich` itself.)"""
+    # (A terminal Rich is told is none, TTY_COMPATIBLE=0, still sets its console's width: Rich's.)
+    if not on_terminal(sys.stdout) and not sys.stdout.isatty():
+        lines = plain_lines(t, PIPE_WIDTH)
         if lines is not None:
-            out.write("".join(line + "\n" for line in lines))
-            out.flush()  # as Rich does after each print
+            sys.stdout.write("".join(line + "\n" for line in lines))
+            sys.stdout.flush()  # as Rich does after each print
             return
-    c = console() if c is None else c
+    c = console()
     c.print(to_rich(t, c.is_terminal))
 
 
