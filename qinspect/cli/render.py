@@ -181,9 +181,18 @@ def print_table(t: Table) -> None:
 
 # Characters Rich measures as one cell without its Unicode tables (rich.cells' single-cell ranges,
 # less the C1 controls, which `for_terminal` escapes anyway): text made of them has len() cells.
-_ONE_CELL = frozenset(chr(c) for lo, hi in ((0x20, 0x7E), (0xA0, 0xAC), (0xAE, 0x2FF), (0x370, 0x482),
-                                            (0x2500, 0x25FC), (0x2800, 0x28FF)) for c in range(lo, hi + 1))
-_one_cell = _ONE_CELL.issuperset
+_ONE_CELL_RANGES = ((0x20, 0x7E), (0xA0, 0xAC), (0xAE, 0x2FF), (0x370, 0x482), (0x2500, 0x25FC), (0x2800, 0x28FF))
+_one_cell_chars: frozenset[str] | None = None  # made when a cell first holds more than printable ASCII
+
+
+def _one_cell(text: str) -> bool:
+    """Whether every character of `text` is one cell wide for Rich, without its Unicode tables."""
+    global _one_cell_chars
+    if text.isascii() and text.isprintable():
+        return True
+    if _one_cell_chars is None:
+        _one_cell_chars = frozenset(chr(c) for lo, hi in _ONE_CELL_RANGES for c in range(lo, hi + 1))
+    return _one_cell_chars.issuperset(text)
 
 
 def plain_lines(t: Table, width: int = PIPE_WIDTH) -> list[str] | None:
