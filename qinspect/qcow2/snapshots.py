@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import overload
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Severity
@@ -18,17 +16,27 @@ from qinspect.qcow2.fields import QCOW_SNAPSHOT_EXTRA_DATA as EXTRA
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER as SN
 from qinspect.qcow2.hostfile import HostFile
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
+if TYPE_CHECKING:
+    from typing import overload
+
 _SN = SN.struct()  # 40 bytes
 _EXTRA_DATA_SIZE_AT = SN.offset("extra_data_size")
 
 
-@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One internal snapshot: its own L1 table and metadata.
 
     `entry_offset`/`entry_size` locate the table entry in the file (size without padding).
     `icount` is None when QEMU would treat it as -1 (absent or disabled).
+
+    An immutable value, compared and hashed by its fields (a `__slots__` record: see
+    `qinspect.qcow2.errors.Problem`).
     """
+
+    __slots__ = ("date_nsec", "date_sec", "disk_size", "entry_offset", "entry_size", "extra_data_size", "icount",
+                 "id_str", "index", "l1_size", "l1_table_offset", "name", "unknown_extra_data", "vm_clock_nsec",
+                 "vm_state_size")
 
     index: int
     entry_offset: int
@@ -45,6 +53,54 @@ class Snapshot:
     disk_size: int | None
     icount: int | None
     unknown_extra_data: bytes
+
+    def __init__(self, index: int, entry_offset: int, entry_size: int, l1_table_offset: int, l1_size: int,
+                 id_str: str, name: str, date_sec: int, date_nsec: int, vm_clock_nsec: int, vm_state_size: int,
+                 extra_data_size: int, disk_size: int | None, icount: int | None, unknown_extra_data: bytes) -> None:
+        init = object.__setattr__
+        init(self, "index", index)
+        init(self, "entry_offset", entry_offset)
+        init(self, "entry_size", entry_size)
+        init(self, "l1_table_offset", l1_table_offset)
+        init(self, "l1_size", l1_size)
+        init(self, "id_str", id_str)
+        init(self, "name", name)
+        init(self, "date_sec", date_sec)
+        init(self, "date_nsec", date_nsec)
+        init(self, "vm_clock_nsec", vm_clock_nsec)
+        init(self, "vm_state_size", vm_state_size)
+        init(self, "extra_data_size", extra_data_size)
+        init(self, "disk_size", disk_size)
+        init(self, "icount", icount)
+        init(self, "unknown_extra_data", unknown_extra_data)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Snapshot is immutable: cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Snapshot is immutable: cannot delete field {name!r}")
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.index, self.entry_offset, self.entry_size, self.l1_table_offset, self.l1_size, self.id_str,
+                self.name, self.date_sec, self.date_nsec, self.vm_clock_nsec, self.vm_state_size,
+                self.extra_data_size, self.disk_size, self.icount, self.unknown_extra_data)
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, Snapshot) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __reduce__(self) -> tuple[type[Snapshot], tuple[object, ...]]:
+        return Snapshot, self._key()
+
+    def __repr__(self) -> str:
+        return (f"Snapshot(index={self.index!r}, entry_offset={self.entry_offset!r}, entry_size={self.entry_size!r}, "
+                f"l1_table_offset={self.l1_table_offset!r}, l1_size={self.l1_size!r}, id_str={self.id_str!r}, "
+                f"name={self.name!r}, date_sec={self.date_sec!r}, date_nsec={self.date_nsec!r}, "
+                f"vm_clock_nsec={self.vm_clock_nsec!r}, vm_state_size={self.vm_state_size!r}, "
+                f"extra_data_size={self.extra_data_size!r}, disk_size={self.disk_size!r}, icount={self.icount!r}, "
+                f"unknown_extra_data={self.unknown_extra_data!r})")
 
 
 _NO_ICOUNT = (1 << 64) - 1  # QEMU's -1: no icount (what an absent field means too)
@@ -85,10 +141,12 @@ class SnapshotList(Sequence[Snapshot]):
     def __len__(self) -> int:
         return len(self._ints) // _ROW
 
-    @overload
-    def __getitem__(self, index: int) -> Snapshot: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Snapshot]: ...
+    if TYPE_CHECKING:
+        @overload
+        def __getitem__(self, index: int) -> Snapshot: ...
+        @overload
+        def __getitem__(self, index: slice) -> list[Snapshot]: ...
+
     def __getitem__(self, index: int | slice) -> Snapshot | list[Snapshot]:
         n = len(self)
         if isinstance(index, slice):
@@ -107,14 +165,19 @@ class SnapshotList(Sequence[Snapshot]):
         return f"<SnapshotList of {len(self)} snapshots>"
 
 
-@dataclass(frozen=True)
 class SnapshotTable:
-    """All snapshots and the table's byte length (QEMU's `snapshots_size`)."""
+    """All snapshots and the table's byte length (QEMU's `snapshots_size`); read-only by convention."""
 
-    snapshots: Sequence[Snapshot]
-    size: int
-    # Why qcow2_read_snapshots fails, in QEMU's words: (error, hint); qemu-img check prints them.
-    qemu_error: tuple[str, str] | None = None
+    __slots__ = ("qemu_error", "size", "snapshots")
+
+    def __init__(self, snapshots: Sequence[Snapshot], size: int, qemu_error: tuple[str, str] | None = None) -> None:
+        self.snapshots = snapshots
+        self.size = size
+        self.qemu_error = qemu_error
+        """Why qcow2_read_snapshots fails, in QEMU's words: (error, hint); qemu-img check prints them."""
+
+    def __repr__(self) -> str:
+        return f"SnapshotTable({len(self.snapshots)} snapshots, size={self.size}, qemu_error={self.qemu_error!r})"
 
 
 def read_snapshot_table(
