@@ -28,9 +28,12 @@ def test_json_commands_import_no_ui(command: str) -> None:
 
 
 def _modules_after(args: list[str], env: dict[str, str] | None = None) -> tuple[int, set[str], str]:
-    """Run `qinspect ARGS` in a fresh interpreter; its exit code and the top-level packages it loaded."""
+    """Run `qinspect ARGS` in a fresh interpreter; its exit code and the top-level packages it loaded
+    (beyond what the interpreter's own start-up loaded: a `.pth` file may import typing itself)."""
     code = (
-        "import io, sys, contextlib\n"
+        "import sys\n"
+        "before = set(sys.modules)\n"  # what the interpreter's start-up (site, .pth files) loaded
+        "import io, contextlib\n"
         "from qinspect.cli import main\n"
         "out, err = io.StringIO(), io.StringIO()\n"
         "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
@@ -39,7 +42,7 @@ def _modules_after(args: list[str], env: dict[str, str] | None = None) -> tuple[
         "    except SystemExit as e:\n"
         "        rc = e.code\n"
         "print(rc)\n"
-        "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+        "print(','.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))\n"
         "print(','.join(sorted(m for m in sys.modules if m.startswith('qinspect'))))\n"
     )
     clean = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
