@@ -16,13 +16,16 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
+from qinspect.qcow2.value import Value
+
 _INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
-class Field:
+class Field(Value):
     """One field of a record: its name, byte offset in the record and size in bytes (immutable)."""
 
     __slots__ = ("name", "offset", "size", "text")
+    FIELDS = ("name", "offset", "size", "text")
 
     name: str
     offset: int
@@ -30,26 +33,7 @@ class Field:
     text: bool  # a character array or byte blob, not a big-endian integer
 
     def __init__(self, name: str, offset: int, size: int, text: bool = False) -> None:
-        init = object.__setattr__
-        init(self, "name", name)
-        init(self, "offset", offset)
-        init(self, "size", size)
-        init(self, "text", text)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"Field is immutable: cannot assign to {name!r}")
-
-    def _key(self) -> tuple[str, int, int, bool]:
-        return (self.name, self.offset, self.size, self.text)
-
-    def __eq__(self, other: object) -> bool:
-        return self._key() == other._key() if isinstance(other, Field) else NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return f"Field(name={self.name!r}, offset={self.offset!r}, size={self.size!r}, text={self.text!r})"
+        self._assign(name, offset, size, text)
 
     @property
     def end(self) -> int:

@@ -28,6 +28,7 @@ from enum import IntEnum
 from types import TracebackType
 
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.value import Value
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:  # numpy is imported by the prober's functions only: opening a file (`info`) needs none
@@ -408,13 +409,14 @@ class HostFile:
         self.close()
 
 
-class FileIdentity:
+class FileIdentity(Value):
     """What identifies a host file as it was seen (device, inode, size, mtime), to tell later whether
     the path was replaced by another file or the file was changed, before answers from two states of
     it are mixed (the TUI's reopen, the fleet scan). An immutable value, compared and hashed by its
-    fields (a `__slots__` record: see `qinspect.qcow2.errors.Problem`)."""
+    fields (`qinspect.qcow2.value.Value`)."""
 
     __slots__ = ("dev", "ino", "mtime_ns", "size")
+    FIELDS = ("dev", "ino", "size", "mtime_ns")
 
     dev: int
     ino: int
@@ -422,29 +424,7 @@ class FileIdentity:
     mtime_ns: int
 
     def __init__(self, dev: int, ino: int, size: int, mtime_ns: int) -> None:
-        init = object.__setattr__
-        init(self, "dev", dev)
-        init(self, "ino", ino)
-        init(self, "size", size)
-        init(self, "mtime_ns", mtime_ns)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"FileIdentity is immutable: cannot assign to {name!r}")
-
-    def _key(self) -> tuple[int, int, int, int]:
-        return (self.dev, self.ino, self.size, self.mtime_ns)
-
-    def __eq__(self, other: object) -> bool:
-        return self._key() == other._key() if isinstance(other, FileIdentity) else NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __reduce__(self) -> tuple[type[FileIdentity], tuple[int, int, int, int]]:
-        return FileIdentity, self._key()
-
-    def __repr__(self) -> str:
-        return f"FileIdentity(dev={self.dev}, ino={self.ino}, size={self.size}, mtime_ns={self.mtime_ns})"
+        self._assign(dev, ino, size, mtime_ns)
 
     @classmethod
     def of_stat(cls, st: os.stat_result) -> FileIdentity:

@@ -15,6 +15,7 @@ from qinspect.qcow2.errors import Problem, Severity
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_EXTRA_DATA as EXTRA
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER as SN
 from qinspect.qcow2.hostfile import HostFile
+from qinspect.qcow2.value import Value
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:
@@ -24,19 +25,21 @@ _SN = SN.struct()  # 40 bytes
 _EXTRA_DATA_SIZE_AT = SN.offset("extra_data_size")
 
 
-class Snapshot:
+class Snapshot(Value):
     """One internal snapshot: its own L1 table and metadata.
 
     `entry_offset`/`entry_size` locate the table entry in the file (size without padding).
     `icount` is None when QEMU would treat it as -1 (absent or disabled).
 
-    An immutable value, compared and hashed by its fields (a `__slots__` record: see
-    `qinspect.qcow2.errors.Problem`).
+    An immutable value, compared and hashed by its fields (`qinspect.qcow2.value.Value`).
     """
 
     __slots__ = ("date_nsec", "date_sec", "disk_size", "entry_offset", "entry_size", "extra_data_size", "icount",
                  "id_str", "index", "l1_size", "l1_table_offset", "name", "unknown_extra_data", "vm_clock_nsec",
                  "vm_state_size")
+    FIELDS = ("index", "entry_offset", "entry_size", "l1_table_offset", "l1_size", "id_str", "name", "date_sec",
+              "date_nsec", "vm_clock_nsec", "vm_state_size", "extra_data_size", "disk_size", "icount",
+              "unknown_extra_data")
 
     index: int
     entry_offset: int
@@ -57,50 +60,8 @@ class Snapshot:
     def __init__(self, index: int, entry_offset: int, entry_size: int, l1_table_offset: int, l1_size: int,
                  id_str: str, name: str, date_sec: int, date_nsec: int, vm_clock_nsec: int, vm_state_size: int,
                  extra_data_size: int, disk_size: int | None, icount: int | None, unknown_extra_data: bytes) -> None:
-        init = object.__setattr__
-        init(self, "index", index)
-        init(self, "entry_offset", entry_offset)
-        init(self, "entry_size", entry_size)
-        init(self, "l1_table_offset", l1_table_offset)
-        init(self, "l1_size", l1_size)
-        init(self, "id_str", id_str)
-        init(self, "name", name)
-        init(self, "date_sec", date_sec)
-        init(self, "date_nsec", date_nsec)
-        init(self, "vm_clock_nsec", vm_clock_nsec)
-        init(self, "vm_state_size", vm_state_size)
-        init(self, "extra_data_size", extra_data_size)
-        init(self, "disk_size", disk_size)
-        init(self, "icount", icount)
-        init(self, "unknown_extra_data", unknown_extra_data)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"Snapshot is immutable: cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"Snapshot is immutable: cannot delete field {name!r}")
-
-    def _key(self) -> tuple[object, ...]:
-        return (self.index, self.entry_offset, self.entry_size, self.l1_table_offset, self.l1_size, self.id_str,
-                self.name, self.date_sec, self.date_nsec, self.vm_clock_nsec, self.vm_state_size,
-                self.extra_data_size, self.disk_size, self.icount, self.unknown_extra_data)
-
-    def __eq__(self, other: object) -> bool:
-        return self._key() == other._key() if isinstance(other, Snapshot) else NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __reduce__(self) -> tuple[type[Snapshot], tuple[object, ...]]:
-        return Snapshot, self._key()
-
-    def __repr__(self) -> str:
-        return (f"Snapshot(index={self.index!r}, entry_offset={self.entry_offset!r}, entry_size={self.entry_size!r}, "
-                f"l1_table_offset={self.l1_table_offset!r}, l1_size={self.l1_size!r}, id_str={self.id_str!r}, "
-                f"name={self.name!r}, date_sec={self.date_sec!r}, date_nsec={self.date_nsec!r}, "
-                f"vm_clock_nsec={self.vm_clock_nsec!r}, vm_state_size={self.vm_state_size!r}, "
-                f"extra_data_size={self.extra_data_size!r}, disk_size={self.disk_size!r}, icount={self.icount!r}, "
-                f"unknown_extra_data={self.unknown_extra_data!r})")
+        self._assign(index, entry_offset, entry_size, l1_table_offset, l1_size, id_str, name, date_sec, date_nsec,
+                     vm_clock_nsec, vm_state_size, extra_data_size, disk_size, icount, unknown_extra_data)
 
 
 _NO_ICOUNT = (1 << 64) - 1  # QEMU's -1: no icount (what an absent field means too)
