@@ -7,12 +7,13 @@ here; importing them does not import Textual or Rich.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 __all__ = ["Image", "Qcow2Error", "__version__", "open_image"]
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:
+    from typing import Any
+
     from qinspect.qcow2.errors import Qcow2Error
     from qinspect.qcow2.image import Image, open_image
 

@@ -13,8 +13,9 @@ import re
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-_DEC = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]?)")
-_HEX = re.compile(r"0x([0-9a-f]+)\s*([kmgtp]?)")   # b and e are hex digits: no byte/exa suffix on hex
+_DEC = r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]?)"
+_HEX = r"0x([0-9a-f]+)\s*([kmgtp]?)"   # b and e are hex digits: no byte/exa suffix on hex
+# (patterns, compiled by `re` when a size is first parsed: not at every start)
 MAX_SIZE = (1 << 63) - 1                             # what QEMU's int64 sizes can hold
 
 
@@ -65,11 +66,11 @@ def parse_size(text: str, *, maximum: int = MAX_SIZE) -> int:
     Raises SizeError for anything else, for negative sizes and for sizes above `maximum`.
     """
     t = text.strip().lower()
-    m = _HEX.fullmatch(t)
+    m = re.fullmatch(_HEX, t)
     if m:
         value = int(m.group(1), 16) << _SUFFIX[m.group(2)]
     else:
-        m = _DEC.fullmatch(t)
+        m = re.fullmatch(_DEC, t)
         if m is None or m.group(2) not in _SUFFIX:
             raise SizeError(f"invalid size '{text}'")
         number, shift = m.group(1), _SUFFIX[m.group(2)]

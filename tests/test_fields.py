@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import subprocess
+from dataclasses import dataclass
 
 import pytest
 from conftest import SAMPLES
@@ -65,12 +66,23 @@ def test_field_lookup_errors() -> None:
     assert F.QCOW_HEADER.field_at(200) is None
 
 
+@dataclass(frozen=True)
+class _Entry:
+    entry_offset: int
+    entry_size: int
+
+
 def test_tui_hex_colouring_reads_the_table() -> None:
     from qinspect.tui import structs
 
     assert [f[:3] for f in structs.HEADER_FIELDS] == [(f.name, f.offset, f.size) for f in F.QCOW_HEADER]
-    assert tuple((f.offset, f.size) for f in F.QCOW_SNAPSHOT_HEADER) == structs.SNAPSHOT_FIELDS
-    assert tuple((f.offset, f.size) for f in F.QCOW2_BITMAP_DIR_ENTRY) == structs.BITMAP_FIELDS
+    # A snapshot table entry and a bitmap directory entry are coloured by their record's fields;
+    # the bytes after the fixed part (extra data, id, name) by the structure's colour.
+    for rec in (F.QCOW_SNAPSHOT_HEADER, F.QCOW2_BITMAP_DIR_ENTRY):
+        entry = _Entry(entry_offset=100, entry_size=rec.size + 5)
+        colours = structs.entry_colours(96, bytes([1]) * (rec.size + 12), [entry], rec, "rest")
+        want = [None] * 4 + [structs.field_colour(i) for i, f in enumerate(rec) for _ in range(f.size)]
+        assert colours == want + ["rest"] * 5 + [None] * 3, rec.name
 
 
 def test_no_other_module_spells_header_structs() -> None:

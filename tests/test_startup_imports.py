@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, Samples
 
 IMAGE = SAMPLES / "basic64k.qcow2"
 
@@ -26,10 +27,13 @@ def test_json_commands_import_no_ui(command: str) -> None:
     assert r.stdout.split("\n")[-2] == "0 [] []", r.stdout + r.stderr
 
 
-def _modules_after(args: list[str]) -> tuple[int, set[str], str]:
-    """Run `qinspect ARGS` in a fresh interpreter; its exit code and the top-level packages it loaded."""
+def _modules_after(args: list[str], env: dict[str, str] | None = None) -> tuple[int, set[str], str]:
+    """Run `qinspect ARGS` in a fresh interpreter; its exit code and the top-level packages it loaded
+    (beyond what the interpreter's own start-up loaded: a `.pth` file may import typing itself)."""
     code = (
-        "import io, sys, contextlib\n"
+        "import sys\n"
+        "before = set(sys.modules)\n"  # what the interpreter's start-up (site, .pth files) loaded
+        "import io, contextlib\n"
         "from qinspect.cli import main\n"
         "out, err = io.StringIO(), io.StringIO()\n"
         "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
@@ -38,17 +42,30 @@ def _modules_after(args: list[str]) -> tuple[int, set[str], str]:
         "    except SystemExit as e:\n"
         "        rc = e.code\n"
         "print(rc)\n"
-        "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+        "print(','.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))\n"
         "print(','.join(sorted(m for m in sys.modules if m.startswith('qinspect'))))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    clean = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                       env={**clean, **(env or {})})
     rc, tops, ours = r.stdout.strip().split("\n")[-3:]
     return int(rc), set(tops.split(",")), ours
+
+
+SLOW_TO_IMPORT = {"numpy", "rich", "textual", "inspect", "dataclasses", "typing", "difflib"}
+"""Modules the small commands must not import: numpy and the UI toolkits, `dataclasses` (which
+imports `inspect`, ~5 ms), `typing` (~3 ms: the metadata records are `__slots__` classes, not
+NamedTuples) and `difflib` (only for "did you mean")."""
 
 
 @pytest.mark.parametrize("args", [
     ["info", "--output=json", str(IMAGE)],
     ["info", "--output=json", "--backing-chain", str(IMAGE)],
+    ["info", str(IMAGE)],
+    ["info", "--backing-chain", str(IMAGE)],
+    ["info", "--output=human", "{snapshots}"],
+    ["info", "--output=json", "{snapshots}"],
+    ["info", "--backing-chain", "{chain_top}"],
     ["--help"],
     ["info", "--help"],
     ["diagnose", "--help"],
@@ -58,10 +75,12 @@ def _modules_after(args: list[str]) -> tuple[int, set[str], str]:
     ["check", str(SAMPLES / "README.md")],
     ["/nonexistent/image.qcow2"],
 ], ids=lambda a: " ".join(a).replace(str(IMAGE), "IMAGE"))
-def test_info_help_and_errors_import_no_numpy_nor_rich(args: list[str]) -> None:
-    rc, tops, ours = _modules_after(args)
+def test_info_help_and_errors_import_no_numpy_nor_rich(args: list[str], samples: Samples) -> None:
+    """`info` (JSON and human output off a terminal), `--help` and the error paths: none of the
+    slow imports, and only the metadata opened."""
+    rc, tops, ours = _modules_after([str(samples.path(a[1:-1])) if a.startswith("{") else a for a in args])
     assert rc in (0, 1), rc
-    assert not tops & {"numpy", "rich", "textual"}, sorted(tops & {"numpy", "rich", "textual"})
+    assert not tops & SLOW_TO_IMPORT, sorted(tops & SLOW_TO_IMPORT)
     assert "qinspect.qcow2.image" not in ours.split(","), ours  # only the metadata was opened
 
 
@@ -86,12 +105,39 @@ def test_human_check_off_a_terminal_imports_no_rich() -> None:
     assert "rich" not in tops
 
 
-def test_human_info_imports_rich_but_not_numpy() -> None:
-    """Human `info` prints Rich tables (so imports Rich), and still reads no table needing numpy."""
-    rc, tops, _ours = _modules_after(["info", str(IMAGE)])
+def test_human_info_on_a_terminal_imports_rich_but_not_numpy() -> None:
+    """On a terminal (Rich's TTY_COMPATIBLE=1 rule stands in for one) human `info` draws Rich's
+    tables, and still reads no table needing numpy."""
+    rc, tops, _ours = _modules_after(["info", str(IMAGE)], env={"TTY_COMPATIBLE": "1"})
     assert rc == 0
     assert "rich" in tops
     assert "numpy" not in tops
+
+
+def test_human_info_off_a_terminal_is_rich_s_output(samples: Samples) -> None:
+    """Off a terminal the tables are written without Rich, byte for byte as Rich writes them
+    there: the same command run with the plain writer turned off (so that every table goes to
+    Rich, as one the writer declines does) prints the same bytes."""
+    code = (
+        "import io, sys, contextlib\n"
+        "from qinspect.cli import main, render\n"
+        "if sys.argv[1] == 'rich':\n"
+        "    render.plain_lines = lambda t, width=render.PIPE_WIDTH: None\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    rc = main(sys.argv[2:])\n"
+        "sys.stdout.write(out.getvalue())\n"
+        "print(rc, 'rich' in sys.modules)\n"
+    )
+    for image in (IMAGE, samples.path("snapshots"), samples.path("bitmaps"), samples.path("chain_top")):
+        outs = []
+        for how in ("plain", "rich"):
+            r = subprocess.run([sys.executable, "-c", code, how, "info", "--backing-chain", str(image)],
+                               capture_output=True, text=True, check=True)
+            outs.append(r.stdout)
+        assert outs[0].endswith("0 False\n") and outs[1].endswith("0 True\n"), outs
+        assert outs[0].removesuffix("0 False\n") == outs[1].removesuffix("0 True\n")
+        assert "| value" in outs[0]
 
 
 def test_startup_bench_runs() -> None:

@@ -124,12 +124,18 @@ def l2_coverage_bytes(cache_bytes: int, cluster_size: int, extended_l2: bool) ->
     return cache_bytes // l2e * cluster_size
 
 
-def _effective_l2(max_l2_cache: int, cluster_size: int, wanted: int, entry_size: int | None) -> tuple[int, int, int]:
-    """(bytes, entry size, entries) of the L2 cache QEMU builds for an l2-cache-size of `wanted`."""
-    size = min(max_l2_cache, wanted)
+def _l2_cache(size: int, max_l2_cache: int, cluster_size: int, entry_size: int | None) -> tuple[int, int, int]:
+    """(bytes, entry size, entries) of the L2 cache QEMU builds from `size` bytes of L2 cache and
+    an l2-cache-entry-size of `entry_size` (None: not given). A cache that cannot hold every L2
+    table gets entries of `min(cluster_size, 4096)` unless an entry size was given; it holds at
+    least `MIN_L2_CACHE_SIZE` entries. Raises `ValueError` with QEMU's message for an entry size
+    QEMU rejects."""
     entry = cluster_size if entry_size is None else entry_size
     if size < max_l2_cache and entry_size is None:
         entry = min(cluster_size, 4096)
+    if entry < MIN_CLUSTER_SIZE or entry > cluster_size or not _is_pow2(entry):
+        raise ValueError(f"L2 cache entry size must be a power of two between {MIN_CLUSTER_SIZE} and the "
+                         f"cluster size ({cluster_size})")
     entries = max(C.MIN_L2_CACHE_SIZE, size // entry)
     return entries * entry, entry, entries
 
@@ -193,19 +199,12 @@ def cache_model(
         else:
             rc = min(cache_size, min_refcount_cache)
             l2 = cache_size - rc
-    entry = cluster_size if l2_cache_entry_size is None else l2_cache_entry_size
-    if l2 < max_l2_cache and l2_cache_entry_size is None:
-        entry = min(cluster_size, 4096)
-    if entry < MIN_CLUSTER_SIZE or entry > cluster_size or not _is_pow2(entry):
-        raise ValueError(f"L2 cache entry size must be a power of two between {MIN_CLUSTER_SIZE} and the "
-                         f"cluster size ({cluster_size})")
-    entries = max(C.MIN_L2_CACHE_SIZE, l2 // entry)
-    l2_bytes = entries * entry
+    l2_bytes, entry, entries = _l2_cache(l2, max_l2_cache, cluster_size, l2_cache_entry_size)
     rc_clusters = max(C.MIN_REFCOUNT_CACHE_SIZE, rc // cluster_size)
     rc_bytes = rc_clusters * cluster_size
 
     # -- QEMU's defaults (no options) ---------------------------------------------------------------
-    d_bytes, d_entry, _ = _effective_l2(max_l2_cache, cluster_size, default_max, None)
+    d_bytes, d_entry, _ = _l2_cache(min(max_l2_cache, default_max), max_l2_cache, cluster_size, None)
 
     def cover(cache_bytes: int) -> tuple[float, int]:
         covered = min(virtual_size, l2_coverage_bytes(cache_bytes, cluster_size, extended_l2))

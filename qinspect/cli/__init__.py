@@ -9,32 +9,40 @@ the qemu-img command to run instead. Every failure is one line on stderr,
 
 Every command is declared here — `@command(name, help, "module:function", example=...)` on a
 function that adds its options — and its module is imported only to run it, so `--help`, `info`
-and the error paths import neither numpy nor Rich (tests/test_startup_imports.py).
+and the error paths import neither numpy nor Rich (tests/test_startup_imports.py). Only the parser
+of the command run is built, and the modules on that path import no `typing`, `dataclasses` or
+`difflib` at run time: start-up is most of what `info` costs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import difflib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, NoReturn
 
 from qinspect import __version__
 from qinspect.termtext import for_terminal
 from qinspect.units import SizeError, parse_size
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 Handler = Callable[[argparse.Namespace], int]
 Configure = Callable[[argparse.ArgumentParser], None]
 
 
-class Command(NamedTuple):
-    help_text: str
-    configure: Configure
-    target: str  # "module:function" that runs it
-    example: str
+class Command:
+    """A subcommand as declared: its help, what adds its options, what runs it, an example."""
+
+    __slots__ = ("configure", "example", "help_text", "target")
+
+    def __init__(self, help_text: str, configure: Configure, target: str, example: str) -> None:
+        self.help_text = help_text
+        self.configure = configure
+        self.target = target  # "module:function" that runs it
+        self.example = example
 
 
 COMMANDS: dict[str, Command] = {}
@@ -222,9 +230,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and each command's parser, by name. With `only`, just that command's
-    options are declared (the others keep their name and help): what running one command needs
-    (argparse's help strings cost start-up time)."""
+    """The top-level parser and each command's parser, by name. With `only` a command's name, just
+    that command's parser (what running it needs: every parser argparse makes costs start-up time);
+    with `only=""`, every command's name and help but none of their options (the top-level --help)."""
     parser = _Parser(
         prog="qinspect",
         description="See where a qcow2 image's bytes are and why it is slow. "
@@ -238,6 +246,8 @@ def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dic
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parsers: dict[str, argparse.ArgumentParser] = {}
     for name, cmd in COMMANDS.items():
+        if only and name != only:
+            continue
         p = sub.add_parser(name, help=cmd.help_text, description=cmd.help_text,
                            epilog=f"example:\n  {cmd.example}\n\n{EXIT_CODES}", formatter_class=_Formatter)
         if only is None or name == only:
@@ -264,10 +274,9 @@ def synopsis() -> str:
 
 
 def _resolve(target: str) -> Handler:
-    import importlib
-
     mod, func = target.split(":")
-    handler: Handler = getattr(importlib.import_module(mod), func)
+    __import__(mod)  # (importlib itself is an import more at every start)
+    handler: Handler = getattr(sys.modules[mod], func)
     return handler
 
 
@@ -282,6 +291,12 @@ def suggest(word: str) -> str | None:
     prefix = [n for n in names if n.startswith(word)] if len(word) >= 2 else []
     if len(prefix) == 1:
         return prefix[0]
+    # difflib's first bound (real_quick_ratio: 2 * shorter length / both lengths) rules out a word
+    # far longer than every command, such as an image's path, without importing difflib.
+    if not any(2 * min(len(word), len(n)) >= 0.6 * (len(word) + len(n)) for n in names):
+        return None
+    import difflib  # (only for a word that may be a mistyped command: not at every start)
+
     close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
     return close[0] if close else None
 
@@ -392,6 +407,8 @@ def guarded(handler: Handler, args: argparse.Namespace, image: str | None) -> in
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        import contextlib
+
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 1

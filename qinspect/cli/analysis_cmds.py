@@ -25,7 +25,7 @@ from qinspect.analysis.measure import MeasureResult, measure, parse_options
 from qinspect.analysis.progress import ProgressFn, no_progress
 from qinspect.analysis.space import PART_LABELS, Space, part_label
 from qinspect.cli.core_cmds import in_use, open_checked, print_json, warn_in_use
-from qinspect.cli.render import console, err_console, literal, table
+from qinspect.cli.render import console, err_console, literal, print_table, styled, table
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.image import Image
 from qinspect.shellquote import UnsafeArgument, command_line
@@ -150,9 +150,9 @@ def _print_layout(lay: Layout, filename: str, width: int) -> None:
     for o in Owner:
         if counts[o]:
             ch, style = OWNER_GLYPHS[o]
-            t.add_row(Text(ch, style=style), o.label, f"{counts[o]:,}", format_size(nbytes[o]),
+            t.add_row(styled((ch, style)), o.label, f"{counts[o]:,}", format_size(nbytes[o]),
                       _share(nbytes[o], lay.file_size))
-    c.print(t)
+    print_table(t)
     rows, per = file_map(lay, width)
     if rows:
         scale = "1 cluster" if per == 1 else f"{per} clusters ({format_size(per * cs)})"
@@ -199,7 +199,7 @@ def _print_lookup(lay: Layout, offset: int, as_json: bool, state: str | None = N
     for r in refs:
         t.add_row(r.kind, f"{r.entry_file_offset:#x}", f"{r.table_offset:#x}", str(r.entry_index),
                   f"{r.guest_offset:#x}" if r.guest_offset is not None else "", r.snapshot or "")
-    c.print(t)
+    print_table(t)
     if total > len(refs):
         c.print(f"... and {total - len(refs)} more references (--output=json lists them all)")
     return 0
@@ -280,7 +280,7 @@ def _print_measure(res: MeasureResult, options: str, image: str | None, size: in
     if res.bitmaps is not None:
         t.add_row("bitmaps", format_size(res.bitmaps), f"{res.bitmaps:,}",
                   "more, to copy the persistent dirty bitmaps (convert --bitmaps)")
-    c.print(t)
+    print_table(t)
 
 
 # -- cache --------------------------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def _print_cache(m: CacheModel, rows: list[CacheModel], args: argparse.Namespace
                                 f"{format_size(m.refcount_cache_coverage_bytes)} of image file")
     t.add_row(f"{format_size(m.cow_write_size)} write into a fresh cluster over a backing file",
               f"writes {format_size(m.cow_bytes_written)} (x{m.cow_factor:g})")
-    c.print(t)
+    print_table(t)
     if m.coverage < 1:
         c.print("To cover the whole disk:")
         # QEMU's option syntax doubles commas in values; the argument is quoted for the shell.
@@ -357,7 +357,7 @@ def _print_cache(m: CacheModel, rows: list[CacheModel], args: argparse.Namespace
         if given:
             cells.append(_pct(r.coverage))
         tt.add_row(*cells, f"x{r.cow_factor:g}", style="bold" if mark else None)
-    c.print(tt)
+    print_table(tt)
     c.print("* this image's geometry")
 
 
@@ -547,7 +547,7 @@ def _print_space(sp: Space) -> None:
     if fs:
         t.add_row(PART_LABELS["filesystem"], "", "", format_size(fs))
     t.add_row("total", format_size(sp.file_size), "100%", format_size(sp.allocated_size), style="bold")
-    c.print(t)
+    print_table(t)
     gc = sp.guest_clusters
     method = str(sp.extents.get("method", ""))
     how = "FIEMAP" if method == "fiemap" else ("SEEK_DATA/SEEK_HOLE: this file system has no FIEMAP, so unwritten "
@@ -566,7 +566,7 @@ def _print_space(sp: Space) -> None:
         st = table("snapshot", "name", "deleting it frees#")
         for sid, b in items:
             st.add_row(sid, sp.snapshot_names.get(sid, ""), format_size(b))  # table() escapes the name
-        c.print(st)
+        print_table(st)
         if len(sp.snapshots) > len(items):
             c.print(Text(f"… and {len(sp.snapshots) - len(items):,} more snapshots (the {len(items)} freeing the most "
                          "are shown; --output=json lists all)"))

@@ -9,27 +9,26 @@ qemu-img's "check not completed" (qemu-img itself refuses to open it).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from qinspect.analysis.info import chain_info, image_info
 from qinspect.analysis.opening import require_files
 from qinspect.qcow2.errors import Qcow2Error
-from qinspect.qcow2.meta import ImageMeta, MetaLayer, open_meta
-from qinspect.shellquote import UnsafeArgument, command_line
+from qinspect.qcow2.meta import ImageMeta, open_meta
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size, format_size_exact
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:
     from qinspect.analysis.check import CheckResult
     from qinspect.analysis.map import MapRuns
     from qinspect.qcow2.image import Image
+    from qinspect.qcow2.meta import MetaLayer
 
 # Start-up is most of a small command's time, so this module imports only what `info` needs (the
-# metadata: no numpy). `map` and `check` import the walks (and numpy) when they run; Rich
-# (qinspect.cli.render) is imported only for human output.
+# metadata: no numpy). `map` and `check` import the walks (and numpy) when they run, JSON output
+# the json module, and human output qinspect.cli.render (which imports Rich only on a terminal).
 
 # Bounds on human output: a hostile image can carry 65536 snapshots and as many problems.
 MAX_WARNINGS = 50
@@ -100,6 +99,8 @@ def print_json(obj: object) -> None:
     """JSON the way qemu-img pretty-prints it (4-space indent); strings stay exact (escaped by
     JSON). Written as it is encoded: 65,536 snapshots must not cost a string of the whole answer
     and millions of pieces at once."""
+    import json  # (human output needs none of it)
+
     out: list[str] = []
     for piece in json.JSONEncoder(indent=4).iterencode(obj):
         out.append(piece)
@@ -119,23 +120,19 @@ def run_info(args: argparse.Namespace) -> int:
                 info["in-use"] = state
             print_json(infos if args.backing_chain else infos[0])
             return 0
-        from qinspect.cli.render import console, err_console, literal
+        from qinspect.cli.render import print_lines
 
         for i, info in enumerate(infos):
             if args.backing_chain:
                 what = "the image" if i == 0 else f"backing file of layer {i - 1}"
-                title = literal(f"-- layer {i}: ", "bold")
-                title.append_text(literal(info["filename"], "bold"))
-                title.append(f" ({what}) --", "bold")
-                console().print(title)
+                print_lines([[(f"-- layer {i}: ", "bold"), (for_terminal(str(info["filename"])), "bold"),
+                              (f" ({what}) --", "bold")]])
             _print_info(info, states[i])
-        err = err_console()
-        for p in img.problems[:MAX_WARNINGS]:
-            line = literal("warning: ", "yellow")
-            line.append_text(literal(p))  # names come from the file
-            err.print(line, soft_wrap=True)
+        # names come from the file: escaped
+        warnings = [[("warning: ", "yellow"), (for_terminal(str(p)), "")] for p in img.problems[:MAX_WARNINGS]]
         if len(img.problems) > MAX_WARNINGS:
-            err.print(literal(f"warning: ... and {len(img.problems) - MAX_WARNINGS} more problems", "yellow"))
+            warnings.append([(f"warning: ... and {len(img.problems) - MAX_WARNINGS} more problems", "yellow")])
+        print_lines(warnings, sys.stderr)
     return 0
 
 
@@ -152,11 +149,8 @@ def _chain_in_use(img: ImageMeta, n: int) -> list[str | None]:
 
 
 def _print_info(info: dict[str, object], state: str | None) -> None:
-    from datetime import UTC, datetime
+    from qinspect.cli.render import print_lines, print_table, table
 
-    from qinspect.cli.render import console, table
-
-    c = console()
     vs = int(info["virtual-size"])  # type: ignore[call-overload]
     rows: list[tuple[str, str]] = [
         ("image", str(info["filename"])),
@@ -182,9 +176,11 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
     t = table("field", "value")
     for k, v in rows:
         t.add_row(k, v)
-    c.print(t)
+    print_table(t)
     snaps = info.get("snapshots")
     if isinstance(snaps, list) and snaps:
+        from datetime import UTC, datetime  # (only for snapshots: not at every start)
+
         st = table("ID", "TAG", "VM SIZE#", "DATE", "VM CLOCK", "ICOUNT#", title="Snapshot list")
         for s in snaps[:MAX_SNAPSHOT_ROWS]:  # a table of 65536 rows takes minutes to render
             date = datetime.fromtimestamp(s["date-sec"], UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -192,9 +188,10 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
             clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 1_000_000:03d}"
             st.add_row(s["id"], s["name"], format_size(s["vm-state-size"]), date, clock,
                        str(s["icount"]) if "icount" in s else "")
-        c.print(st)
+        print_table(st)
         if len(snaps) > MAX_SNAPSHOT_ROWS:
-            c.print(f"... and {len(snaps) - MAX_SNAPSHOT_ROWS} more snapshots (--output=json lists them all)")
+            print_lines([[(f"... and {len(snaps) - MAX_SNAPSHOT_ROWS} more snapshots (--output=json lists them all)",
+                           "")]])
     fs = info.get("format-specific")
     if isinstance(fs, dict):
         ft = table("format specific", "value")
@@ -209,8 +206,8 @@ def _print_info(info: dict[str, object], state: str | None) -> None:
             elif k == "encrypt":
                 ft.add_row("encrypt", _encrypt_summary(v))
             else:
-                ft.add_row(k, json.dumps(v) if isinstance(v, bool) else str(v))
-        c.print(ft)
+                ft.add_row(k, ("true" if v else "false") if isinstance(v, bool) else str(v))  # as JSON spells them
+        print_table(ft)
 
 
 def _encrypt_summary(enc: dict[str, object]) -> str:
@@ -281,6 +278,8 @@ def run_map(args: argparse.Namespace) -> int:
 # -- check --------------------------------------------------------------------------------------------
 def repair_command(args: argparse.Namespace) -> str:
     """The qemu-img command that does the repair qinspect refuses to do (one pasteable line)."""
+    from qinspect.shellquote import command_line
+
     argv = ["qemu-img", "check", "-r", args.repair]
     if args.format:
         argv += ["-f", args.format]
@@ -288,6 +287,8 @@ def repair_command(args: argparse.Namespace) -> str:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from qinspect.shellquote import UnsafeArgument
+
     if args.repair is not None:
         try:
             cmd = f"run: {repair_command(args)}"
@@ -328,21 +329,15 @@ def run_check(args: argparse.Namespace) -> int:
 def _print_check(res: CheckResult, live: bool, path: str) -> None:
     """qemu-img check's human report. Off a terminal it is written as plain lines (what Rich prints
     there anyway: no colour, no wrapping), so a scripted `qinspect check` never imports Rich."""
-    lines = _check_lines(res, live, path)
-    if not sys.stdout.isatty():
-        sys.stdout.write("".join("".join(text for text, _style in line) + "\n" for line in lines))
-        return
-    from rich.text import Text
+    from qinspect.cli.render import print_lines
 
-    from qinspect.cli.render import console
-
-    c = console()
-    for line in lines:
-        c.print(Text.assemble(*line))
+    print_lines(_check_lines(res, live, path))
 
 
 def _check_lines(res: CheckResult, live: bool, path: str) -> list[list[tuple[str, str]]]:
     """The report as lines of (text, Rich style) segments; text from the image is escaped here."""
+    from qinspect.shellquote import UnsafeArgument, command_line
+
     out: list[list[tuple[str, str]]] = []
 
     def line(*segments: str | tuple[str, str]) -> None:

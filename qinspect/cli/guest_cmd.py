@@ -33,7 +33,7 @@ def _sz(n: int | None) -> str:
 
 
 def print_human(view: GuestView, name: str) -> None:
-    from qinspect.cli.render import console, table
+    from qinspect.cli.render import console, print_table, table
 
     c = console()
     pt = (view.partition_table.value.upper() if view.partition_table
@@ -53,7 +53,7 @@ def print_human(view: GuestView, name: str) -> None:
                   _sz(v.used_bytes), _sz(v.free_bytes),
                   _sz(v.reclaimable_bytes) if v.free_bytes is not None else "-")
     if view.volumes:
-        c.print(t)
+        print_table(t)
     for v in view.volumes:
         if v.fs and v.fs.note:
             c.print(f"  {v.label}: {for_terminal(v.fs.note)}")

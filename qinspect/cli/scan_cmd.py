@@ -149,10 +149,9 @@ def _count(n: int) -> str:
 
 def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -> None:
     from rich.console import Console
-    from rich.text import Text
 
     from qinspect.cli.render import console as stdout_console
-    from qinspect.cli.render import table
+    from qinspect.cli.render import plain_lines, styled, table, to_rich
 
     console = stdout_console() if out is sys.stdout else Console(file=out, highlight=False, soft_wrap=True)
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -171,10 +170,8 @@ def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -
     t.columns[-1].min_width = 24
     for s in rows:
         state, note = _status(s)
-        name = Text(for_terminal(s.path))
         extra = "; ".join(x for x in (_chain_text(s, bases), note) if x)
-        if extra:
-            name.append(f"  ({for_terminal(extra)})", style="dim")
+        name = styled(for_terminal(s.path), *([(f"  ({for_terminal(extra)})", "dim")] if extra else []))
         if not s.chain:  # not even opened
             t.add_row("", "", "", "", "", "", state, name)
             continue
@@ -185,11 +182,14 @@ def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -
     t.add_row(format_size(sum(s.reclaimable_bytes for s in rows)), "", format_size(sum(s.file_size for s in rows)),
               format_size(sum(s.disk_usage for s in rows)), format_size(sum(s.virtual_size for s in rows)),
               f"{sum(s.leaks for s in rows):,}", "", f"total of {_count(len(rows))}", style="bold")
+    lines = None if console.is_terminal else plain_lines(t, console.width)
     if console.is_terminal:
-        console.print(t)
-    else:  # a file or a pipe: no cell padding after the last column
+        console.print(to_rich(t, terminal=True))
+    elif lines is not None:  # a file or a pipe: no cell padding after the last column
+        console.file.write("".join(line.rstrip() + "\n" for line in lines))
+    else:  # cells folded to the width: Rich lays them out
         with console.capture() as cap:
-            console.print(t)
+            console.print(to_rich(t, terminal=False))
         console.file.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
     bad = sum(1 for s in rows if s.error is not None)
     busy = sum(1 for s in rows if s.in_use is InUse.WRITER)

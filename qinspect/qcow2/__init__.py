@@ -20,10 +20,10 @@ and the metadata path (`open_meta`, `ImageMeta`, `fields`, `constants`) never im
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:
+    from typing import Any
+
     from qinspect.qcow2 import constants, fields
     from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_table
     from qinspect.qcow2.errors import EncryptedDataError, Problem, Qcow2Error, Severity
@@ -130,6 +130,8 @@ def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'qinspect.qcow2' has no attribute {name!r}")
+    import importlib  # (here, not at the top: `info` imports this package and never needs it)
+
     if where == "":
         return importlib.import_module(f"qinspect.qcow2.{name}")
     value = getattr(importlib.import_module(f"qinspect.qcow2.{where}"), name)

@@ -7,8 +7,9 @@ leaves the rest of the image inspectable; `Image.problems` collects them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
+
+from qinspect.qcow2.value import Value
 
 
 class Qcow2Error(Exception):
@@ -37,22 +38,30 @@ class Severity(Enum):
     ERROR = "error"
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(Value):
     """Something wrong with the image that does not stop the rest of it being inspected.
 
     `qemu_refuses_open` marks problems for which QEMU itself refuses to open the image; commands
     that mimic qemu-img fail on those as qemu-img does. `check_opens` marks the ones QEMU lets
     pass when it opens for `qemu-img check` (BDRV_O_CHECK): no refcount table, a bad snapshot
     table pointer (which the check itself then reports).
+
+    An immutable value, compared and hashed by its fields (`qinspect.qcow2.value.Value`).
     """
+
+    __slots__ = ("check_opens", "message", "offset", "qemu_refuses_open", "severity", "structure")
+    FIELDS = ("severity", "structure", "message", "offset", "qemu_refuses_open", "check_opens")
 
     severity: Severity
     structure: str
     message: str
-    offset: int | None = None
-    qemu_refuses_open: bool = False
-    check_opens: bool = False
+    offset: int | None
+    qemu_refuses_open: bool
+    check_opens: bool
+
+    def __init__(self, severity: Severity, structure: str, message: str, offset: int | None = None,
+                 qemu_refuses_open: bool = False, check_opens: bool = False) -> None:
+        self._assign(severity, structure, message, offset, qemu_refuses_open, check_opens)
 
     def __str__(self) -> str:
         where = f" (offset {self.offset})" if self.offset is not None else ""

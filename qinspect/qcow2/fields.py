@@ -7,26 +7,33 @@ them and the layout's reverse lookup names the header field that points at a clu
 field's offset lives here and nowhere else. Integers are big-endian (as qcow2 and LUKS store
 them); `Field.text` marks character arrays and byte blobs.
 
-This module imports only the standard library (`info` and error paths use it at start-up).
+This module imports only the standard library, and not `typing` (`info` and error paths use it
+at start-up: see `qinspect.qcow2.errors.Problem` on why records are `__slots__` classes).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from qinspect.qcow2.value import Value
 
 _INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
-@dataclass(frozen=True)
-class Field:
-    """One field of a record: its name, byte offset in the record and size in bytes."""
+class Field(Value):
+    """One field of a record: its name, byte offset in the record and size in bytes (immutable)."""
+
+    __slots__ = ("name", "offset", "size", "text")
+    FIELDS = ("name", "offset", "size", "text")
 
     name: str
     offset: int
     size: int
-    text: bool = False  # a character array or byte blob, not a big-endian integer
+    text: bool  # a character array or byte blob, not a big-endian integer
+
+    def __init__(self, name: str, offset: int, size: int, text: bool = False) -> None:
+        self._assign(name, offset, size, text)
 
     @property
     def end(self) -> int:

@@ -8,8 +8,6 @@ impossible cluster size or header length) and records everything else QEMU would
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
 from qinspect.qcow2.fields import (
@@ -39,14 +37,20 @@ def _at(name: str) -> int:
     return QCOW_HEADER.offset(name)
 
 
-@dataclass(frozen=True)
+# The records are `__slots__` classes (see `qinspect.qcow2.errors.Problem`), read-only by convention.
 class HeaderExtension:
     """One header extension: its file offset (of the type field), magic and raw data."""
 
-    offset: int
-    magic: int
-    length: int
-    data: bytes
+    __slots__ = ("data", "length", "magic", "offset")
+
+    def __init__(self, offset: int, magic: int, length: int, data: bytes) -> None:
+        self.offset = offset
+        self.magic = magic
+        self.length = length
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"HeaderExtension(offset={self.offset}, magic={self.magic:#x}, length={self.length})"
 
     @property
     def name(self) -> str:
@@ -63,65 +67,105 @@ class HeaderExtension:
         return self.data_offset + ((self.length + 7) & ~7)
 
 
-@dataclass(frozen=True)
 class FeatureName:
     """An entry of the feature name table: (type 0/1/2, bit) → name."""
 
-    type: int
-    bit: int
-    name: str
+    __slots__ = ("bit", "name", "type")
+
+    def __init__(self, type: int, bit: int, name: str) -> None:
+        self.type = type
+        self.bit = bit
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"FeatureName(type={self.type}, bit={self.bit}, name={self.name!r})"
 
 
-@dataclass(frozen=True)
 class BitmapsExtension:
     """The bitmaps header extension: where the bitmap directory is."""
 
-    nb_bitmaps: int
-    reserved: int
-    bitmap_directory_size: int
-    bitmap_directory_offset: int
+    __slots__ = ("bitmap_directory_offset", "bitmap_directory_size", "nb_bitmaps", "reserved")
+
+    def __init__(self, nb_bitmaps: int, reserved: int, bitmap_directory_size: int,
+                 bitmap_directory_offset: int) -> None:
+        self.nb_bitmaps = nb_bitmaps
+        self.reserved = reserved
+        self.bitmap_directory_size = bitmap_directory_size
+        self.bitmap_directory_offset = bitmap_directory_offset
+
+    def __repr__(self) -> str:
+        return (f"BitmapsExtension(nb_bitmaps={self.nb_bitmaps}, reserved={self.reserved}, "
+                f"bitmap_directory_size={self.bitmap_directory_size}, "
+                f"bitmap_directory_offset={self.bitmap_directory_offset})")
 
 
-@dataclass(frozen=True)
 class CryptoHeaderExtension:
     """The full disk encryption header pointer (LUKS region in the image file)."""
 
-    offset: int
-    length: int
+    __slots__ = ("length", "offset")
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+
+    def __repr__(self) -> str:
+        return f"CryptoHeaderExtension(offset={self.offset}, length={self.length})"
 
 
-@dataclass
 class Header:
-    """Every header field, the parsed extensions and the values QEMU derives from them."""
+    """Every header field, the parsed extensions and the values QEMU derives from them.
 
-    magic: int
-    version: int
-    backing_file_offset: int
-    backing_file_size: int
-    cluster_bits: int
-    size: int
-    crypt_method: int
-    l1_size: int
-    l1_table_offset: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    nb_snapshots: int
-    snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = HEADER_V2_SIZE
-    compression_type: int = C.COMPRESSION_TYPE_ZLIB
-    extensions: list[HeaderExtension] = field(default_factory=list)
-    extension_area_end: int = 0
-    backing_file: str | None = None
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: list[FeatureName] = field(default_factory=list)
-    bitmaps_ext: BitmapsExtension | None = None
-    crypto_ext: CryptoHeaderExtension | None = None
-    unknown_header_bytes: bytes = b""
+    `read_header` fills it in as it parses (the v3 fields, the extensions, the names), so it is a
+    mutable record, a `__slots__` class (see `qinspect.qcow2.errors.Problem` on why not a
+    dataclass). Nothing compares or hashes headers.
+    """
+
+    __slots__ = ("autoclear_features", "backing_file", "backing_file_offset", "backing_file_size", "backing_format",
+                 "bitmaps_ext", "cluster_bits", "compatible_features", "compression_type", "crypt_method",
+                 "crypto_ext", "data_file", "extension_area_end", "extensions", "feature_names", "header_length",
+                 "incompatible_features", "l1_size", "l1_table_offset", "magic", "nb_snapshots", "refcount_order",
+                 "refcount_table_clusters", "refcount_table_offset", "size", "snapshots_offset",
+                 "unknown_header_bytes", "version")
+
+    def __init__(self, magic: int, version: int, backing_file_offset: int, backing_file_size: int,
+                 cluster_bits: int, size: int, crypt_method: int, l1_size: int, l1_table_offset: int,
+                 refcount_table_offset: int, refcount_table_clusters: int, nb_snapshots: int,
+                 snapshots_offset: int) -> None:
+        """The v2 fields, in their on-disk order; `read_header` sets the rest."""
+        self.magic = magic
+        self.version = version
+        self.backing_file_offset = backing_file_offset
+        self.backing_file_size = backing_file_size
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.crypt_method = crypt_method
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        # version 3 and later (v2 headers: QEMU's implied values)
+        self.incompatible_features = 0
+        self.compatible_features = 0
+        self.autoclear_features = 0
+        self.refcount_order = 4
+        self.header_length = HEADER_V2_SIZE
+        self.compression_type = C.COMPRESSION_TYPE_ZLIB
+        # the extension area and what it names
+        self.extensions: list[HeaderExtension] = []
+        self.extension_area_end = 0
+        self.backing_file: str | None = None
+        self.backing_format: str | None = None
+        self.data_file: str | None = None
+        self.feature_names: list[FeatureName] = []
+        self.bitmaps_ext: BitmapsExtension | None = None
+        self.crypto_ext: CryptoHeaderExtension | None = None
+        self.unknown_header_bytes = b""
+
+    def __repr__(self) -> str:
+        return (f"<Header v{self.version}, {self.size} bytes, cluster_bits {self.cluster_bits}, "
+                f"{len(self.extensions)} extensions>")
 
     # -- geometry -------------------------------------------------------------------------------
     @property

@@ -18,20 +18,19 @@ status does, for `map`, whose zero flag follows QEMU's semantics.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import stat
 import struct
 import sys
-from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.value import Value
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:  # numpy is imported by the prober's functions only: opening a file (`info`) needs none
     import numpy as np
     import numpy.typing as npt
@@ -87,15 +86,21 @@ class ExtentMethod(IntEnum):
         return ("fiemap", "seek-hole", "none")[self.value]
 
 
-@dataclass(frozen=True)
 class HostExtents:
-    """The file `[0, size)` cut into consecutive ranges `[start, end)` of one `ExtentKind` each."""
+    """The file `[0, size)` cut into consecutive ranges `[start, end)` of one `ExtentKind` each
+    (a `__slots__` record, read-only by convention: see `qinspect.qcow2.errors.Problem`)."""
 
-    start: I64
-    end: I64
-    kind: npt.NDArray[np.uint8]
-    method: ExtentMethod
-    size: int
+    __slots__ = ("end", "kind", "method", "size", "start")
+
+    def __init__(self, start: I64, end: I64, kind: npt.NDArray[np.uint8], method: ExtentMethod, size: int) -> None:
+        self.start = start
+        self.end = end
+        self.kind = kind
+        self.method = method
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"HostExtents({len(self.start)} ranges, method={self.method.label}, size={self.size})"
 
     def ranges(self, *kinds: ExtentKind) -> tuple[I64, I64]:
         """(start, end) arrays of the ranges of the given kinds, ascending."""
@@ -288,6 +293,8 @@ class HostFile:
     def _restat(self) -> None:
         """Disk usage again after FIEMAP's write-back: blocks the file system allocates only at
         write-back (delayed allocation, extent-tree blocks) are counted now, whatever was cached."""
+        import contextlib  # (here: opening a file for `info` needs none of it)
+
         with contextlib.suppress(OSError):
             self.allocated_size = os.fstat(self.fd).st_blocks * 512
 
@@ -402,16 +409,22 @@ class HostFile:
         self.close()
 
 
-@dataclass(frozen=True)
-class FileIdentity:
+class FileIdentity(Value):
     """What identifies a host file as it was seen (device, inode, size, mtime), to tell later whether
     the path was replaced by another file or the file was changed, before answers from two states of
-    it are mixed (the TUI's reopen, the fleet scan)."""
+    it are mixed (the TUI's reopen, the fleet scan). An immutable value, compared and hashed by its
+    fields (`qinspect.qcow2.value.Value`)."""
+
+    __slots__ = ("dev", "ino", "mtime_ns", "size")
+    FIELDS = ("dev", "ino", "size", "mtime_ns")
 
     dev: int
     ino: int
     size: int
     mtime_ns: int
+
+    def __init__(self, dev: int, ino: int, size: int, mtime_ns: int) -> None:
+        self._assign(dev, ino, size, mtime_ns)
 
     @classmethod
     def of_stat(cls, st: os.stat_result) -> FileIdentity:

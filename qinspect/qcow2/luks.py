@@ -12,8 +12,6 @@ qemu-img command.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from qinspect.qcow2.constants import BDRV_MAX_LENGTH
 from qinspect.qcow2.errors import Problem, Severity
 from qinspect.qcow2.fields import QCRYPTO_BLOCK_LUKS_HEADER as HDR
@@ -39,29 +37,45 @@ _CIPHER_KEY_BYTES = {"aes": (16, 24, 32), "cast5": (16,), "serpent": (16, 24, 32
 _ESSIV_FAMILY = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}
 
 
-@dataclass(frozen=True)
+# The records are `__slots__` classes (see `qinspect.qcow2.errors.Problem`), read-only by convention.
 class LuksKeySlot:
     """One of the 8 LUKS1 key slots."""
 
-    active: bool
-    iterations: int
-    key_offset: int  # bytes, relative to the start of the LUKS region
-    stripes: int
+    __slots__ = ("active", "iterations", "key_offset", "stripes")
+
+    def __init__(self, active: bool, iterations: int, key_offset: int, stripes: int) -> None:
+        self.active = active
+        self.iterations = iterations
+        self.key_offset = key_offset  # bytes, relative to the start of the LUKS region
+        self.stripes = stripes
+
+    def __repr__(self) -> str:
+        return (f"LuksKeySlot(active={self.active}, iterations={self.iterations}, key_offset={self.key_offset}, "
+                f"stripes={self.stripes})")
 
 
-@dataclass(frozen=True)
 class LuksHeader:
     """The LUKS1 partition header, with names the way qemu-img info reports them."""
 
-    version: int
-    cipher_name: str
-    cipher_mode_spec: str
-    hash_spec: str
-    payload_offset: int  # bytes
-    key_bytes: int
-    master_key_iters: int
-    uuid: str
-    slots: list[LuksKeySlot]
+    __slots__ = ("cipher_mode_spec", "cipher_name", "hash_spec", "key_bytes", "master_key_iters", "payload_offset",
+                 "slots", "uuid", "version")
+
+    def __init__(self, version: int, cipher_name: str, cipher_mode_spec: str, hash_spec: str, payload_offset: int,
+                 key_bytes: int, master_key_iters: int, uuid: str, slots: list[LuksKeySlot]) -> None:
+        self.version = version
+        self.cipher_name = cipher_name
+        self.cipher_mode_spec = cipher_mode_spec
+        self.hash_spec = hash_spec
+        self.payload_offset = payload_offset  # bytes
+        self.key_bytes = key_bytes
+        self.master_key_iters = master_key_iters
+        self.uuid = uuid
+        self.slots = slots
+
+    def __repr__(self) -> str:
+        return (f"LuksHeader(version={self.version}, cipher_name={self.cipher_name!r}, "
+                f"cipher_mode_spec={self.cipher_mode_spec!r}, hash_spec={self.hash_spec!r}, "
+                f"payload_offset={self.payload_offset}, key_bytes={self.key_bytes}, uuid={self.uuid!r})")
 
     @property
     def cipher_mode(self) -> str:

@@ -9,11 +9,10 @@ error path start fast. `qinspect.qcow2.image.Image` extends it with the tables a
 from __future__ import annotations
 
 import os
-import threading
+from _thread import allocate_lock  # (threading's Lock, without importing threading at start-up)
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from types import TracebackType
-from typing import Protocol, Self, TypeVar
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.bitmaps import Bitmap, check_bitmap_tables, read_bitmap_directory
@@ -23,6 +22,17 @@ from qinspect.qcow2.header import Header, read_header, table_fits
 from qinspect.qcow2.hostfile import FileIdentity, HostFile
 from qinspect.qcow2.luks import LuksHeader, read_luks_header
 from qinspect.qcow2.snapshots import Snapshot, SnapshotTable, read_snapshot_table
+
+# `info` imports this module at start-up, and `typing` is ~3 ms of that: it is imported for mypy
+# only (mypy takes a module's own TYPE_CHECKING as typing's). The protocols below are then plain
+# classes at run time: nothing instantiates them or tests isinstance against them.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol, Self, TypeVar
+
+    T = TypeVar("T")
+else:
+    Protocol = object
 
 
 class MetaLayer(Protocol):
@@ -37,7 +47,7 @@ class MetaLayer(Protocol):
     def close(self) -> None: ...
 
 
-class Layer(MetaLayer, Protocol):
+class Layer(MetaLayer, Protocol):  # (at run time: class Layer(MetaLayer, object))
     """A member of a backing chain whose guest data can be read: an `Image` or a `RawLayer`."""
 
     def read(self, offset: int, length: int) -> bytes: ...
@@ -61,9 +71,6 @@ class RawLayer:
 
     def close(self) -> None:
         self.file.close()
-
-
-T = TypeVar("T")
 
 
 class SharedMetadata:
@@ -95,7 +102,7 @@ class SharedMetadata:
         file) are not among them: each open looks again, and puts its own at `host_at`."""
         self.host_at = host_at
         self.backing: SharedMetadata | None = None
-        self._lock = threading.Lock()
+        self._lock = allocate_lock()
         self._memo: dict[str, object] = {}
 
     def once(self, key: str, make: Callable[[], T]) -> T:

@@ -9,26 +9,37 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import overload
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Severity
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_EXTRA_DATA as EXTRA
 from qinspect.qcow2.fields import QCOW_SNAPSHOT_HEADER as SN
 from qinspect.qcow2.hostfile import HostFile
+from qinspect.qcow2.value import Value
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
+if TYPE_CHECKING:
+    from typing import overload
 
 _SN = SN.struct()  # 40 bytes
 _EXTRA_DATA_SIZE_AT = SN.offset("extra_data_size")
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
+class Snapshot(Value):
     """One internal snapshot: its own L1 table and metadata.
 
     `entry_offset`/`entry_size` locate the table entry in the file (size without padding).
     `icount` is None when QEMU would treat it as -1 (absent or disabled).
+
+    An immutable value, compared and hashed by its fields (`qinspect.qcow2.value.Value`).
     """
+
+    __slots__ = ("date_nsec", "date_sec", "disk_size", "entry_offset", "entry_size", "extra_data_size", "icount",
+                 "id_str", "index", "l1_size", "l1_table_offset", "name", "unknown_extra_data", "vm_clock_nsec",
+                 "vm_state_size")
+    FIELDS = ("index", "entry_offset", "entry_size", "l1_table_offset", "l1_size", "id_str", "name", "date_sec",
+              "date_nsec", "vm_clock_nsec", "vm_state_size", "extra_data_size", "disk_size", "icount",
+              "unknown_extra_data")
 
     index: int
     entry_offset: int
@@ -45,6 +56,12 @@ class Snapshot:
     disk_size: int | None
     icount: int | None
     unknown_extra_data: bytes
+
+    def __init__(self, index: int, entry_offset: int, entry_size: int, l1_table_offset: int, l1_size: int,
+                 id_str: str, name: str, date_sec: int, date_nsec: int, vm_clock_nsec: int, vm_state_size: int,
+                 extra_data_size: int, disk_size: int | None, icount: int | None, unknown_extra_data: bytes) -> None:
+        self._assign(index, entry_offset, entry_size, l1_table_offset, l1_size, id_str, name, date_sec, date_nsec,
+                     vm_clock_nsec, vm_state_size, extra_data_size, disk_size, icount, unknown_extra_data)
 
 
 _NO_ICOUNT = (1 << 64) - 1  # QEMU's -1: no icount (what an absent field means too)
@@ -85,10 +102,12 @@ class SnapshotList(Sequence[Snapshot]):
     def __len__(self) -> int:
         return len(self._ints) // _ROW
 
-    @overload
-    def __getitem__(self, index: int) -> Snapshot: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Snapshot]: ...
+    if TYPE_CHECKING:
+        @overload
+        def __getitem__(self, index: int) -> Snapshot: ...
+        @overload
+        def __getitem__(self, index: slice) -> list[Snapshot]: ...
+
     def __getitem__(self, index: int | slice) -> Snapshot | list[Snapshot]:
         n = len(self)
         if isinstance(index, slice):
@@ -107,14 +126,19 @@ class SnapshotList(Sequence[Snapshot]):
         return f"<SnapshotList of {len(self)} snapshots>"
 
 
-@dataclass(frozen=True)
 class SnapshotTable:
-    """All snapshots and the table's byte length (QEMU's `snapshots_size`)."""
+    """All snapshots and the table's byte length (QEMU's `snapshots_size`); read-only by convention."""
 
-    snapshots: Sequence[Snapshot]
-    size: int
-    # Why qcow2_read_snapshots fails, in QEMU's words: (error, hint); qemu-img check prints them.
-    qemu_error: tuple[str, str] | None = None
+    __slots__ = ("qemu_error", "size", "snapshots")
+
+    def __init__(self, snapshots: Sequence[Snapshot], size: int, qemu_error: tuple[str, str] | None = None) -> None:
+        self.snapshots = snapshots
+        self.size = size
+        self.qemu_error = qemu_error
+        """Why qcow2_read_snapshots fails, in QEMU's words: (error, hint); qemu-img check prints them."""
+
+    def __repr__(self) -> str:
+        return f"SnapshotTable({len(self.snapshots)} snapshots, size={self.size}, qemu_error={self.qemu_error!r})"
 
 
 def read_snapshot_table(

@@ -13,7 +13,9 @@ Rows, details and titles are display text: every string from the image is escape
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +33,7 @@ from qinspect.qcow2.fields import (
     QCOW_SNAPSHOT_HEADER,
     QCRYPTO_BLOCK_LUKS_HEADER,
     QCRYPTO_BLOCK_LUKS_KEY_SLOT,
+    Record,
     key_slot_offset,
 )
 from qinspect.qcow2.image import Image
@@ -83,8 +86,6 @@ Target = StructRef | GuestTarget | HostTarget | None
 # size, Header attribute); padding has no attribute.
 HEADER_FIELDS: tuple[tuple[str, int, int, str], ...] = tuple(
     (f.name, f.offset, f.size, "" if f.text else f.name) for f in QCOW_HEADER)
-SNAPSHOT_FIELDS = tuple((f.offset, f.size) for f in QCOW_SNAPSHOT_HEADER)
-BITMAP_FIELDS = tuple((f.offset, f.size) for f in QCOW2_BITMAP_DIR_ENTRY)
 # The LUKS1 header's fields before the key slots (each slot gets a row of its own).
 LUKS_FIELDS: tuple[tuple[str, int, int], ...] = tuple(
     (f.name, f.offset, f.size) for f in QCRYPTO_BLOCK_LUKS_HEADER if f.name != "key_slots")
@@ -117,6 +118,54 @@ def _dim_zero(colour: str | None, byte: int) -> str | None:
     return DIM if byte == 0 else colour
 
 
+def field_colour(index: int) -> str:
+    """The colour of a structure's field number `index` (in its table and its hex bytes)."""
+    return FIELD_CYCLE[index % len(FIELD_CYCLE)]
+
+
+def field_colours(off: int, data: bytes, fields: Sequence[tuple[int, int]], base: int = 0) -> list[str | None]:
+    """A colour per byte of `data` (read at file offset `off`) of a structure at `base` whose fields
+    are (offset, size) ranges: each field its `field_colour`, bytes outside every field none."""
+    out: list[str | None] = []
+    for k, b in enumerate(data):
+        rel = off + k - base
+        colour = None
+        for i, (fo, fs) in enumerate(fields):
+            if fo <= rel < fo + fs:
+                colour = field_colour(i)
+                break
+        out.append(_dim_zero(colour, b))
+    return out
+
+
+class DirectoryEntry(Protocol):
+    """An entry of a snapshot table or bitmap directory: a fixed record, then extra data and names."""
+
+    @property
+    def entry_offset(self) -> int: ...
+
+    @property
+    def entry_size(self) -> int: ...
+
+
+def entry_colours(off: int, data: bytes, entries: Sequence[DirectoryEntry], record: Record,
+                  colour: str) -> list[str | None]:
+    """A colour per byte of `data` (read at file offset `off`) of a table of variable-size entries
+    that each start with `record`: the record's fields by `field_colour`, the rest of an entry
+    (extra data, id, name) `colour`, bytes between entries none."""
+    out: list[str | None] = []
+    for k, b in enumerate(data):
+        pos = off + k
+        c = None
+        for e in entries:
+            if e.entry_offset <= pos < e.entry_offset + e.entry_size:
+                i = record.field_at(pos - e.entry_offset)
+                c = colour if i is None else field_colour(i)
+                break
+        out.append(_dim_zero(c, b))
+    return out
+
+
 class TableModel:
     """One structure as a table of entries plus its bytes in the file."""
 
@@ -146,7 +195,8 @@ class TableModel:
         return None
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        """A colour per byte of `data` (read at file offset `off`)."""
+        """A colour per byte of `data` (read at file offset `off`; the hex view draws only the bytes
+        of the structure, `start` .. `start + length`): by default the structure's colour."""
         colour = KIND_COLOURS.get(self.kind)
         return [_dim_zero(colour, b) for b in data]
 
@@ -177,6 +227,7 @@ class HeaderModel(TableModel):
         self.fields = [f for f in HEADER_FIELDS if f[1] + f[2] <= last]
         if h.version == 3 and h.header_length > QCOW_HEADER.size:
             self.fields.append(("unknown header fields", QCOW_HEADER.size, h.header_length - QCOW_HEADER.size, ""))
+        self.spans = [(fo, fs) for _n, fo, fs, _a in self.fields]
         self.start = 0
         self.length = HEADER_V2_SIZE if h.version == 2 else h.header_length
 
@@ -222,7 +273,7 @@ class HeaderModel(TableModel):
             val = ""
         else:
             val = str(v)
-        return [(name, FIELD_CYCLE[i % len(FIELD_CYCLE)]), (str(off), None), (str(size), None), (val, None),
+        return [(name, field_colour(i)), (str(off), None), (str(size), None), (val, None),
                 (self._meaning(name), DIM)]
 
     def span(self, i: int) -> tuple[int, int] | None:
@@ -234,16 +285,7 @@ class HeaderModel(TableModel):
         return f"{name}: bytes {off}..{off + size - 1}  {self._meaning(name)}"
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, b in enumerate(data):
-            pos = off + k
-            colour = None
-            for i, (_n, fo, fs, _a) in enumerate(self.fields):
-                if fo <= pos < fo + fs:
-                    colour = FIELD_CYCLE[i % len(FIELD_CYCLE)]
-                    break
-            out.append(_dim_zero(colour, b))
-        return out
+        return field_colours(off, data, self.spans)
 
     def target(self, i: int) -> Target:
         name = self.fields[i][0]
@@ -294,7 +336,7 @@ class ExtensionsModel(TableModel):
 
     def row(self, i: int) -> list[Cell]:
         e = self.exts[i]
-        colour = FIELD_CYCLE[i % len(FIELD_CYCLE)]
+        colour = field_colour(i)
         return [(str(i), None), (str(e.offset), None), (f"{e.magic:08x}", colour), (str(e.length), None),
                 (e.name, colour), (self._content(i), DIM)]
 
@@ -313,7 +355,7 @@ class ExtensionsModel(TableModel):
             colour = None
             for i, e in enumerate(self.exts):
                 if e.offset <= pos < e.data_offset + e.length:
-                    colour = FLAG_BYTE if pos < e.data_offset else FIELD_CYCLE[i % len(FIELD_CYCLE)]
+                    colour = FLAG_BYTE if pos < e.data_offset else field_colour(i)
                     break
             out.append(_dim_zero(colour, b))
         return out
@@ -352,56 +394,76 @@ class BackingNameModel(TableModel):
         return self.start, self.start + self.length
 
 
-# -- L1 and L2 tables -------------------------------------------------------------------------------
-class L1Model(TableModel):
-    columns = (("#", 7), ("guest from", 14), ("raw entry", 17), ("L2 table", 12), ("flags", 16))
-    kind = "l1"
+# -- the first level of the two-level tables --------------------------------------------------------
+class PointerTableModel(TableModel):
+    """A table of 8-byte entries that each point at one cluster or at nothing: the L1 table (at L2
+    tables) and the refcount table (at refcount blocks). A row is the entry's index, where what it
+    covers starts, the raw entry, the cluster it points at and its flags."""
 
-    def __init__(self, img: Image, owner: int = -1) -> None:
+    points_to = "unknown"  # palette kind of the clusters the entries point at
+    reserved_mask = 0
+
+    def __init__(self, img: Image, start: int, entries: U64, offset_mask: int, per: int) -> None:
         super().__init__(img)
-        h = img.header
-        if owner < 0:
-            self.entries = img.l1_table
-            self.start = h.l1_table_offset
-            self.title = f"Active L1 table ({h.l1_size} entries)"
-        else:
-            sn = img.snapshots[owner]
-            self.entries = img.snapshot_l1_table(owner, pad=True)
-            self.start = sn.l1_table_offset
-            self.title = f"L1 table of snapshot {for_terminal(sn.id_str)} {quoted(sn.name)} ({sn.l1_size} entries)"
-            self.kind = "snapshot_l1"
-        self.owner = owner
-        self.length = len(self.entries) * 8
-        self.span_bytes = h.l2_size * h.cluster_size
-        self.offsets = (self.entries & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+        self.start = start
+        self.entries = entries
+        self.length = len(entries) * 8
+        self.per = per  # bytes (of the guest or of the file) that one entry covers
+        self.offsets = (entries & np.uint64(offset_mask)).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def row(self, i: int) -> list[Cell]:
-        e = int(self.entries[i])
-        off = int(self.offsets[i])
+    def flags(self, e: int, off: int) -> list[str]:
+        """The flags column of an entry `e` pointing at `off`."""
         flags = []
-        if e & C.QCOW_OFLAG_COPIED:
-            flags.append("COPIED")
-        if e & C.L1E_RESERVED_MASK:
+        if e & self.reserved_mask:
             flags.append("RESERVED!")
         if off % self.img.cluster_size:
             flags.append("UNALIGNED!")
-        colour = KIND_COLOURS["l2"] if off else DIM
-        return [(str(i), None), (fmt.hexoff(i * self.span_bytes), None), (f"{e:016x}", colour),
-                (fmt.hexoff(off) if off else "-", colour), (" ".join(flags), None)]
+        return flags
+
+    def row(self, i: int) -> list[Cell]:
+        e = int(self.entries[i])
+        off = int(self.offsets[i])
+        colour = KIND_COLOURS[self.points_to] if off else DIM
+        return [(str(i), None), (fmt.hexoff(i * self.per), None), (f"{e:016x}", colour),
+                (fmt.hexoff(off) if off else "-", colour), (" ".join(self.flags(e, off)), None)]
 
     def span(self, i: int) -> tuple[int, int] | None:
         return self.start + 8 * i, self.start + 8 * i + 8
 
+
+# -- L1 and L2 tables -------------------------------------------------------------------------------
+class L1Model(PointerTableModel):
+    columns = (("#", 7), ("guest from", 14), ("raw entry", 17), ("L2 table", 12), ("flags", 16))
+    kind = "l1"
+    points_to = "l2"
+    reserved_mask = C.L1E_RESERVED_MASK
+
+    def __init__(self, img: Image, owner: int = -1) -> None:
+        h = img.header
+        if owner < 0:
+            super().__init__(img, h.l1_table_offset, img.l1_table, C.L1E_OFFSET_MASK, h.l2_size * h.cluster_size)
+            self.title = f"Active L1 table ({h.l1_size} entries)"
+        else:
+            sn = img.snapshots[owner]
+            super().__init__(img, sn.l1_table_offset, img.snapshot_l1_table(owner, pad=True), C.L1E_OFFSET_MASK,
+                             h.l2_size * h.cluster_size)
+            self.title = f"L1 table of snapshot {for_terminal(sn.id_str)} {quoted(sn.name)} ({sn.l1_size} entries)"
+            self.kind = "snapshot_l1"
+        self.owner = owner
+
+    def flags(self, e: int, off: int) -> list[str]:
+        return (["COPIED"] if e & C.QCOW_OFLAG_COPIED else []) + super().flags(e, off)
+
     def detail(self, i: int) -> str:
         e = int(self.entries[i])
         off = int(self.offsets[i])
-        guest = i * self.span_bytes
+        guest = i * self.per
         where = f"L2 table at {fmt.hexoff(off)}" if off else "no L2 table (all unallocated)"
         return (f"L1[{i}] at {fmt.hexoff(self.start + 8 * i)} = {e:016x}: guest {fmt.hexoff(guest)}.."
-                f"{fmt.hexoff(guest + self.span_bytes - 1)} → {where}"
+                f"{fmt.hexoff(guest + self.per - 1)} → {where}"
                 f"{', COPIED' if e & C.QCOW_OFLAG_COPIED else ''}")
 
     def target(self, i: int) -> Target:
@@ -575,38 +637,18 @@ class L2Model(TableModel):
 
 
 # -- refcounts ---------------------------------------------------------------------------------------
-class RefcountTableModel(TableModel):
+class RefcountTableModel(PointerTableModel):
     columns = (("#", 7), ("covers host from", 16), ("raw entry", 17), ("block", 12), ("flags", 12))
     kind = "refcount_table"
+    points_to = "refcount_block"
+    reserved_mask = C.REFT_RESERVED_MASK
 
     def __init__(self, img: Image) -> None:
-        super().__init__(img)
         h = img.header
-        self.entries = img.refcount_table
-        self.start = h.refcount_table_offset
-        self.length = len(self.entries) * 8
-        self.per = h.refcount_block_entries * h.cluster_size
-        self.offsets = (self.entries & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64)
+        super().__init__(img, h.refcount_table_offset, img.refcount_table, C.REFT_OFFSET_MASK,
+                         h.refcount_block_entries * h.cluster_size)
         self.used = int(np.count_nonzero(self.offsets))
         self.title = f"Refcount table ({len(self.entries)} entries, {self.used} blocks)"
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def row(self, i: int) -> list[Cell]:
-        e = int(self.entries[i])
-        off = int(self.offsets[i])
-        colour = KIND_COLOURS["refcount_block"] if off else DIM
-        flags = []
-        if e & C.REFT_RESERVED_MASK:
-            flags.append("RESERVED!")
-        if off % self.img.cluster_size:
-            flags.append("UNALIGNED!")
-        return [(str(i), None), (fmt.hexoff(i * self.per), None), (f"{e:016x}", colour),
-                (fmt.hexoff(off) if off else "-", colour), (" ".join(flags), None)]
-
-    def span(self, i: int) -> tuple[int, int] | None:
-        return self.start + 8 * i, self.start + 8 * i + 8
 
     def detail(self, i: int) -> str:
         off = int(self.offsets[i])
@@ -617,16 +659,6 @@ class RefcountTableModel(TableModel):
     def target(self, i: int) -> Target:
         off = int(self.offsets[i])
         return StructRef("refblock", index=i, offset=off) if off else None
-
-    def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, b in enumerate(data):
-            i = (off + k - self.start) // 8
-            if not 0 <= i < len(self.entries):
-                out.append(None)
-                continue
-            out.append(_dim_zero(KIND_COLOURS["refcount_table"], b))
-        return out
 
 
 class RefblockModel(TableModel):
@@ -676,9 +708,6 @@ class RefblockModel(TableModel):
 
     def target(self, i: int) -> Target:
         return HostTarget((self.base + i) * self.img.cluster_size)
-
-    def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        return [_dim_zero(KIND_COLOURS["refcount_block"], b) for b in data]
 
 
 # -- snapshots, bitmaps, LUKS -------------------------------------------------------------------------
@@ -731,20 +760,7 @@ class SnapshotTableModel(TableModel):
         return StructRef("snapshot_l1", owner=i, offset=self.snaps[i].l1_table_offset)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, b in enumerate(data):
-            pos = off + k
-            colour = None
-            for s in self.snaps:
-                if s.entry_offset <= pos < s.entry_offset + s.entry_size:
-                    rel = pos - s.entry_offset
-                    colour = KIND_COLOURS["snapshot_table"]
-                    for j, (fo, fs) in enumerate(SNAPSHOT_FIELDS):
-                        if fo <= rel < fo + fs:
-                            colour = FIELD_CYCLE[j % len(FIELD_CYCLE)]
-                    break
-            out.append(_dim_zero(colour, b))
-        return out
+        return entry_colours(off, data, self.snaps, QCOW_SNAPSHOT_HEADER, KIND_COLOURS["snapshot_table"])
 
 
 class BitmapDirectoryModel(TableModel):
@@ -785,20 +801,7 @@ class BitmapDirectoryModel(TableModel):
         return StructRef("bitmap_table", index=i, offset=self.bitmaps[i].bitmap_table_offset)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, byte in enumerate(data):
-            pos = off + k
-            colour = None
-            for b in self.bitmaps:
-                if b.entry_offset <= pos < b.entry_offset + b.entry_size:
-                    rel = pos - b.entry_offset
-                    colour = KIND_COLOURS["bitmap_directory"]
-                    for j, (fo, fs) in enumerate(BITMAP_FIELDS):
-                        if fo <= rel < fo + fs:
-                            colour = FIELD_CYCLE[j % len(FIELD_CYCLE)]
-                    break
-            out.append(_dim_zero(colour, byte))
-        return out
+        return entry_colours(off, data, self.bitmaps, QCOW2_BITMAP_DIR_ENTRY, KIND_COLOURS["bitmap_directory"])
 
 
 class BitmapTableModel(TableModel):
@@ -841,9 +844,6 @@ class BitmapTableModel(TableModel):
         off = int(self.entries[i]) & C.BME_TABLE_ENTRY_OFFSET_MASK
         return HostTarget(off) if off else None
 
-    def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        return [_dim_zero(KIND_COLOURS["bitmap_table"], b) for b in data]
-
 
 class LuksModel(TableModel):
     columns = (("field", 16), ("offset", 7), ("value", 60))
@@ -873,29 +873,21 @@ class LuksModel(TableModel):
             state = f"active, {slot.iterations} iterations, {slot.stripes} stripes" if slot.active else "inactive"
             self.rows.append((f"key slot {k}", key_slot_offset(k), QCRYPTO_BLOCK_LUKS_KEY_SLOT.size,
                               f"{state}, key material at +{slot.key_offset}"))
+        self.spans = [(fo, fs) for _n, fo, fs, _v in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def row(self, i: int) -> list[Cell]:
         name, off, _size, val = self.rows[i]
-        return [(name, FIELD_CYCLE[i % len(FIELD_CYCLE)]), (str(off), None), (val, None)]
+        return [(name, field_colour(i)), (str(off), None), (val, None)]
 
     def span(self, i: int) -> tuple[int, int] | None:
         _n, off, size, _v = self.rows[i]
         return self.start + off, self.start + off + size
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        out: list[str | None] = []
-        for k, b in enumerate(data):
-            rel = off + k - self.start
-            colour = None
-            for i, (_n, fo, fs, _v) in enumerate(self.rows):
-                if fo <= rel < fo + fs:
-                    colour = FIELD_CYCLE[i % len(FIELD_CYCLE)]
-                    break
-            out.append(_dim_zero(colour, b))
-        return out
+        return field_colours(off, data, self.spans, self.start)
 
 
 def model_for(img: Image, ref: StructRef) -> TableModel:

@@ -10,8 +10,6 @@ from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widget import Widget
 from textual.widgets import Static
 
 from qinspect.qcow2 import constants as C
@@ -38,7 +36,7 @@ from qinspect.tui.palette import (
 from qinspect.tui.search import Searcher, parse_query
 from qinspect.tui.session import Session, Step
 from qinspect.tui.structs import StructRef
-from qinspect.tui.views.base import View
+from qinspect.tui.views.gridview import GridView, kv, rule
 from qinspect.tui.widgets.grid import ClusterGrid
 
 # Tables on screen read at once, ahead of the scan (more than this: the scan gets to them).
@@ -62,23 +60,6 @@ SC_NAMES = {
     SubclusterType.COMPRESSED: "compressed",
     SubclusterType.INVALID: "INVALID entry (QEMU fails the read)",
 }
-
-
-def rule(title: str) -> Text:
-    t = Text()
-    t.append(f"── {title} ", Style(bold=True))
-    t.append("─" * max(0, 26 - len(title)), Style(color=DIM))
-    return t
-
-
-def kv(key: str, value: str | Text, key_width: int = 9) -> Text:
-    t = Text(no_wrap=False)
-    t.append(f"{key:<{key_width}}", Style(color=DIM))
-    if isinstance(value, Text):
-        t.append_text(value)
-    else:
-        t.append(value)
-    return t
 
 
 def bits_line(label: str, word: int, colour: str) -> Text:
@@ -138,11 +119,12 @@ def reads_from(layers: list[object], guest: int, names: list[str], lk: L2Lookup,
     return Text("zeros (no layer has it)")
 
 
-class GuestMapView(View):
+class GuestMapView(GridView):
     """The guest map."""
 
     VIEW_ID = "guest"
     TITLE = "Guest map"
+    PREFIX = "gm"
 
     HELP = """
 ## Guest map
@@ -175,13 +157,6 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
     goto_prompt = "Go to guest offset (e.g. 0x10000, 64k, 1.5G)"
     find_prompt = "Find a state (data, zero, compressed, partial, invalid, backing, unallocated) or an offset"
 
-    DEFAULT_CSS = """
-    GuestMapView #gm-left { width: 1fr; }
-    GuestMapView #gm-legend { height: auto; padding: 0 1; }
-    GuestMapView #gm-inspector { width: 30%; min-width: 32; max-width: 64; border-left: vkey $foreground 20%;
-                                 padding: 0 1; }
-    """
-
     def __init__(self, session: Session, *, id: str | None = None) -> None:
         super().__init__(session, id=id)
         self.sc = 0
@@ -190,22 +165,11 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         self._last_inspected: tuple[int, ...] | None = None
         self._fresh_seen = 0
 
-    def compose(self) -> ComposeResult:
-        with Horizontal():
-            with Vertical(id="gm-left"):
-                yield guestfs.PartitionBands(id="gm-bands")
-                yield Static(self._legend(), id="gm-legend")
-                yield ClusterGrid(guestfs.FreedOverlay(self.session.guest, guestfs.guest_fs(self.session)),
-                                  id="gm-grid")
-            with VerticalScroll(id="gm-inspector"):
-                yield Static("", id="gm-inspect")
+    def compose_above_legend(self) -> ComposeResult:
+        yield guestfs.PartitionBands(id="gm-bands")
 
-    @property
-    def grid(self) -> ClusterGrid:
-        return self.query_one(ClusterGrid)
-
-    def main_widget(self) -> Widget | None:
-        return self.grid
+    def make_grid(self) -> ClusterGrid:
+        return ClusterGrid(guestfs.FreedOverlay(self.session.guest, guestfs.guest_fs(self.session)), id="gm-grid")
 
     # -- legend and inspector ---------------------------------------------------------------------
     def _legend(self) -> RenderableType:
@@ -222,11 +186,8 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
                         GUEST_LETTERS[s] if letters else "") for s in states]
         if guestfs.guest_fs(self.session).has_freed:
             items.append(swatch(*guestfs.legend_item(), "█"))
-        z = self.grid.zoom if self.is_mounted and self.query(ClusterGrid) else 0
-        cpc = 1 << z
         t = Text()
-        t.append(f"1 cell = {fmt.count(cpc)} cluster{'s' if cpc > 1 else ''} ({fmt.size(cpc * gm.cluster_size)}),"
-                 " colour = majority, glyph = fill", Style(color=DIM))
+        t.append(f"{self.cell_caption('cluster', gm.cluster_size)}, colour = majority, glyph = fill", Style(color=DIM))
         t.append(f" · {fmt.count(gm.n_clusters)} clusters of {fmt.size(gm.cluster_size)}", Style(color=DIM))
         if not gm.complete:
             t.append(f" · scanned {gm.scanned_tables}/{gm.n_tables} L2 tables", Style(color=DIM))
@@ -246,15 +207,10 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         n_sc = h.subclusters_per_cluster
         sc = min(self.sc, n_sc - 1)
         guest = cluster * cs + sc * h.subcluster_size
-        parts: list[RenderableType] = []
-        head = Text()
-        head.append(f"guest {fmt.hexoff(cluster * cs)}", Style(bold=True))
-        head.append(f"  ({fmt.size_exact(cluster * cs)})", Style(color=DIM))
-        parts.append(head)
-        parts.append(kv("cluster", f"{fmt.count(cluster)} of {fmt.count(gm.n_clusters)}"))
+        parts = self.inspector_head("guest", cs, gm.n_clusters)
         if grid.zoom:
             counts = gm.cell_counts(grid.zoom, cell)
-            parts.append(kv("cell", f"{fmt.count(grid.cpc)} clusters ({fmt.size(grid.cpc * cs)})"))
+            parts.append(self.cell_line(cs))
             if counts is None:
                 parts.append(Text("        not scanned yet", Style(color=DIM)))
             else:
@@ -349,7 +305,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         """The guest filesystems' view (volumes, freed blocks, owners) grew: redraw what shows it."""
         self._last_inspected = None
         self.update_inspector()
-        self.query_one("#gm-legend", Static).update(self._legend())
+        self.update_legend()
 
     def update_inspector(self) -> None:
         grid = self.grid
@@ -363,7 +319,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
     def on_cluster_grid_cursor_moved(self, event: ClusterGrid.CursorMoved) -> None:
         self.query_one(guestfs.PartitionBands).show_state(guestfs.guest_fs(self.session),
                                                           self.grid.cursor * self.session.img.cluster_size)
-        self.query_one("#gm-legend", Static).update(self._legend())
+        self.update_legend()
         self.update_inspector()
 
     def on_cluster_grid_activated(self, event: ClusterGrid.Activated) -> None:
@@ -425,7 +381,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             self._fresh_seen = len(self.session.fresh_clusters)
             grid.set_highlight(self.session.fresh_clusters)
         grid.data_changed()
-        self.query_one("#gm-legend", Static).update(self._legend())
+        self.update_legend()
         self.update_inspector()
 
     def on_show(self) -> None:
@@ -453,18 +409,9 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         grid.move_to(offset // h.cluster_size)
         self.update_inspector()
 
-    def goto(self, text: str) -> str | None:
-        try:
-            off = fmt.parse_size(text)
-        except ValueError as e:
-            return str(e)
-        if not 0 <= off < self.session.img.header.size:
-            return f"{fmt.hexoff(off)} is outside the virtual disk ({fmt.size(self.session.img.header.size)})"
-        self.show_offset(off)
-        return None
-
-    def find_first(self, text: str) -> str | None:
-        return self.find(text, True, from_start=True)
+    def offset_problem(self, offset: int) -> str | None:
+        size = self.session.img.header.size
+        return None if 0 <= offset < size else f"{fmt.hexoff(offset)} is outside the virtual disk ({fmt.size(size)})"
 
     def find(self, text: str, forward: bool = True, from_start: bool = False) -> str | None:
         q = parse_query(text)
@@ -511,12 +458,6 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             self.post_message(ShowHost(lk.l2_entry & C.L2E_OFFSET_MASK))
         else:
             self.notify("this cluster has no host cluster (nothing allocated here)", severity="warning", timeout=3)
-
-    def action_letters(self) -> None:
-        grid = self.grid
-        grid.letters = not grid.letters
-        grid.data_changed()
-        self.query_one("#gm-legend", Static).update(self._legend())
 
     def place(self) -> Place:
         grid = self.grid

@@ -11,9 +11,7 @@ from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widget import Widget
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
@@ -28,8 +26,7 @@ from qinspect.tui.nav import Place
 from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, WARN, kind_colour, swatch
 from qinspect.tui.session import Session, Step
 from qinspect.tui.structs import HEADER_FIELDS, StructRef
-from qinspect.tui.views.base import View
-from qinspect.tui.views.guest import kv, rule
+from qinspect.tui.views.gridview import GridView, kv, rule
 from qinspect.tui.widgets.grid import ClusterGrid
 
 if TYPE_CHECKING:
@@ -190,11 +187,12 @@ class RefsScreen(ModalScreen[int | None]):
         self.dismiss(None)
 
 
-class HostLayoutView(View):
+class HostLayoutView(GridView):
     """The host layout grid and the cursor's owner and references."""
 
     VIEW_ID = "host"
     TITLE = "Host layout"
+    PREFIX = "hl"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("R", "references", "Refs", key_display="R"),
         Binding("L", "letters", "Letters", show=False),
@@ -224,36 +222,17 @@ fragmentation are visible at a glance.
     goto_prompt = "Go to host (file) offset"
     find_prompt = "Find an owner (leaked, free, l2, refcount, data, compressed, snapshot…)"
 
-    DEFAULT_CSS = """
-    HostLayoutView #hl-left { width: 1fr; }
-    HostLayoutView #hl-legend { height: auto; padding: 0 1; }
-    HostLayoutView #hl-inspector { width: 30%; min-width: 32; max-width: 64; border-left: vkey $foreground 20%;
-                                   padding: 0 1; }
-    """
-
     def __init__(self, session: Session, *, id: str | None = None) -> None:
         super().__init__(session, id=id)
         img = session.img
         self.source = HostSource(img.cluster_size, img.file.size, session.layout)
 
-    def compose(self) -> ComposeResult:
-        with Horizontal():
-            with Vertical(id="hl-left"):
-                yield Static(self._legend(), id="hl-legend")
-                grid = ClusterGrid(self.source, id="hl-grid")
-                grid.letters = True
-                if self.session.follow_host_base is not None:  # views made after following began
-                    grid.set_highlight(fresh_host_clusters(self.session))
-                yield grid
-            with VerticalScroll(id="hl-inspector"):
-                yield Static("", id="hl-inspect")
-
-    @property
-    def grid(self) -> ClusterGrid:
-        return self.query_one(ClusterGrid)
-
-    def main_widget(self) -> Widget | None:
-        return self.grid
+    def make_grid(self) -> ClusterGrid:
+        grid = ClusterGrid(self.source, id="hl-grid")
+        grid.letters = True
+        if self.session.follow_host_base is not None:  # views made after following began
+            grid.set_highlight(fresh_host_clusters(self.session))
+        return grid
 
     def _legend(self) -> RenderableType:
         s = self.session
@@ -278,9 +257,7 @@ fragmentation are visible at a glance.
             glyph = "·" if owner in _EMPTY else "█"
             items.append(swatch(kind_colour(owner.name), f"{owner.label} {fmt.count(n)}", glyph,
                                 OWNER_LETTERS[owner] if letters else ""))
-        z = self.grid.zoom if self.is_mounted and self.query(ClusterGrid) else 0
-        cpc = 1 << z
-        t.append(f"1 cell = {fmt.count(cpc)} host cluster{'s' if cpc > 1 else ''} ({fmt.size(cpc * lay.cluster_size)})"
+        t.append(f"{self.cell_caption('host cluster', lay.cluster_size)}"
                  f" · file {fmt.size(lay.file_size)} · image end {fmt.hexoff(lay.image_end_offset)}", Style(color=DIM))
         return Group(Flow(items), t)
 
@@ -291,17 +268,12 @@ fragmentation are visible at a glance.
         cs = s.img.cluster_size
         hc = grid.cursor
         off = hc * cs
-        parts: list[RenderableType] = []
-        head = Text()
-        head.append(f"host {fmt.hexoff(off)}", Style(bold=True))
-        head.append(f"  ({fmt.size_exact(off)})", Style(color=DIM))
-        parts.append(head)
-        parts.append(kv("cluster", f"{fmt.count(hc)} of {fmt.count(self.source.n_units)}"))
+        parts = self.inspector_head("host", cs, self.source.n_units)
         if lay is None:
             parts.append(Text("the layout is not known yet", Style(color=DIM)))
             return Group(*parts)
         if grid.zoom:
-            parts.append(kv("cell", f"{fmt.count(grid.cpc)} clusters ({fmt.size(grid.cpc * cs)})"))
+            parts.append(self.cell_line(cs))
             for code, n in sorted(self.source.cell_counts(grid.zoom, grid.cursor_cell).items(), key=lambda x: -x[1]):
                 t = Text("        ")
                 t.append("█ ", Style(color=self.source.colour(code)))
@@ -345,7 +317,7 @@ fragmentation are visible at a glance.
         self.query_one("#hl-inspect", Static).update(self._inspect())
 
     def on_cluster_grid_cursor_moved(self, event: ClusterGrid.CursorMoved) -> None:
-        self.query_one("#hl-legend", Static).update(self._legend())
+        self.update_legend()
         self.update_inspector()
 
     def on_cluster_grid_activated(self, event: ClusterGrid.Activated) -> None:
@@ -426,12 +398,6 @@ fragmentation are visible at a glance.
         elif target is not None:
             self.post_message(ShowStructure(target))
 
-    def action_letters(self) -> None:
-        grid = self.grid
-        grid.letters = not grid.letters
-        grid.data_changed()
-        self.query_one("#hl-legend", Static).update(self._legend())
-
     def place(self) -> Place:
         grid = self.grid
         return Place(self.VIEW_ID, f"host {fmt.hexoff(grid.cursor * self.session.img.cluster_size)}",
@@ -475,29 +441,22 @@ fragmentation are visible at a glance.
         grid.set_source(self.source)
         grid.set_highlight(fresh_host_clusters(s))  # a followed image: what it newly allocated
         grid.move_to(cursor)
-        self.query_one("#hl-legend", Static).update(self._legend())
+        self.update_legend()
         self.update_inspector()
 
     def on_show(self) -> None:
-        self.query_one("#hl-legend", Static).update(self._legend())
+        self.update_legend()
         self.update_inspector()
 
     def show_offset(self, offset: int) -> None:
         self.grid.move_to(offset // self.session.img.cluster_size)
         self.update_inspector()
 
-    def goto(self, text: str) -> str | None:
-        try:
-            off = fmt.parse_size(text)
-        except ValueError as e:
-            return str(e)
-        if not 0 <= off < max(1, self.session.img.file.size):
-            return f"{fmt.hexoff(off)} is past the end of the file ({fmt.size(self.session.img.file.size)})"
-        self.show_offset(off)
-        return None
-
-    def find_first(self, text: str) -> str | None:
-        return self.find(text, True, from_start=True)
+    def offset_problem(self, offset: int) -> str | None:
+        size = self.session.img.file.size
+        if 0 <= offset < max(1, size):
+            return None
+        return f"{fmt.hexoff(offset)} is past the end of the file ({fmt.size(size)})"
 
     def find(self, text: str, forward: bool = True, from_start: bool = False) -> str | None:
         lay = self.session.layout

@@ -8,7 +8,6 @@ the zoom, the width or the cursor changes.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -20,12 +19,12 @@ from textual.binding import Binding, BindingType
 from textual.geometry import Region, Size
 from textual.message import Message
 from textual.reactive import reactive
-from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from qinspect.tui.fmt import hex_width
 from qinspect.tui.guestmap import GLYPHS
 from qinspect.tui.palette import DIM, PaletteState
+from qinspect.tui.widgets.lineview import PAGE_KEYS, CachedLineView
 
 U8 = npt.NDArray[np.uint8]
 MARK_STYLE = Style(underline=True, bold=True)
@@ -53,7 +52,7 @@ class GridSource(Protocol):
     def colour(self, code: int) -> str: ...
 
 
-class ClusterGrid(ScrollView, can_focus=True):
+class ClusterGrid(CachedLineView, can_focus=True):
     """The grid. `cursor` is a unit (cluster) index; moving it posts `CursorMoved`."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -61,14 +60,12 @@ class ClusterGrid(ScrollView, can_focus=True):
         Binding("right,l", "move(1, 0)", "→", show=False),
         Binding("up,k", "move(0, -1)", "↑", show=False),
         Binding("down,j", "move(0, 1)", "↓", show=False),
-        Binding("pageup", "page(-1)", "PgUp", show=False),
-        Binding("pagedown", "page(1)", "PgDn", show=False),
-        Binding("home", "edge(-1)", "Home", show=False),
-        Binding("end", "edge(1)", "End", show=False),
+        *PAGE_KEYS,
         Binding("plus,equals_sign", "zoom(-1)", "Zoom in", key_display="+", show=False),
         Binding("minus", "zoom(1)", "Zoom out", key_display="-", show=False),
         Binding("enter", "activate", "Follow", key_display="⏎"),
     ]
+    MAX_CACHED_LINES = 400
 
     DEFAULT_CSS = """
     ClusterGrid { height: 1fr; width: 1fr; overflow-x: hidden; scrollbar-size-vertical: 1; }
@@ -103,7 +100,6 @@ class ClusterGrid(ScrollView, can_focus=True):
         self.source = source
         self.cols = 64
         self.cell_w = 1  # characters per cell: small images get wide cells (zoom in past 1:1)
-        self._cache: OrderedDict[tuple[int, ...], Strip] = OrderedDict()
         self._styles: dict[int, Style] = {}
         self._need: set[int] = set()
         self._need_posted = False
@@ -149,7 +145,7 @@ class ClusterGrid(ScrollView, can_focus=True):
     def set_cell_width(self, cell_w: int) -> None:
         self.cell_w = cell_w
         self.cols = self._cols_for(cell_w)
-        self._cache.clear()
+        self.forget_lines()
         self._update_virtual_size()
 
     def fit_zoom(self) -> None:
@@ -169,7 +165,7 @@ class ClusterGrid(ScrollView, can_focus=True):
 
     def on_resize(self, event: events.Resize) -> None:
         self.cols = self._cols_for(self.cell_w)
-        self._cache.clear()
+        self.forget_lines()
         if not self._fitted and self.size.height > 0:
             self._fitted = True
             self.fit_zoom()
@@ -190,7 +186,7 @@ class ClusterGrid(ScrollView, can_focus=True):
         """Units to mark (underlined, bold): what a followed image newly allocated."""
         self._highlight = np.sort(units) if isinstance(units, np.ndarray) else np.array(sorted(units), dtype=np.int64)
         self._highlight_version += 1
-        self._cache.clear()
+        self.forget_lines()
         self.refresh()
 
     def replace_source(self, source: GridSource) -> None:
@@ -199,7 +195,7 @@ class ClusterGrid(ScrollView, can_focus=True):
         self.data_changed()
 
     def data_changed(self) -> None:
-        self._cache.clear()
+        self.forget_lines()
         self._styles.clear()
         self._update_virtual_size()
         self.refresh()
@@ -221,14 +217,7 @@ class ClusterGrid(ScrollView, can_focus=True):
         cur_in_row = cur - row * self.cols if row * self.cols <= cur < (row + 1) * self.cols else -1
         key = (row, self.zoom, self.cols, self.cell_w, self.source.version, cur_in_row, width, int(self.has_focus),
                self.draws_letters, self._highlight_version)
-        strip = self._cache.get(key)
-        if strip is not None:
-            return strip
-        strip = self._render_row(row, cur_in_row, width)
-        self._cache[key] = strip
-        while len(self._cache) > 400:
-            self._cache.popitem(last=False)
-        return strip
+        return self.cached_line(key, lambda: self._render_row(row, cur_in_row, width))
 
     def _render_row(self, row: int, cur_in_row: int, width: int) -> Strip:
         c0 = row * self.cols
@@ -311,14 +300,6 @@ class ClusterGrid(ScrollView, can_focus=True):
         row = self.cursor_cell // self.cols
         self.scroll_to_region(Region(0, row, 1, 1), animate=False, immediate=True)
 
-    def on_focus(self) -> None:
-        self._cache.clear()
-        self.refresh()
-
-    def on_blur(self) -> None:
-        self._cache.clear()
-        self.refresh()
-
     def move_to(self, unit: int) -> None:
         self.cursor = max(0, min(unit, self.source.n_units - 1))
 
@@ -327,7 +308,7 @@ class ClusterGrid(ScrollView, can_focus=True):
         self.zoom = zoom
 
     def watch_zoom(self, old: int, new: int) -> None:
-        self._cache.clear()
+        self.forget_lines()
         self._update_virtual_size()
         self.refresh()
         self._scroll_cursor_visible()

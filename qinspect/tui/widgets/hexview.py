@@ -8,12 +8,12 @@ from collections import OrderedDict
 from rich.segment import Segment
 from rich.style import Style
 from textual.geometry import Size
-from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.tui.palette import DIM
 from qinspect.tui.structs import TableModel
+from qinspect.tui.widgets.lineview import CachedLineView
 
 BYTES_PER_LINE = 16
 PAGE = 4096
@@ -21,20 +21,20 @@ PAGE = 4096
 MAX_HEX = 64 << 20
 
 
-class HexView(ScrollView, can_focus=False):
+class HexView(CachedLineView, can_focus=False):
     """Offset, 16 hex bytes (8 or 4 when the pane is narrower: rows are never cut), ASCII;
     colours from the model, the highlighted span reversed."""
 
     DEFAULT_CSS = """
     HexView { height: 12; overflow-x: hidden; scrollbar-size-vertical: 1; }
     """
+    MAX_CACHED_LINES = 200
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self.model: TableModel | None = None
         self.highlight: tuple[int, int] | None = None
         self._pages: OrderedDict[int, bytes] = OrderedDict()
-        self._cache: OrderedDict[tuple[int, ...], Strip] = OrderedDict()
         self._gen = 0
         self.base = 0
         self.length = 0
@@ -49,7 +49,7 @@ class HexView(ScrollView, can_focus=False):
         return 4
 
     def on_resize(self) -> None:
-        self._cache.clear()
+        self.forget_lines()
         self._layout()
         self.refresh()
 
@@ -65,7 +65,7 @@ class HexView(ScrollView, can_focus=False):
     def set_model(self, model: TableModel | None) -> None:
         self.model = model
         self._gen += 1
-        self._cache.clear()
+        self.forget_lines()
         self._pages.clear()
         self.highlight = None
         self._layout()
@@ -74,7 +74,7 @@ class HexView(ScrollView, can_focus=False):
 
     def set_highlight(self, span: tuple[int, int] | None) -> None:
         self.highlight = span
-        self._cache.clear()
+        self.forget_lines()
         if span is not None:
             line = (span[0] - self.base) // self.bpl
             top = int(self.scroll_offset.y)
@@ -110,11 +110,11 @@ class HexView(ScrollView, can_focus=False):
         n_lines = -(-self.length // bpl)
         if self.model is None or line >= n_lines:
             return Strip.blank(width, self.rich_style)
-        key = (self._gen, line, width, bpl)
-        strip = self._cache.get(key)
-        if strip is not None:
-            return strip
+        return self.cached_line((self._gen, line, width, bpl), lambda: self._draw_line(line, bpl, width))
+
+    def _draw_line(self, line: int, bpl: int, width: int) -> Strip:
         model = self.model
+        assert model is not None
         off = self.base + line * bpl
         data = self._read(off, bpl)
         colours = model.byte_colours(off, data)
@@ -137,8 +137,4 @@ class HexView(ScrollView, can_focus=False):
             asc.append(Segment(chr(b) if 32 <= b < 127 else ".", st))
         segs.append(Segment(" "))
         segs.extend(asc)
-        strip = Strip(segs).adjust_cell_length(width, self.rich_style)
-        self._cache[key] = strip
-        while len(self._cache) > 200:
-            self._cache.popitem(last=False)
-        return strip
+        return Strip(segs).adjust_cell_length(width, self.rich_style)

@@ -7,7 +7,6 @@ caches their Strips, never building a widget or a Python object per entry.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import ClassVar
 
 from rich.segment import Segment
@@ -17,23 +16,20 @@ from textual.binding import Binding, BindingType
 from textual.geometry import Size
 from textual.message import Message
 from textual.reactive import reactive
-from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from qinspect.tui.palette import CURSOR_STYLE, DIM
 from qinspect.tui.structs import TableModel
+from qinspect.tui.widgets.lineview import PAGE_KEYS, CachedLineView
 
 
-class EntryTable(ScrollView, can_focus=True):
+class EntryTable(CachedLineView, can_focus=True):
     """Rows of a structure; the first line is a fixed column header."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("up,k", "move(-1)", "↑", show=False),
         Binding("down,j", "move(1)", "↓", show=False),
-        Binding("pageup", "page(-1)", "PgUp", show=False),
-        Binding("pagedown", "page(1)", "PgDn", show=False),
-        Binding("home", "edge(-1)", "Home", show=False),
-        Binding("end", "edge(1)", "End", show=False),
+        *PAGE_KEYS,
         Binding("enter", "activate", "Follow"),
     ]
 
@@ -58,13 +54,12 @@ class EntryTable(ScrollView, can_focus=True):
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self.model: TableModel | None = None
-        self._cache: OrderedDict[tuple[int, ...], Strip] = OrderedDict()
         self._gen = 0
 
     def set_model(self, model: TableModel | None, row: int = 0) -> None:
         self.model = model
         self._gen += 1
-        self._cache.clear()
+        self.forget_lines()
         n = len(model) if model is not None else 0
         self.widths = self._fit_widths(model)
         width = sum(w + 1 for w in self.widths)
@@ -123,8 +118,8 @@ class EntryTable(ScrollView, can_focus=True):
             if row >= self.n_rows:
                 return Strip.blank(width, self.rich_style)
             key = (self._gen, row, sx, width, int(row == self.cursor), int(self.has_focus))
-        strip = self._cache.get(key)
-        if strip is None:
+
+        def draw() -> Strip:
             if y == 0:
                 segs = self._line([(t, None) for t, _w in model.columns], Style(bold=True, underline=True))
             else:
@@ -133,11 +128,9 @@ class EntryTable(ScrollView, can_focus=True):
                 if row == self.cursor:
                     cur = CURSOR_STYLE if self.has_focus else Style(reverse=True, color=DIM)
                 segs = self._line(model.row(row), cur)
-            strip = Strip(segs).crop(sx, sx + width).adjust_cell_length(width, self.rich_style)
-            self._cache[key] = strip
-            while len(self._cache) > 300:
-                self._cache.popitem(last=False)
-        return strip
+            return Strip(segs).crop(sx, sx + width).adjust_cell_length(width, self.rich_style)
+
+        return self.cached_line(key, draw)
 
     def watch_cursor(self, old: int, new: int) -> None:
         self._scroll_cursor_visible()
@@ -153,16 +146,8 @@ class EntryTable(ScrollView, can_focus=True):
             self.scroll_to(y=self.cursor - visible + 1, animate=False, immediate=True)
 
     def on_resize(self) -> None:
-        self._cache.clear()
+        self.forget_lines()
         self._scroll_cursor_visible()
-
-    def on_focus(self) -> None:
-        self._cache.clear()
-        self.refresh()
-
-    def on_blur(self) -> None:
-        self._cache.clear()
-        self.refresh()
 
     def move_to(self, row: int) -> None:
         if self.n_rows:
