@@ -7,7 +7,7 @@ here; importing them does not import Textual or Rich.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 __all__ = ["Image", "Qcow2Error", "__version__", "open_image"]
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from qinspect.qcow2.image import Image, open_image
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """Import the core lazily so `import qinspect` stays cheap."""
     if name in ("open_image", "Image"):
         from qinspect.qcow2 import image

@@ -21,7 +21,7 @@ and the metadata path (`open_meta`, `ImageMeta`, `fields`, `constants`) never im
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qinspect.qcow2 import constants, fields
@@ -126,7 +126,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'qinspect.qcow2' has no attribute {name!r}")

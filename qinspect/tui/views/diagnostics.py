@@ -141,8 +141,10 @@ def items_from_core(s: Session) -> list[Item]:
                         cmd("qemu-img", "check", "-r", "all", path)))
     chk = s.check
     if chk is not None:
+        from qinspect.analysis.check import MessageKind  # (numpy-heavy: not at start-up)
+
         if chk.corruptions:
-            msgs = [m.text for m in chk.messages if m.kind == "error"][:8]
+            msgs = [m.text for m in chk.messages if m.kind is MessageKind.ERROR][:8]
             out.append(Item("check-corruptions", "error", f"{chk.corruptions} corruptions (qemu-img check)",
                             "\n".join(msgs), "reads or writes may fail or return wrong data",
                             cmd("cp", path, path + ".bak") + " && " + cmd("qemu-img", "check", "-r", "all", path)))
@@ -283,8 +285,10 @@ evidence (numbers), its impact and the command that fixes it.
         if it.id in EVIDENCE:
             parts.append(Text("enter: show the evidence", Style(color=DIM, italic=True)))
         if chk is not None and it.id in ("corruption", "leaked-clusters", "check-corruptions", "check-leaks"):
-            kind = "leak" if "leak" in it.id else "error"
-            msgs = [m.text for m in chk.messages if m.kind == kind][:12]
+            from qinspect.analysis.check import MessageKind
+
+            kind = MessageKind.LEAK if "leak" in it.id else MessageKind.ERROR
+            msgs = [m.text for m in chk.messages if m.kind is kind][:12]
             if msgs:
                 evidence = (evidence + "\n" if evidence else "") + "qemu-img check says:\n" + "\n".join(
                     f"  {self.session.clean(m)}" for m in msgs)
