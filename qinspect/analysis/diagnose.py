@@ -27,8 +27,8 @@ from qinspect.analysis.space import Space, compute_space
 from qinspect.qcow2.image import Image
 from qinspect.units import format_size, size_option
 
-SEVERITIES = tuple(s.value for s in Severity)
-SEVERITY_RANK = {s.value: s.rank for s in Severity}
+SEVERITIES = tuple(Severity)
+"""Every severity, worst first."""
 RULES = tuple(r.id for r in REGISTRY)
 DEEP_RULES = tuple(r.id for r in REGISTRY if r.deep)
 
@@ -53,14 +53,13 @@ class Diagnosis:
     in_use: str | None = None
     """"write" or "read" when a running QEMU holds the image's locks."""
 
-    def worst(self) -> str | None:
+    def worst(self) -> Severity | None:
         """The most severe severity among the findings, or None."""
-        return self.findings[0].severity.value if self.findings else None
+        return self.findings[0].severity if self.findings else None
 
-    def fails(self, threshold: str) -> list[Finding]:
-        """Findings at `threshold` severity ("warning" or "error") or worse."""
-        limit = SEVERITY_RANK[threshold]
-        return [f for f in self.findings if f.severity.rank <= limit]
+    def fails(self, threshold: Severity) -> list[Finding]:
+        """Findings at `threshold` severity or worse."""
+        return [f for f in self.findings if f.severity.rank <= threshold.rank]
 
     def to_json(self) -> dict[str, object]:
         """`{"findings": [...], "space": {...}, "cache": {...}, "in-use": ...}`."""
@@ -111,5 +110,5 @@ def diagnose(img: Image, deep: bool = False, progress: ProgressFn = no_progress,
                                                                                       else "read"))
 
 
-__all__ = ["DEEP_RULES", "RULES", "SEVERITIES", "SEVERITY_RANK", "Category", "ConvertWish", "Diagnosis", "Finding",
+__all__ = ["DEEP_RULES", "RULES", "SEVERITIES", "Category", "ConvertWish", "Diagnosis", "Finding",
            "Fix", "Severity", "convert_argv", "diagnose", "size_option", "size_text"]

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qinspect.analysis.cache import CacheModel, cache_model, cache_table
-from qinspect.analysis.diagnose import RULES, SEVERITY_RANK, Diagnosis, Finding, Fix, diagnose, size_option
+from qinspect.analysis.diagnose import RULES, Diagnosis, Finding, Fix, Severity, diagnose, size_option
 from qinspect.analysis.findings.model import EvidenceUnit, evidence_unit
 from qinspect.analysis.layout import Layout, Owner, compute_layout
 from qinspect.analysis.measure import MeasureResult, measure, parse_options
@@ -367,7 +367,7 @@ def _pct(x: float) -> str:
 
 # -- diagnose -----------------------------------------------------------------------------------------
 
-SEVERITY_STYLES = {"error": "bold red", "warning": "bold yellow", "info": "bold blue"}
+SEVERITY_STYLES = {Severity.ERROR: "bold red", Severity.WARNING: "bold yellow", Severity.INFO: "bold blue"}
 
 
 def _evidence_text(ev: dict[str, int | float | str]) -> str:
@@ -402,23 +402,24 @@ def _prediction_text(fix: Fix, sp: Space) -> str:
 def run_diagnose(args: argparse.Namespace) -> int:
     with _open(args.image) as img, _progress("diagnose") as prog:
         d = diagnose(img, deep=args.deep, progress=prog)
-    failed = d.fails(args.fail_on) if args.fail_on else []
+    threshold = Severity(args.fail_on) if args.fail_on else None
+    failed = d.fails(threshold) if threshold else []
     if args.output == "json":
         out = d.to_json()
-        if args.fail_on:
+        if threshold:
             out["fail-on"] = {"threshold": args.fail_on, "passed": not failed,
-                              "rules": _rule_results(d, args.fail_on)}
+                              "rules": _rule_results(d, threshold)}
         print_json(out)
     else:
-        if args.fail_on:
-            _print_gate(d, args.fail_on)
+        if threshold:
+            _print_gate(d, threshold)
         _print_diagnosis(d, args.image)
     return 1 if failed else 0
 
 
-def _rule_results(d: Diagnosis, threshold: str) -> list[dict[str, str]]:
+def _rule_results(d: Diagnosis, threshold: Severity) -> list[dict[str, str]]:
     by_id = {f.id: f for f in d.findings}
-    limit = SEVERITY_RANK[threshold]
+    limit = threshold.rank
     out = []
     for rid in RULES:
         f = by_id.get(rid)
@@ -436,7 +437,7 @@ def _rule_results(d: Diagnosis, threshold: str) -> list[dict[str, str]]:
     return out
 
 
-def _print_gate(d: Diagnosis, threshold: str) -> None:
+def _print_gate(d: Diagnosis, threshold: Severity) -> None:
     """The PASS/FAIL summary line, then one line per rule (text from the image never as markup)."""
     c = console()
     results = _rule_results(d, threshold)
@@ -468,7 +469,7 @@ def _print_gate(d: Diagnosis, threshold: str) -> None:
 def _print_diagnosis(d: Diagnosis, filename: str) -> None:
     c = console()
     n = len(d.findings)
-    by_sev = {s: sum(1 for f in d.findings if f.severity.value == s) for s in ("error", "warning", "info")}
+    by_sev = {s: sum(1 for f in d.findings if f.severity is s) for s in Severity}
     summary = ", ".join(f"{v} {k}" for k, v in by_sev.items() if v) or "nothing to report"
     deep = "" if d.deep is not None else "  (metadata only; --deep also reads the data)"
     head = Text(for_terminal(filename), style="bold")
@@ -502,7 +503,7 @@ def _print_finding(f: Finding, sp: Space, same_fix_as: str | None = None) -> Non
     c = console()
     c.print()
     head = Text()
-    head.append(f"{f.severity.value.upper():<8}", style=SEVERITY_STYLES[f.severity.value])
+    head.append(f"{f.severity.value.upper():<8}", style=SEVERITY_STYLES[f.severity])
     head.append(f" {f.id}", style="bold")
     head.append(f"  {for_terminal(f.title)}")
     c.print(head, soft_wrap=True)

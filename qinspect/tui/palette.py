@@ -12,6 +12,8 @@ from enum import IntEnum
 from rich.style import Style
 from rich.text import Text
 
+from qinspect.qcow2.errors import Severity
+
 
 class G(IntEnum):
     """The state of one guest cluster (or the dominant state of a map cell)."""
@@ -279,4 +281,19 @@ DIM = "#808080"
 WARN = "#ffd75f"
 ERROR = "#ff5f5f"
 OK = "#5fd75f"
-SEVERITY_COLOURS = {"error": ERROR, "critical": ERROR, "warning": WARN, "info": "#87afff", "ok": OK}
+SEVERITY_COLOURS: dict[Severity, str] = {Severity.ERROR: ERROR, Severity.WARNING: WARN, Severity.INFO: "#87afff"}
+
+
+def severity_colour(sev: Severity | None) -> str:
+    """The colour of a severity; None is a verdict of nothing found (OK)."""
+    return OK if sev is None else SEVERITY_COLOURS[sev]
+
+
+def severity_word(sev: Severity | None) -> str:
+    """ERROR, WARNING, INFO, or OK when nothing was found (None)."""
+    return "OK" if sev is None else sev.value.upper()
+
+
+def severity_order(sev: Severity | None) -> int:
+    """Sort key, worst first: error, warning, info, then OK (None)."""
+    return len(Severity) if sev is None else sev.rank
