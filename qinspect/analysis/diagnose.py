@@ -24,6 +24,7 @@ from qinspect.analysis.findings.model import Category, Context, ConvertWish, Fin
 from qinspect.analysis.layout import Layout, compute_layout
 from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.analysis.space import Space, compute_space
+from qinspect.qcow2.hostfile import InUse
 from qinspect.qcow2.image import Image
 from qinspect.units import format_size, size_option
 
@@ -50,8 +51,8 @@ class Diagnosis:
     deep: DeepScan | None = None
     rules_run: list[str] = field(default_factory=list)
     """The rule ids that were evaluated (deep-only rules are missing without `deep`)."""
-    in_use: str | None = None
-    """"write" or "read" when a running QEMU holds the image's locks."""
+    in_use: InUse = InUse.NO
+    """Whether a running QEMU holds the image's locks."""
 
     def worst(self) -> Severity | None:
         """The most severe severity among the findings, or None."""
@@ -67,7 +68,7 @@ class Diagnosis:
             "findings": [f.to_json() for f in self.findings],
             "space": self.space.to_json(),
             "cache": self.cache.to_json(),
-            "in-use": self.in_use,
+            "in-use": self.in_use.to_json(),
         }
         if self.deep is not None:
             d = self.deep
@@ -106,8 +107,7 @@ def diagnose(img: Image, deep: bool = False, progress: ProgressFn = no_progress,
     apply_lock(ctx, findings)
     order = {r.id: i for i, r in enumerate(REGISTRY)}
     findings.sort(key=lambda f: (f.severity.rank, order.get(f.id, len(order))))
-    return Diagnosis(img.path, findings, space, cache, lay, scan, ran, ctx.lock and ("write" if ctx.write_locked
-                                                                                      else "read"))
+    return Diagnosis(img.path, findings, space, cache, lay, scan, ran, ctx.lock)
 
 
 __all__ = ["DEEP_RULES", "RULES", "SEVERITIES", "Category", "ConvertWish", "Diagnosis", "Finding",

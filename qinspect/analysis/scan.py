@@ -28,14 +28,13 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 from qinspect.analysis.diagnose import SEVERITIES, Diagnosis, diagnose
 from qinspect.analysis.info import image_info
 from qinspect.analysis.opening import require_files
 from qinspect.analysis.walks import check_and_layout
 from qinspect.qcow2.errors import Qcow2Error, Severity
-from qinspect.qcow2.hostfile import FileIdentity
+from qinspect.qcow2.hostfile import FileIdentity, InUse
 from qinspect.qcow2.image import Image, open_image
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -46,18 +45,6 @@ IMAGE_SUFFIXES = (".qcow2", ".qcow", ".qcow2c")
 # counts them as reclaimable, under their own reason, whenever they are there.
 GUEST_RECLAIMABLE_PARTS = ("guest-freed",)
 ScanProgressFn = Callable[[int, int, "ImageReport | None"], None]
-
-
-class InUse(Enum):
-    """Whether another process holds QEMU's locks on the image file (HostFile.lock_state)."""
-
-    NO = "no"
-    READER = "reader"
-    WRITER = "writer"
-
-    def to_json(self) -> str | None:
-        """`null`, `"read"` or `"write"`: the `"in-use"` value every command prints."""
-        return {InUse.NO: None, InUse.READER: "read", InUse.WRITER: "write"}[self]
 
 
 @dataclass(frozen=True)
@@ -289,7 +276,7 @@ def _inspect_into(cand: Candidate, deep: bool, s: ImageSummary, record: dict[str
 def _inspect_open(img: Image, deep: bool, s: ImageSummary, record: dict[str, object]) -> None:
     path = img.path
     lock = img.file.lock_state()
-    s.in_use = InUse(lock) if lock else InUse.NO
+    s.in_use = lock
     info = image_info(img, path)
     s.virtual_size = img.virtual_size
     s.file_size = img.file.size

@@ -18,6 +18,7 @@ from qinspect.analysis.layout import Layout
 from qinspect.analysis.space import Space
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.qcow2.errors import Severity as Severity  # (the one severity vocabulary, re-exported for the rules)
+from qinspect.qcow2.hostfile import InUse
 from qinspect.qcow2.image import Image, Layer
 from qinspect.shellquote import UnsafeArgument, command_line
 from qinspect.units import format_size
@@ -185,7 +186,7 @@ class Context:
 
     @property
     def write_locked(self) -> bool:
-        return self.lock == "writer"
+        return self.lock is InUse.WRITER
 
     @property
     def file_size(self) -> int:
