@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -52,11 +53,28 @@ U64 = npt.NDArray[np.uint64]
 Cell = tuple[str, str | None]
 
 
+class StructKind(StrEnum):
+    """Which structure a node of the Structures tree shows (`model_for` builds its table)."""
+
+    HEADER = "header"
+    EXTENSIONS = "extensions"
+    BACKING_NAME = "backing_name"
+    L1 = "l1"
+    SNAPSHOT_L1 = "snapshot_l1"
+    L2 = "l2"
+    REFCOUNT_TABLE = "refcount_table"
+    REFCOUNT_BLOCK = "refblock"
+    SNAPSHOT_TABLE = "snapshot_table"
+    BITMAP_DIRECTORY = "bitmap_directory"
+    BITMAP_TABLE = "bitmap_table"
+    LUKS = "luks"
+
+
 @dataclass(frozen=True)
 class StructRef:
     """A node of the Structures tree: what to show, and which row to select first."""
 
-    kind: str
+    kind: StructKind
     index: int = 0
     offset: int = 0
     owner: int = -1  # -1: the active tables; n: snapshot n
@@ -249,10 +267,11 @@ class HeaderModel(TableModel):
         name = self.fields[i][0]
         h = self.img.header
         return {
-            "l1_table_offset": StructRef("l1", offset=h.l1_table_offset),
-            "refcount_table_offset": StructRef("refcount_table", offset=h.refcount_table_offset),
-            "snapshots_offset": StructRef("snapshot_table", offset=h.snapshots_offset) if h.nb_snapshots else None,
-            "backing_file_offset": StructRef("backing_name") if h.backing_file_offset else None,
+            "l1_table_offset": StructRef(StructKind.L1, offset=h.l1_table_offset),
+            "refcount_table_offset": StructRef(StructKind.REFCOUNT_TABLE, offset=h.refcount_table_offset),
+            "snapshots_offset": (StructRef(StructKind.SNAPSHOT_TABLE, offset=h.snapshots_offset) if h.nb_snapshots
+                                 else None),
+            "backing_file_offset": StructRef(StructKind.BACKING_NAME) if h.backing_file_offset else None,
         }.get(name)
 
 
@@ -322,9 +341,9 @@ class ExtensionsModel(TableModel):
         h = self.img.header
         e = self.exts[i]
         if e.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None:
-            return StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset)
+            return StructRef(StructKind.BITMAP_DIRECTORY, offset=h.bitmaps_ext.bitmap_directory_offset)
         if e.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER and h.crypto_ext is not None:
-            return StructRef("luks", offset=h.crypto_ext.offset)
+            return StructRef(StructKind.LUKS, offset=h.crypto_ext.offset)
         return None
 
 
@@ -408,7 +427,7 @@ class L1Model(TableModel):
         off = int(self.offsets[i])
         if not off:
             return None
-        return StructRef("l2", index=i, offset=off, owner=self.owner)
+        return StructRef(StructKind.L2, index=i, offset=off, owner=self.owner)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
         out: list[str | None] = []
@@ -616,7 +635,7 @@ class RefcountTableModel(TableModel):
 
     def target(self, i: int) -> Target:
         off = int(self.offsets[i])
-        return StructRef("refblock", index=i, offset=off) if off else None
+        return StructRef(StructKind.REFCOUNT_BLOCK, index=i, offset=off) if off else None
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
         out: list[str | None] = []
@@ -728,7 +747,7 @@ class SnapshotTableModel(TableModel):
                 + (f", icount {s.icount}" if s.icount is not None else ""))
 
     def target(self, i: int) -> Target:
-        return StructRef("snapshot_l1", owner=i, offset=self.snaps[i].l1_table_offset)
+        return StructRef(StructKind.SNAPSHOT_L1, owner=i, offset=self.snaps[i].l1_table_offset)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
         out: list[str | None] = []
@@ -782,7 +801,7 @@ class BitmapDirectoryModel(TableModel):
         return s
 
     def target(self, i: int) -> Target:
-        return StructRef("bitmap_table", index=i, offset=self.bitmaps[i].bitmap_table_offset)
+        return StructRef(StructKind.BITMAP_TABLE, index=i, offset=self.bitmaps[i].bitmap_table_offset)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
         out: list[str | None] = []
@@ -901,28 +920,44 @@ class LuksModel(TableModel):
 def model_for(img: Image, ref: StructRef) -> TableModel:
     """The table model of a tree node."""
     k = ref.kind
-    if k == "header":
+    if k is StructKind.HEADER:
         return HeaderModel(img)
-    if k == "extensions":
+    if k is StructKind.EXTENSIONS:
         return ExtensionsModel(img)
-    if k == "backing_name":
+    if k is StructKind.BACKING_NAME:
         return BackingNameModel(img)
-    if k == "l1":
+    if k is StructKind.L1:
         return L1Model(img)
-    if k == "snapshot_l1":
+    if k is StructKind.SNAPSHOT_L1:
         return L1Model(img, owner=ref.owner)
-    if k == "l2":
+    if k is StructKind.L2:
         return L2Model(img, ref.index, ref.offset, ref.owner)
-    if k == "refcount_table":
+    if k is StructKind.REFCOUNT_TABLE:
         return RefcountTableModel(img)
-    if k == "refblock":
+    if k is StructKind.REFCOUNT_BLOCK:
         return RefblockModel(img, ref.index, ref.offset)
-    if k == "snapshot_table":
+    if k is StructKind.SNAPSHOT_TABLE:
         return SnapshotTableModel(img)
-    if k == "bitmap_directory":
+    if k is StructKind.BITMAP_DIRECTORY:
         return BitmapDirectoryModel(img)
-    if k == "bitmap_table":
+    if k is StructKind.BITMAP_TABLE:
         return BitmapTableModel(img, ref.index)
-    if k == "luks":
+    if k is StructKind.LUKS:
         return LuksModel(img)
     raise KeyError(k)
+
+
+def tree_colour_kind(ref: StructRef) -> str:
+    """The palette kind a tree node is drawn in (a snapshot's L2 tables in the snapshot colour)."""
+    if ref.kind is StructKind.L2 and ref.owner >= 0:
+        return "snapshot_l2"
+    return _TREE_COLOUR_KINDS[ref.kind]
+
+
+_TREE_COLOUR_KINDS = {
+    StructKind.HEADER: "header", StructKind.EXTENSIONS: "extension", StructKind.BACKING_NAME: "extension",
+    StructKind.L1: "l1", StructKind.SNAPSHOT_L1: "snapshot_l1", StructKind.L2: "l2",
+    StructKind.REFCOUNT_TABLE: "refcount_table", StructKind.REFCOUNT_BLOCK: "refcount_block",
+    StructKind.SNAPSHOT_TABLE: "snapshot_table", StructKind.BITMAP_DIRECTORY: "bitmap_directory",
+    StructKind.BITMAP_TABLE: "bitmap_table", StructKind.LUKS: "luks",
+}

@@ -25,6 +25,7 @@ from qinspect.tui.structs import (
     BitmapDirectoryModel,
     Cell,
     SnapshotTableModel,
+    StructKind,
     StructRef,
     TableModel,
     Target,
@@ -87,9 +88,9 @@ class LayersModel(TableModel):
 
     def target(self, i: int) -> Target:
         if i == 0:
-            return StructRef("header")
+            return StructRef(StructKind.HEADER)
         if i == 1 and self.session.img.header.backing_file_offset:
-            return StructRef("backing_name")
+            return StructRef(StructKind.BACKING_NAME)
         return None
 
 

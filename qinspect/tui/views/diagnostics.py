@@ -23,7 +23,7 @@ from qinspect.tui.messages import FindIn, ShowHost, ShowStructure, ShowView
 from qinspect.tui.nav import Place
 from qinspect.tui.palette import DIM, ERROR, OK, WARN, severity_colour, severity_order, severity_word
 from qinspect.tui.session import Session, Step
-from qinspect.tui.structs import HEADER_FIELDS, StructRef
+from qinspect.tui.structs import HEADER_FIELDS, StructKind, StructRef
 from qinspect.tui.views.base import View
 
 if TYPE_CHECKING:
@@ -331,7 +331,7 @@ evidence (numbers), its impact and the command that fixes it.
         if kind == "view":
             self.post_message(ShowView(what))
         elif kind == "header":
-            self.post_message(ShowStructure(StructRef("header", row=_HEADER_ROW[what])))
+            self.post_message(ShowStructure(StructRef(StructKind.HEADER, row=_HEADER_ROW[what])))
         else:
             self.post_message(FindIn(kind, what))
 

@@ -37,7 +37,7 @@ from qinspect.tui.palette import (
 )
 from qinspect.tui.search import Searcher, parse_query
 from qinspect.tui.session import Session, Step
-from qinspect.tui.structs import StructRef
+from qinspect.tui.structs import StructKind, StructRef
 from qinspect.tui.views.base import View
 from qinspect.tui.widgets.grid import ClusterGrid
 
@@ -376,10 +376,10 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             self.notify(str(e), severity="error", markup=False)
             return
         if lk.l2_offset:
-            self.post_message(ShowStructure(StructRef("l2", index=lk.l1_index, offset=lk.l2_offset,
+            self.post_message(ShowStructure(StructRef(StructKind.L2, index=lk.l1_index, offset=lk.l2_offset,
                                                       row=lk.l2_index)))
         else:
-            self.post_message(ShowStructure(StructRef("l1", offset=h.l1_table_offset, row=lk.l1_index)))
+            self.post_message(ShowStructure(StructRef(StructKind.L1, offset=h.l1_table_offset, row=lk.l1_index)))
 
     def on_cluster_grid_need_data(self, event: ClusterGrid.NeedData) -> None:
         event.stop()

@@ -27,7 +27,7 @@ from qinspect.tui.messages import ShowGuest, ShowStructure
 from qinspect.tui.nav import Place
 from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, WARN, kind_colour, swatch
 from qinspect.tui.session import Session, Step
-from qinspect.tui.structs import HEADER_FIELDS, StructRef
+from qinspect.tui.structs import HEADER_FIELDS, StructKind, StructRef
 from qinspect.tui.views.base import View
 from qinspect.tui.views.guest import kv, rule
 from qinspect.tui.widgets.grid import ClusterGrid
@@ -357,7 +357,7 @@ fragmentation are visible at a glance.
         elif refs:
             self.follow(refs[0], off)
         elif lay.owner_at(off) == Owner.HEADER:
-            self.post_message(ShowStructure(StructRef("header")))
+            self.post_message(ShowStructure(StructRef(StructKind.HEADER)))
         else:
             self.notify("nothing points at this cluster", timeout=3)
 
@@ -393,26 +393,28 @@ fragmentation are visible at a glance.
         h = img.header
         if r.kind is ReferenceKind.L2_ENTRY:
             owner = next((i for i, sn in enumerate(img.snapshots) if sn.id_str == r.snapshot), -1)
-            return StructRef("l2", index=(r.guest_offset or 0) // (h.l2_size * h.cluster_size),
+            return StructRef(StructKind.L2, index=(r.guest_offset or 0) // (h.l2_size * h.cluster_size),
                              offset=r.table_offset, owner=owner, row=r.entry_index)
         if r.kind is ReferenceKind.L1_ENTRY:
             owner = next((i for i, sn in enumerate(img.snapshots) if sn.id_str == r.snapshot), -1)
-            return StructRef("snapshot_l1" if owner >= 0 else "l1", owner=owner, offset=r.table_offset,
+            kind = StructKind.SNAPSHOT_L1 if owner >= 0 else StructKind.L1
+            return StructRef(kind, owner=owner, offset=r.table_offset,
                              row=r.entry_index)
         if r.kind is ReferenceKind.REFCOUNT_TABLE_ENTRY:
-            return StructRef("refcount_table", offset=h.refcount_table_offset, row=r.entry_index)
+            return StructRef(StructKind.REFCOUNT_TABLE, offset=h.refcount_table_offset, row=r.entry_index)
         if r.kind is ReferenceKind.SNAPSHOT_TABLE_ENTRY:
-            return StructRef("snapshot_table", offset=h.snapshots_offset, row=r.entry_index)
+            return StructRef(StructKind.SNAPSHOT_TABLE, offset=h.snapshots_offset, row=r.entry_index)
         if r.kind is ReferenceKind.BITMAP_DIRECTORY_ENTRY and h.bitmaps_ext is not None:
-            return StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset, row=r.entry_index)
+            return StructRef(StructKind.BITMAP_DIRECTORY, offset=h.bitmaps_ext.bitmap_directory_offset,
+                             row=r.entry_index)
         if r.kind is ReferenceKind.BITMAP_TABLE_ENTRY:
             bi = next((i for i, b in enumerate(img.bitmaps) if b.bitmap_table_offset == r.table_offset), 0)
-            return StructRef("bitmap_table", index=bi, offset=r.table_offset, row=r.entry_index)
+            return StructRef(StructKind.BITMAP_TABLE, index=bi, offset=r.table_offset, row=r.entry_index)
         if r.kind is ReferenceKind.HEADER_EXTENSION and h.crypto_ext is not None:
-            return StructRef("luks", offset=h.crypto_ext.offset)
+            return StructRef(StructKind.LUKS, offset=h.crypto_ext.offset)
         if r.kind is ReferenceKind.HEADER_FIELD:
             rows = {f[1]: row for row, f in enumerate(HEADER_FIELDS)}  # the header table's row of the field
-            return StructRef("header", row=rows.get(r.entry_file_offset, 0))
+            return StructRef(StructKind.HEADER, row=rows.get(r.entry_file_offset, 0))
         return None
 
     def follow(self, r: Reference, off: int) -> None:
