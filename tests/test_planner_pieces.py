@@ -1,6 +1,7 @@
 """The planner hands back exactly the pieces asked for, whatever their layout.
 
-Windows read all their requests into one buffer and gather the pieces out of it (one vectorised
+Windows read pieces that do not overlap straight into their places (one preadv per request, the
+gaps into scratch); overlapping ones are read into one buffer and gathered out of it (one vectorised
 copy for pieces of one length, a copy per run otherwise, none for one contiguous run); dense
 windows go to the sweep thread, sparse ones to the pool, small ones to the caller. Random piece
 sets — overlapping, repeated, zero-length, past the end of the file, one length or many — in both
@@ -58,3 +59,31 @@ def test_random_pieces_come_back_exactly(data_file: tuple[Path, bytes], seed: in
                     assert buf.tobytes() == want, (seed, trial, p0)
             if order is Order.HOST:
                 assert bool((np.diff(offs[s.index]) >= 0).all())  # one sweep, front to back
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("order", [Order.GIVEN, Order.HOST])
+def test_disjoint_pieces_read_straight_into_place(data_file: tuple[Path, bytes], seed: int, order: Order) -> None:
+    # Pieces that do not overlap (every walk's tables) are read by one preadv per request, into their
+    # places in the output, the gaps between them into scratch: thousands of pieces (more buffers
+    # than one preadv takes), gaps short and long, the last ones past the end of the file.
+    path, data = data_file
+    rng = np.random.default_rng(100 + seed)
+    size = int(rng.choice([512, 4096]))
+    slots = np.arange(0, SIZE + 4 * size, size, dtype=np.int64)
+    offs = rng.permutation(slots[rng.random(len(slots)) < 0.6])
+    with HostFile(str(path)) as f, PieceStream(f, offs, size, order, window_bytes=1 << 62) as s:
+        buf = s.take(len(offs))
+        want = b"".join(_piece(data, int(o), size) for o in offs[s.index].tolist())
+        assert buf.tobytes() == want
+
+
+def test_readv_into_fills_buffers_in_order_and_zeros_past_the_end(data_file: tuple[Path, bytes]) -> None:
+    path, data = data_file
+    lengths = [1, 7, 512, 0, 3] * 500  # 2,500 buffers: more than one preadv takes
+    start = SIZE - sum(lengths) + 5000  # the last 5,000 bytes lie past the end of the file
+    bufs = [memoryview(bytearray(n)) for n in lengths]
+    with HostFile(str(path)) as f:
+        f.readv_into(start, bufs)
+    got = b"".join(bytes(b) for b in bufs)
+    assert got == data[start:] + bytes(5000)

@@ -1,6 +1,8 @@
 """Decompression of compressed clusters: raw deflate (zlib type) and zstd, as QEMU decodes them.
 
-QEMU requires the output to fill a whole cluster exactly; anything else is an I/O error.
+QEMU requires the output to fill a whole cluster exactly; anything else is an I/O error. The zstd
+decoder is imported when the first zstd cluster is decoded: most images have none, and every bulk
+command imports this module (loading `zstandard` costs ~1 ms of a small command's start).
 """
 
 from __future__ import annotations
@@ -9,15 +11,6 @@ import zlib
 
 from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Qcow2Error
-
-try:  # Python >= 3.14
-    from compression import zstd as _std_zstd  # type: ignore[import-not-found, unused-ignore]
-except ImportError:  # pragma: no cover - depends on the Python version
-    _std_zstd = None
-try:
-    import zstandard as _zstandard
-except ImportError:  # pragma: no cover
-    _zstandard = None  # type: ignore[assignment, unused-ignore]
 
 
 def decompress_cluster(data: bytes, compression_type: int, cluster_size: int, offset: int) -> bytes:
@@ -41,6 +34,10 @@ def decompress_cluster(data: bytes, compression_type: int, cluster_size: int, of
 
 def _zstd_decompress(data: bytes, cluster_size: int, offset: int) -> bytes:
     """Decode concatenated zstd frames until a cluster is full; output is capped at one cluster."""
+    try:
+        import zstandard as _zstandard
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        _zstandard = None  # type: ignore[assignment, unused-ignore]
     if _zstandard is not None:
         reader = _zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
         out = bytearray()
@@ -53,6 +50,10 @@ def _zstd_decompress(data: bytes, cluster_size: int, offset: int) -> bytes:
         except _zstandard.ZstdError as e:
             raise Qcow2Error(f"compressed cluster cannot be decoded (zstd): {e}", offset) from None
         return bytes(out)
+    try:  # Python >= 3.14
+        from compression import zstd as _std_zstd  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:  # pragma: no cover - depends on the Python version
+        _std_zstd = None
     if _std_zstd is not None:  # pragma: no cover - Python >= 3.14 only
         dec = _std_zstd.ZstdDecompressor()
         try:

@@ -42,6 +42,11 @@ if TYPE_CHECKING:  # numpy is imported by the prober's functions only: opening a
 _LOCK_PERM_BASE = 100
 _LOCK_SHARED_BASE = 200
 _FLOCK = "hhqqi4x"
+# Buffers one preadv takes (Linux: 1024).
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+    _IOV_MAX = 16
 
 # FIEMAP (linux/fs.h, linux/fiemap.h): _IOWR('f', 11, struct fiemap); struct fiemap is 32 bytes,
 # each struct fiemap_extent 56 bytes.
@@ -210,6 +215,29 @@ class HostFile:
         self.bytes_read += done
         if done < length:
             buf[done:] = bytes(length - done)
+
+    def readv_into(self, offset: int, bufs: list[memoryview]) -> None:
+        """Fill `bufs`, one after the other, from `offset` on (zero-fill past EOF): one `preadv` per
+        `IOV_MAX` buffers. The planner reads a request this way, straight into the places of the
+        pieces it covers, with the gaps it reads through going to a scratch buffer."""
+        pos = offset
+        for k in range(0, len(bufs), _IOV_MAX):
+            chunk = bufs[k : k + _IOV_MAX]
+            want = sum(map(len, chunk))
+            got = -1
+            if pos + want <= self.size:
+                try:
+                    got = os.preadv(self.fd, chunk, pos)
+                except OSError as e:
+                    raise Qcow2Error(f"read error: {e.strerror or e}", pos, path=self.path) from None
+            if got == want:
+                self.bytes_read += got
+            else:  # the end of the file inside, or a short read: buffer by buffer (read again)
+                at = pos
+                for b in chunk:
+                    self.read_into(at, b)
+                    at += len(b)
+            pos += want
 
     def lock_state(self) -> InUse:
         """Whether another process holds QEMU's image locks (NO where the query is unsupported).
