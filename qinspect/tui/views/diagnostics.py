@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
 from rich.console import Group, RenderableType
@@ -29,21 +30,36 @@ from qinspect.tui.views.base import View
 if TYPE_CHECKING:
     from qinspect.analysis.diagnose import Diagnosis
 
-# Where a finding's evidence is: a search in a map view, a structure, or a view. The header rows
-# are those of the Structures view's header table (field order of the qcow2 header).
+class EvidenceIn(Enum):
+    """Where a finding's evidence is shown."""
+
+    HOST_MAP = "host"
+    """A search in the host layout (the value is the view's id)."""
+    GUEST_MAP = "guest"
+    """A search in the guest map (the value is the view's id)."""
+    VIEW = "view"
+    """A whole view (named beside it)."""
+    HEADER_FIELD = "header"
+    """A field of the header, in the Structures view."""
+
+
+# Each finding's evidence: a search in a map view, a header field or a view. The header rows are
+# those of the Structures view's header table (field order of the qcow2 header).
 _HEADER_ROW = {f[0]: row for row, f in enumerate(HEADER_FIELDS)}
-EVIDENCE: dict[str, tuple[str, str]] = {
-    "leaked-clusters": ("host", "leaked"), "check-leaks": ("host", "leaked"),
-    "free-space": ("host", "free"), "fragmentation": ("host", "data"), "fragmented": ("host", "data"),
-    "scattered-metadata": ("host", "L2 table"), "zero-clusters": ("guest", "zero"),
-    "backing-duplicates": ("guest", "backing"), "preallocated-unused": ("guest", "zero"),
-    "compressed": ("guest", "compressed"),
-    "snapshot-space": ("view", "chain"), "long-chain": ("view", "chain"), "backing-missing": ("view", "chain"),
-    "l2-cache-coverage": ("view", "cache"), "l2-cache": ("view", "cache"),
-    "dirty": ("header", "incompatible_features"), "corrupt-bit": ("header", "incompatible_features"),
-    "small-clusters": ("header", "cluster_bits"), "cow-amplification": ("header", "cluster_bits"),
-    "v2-no-zero": ("header", "version"), "narrow-refcount": ("header", "refcount_order"),
-    "problem": ("header", "version"),
+EVIDENCE: dict[str, tuple[EvidenceIn, str]] = {
+    "leaked-clusters": (EvidenceIn.HOST_MAP, "leaked"), "check-leaks": (EvidenceIn.HOST_MAP, "leaked"),
+    "free-space": (EvidenceIn.HOST_MAP, "free"), "fragmentation": (EvidenceIn.HOST_MAP, "data"),
+    "fragmented": (EvidenceIn.HOST_MAP, "data"), "scattered-metadata": (EvidenceIn.HOST_MAP, "L2 table"),
+    "zero-clusters": (EvidenceIn.GUEST_MAP, "zero"), "backing-duplicates": (EvidenceIn.GUEST_MAP, "backing"),
+    "preallocated-unused": (EvidenceIn.GUEST_MAP, "zero"), "compressed": (EvidenceIn.GUEST_MAP, "compressed"),
+    "snapshot-space": (EvidenceIn.VIEW, "chain"), "long-chain": (EvidenceIn.VIEW, "chain"),
+    "backing-missing": (EvidenceIn.VIEW, "chain"), "l2-cache-coverage": (EvidenceIn.VIEW, "cache"),
+    "l2-cache": (EvidenceIn.VIEW, "cache"), "dirty": (EvidenceIn.HEADER_FIELD, "incompatible_features"),
+    "corrupt-bit": (EvidenceIn.HEADER_FIELD, "incompatible_features"),
+    "small-clusters": (EvidenceIn.HEADER_FIELD, "cluster_bits"),
+    "cow-amplification": (EvidenceIn.HEADER_FIELD, "cluster_bits"),
+    "v2-no-zero": (EvidenceIn.HEADER_FIELD, "version"),
+    "narrow-refcount": (EvidenceIn.HEADER_FIELD, "refcount_order"), "problem": (EvidenceIn.HEADER_FIELD, "version"),
 }
 
 
@@ -328,12 +344,12 @@ evidence (numbers), its impact and the command that fixes it.
             self.notify("this finding has no evidence to show in another view", timeout=3)
             return
         kind, what = where
-        if kind == "view":
+        if kind is EvidenceIn.VIEW:
             self.post_message(ShowView(what))
-        elif kind == "header":
+        elif kind is EvidenceIn.HEADER_FIELD:
             self.post_message(ShowStructure(StructRef(StructKind.HEADER, row=_HEADER_ROW[what])))
         else:
-            self.post_message(FindIn(kind, what))
+            self.post_message(FindIn(kind.value, what))
 
     def first_mismatch(self) -> int | None:
         """The first host cluster whose stored refcount differs from the references counted."""
