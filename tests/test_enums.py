@@ -22,6 +22,8 @@ from qinspect.analysis.layout import ReferenceKind, compute_layout
 from qinspect.qcow2 import errors
 from qinspect.qcow2.hostfile import InUse
 from qinspect.qcow2.image import open_image
+from qinspect.tui.palette import KIND_COLOURS, ColourKind, kind_key
+from qinspect.tui.structs import TableModel, model_for
 
 SOURCE = Path(__file__).resolve().parent.parent / "qinspect"
 WORDS = ("kind", "state", "severity")
@@ -57,6 +59,24 @@ def test_no_kind_state_or_severity_is_annotated_str() -> None:
                 continue
             if _named_like_a_word(name) and _says_str(ann):
                 found.append(f"{path.relative_to(SOURCE.parent)}:{node.lineno}: {name}: {ast.unparse(ann)}")
+    assert not found, "\n".join(found)
+
+
+def test_no_class_names_its_kind_with_a_string() -> None:
+    """A class attribute `kind = "l2"` (the structure models' palette kinds were) is a string too."""
+    found = []
+    for path in _sources():
+        for cls in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            for node in cls.body:
+                value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                    node, ast.AnnAssign) else []
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+                if (any(_named_like_a_word(n) for n in names) and isinstance(value, ast.Constant)
+                        and isinstance(value.value, str)):
+                    found.append(f"{path.relative_to(SOURCE.parent)}:{node.lineno}: {names[0]} = {value.value!r}")
     assert not found, "\n".join(found)
 
 
@@ -134,3 +154,16 @@ def test_one_severity_vocabulary(samples: Samples) -> None:
 
 def test_in_use_json_words() -> None:
     assert [s.to_json() for s in InUse] == [None, "read", "write"]
+
+
+def test_structure_models_and_palette_kinds_are_colour_kinds(samples: Samples) -> None:
+    from qinspect.tui.structs import StructKind, StructRef
+
+    assert set(KIND_COLOURS) == set(ColourKind)
+    assert kind_key("L2_TABLE") is ColourKind.L2 and kind_key("refcount block") is ColourKind.REFCOUNT_BLOCK
+    assert kind_key("no such thing") is ColourKind.UNKNOWN
+    with open_image(samples.path("snapshots")) as img:
+        for k in (StructKind.HEADER, StructKind.L1, StructKind.REFCOUNT_TABLE, StructKind.SNAPSHOT_TABLE):
+            m = model_for(img, StructRef(k))
+            assert isinstance(m, TableModel) and type(m.kind) is ColourKind, (k, m.kind)
+        assert model_for(img, StructRef(StructKind.SNAPSHOT_L1, owner=0)).kind is ColourKind.SNAPSHOT_L1

@@ -47,7 +47,7 @@ from qinspect.qcow2.l2 import (
 from qinspect.qcow2.refcount import refcount_entry_location
 from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
-from qinspect.tui.palette import DIM, FIELD_CYCLE, FLAG_BYTE, GUEST_COLOURS, KIND_COLOURS, G
+from qinspect.tui.palette import DIM, FIELD_CYCLE, FLAG_BYTE, GUEST_COLOURS, KIND_COLOURS, ColourKind, G
 
 U64 = npt.NDArray[np.uint64]
 Cell = tuple[str, str | None]
@@ -140,7 +140,7 @@ class TableModel:
 
     title = ""
     columns: tuple[tuple[str, int], ...] = ()
-    kind = "unknown"  # palette kind of the structure
+    kind: ColourKind = ColourKind.UNKNOWN  # the colour of the structure
 
     def __init__(self, img: Image) -> None:
         self.img = img
@@ -183,7 +183,7 @@ class TableModel:
 class HeaderModel(TableModel):
     title = "Header"
     columns = (("field", 24), ("offset", 6), ("size", 4), ("value", 18), ("meaning", 26))
-    kind = "header"
+    kind = ColourKind.HEADER
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -278,7 +278,7 @@ class HeaderModel(TableModel):
 class ExtensionsModel(TableModel):
     title = "Header extensions"
     columns = (("#", 3), ("offset", 7), ("magic", 10), ("length", 6), ("extension", 30), ("content", 40))
-    kind = "extension"
+    kind = ColourKind.EXTENSION
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -350,7 +350,7 @@ class ExtensionsModel(TableModel):
 class BackingNameModel(TableModel):
     title = "Backing file name"
     columns = (("field", 18), ("value", 60))
-    kind = "extension"
+    kind = ColourKind.EXTENSION
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -374,7 +374,7 @@ class BackingNameModel(TableModel):
 # -- L1 and L2 tables -------------------------------------------------------------------------------
 class L1Model(TableModel):
     columns = (("#", 7), ("guest from", 14), ("raw entry", 17), ("L2 table", 12), ("flags", 16))
-    kind = "l1"
+    kind = ColourKind.L1
 
     def __init__(self, img: Image, owner: int = -1) -> None:
         super().__init__(img)
@@ -388,7 +388,7 @@ class L1Model(TableModel):
             self.entries = img.snapshot_l1_table(owner, pad=True)
             self.start = sn.l1_table_offset
             self.title = f"L1 table of snapshot {for_terminal(sn.id_str)} {quoted(sn.name)} ({sn.l1_size} entries)"
-            self.kind = "snapshot_l1"
+            self.kind = ColourKind.SNAPSHOT_L1
         self.owner = owner
         self.length = len(self.entries) * 8
         self.span_bytes = h.l2_size * h.cluster_size
@@ -407,7 +407,7 @@ class L1Model(TableModel):
             flags.append("RESERVED!")
         if off % self.img.cluster_size:
             flags.append("UNALIGNED!")
-        colour = KIND_COLOURS["l2"] if off else DIM
+        colour = KIND_COLOURS[ColourKind.L2] if off else DIM
         return [(str(i), None), (fmt.hexoff(i * self.span_bytes), None), (f"{e:016x}", colour),
                 (fmt.hexoff(off) if off else "-", colour), (" ".join(flags), None)]
 
@@ -437,7 +437,7 @@ class L1Model(TableModel):
             if not 0 <= i < len(self.entries):
                 out.append(None)
                 continue
-            colour = FLAG_BYTE if within == 0 else KIND_COLOURS["l2"] if self.offsets[i] else DIM
+            colour = FLAG_BYTE if within == 0 else KIND_COLOURS[ColourKind.L2] if self.offsets[i] else DIM
             out.append(_dim_zero(colour, b))
         return out
 
@@ -464,7 +464,7 @@ def l2_states(img: Image, entries: U64, bitmaps: U64 | None) -> npt.NDArray[np.u
 
 
 class L2Model(TableModel):
-    kind = "l2"
+    kind = ColourKind.L2
 
     def __init__(self, img: Image, l1_index: int, offset: int, owner: int = -1) -> None:
         super().__init__(img)
@@ -596,7 +596,7 @@ class L2Model(TableModel):
 # -- refcounts ---------------------------------------------------------------------------------------
 class RefcountTableModel(TableModel):
     columns = (("#", 7), ("covers host from", 16), ("raw entry", 17), ("block", 12), ("flags", 12))
-    kind = "refcount_table"
+    kind = ColourKind.REFCOUNT_TABLE
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -615,7 +615,7 @@ class RefcountTableModel(TableModel):
     def row(self, i: int) -> list[Cell]:
         e = int(self.entries[i])
         off = int(self.offsets[i])
-        colour = KIND_COLOURS["refcount_block"] if off else DIM
+        colour = KIND_COLOURS[ColourKind.REFCOUNT_BLOCK] if off else DIM
         flags = []
         if e & C.REFT_RESERVED_MASK:
             flags.append("RESERVED!")
@@ -644,13 +644,13 @@ class RefcountTableModel(TableModel):
             if not 0 <= i < len(self.entries):
                 out.append(None)
                 continue
-            out.append(_dim_zero(KIND_COLOURS["refcount_table"], b))
+            out.append(_dim_zero(KIND_COLOURS[ColourKind.REFCOUNT_TABLE], b))
         return out
 
 
 class RefblockModel(TableModel):
     columns = (("#", 7), ("host cluster", 14), ("refcount", 10), ("", 30))
-    kind = "refcount_block"
+    kind = ColourKind.REFCOUNT_BLOCK
 
     def __init__(self, img: Image, index: int, offset: int) -> None:
         super().__init__(img)
@@ -680,7 +680,8 @@ class RefblockModel(TableModel):
         note = "" if i < self.in_file else "past the end of the file"
         if rc > 1:
             note = note or "shared (copy on write)"
-        colour = DIM if rc == 0 else KIND_COLOURS["refcount_block"] if rc == 1 else KIND_COLOURS["snapshot_table"]
+        colour = (DIM if rc == 0 else KIND_COLOURS[ColourKind.REFCOUNT_BLOCK] if rc == 1
+                  else KIND_COLOURS[ColourKind.SNAPSHOT_TABLE])
         return [(str(i), None), (fmt.hexoff(host), None), (str(rc), colour), (note, DIM)]
 
     def span(self, i: int) -> tuple[int, int] | None:
@@ -697,7 +698,7 @@ class RefblockModel(TableModel):
         return HostTarget((self.base + i) * self.img.cluster_size)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        return [_dim_zero(KIND_COLOURS["refcount_block"], b) for b in data]
+        return [_dim_zero(KIND_COLOURS[ColourKind.REFCOUNT_BLOCK], b) for b in data]
 
 
 # -- snapshots, bitmaps, LUKS -------------------------------------------------------------------------
@@ -716,7 +717,7 @@ def vm_clock(nsec: int) -> str:
 class SnapshotTableModel(TableModel):
     columns = (("id", 4), ("name", 14), ("L1 table", 10), ("L1 size", 7), ("date (UTC)", 19), ("vm clock", 12),
                ("vm state", 9))
-    kind = "snapshot_table"
+    kind = ColourKind.SNAPSHOT_TABLE
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -730,7 +731,7 @@ class SnapshotTableModel(TableModel):
 
     def row(self, i: int) -> list[Cell]:
         s = self.snaps[i]
-        return [(for_terminal(s.id_str), None), (for_terminal(s.name), KIND_COLOURS["snapshot_table"]),
+        return [(for_terminal(s.id_str), None), (for_terminal(s.name), KIND_COLOURS[ColourKind.SNAPSHOT_TABLE]),
                 (fmt.hexoff(s.l1_table_offset), None),
                 (str(s.l1_size), None), (utc(s.date_sec), None), (vm_clock(s.vm_clock_nsec), None),
                 (fmt.size(s.vm_state_size), None)]
@@ -757,7 +758,7 @@ class SnapshotTableModel(TableModel):
             for s in self.snaps:
                 if s.entry_offset <= pos < s.entry_offset + s.entry_size:
                     rel = pos - s.entry_offset
-                    colour = KIND_COLOURS["snapshot_table"]
+                    colour = KIND_COLOURS[ColourKind.SNAPSHOT_TABLE]
                     for j, (fo, fs) in enumerate(SNAPSHOT_FIELDS):
                         if fo <= rel < fo + fs:
                             colour = FIELD_CYCLE[j % len(FIELD_CYCLE)]
@@ -768,7 +769,7 @@ class SnapshotTableModel(TableModel):
 
 class BitmapDirectoryModel(TableModel):
     columns = (("name", 16), ("granularity", 11), ("flags", 12), ("table", 10), ("entries", 8), ("entry at", 10))
-    kind = "bitmap_directory"
+    kind = ColourKind.BITMAP_DIRECTORY
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -785,9 +786,10 @@ class BitmapDirectoryModel(TableModel):
     def row(self, i: int) -> list[Cell]:
         b = self.bitmaps[i]
         flags = ",".join(b.flag_names) or "-"
-        return [(for_terminal(b.name), KIND_COLOURS["bitmap_directory"]), (fmt.size(b.granularity), None),
-                (flags, KIND_COLOURS["leaked"] if b.in_use else None), (fmt.hexoff(b.bitmap_table_offset), None),
-                (str(b.bitmap_table_size), None), (fmt.hexoff(b.entry_offset), None)]
+        return [(for_terminal(b.name), KIND_COLOURS[ColourKind.BITMAP_DIRECTORY]), (fmt.size(b.granularity), None),
+                (flags, KIND_COLOURS[ColourKind.LEAKED] if b.in_use else None),
+                (fmt.hexoff(b.bitmap_table_offset), None), (str(b.bitmap_table_size), None),
+                (fmt.hexoff(b.entry_offset), None)]
 
     def span(self, i: int) -> tuple[int, int] | None:
         b = self.bitmaps[i]
@@ -811,7 +813,7 @@ class BitmapDirectoryModel(TableModel):
             for b in self.bitmaps:
                 if b.entry_offset <= pos < b.entry_offset + b.entry_size:
                     rel = pos - b.entry_offset
-                    colour = KIND_COLOURS["bitmap_directory"]
+                    colour = KIND_COLOURS[ColourKind.BITMAP_DIRECTORY]
                     for j, (fo, fs) in enumerate(BITMAP_FIELDS):
                         if fo <= rel < fo + fs:
                             colour = FIELD_CYCLE[j % len(FIELD_CYCLE)]
@@ -822,7 +824,7 @@ class BitmapDirectoryModel(TableModel):
 
 class BitmapTableModel(TableModel):
     columns = (("#", 6), ("guest from", 14), ("raw entry", 17), ("data cluster", 12), ("content", 16))
-    kind = "bitmap_table"
+    kind = ColourKind.BITMAP_TABLE
 
     def __init__(self, img: Image, index: int) -> None:
         super().__init__(img)
@@ -841,9 +843,9 @@ class BitmapTableModel(TableModel):
         e = int(self.entries[i])
         off = e & C.BME_TABLE_ENTRY_OFFSET_MASK
         if off:
-            content, colour = "stored", KIND_COLOURS["bitmap_data"]
+            content, colour = "stored", KIND_COLOURS[ColourKind.BITMAP_DATA]
         elif e & C.BME_TABLE_ENTRY_FLAG_ALL_ONES:
-            content, colour = "all ones", KIND_COLOURS["bitmap_table"]
+            content, colour = "all ones", KIND_COLOURS[ColourKind.BITMAP_TABLE]
         else:
             content, colour = "all zeros", DIM
         return [(str(i), None), (fmt.hexoff(i * self.per), None), (f"{e:016x}", colour),
@@ -861,12 +863,12 @@ class BitmapTableModel(TableModel):
         return HostTarget(off) if off else None
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        return [_dim_zero(KIND_COLOURS["bitmap_table"], b) for b in data]
+        return [_dim_zero(KIND_COLOURS[ColourKind.BITMAP_TABLE], b) for b in data]
 
 
 class LuksModel(TableModel):
     columns = (("field", 16), ("offset", 7), ("value", 60))
-    kind = "luks"
+    kind = ColourKind.LUKS
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -947,17 +949,18 @@ def model_for(img: Image, ref: StructRef) -> TableModel:
     raise KeyError(k)
 
 
-def tree_colour_kind(ref: StructRef) -> str:
-    """The palette kind a tree node is drawn in (a snapshot's L2 tables in the snapshot colour)."""
+def tree_colour_kind(ref: StructRef) -> ColourKind:
+    """The colour a tree node is drawn in (a snapshot's L2 tables in the snapshot colour)."""
     if ref.kind is StructKind.L2 and ref.owner >= 0:
-        return "snapshot_l2"
+        return ColourKind.SNAPSHOT_L2
     return _TREE_COLOUR_KINDS[ref.kind]
 
 
 _TREE_COLOUR_KINDS = {
-    StructKind.HEADER: "header", StructKind.EXTENSIONS: "extension", StructKind.BACKING_NAME: "extension",
-    StructKind.L1: "l1", StructKind.SNAPSHOT_L1: "snapshot_l1", StructKind.L2: "l2",
-    StructKind.REFCOUNT_TABLE: "refcount_table", StructKind.REFCOUNT_BLOCK: "refcount_block",
-    StructKind.SNAPSHOT_TABLE: "snapshot_table", StructKind.BITMAP_DIRECTORY: "bitmap_directory",
-    StructKind.BITMAP_TABLE: "bitmap_table", StructKind.LUKS: "luks",
+    StructKind.HEADER: ColourKind.HEADER, StructKind.EXTENSIONS: ColourKind.EXTENSION,
+    StructKind.BACKING_NAME: ColourKind.EXTENSION, StructKind.L1: ColourKind.L1,
+    StructKind.SNAPSHOT_L1: ColourKind.SNAPSHOT_L1, StructKind.L2: ColourKind.L2,
+    StructKind.REFCOUNT_TABLE: ColourKind.REFCOUNT_TABLE, StructKind.REFCOUNT_BLOCK: ColourKind.REFCOUNT_BLOCK,
+    StructKind.SNAPSHOT_TABLE: ColourKind.SNAPSHOT_TABLE, StructKind.BITMAP_DIRECTORY: ColourKind.BITMAP_DIRECTORY,
+    StructKind.BITMAP_TABLE: ColourKind.BITMAP_TABLE, StructKind.LUKS: ColourKind.LUKS,
 }

@@ -29,6 +29,7 @@ from qinspect.tui.palette import (
     GUEST_COLOURS,
     GUEST_LETTERS,
     KIND_COLOURS,
+    ColourKind,
     G,
     PaletteState,
     backing_state,
@@ -292,7 +293,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         parts.append(Text())
         parts.append(rule(f"L1 entry {lk.l1_index}"))
         parts.append(kv("at", fmt.hexoff(lk.l1_entry_offset)))
-        parts.append(kv("raw", Text(f"{lk.l1_entry:016x}", Style(color=KIND_COLOURS["l1"]))))
+        parts.append(kv("raw", Text(f"{lk.l1_entry:016x}", Style(color=KIND_COLOURS[ColourKind.L1]))))
         if lk.l2_offset:
             dec = f"L2 table at {fmt.hexoff(lk.l2_offset)}"
             if lk.l1_entry & C.QCOW_OFLAG_COPIED:

@@ -25,7 +25,7 @@ from qinspect.tui.follow import fresh_host_clusters
 from qinspect.tui.guestmap import GL_DARK, GL_EMPTY, GL_FULL, GL_LIGHT, GL_MEDIUM, GL_UNKNOWN
 from qinspect.tui.messages import ShowGuest, ShowStructure
 from qinspect.tui.nav import Place
-from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, WARN, kind_colour, swatch
+from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, WARN, ColourKind, kind_colour, swatch
 from qinspect.tui.session import Session, Step
 from qinspect.tui.structs import HEADER_FIELDS, StructKind, StructRef
 from qinspect.tui.views.base import View
@@ -70,7 +70,7 @@ class HostSource:
 
     def colour(self, code: int) -> str:
         if code == UNKNOWN_CODE or self.layout is None:
-            return KIND_COLOURS["unknown"]
+            return KIND_COLOURS[ColourKind.UNKNOWN]
         return kind_colour(Owner(code).name)
 
     def letter(self, code: int) -> str:
@@ -146,7 +146,7 @@ def ref_text(r: Reference, cs: int) -> Text:
     t.append(f"{kind.label} {idx}" if kind is not ReferenceKind.HEADER_FIELD else kind.label, Style(bold=True))
     t.append(f" @{fmt.hexoff(where)}", Style(color=DIM))
     if snap:
-        t.append(f" (snapshot {snap})", Style(color=KIND_COLOURS["snapshot_table"]))
+        t.append(f" (snapshot {snap})", Style(color=KIND_COLOURS[ColourKind.SNAPSHOT_TABLE]))
     if guest is not None and kind is ReferenceKind.L2_ENTRY:
         t.append(f"\n    → guest {fmt.hexoff(guest)}")
     elif guest is not None and kind is ReferenceKind.L1_ENTRY:

@@ -22,7 +22,7 @@ from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.messages import ShowGuest, ShowHost, ShowStructure
 from qinspect.tui.nav import Place
-from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS
+from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, ColourKind
 from qinspect.tui.session import Session
 from qinspect.tui.structs import (
     GuestTarget,
@@ -45,7 +45,7 @@ MAX_CHILDREN = 4096
 def _label(text: str, ref: StructRef, extra: str = "") -> Text:
     """A tree node's label, with a swatch of the colour of the structure `ref` names."""
     t = Text()
-    t.append("■ ", Style(color=KIND_COLOURS.get(tree_colour_kind(ref), KIND_COLOURS["unknown"])))
+    t.append("■ ", Style(color=KIND_COLOURS.get(tree_colour_kind(ref), KIND_COLOURS[ColourKind.UNKNOWN])))
     t.append(text)  # display text (callers escape names from the file), and a Text: never markup
     if extra:
         t.append(f" {extra}", Style(color=DIM))
