@@ -125,6 +125,10 @@ def _state(flags: int) -> MapState:
     return MapState.ZERO if flags & ALLOCATED else MapState.UNALLOCATED
 
 
+_STATE_OF = tuple(_state(f) for f in range(256))
+"""The state of each value of the uint8 flags (a row's state is one index, not three tests)."""
+
+
 def write_table(batches: Iterable[MapRuns], files: Sequence[str], layers: Sequence[str], out: IO[str], start: int,
                 end: int, colour: bool | None = None) -> MapSummary:
     """qinspect's streamed map table and its summary line; returns the summary.
@@ -148,7 +152,7 @@ def write_table(batches: Iterable[MapRuns], files: Sequence[str], layers: Sequen
         lines = []
         for s, n, f, o, d in zip(b.start.tolist(), b.length.tolist(), b.flags.tolist(), b.offset.tolist(),
                                  b.depth.tolist(), strict=True):
-            state = _state(f)
+            state = _STATE_OF[f]
             summary.add(state, n)
             # Data lives in the data file; zero and compressed clusters in the layer's own file;
             # a range no layer has reads as zeros.
