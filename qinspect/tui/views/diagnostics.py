@@ -29,6 +29,7 @@ from qinspect.tui.views.base import View
 
 if TYPE_CHECKING:
     from qinspect.analysis.diagnose import Diagnosis
+    from qinspect.analysis.findings.model import Fix
 
 class EvidenceIn(Enum):
     """Where a finding's evidence is shown."""
@@ -76,12 +77,9 @@ class Item:
     fix: str = ""
 
 
-def fix_command(fix: object) -> str:
-    """The command of a fix (a string, or an object with a `command`; None when it has none)."""
-    if isinstance(fix, str):
-        return fix
-    command = getattr(fix, "command", None)
-    return command if isinstance(command, str) else ""
+def fix_command(fix: Fix | None) -> str:
+    """The command of a finding's fix ("" when it has none, or when it is blocked)."""
+    return (fix.command or "") if fix is not None else ""
 
 
 def _text(v: object) -> str:
