@@ -12,13 +12,11 @@ __all__ = ["Image", "Qcow2Error", "__version__", "open_image"]
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:
-    from typing import Any
-
     from qinspect.qcow2.errors import Qcow2Error
     from qinspect.qcow2.image import Image, open_image
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """Import the core lazily so `import qinspect` stays cheap."""
     if name in ("open_image", "Image"):
         from qinspect.qcow2 import image

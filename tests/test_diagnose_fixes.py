@@ -24,6 +24,7 @@ from conftest import SAMPLE_NAMES, Samples, needs_qemu
 
 from qinspect.analysis.diagnose import Diagnosis, Finding, diagnose
 from qinspect.cli import main
+from qinspect.qcow2.hostfile import InUse
 from qinspect.qcow2.image import open_image
 
 pytestmark = needs_qemu
@@ -444,11 +445,11 @@ def test_in_use_blocks_in_place_fixes(samples: Samples, tmp_path: Path) -> None:
     try:
         for _ in range(100):
             with open_image(p) as img:
-                if img.file.lock_state() == "writer":
+                if img.file.lock_state() is InUse.WRITER:
                     break
             time.sleep(0.05)
         d = diag(p)
-        assert d.in_use == "write"
+        assert d.in_use is InUse.WRITER
         assert finding(d, "in-use").severity.value == "warning"
         for f in d.findings:
             if f.fix is not None and f.fix.in_place:

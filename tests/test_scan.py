@@ -469,7 +469,7 @@ def qemu_io_holding(path: Path, *cmds: str) -> Iterator[None]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with open_image(path) as img:
-                if img.file.lock_state() == "writer" and img.header.dirty:
+                if img.file.lock_state() is InUse.WRITER and img.header.dirty:
                     break
             time.sleep(0.05)
         else:

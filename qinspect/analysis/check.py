@@ -11,8 +11,8 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from enum import IntEnum
-from typing import Any
+from enum import IntEnum, StrEnum
+from typing import TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +31,10 @@ U32 = npt.NDArray[np.uint32]
 Counts = npt.NDArray[np.unsignedinteger[Any]]
 """Recomputed references per host cluster: uint16 up to 16-bit refcounts, uint32 above (`_Refs`)."""
 # Stored refcounts, in the narrowest dtype of the image's refcount width (uint16 by default).
-Refcounts = npt.NDArray[np.unsignedinteger[Any]]
+Refcounts = npt.NDArray[np.unsignedinteger]
+Numbers = int | npt.NDArray[np.integer]
+"""The numbers of L2 messages (`_Rows.a` / `.b`): one for all the entries, or one per entry."""
+_G = TypeVar("_G", bound=np.generic)
 # References past the end of the file are counted densely up to this many extra clusters and
 # sparsely beyond (QEMU grows its table; a hostile offset must not make us allocate terabytes).
 DENSE_EXTRA_CLUSTERS = 1 << 22
@@ -51,6 +54,19 @@ OVERFLOW_HINT = ("Use qemu-img amend to increase the refcount entry width or qem
                  "clean copy if the image cannot be opened for writing")
 
 
+class MessageKind(StrEnum):
+    """Which of QEMU's check messages a line is (the words `CheckMessage.kind` always had)."""
+
+    ERROR = "error"
+    """An "ERROR ..." line of a corruption (fprintf to stderr)."""
+    LEAK = "leak"
+    """A "Leaked cluster ..." line."""
+    CHECK_ERROR = "check-error"
+    """A line about the check itself failing somewhere (an unreadable refcount block, ...)."""
+    REPORT = "report"
+    """An error_report() line: printed with the program name in front."""
+
+
 @dataclass(slots=True)
 class CheckMessage:
     """Lines QEMU's check prints on stderr: kind is error, leak, check-error or report.
@@ -61,7 +77,7 @@ class CheckMessage:
     message, not a million).
     """
 
-    kind: str
+    kind: MessageKind
     text: str
     cluster: int | None = None
     repeat: int = 1
@@ -73,7 +89,7 @@ class CheckMessage:
         """The stderr lines of this message, generated one at a time."""
         texts = [self.text] if self.indices is None else (self.text.format(i) for i in self.indices)
         for text in texts:
-            text = f"{prog}: {text}" if self.kind == "report" else text
+            text = f"{prog}: {text}" if self.kind is MessageKind.REPORT else text
             parts = text.split("\n")
             for _ in range(self.repeat):
                 yield from parts
@@ -83,7 +99,7 @@ class CheckMessage:
         through `escape` (for the terminal): a message repeated a million times, or a template
         printed for a million L1 entries, is formatted a block at a time, not a line at a time."""
         if self.indices is None:
-            text = f"{prog}: {self.text}" if self.kind == "report" else self.text
+            text = f"{prog}: {self.text}" if self.kind is MessageKind.REPORT else self.text
             one = "".join(escape(part) + "\n" for part in text.split("\n"))
             per = max(1, max_lines // (text.count("\n") + 1))
             left = self.repeat
@@ -106,7 +122,7 @@ class CheckMessage:
             return
         # One `{}` field filled with an integer: escape the two constant halves once and join the
         # decimal indices between them (str.join over map(str): no Python call per line).
-        pre = f"{prog}: {head}" if self.kind == "report" else head
+        pre = f"{prog}: {head}" if self.kind is MessageKind.REPORT else head
         pre_e = "\n".join(escape(p) for p in pre.split("\n"))
         tail_e = "\n".join(escape(p) for p in tail.split("\n"))
         per = max(1, max_lines // (self.text.count("\n") + 1))
@@ -205,7 +221,7 @@ class _TableRowsBuilder:
         self.parts: list[tuple[I64, npt.NDArray[np.int32], npt.NDArray[np.int8], npt.NDArray[np.uint8], U64, U64]] = []
         self.rows: dict[int, _Rows] = {}
 
-    def add(self, tids: I64, l2: I64, step: int, kind: L2Message, a: Any = 0, b: Any = 0) -> None:
+    def add(self, tids: I64, l2: I64, step: int, kind: L2Message, a: Numbers = 0, b: Numbers = 0) -> None:
         m = len(tids)
         if not m:
             return
@@ -219,17 +235,17 @@ class _TableRowsBuilder:
             return
         parts, self.parts = self.parts, []
 
-        def cat(f: int) -> Any:
-            return np.concatenate([q[f] for q in parts]) if len(parts) > 1 else parts[0][f]
+        def cat(arrays: list[npt.NDArray[_G]]) -> npt.NDArray[_G]:
+            return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
 
-        t: I64 = cat(0)
-        l2: npt.NDArray[np.int32] = cat(1)
-        st: npt.NDArray[np.int8] = cat(2)
+        t = cat([q[0] for q in parts])
+        l2 = cat([q[1] for q in parts])
+        st = cat([q[2] for q in parts])
         o = np.lexsort((st, l2, t))  # (stable: the order they were found in, at equal places)
         t, l2, st = t[o], l2[o], st[o]
-        kd: npt.NDArray[np.uint8] = cat(3)[o]
-        a: U64 = cat(4)[o]
-        b: U64 = cat(5)[o]
+        kd = cat([q[3] for q in parts])[o]
+        a = cat([q[4] for q in parts])[o]
+        b = cat([q[5] for q in parts])[o]
         parts = []
         u, first = np.unique(t, return_index=True)
         ends = np.append(first[1:], len(t))
@@ -251,7 +267,7 @@ class TableBlock:
     its text rebuilt when printed. Reads like a `CheckMessage` (kind, text, lines, blocks)."""
 
     __slots__ = ("_text", "repeat", "rows", "start")
-    kind = "error"
+    kind = MessageKind.ERROR
     cluster = None
     indices = None
 
@@ -350,7 +366,7 @@ class CheckResult:
     # Why the check itself stopped (QEMU's "Check failed: <strerror>"); no counts are printed then.
     failed: str | None = None
     _keyed: _KeyedMessages | None = field(default=None, repr=False)
-    _interned: dict[tuple[str, str, int | None, int], CheckMessage] = field(default_factory=dict, repr=False)
+    _interned: dict[tuple[MessageKind, str, int | None, int], CheckMessage] = field(default_factory=dict, repr=False)
     _last_key: int = field(default=-1, repr=False)
     dirty: bool = False
     lazy_refcounts: bool = False
@@ -359,7 +375,8 @@ class CheckResult:
     reference: Counts = field(default_factory=lambda: np.zeros(0, np.uint32))  # references per host cluster
     stored: Refcounts = field(default_factory=lambda: np.zeros(0, np.uint64))  # stored refcount per cluster
 
-    def add(self, kind: str, text: str, cluster: int | None = None, repeat: int = 1, key: int | None = None) -> None:
+    def add(self, kind: MessageKind, text: str, cluster: int | None = None, repeat: int = 1,
+            key: int | None = None) -> None:
         """Record a message; there is no cap (qemu-img prints every one).
 
         Inside `ordered()`, `key` is the message's place in QEMU's walk (L1 index, L2 index, step
@@ -499,7 +516,7 @@ class _Refs:
         """QEMU refuses to count a region ending a cluster or more past the end of the file."""
         if offset + size - self.file_len >= self.cs:
             self.res.corruptions += 1
-            self.res.add("error", "ERROR: counting reference for region exceeding the end of the file by one "
+            self.res.add(MessageKind.ERROR, "ERROR: counting reference for region exceeding the end of the file by one "
                                   f"cluster or more: offset {offset:#x} size {size:#x}", key=key)
             return True
         return False
@@ -543,8 +560,8 @@ class _Refs:
             # A hostile offset or size (from the file): count what is within reach, never allocate
             # in proportion to the claimed size.
             self.res.corruptions += 1
-            self.res.add("error", f"ERROR host range {offset:#x}+{size:#x} lies past the end of the image file "
-                                  f"(references beyond cluster {limit} not counted)")
+            self.res.add(MessageKind.ERROR, f"ERROR host range {offset:#x}+{size:#x} lies past the end of the image "
+                                            f"file (references beyond cluster {limit} not counted)")
             if first >= limit:
                 self.add(np.array([first], dtype=np.int64))
                 return
@@ -992,7 +1009,7 @@ class _Replay:
 
     def _one(self, j: int, key: int | None) -> None:
         if self.cnt[j] >= self.rmax:
-            self.res.add("error", self.text(j), int(self.ov[j]), key=key)
+            self.res.add(MessageKind.ERROR, self.text(j), int(self.ov[j]), key=key)
             self.emitted[j] += 1
         else:
             self.cnt[j] += 1
@@ -1077,7 +1094,7 @@ class _Replay:
         if r == 1:
             start = int(np.searchsorted(block.l2, 0))
             for text, k in zip(block.texts(0, start), range(start), strict=True):
-                res.add("error", text, key=int(walk_key(li, -1, int(block.step[k]), self.n)))
+                res.add(MessageKind.ERROR, text, key=int(walk_key(li, -1, int(block.step[k]), self.n)))
             if start == len(block):
                 return
         ident = (id(block), start, r)
@@ -1112,7 +1129,7 @@ class _Replay:
         for j in range(len(self.ov)):
             left = self.excess[int(self.ov[j])] - int(self.emitted[j])
             if left > 0:
-                res.add("error", self.text(j), int(self.ov[j]), left)
+                res.add(MessageKind.ERROR, self.text(j), int(self.ov[j]), left)
 
 
 class _Runs:
@@ -1189,27 +1206,27 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     # skips the snapshot table at open; the check validates it first and stops if it is unusable.
     if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:
         res.check_errors += 1
-        res.add("report", "ERROR snapshot table too large")
-        res.add("check-error", f"You can force-remove all {h.nb_snapshots - C.QCOW_MAX_SNAPSHOTS} overhanging "
-                               "snapshots with qemu-img check -r all")
+        res.add(MessageKind.REPORT, "ERROR snapshot table too large")
+        res.add(MessageKind.CHECK_ERROR, f"You can force-remove all {h.nb_snapshots - C.QCOW_MAX_SNAPSHOTS} "
+                                         "overhanging snapshots with qemu-img check -r all")
         res.failed = "File too large"
         return res
     if not table_fits(h.snapshots_offset, h.nb_snapshots, QCOW_SNAPSHOT_HEADER.size, cs):
         res.check_errors += 1
-        res.add("report", "ERROR snapshot table offset invalid")
+        res.add(MessageKind.REPORT, "ERROR snapshot table offset invalid")
         res.failed = "Invalid argument"
         return res
     if img.snapshot_table.qemu_error is not None:
         error, hint = img.snapshot_table.qemu_error
         res.check_errors += 1
-        res.add("report", f"ERROR failed to read the snapshot table: {error}")
-        res.add("check-error", hint)
+        res.add(MessageKind.REPORT, f"ERROR failed to read the snapshot table: {error}")
+        res.add(MessageKind.CHECK_ERROR, hint)
         res.failed = "File too large"
         return res
     for sn in img.snapshots:
         if h.version >= 3 and sn.extra_data_size < 16:
             res.corruptions += 1
-            res.add("error", f"ERROR snapshot table entry {sn.index} is incomplete")
+            res.add(MessageKind.ERROR, f"ERROR snapshot table entry {sn.index} is incomplete")
 
     refs.add_range(0, cs)  # header
     # (the L1 tables, the snapshot errors and the data-file error are counted and printed tree by
@@ -1258,7 +1275,8 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
             rsv = l1i[(l1[l1i] & np.uint64(C.L1E_RESERVED_MASK)) != 0]
             for i, e in zip(rsv.tolist(), l1[rsv].tolist(), strict=True):
                 res.corruptions += 1
-                res.add("error", f"ERROR found L1 entry with reserved bits set: {e:x}", key=walk_key(i, -1, 0, n))
+                res.add(MessageKind.ERROR, f"ERROR found L1 entry with reserved bits set: {e:x}",
+                        key=walk_key(i, -1, 0, n))
             blocked_parts.append(rsv)
             # the L2 tables themselves (an unaligned one touches two clusters), once per entry and tree
             past = l2o + cs - file_size >= cs
@@ -1269,7 +1287,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
             unal = np.flatnonzero((l2o & (cs - 1)) != 0)
             for i, o in zip(l1i[unal].tolist(), l2o[unal].tolist(), strict=True):
                 res.corruptions += 1
-                res.add("error", f"ERROR l2_offset={o:x}: Table is not cluster aligned; L1 entry corrupted",
+                res.add(MessageKind.ERROR, f"ERROR l2_offset={o:x}: Table is not cluster aligned; L1 entry corrupted",
                         key=walk_key(i, -1, 2, n))
             blocked_parts.append(l1i[unal])
         blocked = _sorted_unique(blocked_parts)
@@ -1295,15 +1313,15 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     for t, k in order:
         if k == 0 and h.has_data_file and img.snapshots:
             res.corruptions += 1
-            res.add("error", f"ERROR {len(img.snapshots)} snapshots in image with data file")
+            res.add(MessageKind.ERROR, f"ERROR {len(img.snapshots)} snapshots in image with data file")
         if t < 0:
             sn = img.snapshots[k]
             res.corruptions += 1
             if bad_sn.get(k) == "unaligned":
-                res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
+                res.add(MessageKind.ERROR, f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
                                  "L1 table is not cluster aligned; snapshot table entry corrupted")
             else:
-                res.add("error", f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
+                res.add(MessageKind.ERROR, f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
                                  "L1 table is too large; snapshot table entry corrupted")
             continue
         g = walk.tree_group[t]
@@ -1343,26 +1361,27 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
         off = e & C.REFT_OFFSET_MASK
         if e & C.REFT_RESERVED_MASK:
             res.corruptions += 1
-            res.add("error", f"ERROR refcount table entry {int(i)} has reserved bits set")
+            res.add(MessageKind.ERROR, f"ERROR refcount table entry {int(i)} has reserved bits set")
             continue
         if off % cs:
             res.corruptions += 1
-            res.add("error", f"ERROR refcount block {int(i)} is not cluster aligned; refcount table entry corrupted")
+            res.add(MessageKind.ERROR,
+                    f"ERROR refcount block {int(i)} is not cluster aligned; refcount table entry corrupted")
             continue
         cl = off // cs
         if cl >= nb:
             res.corruptions += 1
-            res.add("error", f"ERROR refcount block {int(i)} is outside image")
+            res.add(MessageKind.ERROR, f"ERROR refcount block {int(i)} is outside image")
             continue
         if off:
             if int(counts[cl]) >= rmax:
                 res.corruptions += 1
-                res.add("error", f"ERROR: overflow cluster offset=0x{off:x}\n{OVERFLOW_HINT}", cl)
+                res.add(MessageKind.ERROR, f"ERROR: overflow cluster offset=0x{off:x}\n{OVERFLOW_HINT}", cl)
             else:
                 counts[cl] += 1
             if int(counts[cl]) != 1:
                 res.corruptions += 1
-                res.add("error", f"ERROR refcount block {int(i)} refcount={int(counts[cl])}")
+                res.add(MessageKind.ERROR, f"ERROR refcount block {int(i)} refcount={int(counts[cl])}")
 
     # compare_refcounts
     stored_needed = max(stored_needed, nb)
@@ -1376,12 +1395,13 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
         if lo < hi:
             rb = int(rt[bi]) & C.REFT_OFFSET_MASK
             if not signalled and rb % cs:  # (a block past the block layer's limit is a plain EIO)
-                res.add("check-error", f"qcow2: Image is corrupt: Refblock offset {_c_hex(rb)} unaligned (reftable "
-                                       f"index: {_c_hex(bi)}); further non-fatal corruption events will be suppressed")
+                res.add(MessageKind.CHECK_ERROR,
+                        f"qcow2: Image is corrupt: Refblock offset {_c_hex(rb)} unaligned (reftable "
+                        f"index: {_c_hex(bi)}); further non-fatal corruption events will be suppressed")
                 signalled = True
             res.check_errors += hi - lo
             for c in range(lo, hi):
-                res.add("check-error", f"Can't get refcount for cluster {c}: Input/output error", c)
+                res.add(MessageKind.CHECK_ERROR, f"Can't get refcount for cluster {c}: Input/output error", c)
     unreadable = _unreadable(bad_blocks, per, nb)
     if len(stored) > nb:
         stored = stored[:nb]
@@ -1393,7 +1413,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
     over = diff[stored[diff] > counts[diff]]
     for i in diff.tolist():
         s, r = int(stored[i]), int(counts[i])
-        res.add("error" if s < r else "leak",
+        res.add(MessageKind.ERROR if s < r else MessageKind.LEAK,
                 f"{'ERROR' if s < r else 'Leaked'} cluster {int(i)} refcount={s} reference={r}", int(i))
     res.corruptions += len(under)
     res.leaks += len(over)
@@ -1405,7 +1425,7 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
                 res.corruptions += 1
             else:
                 res.leaks += 1
-            res.add("error" if s < r else "leak",
+            res.add(MessageKind.ERROR if s < r else MessageKind.LEAK,
                     f"{'ERROR' if s < r else 'Leaked'} cluster {cl} refcount={s} reference={r}", cl)
     res.leaked_clusters = over.astype(np.int64)
     res.corrupt_clusters = under.astype(np.int64)
@@ -1451,10 +1471,11 @@ def check_consumer(img: Image, walk: RefWalk, filename: str | None = None) -> Ba
         for k, j, i0, i1, e, r in zip(starts.tolist(), ends.tolist(), wi[starts].tolist(), wi[ends - 1].tolist(),
                                       be[starts].tolist(), br[starts].tolist(), strict=True):
             if j - k == 1:
-                res.add("error", f"ERROR OFLAG_COPIED L2 cluster: l1_index={i0} l1_entry={e:x} refcount={r}",
+                res.add(MessageKind.ERROR, f"ERROR OFLAG_COPIED L2 cluster: l1_index={i0} l1_entry={e:x} refcount={r}",
                         key=walk_key(i0, -1, 0, n))
             else:
-                res.add("error", "ERROR OFLAG_COPIED L2 cluster: l1_index={} " + f"l1_entry={e:x} refcount={r}",
+                res.add(MessageKind.ERROR,
+                        "ERROR OFLAG_COPIED L2 cluster: l1_index={} " + f"l1_entry={e:x} refcount={r}",
                         key=walk_key(i0, -1, 0, n))
                 res.messages_last_indices(range(i0, i1 + 1))
     copied.report(res, copied_msgs, walk, _sorted_unique(l1_msgs))
@@ -1477,7 +1498,13 @@ def _has(sorted_values: I64, x: int) -> bool:
     return i < len(sorted_values) and int(sorted_values[i]) == x
 
 
-def walk_key(l1_index: Any, l2_index: Any, step: int, l2_size: int) -> Any:
+@overload
+def walk_key(l1_index: int, l2_index: int, step: int, l2_size: int) -> int: ...
+@overload
+def walk_key(l1_index: I64, l2_index: int | I64, step: int, l2_size: int) -> I64: ...
+@overload
+def walk_key(l1_index: int, l2_index: I64, step: int, l2_size: int) -> I64: ...
+def walk_key(l1_index: int | I64, l2_index: int | I64, step: int, l2_size: int) -> int | I64:
     """Sort key of a message found at (L1 index, L2 index or -1 for the L1 entry, step within the
     entry), for ints or arrays: check_refcounts_l1/_l2 print one entry's messages after another's."""
     return (l1_index * (l2_size + 1) + (l2_index + 1)) * 8 + step
@@ -1555,7 +1582,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         """Batch positions (table in batch * n + L2 index) of used entries k."""
         return k if pos is None else pos[k]
 
-    def note(k: I64, step: int, kind: L2Message, a: Any = 0, b: Any = 0) -> None:
+    def note(k: I64, step: int, kind: L2Message, a: Numbers = 0, b: Numbers = 0) -> None:
         """Messages of kind `kind` about used entries `k` (kept as numbers: no text per entry)."""
         if len(k):
             p = positions(k)
@@ -1624,7 +1651,7 @@ def _check_l2_batch(img: Image, fmt: L2Format, batch: L2Batch, tables: L2Tables,
         def a_positions(k: I64) -> I64:
             return k if apos is None else apos[k]
 
-        def a_note(k: I64, step: int, kind: L2Message, a: Any = 0) -> None:
+        def a_note(k: I64, step: int, kind: L2Message, a: Numbers = 0) -> None:
             note(k if ai is None else ai[k], step, kind, a)
 
         ab = (bitmaps if ai is None else bitmaps[ai]) if bitmaps is not None else None
@@ -1778,7 +1805,7 @@ def _expand_runs(firsts: I64, lengths: I64) -> I64:
 
 
 def _past_eof(refs: _Refs, offs: I64, sizes: I64, pos: I64,
-              note: Callable[[I64, int, L2Message, Any, Any], None]) -> npt.NDArray[np.bool_]:
+              note: Callable[[I64, int, L2Message, Numbers, Numbers], None]) -> npt.NDArray[np.bool_]:
     """Regions a cluster or more past the end of the file become messages of their table (printed
     at each reference, in walk order); returns the mask of the others, which are counted."""
     past = offs + sizes - refs.file_len >= refs.cs

@@ -24,11 +24,12 @@ from qinspect.analysis.findings.model import Category, Context, ConvertWish, Fin
 from qinspect.analysis.layout import Layout, compute_layout
 from qinspect.analysis.progress import CancelledFn, ProgressFn, never_cancelled, no_progress
 from qinspect.analysis.space import Space, compute_space
+from qinspect.qcow2.hostfile import InUse
 from qinspect.qcow2.image import Image
 from qinspect.units import format_size, size_option
 
-SEVERITIES = tuple(s.value for s in Severity)
-SEVERITY_RANK = {s.value: s.rank for s in Severity}
+SEVERITIES = tuple(Severity)
+"""Every severity, worst first."""
 RULES = tuple(r.id for r in REGISTRY)
 DEEP_RULES = tuple(r.id for r in REGISTRY if r.deep)
 
@@ -50,17 +51,16 @@ class Diagnosis:
     deep: DeepScan | None = None
     rules_run: list[str] = field(default_factory=list)
     """The rule ids that were evaluated (deep-only rules are missing without `deep`)."""
-    in_use: str | None = None
-    """"write" or "read" when a running QEMU holds the image's locks."""
+    in_use: InUse = InUse.NO
+    """Whether a running QEMU holds the image's locks."""
 
-    def worst(self) -> str | None:
+    def worst(self) -> Severity | None:
         """The most severe severity among the findings, or None."""
-        return self.findings[0].severity.value if self.findings else None
+        return self.findings[0].severity if self.findings else None
 
-    def fails(self, threshold: str) -> list[Finding]:
-        """Findings at `threshold` severity ("warning" or "error") or worse."""
-        limit = SEVERITY_RANK[threshold]
-        return [f for f in self.findings if f.severity.rank <= limit]
+    def fails(self, threshold: Severity) -> list[Finding]:
+        """Findings at `threshold` severity or worse."""
+        return [f for f in self.findings if f.severity.rank <= threshold.rank]
 
     def to_json(self) -> dict[str, object]:
         """`{"findings": [...], "space": {...}, "cache": {...}, "in-use": ...}`."""
@@ -68,7 +68,7 @@ class Diagnosis:
             "findings": [f.to_json() for f in self.findings],
             "space": self.space.to_json(),
             "cache": self.cache.to_json(),
-            "in-use": self.in_use,
+            "in-use": self.in_use.to_json(),
         }
         if self.deep is not None:
             d = self.deep
@@ -107,9 +107,8 @@ def diagnose(img: Image, deep: bool = False, progress: ProgressFn = no_progress,
     apply_lock(ctx, findings)
     order = {r.id: i for i, r in enumerate(REGISTRY)}
     findings.sort(key=lambda f: (f.severity.rank, order.get(f.id, len(order))))
-    return Diagnosis(img.path, findings, space, cache, lay, scan, ran, ctx.lock and ("write" if ctx.write_locked
-                                                                                      else "read"))
+    return Diagnosis(img.path, findings, space, cache, lay, scan, ran, ctx.lock)
 
 
-__all__ = ["DEEP_RULES", "RULES", "SEVERITIES", "SEVERITY_RANK", "Category", "ConvertWish", "Diagnosis", "Finding",
+__all__ = ["DEEP_RULES", "RULES", "SEVERITIES", "Category", "ConvertWish", "Diagnosis", "Finding",
            "Fix", "Severity", "convert_argv", "diagnose", "size_option", "size_text"]

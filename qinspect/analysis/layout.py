@@ -22,9 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from itertools import islice
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -98,20 +97,52 @@ _LABELS = {
 }
 
 
+class ReferenceKind(StrEnum):
+    """What holds a pointer into a host cluster (the value is the name `layout --offset` prints)."""
+
+    L2_ENTRY = "l2-entry"
+    """An L2 entry: a data or compressed cluster."""
+    L1_ENTRY = "l1-entry"
+    """An L1 entry: an L2 table."""
+    HEADER_FIELD = "header-field"
+    """A header field: the active L1 table, the refcount table, the snapshot table."""
+    SNAPSHOT_TABLE_ENTRY = "snapshot-table-entry"
+    """A snapshot table entry: that snapshot's L1 table."""
+    REFCOUNT_TABLE_ENTRY = "refcount-table-entry"
+    """A refcount table entry: a refcount block."""
+    HEADER_EXTENSION = "header-extension"
+    """A header extension: the bitmap directory, the LUKS region."""
+    BITMAP_DIRECTORY_ENTRY = "bitmap-directory-entry"
+    """A bitmap directory entry: a bitmap table."""
+    BITMAP_TABLE_ENTRY = "bitmap-table-entry"
+    """A bitmap table entry: bitmap data."""
+
+    @property
+    def label(self) -> str:
+        """The words for it ("L2 entry", "refcount table entry", ...)."""
+        return _REFERENCE_LABELS[self]
+
+
+_REFERENCE_LABELS = {
+    ReferenceKind.L2_ENTRY: "L2 entry", ReferenceKind.L1_ENTRY: "L1 entry", ReferenceKind.HEADER_FIELD: "header field",
+    ReferenceKind.SNAPSHOT_TABLE_ENTRY: "snapshot table entry",
+    ReferenceKind.REFCOUNT_TABLE_ENTRY: "refcount table entry", ReferenceKind.HEADER_EXTENSION: "header extension",
+    ReferenceKind.BITMAP_DIRECTORY_ENTRY: "bitmap directory entry",
+    ReferenceKind.BITMAP_TABLE_ENTRY: "bitmap table entry",
+}
+
+
 @dataclass(frozen=True)
 class Reference:
     """One table entry (or header field) that points into a host cluster.
 
-    `kind` is one of: "l2-entry" (data or compressed cluster), "l1-entry" (L2 table),
-    "header-field" (active L1, refcount table, snapshot table), "snapshot-table-entry" (a snapshot's
-    L1), "refcount-table-entry" (refcount block), "header-extension" (bitmap directory, LUKS
-    region), "bitmap-directory-entry" (bitmap table), "bitmap-table-entry" (bitmap data).
+    `kind` says which (see `ReferenceKind`).
     `table_offset` is the file offset of the table holding the entry, `entry_file_offset` that of the
     entry itself; `guest_offset` is the guest byte mapped (first byte of the range for L1 entries);
     `snapshot` is the id of the snapshot whose L1 tree the entry belongs to.
     """
 
-    kind: str
+    kind: ReferenceKind
     table_offset: int
     entry_index: int
     entry_file_offset: int
@@ -168,7 +199,7 @@ class Layout:
     kind: U8
     flags: U8
     reference: U32
-    stored_refcount: npt.NDArray[np.unsignedinteger[Any]]  # in the image's refcount width
+    stored_refcount: npt.NDArray[np.unsignedinteger]  # in the image's refcount width
     image_end_offset: int
     snapshot_ids: list[str]
     snapshot_count: npt.NDArray[np.uint16] | None
@@ -419,7 +450,8 @@ class Layout:
             for idx, l2o in grp.l2_offset_chunks():  # (temporaries of a chunk, not of 2 Mi L1 entries)
                 for i in idx[(l2o < hi) & (l2o + cs > lo)].tolist():
                     for src in grp.sources:
-                        yield Reference("l1-entry", grp.offset, i, grp.offset + 8 * i, i * l2_size * cs, sid_of(src))
+                        yield Reference(ReferenceKind.L1_ENTRY, grp.offset, i, grp.offset + 8 * i, i * l2_size * cs,
+                                        sid_of(src))
         hits = self._l2_hits(hc)
         if not hits:
             return
@@ -444,7 +476,7 @@ class Layout:
                     rows.extend((li * l2_size + ei, t) for ei in hit_ei[k0:k1].tolist())
                 for gc, table in sorted(rows):
                     ei = gc % l2_size
-                    yield Reference("l2-entry", table, ei, table + ei * l2e, gc * cs, sid_of(src))
+                    yield Reference(ReferenceKind.L2_ENTRY, table, ei, table + ei * l2e, gc * cs, sid_of(src))
 
     def _structure_references(self, hc: int) -> Iterator[Reference]:
         """The references to host cluster `hc` from the header, the snapshot table, the header
@@ -459,39 +491,40 @@ class Layout:
             return length > 0 and off < hi and off + length > lo
 
         if covers(h.l1_table_offset, h.l1_size * 8):
-            yield Reference("header-field", 0, 0, QCOW_HEADER.offset("l1_table_offset"))
+            yield Reference(ReferenceKind.HEADER_FIELD, 0, 0, QCOW_HEADER.offset("l1_table_offset"))
         if covers(h.refcount_table_offset, h.refcount_table_entries * 8):
-            yield Reference("header-field", 0, 0, QCOW_HEADER.offset("refcount_table_offset"))
+            yield Reference(ReferenceKind.HEADER_FIELD, 0, 0, QCOW_HEADER.offset("refcount_table_offset"))
         if snapshots and covers(h.snapshots_offset, self._snapshot_table_size):
-            yield Reference("header-field", 0, 0, QCOW_HEADER.offset("snapshots_offset"))
+            yield Reference(ReferenceKind.HEADER_FIELD, 0, 0, QCOW_HEADER.offset("snapshots_offset"))
         for sn in snapshots:
             if covers(sn.l1_table_offset, sn.l1_size * 8):
-                yield Reference("snapshot-table-entry", h.snapshots_offset, sn.index, sn.entry_offset, None, sn.id_str)
+                yield Reference(ReferenceKind.SNAPSHOT_TABLE_ENTRY, h.snapshots_offset, sn.index, sn.entry_offset,
+                                None, sn.id_str)
         for ext in h.extensions:
             if ext.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None and covers(
                     h.bitmaps_ext.bitmap_directory_offset, h.bitmaps_ext.bitmap_directory_size):
-                yield Reference("header-extension", ext.offset, 0,
+                yield Reference(ReferenceKind.HEADER_EXTENSION, ext.offset, 0,
                                 ext.data_offset + QCOW2_BITMAP_HEADER_EXT.offset("bitmap_directory_offset"))
             if ext.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER and h.crypto_ext is not None and covers(
                     h.crypto_ext.offset, h.crypto_ext.length):
-                yield Reference("header-extension", ext.offset, 0,
+                yield Reference(ReferenceKind.HEADER_EXTENSION, ext.offset, 0,
                                 ext.data_offset + QCOW2_CRYPTO_HEADER_EXT.offset("offset"))
         rt = self._refcount_table
         if len(rt):
             offs = rt & np.uint64(C.REFT_OFFSET_MASK)
             for i in np.flatnonzero((offs // np.uint64(cs)) == np.uint64(hc)):
                 if int(offs[i]):
-                    yield Reference("refcount-table-entry", h.refcount_table_offset, int(i),
+                    yield Reference(ReferenceKind.REFCOUNT_TABLE_ENTRY, h.refcount_table_offset, int(i),
                                     h.refcount_table_offset + 8 * int(i))
         if h.bitmaps_ext is not None and h.bitmaps_consistent:
             for bi, bm in enumerate(self._bitmaps):
                 if covers(bm.bitmap_table_offset, bm.bitmap_table_size * 8):
-                    yield Reference("bitmap-directory-entry", h.bitmaps_ext.bitmap_directory_offset, bi,
+                    yield Reference(ReferenceKind.BITMAP_DIRECTORY_ENTRY, h.bitmaps_ext.bitmap_directory_offset, bi,
                                     bm.entry_offset)
                 if bi < len(self._bitmap_tables):
                     t = self._bitmap_tables[bi] & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)
                     for j in np.flatnonzero((t != 0) & ((t // np.uint64(cs)) == np.uint64(hc))):
-                        yield Reference("bitmap-table-entry", bm.bitmap_table_offset, int(j),
+                        yield Reference(ReferenceKind.BITMAP_TABLE_ENTRY, bm.bitmap_table_offset, int(j),
                                         bm.bitmap_table_offset + 8 * int(j))
 
     def _l2_hits(self, hc: int) -> list[tuple[int, int]]:
@@ -994,4 +1027,4 @@ def _merge_runs(parts: list[_DataRuns]) -> _DataRuns:
 
 
 __all__ = ["F_DATA", "F_LIVE", "F_PARTIAL", "F_SNAPSHOT", "F_ZERO", "Layout", "Owner", "Reference",
-           "compute_layout"]
+           "ReferenceKind", "compute_layout"]

@@ -28,14 +28,13 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 from qinspect.analysis.diagnose import SEVERITIES, Diagnosis, diagnose
 from qinspect.analysis.info import image_info
 from qinspect.analysis.opening import require_files
 from qinspect.analysis.walks import check_and_layout
-from qinspect.qcow2.errors import Qcow2Error
-from qinspect.qcow2.hostfile import FileIdentity
+from qinspect.qcow2.errors import Qcow2Error, Severity
+from qinspect.qcow2.hostfile import FileIdentity, InUse
 from qinspect.qcow2.image import Image, open_image
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -46,18 +45,6 @@ IMAGE_SUFFIXES = (".qcow2", ".qcow", ".qcow2c")
 # counts them as reclaimable, under their own reason, whenever they are there.
 GUEST_RECLAIMABLE_PARTS = ("guest-freed",)
 ScanProgressFn = Callable[[int, int, "ImageReport | None"], None]
-
-
-class InUse(Enum):
-    """Whether another process holds QEMU's locks on the image file (HostFile.lock_state)."""
-
-    NO = "no"
-    READER = "reader"
-    WRITER = "writer"
-
-    def to_json(self) -> str | None:
-        """`null`, `"read"` or `"write"`: the `"in-use"` value every command prints."""
-        return {InUse.NO: None, InUse.READER: "read", InUse.WRITER: "write"}[self]
 
 
 @dataclass(frozen=True)
@@ -97,9 +84,9 @@ class ImageSummary:
     corruptions: int = 0
     check_errors: int = 0
     l2_cache_coverage: float | None = None
-    findings: dict[str, int] = field(default_factory=dict)
+    findings: dict[Severity, int] = field(default_factory=dict)
     """Number of findings per severity (every severity present, zeros included)."""
-    worst: tuple[str, str, str] | None = None
+    worst: tuple[Severity, str, str] | None = None
     """(severity, id, title) of the worst finding."""
     seconds: float = 0.0
 
@@ -107,13 +94,12 @@ class ImageSummary:
     def reclaimable_bytes(self) -> int:
         return sum(self.reclaimable.values())
 
-    def reaches(self, threshold: str) -> bool:
+    def reaches(self, threshold: Severity) -> bool:
         """True when a finding is at `threshold` severity or worse; an image that could not be
         inspected (error) counts as an error."""
-        limit = SEVERITIES.index(threshold)
         if self.error is not None:
             return True
-        return any(n and SEVERITIES.index(sev) <= limit for sev, n in self.findings.items() if sev in SEVERITIES)
+        return any(n and sev.rank <= threshold.rank for sev, n in self.findings.items())
 
 
 @dataclass
@@ -241,11 +227,6 @@ def _error_message(e: BaseException, path: str) -> str:
     return f"internal error: {type(e).__name__}: {e}"
 
 
-def _severity_name(sev: object) -> str:
-    value = getattr(sev, "value", sev)
-    return str(value)
-
-
 def inspect_image(cand: Candidate, deep: bool = False, want_json: bool = True) -> ImageReport:
     """Inspect one image (never raises): info, check, space and the diagnosis, or an error."""
     t0 = time.monotonic()
@@ -295,7 +276,7 @@ def _inspect_into(cand: Candidate, deep: bool, s: ImageSummary, record: dict[str
 def _inspect_open(img: Image, deep: bool, s: ImageSummary, record: dict[str, object]) -> None:
     path = img.path
     lock = img.file.lock_state()
-    s.in_use = InUse(lock) if lock else InUse.NO
+    s.in_use = lock
     info = image_info(img, path)
     s.virtual_size = img.virtual_size
     s.file_size = img.file.size
@@ -347,12 +328,11 @@ def _summarise(d: Diagnosis, s: ImageSummary) -> None:
     s.l2_cache_coverage = float(d.cache.default_coverage)
     counts = dict.fromkeys(SEVERITIES, 0)
     for f in d.findings:
-        sev = _severity_name(f.severity)
-        counts[sev] = counts.get(sev, 0) + 1
+        counts[f.severity] += 1
     s.findings = counts
     if d.findings:
         f = d.findings[0]
-        s.worst = (_severity_name(f.severity), f.id, f.title)
+        s.worst = (f.severity, f.id, f.title)
 
 
 # -- many images --------------------------------------------------------------------------------------

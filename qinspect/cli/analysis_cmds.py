@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qinspect.analysis.cache import CacheModel, cache_model, cache_table
-from qinspect.analysis.diagnose import RULES, SEVERITY_RANK, Diagnosis, Finding, Fix, diagnose, size_option
+from qinspect.analysis.diagnose import RULES, Diagnosis, Finding, Fix, Severity, diagnose, size_option
 from qinspect.analysis.findings.model import EvidenceUnit, evidence_unit
 from qinspect.analysis.layout import Layout, Owner, compute_layout
 from qinspect.analysis.measure import MeasureResult, measure, parse_options
@@ -27,6 +27,7 @@ from qinspect.analysis.space import PART_LABELS, Space, part_label
 from qinspect.cli.core_cmds import in_use, open_checked, print_json, warn_in_use
 from qinspect.cli.render import console, err_console, literal, print_table, styled, table
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.hostfile import InUse
 from qinspect.qcow2.image import Image
 from qinspect.shellquote import UnsafeArgument, command_line
 from qinspect.termtext import LIST_LIMIT, bounded, for_terminal
@@ -131,7 +132,7 @@ def run_layout(args: argparse.Namespace) -> int:
         if args.offset is not None:
             return _print_lookup(lay, args.offset, args.output == "json", state)
         if args.output == "json":
-            print_json({**layout_json(lay, args.image), "in-use": state})
+            print_json({**layout_json(lay, args.image), "in-use": state.to_json()})
             return 0
         _print_layout(lay, args.image, args.width)
     return 0
@@ -169,7 +170,7 @@ def _print_layout(lay: Layout, filename: str, width: int) -> None:
                 "(corruption); see 'qinspect check'.")
 
 
-def _print_lookup(lay: Layout, offset: int, as_json: bool, state: str | None = None) -> int:
+def _print_lookup(lay: Layout, offset: int, as_json: bool, state: InUse = InUse.NO) -> int:
     cs = lay.cluster_size
     owner = lay.owner_at(offset)
     kind = lay.kind_at(offset)
@@ -185,7 +186,7 @@ def _print_lookup(lay: Layout, offset: int, as_json: bool, state: str | None = N
         print_json({"offset": offset, "cluster": cl, "cluster-offset": cl * cs,
                     "owner": owner.name.lower().replace("_", "-"), "kind": kind.name.lower().replace("_", "-"),
                     "refcount": stored, "references-counted": reference,
-                    "references": refs_json, "in-use": state})
+                    "references": refs_json, "in-use": state.to_json()})
         return 0
     refs = lay.references(offset, MAX_LOOKUP_ROWS)
     c = console()
@@ -242,7 +243,7 @@ def run_measure(args: argparse.Namespace) -> int:
         raise Qcow2Error("--size and an image are mutually exclusive")
     if args.size is None and not args.image:
         raise Qcow2Error("either --size or an image must be given")
-    state = None
+    state = InUse.NO
     if args.size is not None:
         res = measure(None, opts, size=args.size)
         img_name = None
@@ -253,7 +254,7 @@ def run_measure(args: argparse.Namespace) -> int:
         img_name = args.image
     if args.output == "json":
         # The extra "in-use" key describes the image measured (none with --size).
-        print_json(res.to_json() if img_name is None else {**res.to_json(), "in-use": state})
+        print_json(res.to_json() if img_name is None else {**res.to_json(), "in-use": state.to_json()})
     else:
         warn_in_use(args.image or "", state)
         _print_measure(res, args.options, img_name, args.size)
@@ -301,7 +302,7 @@ def run_cache(args: argparse.Namespace) -> int:
             raise Qcow2Error(str(e)) from None
     if args.output == "json":
         print_json({"filename": args.image, "model": m.to_json(), "other-cluster-sizes": [r.to_json() for r in rows],
-                    "in-use": state})
+                    "in-use": state.to_json()})
         return 0
     warn_in_use(args.image, state)
     _print_cache(m, rows, args)
@@ -367,7 +368,7 @@ def _pct(x: float) -> str:
 
 # -- diagnose -----------------------------------------------------------------------------------------
 
-SEVERITY_STYLES = {"error": "bold red", "warning": "bold yellow", "info": "bold blue"}
+SEVERITY_STYLES = {Severity.ERROR: "bold red", Severity.WARNING: "bold yellow", Severity.INFO: "bold blue"}
 
 
 def _evidence_text(ev: dict[str, int | float | str]) -> str:
@@ -402,23 +403,24 @@ def _prediction_text(fix: Fix, sp: Space) -> str:
 def run_diagnose(args: argparse.Namespace) -> int:
     with _open(args.image) as img, _progress("diagnose") as prog:
         d = diagnose(img, deep=args.deep, progress=prog)
-    failed = d.fails(args.fail_on) if args.fail_on else []
+    threshold = Severity(args.fail_on) if args.fail_on else None
+    failed = d.fails(threshold) if threshold else []
     if args.output == "json":
         out = d.to_json()
-        if args.fail_on:
+        if threshold:
             out["fail-on"] = {"threshold": args.fail_on, "passed": not failed,
-                              "rules": _rule_results(d, args.fail_on)}
+                              "rules": _rule_results(d, threshold)}
         print_json(out)
     else:
-        if args.fail_on:
-            _print_gate(d, args.fail_on)
+        if threshold:
+            _print_gate(d, threshold)
         _print_diagnosis(d, args.image)
     return 1 if failed else 0
 
 
-def _rule_results(d: Diagnosis, threshold: str) -> list[dict[str, str]]:
+def _rule_results(d: Diagnosis, threshold: Severity) -> list[dict[str, str]]:
     by_id = {f.id: f for f in d.findings}
-    limit = SEVERITY_RANK[threshold]
+    limit = threshold.rank
     out = []
     for rid in RULES:
         f = by_id.get(rid)
@@ -436,7 +438,7 @@ def _rule_results(d: Diagnosis, threshold: str) -> list[dict[str, str]]:
     return out
 
 
-def _print_gate(d: Diagnosis, threshold: str) -> None:
+def _print_gate(d: Diagnosis, threshold: Severity) -> None:
     """The PASS/FAIL summary line, then one line per rule (text from the image never as markup)."""
     c = console()
     results = _rule_results(d, threshold)
@@ -468,14 +470,14 @@ def _print_gate(d: Diagnosis, threshold: str) -> None:
 def _print_diagnosis(d: Diagnosis, filename: str) -> None:
     c = console()
     n = len(d.findings)
-    by_sev = {s: sum(1 for f in d.findings if f.severity.value == s) for s in ("error", "warning", "info")}
+    by_sev = {s: sum(1 for f in d.findings if f.severity is s) for s in Severity}
     summary = ", ".join(f"{v} {k}" for k, v in by_sev.items() if v) or "nothing to report"
     deep = "" if d.deep is not None else "  (metadata only; --deep also reads the data)"
     head = Text(for_terminal(filename), style="bold")
     head.append(f": {n} finding{'s' if n != 1 else ''} ({summary}){deep}", style="")
     c.print(head, soft_wrap=True)
-    if d.in_use:
-        c.print(Text("in use: contents may be changing" if d.in_use == "write" else
+    if d.in_use is not InUse.NO:
+        c.print(Text("in use: contents may be changing" if d.in_use is InUse.WRITER else
                      "in use: a running QEMU has the image open read-only", style="yellow"))
     if d.deep is not None and d.deep.skipped:
         c.print(Text(f"Deep scan skipped: {for_terminal(d.deep.skipped)}", style="yellow"))
@@ -502,7 +504,7 @@ def _print_finding(f: Finding, sp: Space, same_fix_as: str | None = None) -> Non
     c = console()
     c.print()
     head = Text()
-    head.append(f"{f.severity.value.upper():<8}", style=SEVERITY_STYLES[f.severity.value])
+    head.append(f"{f.severity.value.upper():<8}", style=SEVERITY_STYLES[f.severity])
     head.append(f" {f.id}", style="bold")
     head.append(f"  {for_terminal(f.title)}")
     c.print(head, soft_wrap=True)

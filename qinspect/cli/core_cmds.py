@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from qinspect.analysis.info import chain_info, image_info
 from qinspect.analysis.opening import require_files
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.hostfile import HostFile, InUse
 from qinspect.qcow2.meta import ImageMeta, open_meta
 from qinspect.termtext import for_terminal
 from qinspect.units import format_size, format_size_exact
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
 # Bounds on human output: a hostile image can carry 65536 snapshots and as many problems.
 MAX_WARNINGS = 50
 MAX_SNAPSHOT_ROWS = 500
-
-IN_USE_JSON = {"writer": "write", "reader": "read"}
-
 
 def open_checked(path: str, need_files: bool = False, check: bool = False) -> Image:
     """Open like qemu-img does: fail on anything QEMU would refuse to open.
@@ -73,22 +71,21 @@ def open_checked_meta(path: str, check: bool = False) -> ImageMeta:
     return meta
 
 
-def in_use(layer: MetaLayer) -> str | None:
-    """"write" when another process holds the image's write lock, "read" for a reader, else None."""
+def in_use(layer: MetaLayer) -> InUse:
+    """Whether another process holds the image's locks (NO for a layer that is not a file)."""
     file = getattr(layer, "file", None)
-    state = file.lock_state() if file is not None else None
-    return IN_USE_JSON.get(state) if state else None
+    return file.lock_state() if isinstance(file, HostFile) else InUse.NO
 
 
-def in_use_message(state: str | None) -> str | None:
-    if state == "write":
+def in_use_message(state: InUse) -> str | None:
+    if state is InUse.WRITER:
         return "in use: contents may be changing (another process, a running QEMU, holds the image's write lock)"
-    if state == "read":
+    if state is InUse.READER:
         return "in use: another process has the image open read-only"
     return None
 
 
-def warn_in_use(path: str, state: str | None) -> None:
+def warn_in_use(path: str, state: InUse) -> None:
     """One line on stderr when the image is in use (human output)."""
     msg = in_use_message(state)
     if msg:
@@ -117,7 +114,7 @@ def run_info(args: argparse.Namespace) -> int:
         states = _chain_in_use(img, len(infos))
         if args.output == "json":
             for info, state in zip(infos, states, strict=True):
-                info["in-use"] = state
+                info["in-use"] = state.to_json()
             print_json(infos if args.backing_chain else infos[0])
             return 0
         from qinspect.cli.render import print_lines
@@ -136,7 +133,7 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chain_in_use(img: ImageMeta, n: int) -> list[str | None]:
+def _chain_in_use(img: ImageMeta, n: int) -> list[InUse]:
     """The lock state of the first `n` layers of the chain (the top image alone if it cannot be walked)."""
     if n == 1:
         return [in_use(img)]
@@ -145,10 +142,10 @@ def _chain_in_use(img: ImageMeta, n: int) -> list[str | None]:
     except Qcow2Error:
         layers = [img]
     states = [in_use(layer) for layer in layers[:n]]
-    return states + [None] * (n - len(states))
+    return states + [InUse.NO] * (n - len(states))
 
 
-def _print_info(info: dict[str, object], state: str | None) -> None:
+def _print_info(info: dict[str, object], state: InUse) -> None:
     from qinspect.cli.render import print_lines, print_table, table
 
     vs = int(info["virtual-size"])  # type: ignore[call-overload]
@@ -306,7 +303,7 @@ def run_check(args: argparse.Namespace) -> int:
         res = check_image(img, filename=getattr(args, "image_spec", None) or args.image)
     # Another process writing while we read: what we saw may be mid-update. No verdict; qemu-img's
     # exit code for "check not completed" (qemu-img itself refuses to open the image).
-    live = state == "write"
+    live = state is InUse.WRITER
     if args.output != "json":
         warn_in_use(args.image, state)
     # The ERROR/Leaked lines exactly as qemu-img prints them (plain, unwrapped), for grep and diff:
@@ -318,7 +315,7 @@ def run_check(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     if res.failed is None:  # qemu-img prints no counts when the check itself failed
         if args.output == "json":
-            print_json({**res.to_json(), "in-use": state})
+            print_json({**res.to_json(), "in-use": state.to_json()})
         elif not args.quiet:
             _print_check(res, live, args.image)
     sys.stdout.flush()

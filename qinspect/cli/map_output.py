@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import IO
 
 import numpy as np
@@ -76,6 +77,17 @@ def _chunks(batches: Iterable[MapRuns]) -> Iterator[MapRuns]:
                 yield b.take(slice(k, k + CHUNK))
 
 
+class MapState(StrEnum):
+    """What a mapped guest range holds (the value is the word the table prints)."""
+
+    DATA = "data"
+    COMPRESSED = "compressed"
+    DATA_ZERO = "data (reads as zero)"
+    """Allocated data that reads as zeros."""
+    ZERO = "zero"
+    UNALLOCATED = "unallocated"
+
+
 @dataclass
 class MapSummary:
     """What a mapped guest range holds, by state (bytes and ranges)."""
@@ -83,10 +95,10 @@ class MapSummary:
     start: int
     end: int
     ranges: int = 0
-    bytes: dict[str, int] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    bytes: dict[MapState, int] = field(default_factory=dict)
+    counts: dict[MapState, int] = field(default_factory=dict)
 
-    def add(self, state: str, length: int) -> None:
+    def add(self, state: MapState, length: int) -> None:
         self.bytes[state] = self.bytes.get(state, 0) + length
         self.counts[state] = self.counts.get(state, 0) + 1
         self.ranges += 1
@@ -100,15 +112,21 @@ class MapSummary:
         return whole + (": " + "; ".join(parts) if parts else "")
 
 
-STATE_COLOURS = {"data": "32", "compressed": "36", "data (reads as zero)": "33", "zero": "2", "unallocated": "2"}
+STATE_COLOURS = {MapState.DATA: "32", MapState.COMPRESSED: "36", MapState.DATA_ZERO: "33", MapState.ZERO: "2",
+                 MapState.UNALLOCATED: "2"}
+"""The terminal colour of each state, in the summary's order."""
 
 
-def _state(flags: int) -> str:
+def _state(flags: int) -> MapState:
     if flags & COMPRESSED:
-        return "compressed"
+        return MapState.COMPRESSED
     if flags & DATA:
-        return "data (reads as zero)" if flags & ZERO else "data"
-    return "zero" if flags & ALLOCATED else "unallocated"
+        return MapState.DATA_ZERO if flags & ZERO else MapState.DATA
+    return MapState.ZERO if flags & ALLOCATED else MapState.UNALLOCATED
+
+
+_STATE_OF = tuple(_state(f) for f in range(256))
+"""The state of each value of the uint8 flags (a row's state is one index, not three tests)."""
 
 
 def write_table(batches: Iterable[MapRuns], files: Sequence[str], layers: Sequence[str], out: IO[str], start: int,
@@ -134,7 +152,7 @@ def write_table(batches: Iterable[MapRuns], files: Sequence[str], layers: Sequen
         lines = []
         for s, n, f, o, d in zip(b.start.tolist(), b.length.tolist(), b.flags.tolist(), b.offset.tolist(),
                                  b.depth.tolist(), strict=True):
-            state = _state(f)
+            state = _STATE_OF[f]
             summary.add(state, n)
             # Data lives in the data file; zero and compressed clusters in the layer's own file;
             # a range no layer has reads as zeros.

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING
 
-from qinspect.analysis.diagnose import SEVERITIES
+from qinspect.analysis.diagnose import SEVERITIES, Severity
 from qinspect.analysis.scan import (
     ImageReport,
     ImageSummary,
@@ -107,7 +107,7 @@ def run_scan(args: argparse.Namespace) -> int:
     missing = [c for c in cands if c.path in args.paths and c.error == "no such file or directory"]
     for c in missing:
         print(f"qinspect: {for_terminal(c.path)}: no such file or directory", file=sys.stderr)
-    failed = bool(args.fail_on) and any(s.reaches(args.fail_on) for s in summaries)
+    failed = bool(args.fail_on) and any(s.reaches(Severity(args.fail_on)) for s in summaries)
     return 1 if failed or missing else 0
 
 
@@ -157,7 +157,7 @@ def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 200  # a file or a pipe: long lines rather than cells wrapped at 80 columns
     def rank(s: ImageSummary) -> tuple[int, bool, int, str]:  # most to reclaim, then the worst finding
-        sev = SEVERITIES.index(s.worst[0]) if s.worst and s.worst[0] in SEVERITIES else len(SEVERITIES)
+        sev = s.worst[0].rank if s.worst else len(SEVERITIES)
         return -s.reclaimable_bytes, s.error is not None, sev, s.path
 
     rows = sorted(summaries, key=rank)
@@ -193,7 +193,7 @@ def _print_table(summaries: list[ImageSummary], out: IO[str], duration: float) -
         console.file.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
     bad = sum(1 for s in rows if s.error is not None)
     busy = sum(1 for s in rows if s.in_use is InUse.WRITER)
-    by_sev = {sev: sum(1 for s in rows if s.worst and s.worst[0] == sev and s.error is None) for sev in SEVERITIES}
+    by_sev = {sev: sum(1 for s in rows if s.worst and s.worst[0] is sev and s.error is None) for sev in SEVERITIES}
     worst = ", ".join(f"{n} with {sev} at worst" for sev, n in by_sev.items() if n) or "no findings"
     console.print(f"{_count(len(rows))} in {duration:.1f} s: {worst}; {bad} could not be fully inspected"
                   + (f"; {busy} in use by a running VM, not checked" if busy else "") + ".", soft_wrap=True)

@@ -8,11 +8,14 @@ exactly the guest's bytes and nothing past the volume.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import TYPE_CHECKING
 
 from qinspect.guest.disk import VolumeReader
 from qinspect.guest.model import Filesystem, FsInfo, GuestError
 from qinspect.guest.ranges import runs_of_zero_bits
+
+if TYPE_CHECKING:
+    import pytsk3
 
 BITMAP_INODE = 6
 
@@ -21,7 +24,7 @@ def probe(head: bytes) -> bool:
     return len(head) >= 512 and head[3:11] == b"NTFS    "
 
 
-def tsk_image(vol: VolumeReader) -> Any:
+def tsk_image(vol: VolumeReader) -> pytsk3.Img_Info:
     """A pytsk3 image backed by `vol` (reads past the volume come back as zeros, as on a real disk end)."""
     import pytsk3
 

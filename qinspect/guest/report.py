@@ -7,14 +7,12 @@ The keys the issue fixes come first (`partition-table`, `volumes` with `index`, 
 
 from __future__ import annotations
 
-from typing import Any
-
 from qinspect.guest.model import GuestView, Volume
 
 
-def volume_json(v: Volume) -> dict[str, Any]:
+def volume_json(v: Volume) -> dict[str, object]:
     fs = v.fs
-    out: dict[str, Any] = {
+    out: dict[str, object] = {
         "index": v.index,
         "start": v.start,
         "length": v.length,
@@ -52,7 +50,7 @@ def volume_json(v: Volume) -> dict[str, Any]:
     return out
 
 
-def guest_json(view: GuestView) -> dict[str, Any]:
+def guest_json(view: GuestView) -> dict[str, object]:
     return {
         "partition-table": view.partition_table.value if view.partition_table else None,
         "volumes": [volume_json(v) for v in view.volumes],

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:
-    from typing import Any
-
     from qinspect.qcow2 import constants, fields
     from qinspect.qcow2.bitmaps import Bitmap, read_bitmap_table
     from qinspect.qcow2.errors import EncryptedDataError, Problem, Qcow2Error, Severity
     from qinspect.qcow2.extents import ERROR_MESSAGES, ExtentError, Extents
     from qinspect.qcow2.header import BitmapsExtension, CryptoHeaderExtension, FeatureName, Header, HeaderExtension
-    from qinspect.qcow2.hostfile import FileIdentity, HostFile
+    from qinspect.qcow2.hostfile import FileIdentity, HostFile, InUse
     from qinspect.qcow2.image import Image, L2Lookup, open_image
     from qinspect.qcow2.l2 import (
         ClusterType,
@@ -64,7 +62,7 @@ _WHERE: dict[str, str] = {
     "ERROR_MESSAGES": "extents", "ExtentError": "extents", "Extents": "extents",
     "BitmapsExtension": "header", "CryptoHeaderExtension": "header", "FeatureName": "header", "Header": "header",
     "HeaderExtension": "header",
-    "FileIdentity": "hostfile", "HostFile": "hostfile",
+    "FileIdentity": "hostfile", "HostFile": "hostfile", "InUse": "hostfile",
     "Image": "image", "L2Lookup": "image", "open_image": "image",
     "ClusterType": "l2", "CompressedDescriptor": "l2", "L2Format": "l2", "SubclusterType": "l2",
     "classify_cluster": "l2", "classify_clusters": "l2", "classify_subcluster": "l2",
@@ -94,6 +92,7 @@ __all__ = [
     "HostFile",
     "Image",
     "ImageMeta",
+    "InUse",
     "L2Format",
     "L2Lookup",
     "Layer",
@@ -126,7 +125,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'qinspect.qcow2' has no attribute {name!r}")

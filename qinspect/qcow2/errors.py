@@ -7,7 +7,7 @@ leaves the rest of the image inspectable; `Image.problems` collects them.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from qinspect.qcow2.value import Value
 
@@ -31,11 +31,29 @@ class EncryptedDataError(Qcow2Error):
     """Guest data of an encrypted image was asked for; qinspect handles no keys."""
 
 
-class Severity(Enum):
-    """How bad a problem is: `error` breaks reads of some structure, `warning` is suspicious."""
+class Severity(StrEnum):
+    """How bad a problem or a finding is, the one vocabulary of every layer (the value is the word
+    printed and put in JSON).
 
-    WARNING = "warning"
+    A problem: `error` breaks reads of some structure, `warning` is suspicious. A finding (the
+    diagnosis): `error` is data at risk or an image that does not open, `warning` a cost above a
+    stated threshold, `info` worth knowing.
+    """
+
     ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+    @property
+    def rank(self) -> int:
+        """0 for the worst (error), then warning 1, info 2: sort by it."""
+        return _SEVERITY_RANKS[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_SEVERITY_RANKS = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
 
 
 class Problem(Value):

@@ -24,7 +24,7 @@ import os
 import stat
 import struct
 import sys
-from enum import IntEnum
+from enum import Enum, IntEnum
 from types import TracebackType
 
 from qinspect.qcow2.errors import Qcow2Error
@@ -84,6 +84,20 @@ class ExtentMethod(IntEnum):
     @property
     def label(self) -> str:
         return ("fiemap", "seek-hole", "none")[self.value]
+
+class InUse(Enum):
+    """Whether another process holds QEMU's locks on the image file (`HostFile.lock_state`)."""
+
+    NO = "no"
+    READER = "reader"
+    WRITER = "writer"
+
+    def to_json(self) -> str | None:
+        """`null`, `"read"` or `"write"`: the `"in-use"` value every command prints."""
+        return _IN_USE_JSON[self]
+
+
+_IN_USE_JSON = {InUse.NO: None, InUse.READER: "read", InUse.WRITER: "write"}
 
 
 class HostExtents:
@@ -230,25 +244,25 @@ class HostFile:
                     at += len(b)
             pos += want
 
-    def lock_state(self) -> str | None:
-        """Whether another process holds QEMU's image locks: None, "reader" or "writer".
+    def lock_state(self) -> InUse:
+        """Whether another process holds QEMU's image locks (NO where the query is unsupported).
 
         QEMU (file-posix) takes open-file-description locks on byte 100+bit for each permission
         it uses and on byte 200+bit for each it refuses to share; bit 1 is WRITE and bit 3 RESIZE.
-        This only asks (F_OFD_GETLK); it never takes a lock. None where the query is unsupported.
+        This only asks (F_OFD_GETLK); it never takes a lock.
         """
         getlk = getattr(fcntl, "F_OFD_GETLK", None)
         if getlk is None or not sys.platform.startswith("linux"):
-            return None
+            return InUse.NO
         try:
             for byte in (_LOCK_PERM_BASE + 1, _LOCK_PERM_BASE + 3):
                 if self._locked(getlk, byte, 1):
-                    return "writer"
+                    return InUse.WRITER
             if self._locked(getlk, _LOCK_PERM_BASE, 64) or self._locked(getlk, _LOCK_SHARED_BASE, 64):
-                return "reader"
+                return InUse.READER
         except OSError:
-            return None
-        return None
+            return InUse.NO
+        return InUse.NO
 
     def _locked(self, cmd: int, start: int, length: int) -> bool:
         # struct flock (Linux): short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -294,7 +294,7 @@ class Image(ImageMeta):
         rc.read_all()
         return cast("U64", rc.values), rc.bad
 
-    def stored_refcounts_compact(self, nb_clusters: int) -> tuple[npt.NDArray[np.unsignedinteger[Any]], list[int]]:
+    def stored_refcounts_compact(self, nb_clusters: int) -> tuple[npt.NDArray[np.unsignedinteger], list[int]]:
         """`stored_refcounts` in the narrowest dtype that holds the image's refcount width
         (uint16 for the default 16-bit refcounts: a quarter of the memory for big files)."""
         rc = self.stored_refcounts_lazy(nb_clusters)
@@ -419,12 +419,12 @@ class StoredRefcounts:
     ask which blocks still lie ahead (`unread_after`) and judge those entries after the sweep.
     """
 
-    def __init__(self, img: Image, nb_clusters: int, dtype: np.dtype[Any]) -> None:
+    def __init__(self, img: Image, nb_clusters: int, dtype: np.dtype[np.unsignedinteger]) -> None:
         self._img = img
         h = img.header
         self._per = h.refcount_block_entries
         cs = img.cluster_size
-        self.values: npt.NDArray[np.unsignedinteger[Any]] = np.zeros(nb_clusters, dtype=dtype)
+        self.values: npt.NDArray[np.unsignedinteger] = np.zeros(nb_clusters, dtype=dtype)
         nblocks = min(-(-nb_clusters // self._per), len(img.refcount_table))
         offs_u = img.refcount_table[:nblocks] & np.uint64(C.REFT_OFFSET_MASK)
         # unaligned (qcow2_get_refcount: EIO) or unreadable (ending past BDRV_MAX_LENGTH: EIO)

@@ -19,7 +19,7 @@ from qinspect.qcow2.bitmaps import Bitmap, check_bitmap_tables, read_bitmap_dire
 from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
 from qinspect.qcow2.fields import QCOW_HEADER, QCOW_SNAPSHOT_HEADER
 from qinspect.qcow2.header import Header, read_header, table_fits
-from qinspect.qcow2.hostfile import FileIdentity, HostFile
+from qinspect.qcow2.hostfile import FileIdentity, HostFile, InUse
 from qinspect.qcow2.luks import LuksHeader, read_luks_header
 from qinspect.qcow2.snapshots import Snapshot, SnapshotTable, read_snapshot_table
 
@@ -206,11 +206,11 @@ class ImageMeta:
     def _check_host_files(self) -> None:
         """Problems around the image file: a running QEMU's locks, a missing data or backing file."""
         lock = self.file.lock_state()
-        if lock == "writer":
+        if lock is InUse.WRITER:
             self.problems.append(Problem(Severity.WARNING, "image file",
                                          "in use: another process (a running QEMU) holds the image's write lock; "
                                          "contents may be changing"))
-        elif lock == "reader":
+        elif lock is InUse.READER:
             self.problems.append(Problem(Severity.WARNING, "image file",
                                          "in use: another process (a running QEMU) has the image open read-only"))
         if self.header.has_data_file and self.data_file_path is not None:

@@ -91,12 +91,24 @@ DENSE = 0.5
 by one thread (the kernel's own read-ahead streams it; several threads on one file's read-ahead
 only break its sequence up); sparser windows are spread over the pool."""
 
-_POOL_SIZES = {"read": max(1, WORKERS), "sweep": 1, "advice": 2}
+
+class Pool(Enum):
+    """The thread pools of the planner (the value names their threads)."""
+
+    READ = "read"
+    """Sparse windows, spread over WORKERS threads."""
+    SWEEP = "sweep"
+    """Dense windows: one thread, in order."""
+    ADVICE = "advice"
+    """POSIX_FADV_WILLNEED ahead of host-order streams."""
+
+
+_POOL_SIZES = {Pool.READ: max(1, WORKERS), Pool.SWEEP: 1, Pool.ADVICE: 2}
 if TYPE_CHECKING:  # imported with the first pool: a small image's command (all reads in the calling
     # thread) never loads concurrent.futures, nor the logging it imports
     from concurrent.futures import Future, ThreadPoolExecutor
 
-_pools: dict[str, ThreadPoolExecutor] = {}
+_pools: dict[Pool, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
 
@@ -111,16 +123,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _executor(kind: str = "read") -> ThreadPoolExecutor:
-    """The pool of `kind`: "read" (sparse windows), "sweep" (dense windows, one thread, in order),
-    "advice" (POSIX_FADV_WILLNEED ahead of host-order streams)."""
+def _executor(kind: Pool = Pool.READ) -> ThreadPoolExecutor:
+    """The pool of `kind` (made when first asked for)."""
     with _pool_lock:
         pool = _pools.get(kind)
         if pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             pool = _pools[kind] = ThreadPoolExecutor(max_workers=_POOL_SIZES[kind],
-                                                     thread_name_prefix=f"qinspect-io-{kind}")
+                                                     thread_name_prefix=f"qinspect-io-{kind.value}")
         return pool
 
 
@@ -266,7 +277,7 @@ class _Window:
             read(stream.file, *args(0, n))  # read now: nothing to wait for
         elif total >= DENSE * (int(re_[-1]) - int(rs[0])):
             # Mostly contiguous: one sequential task, windows one after another on one thread.
-            self.futures.append(_executor("sweep").submit(read, stream.file, *args(0, n)))
+            self.futures.append(_executor(Pool.SWEEP).submit(read, stream.file, *args(0, n)))
         else:
             pool = _executor()
             cuts = np.searchsorted(cum, cum[-1] * np.arange(1, ntask) / ntask, side="left") + 1
@@ -366,14 +377,14 @@ class PieceStream:
                 # Pieces wanted in the walk's order but spread over the file (L2 tables in L1 order):
                 # ask the kernel to read them ahead in host order, one sweep, while the windows are
                 # read and used (the page cache holds them, not this process).
-                self._advice = _executor("advice").submit(self._advise)
+                self._advice = _executor(Pool.ADVICE).submit(self._advise)
             else:
                 # Host order, sparse (the 1 TiB preallocated image's tables, 512 MiB apart): a
                 # window's few requests at a time leave the device idle between them; advice keeps
                 # many in flight, a bounded distance ahead of the walk. Dense streams are left to
                 # the kernel's read-ahead (advice there only competes with it).
                 if not self.dense:
-                    self._advice = _executor("advice").submit(self._advise_ahead)
+                    self._advice = _executor(Pool.ADVICE).submit(self._advise_ahead)
         self._fill()
 
     def _advise(self) -> None:

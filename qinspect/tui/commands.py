@@ -94,20 +94,20 @@ class QinspectCommands(Provider):
     def _snapshot(self, main: object, i: int) -> None:
         from qinspect.tui.messages import ShowStructure
         from qinspect.tui.screens.main import MainScreen
-        from qinspect.tui.structs import StructRef
+        from qinspect.tui.structs import StructKind, StructRef
 
         assert isinstance(main, MainScreen)
         sn = main.session.img.snapshots[i]
-        main.post_message(ShowStructure(StructRef("snapshot_l1", owner=i, offset=sn.l1_table_offset)))
+        main.post_message(ShowStructure(StructRef(StructKind.SNAPSHOT_L1, owner=i, offset=sn.l1_table_offset)))
 
     def _bitmap(self, main: object, i: int) -> None:
         from qinspect.tui.messages import ShowStructure
         from qinspect.tui.screens.main import MainScreen
-        from qinspect.tui.structs import StructRef
+        from qinspect.tui.structs import StructKind, StructRef
 
         assert isinstance(main, MainScreen)
         b = main.session.img.bitmaps[i]
-        main.post_message(ShowStructure(StructRef("bitmap_table", index=i, offset=b.bitmap_table_offset)))
+        main.post_message(ShowStructure(StructRef(StructKind.BITMAP_TABLE, index=i, offset=b.bitmap_table_offset)))
 
     async def discover(self) -> Hits:
         for name, help_text, cb in self._commands():

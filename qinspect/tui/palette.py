@@ -7,10 +7,12 @@ hex view and the space bar; an L2 table is the same cyan in the host layout and 
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 from rich.style import Style
 from rich.text import Text
+
+from qinspect.qcow2.errors import Severity
 
 
 class G(IntEnum):
@@ -136,10 +138,49 @@ def backing_state(depth: int) -> G:
 
 
 # Structure kinds: host clusters by owner, tree nodes, hex fields, space bar parts.
-def _kinds(name: str) -> dict[str, str]:
+class ColourKind(StrEnum):
+    """What a colour of `KIND_COLOURS` stands for: the host owners (`Owner`'s names), the parts of
+    the space bar and the nodes of the structure tree (the value is the key `kind_key` gives)."""
+
+    DATA = "data"
+    COMPRESSED = "compressed"
+    HEADER = "header"
+    L1 = "l1"
+    L2 = "l2"
+    REFCOUNT_TABLE = "refcount_table"
+    REFCOUNT_BLOCK = "refcount_block"
+    LEAKED = "leaked"
+    FREE = "free"
+    SNAPSHOT_L1 = "snapshot_l1"
+    SNAPSHOT_TABLE = "snapshot_table"
+    BITMAP_DIRECTORY = "bitmap_directory"
+    BITMAP_TABLE = "bitmap_table"
+    BITMAP_DATA = "bitmap_data"
+    LUKS = "luks"
+    PAST_END = "past_end"
+    SHARED = "shared"
+    CONFLICT = "conflict"
+    EXTENSION = "extension"
+    SNAPSHOT_L2 = "snapshot_l2"
+    ZERO = "zero"
+    ZERO_DATA = "zero_data"
+    BACKING_DUP = "backing_dup"
+    SNAPSHOT_DATA = "snapshot_data"
+    PREALLOCATED = "preallocated"
+    GUEST_FREED = "guest_freed"
+    HOLE = "hole"
+    TAIL = "tail"
+    FILESYSTEM = "filesystem"
+    METADATA = "metadata"
+    UNKNOWN = "unknown"
+    CORRUPT = "corrupt"
+    VMSTATE = "vmstate"
+
+
+def _kinds(name: str) -> dict[ColourKind, str]:
     """Structure kinds: the host owners plus the kinds of the space bar, tree and hex view."""
     host, guest = _HOST[name], _GUEST[name]
-    return {
+    named = {
         **host,
         "extension": host["header"],
         "snapshot_l2": host["snapshot_l1"],
@@ -157,12 +198,13 @@ def _kinds(name: str) -> dict[str, str]:
         "corrupt": host["conflict"],
         "vmstate": host["snapshot_table"],
     }
+    return {ColourKind(k): v for k, v in named.items()}
 
 
-KIND_COLOURS: dict[str, str] = _kinds("dark")
+KIND_COLOURS: dict[ColourKind, str] = _kinds("dark")
 
 # Alternate names an analysis may use for a kind (Owner enum member names, space parts).
-_KIND_ALIASES: dict[str, str] = {
+_KIND_ALIASES: dict[str, str] = {  # (values: ColourKind values)
     "extensions": "extension",
     "extension_area": "extension",
     "header_extensions": "extension",
@@ -207,20 +249,23 @@ _KIND_ALIASES: dict[str, str] = {
 }
 
 
-def kind_key(name: str) -> str:
+def kind_key(name: str) -> ColourKind:
     """Normalise an owner/part name ('L2_TABLE', 'refcount block', ...) to a palette key."""
     key = name.strip().lower().replace(" ", "_").replace("-", "_")
-    if key in KIND_COLOURS:
-        return key
+    if key in _COLOUR_KINDS:
+        return ColourKind(key)
     if key in _KIND_ALIASES:
-        return _KIND_ALIASES[key]
+        return ColourKind(_KIND_ALIASES[key])
     for suffix in ("s", "_table", "_clusters"):
-        if key.endswith(suffix) and key[: -len(suffix)] in KIND_COLOURS:
-            return key[: -len(suffix)]
-    for k in KIND_COLOURS:
-        if key.startswith(k):
+        if key.endswith(suffix) and key[: -len(suffix)] in _COLOUR_KINDS:
+            return ColourKind(key[: -len(suffix)])
+    for k in ColourKind:
+        if key.startswith(k.value):
             return k
-    return "unknown"
+    return ColourKind.UNKNOWN
+
+
+_COLOUR_KINDS = frozenset(k.value for k in ColourKind)
 
 
 def kind_colour(name: str) -> str:
@@ -279,4 +324,19 @@ DIM = "#808080"
 WARN = "#ffd75f"
 ERROR = "#ff5f5f"
 OK = "#5fd75f"
-SEVERITY_COLOURS = {"error": ERROR, "critical": ERROR, "warning": WARN, "info": "#87afff", "ok": OK}
+SEVERITY_COLOURS: dict[Severity, str] = {Severity.ERROR: ERROR, Severity.WARNING: WARN, Severity.INFO: "#87afff"}
+
+
+def severity_colour(sev: Severity | None) -> str:
+    """The colour of a severity; None is a verdict of nothing found (OK)."""
+    return OK if sev is None else SEVERITY_COLOURS[sev]
+
+
+def severity_word(sev: Severity | None) -> str:
+    """ERROR, WARNING, INFO, or OK when nothing was found (None)."""
+    return "OK" if sev is None else sev.value.upper()
+
+
+def severity_order(sev: Severity | None) -> int:
+    """Sort key, worst first: error, warning, info, then OK (None)."""
+    return len(Severity) if sev is None else sev.rank

@@ -25,12 +25,12 @@ import os
 import shlex
 import time
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import StrEnum
 from typing import TYPE_CHECKING, cast
 
 from qinspect.analysis.progress import CancelledFn, ProgressFn
 from qinspect.qcow2.errors import Problem, Qcow2Error
-from qinspect.qcow2.hostfile import FileIdentity
+from qinspect.qcow2.hostfile import FileIdentity, InUse
 from qinspect.qcow2.meta import ImageMeta, SharedMetadata
 from qinspect.termtext import for_terminal
 from qinspect.tui.fmt import display_name
@@ -70,13 +70,6 @@ class Step(StrEnum):
 
 _STEP_LABELS = {Step.GUEST: "Guest map", Step.LAYOUT: "Host layout", Step.CHECK: "Refcount check",
                 Step.DIAGNOSE: "Diagnose", Step.SPACE: "Space"}
-
-
-class InUse(Enum):
-    """Another process holds QEMU's locks on the image (from `HostFile.lock_state`)."""
-
-    WRITE = "write"
-    READ = "read"
 
 
 class FileReplaced(Qcow2Error):
@@ -254,10 +247,9 @@ class Session:
 
     # -- what the image is ---------------------------------------------------------------------------
     @property
-    def in_use(self) -> InUse | None:
+    def in_use(self) -> InUse:
         """Whether a running QEMU holds the image's locks (asked now; never takes a lock)."""
-        state = self.meta.file.lock_state()
-        return InUse.WRITE if state == "writer" else InUse.READ if state == "reader" else None
+        return self.meta.file.lock_state()
 
     def changed(self) -> str | None:
         """Why the file on disk is no longer what was opened (replaced, resized, modified), or None."""

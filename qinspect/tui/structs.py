@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 import numpy as np
@@ -49,17 +50,34 @@ from qinspect.qcow2.l2 import (
 from qinspect.qcow2.refcount import refcount_entry_location
 from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
-from qinspect.tui.palette import DIM, FIELD_CYCLE, FLAG_BYTE, GUEST_COLOURS, KIND_COLOURS, G
+from qinspect.tui.palette import DIM, FIELD_CYCLE, FLAG_BYTE, GUEST_COLOURS, KIND_COLOURS, ColourKind, G
 
 U64 = npt.NDArray[np.uint64]
 Cell = tuple[str, str | None]
+
+
+class StructKind(StrEnum):
+    """Which structure a node of the Structures tree shows (`model_for` builds its table)."""
+
+    HEADER = "header"
+    EXTENSIONS = "extensions"
+    BACKING_NAME = "backing_name"
+    L1 = "l1"
+    SNAPSHOT_L1 = "snapshot_l1"
+    L2 = "l2"
+    REFCOUNT_TABLE = "refcount_table"
+    REFCOUNT_BLOCK = "refblock"
+    SNAPSHOT_TABLE = "snapshot_table"
+    BITMAP_DIRECTORY = "bitmap_directory"
+    BITMAP_TABLE = "bitmap_table"
+    LUKS = "luks"
 
 
 @dataclass(frozen=True)
 class StructRef:
     """A node of the Structures tree: what to show, and which row to select first."""
 
-    kind: str
+    kind: StructKind
     index: int = 0
     offset: int = 0
     owner: int = -1  # -1: the active tables; n: snapshot n
@@ -171,7 +189,7 @@ class TableModel:
 
     title = ""
     columns: tuple[tuple[str, int], ...] = ()
-    kind = "unknown"  # palette kind of the structure
+    kind: ColourKind = ColourKind.UNKNOWN  # the colour of the structure
 
     def __init__(self, img: Image) -> None:
         self.img = img
@@ -215,7 +233,7 @@ class TableModel:
 class HeaderModel(TableModel):
     title = "Header"
     columns = (("field", 24), ("offset", 6), ("size", 4), ("value", 18), ("meaning", 26))
-    kind = "header"
+    kind = ColourKind.HEADER
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -291,17 +309,18 @@ class HeaderModel(TableModel):
         name = self.fields[i][0]
         h = self.img.header
         return {
-            "l1_table_offset": StructRef("l1", offset=h.l1_table_offset),
-            "refcount_table_offset": StructRef("refcount_table", offset=h.refcount_table_offset),
-            "snapshots_offset": StructRef("snapshot_table", offset=h.snapshots_offset) if h.nb_snapshots else None,
-            "backing_file_offset": StructRef("backing_name") if h.backing_file_offset else None,
+            "l1_table_offset": StructRef(StructKind.L1, offset=h.l1_table_offset),
+            "refcount_table_offset": StructRef(StructKind.REFCOUNT_TABLE, offset=h.refcount_table_offset),
+            "snapshots_offset": (StructRef(StructKind.SNAPSHOT_TABLE, offset=h.snapshots_offset) if h.nb_snapshots
+                                 else None),
+            "backing_file_offset": StructRef(StructKind.BACKING_NAME) if h.backing_file_offset else None,
         }.get(name)
 
 
 class ExtensionsModel(TableModel):
     title = "Header extensions"
     columns = (("#", 3), ("offset", 7), ("magic", 10), ("length", 6), ("extension", 30), ("content", 40))
-    kind = "extension"
+    kind = ColourKind.EXTENSION
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -364,16 +383,16 @@ class ExtensionsModel(TableModel):
         h = self.img.header
         e = self.exts[i]
         if e.magic == C.QCOW2_EXT_MAGIC_BITMAPS and h.bitmaps_ext is not None:
-            return StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset)
+            return StructRef(StructKind.BITMAP_DIRECTORY, offset=h.bitmaps_ext.bitmap_directory_offset)
         if e.magic == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER and h.crypto_ext is not None:
-            return StructRef("luks", offset=h.crypto_ext.offset)
+            return StructRef(StructKind.LUKS, offset=h.crypto_ext.offset)
         return None
 
 
 class BackingNameModel(TableModel):
     title = "Backing file name"
     columns = (("field", 18), ("value", 60))
-    kind = "extension"
+    kind = ColourKind.EXTENSION
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -400,7 +419,7 @@ class PointerTableModel(TableModel):
     tables) and the refcount table (at refcount blocks). A row is the entry's index, where what it
     covers starts, the raw entry, the cluster it points at and its flags."""
 
-    points_to = "unknown"  # palette kind of the clusters the entries point at
+    points_to = ColourKind.UNKNOWN  # palette kind of the clusters the entries point at
     reserved_mask = 0
 
     def __init__(self, img: Image, start: int, entries: U64, offset_mask: int, per: int) -> None:
@@ -437,8 +456,8 @@ class PointerTableModel(TableModel):
 # -- L1 and L2 tables -------------------------------------------------------------------------------
 class L1Model(PointerTableModel):
     columns = (("#", 7), ("guest from", 14), ("raw entry", 17), ("L2 table", 12), ("flags", 16))
-    kind = "l1"
-    points_to = "l2"
+    kind = ColourKind.L1
+    points_to = ColourKind.L2
     reserved_mask = C.L1E_RESERVED_MASK
 
     def __init__(self, img: Image, owner: int = -1) -> None:
@@ -451,7 +470,7 @@ class L1Model(PointerTableModel):
             super().__init__(img, sn.l1_table_offset, img.snapshot_l1_table(owner, pad=True), C.L1E_OFFSET_MASK,
                              h.l2_size * h.cluster_size)
             self.title = f"L1 table of snapshot {for_terminal(sn.id_str)} {quoted(sn.name)} ({sn.l1_size} entries)"
-            self.kind = "snapshot_l1"
+            self.kind = ColourKind.SNAPSHOT_L1
         self.owner = owner
 
     def flags(self, e: int, off: int) -> list[str]:
@@ -470,7 +489,7 @@ class L1Model(PointerTableModel):
         off = int(self.offsets[i])
         if not off:
             return None
-        return StructRef("l2", index=i, offset=off, owner=self.owner)
+        return StructRef(StructKind.L2, index=i, offset=off, owner=self.owner)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
         out: list[str | None] = []
@@ -480,7 +499,7 @@ class L1Model(PointerTableModel):
             if not 0 <= i < len(self.entries):
                 out.append(None)
                 continue
-            colour = FLAG_BYTE if within == 0 else KIND_COLOURS["l2"] if self.offsets[i] else DIM
+            colour = FLAG_BYTE if within == 0 else KIND_COLOURS[ColourKind.L2] if self.offsets[i] else DIM
             out.append(_dim_zero(colour, b))
         return out
 
@@ -507,7 +526,7 @@ def l2_states(img: Image, entries: U64, bitmaps: U64 | None) -> npt.NDArray[np.u
 
 
 class L2Model(TableModel):
-    kind = "l2"
+    kind = ColourKind.L2
 
     def __init__(self, img: Image, l1_index: int, offset: int, owner: int = -1) -> None:
         super().__init__(img)
@@ -639,8 +658,8 @@ class L2Model(TableModel):
 # -- refcounts ---------------------------------------------------------------------------------------
 class RefcountTableModel(PointerTableModel):
     columns = (("#", 7), ("covers host from", 16), ("raw entry", 17), ("block", 12), ("flags", 12))
-    kind = "refcount_table"
-    points_to = "refcount_block"
+    kind = ColourKind.REFCOUNT_TABLE
+    points_to = ColourKind.REFCOUNT_BLOCK
     reserved_mask = C.REFT_RESERVED_MASK
 
     def __init__(self, img: Image) -> None:
@@ -658,12 +677,12 @@ class RefcountTableModel(PointerTableModel):
 
     def target(self, i: int) -> Target:
         off = int(self.offsets[i])
-        return StructRef("refblock", index=i, offset=off) if off else None
+        return StructRef(StructKind.REFCOUNT_BLOCK, index=i, offset=off) if off else None
 
 
 class RefblockModel(TableModel):
     columns = (("#", 7), ("host cluster", 14), ("refcount", 10), ("", 30))
-    kind = "refcount_block"
+    kind = ColourKind.REFCOUNT_BLOCK
 
     def __init__(self, img: Image, index: int, offset: int) -> None:
         super().__init__(img)
@@ -693,7 +712,8 @@ class RefblockModel(TableModel):
         note = "" if i < self.in_file else "past the end of the file"
         if rc > 1:
             note = note or "shared (copy on write)"
-        colour = DIM if rc == 0 else KIND_COLOURS["refcount_block"] if rc == 1 else KIND_COLOURS["snapshot_table"]
+        colour = (DIM if rc == 0 else KIND_COLOURS[ColourKind.REFCOUNT_BLOCK] if rc == 1
+                  else KIND_COLOURS[ColourKind.SNAPSHOT_TABLE])
         return [(str(i), None), (fmt.hexoff(host), None), (str(rc), colour), (note, DIM)]
 
     def span(self, i: int) -> tuple[int, int] | None:
@@ -726,7 +746,7 @@ def vm_clock(nsec: int) -> str:
 class SnapshotTableModel(TableModel):
     columns = (("id", 4), ("name", 14), ("L1 table", 10), ("L1 size", 7), ("date (UTC)", 19), ("vm clock", 12),
                ("vm state", 9))
-    kind = "snapshot_table"
+    kind = ColourKind.SNAPSHOT_TABLE
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -740,7 +760,7 @@ class SnapshotTableModel(TableModel):
 
     def row(self, i: int) -> list[Cell]:
         s = self.snaps[i]
-        return [(for_terminal(s.id_str), None), (for_terminal(s.name), KIND_COLOURS["snapshot_table"]),
+        return [(for_terminal(s.id_str), None), (for_terminal(s.name), KIND_COLOURS[ColourKind.SNAPSHOT_TABLE]),
                 (fmt.hexoff(s.l1_table_offset), None),
                 (str(s.l1_size), None), (utc(s.date_sec), None), (vm_clock(s.vm_clock_nsec), None),
                 (fmt.size(s.vm_state_size), None)]
@@ -757,15 +777,15 @@ class SnapshotTableModel(TableModel):
                 + (f", icount {s.icount}" if s.icount is not None else ""))
 
     def target(self, i: int) -> Target:
-        return StructRef("snapshot_l1", owner=i, offset=self.snaps[i].l1_table_offset)
+        return StructRef(StructKind.SNAPSHOT_L1, owner=i, offset=self.snaps[i].l1_table_offset)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        return entry_colours(off, data, self.snaps, QCOW_SNAPSHOT_HEADER, KIND_COLOURS["snapshot_table"])
+        return entry_colours(off, data, self.snaps, QCOW_SNAPSHOT_HEADER, KIND_COLOURS[ColourKind.SNAPSHOT_TABLE])
 
 
 class BitmapDirectoryModel(TableModel):
     columns = (("name", 16), ("granularity", 11), ("flags", 12), ("table", 10), ("entries", 8), ("entry at", 10))
-    kind = "bitmap_directory"
+    kind = ColourKind.BITMAP_DIRECTORY
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -782,9 +802,10 @@ class BitmapDirectoryModel(TableModel):
     def row(self, i: int) -> list[Cell]:
         b = self.bitmaps[i]
         flags = ",".join(b.flag_names) or "-"
-        return [(for_terminal(b.name), KIND_COLOURS["bitmap_directory"]), (fmt.size(b.granularity), None),
-                (flags, KIND_COLOURS["leaked"] if b.in_use else None), (fmt.hexoff(b.bitmap_table_offset), None),
-                (str(b.bitmap_table_size), None), (fmt.hexoff(b.entry_offset), None)]
+        return [(for_terminal(b.name), KIND_COLOURS[ColourKind.BITMAP_DIRECTORY]), (fmt.size(b.granularity), None),
+                (flags, KIND_COLOURS[ColourKind.LEAKED] if b.in_use else None),
+                (fmt.hexoff(b.bitmap_table_offset), None), (str(b.bitmap_table_size), None),
+                (fmt.hexoff(b.entry_offset), None)]
 
     def span(self, i: int) -> tuple[int, int] | None:
         b = self.bitmaps[i]
@@ -798,15 +819,15 @@ class BitmapDirectoryModel(TableModel):
         return s
 
     def target(self, i: int) -> Target:
-        return StructRef("bitmap_table", index=i, offset=self.bitmaps[i].bitmap_table_offset)
+        return StructRef(StructKind.BITMAP_TABLE, index=i, offset=self.bitmaps[i].bitmap_table_offset)
 
     def byte_colours(self, off: int, data: bytes) -> list[str | None]:
-        return entry_colours(off, data, self.bitmaps, QCOW2_BITMAP_DIR_ENTRY, KIND_COLOURS["bitmap_directory"])
+        return entry_colours(off, data, self.bitmaps, QCOW2_BITMAP_DIR_ENTRY, KIND_COLOURS[ColourKind.BITMAP_DIRECTORY])
 
 
 class BitmapTableModel(TableModel):
     columns = (("#", 6), ("guest from", 14), ("raw entry", 17), ("data cluster", 12), ("content", 16))
-    kind = "bitmap_table"
+    kind = ColourKind.BITMAP_TABLE
 
     def __init__(self, img: Image, index: int) -> None:
         super().__init__(img)
@@ -825,9 +846,9 @@ class BitmapTableModel(TableModel):
         e = int(self.entries[i])
         off = e & C.BME_TABLE_ENTRY_OFFSET_MASK
         if off:
-            content, colour = "stored", KIND_COLOURS["bitmap_data"]
+            content, colour = "stored", KIND_COLOURS[ColourKind.BITMAP_DATA]
         elif e & C.BME_TABLE_ENTRY_FLAG_ALL_ONES:
-            content, colour = "all ones", KIND_COLOURS["bitmap_table"]
+            content, colour = "all ones", KIND_COLOURS[ColourKind.BITMAP_TABLE]
         else:
             content, colour = "all zeros", DIM
         return [(str(i), None), (fmt.hexoff(i * self.per), None), (f"{e:016x}", colour),
@@ -847,7 +868,7 @@ class BitmapTableModel(TableModel):
 
 class LuksModel(TableModel):
     columns = (("field", 16), ("offset", 7), ("value", 60))
-    kind = "luks"
+    kind = ColourKind.LUKS
 
     def __init__(self, img: Image) -> None:
         super().__init__(img)
@@ -893,28 +914,45 @@ class LuksModel(TableModel):
 def model_for(img: Image, ref: StructRef) -> TableModel:
     """The table model of a tree node."""
     k = ref.kind
-    if k == "header":
+    if k is StructKind.HEADER:
         return HeaderModel(img)
-    if k == "extensions":
+    if k is StructKind.EXTENSIONS:
         return ExtensionsModel(img)
-    if k == "backing_name":
+    if k is StructKind.BACKING_NAME:
         return BackingNameModel(img)
-    if k == "l1":
+    if k is StructKind.L1:
         return L1Model(img)
-    if k == "snapshot_l1":
+    if k is StructKind.SNAPSHOT_L1:
         return L1Model(img, owner=ref.owner)
-    if k == "l2":
+    if k is StructKind.L2:
         return L2Model(img, ref.index, ref.offset, ref.owner)
-    if k == "refcount_table":
+    if k is StructKind.REFCOUNT_TABLE:
         return RefcountTableModel(img)
-    if k == "refblock":
+    if k is StructKind.REFCOUNT_BLOCK:
         return RefblockModel(img, ref.index, ref.offset)
-    if k == "snapshot_table":
+    if k is StructKind.SNAPSHOT_TABLE:
         return SnapshotTableModel(img)
-    if k == "bitmap_directory":
+    if k is StructKind.BITMAP_DIRECTORY:
         return BitmapDirectoryModel(img)
-    if k == "bitmap_table":
+    if k is StructKind.BITMAP_TABLE:
         return BitmapTableModel(img, ref.index)
-    if k == "luks":
+    if k is StructKind.LUKS:
         return LuksModel(img)
     raise KeyError(k)
+
+
+def tree_colour_kind(ref: StructRef) -> ColourKind:
+    """The colour a tree node is drawn in (a snapshot's L2 tables in the snapshot colour)."""
+    if ref.kind is StructKind.L2 and ref.owner >= 0:
+        return ColourKind.SNAPSHOT_L2
+    return _TREE_COLOUR_KINDS[ref.kind]
+
+
+_TREE_COLOUR_KINDS = {
+    StructKind.HEADER: ColourKind.HEADER, StructKind.EXTENSIONS: ColourKind.EXTENSION,
+    StructKind.BACKING_NAME: ColourKind.EXTENSION, StructKind.L1: ColourKind.L1,
+    StructKind.SNAPSHOT_L1: ColourKind.SNAPSHOT_L1, StructKind.L2: ColourKind.L2,
+    StructKind.REFCOUNT_TABLE: ColourKind.REFCOUNT_TABLE, StructKind.REFCOUNT_BLOCK: ColourKind.REFCOUNT_BLOCK,
+    StructKind.SNAPSHOT_TABLE: ColourKind.SNAPSHOT_TABLE, StructKind.BITMAP_DIRECTORY: ColourKind.BITMAP_DIRECTORY,
+    StructKind.BITMAP_TABLE: ColourKind.BITMAP_TABLE, StructKind.LUKS: ColourKind.LUKS,
+}

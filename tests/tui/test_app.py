@@ -16,7 +16,7 @@ from qinspect.tui.palette import G
 from qinspect.tui.screens.error import ErrorScreen
 from qinspect.tui.screens.main import MainScreen
 from qinspect.tui.screens.picker import PickerScreen
-from qinspect.tui.structs import L2Model, StructRef
+from qinspect.tui.structs import L2Model, StructKind, StructRef
 from qinspect.tui.views.cache import CacheLabView
 from qinspect.tui.views.guest import GuestMapView
 from qinspect.tui.views.host import HostLayoutView
@@ -183,7 +183,7 @@ async def test_selecting_an_l2_entry_moves_the_map_cursor(samples) -> None:  # t
         assert isinstance(st, StructuresView)
         img = main.session.img
         l2 = int(img.l1_table[0]) & 0x00FFFFFFFFFFFE00
-        st.show_ref(StructRef("l2", index=0, offset=l2, row=16))
+        st.show_ref(StructRef(StructKind.L2, index=0, offset=l2, row=16))
         st.table.focus()
         await pilot.pause()
         await pilot.press("down", "down")
@@ -202,7 +202,7 @@ async def test_structures_tree_expands_l1_into_l2_tables(samples) -> None:  # ty
         assert isinstance(st, StructuresView)
         tree = st.struct_tree
         tree.focus()
-        l1_node = next(n for n in st._walk(tree.root) if n.data is not None and n.data.kind == "l1")
+        l1_node = next(n for n in st._walk(tree.root) if n.data is not None and n.data.kind is StructKind.L1)
         tree.move_cursor(l1_node)
         await pilot.pause()
         assert st.model is not None and st.model.kind == "l1"
@@ -215,7 +215,7 @@ async def test_structures_tree_expands_l1_into_l2_tables(samples) -> None:  # ty
         await pilot.pause()
         assert isinstance(st.model, L2Model)
         # enter on an L1 row drills into its L2 table
-        st.show_ref(StructRef("l1", offset=img.header.l1_table_offset))
+        st.show_ref(StructRef(StructKind.L1, offset=img.header.l1_table_offset))
         st.table.focus()
         await pilot.pause()
         await pilot.press("enter")
@@ -233,7 +233,7 @@ async def test_refcount_block_rows_and_host_link(samples) -> None:  # type: igno
         assert isinstance(st, StructuresView)
         img = main.session.img
         blk = int(img.refcount_table[0]) & ~0x1FF
-        st.show_ref(StructRef("refblock", index=0, offset=blk, row=3))
+        st.show_ref(StructRef(StructKind.REFCOUNT_BLOCK, index=0, offset=blk, row=3))
         st.table.focus()
         await pilot.pause()
         assert st.model is not None
@@ -389,7 +389,7 @@ async def test_command_palette_goes_to_a_snapshot(samples) -> None:  # type: ign
         main = main_screen(app)
         st = main.view("structures")
         assert isinstance(st, StructuresView)
-        assert st.ref is not None and st.ref.kind == "snapshot_l1"
+        assert st.ref is not None and st.ref.kind is StructKind.SNAPSHOT_L1
         assert main.session.img.snapshots[st.ref.owner].name == "second"
 
 

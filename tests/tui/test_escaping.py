@@ -13,7 +13,7 @@ from textual.widgets import Static
 
 from qinspect.tui.app import QInspectApp
 from qinspect.tui.screens.main import MainScreen
-from qinspect.tui.structs import StructRef
+from qinspect.tui.structs import StructKind, StructRef
 from qinspect.tui.views.chain import ChainView
 from qinspect.tui.views.structures import StructuresView
 from qinspect.tui.widgets.table import EntryTable
@@ -53,14 +53,14 @@ async def test_structures_escape_once(image: Path) -> None:
         st = main.view("structures")
         assert isinstance(st, StructuresView)
         h = main.session.img.header
-        st.show_ref(StructRef("header", row=0))  # magic
+        st.show_ref(StructRef(StructKind.HEADER, row=0))  # magic
         st.table.focus()
         await pilot.pause()
         detail = str(st.query_one("#st-detail", Static).render())
         assert detail.startswith("magic:") and detail.endswith("QFI\\xfb"), detail
         shown = table_text(st.table)
         assert "QFI\\xfb" in shown and "QFI\\\\xfb" not in shown
-        st.show_ref(StructRef("snapshot_table", offset=h.snapshots_offset, row=0))
+        st.show_ref(StructRef(StructKind.SNAPSHOT_TABLE, offset=h.snapshots_offset, row=0))
         st.table.focus()
         await pilot.pause()
         detail = str(st.query_one("#st-detail", Static).render())

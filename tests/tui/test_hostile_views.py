@@ -21,7 +21,7 @@ from conftest import CATALOG
 from qinspect.analysis.progress import Cancelled
 from qinspect.qcow2.errors import Qcow2Error
 from qinspect.tui.session import Session
-from qinspect.tui.structs import StructRef, model_for
+from qinspect.tui.structs import StructKind, StructRef, model_for
 from qinspect.tui.views.diagnostics import items_from_core, items_from_diagnosis
 from qinspect.tui.views.host import HostSource
 
@@ -32,26 +32,27 @@ SEED = 11
 def refs_of(s: Session) -> list[StructRef]:
     img = s.img
     h = img.header
-    refs = [StructRef("header"), StructRef("extensions"), StructRef("l1", offset=h.l1_table_offset),
-            StructRef("refcount_table", offset=h.refcount_table_offset)]
+    refs = [StructRef(StructKind.HEADER), StructRef(StructKind.EXTENSIONS),
+            StructRef(StructKind.L1, offset=h.l1_table_offset),
+            StructRef(StructKind.REFCOUNT_TABLE, offset=h.refcount_table_offset)]
     if h.backing_file_offset:
-        refs.append(StructRef("backing_name"))
+        refs.append(StructRef(StructKind.BACKING_NAME))
     offs = (img.l1_table & np.uint64(0x00FFFFFFFFFFFE00)).astype(np.int64)
     for j in np.flatnonzero(offs)[:4]:
-        refs.append(StructRef("l2", index=int(j), offset=int(offs[j])))
+        refs.append(StructRef(StructKind.L2, index=int(j), offset=int(offs[j])))
     rt = (img.refcount_table & np.uint64(0xFFFFFFFFFFFFFE00)).astype(np.int64)
     for i in np.flatnonzero(rt)[:2]:
-        refs.append(StructRef("refblock", index=int(i), offset=int(rt[i])))
+        refs.append(StructRef(StructKind.REFCOUNT_BLOCK, index=int(i), offset=int(rt[i])))
     if img.snapshots:
-        refs.append(StructRef("snapshot_table", offset=h.snapshots_offset))
+        refs.append(StructRef(StructKind.SNAPSHOT_TABLE, offset=h.snapshots_offset))
         for i, sn in enumerate(img.snapshots[:3]):
-            refs.append(StructRef("snapshot_l1", owner=i, offset=sn.l1_table_offset))
+            refs.append(StructRef(StructKind.SNAPSHOT_L1, owner=i, offset=sn.l1_table_offset))
     if h.bitmaps_ext is not None:
-        refs.append(StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset))
+        refs.append(StructRef(StructKind.BITMAP_DIRECTORY, offset=h.bitmaps_ext.bitmap_directory_offset))
         for i, b in enumerate(img.bitmaps[:2]):
-            refs.append(StructRef("bitmap_table", index=i, offset=b.bitmap_table_offset))
+            refs.append(StructRef(StructKind.BITMAP_TABLE, index=i, offset=b.bitmap_table_offset))
     if h.crypto_ext is not None:
-        refs.append(StructRef("luks", offset=h.crypto_ext.offset))
+        refs.append(StructRef(StructKind.LUKS, offset=h.crypto_ext.offset))
     return refs
 
 

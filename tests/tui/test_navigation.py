@@ -20,7 +20,7 @@ import pytest
 from qinspect.tui.app import QInspectApp
 from qinspect.tui.nav import History, Place, breadcrumb
 from qinspect.tui.screens.main import MainScreen
-from qinspect.tui.structs import L2Model
+from qinspect.tui.structs import L2Model, StructKind
 from qinspect.tui.views.diagnostics import DiagnosticsView
 from qinspect.tui.views.guest import GuestMapView
 from qinspect.tui.views.host import HostLayoutView, RefsScreen
@@ -172,13 +172,13 @@ async def test_snapshot_to_its_l1_to_its_l2_table_and_back(images: dict[str, Pat
         assert screen.active_view == "structures"
         st = screen.view("structures")
         assert isinstance(st, StructuresView)
-        assert st.ref is not None and st.ref.kind == "snapshot_l1"
+        assert st.ref is not None and st.ref.kind is StructKind.SNAPSHOT_L1
         await pilot.press("enter")  # L1 entry 0 → its L2 table
         await settle(pilot, app)
         assert isinstance(st.model, L2Model) and st.model.owner == 0
         await pilot.press("backspace")
         await settle(pilot, app)
-        assert st.ref.kind == "snapshot_l1"
+        assert st.ref.kind is StructKind.SNAPSHOT_L1
         await pilot.press("backspace")
         await settle(pilot, app)
         assert screen.active_view == "chain"

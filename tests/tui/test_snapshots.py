@@ -14,7 +14,7 @@ from typing import Any
 
 from qinspect.tui.app import QInspectApp
 from qinspect.tui.screens.main import MainScreen
-from qinspect.tui.structs import StructRef
+from qinspect.tui.structs import StructKind, StructRef
 from qinspect.tui.views.cache import CacheLabView
 from qinspect.tui.views.guest import GuestMapView
 from qinspect.tui.views.structures import StructuresView
@@ -101,7 +101,7 @@ def test_structures_l2_entry(snap_compare: Any, samples: Any) -> None:
         assert isinstance(view, StructuresView)
         img = main.session.img
         l2 = int(img.l1_table[0]) & 0x00FFFFFFFFFFFE00
-        view.show_ref(StructRef("l2", index=0, offset=l2, row=2))
+        view.show_ref(StructRef(StructKind.L2, index=0, offset=l2, row=2))
         view.table.focus()
 
     assert snap_compare(app_for(samples, "extl2_128k", "structures"), terminal_size=SIZE,
@@ -112,7 +112,7 @@ def test_structures_snapshot_table(snap_compare: Any, samples: Any) -> None:
     async def then(pilot: Any, main: MainScreen) -> None:
         view = main.view("structures")
         assert isinstance(view, StructuresView)
-        view.show_ref(StructRef("snapshot_table", offset=main.session.img.header.snapshots_offset, row=1))
+        view.show_ref(StructRef(StructKind.SNAPSHOT_TABLE, offset=main.session.img.header.snapshots_offset, row=1))
         view.table.focus()
 
     assert snap_compare(app_for(samples, "snapshots", "structures"), terminal_size=SIZE, run_before=settled(then))

@@ -13,6 +13,7 @@ from qinspect.analysis.findings.model import Category, Context, ConvertWish, Fin
 from qinspect.analysis.findings.registry import rule
 from qinspect.analysis.layout import Owner
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.hostfile import InUse
 from qinspect.termtext import for_terminal
 
 INVALID_BITMAPS = "invalid subcluster bitmaps"
@@ -34,7 +35,7 @@ def repaired(c: Context) -> dict[str, int | float | str]:
 
 @rule("in-use")
 def in_use(c: Context) -> Finding | None:
-    if c.lock is None:
+    if c.lock is InUse.NO:
         return None
     write = c.write_locked
     return Finding(

@@ -17,6 +17,8 @@ from qinspect.analysis.deep import DeepScan
 from qinspect.analysis.layout import Layout
 from qinspect.analysis.space import Space
 from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.errors import Severity as Severity  # (the one severity vocabulary, re-exported for the rules)
+from qinspect.qcow2.hostfile import InUse
 from qinspect.qcow2.image import Image, Layer
 from qinspect.shellquote import UnsafeArgument, command_line
 from qinspect.units import format_size
@@ -52,22 +54,6 @@ def evidence_unit(key: str, value: int | float | str) -> EvidenceUnit:
     if key.endswith("offset"):
         return EvidenceUnit.OFFSET
     return EvidenceUnit.COUNT
-
-
-class Severity(StrEnum):
-    """error: data at risk or the image does not open; warning: a cost above a stated threshold;
-    info: worth knowing."""
-
-    ERROR = "error"
-    WARNING = "warning"
-    INFO = "info"
-
-    @property
-    def rank(self) -> int:
-        return ("error", "warning", "info").index(self.value)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class Category(StrEnum):
@@ -200,7 +186,7 @@ class Context:
 
     @property
     def write_locked(self) -> bool:
-        return self.lock == "writer"
+        return self.lock is InUse.WRITER
 
     @property
     def file_size(self) -> int:

@@ -394,7 +394,7 @@ class MainScreen(Screen[None]):
 
     def action_export(self) -> None:
         view = self.view()
-        data = {"image": self.session.path, "in-use": (iu.value if (iu := self.session.in_use) else None),
+        data = {"image": self.session.path, "in-use": self.session.in_use.to_json(),
                 **view.export()}
         path = export_path(self.session, view.VIEW_ID or self.active_view)
         try:

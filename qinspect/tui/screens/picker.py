@@ -26,14 +26,14 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.worker import get_current_worker
 
-from qinspect.qcow2.errors import Problem, Qcow2Error
+from qinspect.qcow2.errors import Problem, Qcow2Error, Severity
 from qinspect.qcow2.fields import HEADER_V2_SIZE
 from qinspect.qcow2.header import read_header
 from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.image import resolve_backing_path
 from qinspect.termtext import for_terminal
 from qinspect.tui.fmt import display_name
-from qinspect.tui.palette import DIM, SEVERITY_COLOURS
+from qinspect.tui.palette import DIM, SEVERITY_COLOURS, severity_colour, severity_order, severity_word
 from qinspect.tui.widgets.inputs import SteadyInput
 from qinspect.units import format_size
 
@@ -57,7 +57,8 @@ class Entry:
     backing: str | None = None  # as stored in the header (escaped when shown)
     backing_path: str | None = None  # resolved, relative to the root when inside it
     error: str | None = None
-    worst: str | None = None  # severity of the worst finding, "ok", or None (not diagnosed yet)
+    diagnosed: bool = False
+    worst: Severity | None = None  # severity of the worst finding; None: none (or not diagnosed yet)
     worst_title: str = ""
     depth: int = 0  # in the chain grouping
     children: list[Entry] = field(default_factory=list)
@@ -121,7 +122,6 @@ class SortKey(Enum):
     FINDING = "finding"
 
 
-_SEVERITY_RANK = {"error": 0, "critical": 0, "warning": 1, "info": 2, "ok": 3}
 
 
 def chain_order(entries: list[Entry]) -> list[Entry]:
@@ -168,7 +168,7 @@ def sort_entries(entries: list[Entry], key: SortKey, reverse: bool) -> list[Entr
         SortKey.VIRTUAL: lambda e: -e.virtual_size,
         SortKey.FILE: lambda e: -e.file_size,
         SortKey.DISK: lambda e: -e.disk_usage,
-        SortKey.FINDING: lambda e: (_SEVERITY_RANK.get(e.worst or "", 4), e.path),
+        SortKey.FINDING: lambda e: (severity_order(e.worst) if e.diagnosed else len(Severity) + 1, e.path),
     }
     return sorted(entries, key=keys[key], reverse=reverse)
 
@@ -272,20 +272,21 @@ class PickerScreen(Screen[str | None]):
         for e in list(self.entries):
             if getattr(worker, "is_cancelled", False):
                 return
+            worst: Severity | None
             if e.error is not None:
-                worst, title = "error", e.error
+                worst, title = Severity.ERROR, e.error
             else:
                 try:
                     with open_image(os.path.join(self.root, e.path)) as img:
                         d = diagnose(img, deep=False)
                 except Qcow2Error as err:
-                    worst, title = "error", err.message
+                    worst, title = Severity.ERROR, err.message
                 except (OSError, MemoryError, ValueError) as err:
-                    worst, title = "error", str(err)
+                    worst, title = Severity.ERROR, str(err)
                 else:
-                    worst = d.findings[0].severity if d.findings else "ok"
+                    worst = d.findings[0].severity if d.findings else None
                     title = d.findings[0].title if d.findings else "nothing to report"
-            self.app.call_from_thread(self._diagnosed, e, str(worst), title)
+            self.app.call_from_thread(self._diagnosed, e, worst, title)
 
     def _found(self, batch: list[Entry], seen: int, done: bool) -> None:
         self.entries.extend(batch)
@@ -303,8 +304,8 @@ class PickerScreen(Screen[str | None]):
                 table.move_cursor(row=0)
         self._status()
 
-    def _diagnosed(self, e: Entry, worst: str, title: str) -> None:
-        e.worst, e.worst_title = worst, title
+    def _diagnosed(self, e: Entry, worst: Severity | None, title: str) -> None:
+        e.diagnosed, e.worst, e.worst_title = True, worst, title
         self.diagnosed += 1
         with contextlib.suppress(Exception):  # the row may be filtered out
             self.table.update_cell(e.path, "worst finding", self._worst_cell(e), update_width=True)
@@ -316,10 +317,9 @@ class PickerScreen(Screen[str | None]):
 
     @staticmethod
     def _worst_cell(e: Entry) -> Text:
-        if e.worst is None:
+        if not e.diagnosed:
             return Text("…", Style(color=DIM))
-        colour = SEVERITY_COLOURS.get(e.worst, DIM)
-        t = Text(e.worst.upper() if e.worst != "ok" else "OK", Style(color=colour, bold=True))
+        t = Text(severity_word(e.worst), Style(color=severity_colour(e.worst), bold=True))
         t.append(" " + for_terminal(e.worst_title)[:60], Style(color=DIM))
         return t
 
@@ -327,7 +327,7 @@ class PickerScreen(Screen[str | None]):
         name = Text(("  " * (e.depth - 1) + "└ ") if e.depth else "")
         name.append(for_terminal(e.path))
         if e.error:
-            name.append(" ⚠", Style(color=SEVERITY_COLOURS["error"]))
+            name.append(" ⚠", Style(color=SEVERITY_COLOURS[Severity.ERROR]))
         backing = Text(for_terminal(e.backing) if e.backing else "-", Style(color=DIM if not e.backing else None))
         return [name, Text(format_size(e.virtual_size), justify="right"),
                 Text(format_size(e.file_size), justify="right"), Text(format_size(e.disk_usage), justify="right"),

@@ -19,12 +19,13 @@ from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.messages import ShowStructure
 from qinspect.tui.nav import Place
-from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, KIND_COLOURS, G
+from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, KIND_COLOURS, ColourKind, G
 from qinspect.tui.session import Session, Step
 from qinspect.tui.structs import (
     BitmapDirectoryModel,
     Cell,
     SnapshotTableModel,
+    StructKind,
     StructRef,
     TableModel,
     Target,
@@ -87,9 +88,9 @@ class LayersModel(TableModel):
 
     def target(self, i: int) -> Target:
         if i == 0:
-            return StructRef("header")
+            return StructRef(StructKind.HEADER)
         if i == 1 and self.session.img.header.backing_file_offset:
-            return StructRef("backing_name")
+            return StructRef(StructKind.BACKING_NAME)
         return None
 
 
@@ -131,9 +132,10 @@ class SnapshotsModel(SnapshotTableModel):
         k = self.order[i]
         sn = self.snaps[k]
         fr = self.frees(k)
-        freed = (fmt.size(fr[0]), KIND_COLOURS["snapshot_data"]) if fr is not None else ("…", DIM)
+        freed = (fmt.size(fr[0]), KIND_COLOURS[ColourKind.SNAPSHOT_DATA]) if fr is not None else ("…", DIM)
         disk = (fmt.size(fr[1]), None) if fr is not None else ("…", DIM)
-        return [(for_terminal(sn.id_str), None), (for_terminal(sn.name), KIND_COLOURS["snapshot_table"]), freed, disk,
+        return [(for_terminal(sn.id_str), None), (for_terminal(sn.name), KIND_COLOURS[ColourKind.SNAPSHOT_TABLE]),
+                freed, disk,
                 (utc(sn.date_sec), None), (fmt.size(sn.vm_state_size), None), (fmt.hexoff(sn.l1_table_offset), None)]
 
     def span(self, i: int) -> tuple[int, int] | None:

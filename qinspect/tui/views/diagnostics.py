@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
 from rich.console import Group, RenderableType
@@ -16,35 +17,50 @@ from textual.widget import Widget
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
+from qinspect.qcow2.errors import Severity
 from qinspect.termtext import LIST_LIMIT, for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.messages import FindIn, ShowHost, ShowStructure, ShowView
 from qinspect.tui.nav import Place
-from qinspect.tui.palette import DIM, ERROR, OK, SEVERITY_COLOURS, WARN
+from qinspect.tui.palette import DIM, ERROR, OK, WARN, severity_colour, severity_order, severity_word
 from qinspect.tui.session import Session, Step
-from qinspect.tui.structs import HEADER_FIELDS, StructRef
+from qinspect.tui.structs import HEADER_FIELDS, StructKind, StructRef
 from qinspect.tui.views.base import View
 
 if TYPE_CHECKING:
     from qinspect.analysis.diagnose import Diagnosis
+    from qinspect.analysis.findings.model import Fix
 
-SEVERITY_ORDER = {"critical": 0, "error": 1, "warning": 2, "info": 3, "ok": 4}
+class EvidenceIn(Enum):
+    """Where a finding's evidence is shown."""
 
-# Where a finding's evidence is: a search in a map view, a structure, or a view. The header rows
-# are those of the Structures view's header table (field order of the qcow2 header).
+    HOST_MAP = "host"
+    """A search in the host layout (the value is the view's id)."""
+    GUEST_MAP = "guest"
+    """A search in the guest map (the value is the view's id)."""
+    VIEW = "view"
+    """A whole view (named beside it)."""
+    HEADER_FIELD = "header"
+    """A field of the header, in the Structures view."""
+
+
+# Each finding's evidence: a search in a map view, a header field or a view. The header rows are
+# those of the Structures view's header table (field order of the qcow2 header).
 _HEADER_ROW = {f[0]: row for row, f in enumerate(HEADER_FIELDS)}
-EVIDENCE: dict[str, tuple[str, str]] = {
-    "leaked-clusters": ("host", "leaked"), "check-leaks": ("host", "leaked"),
-    "free-space": ("host", "free"), "fragmentation": ("host", "data"), "fragmented": ("host", "data"),
-    "scattered-metadata": ("host", "L2 table"), "zero-clusters": ("guest", "zero"),
-    "backing-duplicates": ("guest", "backing"), "preallocated-unused": ("guest", "zero"),
-    "compressed": ("guest", "compressed"),
-    "snapshot-space": ("view", "chain"), "long-chain": ("view", "chain"), "backing-missing": ("view", "chain"),
-    "l2-cache-coverage": ("view", "cache"), "l2-cache": ("view", "cache"),
-    "dirty": ("header", "incompatible_features"), "corrupt-bit": ("header", "incompatible_features"),
-    "small-clusters": ("header", "cluster_bits"), "cow-amplification": ("header", "cluster_bits"),
-    "v2-no-zero": ("header", "version"), "narrow-refcount": ("header", "refcount_order"),
-    "problem": ("header", "version"),
+EVIDENCE: dict[str, tuple[EvidenceIn, str]] = {
+    "leaked-clusters": (EvidenceIn.HOST_MAP, "leaked"), "check-leaks": (EvidenceIn.HOST_MAP, "leaked"),
+    "free-space": (EvidenceIn.HOST_MAP, "free"), "fragmentation": (EvidenceIn.HOST_MAP, "data"),
+    "fragmented": (EvidenceIn.HOST_MAP, "data"), "scattered-metadata": (EvidenceIn.HOST_MAP, "L2 table"),
+    "zero-clusters": (EvidenceIn.GUEST_MAP, "zero"), "backing-duplicates": (EvidenceIn.GUEST_MAP, "backing"),
+    "preallocated-unused": (EvidenceIn.GUEST_MAP, "zero"), "compressed": (EvidenceIn.GUEST_MAP, "compressed"),
+    "snapshot-space": (EvidenceIn.VIEW, "chain"), "long-chain": (EvidenceIn.VIEW, "chain"),
+    "backing-missing": (EvidenceIn.VIEW, "chain"), "l2-cache-coverage": (EvidenceIn.VIEW, "cache"),
+    "l2-cache": (EvidenceIn.VIEW, "cache"), "dirty": (EvidenceIn.HEADER_FIELD, "incompatible_features"),
+    "corrupt-bit": (EvidenceIn.HEADER_FIELD, "incompatible_features"),
+    "small-clusters": (EvidenceIn.HEADER_FIELD, "cluster_bits"),
+    "cow-amplification": (EvidenceIn.HEADER_FIELD, "cluster_bits"),
+    "v2-no-zero": (EvidenceIn.HEADER_FIELD, "version"),
+    "narrow-refcount": (EvidenceIn.HEADER_FIELD, "refcount_order"), "problem": (EvidenceIn.HEADER_FIELD, "version"),
 }
 
 
@@ -53,24 +69,17 @@ class Item:
     """A finding as the view shows it (from `diagnose`, or from what the core can tell)."""
 
     id: str
-    severity: str
+    severity: Severity | None
+    """None: the verdict that nothing was found (shown as OK)."""
     title: str
     evidence: str = ""
     impact: str = ""
     fix: str = ""
 
 
-def severity_name(sev: object) -> str:
-    """A severity (an enum member or its string) as the lower-case word the palette knows."""
-    return str(getattr(sev, "value", getattr(sev, "name", sev))).lower()
-
-
-def fix_command(fix: object) -> str:
-    """The command of a fix (a string, or an object with a `command`; None when it has none)."""
-    if isinstance(fix, str):
-        return fix
-    command = getattr(fix, "command", None)
-    return command if isinstance(command, str) else ""
+def fix_command(fix: Fix | None) -> str:
+    """The command of a finding's fix ("" when it has none, or when it is blocked)."""
+    return (fix.command or "") if fix is not None else ""
 
 
 def _text(v: object) -> str:
@@ -102,7 +111,7 @@ def items_from_diagnosis(diag: Diagnosis, s: Session) -> list[Item]:
     """The findings of `diagnose`, every string escaped for the terminal (names come from the file)."""
     out = []
     for f in diag.findings:
-        out.append(Item(f.id, severity_name(f.severity), s.clean(f.title), s.clean(_text(f.evidence), True),
+        out.append(Item(f.id, f.severity, s.clean(f.title), s.clean(_text(f.evidence), True),
                         s.clean(_text(f.impact), True), s.clean(fix_command(f.fix), True)))
     return out
 
@@ -126,35 +135,38 @@ def items_from_core(s: Session) -> list[Item]:
         else s.path
     for p in img.problems:
         where = f"{p.structure} at offset {p.offset}" if p.offset is not None else p.structure
-        out.append(Item("problem", p.severity.value, s.clean(p.message), for_terminal(where),
+        out.append(Item("problem", p.severity, s.clean(p.message), for_terminal(where),
                         "QEMU refuses to open the image" if p.qemu_refuses_open else ""))
     if s.chain_error:
-        out.append(Item("backing-missing", "error", "the backing chain cannot be opened", s.chain_error,
+        out.append(Item("backing-missing", Severity.ERROR, "the backing chain cannot be opened", s.chain_error,
                         "guest reads of unallocated clusters fail",
                         cmd("qemu-img", "rebase", "-u", "-b", "NEW_BACKING", "-F", "qcow2", path)))
     if h.corrupt:
-        out.append(Item("corrupt-bit", "error", "the corrupt bit is set", "incompatible feature bit 1",
+        out.append(Item("corrupt-bit", Severity.ERROR, "the corrupt bit is set", "incompatible feature bit 1",
                         "QEMU opens the image read-only only", cmd("qemu-img", "check", "-r", "all", path)))
     if h.dirty:
-        out.append(Item("dirty", "warning", "the dirty bit is set (lazy refcounts, not closed cleanly)",
+        out.append(Item("dirty", Severity.WARNING, "the dirty bit is set (lazy refcounts, not closed cleanly)",
                         "incompatible feature bit 0", "the next read/write open rebuilds every refcount first",
                         cmd("qemu-img", "check", "-r", "all", path)))
     chk = s.check
     if chk is not None:
+        from qinspect.analysis.check import MessageKind  # (numpy-heavy: not at start-up)
+
         if chk.corruptions:
-            msgs = [m.text for m in chk.messages if m.kind == "error"][:8]
-            out.append(Item("check-corruptions", "error", f"{chk.corruptions} corruptions (qemu-img check)",
+            msgs = [m.text for m in chk.messages if m.kind is MessageKind.ERROR][:8]
+            out.append(Item("check-corruptions", Severity.ERROR, f"{chk.corruptions} corruptions (qemu-img check)",
                             "\n".join(msgs), "reads or writes may fail or return wrong data",
                             cmd("cp", path, path + ".bak") + " && " + cmd("qemu-img", "check", "-r", "all", path)))
         if chk.leaks:
-            out.append(Item("check-leaks", "warning", f"{chk.leaks} leaked clusters",
+            out.append(Item("check-leaks", Severity.WARNING, f"{chk.leaks} leaked clusters",
                             f"{chk.leaks} clusters have a refcount but nothing points at them",
                             f"{fmt.size(chk.leaks * h.cluster_size)} of the file are wasted",
                             cmd("qemu-img", "check", "-r", "leaks", path)))
         if chk.fragmented_clusters and chk.allocated_clusters:
             share = chk.fragmented_clusters / chk.allocated_clusters
             if share > 0.25:
-                out.append(Item("fragmented", "info", f"{share * 100:.0f}% of the allocated clusters are fragmented",
+                out.append(Item("fragmented", Severity.INFO,
+                                f"{share * 100:.0f}% of the allocated clusters are fragmented",
                                 f"{chk.fragmented_clusters} of {chk.allocated_clusters} clusters",
                                 "sequential guest reads become random host reads",
                                 cmd("qemu-img", "convert", "-O", "qcow2", path, path + ".new")))
@@ -163,7 +175,7 @@ def items_from_core(s: Session) -> list[Item]:
     try:
         m = cache_model(h.size, h.cluster_size, h.extended_l2, h.refcount_bits)
         if m.default_coverage < 1:
-            out.append(Item("l2-cache", "warning",
+            out.append(Item("l2-cache", Severity.WARNING,
                             f"QEMU's default L2 cache covers only {m.default_coverage * 100:.0f}% of the disk",
                             f"{fmt.size(m.default_l2_cache_size)} default, {fmt.size(m.max_l2_cache)} needed",
                             "random I/O outside the cached part re-reads L2 tables",
@@ -172,7 +184,7 @@ def items_from_core(s: Session) -> list[Item]:
     except ValueError:
         pass
     if not out:
-        out.append(Item("ok", "ok", "nothing wrong found", "header, tables and refcounts are consistent"))
+        out.append(Item("ok", None, "nothing wrong found", "header, tables and refcounts are consistent"))
     return out
 
 
@@ -250,15 +262,15 @@ evidence (numbers), its impact and the command that fixes it.
     def rebuild(self) -> None:
         s = self.session
         items = items_from_diagnosis(s.diagnosis, s) if s.diagnosis is not None else items_from_core(s)
-        items.sort(key=lambda it: SEVERITY_ORDER.get(it.severity, 5))
+        items.sort(key=lambda it: severity_order(it.severity))
         self.items = items
         ol = self.query_one(OptionList)
         highlighted = ol.highlighted
         ol.clear_options()
         for i, it in enumerate(items):
             t = Text(no_wrap=True, overflow="ellipsis")
-            colour = SEVERITY_COLOURS.get(it.severity, DIM)
-            t.append(f"{it.severity.upper():<8}", Style(color=colour, bold=True))
+            colour = severity_colour(it.severity)
+            t.append(f"{severity_word(it.severity):<8}", Style(color=colour, bold=True))
             t.append(it.title)
             ol.add_option(Option(t, id=f"f{i}"))
         self.query_one("#dg-status", Static).update(self._status())
@@ -270,10 +282,10 @@ evidence (numbers), its impact and the command that fixes it.
         if not 0 <= i < len(self.items):
             return
         it = self.items[i]
-        colour = SEVERITY_COLOURS.get(it.severity, DIM)
+        colour = severity_colour(it.severity)
         parts: list[RenderableType] = []
         head = Text()
-        head.append(f" {it.severity.upper()} ", Style(bgcolor=colour, color="#000000", bold=True))
+        head.append(f" {severity_word(it.severity)} ", Style(bgcolor=colour, color="#000000", bold=True))
         head.append(f" {it.title}", Style(bold=True))
         parts.append(head)
         if it.id:
@@ -283,8 +295,10 @@ evidence (numbers), its impact and the command that fixes it.
         if it.id in EVIDENCE:
             parts.append(Text("enter: show the evidence", Style(color=DIM, italic=True)))
         if chk is not None and it.id in ("corruption", "leaked-clusters", "check-corruptions", "check-leaks"):
-            kind = "leak" if "leak" in it.id else "error"
-            msgs = [m.text for m in chk.messages if m.kind == kind][:12]
+            from qinspect.analysis.check import MessageKind
+
+            kind = MessageKind.LEAK if "leak" in it.id else MessageKind.ERROR
+            msgs = [m.text for m in chk.messages if m.kind is kind][:12]
             if msgs:
                 evidence = (evidence + "\n" if evidence else "") + "qemu-img check says:\n" + "\n".join(
                     f"  {self.session.clean(m)}" for m in msgs)
@@ -328,12 +342,12 @@ evidence (numbers), its impact and the command that fixes it.
             self.notify("this finding has no evidence to show in another view", timeout=3)
             return
         kind, what = where
-        if kind == "view":
+        if kind is EvidenceIn.VIEW:
             self.post_message(ShowView(what))
-        elif kind == "header":
-            self.post_message(ShowStructure(StructRef("header", row=_HEADER_ROW[what])))
+        elif kind is EvidenceIn.HEADER_FIELD:
+            self.post_message(ShowStructure(StructRef(StructKind.HEADER, row=_HEADER_ROW[what])))
         else:
-            self.post_message(FindIn(kind, what))
+            self.post_message(FindIn(kind.value, what))
 
     def first_mismatch(self) -> int | None:
         """The first host cluster whose stored refcount differs from the references counted."""
@@ -368,7 +382,7 @@ evidence (numbers), its impact and the command that fixes it.
 
     def export(self) -> dict[str, object]:
         return {"view": self.VIEW_ID, "findings": [
-            {"id": it.id, "severity": it.severity, "title": it.title, "evidence": it.evidence,
+            {"id": it.id, "severity": it.severity or "ok", "title": it.title, "evidence": it.evidence,
              "impact": it.impact, "fix": it.fix} for it in self.items]}
 
     def find(self, text: str, forward: bool = True) -> str | None:

@@ -27,6 +27,7 @@ from qinspect.tui.palette import (
     GUEST_COLOURS,
     GUEST_LETTERS,
     KIND_COLOURS,
+    ColourKind,
     G,
     PaletteState,
     backing_state,
@@ -35,7 +36,7 @@ from qinspect.tui.palette import (
 )
 from qinspect.tui.search import Searcher, parse_query
 from qinspect.tui.session import Session, Step
-from qinspect.tui.structs import StructRef
+from qinspect.tui.structs import StructKind, StructRef
 from qinspect.tui.views.gridview import GridView, kv, rule
 from qinspect.tui.widgets.grid import ClusterGrid
 
@@ -248,7 +249,7 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
         parts.append(Text())
         parts.append(rule(f"L1 entry {lk.l1_index}"))
         parts.append(kv("at", fmt.hexoff(lk.l1_entry_offset)))
-        parts.append(kv("raw", Text(f"{lk.l1_entry:016x}", Style(color=KIND_COLOURS["l1"]))))
+        parts.append(kv("raw", Text(f"{lk.l1_entry:016x}", Style(color=KIND_COLOURS[ColourKind.L1]))))
         if lk.l2_offset:
             dec = f"L2 table at {fmt.hexoff(lk.l2_offset)}"
             if lk.l1_entry & C.QCOW_OFLAG_COPIED:
@@ -332,10 +333,10 @@ how full the cell is: `█` all allocated, `▓` ≥ ½, `▒` ≥ ⅛, `░` le
             self.notify(str(e), severity="error", markup=False)
             return
         if lk.l2_offset:
-            self.post_message(ShowStructure(StructRef("l2", index=lk.l1_index, offset=lk.l2_offset,
+            self.post_message(ShowStructure(StructRef(StructKind.L2, index=lk.l1_index, offset=lk.l2_offset,
                                                       row=lk.l2_index)))
         else:
-            self.post_message(ShowStructure(StructRef("l1", offset=h.l1_table_offset, row=lk.l1_index)))
+            self.post_message(ShowStructure(StructRef(StructKind.L1, offset=h.l1_table_offset, row=lk.l1_index)))
 
     def on_cluster_grid_need_data(self, event: ClusterGrid.NeedData) -> None:
         event.stop()

@@ -15,7 +15,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from qinspect.analysis.layout import Owner, Reference
+from qinspect.analysis.layout import Owner, Reference, ReferenceKind
 from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.flow import Flow
@@ -23,9 +23,9 @@ from qinspect.tui.follow import fresh_host_clusters
 from qinspect.tui.guestmap import GL_DARK, GL_EMPTY, GL_FULL, GL_LIGHT, GL_MEDIUM, GL_UNKNOWN
 from qinspect.tui.messages import ShowGuest, ShowStructure
 from qinspect.tui.nav import Place
-from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, WARN, kind_colour, swatch
+from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, WARN, ColourKind, kind_colour, swatch
 from qinspect.tui.session import Session, Step
-from qinspect.tui.structs import HEADER_FIELDS, StructRef
+from qinspect.tui.structs import HEADER_FIELDS, StructKind, StructRef
 from qinspect.tui.views.gridview import GridView, kv, rule
 from qinspect.tui.widgets.grid import ClusterGrid
 
@@ -67,7 +67,7 @@ class HostSource:
 
     def colour(self, code: int) -> str:
         if code == UNKNOWN_CODE or self.layout is None:
-            return KIND_COLOURS["unknown"]
+            return KIND_COLOURS[ColourKind.UNKNOWN]
         return kind_colour(Owner(code).name)
 
     def letter(self, code: int) -> str:
@@ -140,17 +140,13 @@ def ref_text(r: Reference, cs: int) -> Text:
     where = r.entry_file_offset
     snap = for_terminal(r.snapshot) if r.snapshot else None
     guest = r.guest_offset
-    names = {"l2-entry": "L2 entry", "l1-entry": "L1 entry", "header-field": "header field",
-             "snapshot-table-entry": "snapshot table entry", "refcount-table-entry": "refcount table entry",
-             "header-extension": "header extension", "bitmap-directory-entry": "bitmap directory entry",
-             "bitmap-table-entry": "bitmap table entry"}
-    t.append(f"{names.get(kind, kind)} {idx}" if kind != "header-field" else "header field", Style(bold=True))
+    t.append(f"{kind.label} {idx}" if kind is not ReferenceKind.HEADER_FIELD else kind.label, Style(bold=True))
     t.append(f" @{fmt.hexoff(where)}", Style(color=DIM))
     if snap:
-        t.append(f" (snapshot {snap})", Style(color=KIND_COLOURS["snapshot_table"]))
-    if guest is not None and kind == "l2-entry":
+        t.append(f" (snapshot {snap})", Style(color=KIND_COLOURS[ColourKind.SNAPSHOT_TABLE]))
+    if guest is not None and kind is ReferenceKind.L2_ENTRY:
         t.append(f"\n    → guest {fmt.hexoff(guest)}")
-    elif guest is not None and kind == "l1-entry":
+    elif guest is not None and kind is ReferenceKind.L1_ENTRY:
         t.append(f"\n    → guest from {fmt.hexoff(guest)}")
     return t
 
@@ -333,7 +329,7 @@ fragmentation are visible at a glance.
         elif refs:
             self.follow(refs[0], off)
         elif lay.owner_at(off) == Owner.HEADER:
-            self.post_message(ShowStructure(StructRef("header")))
+            self.post_message(ShowStructure(StructRef(StructKind.HEADER)))
         else:
             self.notify("nothing points at this cluster", timeout=3)
 
@@ -367,28 +363,30 @@ fragmentation are visible at a glance.
         links on to the guest map)."""
         img = self.session.img
         h = img.header
-        if r.kind == "l2-entry":
+        if r.kind is ReferenceKind.L2_ENTRY:
             owner = next((i for i, sn in enumerate(img.snapshots) if sn.id_str == r.snapshot), -1)
-            return StructRef("l2", index=(r.guest_offset or 0) // (h.l2_size * h.cluster_size),
+            return StructRef(StructKind.L2, index=(r.guest_offset or 0) // (h.l2_size * h.cluster_size),
                              offset=r.table_offset, owner=owner, row=r.entry_index)
-        if r.kind == "l1-entry":
+        if r.kind is ReferenceKind.L1_ENTRY:
             owner = next((i for i, sn in enumerate(img.snapshots) if sn.id_str == r.snapshot), -1)
-            return StructRef("snapshot_l1" if owner >= 0 else "l1", owner=owner, offset=r.table_offset,
+            kind = StructKind.SNAPSHOT_L1 if owner >= 0 else StructKind.L1
+            return StructRef(kind, owner=owner, offset=r.table_offset,
                              row=r.entry_index)
-        if r.kind == "refcount-table-entry":
-            return StructRef("refcount_table", offset=h.refcount_table_offset, row=r.entry_index)
-        if r.kind == "snapshot-table-entry":
-            return StructRef("snapshot_table", offset=h.snapshots_offset, row=r.entry_index)
-        if r.kind == "bitmap-directory-entry" and h.bitmaps_ext is not None:
-            return StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset, row=r.entry_index)
-        if r.kind == "bitmap-table-entry":
+        if r.kind is ReferenceKind.REFCOUNT_TABLE_ENTRY:
+            return StructRef(StructKind.REFCOUNT_TABLE, offset=h.refcount_table_offset, row=r.entry_index)
+        if r.kind is ReferenceKind.SNAPSHOT_TABLE_ENTRY:
+            return StructRef(StructKind.SNAPSHOT_TABLE, offset=h.snapshots_offset, row=r.entry_index)
+        if r.kind is ReferenceKind.BITMAP_DIRECTORY_ENTRY and h.bitmaps_ext is not None:
+            return StructRef(StructKind.BITMAP_DIRECTORY, offset=h.bitmaps_ext.bitmap_directory_offset,
+                             row=r.entry_index)
+        if r.kind is ReferenceKind.BITMAP_TABLE_ENTRY:
             bi = next((i for i, b in enumerate(img.bitmaps) if b.bitmap_table_offset == r.table_offset), 0)
-            return StructRef("bitmap_table", index=bi, offset=r.table_offset, row=r.entry_index)
-        if r.kind == "header-extension" and h.crypto_ext is not None:
-            return StructRef("luks", offset=h.crypto_ext.offset)
-        if r.kind == "header-field":
+            return StructRef(StructKind.BITMAP_TABLE, index=bi, offset=r.table_offset, row=r.entry_index)
+        if r.kind is ReferenceKind.HEADER_EXTENSION and h.crypto_ext is not None:
+            return StructRef(StructKind.LUKS, offset=h.crypto_ext.offset)
+        if r.kind is ReferenceKind.HEADER_FIELD:
             rows = {f[1]: row for row, f in enumerate(HEADER_FIELDS)}  # the header table's row of the field
-            return StructRef("header", row=rows.get(r.entry_file_offset, 0))
+            return StructRef(StructKind.HEADER, row=rows.get(r.entry_file_offset, 0))
         return None
 
     def follow(self, r: Reference, off: int) -> None:

@@ -17,7 +17,17 @@ from qinspect.qcow2 import constants as C
 from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.flow import Flow
-from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, SEVERITY_COLOURS, WARN, G, kind_colour
+from qinspect.tui.palette import (
+    DIM,
+    ERROR,
+    GUEST_COLOURS,
+    WARN,
+    G,
+    kind_colour,
+    severity_colour,
+    severity_order,
+    severity_word,
+)
 from qinspect.tui.session import Step
 from qinspect.tui.views.base import View
 from qinspect.tui.widgets.guestvolumes import GuestVolumes
@@ -343,19 +353,20 @@ as the scans finish (`esc` cancels them, `r` resumes).
         return Group(head, SpaceBar(parts, size), legend, *extra)
 
     def _findings(self) -> RenderableType:
-        from qinspect.tui.views.diagnostics import SEVERITY_ORDER, items_from_core, items_from_diagnosis
+        from qinspect.tui.views.diagnostics import items_from_core, items_from_diagnosis
 
         s = self.session
         items = items_from_diagnosis(s.diagnosis, s) if s.diagnosis is not None else items_from_core(s)
-        items.sort(key=lambda it: SEVERITY_ORDER.get(it.severity, 5))
+        items.sort(key=lambda it: severity_order(it.severity))
         t = Table.grid(padding=(0, 1))
         t.add_column(no_wrap=True)
         t.add_column()
         for it in items[:6]:
-            colour = SEVERITY_COLOURS.get(it.severity, DIM)
-            t.add_row(Text(it.severity.upper(), Style(color=colour, bold=True)), Text(it.title))
+            t.add_row(Text(severity_word(it.severity), Style(color=severity_colour(it.severity), bold=True)),
+                      Text(it.title))
         if not items:
-            t.add_row(Text("OK", Style(color=SEVERITY_COLOURS["ok"], bold=True)), Text("nothing to report"))
+            t.add_row(Text(severity_word(None), Style(color=severity_colour(None), bold=True)),
+                      Text("nothing to report"))
         parts: list[RenderableType] = [title("Top findings"), t]
         if len(items) > 6:
             parts.append(Text(f"… {len(items) - 6} more in view 6", Style(color=DIM)))

@@ -22,16 +22,18 @@ from qinspect.termtext import for_terminal
 from qinspect.tui import fmt
 from qinspect.tui.messages import ShowGuest, ShowHost, ShowStructure
 from qinspect.tui.nav import Place
-from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS
+from qinspect.tui.palette import DIM, ERROR, KIND_COLOURS, ColourKind
 from qinspect.tui.session import Session
 from qinspect.tui.structs import (
     GuestTarget,
     HostTarget,
     L2Model,
+    StructKind,
     StructRef,
     TableModel,
     model_for,
     quoted,
+    tree_colour_kind,
 )
 from qinspect.tui.views.base import View
 from qinspect.tui.widgets.hexview import HexView
@@ -40,9 +42,10 @@ from qinspect.tui.widgets.table import EntryTable
 MAX_CHILDREN = 4096
 
 
-def _label(text: str, kind: str, extra: str = "") -> Text:
+def _label(text: str, ref: StructRef, extra: str = "") -> Text:
+    """A tree node's label, with a swatch of the colour of the structure `ref` names."""
     t = Text()
-    t.append("■ ", Style(color=KIND_COLOURS.get(kind, KIND_COLOURS["unknown"])))
+    t.append("■ ", Style(color=KIND_COLOURS.get(tree_colour_kind(ref), KIND_COLOURS[ColourKind.UNKNOWN])))
     t.append(text)  # display text (callers escape names from the file), and a Text: never markup
     if extra:
         t.append(f" {extra}", Style(color=DIM))
@@ -115,7 +118,7 @@ class StructuresView(View):
 
     def compose(self) -> ComposeResult:
         with Horizontal():
-            yield StructureTree(_label(self.session.name, "header"), id="st-tree")
+            yield StructureTree(_label(self.session.name, StructRef(StructKind.HEADER)), id="st-tree")
             with Vertical(id="st-right"):
                 yield Static("", id="st-title")
                 yield EntryTable(id="st-table")
@@ -136,49 +139,51 @@ class StructuresView(View):
     def on_mount(self) -> None:
         self._build_tree()
         self.struct_tree.root.expand()
-        self.show_ref(StructRef("header"))
+        self.show_ref(StructRef(StructKind.HEADER))
 
     # -- the tree ---------------------------------------------------------------------------------------
     def _build_tree(self) -> None:
         img = self.session.img
         h = img.header
         root = self.struct_tree.root
-        root.data = StructRef("header")
-        root.add_leaf(_label("Header", "header", f"{HEADER_V2_SIZE if h.version == 2 else h.header_length} B"),
-                      data=StructRef("header"))
-        exts = root.add(_label("Header extensions", "extension", f"{len(h.extensions)}"),
-                        data=StructRef("extensions"))
+        root.data = StructRef(StructKind.HEADER)
+        ref = StructRef(StructKind.HEADER)
+        root.add_leaf(_label("Header", ref, f"{HEADER_V2_SIZE if h.version == 2 else h.header_length} B"), data=ref)
+        ref = StructRef(StructKind.EXTENSIONS)
+        exts = root.add(_label("Header extensions", ref, f"{len(h.extensions)}"), data=ref)
         for i, e in enumerate(h.extensions):
-            exts.add_leaf(_label(e.name, "extension", f"@{e.offset}"), data=StructRef("extensions", row=i))
+            ref = StructRef(StructKind.EXTENSIONS, row=i)
+            exts.add_leaf(_label(e.name, ref, f"@{e.offset}"), data=ref)
         if h.backing_file_offset:
-            root.add_leaf(_label("Backing file name", "extension", quoted(h.backing_file)),
-                          data=StructRef("backing_name"))
+            ref = StructRef(StructKind.BACKING_NAME)
+            root.add_leaf(_label("Backing file name", ref, quoted(h.backing_file)), data=ref)
         n_l2 = int(np.count_nonzero(img.l1_table & np.uint64(C.L1E_OFFSET_MASK)))
-        root.add(_label("L1 table", "l1", f"{h.l1_size} → {n_l2} L2"),
-                 data=StructRef("l1", offset=h.l1_table_offset), allow_expand=n_l2 > 0)
+        ref = StructRef(StructKind.L1, offset=h.l1_table_offset)
+        root.add(_label("L1 table", ref, f"{h.l1_size} → {n_l2} L2"), data=ref, allow_expand=n_l2 > 0)
         rt = img.refcount_table
         n_rb = int(np.count_nonzero(rt & np.uint64(C.REFT_OFFSET_MASK)))
-        root.add(_label("Refcount table", "refcount_table", f"→ {n_rb} block{'s' if n_rb != 1 else ''}"),
-                 data=StructRef("refcount_table", offset=h.refcount_table_offset), allow_expand=n_rb > 0)
+        ref = StructRef(StructKind.REFCOUNT_TABLE, offset=h.refcount_table_offset)
+        root.add(_label("Refcount table", ref, f"→ {n_rb} block{'s' if n_rb != 1 else ''}"), data=ref,
+                 allow_expand=n_rb > 0)
         if img.snapshots:
-            snaps = root.add(_label("Snapshot table", "snapshot_table", f"{len(img.snapshots)}"),
-                             data=StructRef("snapshot_table", offset=h.snapshots_offset))
+            ref = StructRef(StructKind.SNAPSHOT_TABLE, offset=h.snapshots_offset)
+            snaps = root.add(_label("Snapshot table", ref, f"{len(img.snapshots)}"), data=ref)
             # At most MAX_CHILDREN nodes (a hostile table lists 65,536 snapshots: a tree node each
             # would hold tens of MiB); the snapshot table's entry table lists them all, lazily.
             for i, sn in enumerate(img.snapshots[:MAX_CHILDREN]):
-                snaps.add(_label(f"snapshot {for_terminal(sn.id_str)}", "snapshot_l1", quoted(sn.name)),
-                          data=StructRef("snapshot_l1", owner=i, offset=sn.l1_table_offset))
+                ref = StructRef(StructKind.SNAPSHOT_L1, owner=i, offset=sn.l1_table_offset)
+                snaps.add(_label(f"snapshot {for_terminal(sn.id_str)}", ref, quoted(sn.name)), data=ref)
             _more(snaps, len(img.snapshots), "enter on a row of the snapshot table")
         if h.bitmaps_ext is not None:
-            bms = root.add(_label("Bitmap directory", "bitmap_directory", f"{len(img.bitmaps)}"),
-                           data=StructRef("bitmap_directory", offset=h.bitmaps_ext.bitmap_directory_offset))
+            ref = StructRef(StructKind.BITMAP_DIRECTORY, offset=h.bitmaps_ext.bitmap_directory_offset)
+            bms = root.add(_label("Bitmap directory", ref, f"{len(img.bitmaps)}"), data=ref)
             for i, b in enumerate(img.bitmaps[:MAX_CHILDREN]):
-                bms.add_leaf(_label(f"bitmap {quoted(b.name)}", "bitmap_table", f"{b.bitmap_table_size} entries"),
-                             data=StructRef("bitmap_table", index=i, offset=b.bitmap_table_offset))
+                ref = StructRef(StructKind.BITMAP_TABLE, index=i, offset=b.bitmap_table_offset)
+                bms.add_leaf(_label(f"bitmap {quoted(b.name)}", ref, f"{b.bitmap_table_size} entries"), data=ref)
             _more(bms, len(img.bitmaps), "enter on a row of the bitmap directory")
         if h.crypto_ext is not None:
-            root.add_leaf(_label("LUKS header", "luks", fmt.size(h.crypto_ext.length)),
-                          data=StructRef("luks", offset=h.crypto_ext.offset))
+            ref = StructRef(StructKind.LUKS, offset=h.crypto_ext.offset)
+            root.add_leaf(_label("LUKS header", ref, fmt.size(h.crypto_ext.length)), data=ref)
 
     def _populate(self, node: TreeNode[StructRef]) -> None:
         """Add the children of a lazy node (L2 tables, refcount blocks) on first expansion."""
@@ -186,28 +191,23 @@ class StructuresView(View):
             return
         ref = node.data
         img = self.session.img
-        if ref.kind in ("l1", "snapshot_l1"):
-            if ref.kind == "l1":
-                table = img.l1_table
-                kind = "l2"
-            else:
-                table = img.snapshot_l1_table(ref.owner, pad=True)
-                kind = "snapshot_l2"
+        if ref.kind in (StructKind.L1, StructKind.SNAPSHOT_L1):
+            table = img.l1_table if ref.kind is StructKind.L1 else img.snapshot_l1_table(ref.owner, pad=True)
             offs = (table & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
             idx = np.flatnonzero(offs)
             for j in idx[:MAX_CHILDREN]:
                 j = int(j)
-                node.add_leaf(_label(f"L2 table {j}", kind, f"@{fmt.hexoff(int(offs[j]))}"),
-                              data=StructRef("l2", index=j, offset=int(offs[j]), owner=ref.owner))
+                child = StructRef(StructKind.L2, index=j, offset=int(offs[j]), owner=ref.owner)
+                node.add_leaf(_label(f"L2 table {j}", child, f"@{fmt.hexoff(int(offs[j]))}"), data=child)
             if len(idx) > MAX_CHILDREN:
                 node.add_leaf(Text(f"… {len(idx) - MAX_CHILDREN} more (ctrl+p: go to L2 table N)", Style(color=DIM)))
-        elif ref.kind == "refcount_table":
+        elif ref.kind is StructKind.REFCOUNT_TABLE:
             offs = (img.refcount_table & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64)
             idx = np.flatnonzero(offs)
             for i in idx[:MAX_CHILDREN]:
                 i = int(i)
-                node.add_leaf(_label(f"Refcount block {i}", "refcount_block", f"@{fmt.hexoff(int(offs[i]))}"),
-                              data=StructRef("refblock", index=i, offset=int(offs[i])))
+                child = StructRef(StructKind.REFCOUNT_BLOCK, index=i, offset=int(offs[i]))
+                node.add_leaf(_label(f"Refcount block {i}", child, f"@{fmt.hexoff(int(offs[i]))}"), data=child)
             if len(idx) > MAX_CHILDREN:
                 node.add_leaf(Text(f"… {len(idx) - MAX_CHILDREN} more", Style(color=DIM)))
         self._populated.add(node.id)
@@ -252,11 +252,13 @@ class StructuresView(View):
     def _select_in_tree(self, ref: StructRef) -> None:
         tree = self.struct_tree
         target = self._find_node(tree.root, ref)
-        if target is None and ref.kind in ("l2", "refblock"):
-            parent_kind = {"l2": "l1" if ref.owner < 0 else "snapshot_l1", "refblock": "refcount_table"}[ref.kind]
+        if target is None and ref.kind in (StructKind.L2, StructKind.REFCOUNT_BLOCK):
+            parent_kind = (StructKind.REFCOUNT_TABLE if ref.kind is StructKind.REFCOUNT_BLOCK
+                           else StructKind.L1 if ref.owner < 0 else StructKind.SNAPSHOT_L1)
             for node in self._walk(tree.root):
                 d = node.data
-                if d is not None and d.kind == parent_kind and (parent_kind != "snapshot_l1" or d.owner == ref.owner):
+                if d is not None and d.kind is parent_kind and (parent_kind is not StructKind.SNAPSHOT_L1
+                                                                or d.owner == ref.owner):
                     self._populate(node)
                     node.expand()
                     target = self._find_node(node, ref)
@@ -415,7 +417,7 @@ class StructuresView(View):
             return f"the L1 table has {len(img.l1_table)} entries"
         off = int(img.l1_table[n]) & C.L1E_OFFSET_MASK
         if not off:
-            self.show_ref(StructRef("l1", offset=img.header.l1_table_offset, row=n))
+            self.show_ref(StructRef(StructKind.L1, offset=img.header.l1_table_offset, row=n))
             return f"L1 entry {n} has no L2 table"
-        self.show_ref(StructRef("l2", index=n, offset=off))
+        self.show_ref(StructRef(StructKind.L2, index=n, offset=off))
         return None

@@ -6,6 +6,7 @@ from rich.style import Style
 from rich.text import Text
 from textual.widgets import Static
 
+from qinspect.qcow2.hostfile import InUse
 from qinspect.tui import fmt
 from qinspect.tui.flow import Flow
 from qinspect.tui.palette import DIM, ERROR, GUEST_COLOURS, WARN, G
@@ -35,9 +36,9 @@ def _header_text(s: Session, compressed_seen: bool, changed: str | None, followi
     t.append(s.name, Style(bold=True))  # escaped by the session (for_terminal), a Text: never markup
     sep = Text(SEP, Style(color=DIM))
     in_use = s.in_use
-    if in_use is not None:
+    if in_use is not InUse.NO:
         t.append(" ")
-        t.append(f" in use ({in_use.value}): contents may be changing ", Style(bold=True, color="#000000",
+        t.append(f" in use ({in_use.to_json()}): contents may be changing ", Style(bold=True, color="#000000",
                                                                                bgcolor=WARN))
     if changed:
         t.append(" ")
