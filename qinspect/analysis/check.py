@@ -28,7 +28,7 @@ from qinspect.qcow2.l2 import L2Format
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]
-Counts = npt.NDArray[np.unsignedinteger[Any]]
+Counts = npt.NDArray[np.unsignedinteger]
 """Recomputed references per host cluster: uint16 up to 16-bit refcounts, uint32 above (`_Refs`)."""
 # Stored refcounts, in the narrowest dtype of the image's refcount width (uint16 by default).
 Refcounts = npt.NDArray[np.unsignedinteger]
@@ -497,7 +497,7 @@ class _Refs:
         self.cs = cs
         # Counted as they come (no list of every reference: 16 Mi data clusters would take 128 MiB
         # of indices and a sort): dense up to nb_file + DENSE_EXTRA_CLUSTERS, sparse past it. A
-        # count never stays above refcount_max (`settle`, `overflow`), so up to 16-bit refcounts
+        # count never stays above refcount_max (`settle`), so up to 16-bit refcounts
         # uint16 holds it (32 MiB at 1 TiB, not 64: fewer fresh pages); wider refcounts take uint32
         # (2^32 references would take 32 GiB of L2). +1 is added where no count is at the maximum
         # yet (uint16 would wrap past 65535), other additions are made in int64 (`settle`).
