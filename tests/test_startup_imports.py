@@ -148,3 +148,21 @@ def test_startup_bench_runs() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     for row in ("`python -c pass`", "`info --output=json`", "`--help`", "`check --output=json`"):
         assert f"| {row} |" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("preset", [None, "4"])
+def test_console_script_asks_openblas_for_one_thread(preset: str | None) -> None:
+    # qinspect does no linear algebra: the console script keeps numpy's OpenBLAS from starting a
+    # spinning thread per core, before anything imports numpy; a user's own setting is kept.
+    code = (
+        "import os, sys\n"
+        "from qinspect import cli\n"
+        "cli.main = lambda argv: print(os.environ.get('OPENBLAS_NUM_THREADS'), 'numpy' in sys.modules) or 0\n"
+        "sys.argv = ['qinspect', 'info', 'x']\n"
+        "cli.run()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert r.stdout.split() == [preset or "1", "False"]
