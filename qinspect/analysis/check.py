@@ -67,6 +67,16 @@ class MessageKind(StrEnum):
     """An error_report() line: printed with the program name in front."""
 
 
+def _repeated(block: str, repeat: int, max_lines: int) -> Iterator[str]:
+    """`block` (newline-terminated lines) `repeat` times, as strings of about `max_lines` lines."""
+    per = max(1, max_lines // (block.count("\n") or 1))
+    left = repeat
+    while left > 0:
+        k = min(per, left)
+        yield block * k
+        left -= k
+
+
 @dataclass(slots=True)
 class CheckMessage:
     """Lines QEMU's check prints on stderr: kind is error, leak, check-error or report.
@@ -100,13 +110,7 @@ class CheckMessage:
         printed for a million L1 entries, is formatted a block at a time, not a line at a time."""
         if self.indices is None:
             text = f"{prog}: {self.text}" if self.kind is MessageKind.REPORT else self.text
-            one = "".join(escape(part) + "\n" for part in text.split("\n"))
-            per = max(1, max_lines // (text.count("\n") + 1))
-            left = self.repeat
-            while left > 0:
-                k = min(per, left)
-                yield one * k
-                left -= k
+            yield from _repeated("".join(escape(part) + "\n" for part in text.split("\n")), self.repeat, max_lines)
             return
         head, sep, tail = self.text.partition("{}")
         if not sep or "{" in head + tail or "}" in head + tail or self.repeat != 1:
@@ -296,12 +300,7 @@ class TableBlock:
         n = len(self.rows) - self.start
         if n <= max_lines:
             one = "".join(escape(part) + "\n" for t in self.rows.texts(self.start) for part in t.split("\n"))
-            per = max(1, max_lines // (one.count("\n") or 1))
-            left = self.repeat
-            while left > 0:
-                k = min(per, left)
-                yield one * k
-                left -= k
+            yield from _repeated(one, self.repeat, max_lines)
             return
         for _ in range(self.repeat):
             for c in range(self.start, len(self.rows), max_lines):
