@@ -35,18 +35,25 @@ if TYPE_CHECKING:
 MAX_WARNINGS = 50
 MAX_SNAPSHOT_ROWS = 500
 
-def open_checked(path: str, need_files: bool = False, check: bool = False) -> Image:
+def open_checked(path: str, need_files: bool = False, check: bool = False, sweep: bool = False) -> Image:
     """Open like qemu-img does: fail on anything QEMU would refuse to open.
 
     With `need_files` (map, check), also fail when a backing file or the external data file cannot
     be opened, before any output, as qemu-img map and check do (qemu-img info does not need them).
-    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK).
+    With `check`, open the image itself as qemu-img check does (BDRV_O_CHECK). With `sweep` (a
+    command about to read every L2 table), start the tables' read-ahead before numpy is imported
+    (`qinspect.qcow2.readahead`).
     """
     # The metadata first: a file that is missing or not an image QEMU opens fails here, before the
     # tables' machinery (numpy) is imported; then the image itself, on the same parse (parsed
     # again only if the file changed in between).
     with open_checked_meta(path, check=check) as meta:
         shared = meta.shared_metadata()
+        if sweep:
+            from qinspect.qcow2.readahead import start_table_read_ahead
+
+            h = meta.header
+            start_table_read_ahead(path, h.l1_table_offset, h.l1_size, h.cluster_bits)
     from qinspect.qcow2.image import open_image
 
     img = open_image(path, metadata=shared)
@@ -249,7 +256,7 @@ def _or_empty_entry(runs: Iterator[MapRuns], start: int) -> Iterator[MapRuns]:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    with open_checked(args.image, need_files=True) as img:
+    with open_checked(args.image, need_files=True, sweep=True) as img:
         from qinspect.analysis.map import iter_map_runs, write_map_json_runs
         from qinspect.cli.map_output import write_qemu_human, write_table
         from qinspect.malloc import tune_for_bulk_work
@@ -293,7 +300,7 @@ def run_check(args: argparse.Namespace) -> int:
             cmd = f"run qemu-img check -r {for_terminal(args.repair)} on it (its name cannot be pasted safely)"
         raise Qcow2Error(f"qinspect never writes to an image, so it does not repair; to repair it, {cmd}",
                          path=args.image)
-    with open_checked(args.image, need_files=True, check=True) as img:
+    with open_checked(args.image, need_files=True, check=True, sweep=True) as img:
         from qinspect.analysis.check import check_image
         from qinspect.malloc import tune_for_bulk_work
 

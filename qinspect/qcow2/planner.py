@@ -57,6 +57,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qinspect.qcow2.hostfile import HostFile
+from qinspect.qcow2.readahead import hand_over
 
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
@@ -372,6 +373,8 @@ class PieceStream:
             int(self.offsets[-1] + self.lengths[-1]) - int(self.offsets[0]))
         """A host-order sweep that reads most of the range it spans (through the gaps): it relies on
         the kernel's read-ahead, which other reads ahead of it (cached pages) disturb."""
+        if self.dense:
+            hand_over()  # the tables' early read-ahead, if one runs, stops: the sweep reads from here
         if ADVISE and len(offs) and int(self._ends[-1]) > self.half:
             if not self.host_order:
                 # Pieces wanted in the walk's order but spread over the file (L2 tables in L1 order):
