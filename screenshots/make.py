@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from qinspect.tui.app import QInspectApp  # noqa: E402
 from qinspect.tui.screens.main import MainScreen  # noqa: E402
-from qinspect.tui.structs import StructRef  # noqa: E402
+from qinspect.tui.structs import StructKind, StructRef  # noqa: E402
 
 Step = Callable[[Any, MainScreen], Awaitable[None]]
 
@@ -62,7 +62,7 @@ def l2_row(row: int) -> Step:
         view = main.view("structures")
         img = main.session.img
         l2 = int(img.l1_table[0]) & 0x00FFFFFFFFFFFE00
-        view.show_ref(StructRef("l2", index=0, offset=l2, row=row))  # type: ignore[attr-defined]
+        view.show_ref(StructRef(StructKind.L2, index=0, offset=l2, row=row))  # type: ignore[attr-defined]
         view.table.focus()  # type: ignore[attr-defined]
         await pilot.pause()
 
