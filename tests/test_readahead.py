@@ -33,8 +33,7 @@ def _evict(path: Path) -> None:
 
 def _start(path: Path) -> threading.Thread | None:
     with open_meta(str(path)) as meta:
-        h = meta.header
-        return readahead.start_table_read_ahead(str(path), h.l1_table_offset, h.l1_size, h.cluster_bits)
+        return readahead.start_table_read_ahead(meta.file, meta.header)
 
 
 @pytest.fixture(scope="module")

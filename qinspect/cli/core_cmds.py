@@ -52,8 +52,7 @@ def open_checked(path: str, need_files: bool = False, check: bool = False, sweep
         if sweep:
             from qinspect.qcow2.readahead import start_table_read_ahead
 
-            h = meta.header
-            start_table_read_ahead(path, h.l1_table_offset, h.l1_size, h.cluster_bits)
+            start_table_read_ahead(meta.file, meta.header)
     from qinspect.qcow2.image import open_image
 
     img = open_image(path, metadata=shared)

@@ -49,7 +49,7 @@ import contextlib
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -169,14 +169,7 @@ def coalesce(starts: I64, ends: I64, gap: int = GAP_BYTES, max_request: int = MA
     return req_start, req_end, req.astype(np.int64)
 
 
-def _read_into(file: HostFile, buf: U8, starts: list[int], ends: list[int], at: list[int]) -> None:
-    """Requests [starts[k], ends[k]) of `file` into `buf` at `at[k]` (one window buffer, no copies)."""
-    mv = memoryview(buf.data)
-    for start, end, pos in zip(starts, ends, at, strict=True):
-        file.read_into(start, mv[pos : pos + end - start])
-
-
-def _read_scattered(file: HostFile, requests: list[tuple[int, list[memoryview]]]) -> None:
+def _read_requests(file: HostFile, requests: list[tuple[int, list[memoryview]]]) -> None:
     """Each request (offset, buffers) with one `preadv` into its buffers (`HostFile.readv_into`)."""
     for offset, bufs in requests:
         file.readv_into(offset, bufs)
@@ -222,8 +215,7 @@ class _Window:
         cum = np.cumsum(sizes)
         if b - a == 1 or bool((s[1:] >= e[:-1]).all()):
             out = np.empty(useful, np.uint8)
-            requests = self._scattered(out, lens, order, s, s_len, preq, rs)
-            self._submit(stream, _read_scattered, cum, rs, re_, lambda t0, t1: (requests[t0:t1],))
+            self._submit(stream, self._scattered(out, lens, order, s, s_len, preq, rs), cum, rs, re_)
             self.out = out  # (complete once the futures are)
             return
         self.req_start = rs
@@ -231,9 +223,9 @@ class _Window:
         self.piece_req = np.empty(b - a, np.int64)
         self.piece_req[np.arange(b - a) if order is None else order] = preq
         self.buf = np.empty(int(cum[-1]), dtype=np.uint8)
-        rsl, rel, pos = rs.tolist(), re_.tolist(), self.req_pos.tolist()
-        self._submit(stream, _read_into, cum, rs, re_,
-                     lambda t0, t1: (self.buf, rsl[t0:t1], rel[t0:t1], pos[t0:t1]))
+        mv = memoryview(self.buf.data)
+        self._submit(stream, [(r0, [mv[p : p + n]]) for r0, p, n in
+                              zip(rs.tolist(), self.req_pos.tolist(), sizes.tolist(), strict=True)], cum, rs, re_)
 
     @staticmethod
     def _scattered(out: U8, lens: I64, order: I64 | None, s: I64, s_len: I64, preq: I64,
@@ -266,26 +258,25 @@ class _Window:
             requests.append((int(rs[r]), bufs))
         return requests
 
-    def _submit(self, stream: PieceStream, read: Callable[..., None], cum: I64, rs: I64, re_: I64,
-                args: Callable[[int, int], tuple[object, ...]]) -> None:
+    def _submit(self, stream: PieceStream, requests: list[tuple[int, list[memoryview]]], cum: I64, rs: I64,
+                re_: I64) -> None:
         # The requests in host order, cut into a few tasks of about equal bytes: each worker reads
-        # its share in order (a future per request would cost more than a 4 KiB read). `args(t0,
-        # t1)` are the arguments, after the file, that read requests t0..t1-1.
+        # its share in order (a future per request would cost more than a 4 KiB read).
         n = len(rs)
         total = int(cum[-1])
         ntask = min(n, 2 * WORKERS) if WORKERS > 1 else 1
         if ntask <= 1 or (n <= SYNC_REQUESTS and total <= SYNC_BYTES):
-            read(stream.file, *args(0, n))  # read now: nothing to wait for
+            _read_requests(stream.file, requests)  # read now: nothing to wait for
         elif total >= DENSE * (int(re_[-1]) - int(rs[0])):
             # Mostly contiguous: one sequential task, windows one after another on one thread.
-            self.futures.append(_executor(Pool.SWEEP).submit(read, stream.file, *args(0, n)))
+            self.futures.append(_executor(Pool.SWEEP).submit(_read_requests, stream.file, requests))
         else:
             pool = _executor()
             cuts = np.searchsorted(cum, cum[-1] * np.arange(1, ntask) / ntask, side="left") + 1
             bounds = np.concatenate(([0], np.minimum(cuts, n), [n]))  # ascending
             bounds = bounds[np.concatenate(([True], bounds[1:] != bounds[:-1]))]  # (np.unique would import numpy.ma)
             for t0, t1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                self.futures.append(pool.submit(read, stream.file, *args(t0, t1)))
+                self.futures.append(pool.submit(_read_requests, stream.file, requests[t0:t1]))
 
     def assemble(self, stream: PieceStream) -> U8:
         """The window's pieces concatenated in stream order (waits for the reads)."""

@@ -37,6 +37,12 @@ import threading
 from array import array
 
 from qinspect.qcow2 import constants as C
+from qinspect.qcow2.errors import Qcow2Error
+from qinspect.qcow2.hostfile import HostFile
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing; mypy knows the name)
+if TYPE_CHECKING:
+    from qinspect.qcow2.header import Header
 
 MIN_TABLE_SHARE = 4
 """Read ahead only a span whose tables are at least 1/MIN_TABLE_SHARE of it."""
@@ -53,41 +59,37 @@ _running: set[threading.Event] = set()  # the stop flags of read-aheads running 
 _lock = threading.Lock()
 
 
-def start_table_read_ahead(path: str, l1_table_offset: int, l1_size: int,
-                           cluster_bits: int) -> threading.Thread | None:
-    """Start reading the span of the active L1 table's L2 tables into the page cache, in a daemon
-    thread, if it is dense and not cached yet; the thread, or None if there is nothing to do."""
-    if not ENABLED or not 0 < l1_size <= MAX_L1_ENTRIES or not hasattr(os, "preadv"):
+def start_table_read_ahead(file: HostFile, header: Header) -> threading.Thread | None:
+    """Start reading the span of the active L1 table's L2 tables of `file` (opened, `header`
+    parsed) into the page cache, in a daemon thread, if it is dense and not cached yet; the
+    thread, or None if there is nothing to do."""
+    size = file.size
+    # The cheap refusals first: a small file, or one already cached, costs no parsing (then the
+    # span itself is probed: the file's tail may be data the span does not reach).
+    if (not ENABLED or not 0 < header.l1_size <= MAX_L1_ENTRIES or size < MIN_SPAN
+            or _cached(file.fd, 0, size)):
         return None
-    cs = 1 << cluster_bits
+    cs = header.cluster_size
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
+        raw = file.pread(header.l1_table_offset, header.l1_size * 8)
+    except Qcow2Error:
+        return None  # the walk reports it
+    entries = array("Q")
+    entries.frombytes(raw)
+    if sys.byteorder == "little":
+        entries.byteswap()
+    # (C loops: a Python statement per entry would cost more than the read-ahead saves. Entries
+    # are counted, not distinct tables: an image naming one table many times may have its span
+    # read ahead, which reads at most the file once.)
+    offsets = list(filter(None, map(C.L1E_OFFSET_MASK.__and__, entries)))
+    if not offsets:
         return None
-    try:
-        size = os.fstat(fd).st_size
-        # The cheap refusals first: a small file, or one already cached, costs no parsing.
-        if size < MIN_SPAN or _cached(fd, 0, size):
-            os.close(fd)
-            return None
-        entries = array("Q")
-        raw = os.pread(fd, l1_size * 8, l1_table_offset)
-        entries.frombytes(raw[: len(raw) // 8 * 8])
-        if sys.byteorder == "little":
-            entries.byteswap()
-        # (C loops: a Python statement per entry would cost more than the read-ahead saves. Entries
-        # are counted, not distinct tables: an image naming one table many times may have its span
-        # read ahead, which reads at most the file once.)
-        offsets = list(filter(None, map(C.L1E_OFFSET_MASK.__and__, entries)))
-        if not offsets:
-            os.close(fd)
-            return None
-        lo, hi = min(offsets), min(size, max(offsets) + cs)
-        if hi - lo < MIN_SPAN or len(offsets) * cs * MIN_TABLE_SHARE < hi - lo:
-            os.close(fd)
-            return None
+    lo, hi = min(offsets), min(size, max(offsets) + cs)
+    if hi - lo < MIN_SPAN or len(offsets) * cs * MIN_TABLE_SHARE < hi - lo or _cached(file.fd, lo, hi):
+        return None
+    try:  # its own descriptor: its own kernel read-ahead state, apart from the walk's
+        fd = os.open(file.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        os.close(fd)
         return None
     stop = threading.Event()
     with _lock:
