@@ -10,6 +10,7 @@ from qinspect.qcow2 import constants as C
 from qinspect.qcow2.errors import Problem, Severity
 from qinspect.qcow2.fields import QCOW2_BITMAP_DIR_ENTRY
 from qinspect.qcow2.hostfile import HostFile
+from qinspect.qcow2.value import Value
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing at start-up; mypy knows the name)
 if TYPE_CHECKING:
@@ -21,31 +22,30 @@ BME_MAX_TABLE_SIZE = 0x8000000
 BME_MAX_PHYS_SIZE = 0x20000000
 
 
-class Bitmap:
-    """One bitmap directory entry (a `__slots__` record: see `qinspect.qcow2.errors.Problem`)."""
+class Bitmap(Value):
+    """One bitmap directory entry (an immutable `qinspect.qcow2.value.Value`)."""
 
     __slots__ = ("bitmap_table_offset", "bitmap_table_size", "entry_offset", "entry_size", "extra_data_size",
                  "flags", "granularity_bits", "name", "name_bytes", "type")
+    FIELDS = ("entry_offset", "entry_size", "bitmap_table_offset", "bitmap_table_size", "flags", "type",
+              "granularity_bits", "name", "extra_data_size", "name_bytes")
+
+    entry_offset: int
+    entry_size: int
+    bitmap_table_offset: int
+    bitmap_table_size: int
+    flags: int
+    type: int
+    granularity_bits: int
+    name: str
+    extra_data_size: int
+    name_bytes: bytes
 
     def __init__(self, entry_offset: int, entry_size: int, bitmap_table_offset: int, bitmap_table_size: int,
                  flags: int, type: int, granularity_bits: int, name: str, extra_data_size: int,
                  name_bytes: bytes = b"") -> None:
-        self.entry_offset = entry_offset
-        self.entry_size = entry_size
-        self.bitmap_table_offset = bitmap_table_offset
-        self.bitmap_table_size = bitmap_table_size
-        self.flags = flags
-        self.type = type
-        self.granularity_bits = granularity_bits
-        self.name = name
-        self.extra_data_size = extra_data_size
-        self.name_bytes = name_bytes
-        """The name as QEMU holds it (`g_strndup` of the name field: up to its first NUL), for comparing."""
-
-    def __repr__(self) -> str:
-        return (f"Bitmap(name={self.name!r}, entry_offset={self.entry_offset}, flags={self.flags:#x}, "
-                f"granularity_bits={self.granularity_bits}, bitmap_table_offset={self.bitmap_table_offset}, "
-                f"bitmap_table_size={self.bitmap_table_size})")
+        self._assign(entry_offset, entry_size, bitmap_table_offset, bitmap_table_size, flags, type, granularity_bits,
+                     name, extra_data_size, name_bytes)
 
     @property
     def granularity(self) -> int:

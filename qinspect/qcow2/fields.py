@@ -7,8 +7,9 @@ them and the layout's reverse lookup names the header field that points at a clu
 field's offset lives here and nowhere else. Integers are big-endian (as qcow2 and LUKS store
 them); `Field.text` marks character arrays and byte blobs.
 
-This module imports only the standard library, and not `typing` (`info` and error paths use it
-at start-up: see `qinspect.qcow2.errors.Problem` on why records are `__slots__` classes).
+This module imports only the standard library and `qinspect.qcow2.value`, and not `typing`
+(`info` and the error paths use it at start-up: see `qinspect.qcow2.value` on why records are not
+dataclasses).
 """
 
 from __future__ import annotations

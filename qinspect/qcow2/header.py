@@ -25,6 +25,7 @@ from qinspect.qcow2.fields import (
 )
 from qinspect.qcow2.hostfile import HostFile
 from qinspect.qcow2.luks import luks_open_refusal
+from qinspect.qcow2.value import Value
 
 _V2 = QCOW_HEADER.struct(None, HEADER_V2_LAST)
 _MAGIC_VERSION = QCOW_HEADER.struct(None, "version")
@@ -37,20 +38,20 @@ def _at(name: str) -> int:
     return QCOW_HEADER.offset(name)
 
 
-# The records are `__slots__` classes (see `qinspect.qcow2.errors.Problem`), read-only by convention.
-class HeaderExtension:
+# The records are immutable values (`qinspect.qcow2.value.Value`: no dataclasses on the info path).
+class HeaderExtension(Value):
     """One header extension: its file offset (of the type field), magic and raw data."""
 
     __slots__ = ("data", "length", "magic", "offset")
+    FIELDS = ("offset", "magic", "length", "data")
+
+    offset: int
+    magic: int
+    length: int
+    data: bytes
 
     def __init__(self, offset: int, magic: int, length: int, data: bytes) -> None:
-        self.offset = offset
-        self.magic = magic
-        self.length = length
-        self.data = data
-
-    def __repr__(self) -> str:
-        return f"HeaderExtension(offset={self.offset}, magic={self.magic:#x}, length={self.length})"
+        self._assign(offset, magic, length, data)
 
     @property
     def name(self) -> str:
@@ -67,56 +68,54 @@ class HeaderExtension:
         return self.data_offset + ((self.length + 7) & ~7)
 
 
-class FeatureName:
+class FeatureName(Value):
     """An entry of the feature name table: (type 0/1/2, bit) → name."""
 
     __slots__ = ("bit", "name", "type")
+    FIELDS = ("type", "bit", "name")
+
+    type: int
+    bit: int
+    name: str
 
     def __init__(self, type: int, bit: int, name: str) -> None:
-        self.type = type
-        self.bit = bit
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"FeatureName(type={self.type}, bit={self.bit}, name={self.name!r})"
+        self._assign(type, bit, name)
 
 
-class BitmapsExtension:
+class BitmapsExtension(Value):
     """The bitmaps header extension: where the bitmap directory is."""
 
     __slots__ = ("bitmap_directory_offset", "bitmap_directory_size", "nb_bitmaps", "reserved")
+    FIELDS = ("nb_bitmaps", "reserved", "bitmap_directory_size", "bitmap_directory_offset")
+
+    nb_bitmaps: int
+    reserved: int
+    bitmap_directory_size: int
+    bitmap_directory_offset: int
 
     def __init__(self, nb_bitmaps: int, reserved: int, bitmap_directory_size: int,
                  bitmap_directory_offset: int) -> None:
-        self.nb_bitmaps = nb_bitmaps
-        self.reserved = reserved
-        self.bitmap_directory_size = bitmap_directory_size
-        self.bitmap_directory_offset = bitmap_directory_offset
-
-    def __repr__(self) -> str:
-        return (f"BitmapsExtension(nb_bitmaps={self.nb_bitmaps}, reserved={self.reserved}, "
-                f"bitmap_directory_size={self.bitmap_directory_size}, "
-                f"bitmap_directory_offset={self.bitmap_directory_offset})")
+        self._assign(nb_bitmaps, reserved, bitmap_directory_size, bitmap_directory_offset)
 
 
-class CryptoHeaderExtension:
+class CryptoHeaderExtension(Value):
     """The full disk encryption header pointer (LUKS region in the image file)."""
 
     __slots__ = ("length", "offset")
+    FIELDS = ("offset", "length")
+
+    offset: int
+    length: int
 
     def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.length = length
-
-    def __repr__(self) -> str:
-        return f"CryptoHeaderExtension(offset={self.offset}, length={self.length})"
+        self._assign(offset, length)
 
 
 class Header:
     """Every header field, the parsed extensions and the values QEMU derives from them.
 
     `read_header` fills it in as it parses (the v3 fields, the extensions, the names), so it is a
-    mutable record, a `__slots__` class (see `qinspect.qcow2.errors.Problem` on why not a
+    mutable record, a `__slots__` class (see `qinspect.qcow2.value` on why not a
     dataclass). Nothing compares or hashes headers.
     """
 

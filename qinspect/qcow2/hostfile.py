@@ -100,21 +100,21 @@ class InUse(Enum):
 _IN_USE_JSON = {InUse.NO: None, InUse.READER: "read", InUse.WRITER: "write"}
 
 
-class HostExtents:
+class HostExtents(Value):
     """The file `[0, size)` cut into consecutive ranges `[start, end)` of one `ExtentKind` each
-    (a `__slots__` record, read-only by convention: see `qinspect.qcow2.errors.Problem`)."""
+    (an immutable `qinspect.qcow2.value.Value`)."""
 
     __slots__ = ("end", "kind", "method", "size", "start")
+    FIELDS = ("start", "end", "kind", "method", "size")
+
+    start: I64
+    end: I64
+    kind: npt.NDArray[np.uint8]
+    method: ExtentMethod
+    size: int
 
     def __init__(self, start: I64, end: I64, kind: npt.NDArray[np.uint8], method: ExtentMethod, size: int) -> None:
-        self.start = start
-        self.end = end
-        self.kind = kind
-        self.method = method
-        self.size = size
-
-    def __repr__(self) -> str:
-        return f"HostExtents({len(self.start)} ranges, method={self.method.label}, size={self.size})"
+        self._assign(start, end, kind, method, size)
 
     def ranges(self, *kinds: ExtentKind) -> tuple[I64, I64]:
         """(start, end) arrays of the ranges of the given kinds, ascending."""

@@ -18,6 +18,7 @@ from qinspect.qcow2.fields import QCRYPTO_BLOCK_LUKS_HEADER as HDR
 from qinspect.qcow2.fields import QCRYPTO_BLOCK_LUKS_KEY_SLOT as SLOT
 from qinspect.qcow2.fields import QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS, key_slot_offset
 from qinspect.qcow2.hostfile import HostFile
+from qinspect.qcow2.value import Value
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_PHDR_SIZE = HDR.size  # 592
@@ -37,45 +38,44 @@ _CIPHER_KEY_BYTES = {"aes": (16, 24, 32), "cast5": (16,), "serpent": (16, 24, 32
 _ESSIV_FAMILY = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}
 
 
-# The records are `__slots__` classes (see `qinspect.qcow2.errors.Problem`), read-only by convention.
-class LuksKeySlot:
+# The records are immutable values (`qinspect.qcow2.value.Value`: no dataclasses on the info path).
+class LuksKeySlot(Value):
     """One of the 8 LUKS1 key slots."""
 
     __slots__ = ("active", "iterations", "key_offset", "stripes")
+    FIELDS = ("active", "iterations", "key_offset", "stripes")
+
+    active: bool
+    iterations: int
+    key_offset: int
+    stripes: int
 
     def __init__(self, active: bool, iterations: int, key_offset: int, stripes: int) -> None:
-        self.active = active
-        self.iterations = iterations
-        self.key_offset = key_offset  # bytes, relative to the start of the LUKS region
-        self.stripes = stripes
-
-    def __repr__(self) -> str:
-        return (f"LuksKeySlot(active={self.active}, iterations={self.iterations}, key_offset={self.key_offset}, "
-                f"stripes={self.stripes})")
+        self._assign(active, iterations, key_offset, stripes)
 
 
-class LuksHeader:
+class LuksHeader(Value):
     """The LUKS1 partition header, with names the way qemu-img info reports them."""
 
     __slots__ = ("cipher_mode_spec", "cipher_name", "hash_spec", "key_bytes", "master_key_iters", "payload_offset",
                  "slots", "uuid", "version")
+    FIELDS = ("version", "cipher_name", "cipher_mode_spec", "hash_spec", "payload_offset", "key_bytes",
+              "master_key_iters", "uuid", "slots")
+
+    version: int
+    cipher_name: str
+    cipher_mode_spec: str
+    hash_spec: str
+    payload_offset: int
+    key_bytes: int
+    master_key_iters: int
+    uuid: str
+    slots: list[LuksKeySlot]
 
     def __init__(self, version: int, cipher_name: str, cipher_mode_spec: str, hash_spec: str, payload_offset: int,
                  key_bytes: int, master_key_iters: int, uuid: str, slots: list[LuksKeySlot]) -> None:
-        self.version = version
-        self.cipher_name = cipher_name
-        self.cipher_mode_spec = cipher_mode_spec
-        self.hash_spec = hash_spec
-        self.payload_offset = payload_offset  # bytes
-        self.key_bytes = key_bytes
-        self.master_key_iters = master_key_iters
-        self.uuid = uuid
-        self.slots = slots
-
-    def __repr__(self) -> str:
-        return (f"LuksHeader(version={self.version}, cipher_name={self.cipher_name!r}, "
-                f"cipher_mode_spec={self.cipher_mode_spec!r}, hash_spec={self.hash_spec!r}, "
-                f"payload_offset={self.payload_offset}, key_bytes={self.key_bytes}, uuid={self.uuid!r})")
+        self._assign(version, cipher_name, cipher_mode_spec, hash_spec, payload_offset, key_bytes, master_key_iters,
+                     uuid, slots)
 
     @property
     def cipher_mode(self) -> str:

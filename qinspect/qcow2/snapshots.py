@@ -126,19 +126,18 @@ class SnapshotList(Sequence[Snapshot]):
         return f"<SnapshotList of {len(self)} snapshots>"
 
 
-class SnapshotTable:
-    """All snapshots and the table's byte length (QEMU's `snapshots_size`); read-only by convention."""
+class SnapshotTable(Value):
+    """All snapshots and the table's byte length (QEMU's `snapshots_size`); an immutable value."""
 
     __slots__ = ("qemu_error", "size", "snapshots")
+    FIELDS = ("snapshots", "size", "qemu_error")
+
+    snapshots: Sequence[Snapshot]
+    size: int
+    qemu_error: tuple[str, str] | None
 
     def __init__(self, snapshots: Sequence[Snapshot], size: int, qemu_error: tuple[str, str] | None = None) -> None:
-        self.snapshots = snapshots
-        self.size = size
-        self.qemu_error = qemu_error
-        """Why qcow2_read_snapshots fails, in QEMU's words: (error, hint); qemu-img check prints them."""
-
-    def __repr__(self) -> str:
-        return f"SnapshotTable({len(self.snapshots)} snapshots, size={self.size}, qemu_error={self.qemu_error!r})"
+        self._assign(snapshots, size, qemu_error)
 
 
 def read_snapshot_table(
